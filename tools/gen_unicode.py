@@ -41,7 +41,7 @@ def main():
               "do not edit.\n   Entry = (first code point << 3) | UnicodeClass; "
               "the run lasts until the next entry. */\n")
     out.write(f"static const uint32_t unicode_class_runs[{len(entries)}] = {{\n")
-    per_line = 10
+    per_line = 12
     for start in range(0, len(entries), per_line):
         chunk = entries[start:start + per_line]
         out.write("    " + ",".join(f"0x{e:x}" for e in chunk) + ",\n")

@@ -1053,6 +1053,15 @@ static void load_compressor(const Model *m, Compressor *c, const char *prefix, i
     c->norm = float_tensor(m, name, 1, (int64_t)dim);
 }
 
+/* A progress bar on stderr while loading, drawn only when stderr is a terminal. */
+static void progress(const char *what, int done, int total) {
+    if (!isatty(2)) return;
+    int width = 40, filled = total ? done * width / total : width;
+    fprintf(stderr, "\r%s [%.*s%*s] %d/%d", what, filled, "########################################", width - filled, "",
+            done, total);
+    if (done == total) fputs("\r\033[K", stderr);
+}
+
 /* Bind every weight of the model to its tensor, checking each dtype and shape against config. */
 static void bind_weights(Model *m) {
     const Config *c = &m->config;
@@ -1123,6 +1132,7 @@ static void bind_weights(Model *m) {
         L->shared_w2 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w2", l), (int)E, c->moe_inter);
         L->shared_w3 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w3", l), c->moe_inter, (int)E);
 #undef NAME
+        progress("loading layers", l + 1, c->n_layers);
     }
 }
 
@@ -1685,3 +1695,328 @@ static void free_state(State *s, const Config *c) {
     free(s->selected);
     memset(s, 0, sizeof *s);
 }
+
+/* =============================================================================== tokenizer */
+#include "wip/tokenizer.c"
+
+/* ================================================================================= sampler */
+
+/* xorshift64*: a small, seedable random source (state must not be 0). */
+static uint32_t random_u32(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static float random_float(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+static const float *sort_probs;   /* probabilities that compare_prob_desc orders by */
+static int compare_prob_desc(const void *a, const void *b) {
+    float x = sort_probs[*(const int *)a], y = sort_probs[*(const int *)b];
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Pick the next token from logits[V] (overwritten): greedy when temperature is 0, otherwise a
+   draw from softmax(logits / temperature) restricted to the smallest set of most likely tokens
+   whose probability reaches top_p. */
+static int sample(Sampler *s, float *logits, int V) {
+    if (s->temperature <= 0) return argmax(logits, V);
+    float mx = logits[argmax(logits, V)];
+    double sum = 0;
+    for (int i = 0; i < V; i++) sum += logits[i] = expf((logits[i] - mx) / s->temperature);
+    for (int i = 0; i < V; i++) logits[i] = (float)(logits[i] / sum);
+    int n = 0;
+    float cutoff = s->top_p < 1 ? (1 - s->top_p) / (V > 1 ? V - 1 : 1) : 0;   /* can never be in the set */
+    for (int i = 0; i < V; i++)
+        if (logits[i] >= cutoff) s->order[n++] = i;
+    sort_probs = logits;
+    qsort(s->order, (size_t)n, sizeof(int), compare_prob_desc);
+    double kept = 0;
+    int last = n - 1;
+    for (int i = 0; i < n; i++) {
+        kept += logits[s->order[i]];
+        if (kept >= s->top_p) { last = i; break; }
+    }
+    double r = random_float(&s->rng) * kept, acc = 0;
+    for (int i = 0; i <= last; i++) {
+        acc += logits[s->order[i]];
+        if (r < acc) return s->order[i];
+    }
+    return s->order[last];
+}
+
+/* ============================================================================== generation */
+
+typedef struct {
+    const char *model_dir, *prompt, *ids, *dump_logits;
+    int n_generate, max_ctx, max_tokens, chat, tokenize_only, cpu;
+    float temperature, top_p;
+    uint64_t seed;
+} Options;
+
+/* Load tokenizer.json of the model directory (and tokenizer_config.json's add_bos_token);
+   fatal when it is unusable or names ids the model's vocabulary does not have. */
+static void load_tokenizer(Tokenizer *t, int *add_bos, const char *dir, const Config *c) {
+    char *path = path_join(dir, "tokenizer.json"), err[512];
+    if (tokenizer_load_file(t, path, err, sizeof err)) fatal("%s: %s", path, err);
+    if (t->n_ids > c->vocab_size)
+        fatal("%s: the tokenizer has ids up to %d but the model's vocab_size is %d", path, t->n_ids - 1, c->vocab_size);
+    free(path);
+    *add_bos = 1;
+    path = path_join(dir, "tokenizer_config.json");
+    if (access(path, F_OK) == 0) {
+        Json *tc = load_json_file(path);
+        const Json *bos = json_get(tc, "add_bos_token");
+        if (bos && bos->type == JSON_BOOL) *add_bos = bos->number != 0;
+        json_free(tc);
+    }
+    free(path);
+}
+
+/* Check that text[n] is valid UTF-8; fatal naming the first bad byte otherwise. */
+static void check_utf8(const char *text, size_t n, const char *what) {
+    for (size_t i = 0; i < n;) {
+        unsigned char b = (unsigned char)text[i];
+        size_t len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
+        uint32_t cp = len == 1 ? b : len == 2 ? b & 31u : len == 3 ? b & 15u : b & 7u;
+        int ok = len && i + len <= n;
+        for (size_t k = 1; ok && k < len; k++) {
+            ok = ((unsigned char)text[i + k] >> 6) == 2;
+            cp = cp << 6 | ((unsigned char)text[i + k] & 63u);
+        }
+        if (ok) ok = !(len == 2 && cp < 0x80) && !(len == 3 && cp < 0x800) && !(len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) &&
+                     !(cp >= 0xD800 && cp <= 0xDFFF);
+        if (!ok) fatal("%s is not valid UTF-8 (bad byte 0x%02x at offset %zu)", what, b, i);
+        i += len;
+    }
+}
+
+/* The ids fed to the model for the prompt: BOS (when the tokenizer asks for it), then the text,
+   wrapped in DeepSeek V4's chat format with --chat:
+     <｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜></think>
+   (</think> only when the tokenizer has it: V4's non-thinking chat mode). Returns the count;
+   *ids is allocated. */
+static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *prompt, int chat, int **ids) {
+    size_t n = strlen(prompt);
+    if (n == 0) fatal("the prompt is empty");
+    check_utf8(prompt, n, "the prompt");
+    char *text = (char *)prompt;
+    if (chat) {
+        const char *close = tokenizer_find(t, "</think>") >= 0 ? "</think>" : "";
+        size_t len = n + 64;
+        text = xcalloc(len, 1);
+        snprintf(text, len, "<｜User｜>%s<｜Assistant｜>%s", prompt, close);
+        n = strlen(text);
+    }
+    int count = tokenizer_encode(t, text, n, NULL, 0);
+    *ids = xcalloc((size_t)count + 1, sizeof(int));
+    int at = 0;
+    if (add_bos || chat) (*ids)[at++] = bos_id;
+    at += tokenizer_encode(t, text, n, *ids + at, count);
+    if (text != prompt) free(text);
+    return at;
+}
+
+/* Parse "--ids 0,17,42": comma-separated ids, each below vocab. Returns the count. */
+static int parse_ids(const char *list, int vocab, int **ids) {
+    size_t n = 1;
+    for (const char *p = list; *p; p++) n += *p == ',';
+    *ids = xcalloc(n, sizeof(int));
+    int count = 0;
+    for (const char *p = list;;) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (end == p || errno || (*end && *end != ','))
+            fatal("--ids: \"%s\" is not a comma-separated list of token ids", list);
+        if (v < 0 || v >= vocab) fatal("--ids: token id %ld is outside the vocabulary (0..%d)", v, vocab - 1);
+        (*ids)[count++] = (int)v;
+        if (!*end) break;
+        p = end + 1;
+    }
+    return count;
+}
+
+/* Write a token's text to stdout, holding back an incomplete UTF-8 character. */
+static void print_token(const Tokenizer *t, Utf8Stream *stream, int id) {
+    size_t len = 0;
+    const char *bytes = id < t->n_ids ? tokenizer_token_bytes(t, id, &len) : NULL;
+    char out[4096 + 4];
+    while (bytes && len) {
+        size_t piece = len > 4096 ? 4096 : len;
+        fwrite(out, 1, utf8_stream_push(stream, bytes, piece, out), stdout);
+        bytes += piece;
+        len -= piece;
+    }
+    fflush(stdout);
+}
+
+static void write_logits(FILE *f, const float *logits, size_t rows, int V) {
+    if (f && fwrite(logits, sizeof(float), rows * V, f) != rows * V) fatal("cannot write the logits file: %s", strerror(errno));
+}
+
+/* Prefill the prompt in chunks, then generate up to n tokens, streaming them to stdout.
+   Stops at an EOS id, after n tokens, or when the context is full. */
+static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
+                     int n_generate, FILE *dump) {
+    const Config *c = &m->config;
+    if (n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
+    double start = now_seconds();
+    float *last = s->logits;   /* logits of the prompt's last token */
+    for (int done = 0; done < n_prompt;) {
+        int T = n_prompt - done < s->max_tokens ? n_prompt - done : s->max_tokens;
+        forward(m, s, prompt + done, T, dump != NULL);
+        write_logits(dump, s->logits, (size_t)T, c->vocab_size);
+        last = s->logits + (dump ? (size_t)(T - 1) * c->vocab_size : 0);
+        done += T;
+    }
+    double prefilled = now_seconds();
+    Utf8Stream stream = {0};
+    int generated = 0, token;
+    for (;;) {
+        token = sample(sampler, last, c->vocab_size);
+        generated++;
+        print_token(t, &stream, token);
+        int eos = 0;
+        for (int i = 0; i < c->n_eos; i++) eos |= token == c->eos_ids[i];
+        if (eos || generated >= n_generate) break;
+        if (s->pos >= s->max_ctx) {
+            fprintf(stderr, "\nnvfp4: the context is full (--ctx %d): stopping\n", s->max_ctx);
+            break;
+        }
+        forward(m, s, &token, 1, 0);
+        write_logits(dump, s->logits, 1, c->vocab_size);
+        last = s->logits;
+    }
+    char tail[8];
+    fwrite(tail, 1, utf8_stream_flush(&stream, tail), stdout);
+    printf("\n");
+    double end = now_seconds();
+    fprintf(stderr, "nvfp4: %d prompt tokens, prefill %.1f tok/s; %d generated, decode %.2f tok/s (cpu)\n", n_prompt,
+            n_prompt / (prefilled - start), generated, generated > 1 ? (generated - 1) / (end - prefilled) : 0.0);
+}
+
+/* ============================================================================= command line */
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: nvfp4 MODEL_DIR \"prompt\" [options]\n"
+            "Runs a DeepSeek V4 checkpoint (BF16, FP8, MXFP4 and NVFP4 tensors) on a prompt.\n\n"
+            "  -n N               generate at most N tokens (default 256); stops earlier at EOS\n"
+            "  --temp T           sampling temperature, 0 = greedy (default 0.6)\n"
+            "  --top-p P          nucleus sampling: keep the most likely tokens up to P (default 0.95)\n"
+            "  --seed S           random seed for sampling (default: from the clock)\n"
+            "  --ctx C            maximum context in tokens, prompt included (default 4096)\n"
+            "  --chunk T          prefill chunk size: at most T tokens per forward pass (default 128)\n"
+            "  --chat             wrap the prompt in DeepSeek V4's chat format\n"
+            "  --ids 0,17,42      feed exactly these token ids (nothing prepended) instead of a prompt\n"
+            "  --tokenize         print the prompt's ids as they would be fed, comma-separated, and exit\n"
+            "  --dump-logits FILE write float32 logits, one row of vocab_size per evaluated position\n"
+            "  --cpu              run on the CPU (the only path in this version)\n"
+            "  -h, --help         show this help\n");
+}
+
+/* Parse a number option: the whole string must be a number within [lo, hi]. */
+static double number_arg(const char *option, const char *value, double lo, double hi) {
+    if (!value) fatal("%s needs a value", option);
+    char *end;
+    errno = 0;
+    double v = strtod(value, &end);
+    if (end == value || *end || errno || !(v >= lo && v <= hi))
+        fatal("%s: \"%s\" is not a number between %g and %g", option, value, lo, hi);
+    return v;
+}
+
+static int int_arg(const char *option, const char *value, double lo, double hi) {
+    double v = number_arg(option, value, lo, hi);
+    if (v != floor(v)) fatal("%s: \"%s\" is not a whole number", option, value);
+    return (int)v;
+}
+
+static Options parse_options(int argc, char **argv) {
+    Options o = {0};
+    o.n_generate = 256;
+    o.max_ctx = 4096;
+    o.max_tokens = 128;
+    o.temperature = 0.6f;
+    o.top_p = 0.95f;
+    o.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
+        else if (!strcmp(a, "-n")) { o.n_generate = int_arg(a, v, 1, 1 << 30); i++; }
+        else if (!strcmp(a, "--temp")) { o.temperature = (float)number_arg(a, v, 0, 100); i++; }
+        else if (!strcmp(a, "--top-p")) { o.top_p = (float)number_arg(a, v, 1e-6, 1); i++; }
+        else if (!strcmp(a, "--seed")) { o.seed = (uint64_t)number_arg(a, v, 0, 9007199254740992.0); i++; }
+        else if (!strcmp(a, "--ctx")) { o.max_ctx = int_arg(a, v, 1, 1 << 30); i++; }
+        else if (!strcmp(a, "--chunk")) { o.max_tokens = int_arg(a, v, 1, 1 << 20); i++; }
+        else if (!strcmp(a, "--ids")) { if (!v) fatal("--ids needs a list"); o.ids = v; i++; }
+        else if (!strcmp(a, "--dump-logits")) { if (!v) fatal("--dump-logits needs a file"); o.dump_logits = v; i++; }
+        else if (!strcmp(a, "--chat")) o.chat = 1;
+        else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
+        else if (!strcmp(a, "--cpu")) o.cpu = 1;
+        else if (a[0] == '-' && a[1]) fatal("unknown option %s (see nvfp4 -h)", a);
+        else if (!o.model_dir) o.model_dir = a;
+        else if (!o.prompt) o.prompt = a;
+        else fatal("unexpected argument \"%s\" (quote the prompt; see nvfp4 -h)", a);
+    }
+    if (!o.model_dir) { usage(stderr); exit(2); }
+    if (!o.prompt && !o.ids) fatal("no prompt given (nvfp4 MODEL_DIR \"prompt\", or --ids)");
+    if (o.prompt && o.ids) fatal("give either a prompt or --ids, not both");
+    if (o.seed == 0) o.seed = 0x9E3779B97F4A7C15ull;
+    return o;
+}
+
+#ifndef TESTING
+int main(int argc, char **argv) {
+    Options o = parse_options(argc, argv);
+    Model model;
+    Tokenizer tokenizer;
+    int add_bos, *ids, n_ids;
+    if (o.tokenize_only) {   /* no weights are loaded */
+        Config config;
+        load_config(&config, o.model_dir);
+        load_tokenizer(&tokenizer, &add_bos, o.model_dir, &config);
+        n_ids = o.ids ? parse_ids(o.ids, config.vocab_size, &ids)
+                      : prompt_ids(&tokenizer, add_bos, config.bos_id, o.prompt, o.chat, &ids);
+        for (int i = 0; i < n_ids; i++) printf("%s%d", i ? "," : "", ids[i]);
+        printf("\n");
+        return 0;
+    }
+    double t0 = now_seconds();
+    load_model(&model, o.model_dir);
+    const Config *c = &model.config;
+    load_tokenizer(&tokenizer, &add_bos, o.model_dir, c);
+    n_ids = o.ids ? parse_ids(o.ids, c->vocab_size, &ids) : prompt_ids(&tokenizer, add_bos, c->bos_id, o.prompt, o.chat, &ids);
+    if (n_ids > o.max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
+    if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
+    size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx);
+    size_t physical = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE);
+    if (bytes == SIZE_MAX || bytes > physical)
+        fatal("the decoding state for --ctx %d and --chunk %d needs %.1f GiB, more than this machine's %.1f GiB",
+              o.max_ctx, o.max_tokens, bytes == SIZE_MAX ? INFINITY : bytes / 1073741824.0, physical / 1073741824.0);
+    State state;
+    alloc_state(&state, c, o.max_tokens, o.max_ctx);
+    Sampler sampler = {o.temperature, o.top_p, o.seed, xcalloc((size_t)c->vocab_size, sizeof(int))};
+    FILE *dump = NULL;
+    if (o.dump_logits && !(dump = fopen(o.dump_logits, "wb"))) fatal("cannot create %s: %s", o.dump_logits, strerror(errno));
+    fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f GB of weights) in %.2f s\n", o.model_dir, c->n_layers,
+            model.weight_bytes / 1e9, now_seconds() - t0);
+    generate(&model, &state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump);
+    if (dump && fclose(dump)) fatal("cannot write %s: %s", o.dump_logits, strerror(errno));
+    free(sampler.order);
+    free(ids);
+    free_state(&state, c);
+    tokenizer_free(&tokenizer);
+    free_model(&model);
+    return 0;
+}
+#endif

@@ -1,0 +1,662 @@
+/* test.c: the nvfp4 test suite (`make test`). It includes nvfp4.c to reach every function and
+ * checks real values: number formats against hand-computed ones, the parsers, each piece of the
+ * forward pass against a naive version, the tokenizer against Hugging Face `tokenizers`, the
+ * sampler, and whole models against transformers (testdata/, made by tools/gen_fixtures.py).
+ * The last line is "N passed, N failed"; the exit status is 1 when anything failed.
+ */
+#define TESTING
+#include "nvfp4.c"
+
+#include <sys/wait.h>
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                                \
+    do {                                                                \
+        if (cond) passed++;                                             \
+        else {                                                          \
+            failed++;                                                   \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                 \
+            printf(__VA_ARGS__);                                        \
+            printf("\n");                                               \
+        }                                                               \
+    } while (0)
+
+static uint64_t test_rng = 42;
+static float uniform(float lo, float hi) { return lo + (hi - lo) * random_float(&test_rng); }
+
+/* Run fn(arg) in a child process; check that it exits with status 1 and that its stderr
+   contains `expected` (every bad input must end in one clear message, never a crash). */
+static void expect_fatal(void (*fn)(const void *), const void *arg, const char *expected, const char *what) {
+    int fds[2];
+    if (pipe(fds)) { CHECK(0, "pipe failed"); return; }
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(fds[1], 2);
+        close(fds[0]);
+        fn(arg);
+        _exit(0);
+    }
+    close(fds[1]);
+    char msg[2048] = {0};
+    size_t got = 0;
+    ssize_t n;
+    while (got < sizeof msg - 1 && (n = read(fds[0], msg + got, sizeof msg - 1 - got)) > 0) got += (size_t)n;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(msg, expected),
+          "%s: expected exit 1 and a message with \"%s\", got status %d and: %s", what, expected, status, msg);
+}
+
+/* ---------------------------------------------------------------------------- number formats */
+
+static void test_number_formats(void) {
+    CHECK(bf16_to_float(0x3f80) == 1.0f && bf16_to_float(0xc000) == -2.0f && bf16_to_float(0x3e80) == 0.25f, "bf16");
+    /* e4m3: 0x38 = 2^(7-7) = 1; 0x7e = 2^8 * 1.75 = 448 (largest); 0x01 = 2^-9 (smallest subnormal) */
+    CHECK(e4m3_to_float(0x38) == 1.0f && e4m3_to_float(0x7e) == 448.0f && e4m3_to_float(0x01) == 0x1p-9f &&
+          e4m3_to_float(0xb8) == -1.0f && e4m3_to_float(0x3c) == 1.5f && e4m3_to_float(0x08) == 0x1p-6f &&
+          isnan(e4m3_to_float(0x7f)) && e4m3_to_float(0x00) == 0.0f, "e4m3 decode");
+    CHECK(e8m0_to_float(127) == 1.0f && e8m0_to_float(130) == 8.0f && e8m0_to_float(0) == 0x1p-127f &&
+          isnan(e8m0_to_float(255)), "e8m0 decode");
+    static const float e2m1[8] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6};
+    int ok = 1;
+    for (int i = 0; i < 8; i++) ok &= e2m1_values[i] == e2m1[i] && e2m1_values[i + 8] == -e2m1[i];
+    CHECK(ok, "e2m1 table");
+
+    float row[64];
+    /* NVFP4: byte 0x21 = low nibble 1 (0.5, even column), high nibble 2 (1.0); 0xF9: -0.5, -6.
+       block scale e4m3 0x40 = 2, global 0.25: w = e2m1 * 2 * 0.25 */
+    uint8_t nv_w[8] = {0x21, 0xF9, 0, 0, 0, 0, 0, 0x70}, nv_s[1] = {0x40};
+    Linear nv = {FMT_NVFP4, 1, 16, nv_w, nv_s, 0, 0.25f};
+    linear_row(&nv, 0, row);
+    CHECK(row[0] == 0.25f && row[1] == 0.5f && row[2] == -0.25f && row[3] == -3.0f && row[14] == 0 &&
+          row[15] == 3.0f, "NVFP4 row: %g %g %g %g %g", row[0], row[1], row[2], row[3], row[15]);
+    /* MXFP4: e8m0 128 = 2 per 32 columns; second row uses its own scale 126 = 0.5 */
+    uint8_t mx_w[32] = {0x76}, mx_s[2] = {128, 126};
+    mx_w[16] = 0x0F;
+    Linear mx = {FMT_MXFP4, 2, 32, mx_w, mx_s, 0, 0};
+    linear_row(&mx, 0, row);
+    CHECK(row[0] == 8.0f && row[1] == 12.0f && row[2] == 0, "MXFP4 row 0: %g %g", row[0], row[1]);
+    linear_row(&mx, 1, row);
+    CHECK(row[0] == -3.0f && row[1] == 0, "MXFP4 row 1: %g", row[0]);
+    /* FP8 with 128x128 block scales, partial blocks: rows 0..129 x cols 0..2; row 129 is in
+       block row 1 (scale 2^-2 via e8m0 125, or 0.3 as f32) */
+    static uint8_t fp8_w[130 * 3];
+    fp8_w[0] = 0x38;            /* 1.0 at (0,0) */
+    fp8_w[129 * 3 + 2] = 0xc0;  /* -2.0 at (129,2) */
+    uint8_t e8[2] = {128, 125};
+    float f32[2] = {3.0f, 0.3f};
+    Linear fp8 = {FMT_FP8, 130, 3, fp8_w, e8, 0, 0};
+    linear_row(&fp8, 0, row);
+    float a = row[0];
+    linear_row(&fp8, 129, row);
+    CHECK(a == 2.0f && row[2] == -0.5f && row[0] == 0, "FP8 e8m0 blocks: %g %g", a, row[2]);
+    fp8.scale = f32;
+    fp8.scale_is_f32 = 1;
+    linear_row(&fp8, 0, row);
+    a = row[0];
+    linear_row(&fp8, 129, row);
+    CHECK(a == 3.0f && row[2] == -2.0f * 0.3f, "FP8 f32 blocks: %g %g", a, row[2]);
+    uint16_t bf[2] = {0x3f80, 0xbf00};
+    Linear b = {FMT_BF16, 1, 2, bf, NULL, 0, 0};
+    linear_row(&b, 0, row);
+    CHECK(row[0] == 1.0f && row[1] == -0.5f, "BF16 row");
+}
+
+/* A random NVFP4 matrix [rows, cols] with the given global scale (codes and block scales random). */
+static Linear random_nvfp4(int rows, int cols, float global_scale, uint8_t *codes, uint8_t *scales) {
+    for (int i = 0; i < rows * cols / 2; i++) codes[i] = (uint8_t)random_u32(&test_rng);
+    for (int i = 0; i < rows * cols / 16; i++) scales[i] = (uint8_t)(0x30 + random_u32(&test_rng) % 16);
+    return (Linear){FMT_NVFP4, rows, cols, codes, scales, 0, global_scale};
+}
+
+/* The gate (w1) and up (w3) projections of one expert may carry different weight_scale_2; each
+   must be applied to its own tensor. Same codes, global scales 1 and 1/8: the expert output must
+   equal the naive computation with each scale, and differ from using w1's scale for both. */
+static void test_unequal_global_scales(void) {
+    Config c = {0};
+    c.hidden_size = 32;
+    c.moe_inter = 16;
+    c.swiglu_limit = 10;
+    static uint8_t codes1[16 * 16], scales1[16 * 2], codes2[32 * 8], scales2[32];
+    Linear w1 = random_nvfp4(16, 32, 1.0f, codes1, scales1), w3 = w1, w2 = random_nvfp4(32, 16, 0.5f, codes2, scales2);
+    w3.global_scale = 0.125f;
+    State s = {0};
+    float x[32], out[32] = {0}, row[32], gate[16], up[16], act[16], expect[32], wrong[32];
+    s.expert_gate = xcalloc(16, 4);
+    s.expert_up = xcalloc(16, 4);
+    s.expert_out = xcalloc(32, 4);
+    s.weight_row = xcalloc(32, 4);
+    for (int i = 0; i < 32; i++) x[i] = uniform(-1, 1);
+    expert(&c, &s, &w1, &w2, &w3, x, 0.5f, out);
+    for (int pass = 0; pass < 2; pass++) {   /* pass 1: the bug of applying w1's scale to w3 */
+        for (int r = 0; r < 16; r++) {
+            double g = 0, u = 0;
+            linear_row(&w1, r, row);
+            for (int i = 0; i < 32; i++) g += (double)row[i] * x[i];
+            for (int i = 0; i < 32; i++) u += (double)row[i] * x[i] * (pass ? 1.0 : 0.125);
+            gate[r] = fminf((float)g, 10);
+            up[r] = fmaxf(fminf((float)u, 10), -10);
+            act[r] = gate[r] / (1 + expf(-gate[r])) * up[r];
+        }
+        for (int e = 0; e < 32; e++) {
+            double y = 0;
+            linear_row(&w2, e, row);
+            for (int i = 0; i < 16; i++) y += (double)row[i] * act[i];
+            (pass ? wrong : expect)[e] = 0.5f * (float)y;
+        }
+    }
+    float err = 0, diff = 0;
+    for (int e = 0; e < 32; e++) {
+        err = fmaxf(err, fabsf(out[e] - expect[e]));
+        diff = fmaxf(diff, fabsf(out[e] - wrong[e]));
+    }
+    CHECK(err < 1e-5f && diff > 1e-2f, "unequal w1/w3 global scales: error %g, distance from w1-scale-for-both %g", err, diff);
+    free(s.expert_gate);
+    free(s.expert_up);
+    free(s.expert_out);
+    free(s.weight_row);
+}
+
+/* ------------------------------------------------------------------------------ safetensors */
+
+/* Build a safetensors image: header JSON padded, then `data_size` zero bytes. */
+static uint8_t *make_safetensors(const char *header, size_t data_size, size_t *size) {
+    size_t h = strlen(header);
+    *size = 8 + h + data_size;
+    uint8_t *buf = xcalloc(*size, 1);
+    for (int i = 0; i < 8; i++) buf[i] = (uint8_t)((uint64_t)h >> (8 * i));
+    memcpy(buf + 8, header, h);
+    return buf;
+}
+
+static const char *parse_image(const char *header, size_t data_size, size_t *count) {
+    static char err[512];
+    size_t size, cap = 0;
+    uint8_t *img = make_safetensors(header, data_size, &size);
+    Tensor *tensors = NULL;
+    *count = 0;
+    const char *e = safetensors_parse(img, size, 0, &tensors, count, &cap, err, sizeof err);
+    for (size_t i = 0; i < *count; i++) free((char *)tensors[i].name);
+    free(tensors);
+    free(img);
+    return e;
+}
+
+static void test_safetensors(void) {
+    size_t count;
+    const char *e = parse_image("{\"__metadata__\":{\"format\":\"pt\"},\"a\":{\"dtype\":\"BF16\",\"shape\":[2,3],"
+                                "\"data_offsets\":[0,12]},\"b\":{\"dtype\":\"F8_E4M3\",\"shape\":[4],\"data_offsets\":[12,16]},"
+                                "\"s\":{\"dtype\":\"F32\",\"shape\":[],\"data_offsets\":[16,20]}}", 20, &count);
+    CHECK(!e && count == 3, "valid header: %s", e ? e : "");
+    struct { const char *header; size_t data; const char *msg; } bad[] = {
+        {"{\"a\":{\"dtype\":\"Q4\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1, "unknown dtype Q4"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,8]}}", 8, "needs 4"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 2, "outside the data"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296],\"data_offsets\":[0,4]}}", 4, "overflows"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},\"b\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[2,6]}}", 6, "overlap"},
+        {"{\"a\":{\"dtype\":\"U8\",\"shape\":[4]}}", 4, "data_offsets"},
+        {"{\"a\":", 4, "not valid JSON"},
+        {"[1,2]", 0, "not a JSON object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        e = parse_image(bad[i].header, bad[i].data, &count);
+        CHECK(e && strstr(e, bad[i].msg), "bad header %zu: expected \"%s\", got \"%s\"", i, bad[i].msg, e ? e : "(accepted)");
+    }
+    char err[256];
+    size_t cap = 0;
+    Tensor *tensors = NULL;
+    uint8_t tiny[5] = {0};
+    count = 0;
+    e = safetensors_parse(tiny, 5, 0, &tensors, &count, &cap, err, sizeof err);
+    CHECK(e && strstr(e, "shorter than"), "5-byte file");
+    uint8_t big[16] = {0xff, 0xff, 0, 0, 0, 0, 0, 0};
+    e = safetensors_parse(big, 16, 0, &tensors, &count, &cap, err, sizeof err);
+    CHECK(e && strstr(e, "does not fit"), "header length past the end");
+    free(tensors);
+}
+
+/* ---------------------------------------------------------------------------------- config */
+
+static void test_config(void) {
+    Config c;
+    load_config(&c, "testdata/tiny-a");
+    CHECK(c.vocab_size == 1024 && c.hidden_size == 64 && c.n_layers == 8 && c.head_dim == 64 && c.rope_dim == 16 &&
+          c.n_hash_layers == 2 && c.sliding_window == 16 && c.index_topk == 4 && c.n_eos == 1 && c.eos_ids[0] == 1,
+          "tiny-a sizes");
+    CHECK(c.attn_kind[0] == ATTN_SLIDING && c.attn_kind[2] == ATTN_CSA && c.attn_kind[3] == ATTN_HCA &&
+          c.compress_ratio[2] == 4 && c.compress_ratio[3] == 128 && c.compress_ratio[1] == 0, "compress_ratios");
+    CHECK(c.yarn && c.yarn_factor == 16 && c.yarn_original_max == 65536 && c.yarn_beta_fast == 32 &&
+          c.compress_rope_theta == 160000, "rope_scaling (YaRN)");
+    /* the newer keys give the same result */
+    const char *modern = "{\"model_type\":\"deepseek_v4\",\"vocab_size\":10,\"hidden_size\":8,\"num_hidden_layers\":3,"
+                         "\"num_attention_heads\":2,\"head_dim\":16,\"n_routed_experts\":4,\"num_experts_per_tok\":2,"
+                         "\"moe_intermediate_size\":8,\"layer_types\":[\"sliding_attention\",\"compressed_sparse_attention\","
+                         "\"heavily_compressed_attention\"],\"compress_rates\":{\"heavily_compressed_attention\":16},"
+                         "\"mlp_layer_types\":[\"hash_moe\",\"moe\",\"moe\"],\"partial_rotary_factor\":0.25,"
+                         "\"index_head_dim\":8,\"o_groups\":2,\"rope_parameters\":{\"main\":{\"rope_type\":\"default\"},"
+                         "\"compress\":{\"rope_type\":\"yarn\",\"factor\":4,\"original_max_position_embeddings\":1024}}}";
+    char err[128];
+    Json *root = json_parse(modern, strlen(modern), err, sizeof err);
+    parse_config(&c, root, "modern");
+    json_free(root);
+    CHECK(c.attn_kind[1] == ATTN_CSA && c.compress_ratio[1] == 4 && c.compress_ratio[2] == 16 && c.n_hash_layers == 1 &&
+          c.rope_dim == 4 && c.yarn && c.yarn_factor == 4, "layer_types / compress_rates / mlp_layer_types / rope_parameters");
+}
+
+/* ------------------------------------------------------------------- forward-pass pieces */
+
+static void test_linear_against_naive(void) {
+    static uint8_t codes[24 * 32], scales[24 * 4];
+    float x[3 * 64], y[3 * 24], row[64];
+    for (int i = 0; i < 3 * 64; i++) x[i] = uniform(-1, 1);
+    Linear w = random_nvfp4(24, 64, 0.01f, codes, scales);
+    linear(&w, x, y, 3, row);
+    float err = 0;
+    for (int t = 0; t < 3; t++)
+        for (int r = 0; r < 24; r++) {   /* naive: decode each weight on its own */
+            double acc = 0;
+            for (int c = 0; c < 64; c++) {
+                uint8_t q = codes[r * 32 + c / 2];
+                float v = e2m1_values[c % 2 ? q >> 4 : q & 15] * e4m3_to_float(scales[r * 4 + c / 16]) * 0.01f;
+                acc += (double)v * x[t * 64 + c];
+            }
+            err = fmaxf(err, fabsf((float)acc - y[t * 24 + r]));
+        }
+    CHECK(err < 1e-6f, "linear vs naive decode: %g", err);
+}
+
+static void test_rope(void) {
+    Config c;
+    load_config(&c, "testdata/tiny-a");
+    float freq[8], q[16], k[16], q2[16], k2[16];
+    rope_frequencies(&c, 1, freq);
+    for (int i = 0; i < 16; i++) { q[i] = uniform(-1, 1); k[i] = uniform(-1, 1); }
+    /* q.k after rotating by positions (p, p') depends only on p - p' */
+    double dots[2];
+    for (int trial = 0; trial < 2; trial++) {
+        memcpy(q2, q, sizeof q);
+        memcpy(k2, k, sizeof k);
+        rope(q2, 16, 37 + 100 * trial, freq, 1);
+        rope(k2, 16, 30 + 100 * trial, freq, 1);
+        dots[trial] = 0;
+        for (int i = 0; i < 16; i++) dots[trial] += (double)q2[i] * k2[i];
+    }
+    CHECK(fabs(dots[0] - dots[1]) < 1e-4, "rope is relative: %g vs %g", dots[0], dots[1]);
+    memcpy(q2, q, sizeof q);
+    rope(q2, 16, 123, freq, 1);
+    rope(q2, 16, 123, freq, -1);
+    float err = 0;
+    for (int i = 0; i < 16; i++) err = fmaxf(err, fabsf(q2[i] - q[i]));
+    CHECK(err < 1e-5f, "inverse rope undoes rope: %g", err);
+    /* the frequencies transformers computed (rope.bin: main, then compress) */
+    const char *dirs[] = {"testdata/tiny-a", "testdata/tiny-b"};
+    for (int d = 0; d < 2; d++) {
+        load_config(&c, dirs[d]);
+        char *path = path_join(dirs[d], "rope.bin");
+        size_t n;
+        float *ref = (float *)read_file(path, &n), mine[2][64];
+        rope_frequencies(&c, 0, mine[0]);
+        rope_frequencies(&c, 1, mine[1]);
+        float worst = 0;
+        for (int i = 0; ref && i < c.rope_dim; i++) {
+            float want = ref[i], got = mine[i / (c.rope_dim / 2)][i % (c.rope_dim / 2)];
+            worst = fmaxf(worst, fabsf(got - want) / want);
+        }
+        CHECK(ref && n == (size_t)c.rope_dim * 4 && worst < 1e-6f, "%s: rope frequencies vs transformers: %g", dirs[d], worst);
+        free(ref);
+        free(path);
+    }
+}
+
+static void test_hc_pre(void) {
+    Config c = {0};
+    c.hidden_size = 8;
+    c.hc_mult = 4;
+    c.sinkhorn_iters = 20;
+    c.hc_eps = 1e-6f;
+    c.rms_eps = 1e-6f;
+    float fn[24 * 32], base[24], scale[3] = {0.7f, 1.2f, 0.9f}, h[32], x[8], post[4], comb[16];
+    for (int i = 0; i < 24 * 32; i++) fn[i] = uniform(-0.3f, 0.3f);
+    for (int i = 0; i < 24; i++) base[i] = uniform(-1, 1);
+    for (int i = 0; i < 32; i++) h[i] = uniform(-2, 2);
+    Tensor tfn = {.dtype = DT_F32, .data = fn}, tbase = {.dtype = DT_F32, .data = base}, tscale = {.dtype = DT_F32, .data = scale};
+    hc_pre(&c, h, &tfn, &tbase, &tscale, x, post, comb);
+    float worst = 0;
+    for (int i = 0; i < 4; i++) {
+        float row = 0, col = 0;
+        for (int j = 0; j < 4; j++) { row += comb[i * 4 + j]; col += comb[j * 4 + i]; }
+        worst = fmaxf(worst, fmaxf(fabsf(row - 1), fabsf(col - 1)));
+    }
+    CHECK(worst < 1e-3f, "Sinkhorn: rows and columns sum to 1 (worst %g)", worst);
+    /* naive pre weights: sigmoid(mix * scale + base) + eps with mix from the RMS-normed streams */
+    double ss = 0;
+    for (int i = 0; i < 32; i++) ss += h[i] * h[i];
+    float err = 0;
+    for (int e = 0; e < 8; e++) {
+        double xe = 0;
+        for (int k = 0; k < 4; k++) {
+            double mix = 0;
+            for (int i = 0; i < 32; i++) mix += fn[k * 32 + i] * (h[i] / sqrt(ss / 32 + 1e-6));
+            xe += (1 / (1 + exp(-(mix * scale[0] + base[k]))) + 1e-6) * h[k * 8 + e];
+        }
+        err = fmaxf(err, fabsf((float)xe - x[e]));
+    }
+    CHECK(err < 1e-5f, "hc_pre collapse vs naive: %g", err);
+    for (int i = 0; i < 4; i++) CHECK(post[i] > 0 && post[i] < 2, "post in (0, 2)");
+}
+
+static void test_top_k(void) {
+    float score[50];
+    int out[7], ok = 1;
+    for (int i = 0; i < 50; i++) score[i] = uniform(-5, 5);
+    top_k(score, 50, 7, out);
+    for (int k = 0; k < 7; k++) {   /* out[k] must have exactly k larger scores */
+        int larger = 0;
+        for (int i = 0; i < 50; i++) larger += score[i] > score[out[k]];
+        ok &= larger == k;
+    }
+    CHECK(ok, "top_k picks the 7 largest in order");
+}
+
+/* The compressor fed in chunks of any size emits the same entries as when fed all at once,
+   and each entry is the naive softmax-weighted window (checked for HCA and CSA). */
+static void test_compressor_chunking(void) {
+    Config c = {0};
+    c.rope_dim = 4;
+    c.rms_eps = 1e-6f;
+    c.compress_rope_theta = 1000;
+    enum { d = 8, ratio = 4, N = 41 };
+    float freq[2];
+    rope_frequencies(&c, 1, freq);
+    for (int coff = 1; coff <= 2; coff++) {
+        int width = coff * d;
+        float ape[ratio * 2 * d], norm[d], kv[N * 2 * d], gate[N * 2 * d], entry[2 * d];
+        for (int i = 0; i < ratio * width; i++) ape[i] = uniform(-1, 1);
+        for (int i = 0; i < d; i++) norm[i] = uniform(0.5f, 1.5f);
+        for (int i = 0; i < N * width; i++) { kv[i] = uniform(-1, 1); gate[i] = uniform(-2, 2); }
+        Compressor w = {.ape = {.dtype = DT_F32, .data = ape}, .norm = {.dtype = DT_F32, .data = norm}};
+        float all[N / ratio][d];
+        for (int chunk = 1; chunk <= N; chunk += 7) {
+            CompressorState s = {0};
+            alloc_compressor_state(&s, coff, d, ratio, N);
+            for (int p = 0; p < N; p += chunk) {
+                int T = N - p < chunk ? N - p : chunk;
+                compressor_feed(&c, &w, &s, coff, d, ratio, kv + (size_t)p * width, gate + (size_t)p * width, T, p, freq, entry);
+            }
+            if (chunk == 1) memcpy(all, s.entries, sizeof all);
+            CHECK(s.n_entries == N / ratio && !memcmp(all, s.entries, sizeof all), "coff %d chunk %d: same entries", coff, chunk);
+            free_compressor_state(&s);
+        }
+        /* naive entry 3: softmax over its slots (CSA: window 2's first half, then window 3's second half) */
+        int e = 3;
+        float naive[d];
+        for (int j = 0; j < d; j++) {
+            double num = 0, den = 0;
+            for (int part = coff == 2 ? 0 : 1; part < 2; part++)
+                for (int k = 0; k < ratio; k++) {
+                    int pos = (e - 1 + part) * ratio + k, ch = coff == 2 ? (part ? d : 0) + j : j;
+                    double p = exp(gate[pos * width + ch] + ape[k * width + ch]);
+                    num += p * kv[pos * width + ch];
+                    den += p;
+                }
+            naive[j] = (float)(num / den);
+        }
+        Tensor tn = {.dtype = DT_F32, .data = norm};
+        rmsnorm(naive, naive, &tn, d, 1e-6f);
+        rope(naive + d - 4, 4, e * ratio, freq, 1);
+        float err = 0;
+        for (int j = 0; j < d; j++) err = fmaxf(err, fabsf(naive[j] - all[e][j]));
+        CHECK(err < 1e-5f, "coff %d: entry vs naive window softmax: %g", coff, err);
+    }
+}
+
+/* ------------------------------------------------------------------------------- tokenizer */
+
+static int hexval(char ch) { return ch <= '9' ? ch - '0' : (ch | 32) - 'a' + 10; }
+
+static void test_tokenizer(void) {
+    Tokenizer t;
+    char err[256];
+    if (tokenizer_load_file(&t, "build/deepseek-tokenizer.json", err, sizeof err)) {
+        CHECK(0, "load the DeepSeek tokenizer: %s", err);
+        return;
+    }
+    CHECK(t.n_ids == 128815, "DeepSeek tokenizer has %d ids", t.n_ids);
+    size_t size;
+    char *golden = read_file("testdata/tokenizer_golden.txt", &size);
+    CHECK(golden != NULL, "read testdata/tokenizer_golden.txt");
+    int strings = 0, matched = 0;
+    for (char *line = golden; golden && *line;) {
+        char *end = strchr(line, '\n'), *tab = strchr(line, '\t');
+        if (!end) end = line + strlen(line);
+        char text[1024];
+        size_t n = 0;
+        for (char *p = line; p < tab; p += 2) text[n++] = (char)(hexval(p[0]) * 16 + hexval(p[1]));
+        int want[512], n_want = 0, got[512];
+        for (char *p = tab + 1; p < end; p++) {
+            want[n_want++] = (int)strtol(p, &p, 10);
+            if (*p != ',') break;
+        }
+        int n_got = tokenizer_encode(&t, text, n, got, 512);
+        int same = n_got == n_want && !memcmp(got, want, sizeof(int) * (size_t)n_got);
+        matched += same;
+        strings++;
+        if (!same) printf("  tokenizer mismatch on \"%.*s\"\n", (int)n, text);
+        /* decoding the ids gives back the bytes */
+        char back[2048];
+        size_t m = 0, len;
+        for (int i = 0; i < n_got; i++) {
+            const char *b = tokenizer_token_bytes(&t, got[i], &len);
+            memcpy(back + m, b, len);
+            m += len;
+        }
+        CHECK(m == n && !memcmp(back, text, n), "round trip of \"%.*s\"", (int)n, text);
+        line = *end ? end + 1 : end;
+    }
+    CHECK(strings >= 60 && matched == strings, "tokenizer vs HF tokenizers: %d of %d strings identical", matched, strings);
+    free(golden);
+
+    /* BOS and the chat format */
+    int *ids, n = prompt_ids(&t, 1, 0, "Hello world", 0, &ids);
+    CHECK(n == 3 && ids[0] == 0 && ids[1] == 19923 && ids[2] == 2058, "BOS + Hello world");
+    free(ids);
+    n = prompt_ids(&t, 1, 0, "Hi", 1, &ids);
+    CHECK(n == 4 && ids[0] == 0 && ids[1] == tokenizer_find(&t, "<｜User｜>") && ids[3] == tokenizer_find(&t, "<｜Assistant｜>"),
+          "chat format: %d ids", n);
+    free(ids);
+
+    /* streaming decode never emits half a character */
+    Utf8Stream stream = {0};
+    char out[16];
+    const char *euro = "\xe2\x82\xac";   /* U+20AC in 3 bytes */
+    size_t a = utf8_stream_push(&stream, euro, 1, out), b = utf8_stream_push(&stream, euro + 1, 1, out);
+    size_t c = utf8_stream_push(&stream, euro + 2, 1, out);
+    CHECK(a == 0 && b == 0 && c == 3 && !memcmp(out, euro, 3), "streaming UTF-8: %zu %zu %zu", a, b, c);
+    tokenizer_free(&t);
+
+    /* the test models' small tokenizers encode their prompt as transformers did */
+    const char *dirs[] = {"testdata/tiny-a", "testdata/tiny-b"};
+    for (int d = 0; d < 2; d++) {
+        Config cfg;
+        int add_bos;
+        load_config(&cfg, dirs[d]);
+        load_tokenizer(&t, &add_bos, dirs[d], &cfg);
+        char *path = path_join(dirs[d], "prompt.txt"), *ref_path = path_join(dirs[d], "reference.bin");
+        char *text = read_file(path, &size), *ref = read_file(ref_path, &size);
+        n = prompt_ids(&t, add_bos, cfg.bos_id, text, 0, &ids);
+        int n_prompt = ((int *)ref)[0];
+        CHECK(n == n_prompt && !memcmp(ids, (int *)ref + 3, sizeof(int) * (size_t)n), "%s: prompt.txt encodes to the reference ids", dirs[d]);
+        free(ids);
+        free(text);
+        free(ref);
+        free(path);
+        free(ref_path);
+        tokenizer_free(&t);
+    }
+}
+
+/* --------------------------------------------------------------------------------- sampler */
+
+static void test_sampler(void) {
+    enum { V = 6 };
+    float logits[V] = {1.0f, 3.0f, 2.5f, -1.0f, 0.0f, 2.9f}, work[V];
+    int order[V];
+    Sampler greedy = {0, 0.9f, 1, order};
+    memcpy(work, logits, sizeof work);
+    CHECK(sample(&greedy, work, V) == 1, "temperature 0 is argmax");
+    Sampler narrow = {1.0f, 1e-6f, 7, order};
+    int always = 1;
+    for (int i = 0; i < 100; i++) {
+        memcpy(work, logits, sizeof work);
+        always &= sample(&narrow, work, V) == 1;
+    }
+    CHECK(always, "tiny top-p keeps only the most likely token");
+    /* temperature 1, top-p 1: frequencies follow softmax(logits) */
+    Sampler full = {1.0f, 1.0f, 12345, order};
+    int counts[V] = {0};
+    enum { DRAWS = 60000 };
+    for (int i = 0; i < DRAWS; i++) {
+        memcpy(work, logits, sizeof work);
+        counts[sample(&full, work, V)]++;
+    }
+    double z = 0, worst = 0;
+    for (int i = 0; i < V; i++) z += exp(logits[i]);
+    for (int i = 0; i < V; i++) worst = fmax(worst, fabs(counts[i] / (double)DRAWS - exp(logits[i]) / z));
+    CHECK(worst < 0.01, "sampled frequencies match softmax (worst deviation %.4f)", worst);
+    /* top-p 0.5: only tokens 1 and 5 (the smallest set reaching 0.5) are ever drawn */
+    Sampler half = {1.0f, 0.5f, 99, order};
+    int outside = 0;
+    for (int i = 0; i < 2000; i++) {
+        memcpy(work, logits, sizeof work);
+        int id = sample(&half, work, V);
+        outside += id != 1 && id != 5;
+    }
+    CHECK(outside == 0, "top-p 0.5 draws only from its nucleus (%d outside)", outside);
+    /* the same seed gives the same draws */
+    Sampler s1 = {0.8f, 0.95f, 5, order}, s2 = s1;
+    int same = 1;
+    for (int i = 0; i < 50; i++) {
+        memcpy(work, logits, sizeof work);
+        int a = sample(&s1, work, V);
+        memcpy(work, logits, sizeof work);
+        same &= a == sample(&s2, work, V);
+    }
+    CHECK(same, "seeded sampling is reproducible");
+}
+
+/* --------------------------------------------------------------- whole models vs transformers */
+
+/* Run testdata model `dir` on its reference prompt with prefill chunks of `chunk` tokens, then
+   feed back the greedy tokens; compare every logits row with transformers'. Tolerance 1e-4 of
+   the row's largest |logit|: both sides compute in float32 on the same dequantized weights
+   (measured error ~4e-6), so anything larger is a real difference. */
+static void test_against_transformers(const char *dir, int chunk) {
+    Model m;
+    load_model(&m, dir);
+    char *path = path_join(dir, "reference.bin");
+    size_t size;
+    char *ref = read_file(path, &size);
+    const int *head = (const int *)ref, n_prompt = head[0], n_steps = head[1], V = head[2];
+    const int *ids = head + 3;
+    const float *want = (const float *)(ids + n_prompt + n_steps + 1);
+    CHECK(V == m.config.vocab_size && size == 12 + 4 * (size_t)(n_prompt + n_steps + 1) + 4 * (size_t)(n_prompt + n_steps) * V,
+          "%s: reference.bin layout", dir);
+    State s;
+    alloc_state(&s, &m.config, chunk, 1024);
+    float worst = 0, min_margin = INFINITY;
+    int rows = 0, bad_rows = 0, greedy_same = 1;
+    for (int p = 0; p < n_prompt + n_steps;) {
+        int T = p < n_prompt ? (n_prompt - p < chunk ? n_prompt - p : chunk) : 1;
+        forward(&m, &s, ids + p, T, 1);
+        for (int t = 0; t < T; t++, rows++) {
+            const float *a = s.logits + (size_t)t * V, *b = want + (size_t)(p + t) * V;
+            float diff = 0, scale = 0;
+            for (int v = 0; v < V; v++) {
+                diff = fmaxf(diff, fabsf(a[v] - b[v]));
+                scale = fmaxf(scale, fabsf(b[v]));
+            }
+            worst = fmaxf(worst, diff / scale);
+            bad_rows += diff / scale > 1e-4f;
+            if (p + t >= n_prompt - 1) {   /* greedy steps: same token, and by what margin */
+                int mine = argmax(a, V), theirs = ids[p + t + 1];
+                greedy_same &= mine == theirs;
+                float second = -INFINITY;
+                for (int v = 0; v < V; v++)
+                    if (v != mine) second = fmaxf(second, a[v]);
+                min_margin = fminf(min_margin, (a[mine] - second) / scale);
+            }
+        }
+        p += T;
+    }
+    CHECK(rows == n_prompt + n_steps && bad_rows == 0, "%s chunk %d: %d of %d logits rows off by more than 1e-4 (worst %.2e)",
+          dir, chunk, bad_rows, rows, worst);
+    CHECK(greedy_same, "%s chunk %d: greedy tokens identical to transformers", dir, chunk);
+    printf("  %s, prefill chunk %3d: %d rows, worst relative error %.2e, smallest greedy margin %.2e\n", dir, chunk, rows,
+           worst, min_margin);
+    free_state(&s, &m.config);
+    free(ref);
+    free(path);
+    free_model(&m);
+}
+
+/* The command line end to end: --ids with greedy decoding and --dump-logits reproduce the
+   reference file; --tokenize prints the ids. */
+static void test_cli(void) {
+    const char *dir = "testdata/tiny-b";
+    char *path = path_join(dir, "reference.bin");
+    size_t size;
+    char *ref = read_file(path, &size);
+    const int *head = (const int *)ref, n_prompt = head[0], n_steps = head[1], V = head[2];
+    char *cmd = xcalloc(16 * (size_t)n_prompt + 256, 1);
+    int at = sprintf(cmd, "./nvfp4 %s --temp 0 -n %d --chunk 50 --dump-logits build/logits.bin --ids ", dir, n_steps + 1);
+    for (int i = 0; i < n_prompt; i++) at += sprintf(cmd + at, "%s%d", i ? "," : "", head[3 + i]);
+    sprintf(cmd + at, " > build/cli.txt 2> build/cli.err");
+    int status = system(cmd);
+    size_t got_size;
+    float *got = (float *)read_file("build/logits.bin", &got_size);
+    const float *want = (const float *)(head + 3 + n_prompt + n_steps + 1);
+    float worst = 0;
+    for (size_t i = 0; got && i < got_size / 4 && i < (size_t)(n_prompt + n_steps) * V; i++) {
+        float scale = 0;
+        for (int v = 0; v < V; v++) scale = fmaxf(scale, fabsf(want[i / V * V + v]));
+        worst = fmaxf(worst, fabsf(got[i] - want[i]) / scale);
+    }
+    CHECK(status == 0 && got && got_size == 4 * (size_t)(n_prompt + n_steps) * V && worst < 1e-4f,
+          "CLI --dump-logits: status %d, %zu bytes, worst %g", status, got_size, worst);
+    free(got);
+    char *err = read_file("build/cli.err", &got_size);
+    CHECK(err && strstr(err, "prompt tokens, prefill") && strstr(err, "decode"), "CLI prints the stats line");
+    free(err);
+    status = system("./nvfp4 testdata/tiny-a \"It was the best\" --tokenize > build/tok.txt");
+    char *tok = read_file("build/tok.txt", &got_size);
+    CHECK(status == 0 && tok && !strncmp(tok, "0,", 2), "CLI --tokenize: %s", tok ? tok : "");
+    free(tok);
+    free(cmd);
+    free(ref);
+    free(path);
+}
+
+int main(void) {
+    double start = now_seconds();
+    test_number_formats();
+    test_unequal_global_scales();
+    test_safetensors();
+    test_config();
+    test_linear_against_naive();
+    test_rope();
+    test_hc_pre();
+    test_top_k();
+    test_compressor_chunking();
+    test_tokenizer();
+    test_sampler();
+    test_against_transformers("testdata/tiny-a", 64);
+    test_against_transformers("testdata/tiny-a", 1);
+    test_against_transformers("testdata/tiny-b", 50);
+    test_against_transformers("testdata/tiny-b", 270);
+    test_cli();
+    printf("%.1f s\n%d passed, %d failed\n", now_seconds() - start, passed, failed);
+    return failed != 0;
+}

@@ -168,6 +168,62 @@ typedef struct {
     float *logits;        /* [T, V] */
 } State;
 
+/* ------------------------------------------------------------------------------ tokenizer */
+/* The regexes we can run, each by its own matcher below. */
+typedef enum {
+    PATTERN_DIGITS,    /* \p{N}{1,3} */
+    PATTERN_CJK,       /* [\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+ */
+    PATTERN_DEEPSEEK,  /* the DeepSeek word/punctuation/space pattern, see match_deepseek */
+    PATTERN_GPT2       /* the GPT-2 pattern of ByteLevel with use_regex, see match_gpt2 */
+} Pattern;
+
+#define TOKENIZER_MAX_PATTERNS 8
+
+/* What the tokenizer knows about one id. */
+typedef struct {
+    size_t spelling_offset, spelling_length; /* ByteLevel spelling in `spellings` (vocab ids) */
+    size_t bytes_offset, bytes_length;       /* decoded bytes in `bytes` */
+    unsigned char in_vocab;                  /* has a spelling (is in model.vocab) */
+    unsigned char defined;                   /* in the vocab or an added token */
+} TokenInfo;
+
+/* An added token: matched verbatim in the raw text. */
+typedef struct {
+    int id;
+    int normalized;                          /* 1: matched in the second pass */
+    unsigned char first_byte;                /* content[0], the index of added_start */
+    size_t bytes_offset, bytes_length;       /* its content, in `bytes` */
+} AddedToken;
+
+/* One slot of the merge hash table: the pair (left id << 32 | right id), its rank and the id
+   it merges into.  rank < 0 marks an empty slot. */
+typedef struct { uint64_t pair; int rank; int merged; } MergeSlot;
+
+typedef struct {
+    int n_ids;                   /* ids are 0..n_ids-1; some may be undefined */
+    TokenInfo *tokens;           /* n_ids entries */
+    char *spellings;             /* ByteLevel spellings of the vocab, back to back */
+    size_t spellings_size;
+    char *bytes;                 /* decoded bytes of every id and added token, back to back */
+    size_t bytes_size;
+    int *vocab_slots;            /* hash of spellings -> id, -1 = empty; vocab_mask + 1 slots */
+    size_t vocab_mask;
+    MergeSlot *merge_slots;      /* hash of pairs -> merge; merge_mask + 1 slots */
+    size_t merge_mask;
+    AddedToken *added;           /* sorted by (normalized, first byte, length descending) */
+    size_t n_added;
+    size_t added_start[2][257];  /* [pass][b]..[pass][b+1]: added tokens of a pass starting with b */
+    int byte_ids[256];           /* id of the one-byte symbol of each byte */
+    uint32_t byte_chars[256];    /* GPT-2 ByteLevel: the printable character standing for a byte */
+    short char_bytes[256 + 68];  /* the reverse: byte of each ByteLevel character, or -1 */
+    Pattern patterns[TOKENIZER_MAX_PATTERNS];
+    int n_patterns;
+    int ignore_merges;           /* a piece that is itself in the vocab is not merged */
+} Tokenizer;
+
+/* Holds back an incomplete UTF-8 character between decoded tokens. */
+typedef struct { unsigned char pending[4]; int npending; } Utf8Stream;
+
 /* ---------------------------------------------------------------------------- sampler */
 typedef struct {
     float temperature, top_p;

@@ -9,6 +9,10 @@
 
 #include <sys/wait.h>
 
+#ifndef NVFP4_BIN
+#define NVFP4_BIN "./nvfp4"   /* the command-line binary the CLI tests run */
+#endif
+
 static int passed, failed;
 
 #define CHECK(cond, ...)                                                \
@@ -417,17 +421,12 @@ static void test_compressor_chunking(void) {
 
 static int hexval(char ch) { return ch <= '9' ? ch - '0' : (ch | 32) - 'a' + 10; }
 
-static void test_tokenizer(void) {
-    Tokenizer t;
-    char err[256];
-    if (tokenizer_load_file(&t, "build/deepseek-tokenizer.json", err, sizeof err)) {
-        CHECK(0, "load the DeepSeek tokenizer: %s", err);
-        return;
-    }
-    CHECK(t.n_ids == 128815, "DeepSeek tokenizer has %d ids", t.n_ids);
+/* Encode every string of a golden file (hex bytes, a tab, the ids Hugging Face `tokenizers`
+   gave) and compare; also decode the ids back to the bytes. */
+static void check_golden(const Tokenizer *t, const char *what, const char *golden_path) {
     size_t size;
-    char *golden = read_file("testdata/tokenizer_golden.txt", &size);
-    CHECK(golden != NULL, "read testdata/tokenizer_golden.txt");
+    char *golden = read_file(golden_path, &size);
+    CHECK(golden != NULL, "read %s", golden_path);
     int strings = 0, matched = 0;
     for (char *line = golden; golden && *line;) {
         char *end = strchr(line, '\n'), *tab = strchr(line, '\t');
@@ -440,25 +439,41 @@ static void test_tokenizer(void) {
             want[n_want++] = (int)strtol(p, &p, 10);
             if (*p != ',') break;
         }
-        int n_got = tokenizer_encode(&t, text, n, got, 512);
+        int n_got = tokenizer_encode(t, text, n, got, 512);
         int same = n_got == n_want && !memcmp(got, want, sizeof(int) * (size_t)n_got);
         matched += same;
         strings++;
-        if (!same) printf("  tokenizer mismatch on \"%.*s\"\n", (int)n, text);
+        if (!same) printf("  %s: mismatch on \"%.*s\"\n", what, (int)n, text);
         /* decoding the ids gives back the bytes */
         char back[2048];
         size_t m = 0, len;
         for (int i = 0; i < n_got; i++) {
-            const char *b = tokenizer_token_bytes(&t, got[i], &len);
+            const char *b = tokenizer_token_bytes(t, got[i], &len);
             memcpy(back + m, b, len);
             m += len;
         }
         CHECK(m == n && !memcmp(back, text, n), "round trip of \"%.*s\"", (int)n, text);
         line = *end ? end + 1 : end;
     }
-    CHECK(strings >= 60 && matched == strings, "tokenizer vs HF tokenizers: %d of %d strings identical", matched, strings);
+    CHECK(strings >= 60 && matched == strings, "%s vs HF tokenizers: %d of %d strings identical", what, matched, strings);
     free(golden);
+}
 
+static void test_tokenizer(void) {
+    Tokenizer t;
+    char err[256];
+    /* merges stored as ["a", "b"] pairs (the newer format) give the same ids */
+    if (tokenizer_load_file(&t, "testdata/merges-as-pairs/tokenizer.json", err, sizeof err)) CHECK(0, "%s", err);
+    else {
+        check_golden(&t, "merges as pairs", "testdata/tiny-a/tokenizer_golden.txt");
+        tokenizer_free(&t);
+    }
+    if (tokenizer_load_file(&t, "build/deepseek-tokenizer.json", err, sizeof err)) {
+        CHECK(0, "load the DeepSeek tokenizer: %s", err);
+        return;
+    }
+    CHECK(t.n_ids == 128815, "DeepSeek tokenizer has %d ids", t.n_ids);
+    check_golden(&t, "the DeepSeek tokenizer", "testdata/tokenizer_golden.txt");
     /* BOS and the chat format */
     int *ids, n = prompt_ids(&t, 1, 0, "Hello world", 0, &ids);
     CHECK(n == 3 && ids[0] == 0 && ids[1] == 19923 && ids[2] == 2058, "BOS + Hello world");
@@ -484,6 +499,10 @@ static void test_tokenizer(void) {
         int add_bos;
         load_config(&cfg, dirs[d]);
         load_tokenizer(&t, &add_bos, dirs[d], &cfg);
+        char *golden_path = path_join(dirs[d], "tokenizer_golden.txt");
+        check_golden(&t, dirs[d], golden_path);
+        free(golden_path);
+        size_t size;
         char *path = path_join(dirs[d], "prompt.txt"), *ref_path = path_join(dirs[d], "reference.bin");
         char *text = read_file(path, &size), *ref = read_file(ref_path, &size);
         n = prompt_ids(&t, add_bos, cfg.bos_id, text, 0, &ids);
@@ -611,7 +630,7 @@ static void test_cli(void) {
     char *ref = read_file(path, &size);
     const int *head = (const int *)ref, n_prompt = head[0], n_steps = head[1], V = head[2];
     char *cmd = xcalloc(16 * (size_t)n_prompt + 256, 1);
-    int at = sprintf(cmd, "./nvfp4 %s --temp 0 -n %d --chunk 50 --dump-logits build/logits.bin --ids ", dir, n_steps + 1);
+    int at = sprintf(cmd, NVFP4_BIN " %s --temp 0 -n %d --chunk 50 --dump-logits build/logits.bin --ids ", dir, n_steps + 1);
     for (int i = 0; i < n_prompt; i++) at += sprintf(cmd + at, "%s%d", i ? "," : "", head[3 + i]);
     sprintf(cmd + at, " > build/cli.txt 2> build/cli.err");
     int status = system(cmd);
@@ -630,7 +649,7 @@ static void test_cli(void) {
     char *err = read_file("build/cli.err", &got_size);
     CHECK(err && strstr(err, "prompt tokens, prefill") && strstr(err, "decode"), "CLI prints the stats line");
     free(err);
-    status = system("./nvfp4 testdata/tiny-a \"It was the best\" --tokenize > build/tok.txt");
+    status = system(NVFP4_BIN " testdata/tiny-a \"It was the best\" --tokenize > build/tok.txt");
     char *tok = read_file("build/tok.txt", &got_size);
     CHECK(status == 0 && tok && !strncmp(tok, "0,", 2), "CLI --tokenize: %s", tok ? tok : "");
     free(tok);
@@ -639,6 +658,290 @@ static void test_cli(void) {
     free(path);
 }
 
+/* ---------------------------------------------------------------------------- bad input */
+/* Every bad input ends in one message naming what and where, and exit status 1. The cases are
+   built from copies of the test models under build/bad/, edited one thing at a time. */
+
+/* Run "./nvfp4 ARGS"; returns the exit status and leaves stderr in *err (caller frees). */
+static int run_cli(const char *args, char **err) {
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, NVFP4_BIN " %s > build/bad/out.txt 2> build/bad/err.txt", args);
+    int status = system(cmd);
+    size_t n;
+    *err = read_file("build/bad/err.txt", &n);
+    if (!*err) *err = xstrdup("");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+static void expect_cli(const char *args, int want_status, const char *expected) {
+    char *err;
+    int status = run_cli(args, &err);
+    CHECK(status == want_status && strstr(err, expected), "nvfp4 %s: expected status %d and \"%s\", got %d: %s", args,
+          want_status, expected, status, err);
+    free(err);
+}
+
+/* Copy testdata model `name` to build/bad/DST and return that path (static storage). */
+static const char *copy_model(const char *name, const char *dst) {
+    static char path[256];
+    char cmd[1024];
+    snprintf(path, sizeof path, "build/bad/%s", dst);
+    snprintf(cmd, sizeof cmd, "rm -rf %s && cp -r testdata/%s %s", path, name, path);
+    if (system(cmd)) CHECK(0, "%s failed", cmd);
+    return path;
+}
+
+/* Replace the first `from` in file dir/name with `to` (any lengths). For a safetensors file the
+   edit is made inside the JSON header and the header length is rewritten to match. */
+static void edit_file(const char *dir, const char *name, const char *from, const char *to) {
+    char *path = path_join(dir, name);
+    size_t size;
+    char *data = read_file(path, &size);
+    size_t start = 0, end = size;
+    int safetensors = strstr(name, ".safetensors") && !strstr(name, ".json");
+    if (safetensors) {
+        uint64_t h = 0;
+        for (int i = 7; i >= 0; i--) h = h << 8 | (uint8_t)data[i];
+        start = 8;
+        end = 8 + h;
+    }
+    char *at = data ? memmem(data + start, end - start, from, strlen(from)) : NULL;
+    CHECK(at != NULL, "edit %s: \"%s\" not found", path, from);
+    if (!at) { free(data); free(path); return; }
+    FILE *f = fopen(path, "wb");
+    size_t before = (size_t)(at - data), grow = strlen(to) - strlen(from);
+    if (safetensors) {
+        uint64_t h = end - 8 + grow;
+        for (int i = 0; i < 8; i++) fputc((int)(h >> (8 * i) & 255), f);
+        fwrite(data + 8, 1, before - 8, f);
+    } else fwrite(data, 1, before, f);
+    fwrite(to, 1, strlen(to), f);
+    fwrite(at + strlen(from), 1, size - before - strlen(from), f);
+    fclose(f);
+    free(data);
+    free(path);
+}
+
+static void write_bytes(const char *dir, const char *name, const void *bytes, size_t n) {
+    char *path = path_join(dir, name);
+    FILE *f = fopen(path, "wb");
+    fwrite(bytes, 1, n, f);
+    fclose(f);
+    free(path);
+}
+
+static void load_model_arg(const void *dir) {
+    Model m;
+    load_model(&m, dir);
+}
+
+static void expect_load_fails(const char *dir, const char *expected, const char *what) {
+    expect_fatal(load_model_arg, dir, expected, what);
+}
+
+static void test_bad_checkpoints(void) {
+    if (system("mkdir -p build/bad")) return;
+    const char *d;
+    uint64_t huge = 1ull << 40;
+    d = copy_model("tiny-a", "short");
+    write_bytes(d, "model.safetensors", "abc", 3);
+    expect_load_fails(d, "model.safetensors: file is 3 bytes, shorter than the 8-byte header length", "file shorter than its header length");
+    d = copy_model("tiny-a", "huge-header");
+    write_bytes(d, "model.safetensors", &huge, 8);
+    expect_load_fails(d, "header length 1099511627776 does not fit in the file (8 bytes)", "header length past the end");
+    d = copy_model("tiny-a", "empty");
+    write_bytes(d, "model.safetensors", "", 0);
+    expect_load_fails(d, "model.safetensors is empty", "empty file");
+    d = copy_model("tiny-a", "bad-json");
+    edit_file(d, "model.safetensors", "{\"embed.weight\"", "{\"embed.weight\"}");
+    expect_load_fails(d, "header is not valid JSON", "invalid JSON header");
+    d = copy_model("tiny-a", "dtype");
+    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\"", "\"norm.weight\":{\"dtype\":\"BF17\"");
+    expect_load_fails(d, "tensor norm.weight: unknown dtype BF17", "unknown dtype");
+    d = copy_model("tiny-a", "overflow");
+    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64]",
+              "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[4294967296,4294967296,64]");
+    expect_load_fails(d, "tensor norm.weight: shape product overflows", "shape overflow");
+    d = copy_model("tiny-a", "offsets");
+    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[",
+              "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[9999999");
+    expect_load_fails(d, "tensor norm.weight: data_offsets", "offsets out of bounds");
+    d = copy_model("tiny-a", "size");
+    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64]", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[63]");
+    expect_load_fails(d, "tensor norm.weight: data_offsets span 128 bytes but BF16 x shape needs 126", "offsets not matching dtype x shape");
+    d = copy_model("tiny-a", "overlap");
+    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[",
+              "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[0,128],\"x\":[");
+    expect_load_fails(d, "overlap", "overlapping tensors");
+    d = copy_model("tiny-a", "duplicate");
+    edit_file(d, "model.safetensors", "\"hc_head_base\":", "\"norm.weight\":");
+    expect_load_fails(d, "tensor norm.weight appears twice", "duplicate names");
+    d = copy_model("tiny-a", "missing");
+    edit_file(d, "model.safetensors", "\"norm.weight\":", "\"norm.weigh_\":");
+    expect_load_fails(d, "tensor norm.weight is missing", "missing tensor");
+    d = copy_model("tiny-a", "wrong-dtype");
+    edit_file(d, "model.safetensors", "\"layers.0.attn.attn_sink\":{\"dtype\":\"F32\",\"shape\":[4]",
+              "\"layers.0.attn.attn_sink\":{\"dtype\":\"I64\",\"shape\":[2]");
+    expect_load_fails(d, "tensor layers.0.attn.attn_sink has dtype I64", "wrong dtype for config");
+    d = copy_model("tiny-a", "wrong-shape");
+    edit_file(d, "config.json", "\"q_lora_rank\": 32", "\"q_lora_rank\": 48");
+    expect_load_fails(d, "tensor layers.0.attn.wq_a.weight has shape [32, 64], expected [48, 64] from config.json", "wrong shape for config");
+    d = copy_model("tiny-b", "shard");
+    char *shard = path_join(d, "model-00002-of-00003.safetensors");
+    remove(shard);
+    free(shard);
+    expect_load_fails(d, "names shard model-00002-of-00003.safetensors, which is not in", "shard absent");
+    d = copy_model("tiny-b", "index");
+    edit_file(d, "model.safetensors.index.json", "\"embed.weight\": \"model-00001", "\"embed.weight\": \"model-00002");
+    expect_load_fails(d, "tensor embed.weight is listed in shard model-00002-of-00003.safetensors but found in another file",
+                      "tensor not in the shard the index names");
+    d = copy_model("tiny-a", "no-weights");
+    shard = path_join(d, "model.safetensors");
+    remove(shard);
+    free(shard);
+    expect_load_fails(d, "has neither model.safetensors nor model.safetensors.index.json", "no checkpoint");
+}
+
+static void test_bad_configs(void) {
+    const char *d;
+    d = copy_model("tiny-a", "no-config");
+    char *path = path_join(d, "config.json");
+    remove(path);
+    free(path);
+    expect_load_fails(d, "cannot read build/bad/no-config/config.json", "config.json missing");
+    d = copy_model("tiny-a", "config-json");
+    edit_file(d, "config.json", "\"vocab_size\": 1024,", "\"vocab_size\": 1024");
+    expect_load_fails(d, "config.json is not valid JSON: line 7", "config.json not JSON");
+    d = copy_model("tiny-a", "model-type");
+    edit_file(d, "config.json", "\"deepseek_v4\"", "\"deepseek_v3\"");
+    expect_load_fails(d, "model_type is \"deepseek_v3\", expected \"deepseek_v4\"", "wrong model_type");
+    d = copy_model("tiny-a", "no-hidden");
+    edit_file(d, "config.json", "\"hidden_size\"", "\"hidden_sizes\"");
+    expect_load_fails(d, "required key \"hidden_size\" is missing", "missing field");
+    d = copy_model("tiny-a", "ratios");
+    edit_file(d, "config.json", "\"compress_ratios\": [\n    0,", "\"compress_ratios\": [");
+    expect_load_fails(d, "compress_ratios has 7 entries for 8 layers", "compress_ratios length");
+    d = copy_model("tiny-a", "topk");
+    edit_file(d, "config.json", "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9");
+    expect_load_fails(d, "num_experts_per_tok (9) exceeds n_routed_experts (8)", "contradictory fields");
+    d = copy_model("tiny-a", "tok-model");
+    edit_file(d, "tokenizer.json", "\"type\": \"BPE\"", "\"type\": \"WordPiece\"");
+    expect_cli("build/bad/tok-model hi --tokenize", 1, "tokenizer.json");
+    d = copy_model("tiny-a", "tok-pre");
+    edit_file(d, "tokenizer.json", "\\\\p{N}{1,3}", "\\\\p{N}{1,4}");
+    expect_cli("build/bad/tok-pre hi --tokenize", 1, "tokenizer.json");
+    d = copy_model("tiny-a", "tok-vocab");
+    edit_file(d, "config.json", "\"vocab_size\": 1024", "\"vocab_size\": 500");
+    expect_cli("build/bad/tok-vocab hi --tokenize", 1, "but the model's vocab_size is 500");
+}
+
+static void test_bad_options(void) {
+    char cmd[256];
+    expect_cli("testdata/tiny-a \"\"", 1, "the prompt is empty");
+    expect_cli("testdata/tiny-a \"$(printf 'ab\\377cd')\"", 1, "the prompt is not valid UTF-8 (bad byte 0xff at offset 2)");
+    expect_cli("testdata/tiny-a \"It was the best of times, it was the worst\" --ctx 5", 1,
+               "more than the context (--ctx 5)");
+    expect_cli("testdata/tiny-a \"It was\" --ctx 12 -n 50 --temp 0", 0, "the context is full (--ctx 12): stopping");
+    expect_cli("testdata/tiny-a hi --temp abc", 1, "--temp: \"abc\" is not a number");
+    expect_cli("testdata/tiny-a hi -n -5", 1, "-n: \"-5\" is not a number between 1 and");
+    expect_cli("testdata/tiny-a hi --top-p 2", 1, "--top-p: \"2\" is not a number between");
+    expect_cli("testdata/tiny-a hi -n 1.5", 1, "-n: \"1.5\" is not a whole number");
+    expect_cli("testdata/tiny-a hi --ctx", 1, "--ctx needs a value");
+    expect_cli("testdata/tiny-a hi --frobnicate", 1, "unknown option --frobnicate");
+    expect_cli("testdata/tiny-a --ids 1,2,99999", 1, "--ids: token id 99999 is outside the vocabulary (0..1023)");
+    expect_cli("testdata/tiny-a --ids 1,x", 1, "is not a comma-separated list of token ids");
+    expect_cli("testdata/tiny-a hi extra", 1, "unexpected argument \"extra\"");
+    expect_cli("build/bad/nowhere hi", 1, "cannot read build/bad/nowhere/config.json");
+    /* state that cannot be allocated is refused before allocating, with the sizes */
+    expect_cli("testdata/tiny-a hi --ctx 1000000000", 1, "the decoding state for --ctx 1000000000 and --chunk 128 needs");
+    /* nothing is written into the model directory */
+    snprintf(cmd, sizeof cmd, "ls -l --time-style=full-iso testdata/tiny-a > build/bad/before.txt");
+    int status = system(cmd);
+    char *err;
+    status |= run_cli("testdata/tiny-a \"It was\" -n 4 --dump-logits build/bad/l.bin", &err);
+    free(err);
+    status |= system("ls -l --time-style=full-iso testdata/tiny-a | diff -q - build/bad/before.txt > /dev/null");
+    CHECK(status == 0, "the model directory is unchanged by a run");
+}
+
+/* ---------------------------------------------------------------------------------- fuzzing */
+/* The parsers that read untrusted bytes, as libFuzzer targets (`make fuzz`, clang). Each must
+   return cleanly on any input; the tokenizer must also give back the exact bytes it encoded.
+   `make test` replays the committed corpus in testdata/fuzz/TARGET/ through the same functions. */
+
+static void fuzz_json(const uint8_t *data, size_t size) {
+    char err[256];
+    Json *root = json_parse((const char *)data, size, err, sizeof err);
+    if (!root && !err[0]) abort();   /* a refusal always says why */
+    json_free(root);
+}
+
+static void fuzz_safetensors(const uint8_t *data, size_t size) {
+    Tensor *tensors = NULL;
+    size_t count = 0, cap = 0;
+    char err[512];
+    safetensors_parse(data, size, 0, &tensors, &count, &cap, err, sizeof err);
+    for (size_t i = 0; i < count; i++) {   /* every accepted tensor lies inside the input */
+        const uint8_t *p = tensors[i].data;
+        if (p < data || p + tensors[i].nbytes > data + size) abort();
+        free((char *)tensors[i].name);
+    }
+    free(tensors);
+}
+
+static void fuzz_tokenizer(const uint8_t *data, size_t size) {
+    static Tokenizer t;
+    static int loaded;
+    char err[256];
+    if (!loaded && tokenizer_load_file(&t, "build/deepseek-tokenizer.json", err, sizeof err)) {
+        fprintf(stderr, "fuzz_tokenizer: %s (run make build/deepseek-tokenizer.json)\n", err);
+        abort();
+    }
+    loaded = 1;
+    int n = tokenizer_encode(&t, (const char *)data, size, NULL, 0);
+    int *ids = xcalloc((size_t)n + 1, sizeof(int));
+    if (tokenizer_encode(&t, (const char *)data, size, ids, n) != n) abort();
+    size_t at = 0, len;
+    for (int i = 0; i < n; i++) {   /* decode(encode(bytes)) == bytes */
+        const char *bytes = tokenizer_token_bytes(&t, ids[i], &len);
+        if (at + len > size || memcmp(bytes, data + at, len)) abort();
+        at += len;
+    }
+    if (at != size) abort();
+    free(ids);
+}
+
+/* Replay every file of testdata/fuzz/NAME through fn; returns how many ran. */
+static int replay_corpus(const char *name, void (*fn)(const uint8_t *, size_t)) {
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "ls testdata/fuzz/%s > build/corpus.txt 2>/dev/null", name);
+    if (system(cmd)) return 0;
+    size_t size;
+    char *list = read_file("build/corpus.txt", &size);
+    int count = 0;
+    for (char *line = strtok(list, "\n"); line; line = strtok(NULL, "\n")) {
+        char path[512];
+        snprintf(path, sizeof path, "testdata/fuzz/%s/%s", name, line);
+        char *data = read_file(path, &size);
+        if (data) fn((const uint8_t *)data, size), count++;
+        free(data);
+    }
+    free(list);
+    return count;
+}
+
+static void test_fuzz_corpus(void) {
+    int json = replay_corpus("json", fuzz_json), st = replay_corpus("safetensors", fuzz_safetensors),
+        tok = replay_corpus("tokenizer", fuzz_tokenizer);
+    CHECK(json >= 10 && st >= 10 && tok >= 10, "fuzz corpus replayed: %d json, %d safetensors, %d tokenizer inputs", json, st, tok);
+}
+
+#ifdef FUZZ
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    FUZZ(data, size);
+    return 0;
+}
+#else
 int main(void) {
     double start = now_seconds();
     test_number_formats();
@@ -657,6 +960,11 @@ int main(void) {
     test_against_transformers("testdata/tiny-b", 50);
     test_against_transformers("testdata/tiny-b", 270);
     test_cli();
+    test_bad_checkpoints();
+    test_bad_configs();
+    test_bad_options();
+    test_fuzz_corpus();
     printf("%.1f s\n%d passed, %d failed\n", now_seconds() - start, passed, failed);
     return failed != 0;
 }
+#endif

@@ -10,8 +10,10 @@ A binary search for the last entry <= c gives the class of c.
 
 The general categories come from Python's unicodedata; White_Space is not in unicodedata, so it
 is spelled out below (it has not changed since Unicode 6.0).  Run it with a Python whose Unicode
-version matches the regex engine of the tokenizers library (Oniguruma 6.9.8: Unicode 15.0,
-e.g. Python 3.12) and paste the output into the generated section of the tokenizer.
+version matches the regex engine of the tokenizers library -- tokenizers 0.23 (Oniguruma 6.9.10)
+uses Unicode 16.0, which is Python 3.14's -- and paste the output into the generated section of
+the tokenizer.  Code points assigned in a newer Unicode than the library's would be classified
+differently, so the versions must agree for encodings to match exactly.
 """
 import sys
 import unicodedata

@@ -889,13 +889,30 @@ static void parse_config(Config *c, const Json *root, const char *path) {
         fatal("%s: rope dims %d must be even and at most head_dim (%d) and index_head_dim (%d)", path, c->rope_dim,
               c->head_dim, c->index_dim);
 
-    /* YaRN on the compress rope: rope_scaling (legacy) or rope_parameters (flat or {main, compress}) */
-    const Json *rope = json_get(root, "rope_scaling");
-    if (!rope || rope->type == JSON_NULL) {
-        rope = json_get(root, "rope_parameters");
-        const Json *compress = rope ? json_get(rope, "compress") : NULL;
-        if (compress) rope = compress;
+    /* RoPE: "main" (sliding-only layers) is plain; "compress" (CSA/HCA layers) may be YaRN.
+       Given as rope_scaling (legacy) or a flat rope_parameters, both meaning the compress rope
+       with attention_factor 1, or as rope_parameters {"main": .., "compress": ..}, where each
+       may carry its own rope_theta and, as in transformers, an absent YaRN attention_factor is
+       derived from the factor (mscale). */
+    const Json *rope = json_get(root, "rope_scaling"), *params = json_get(root, "rope_parameters");
+    const Json *nested_main = json_get(params, "main"), *nested_compress = json_get(params, "compress");
+    int nested = (!rope || rope->type == JSON_NULL) && nested_main && nested_compress;
+    if (!rope || rope->type == JSON_NULL) rope = nested ? nested_compress : params;
+    if (nested) {
+        const Json *kind = json_get(nested_main, "rope_type");
+        if (kind && (kind->type != JSON_STRING || strcmp(kind->string, "default")))
+            fatal("%s: rope_parameters.main must be the default rope", path);
+        c->rope_theta = config_float(nested_main, path, "rope_theta", c->rope_theta);
+        c->compress_rope_theta = config_float(nested_compress, path, "rope_theta", c->compress_rope_theta);
+        const Json *sides[2] = {nested_main, nested_compress};
+        for (int i = 0; i < 2; i++) {   /* transformers reads the rope dims of each side from it */
+            const Json *f = json_get(sides[i], "partial_rotary_factor");
+            if (!f || f->type != JSON_NUMBER || (int)(c->head_dim * f->number) != c->rope_dim)
+                fatal("%s: rope_parameters.%s needs partial_rotary_factor %g (rope dims %d of head_dim %d)", path,
+                      i ? "compress" : "main", (double)c->rope_dim / c->head_dim, c->rope_dim, c->head_dim);
+        }
     }
+    c->rope_scale = 1.0f;
     if (rope && rope->type == JSON_OBJECT) {
         const Json *kind = json_get(rope, "rope_type");
         if (!kind) kind = json_get(rope, "type");
@@ -904,8 +921,6 @@ static void parse_config(Config *c, const Json *root, const char *path) {
                   kind->type == JSON_STRING ? kind->string : "(not a string)");
         c->yarn = kind && !strcmp(kind->string, "yarn");
         if (c->yarn) {
-            float attention_factor = config_float(rope, path, "attention_factor", 1.0);
-            if (attention_factor != 1.0f) fatal("%s: YaRN attention_factor %g is not supported (V4 uses 1)", path, attention_factor);
             c->yarn_original_max = config_float(rope, path, "original_max_position_embeddings", 0);
             if (c->yarn_original_max <= 0) fatal("%s: YaRN needs original_max_position_embeddings", path);
             c->yarn_factor = config_float(rope, path, "factor",
@@ -914,6 +929,10 @@ static void parse_config(Config *c, const Json *root, const char *path) {
             c->yarn_beta_slow = config_float(rope, path, "beta_slow", 1);
             if (c->yarn_factor <= 0 || c->yarn_beta_fast <= 0 || c->yarn_beta_slow <= 0)
                 fatal("%s: YaRN factor, beta_fast and beta_slow must be positive", path);
+            float mscale = c->yarn_factor <= 1 ? 1.0f : 0.1f * logf(c->yarn_factor) + 1.0f;
+            if (json_get(rope, "mscale") || json_get(rope, "mscale_all_dim"))
+                fatal("%s: YaRN mscale / mscale_all_dim are not supported", path);
+            c->rope_scale = config_float(rope, path, "attention_factor", nested ? mscale : 1.0);
         }
     }
 
@@ -926,8 +945,8 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     }
     csa_rate = config_int(root, path, "compress_rate_csa", csa_rate);
     hca_rate = config_int(root, path, "compress_rate_hca", hca_rate);
-    if (csa_rate < 1 || hca_rate < 1 || csa_rate > 65536 || hca_rate > 65536)
-        fatal("%s: compression rates must be between 1 and 65536", path);
+    if (csa_rate < 1 || hca_rate < 1 || csa_rate > 1024 || hca_rate > 1024)
+        fatal("%s: compression rates must be between 1 and 1024", path);
     const Json *types = json_get(root, "layer_types"), *ratios = json_get(root, "compress_ratios");
     int mtp = config_int(root, path, "num_nextn_predict_layers", 0);
     if (types && types->type == JSON_ARRAY) {
@@ -1236,11 +1255,12 @@ static void rope_frequencies(const Config *c, int compress, float *inv_freq) {
     }
 }
 
-/* Rotate the interleaved pairs (x[2i], x[2i+1]) of x[R] by angle sign * pos * inv_freq[i]. */
-static void rope(float *x, int R, int pos, const float *inv_freq, float sign) {
+/* Rotate the interleaved pairs (x[2i], x[2i+1]) of x[R] by angle sign * pos * inv_freq[i]
+   (cos and sin both scaled by r->scale, YaRN's attention factor, 1 for V4). */
+static void rope(float *x, int R, int pos, const Rope *r, float sign) {
     for (int i = 0; i < R / 2; i++) {
-        float angle = (float)pos * inv_freq[i];
-        float cs = cosf(angle), sn = sign * sinf(angle);
+        float angle = (float)pos * r->inv_freq[i];
+        float cs = cosf(angle) * r->scale, sn = sign * sinf(angle) * r->scale;
         float a = x[2 * i], b = x[2 * i + 1];
         x[2 * i] = a * cs - b * sn;
         x[2 * i + 1] = b * cs + a * sn;
@@ -1342,7 +1362,7 @@ static void hc_head(const Model *m, const float *h, float *x) {
    CSA (coff 2) windows also span the previous window's first-half channels (the overlap);
    then RMSNorm and the compress RoPE at the window's first position. */
 static void compressor_feed(const Config *c, const Compressor *w, CompressorState *s, int coff, int d, int ratio,
-                            const float *kv, const float *gate, int T, int pos0, const float *inv_freq, float *entry) {
+                            const float *kv, const float *gate, int T, int pos0, const Rope *rope_compress, float *entry) {
     int width = coff * d;
     for (int t = 0; t < T; t++) {
         int pos = pos0 + t, slot = pos % ratio;
@@ -1382,7 +1402,7 @@ static void compressor_feed(const Config *c, const Compressor *w, CompressorStat
         }
         float *out = s->entries + (size_t)s->n_entries * d;
         rmsnorm(out, entry, &w->norm, d, c->rms_eps);
-        rope(out + d - c->rope_dim, c->rope_dim, s->n_entries * ratio, inv_freq, 1);
+        rope(out + d - c->rope_dim, c->rope_dim, s->n_entries * ratio, rope_compress, 1);
         s->n_entries++;
     }
 }
@@ -1416,7 +1436,7 @@ static void attention(const Model *m, State *s, int l, int T, int pos0) {
     LayerState *ls = &s->layers[l];
     int H = c->n_heads, D = c->head_dim, R = c->rope_dim, W = c->sliding_window;
     int ratio = c->compress_ratio[l];
-    const float *freq = c->attn_kind[l] == ATTN_SLIDING ? s->rope_main : s->rope_compress;
+    const Rope *freq = c->attn_kind[l] == ATTN_SLIDING ? &s->rope_main : &s->rope_compress;
     float *row = s->weight_row;
 
     /* queries: low-rank path, per-head RMS, RoPE; the shared K=V latent */
@@ -1440,17 +1460,17 @@ static void attention(const Model *m, State *s, int l, int T, int pos0) {
         int coff = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
         linear(&L->compressor.wkv, s->x, s->comp_kv, T, row);
         linear(&L->compressor.wgate, s->x, s->comp_gate, T, row);
-        compressor_feed(c, &L->compressor, &ls->comp, coff, D, ratio, s->comp_kv, s->comp_gate, T, pos0, s->rope_compress, s->entry);
+        compressor_feed(c, &L->compressor, &ls->comp, coff, D, ratio, s->comp_kv, s->comp_gate, T, pos0, &s->rope_compress, s->entry);
     }
     if (c->attn_kind[l] == ATTN_CSA) {
         int NI = c->index_heads, DI = c->index_dim;
         linear(&L->index_compressor.wkv, s->x, s->comp_kv, T, row);
         linear(&L->index_compressor.wgate, s->x, s->comp_gate, T, row);
-        compressor_feed(c, &L->index_compressor, &ls->index_comp, 2, DI, ratio, s->comp_kv, s->comp_gate, T, pos0, s->rope_compress, s->entry);
+        compressor_feed(c, &L->index_compressor, &ls->index_comp, 2, DI, ratio, s->comp_kv, s->comp_gate, T, pos0, &s->rope_compress, s->entry);
         linear(&L->index_wq_b, s->qr, s->index_q, T, row);
         linear(&L->index_weights_proj, s->x, s->index_w, T, row);
         for (int t = 0; t < T; t++)
-            for (int h = 0; h < NI; h++) rope(s->index_q + ((size_t)t * NI + h) * DI + DI - R, R, pos0 + t, s->rope_compress, 1);
+            for (int h = 0; h < NI; h++) rope(s->index_q + ((size_t)t * NI + h) * DI + DI - R, R, pos0 + t, &s->rope_compress, 1);
     }
 
     for (int t = 0; t < T; t++) {
@@ -1539,14 +1559,14 @@ static void moe(const Model *m, State *s, int l, const int *tokens, int T) {
         float *out = s->block_out + (size_t)t * E;
         memset(out, 0, E * sizeof(float));
         /* router: sqrt(softplus(logits)); experts by tid2eid (hash layers) or biased top-k */
-        linear(&L->gate, x, s->router, 1, s->weight_row);
-        float score[X > 0 ? X : 1], biased[X > 0 ? X : 1];
+        float *score = s->router, *biased = s->router + X;
+        int *chosen = s->chosen;
+        linear(&L->gate, x, score, 1, s->weight_row);
         for (int e = 0; e < X; e++) {
-            float z = s->router[e];
+            float z = score[e];
             score[e] = sqrtf(z > 20 ? z : log1pf(expf(z)));
             biased[e] = l < c->n_hash_layers ? score[e] : score[e] + tensor_float(&L->gate_bias, e);
         }
-        int chosen[K > 0 ? K : 1];
         if (l < c->n_hash_layers)
             for (int k = 0; k < K; k++) chosen[k] = (int)load_i64(L->tid2eid.data, (size_t)tokens[t] * K + k);
         else
@@ -1621,9 +1641,9 @@ static size_t state_bytes(const Config *c, int T, int C) {
     size_t per_token = 4 * E + E + 4 + 16 + E + c->q_lora_rank + H * D + D + H * D + (size_t)c->o_groups * c->o_lora_rank +
                        2 * wide + NI * DI + NI + (size_t)c->vocab_size;
     if ((size_t)T > SIZE_MAX / 8 / per_token) return SIZE_MAX;
-    floats += (size_t)T * per_token + c->sliding_window + C + max_cols + wide + c->n_experts + 3 * (E + c->moe_inter) +
+    floats += (size_t)T * per_token + c->sliding_window + C + max_cols + wide + 2 * c->n_experts + 3 * (E + c->moe_inter) +
               c->rope_dim;
-    ints += C;
+    ints += C + c->topk;
     if (floats > SIZE_MAX / 8) return SIZE_MAX;
     return floats * sizeof(float) + ints * sizeof(int);
 }
@@ -1682,15 +1702,16 @@ static void alloc_state(State *s, const Config *c, int T, int C) {
     s->selected = xcalloc((size_t)C + 1, sizeof(int));
     s->entry = xcalloc(wide, sizeof(float));
     s->weight_row = xcalloc(max_cols, sizeof(float));
-    s->router = xcalloc((size_t)c->n_experts, sizeof(float));
+    s->router = xcalloc(2 * (size_t)c->n_experts, sizeof(float));
+    s->chosen = xcalloc((size_t)c->topk, sizeof(int));
     s->expert_gate = xcalloc((size_t)c->moe_inter, sizeof(float));
     s->expert_up = xcalloc((size_t)c->moe_inter, sizeof(float));
     s->expert_out = xcalloc(E, sizeof(float));
-    s->rope_main = xcalloc((size_t)c->rope_dim / 2, sizeof(float));
-    s->rope_compress = xcalloc((size_t)c->rope_dim / 2, sizeof(float));
+    s->rope_main = (Rope){xcalloc((size_t)c->rope_dim / 2, sizeof(float)), 1.0f};
+    s->rope_compress = (Rope){xcalloc((size_t)c->rope_dim / 2, sizeof(float)), c->rope_scale};
     s->logits = xcalloc((size_t)T * c->vocab_size, sizeof(float));
-    rope_frequencies(c, 0, s->rope_main);
-    rope_frequencies(c, 1, s->rope_compress);
+    rope_frequencies(c, 0, s->rope_main.inv_freq);
+    rope_frequencies(c, 1, s->rope_compress.inv_freq);
 }
 
 static void free_state(State *s, const Config *c) {
@@ -1702,10 +1723,11 @@ static void free_state(State *s, const Config *c) {
     free(s->layers);
     float *buffers[] = {s->h, s->x, s->post, s->comb, s->block_out, s->qr, s->q, s->kv, s->attn, s->grouped,
                         s->comp_kv, s->comp_gate, s->index_q, s->index_w, s->scores, s->entry, s->weight_row,
-                        s->router, s->expert_gate, s->expert_up, s->expert_out, s->rope_main, s->rope_compress,
+                        s->router, s->expert_gate, s->expert_up, s->expert_out, s->rope_main.inv_freq, s->rope_compress.inv_freq,
                         s->logits};
     for (size_t i = 0; i < sizeof buffers / sizeof *buffers; i++) free(buffers[i]);
     free(s->selected);
+    free(s->chosen);
     memset(s, 0, sizeof *s);
 }
 

@@ -62,6 +62,7 @@ typedef struct {
     float rope_theta, compress_rope_theta;
     int yarn;                                    /* YaRN on the compress rope */
     float yarn_factor, yarn_beta_fast, yarn_beta_slow, yarn_original_max;
+    float rope_scale;                            /* YaRN attention_factor: scales cos and sin */
     AttnKind attn_kind[MAX_LAYERS];
     int compress_ratio[MAX_LAYERS];              /* 0, CSA rate (4) or HCA rate (128) */
 } Config;
@@ -128,6 +129,11 @@ typedef struct {
 
 /* ------------------------------------------------------------------- decoding state */
 typedef struct {
+    float *inv_freq;      /* [R/2] */
+    float scale;          /* multiplies cos and sin (YaRN attention factor; 1 for V4) */
+} Rope;
+
+typedef struct {
     float *pending_kv, *pending_gate; /* [ratio, coff*d]: tokens of the window being filled */
     float *prev_kv, *prev_gate;       /* [ratio, d]: CSA overlap, the last window's first half */
     int have_prev;
@@ -161,10 +167,11 @@ typedef struct {
     float *weight_row;    /* [largest linear input]: one decoded weight row */
     int *selected;        /* [C]: compressed entries a query attends to */
     float *entry;         /* [2*max(D, DI)]: one compressed entry being built */
-    float *router;        /* [X] */
+    float *router;        /* [2, X]: router scores, then scores + bias */
+    int *chosen;          /* [topk]: the experts of one token */
     float *expert_gate, *expert_up; /* [I] */
     float *expert_out;    /* [E] */
-    float *rope_main, *rope_compress; /* [R/2] inverse frequencies */
+    Rope rope_main, rope_compress;    /* sliding-only layers; CSA/HCA layers, compressors, indexer */
     float *logits;        /* [T, V] */
 } State;
 

@@ -240,14 +240,16 @@ static void test_config(void) {
                          "\"moe_intermediate_size\":8,\"layer_types\":[\"sliding_attention\",\"compressed_sparse_attention\","
                          "\"heavily_compressed_attention\"],\"compress_rates\":{\"heavily_compressed_attention\":16},"
                          "\"mlp_layer_types\":[\"hash_moe\",\"moe\",\"moe\"],\"partial_rotary_factor\":0.25,"
-                         "\"index_head_dim\":8,\"o_groups\":2,\"rope_parameters\":{\"main\":{\"rope_type\":\"default\"},"
-                         "\"compress\":{\"rope_type\":\"yarn\",\"factor\":4,\"original_max_position_embeddings\":1024}}}";
+                         "\"index_head_dim\":8,\"o_groups\":2,\"rope_parameters\":{\"main\":{\"rope_type\":\"default\","
+                         "\"partial_rotary_factor\":0.25,\"rope_theta\":500},\"compress\":{\"rope_type\":\"yarn\",\"factor\":4,"
+                         "\"original_max_position_embeddings\":1024,\"partial_rotary_factor\":0.25}}}";
     char err[128];
     Json *root = json_parse(modern, strlen(modern), err, sizeof err);
     parse_config(&c, root, "modern");
     json_free(root);
     CHECK(c.attn_kind[1] == ATTN_CSA && c.compress_ratio[1] == 4 && c.compress_ratio[2] == 16 && c.n_hash_layers == 1 &&
-          c.rope_dim == 4 && c.yarn && c.yarn_factor == 4, "layer_types / compress_rates / mlp_layer_types / rope_parameters");
+          c.rope_dim == 4 && c.yarn && c.yarn_factor == 4 && c.rope_theta == 500 && c.compress_rope_theta == 160000 &&
+          fabsf(c.rope_scale - (0.1f * logf(4) + 1)) < 1e-6f, "layer_types / compress_rates / mlp_layer_types / rope_parameters");
 }
 
 /* ------------------------------------------------------------------- forward-pass pieces */
@@ -275,23 +277,24 @@ static void test_linear_against_naive(void) {
 static void test_rope(void) {
     Config c;
     load_config(&c, "testdata/tiny-a");
-    float freq[8], q[16], k[16], q2[16], k2[16];
-    rope_frequencies(&c, 1, freq);
+    float inv_freq[8], q[16], k[16], q2[16], k2[16];
+    rope_frequencies(&c, 1, inv_freq);
+    Rope freq = {inv_freq, 1.0f};
     for (int i = 0; i < 16; i++) { q[i] = uniform(-1, 1); k[i] = uniform(-1, 1); }
     /* q.k after rotating by positions (p, p') depends only on p - p' */
     double dots[2];
     for (int trial = 0; trial < 2; trial++) {
         memcpy(q2, q, sizeof q);
         memcpy(k2, k, sizeof k);
-        rope(q2, 16, 37 + 100 * trial, freq, 1);
-        rope(k2, 16, 30 + 100 * trial, freq, 1);
+        rope(q2, 16, 37 + 100 * trial, &freq, 1);
+        rope(k2, 16, 30 + 100 * trial, &freq, 1);
         dots[trial] = 0;
         for (int i = 0; i < 16; i++) dots[trial] += (double)q2[i] * k2[i];
     }
     CHECK(fabs(dots[0] - dots[1]) < 1e-4, "rope is relative: %g vs %g", dots[0], dots[1]);
     memcpy(q2, q, sizeof q);
-    rope(q2, 16, 123, freq, 1);
-    rope(q2, 16, 123, freq, -1);
+    rope(q2, 16, 123, &freq, 1);
+    rope(q2, 16, 123, &freq, -1);
     float err = 0;
     for (int i = 0; i < 16; i++) err = fmaxf(err, fabsf(q2[i] - q[i]));
     CHECK(err < 1e-5f, "inverse rope undoes rope: %g", err);
@@ -373,8 +376,9 @@ static void test_compressor_chunking(void) {
     c.rms_eps = 1e-6f;
     c.compress_rope_theta = 1000;
     enum { d = 8, ratio = 4, N = 41 };
-    float freq[2];
-    rope_frequencies(&c, 1, freq);
+    float inv_freq[2];
+    rope_frequencies(&c, 1, inv_freq);
+    Rope freq = {inv_freq, 1.0f};
     for (int coff = 1; coff <= 2; coff++) {
         int width = coff * d;
         float ape[ratio * 2 * d], norm[d], kv[N * 2 * d], gate[N * 2 * d], entry[2 * d];
@@ -388,7 +392,7 @@ static void test_compressor_chunking(void) {
             alloc_compressor_state(&s, coff, d, ratio, N);
             for (int p = 0; p < N; p += chunk) {
                 int T = N - p < chunk ? N - p : chunk;
-                compressor_feed(&c, &w, &s, coff, d, ratio, kv + (size_t)p * width, gate + (size_t)p * width, T, p, freq, entry);
+                compressor_feed(&c, &w, &s, coff, d, ratio, kv + (size_t)p * width, gate + (size_t)p * width, T, p, &freq, entry);
             }
             if (chunk == 1) memcpy(all, s.entries, sizeof all);
             CHECK(s.n_entries == N / ratio && !memcmp(all, s.entries, sizeof all), "coff %d chunk %d: same entries", coff, chunk);
@@ -410,7 +414,7 @@ static void test_compressor_chunking(void) {
         }
         Tensor tn = {.dtype = DT_F32, .data = norm};
         rmsnorm(naive, naive, &tn, d, 1e-6f);
-        rope(naive + d - 4, 4, e * ratio, freq, 1);
+        rope(naive + d - 4, 4, e * ratio, &freq, 1);
         float err = 0;
         for (int j = 0; j < d; j++) err = fmaxf(err, fabsf(naive[j] - all[e][j]));
         CHECK(err < 1e-5f, "coff %d: entry vs naive window softmax: %g", coff, err);
@@ -959,6 +963,7 @@ int main(void) {
     test_against_transformers("testdata/tiny-a", 1);
     test_against_transformers("testdata/tiny-b", 50);
     test_against_transformers("testdata/tiny-b", 270);
+    test_against_transformers("testdata/tiny-c", 13);
     test_cli();
     test_bad_checkpoints();
     test_bad_configs();

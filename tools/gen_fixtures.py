@@ -3,7 +3,7 @@
 `make test` compares nvfp4 against.
 
 Run on a machine with torch + transformers 5.17 + tokenizers (the GPU machine; a CPU is enough):
-    python3 tools/gen_fixtures.py testdata/tokenizer.json.gz OUTDIR
+    python3 tools/gen_fixtures.py testdata/tokenizer.json.gz OUTDIR [MODEL ...]
 
 For each model it writes OUTDIR/NAME/ with
     config.json                official DeepSeek V4 keys (legacy compress_ratios, num_hash_layers,
@@ -64,6 +64,17 @@ MODELS = [
         formats={"layers.0.attn.wq_b": "nvfp4", "layers.2.ffn.shared_experts.w2": "nvfp4",
                  "layers.3.attn.wo_a": "mxfp4", "layers.4.ffn.experts": "mxfp4",
                  "layers.5.attn.indexer.wq_b": "bf16"},
+    ),
+    # the newer config keys (layer_types, compress_rates with an HCA rate of 16, mlp_layer_types,
+    # nested rope_parameters), a tight SwiGLU clamp that actually clips, other Sinkhorn and
+    # routing constants, and a decode long enough to emit CSA and HCA entries while decoding
+    dict(
+        name="tiny-c", seed=3, shards=2, vocab=512, hidden=64, layers=5, heads=4, head_dim=64,
+        rope_dim=16, q_lora=32, o_groups=4, o_lora=16, experts=4, topk=2, moe_inter=32,
+        window=8, ratios=[0, 4, 16, 4, 16], hash_layers=1, index_heads=16, index_dim=32,
+        index_topk=3, prompt_len=90, steps=40, fp8_scale="e8m0", modern=True,
+        swiglu_limit=0.3, sinkhorn_iters=7, routed_scaling=2.5,
+        formats={"layers.1.attn.wkv": "nvfp4", "layers.2.attn.wq_a": "mxfp4"},
     ),
 ]
 
@@ -310,6 +321,28 @@ def hf_name(name):
 
 
 def config_json(spec):
+    cfg = legacy_config_json(spec)
+    if spec.get("modern"):
+        names = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+        for legacy in ("compress_ratios", "num_hash_layers", "qk_rope_head_dim", "rope_scaling"):
+            del cfg[legacy]
+        cfg["layer_types"] = [names.get(r, "heavily_compressed_attention") for r in spec["ratios"]]
+        cfg["compress_rates"] = {"compressed_sparse_attention": 4,
+                                 "heavily_compressed_attention": max(spec["ratios"])}
+        cfg["mlp_layer_types"] = ["hash_moe"] * spec["hash_layers"] + ["moe"] * (spec["layers"] - spec["hash_layers"])
+        cfg["partial_rotary_factor"] = spec["rope_dim"] / spec["head_dim"]
+        factor = spec["rope_dim"] / spec["head_dim"]
+        cfg["rope_parameters"] = {   # no attention_factor: transformers derives YaRN's mscale then
+            "main": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": factor},
+            "compress": {"rope_type": "yarn", "rope_theta": 160000.0, "factor": 16, "partial_rotary_factor": factor,
+                         "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}}
+    cfg["swiglu_limit"] = spec.get("swiglu_limit", 10.0)
+    cfg["hc_sinkhorn_iters"] = spec.get("sinkhorn_iters", 20)
+    cfg["routed_scaling_factor"] = spec.get("routed_scaling", 1.5)
+    return cfg
+
+
+def legacy_config_json(spec):
     return {
         "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
         "vocab_size": spec["vocab"], "hidden_size": spec["hidden"],
@@ -436,8 +469,6 @@ def build(spec, seed, full_tok, outdir):
 
     hf_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     config = DeepseekV4Config(**hf_cfg)
-    print(spec["name"], "rope_parameters", config.rope_parameters, "layer_types", config.layer_types,
-          "mlp_layer_types", config.mlp_layer_types)
     config._attn_implementation = "eager"
     model = DeepseekV4ForCausalLM(config).float().eval()
     load_into_hf(model, spec, deq)
@@ -461,6 +492,8 @@ def main():
     with opener(src, "rt", encoding="utf-8") as f:
         full_tok = json.load(f)
     for spec in MODELS:
+        if sys.argv[3:] and spec["name"] not in sys.argv[3:]:
+            continue
         # Draw until no indexer top-k and no greedy choice is decided by less than 1e-5 / 1e-4
         # (relative): a float32 engine must then pick exactly what transformers picked.
         for attempt in range(20):

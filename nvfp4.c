@@ -48,6 +48,7 @@ static void *xcalloc(size_t count, size_t size) {
     return p;
 }
 
+/* A copy of s in new memory (never NULL). */
 static char *xstrdup(const char *s) {
     size_t n = strlen(s) + 1;
     return memcpy(xcalloc(n, 1), s, n);
@@ -61,32 +62,40 @@ static char *path_join(const char *dir, const char *name) {
     return p;
 }
 
-/* Read a whole file into a NUL-terminated buffer; *size gets its length. Returns NULL (errno
-   set) when the file cannot be opened or read. */
+#define MAX_TEXT_FILE ((size_t)1 << 30)   /* config, tokenizer and index files are far smaller */
+
+/* Read a whole regular file (at most MAX_TEXT_FILE bytes) into a NUL-terminated buffer; *size
+   gets its length. Returns NULL with errno set when it cannot be opened or read, is not a
+   regular file (EINVAL: a FIFO or device would block or never end) or is too large (EFBIG). */
 static char *read_file(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    for (;;) {
-        if (len + 65536 + 1 > cap) {
-            cap = (len + 65536 + 1) * 2;
-            char *grown = realloc(buf, cap);
-            if (!grown) fatal("out of memory reading %s", path);
-            buf = grown;
-        }
-        size_t got = fread(buf + len, 1, cap - len - 1, f);
-        len += got;
-        if (got == 0) break;
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return NULL;
+    struct stat st;
+    int error = fstat(fd, &st) ? errno : !S_ISREG(st.st_mode) ? EINVAL : (size_t)st.st_size > MAX_TEXT_FILE ? EFBIG : 0;
+    if (error) {
+        close(fd);
+        errno = error;
+        return NULL;
     }
-    int failed = ferror(f);
-    fclose(f);
-    if (failed) { free(buf); errno = EIO; return NULL; }
-    buf[len] = 0;
+    size_t len = (size_t)st.st_size, got = 0;
+    char *buf = xcalloc(len + 1, 1);
+    while (got < len) {
+        ssize_t n = read(fd, buf + got, len - got);
+        if (n <= 0) {
+            int error = n < 0 ? errno : EIO;
+            close(fd);
+            free(buf);
+            errno = error;
+            return NULL;
+        }
+        got += (size_t)n;
+    }
+    close(fd);
     *size = len;
     return buf;
 }
 
+/* Monotonic time in seconds, for the stats line. */
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -450,7 +459,7 @@ static const Json *json_get(const Json *obj, const char *key) {
 static Json *load_json_file(const char *path) {
     size_t size;
     char *text = read_file(path, &size);
-    if (!text) fatal("cannot read %s: %s", path, strerror(errno));
+    if (!text) fatal("cannot read %s: %s", path, errno == EINVAL ? "not a regular file" : strerror(errno));
     char err[256];
     Json *root = json_parse(text, size, err, sizeof err);
     free(text);
@@ -468,6 +477,7 @@ static Json *load_json_file(const char *path) {
                nibble = even column)                         (MXFP4 and NVFP4 weights)     */
 static const float e2m1_values[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
 
+/* BF16 -> float: the 16 bits are the top half of a float32. */
 static float bf16_to_float(uint16_t bits) {
     uint32_t u = (uint32_t)bits << 16;
     float f;
@@ -475,6 +485,7 @@ static float bf16_to_float(uint16_t bits) {
     return f;
 }
 
+/* F8 E4M3 (the "fn" variant: no infinities, S.1111.111 is NaN) -> float. */
 static float e4m3_to_float(uint8_t byte) {
     int sign = byte >> 7, exponent = (byte >> 3) & 15, mantissa = byte & 7;
     float magnitude;
@@ -484,6 +495,7 @@ static float e4m3_to_float(uint8_t byte) {
     return sign ? -magnitude : magnitude;
 }
 
+/* F8 E8M0 -> float: 2^(byte - 127); 255 is NaN. */
 static float e8m0_to_float(uint8_t byte) {
     return byte == 255 ? NAN : ldexpf(1.0f, (int)byte - 127);
 }
@@ -544,6 +556,7 @@ static const size_t dtype_sizes[DT_COUNT] = {2, 4, 1, 1, 1, 1, 8, 2};
 
 #define MAX_HEADER_BYTES ((uint64_t)1 << 30)
 
+/* qsort order of tensor pointers by where their data starts. */
 static int compare_tensor_start(const void *a, const void *b) {
     const uint8_t *x = (*(const Tensor *const *)a)->data, *y = (*(const Tensor *const *)b)->data;
     return x < y ? -1 : x > y;
@@ -645,6 +658,7 @@ fail:
     return err;
 }
 
+/* Hash of a tensor name for the index. */
 static uint64_t hash_name(const char *s) {
     uint64_t h = 1469598103934665603ull;   /* FNV-1a */
     while (*s) h = (h ^ (uint8_t)*s++) * 1099511628211ull;
@@ -682,6 +696,7 @@ static const Tensor *find_tensor(const Model *m, const char *fmt, ...) {
     return NULL;
 }
 
+/* "[a, b, c]" for messages. */
 static void shape_string(const int64_t *shape, int ndim, char *out, size_t n) {
     size_t used = (size_t)snprintf(out, n, "[");
     for (int d = 0; d < ndim && used < n; d++)
@@ -702,6 +717,7 @@ static void expect_shape(const Model *m, const Tensor *t, int ndim, const int64_
     }
 }
 
+/* Fatal, naming file and tensor, unless t has one of the n_allowed dtypes. */
 static void expect_dtype(const Model *m, const Tensor *t, int n_allowed, const DType *allowed) {
     for (int i = 0; i < n_allowed; i++)
         if (t->dtype == allowed[i]) return;
@@ -790,31 +806,43 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
    mlp_layer_types / partial_rotary_factor / rope_parameters. Absent optional keys take
    transformers' defaults; every value is range-checked. */
 
-/* Integer `key` of the config object, `fallback` when absent (fallback < -1: required). */
-static int config_int(const Json *root, const char *path, const char *key, long fallback) {
+#define REQUIRED (-1)   /* config_int fallback of a key that must be present */
+
+/* Integer `key` of a config object, between 0 and 1e9; `fallback` when absent (REQUIRED:
+   fatal). path names the file in messages. */
+static int config_int(const Json *root, const char *path, const char *key, int fallback) {
     const Json *v = json_get(root, key);
     if (!v || v->type == JSON_NULL) {
-        if (fallback < -1) fatal("%s: required key \"%s\" is missing", path, key);
-        return (int)fallback;
+        if (fallback == REQUIRED) fatal("%s: required key \"%s\" is missing", path, key);
+        return fallback;
     }
-    if (v->type != JSON_NUMBER || v->number != floor(v->number) || v->number < -1 || v->number > 1e9)
-        fatal("%s: \"%s\" must be a non-negative integer", path, key);
+    if (v->type != JSON_NUMBER || v->number != floor(v->number) || v->number < 0 || v->number > 1e9)
+        fatal("%s: \"%s\" must be an integer between 0 and 1000000000", path, key);
     return (int)v->number;
 }
 
+/* Number `key` of a config object (finite), `fallback` when absent. */
 static float config_float(const Json *root, const char *path, const char *key, double fallback) {
     const Json *v = json_get(root, key);
     if (!v || v->type == JSON_NULL) return (float)fallback;
-    if (v->type != JSON_NUMBER || !isfinite(v->number)) fatal("%s: \"%s\" must be a number", path, key);
+    if (v->type != JSON_NUMBER || !isfinite(v->number) || fabs(v->number) > FLT_MAX)
+        fatal("%s: \"%s\" must be a finite number", path, key);
     return (float)v->number;
 }
 
-#define REQUIRED (-2)
+/* Fatal when a JSON object names a key twice: Python keeps the last, json_get the first, so
+   such a file would mean different things to different readers. */
+static void refuse_duplicate_keys(const Json *obj, const char *path) {
+    for (size_t i = 0; obj && obj->type == JSON_OBJECT && i < obj->length; i++)
+        for (size_t j = i + 1; j < obj->length; j++)
+            if (!strcmp(obj->keys[i], obj->keys[j])) fatal("%s: key \"%s\" appears twice", path, obj->keys[i]);
+}
 
 /* Fill c from the parsed config.json (path for messages); fatal on anything unusable. */
 static void parse_config(Config *c, const Json *root, const char *path) {
     memset(c, 0, sizeof *c);
     if (root->type != JSON_OBJECT) fatal("%s: not a JSON object", path);
+    refuse_duplicate_keys(root, path);
     const Json *type = json_get(root, "model_type");
     if (!type || type->type != JSON_STRING || strcmp(type->string, "deepseek_v4"))
         fatal("%s: model_type is %s%s%s, expected \"deepseek_v4\"", path, type && type->type == JSON_STRING ? "\"" : "",
@@ -831,7 +859,6 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     c->n_shared_experts = config_int(root, path, "n_shared_experts", 1);
     c->topk = config_int(root, path, "num_experts_per_tok", REQUIRED);
     c->moe_inter = config_int(root, path, "moe_intermediate_size", REQUIRED);
-    c->hc_mult = config_int(root, path, "hc_mult", 4);
     c->sinkhorn_iters = config_int(root, path, "hc_sinkhorn_iters", 20);
     c->sliding_window = config_int(root, path, "sliding_window", 128);
     c->index_heads = config_int(root, path, "index_n_heads", 64);
@@ -846,13 +873,18 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     c->compress_rope_theta = config_float(root, path, "compress_rope_theta", 160000.0);
 
     const Json *eos = json_get(root, "eos_token_id");
-    if (!eos || eos->type == JSON_NULL) c->eos_ids[c->n_eos++] = 1;
-    else if (eos->type == JSON_ARRAY) {
-        for (size_t i = 0; i < eos->length && c->n_eos < 8; i++) {
-            if (eos->items[i].type != JSON_NUMBER) fatal("%s: eos_token_id must hold integers", path);
-            c->eos_ids[c->n_eos++] = (int)eos->items[i].number;
+    if (eos && eos->type == JSON_ARRAY) {
+        if (eos->length == 0 || eos->length > 8) fatal("%s: eos_token_id must list 1 to 8 ids", path);
+        for (size_t i = 0; i < eos->length; i++) {
+            const Json *id = &eos->items[i];
+            if (id->type != JSON_NUMBER || id->number != floor(id->number) || id->number < 0 || id->number >= c->vocab_size)
+                fatal("%s: eos_token_id[%zu] must be a token id below vocab_size (%d)", path, i, c->vocab_size);
+            c->eos_ids[c->n_eos++] = (int)id->number;
         }
     } else c->eos_ids[c->n_eos++] = config_int(root, path, "eos_token_id", 1);
+    for (int i = 0; i < c->n_eos; i++)
+        if (c->eos_ids[i] >= c->vocab_size) fatal("%s: eos_token_id %d is not below vocab_size (%d)", path, c->eos_ids[i], c->vocab_size);
+    if (c->bos_id >= c->vocab_size) fatal("%s: bos_token_id %d is not below vocab_size (%d)", path, c->bos_id, c->vocab_size);
 
     const char *checks[][2] = {{"scoring_func", "sqrtsoftplus"}, {"hidden_act", "silu"}};
     for (int i = 0; i < 2; i++) {
@@ -860,9 +892,15 @@ static void parse_config(Config *c, const Json *root, const char *path) {
         if (v && (v->type != JSON_STRING || strcmp(v->string, checks[i][1])))
             fatal("%s: %s must be \"%s\" (the only one nvfp4 implements)", path, checks[i][0], checks[i][1]);
     }
+    const char *biases[] = {"attention_bias", "mlp_bias"};
+    for (int i = 0; i < 2; i++) {
+        const Json *v = json_get(root, biases[i]);
+        if (v && v->type == JSON_BOOL && v->number) fatal("%s: %s is true; DeepSeek V4 has no biases there", path, biases[i]);
+    }
     if (config_int(root, path, "num_key_value_heads", 1) != 1) fatal("%s: num_key_value_heads must be 1 (V4 shares one K=V latent)", path);
     if (c->n_shared_experts != 1) fatal("%s: n_shared_experts is %d; DeepSeek V4 has exactly 1", path, c->n_shared_experts);
-    if (c->hc_mult != 4) fatal("%s: hc_mult is %d; nvfp4 supports 4", path, c->hc_mult);
+    int hc_mult = config_int(root, path, "hc_mult", HC);
+    if (hc_mult != HC) fatal("%s: hc_mult is %d; nvfp4 supports %d", path, hc_mult, HC);
 
     /* positive sizes and the relations between them */
     struct { const char *name; int value; } positive[] = {
@@ -875,6 +913,13 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     for (size_t i = 0; i < sizeof positive / sizeof *positive; i++)
         if (positive[i].value <= 0 || positive[i].value > (1 << 24))
             fatal("%s: %s is %d, must be between 1 and %d", path, positive[i].name, positive[i].value, 1 << 24);
+    int64_t products[][3] = {   /* sizes the engine multiplies: each product must fit an int */
+        {c->n_heads, c->head_dim, 1}, {c->index_heads, c->index_dim, 1}, {c->o_groups, c->o_lora_rank, 1},
+        {HC, c->hidden_size, (2 + HC) * HC}, {c->vocab_size, c->hidden_size, 1}, {2, c->head_dim, 1},
+        {2, c->index_dim, 1}, {c->vocab_size, c->topk, 1}};
+    for (size_t i = 0; i < sizeof products / sizeof *products; i++)
+        if (products[i][0] * products[i][1] * products[i][2] > INT32_MAX)
+            fatal("%s: sizes %lld x %lld are too large", path, (long long)products[i][0], (long long)products[i][1]);
     if (c->n_layers > MAX_LAYERS) fatal("%s: num_hidden_layers is %d, at most %d supported", path, c->n_layers, MAX_LAYERS);
     if (c->topk > c->n_experts) fatal("%s: num_experts_per_tok (%d) exceeds n_routed_experts (%d)", path, c->topk, c->n_experts);
     if (c->n_heads % c->o_groups) fatal("%s: num_attention_heads (%d) is not a multiple of o_groups (%d)", path, c->n_heads, c->o_groups);
@@ -882,8 +927,11 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     /* rope dims: qk_rope_head_dim (legacy) or partial_rotary_factor */
     const Json *rope_dim = json_get(root, "qk_rope_head_dim");
     const Json *factor = json_get(root, "partial_rotary_factor");
-    if (rope_dim && rope_dim->type != JSON_NULL) c->rope_dim = config_int(root, path, "qk_rope_head_dim", 0);
-    else if (factor && factor->type == JSON_NUMBER) c->rope_dim = (int)(c->head_dim * factor->number);
+    if (factor && factor->type != JSON_NULL) {   /* as in transformers, partial_rotary_factor wins */
+        float f = config_float(root, path, "partial_rotary_factor", 0);
+        if (!(f > 0 && f <= 1)) fatal("%s: partial_rotary_factor must be in (0, 1]", path);
+        c->rope_dim = (int)(c->head_dim * f);
+    } else if (rope_dim && rope_dim->type != JSON_NULL) c->rope_dim = config_int(root, path, "qk_rope_head_dim", 0);
     else c->rope_dim = c->head_dim / 8;
     if (c->rope_dim <= 0 || c->rope_dim % 2 || c->rope_dim > c->head_dim || c->rope_dim > c->index_dim)
         fatal("%s: rope dims %d must be even and at most head_dim (%d) and index_head_dim (%d)", path, c->rope_dim,
@@ -961,7 +1009,7 @@ static void parse_config(Config *c, const Json *root, const char *path) {
             else fatal("%s: layer_types[%d] is not a DeepSeek V4 attention type", path, l);
         }
     } else if (ratios && ratios->type == JSON_ARRAY) {
-        if (ratios->length != (size_t)c->n_layers && ratios->length != (size_t)(c->n_layers + mtp))
+        if (ratios->length != (size_t)c->n_layers && ratios->length != (size_t)c->n_layers + (size_t)mtp)
             fatal("%s: compress_ratios has %zu entries for %d layers", path, ratios->length, c->n_layers);
         for (int l = 0; l < c->n_layers; l++) {
             double r = ratios->items[l].type == JSON_NUMBER ? ratios->items[l].number : -1;
@@ -997,9 +1045,12 @@ static void parse_config(Config *c, const Json *root, const char *path) {
 
 /* ================================================================================== weights */
 
+/* Layers that pick their experts by token id (tid2eid) instead of by router scores. */
+static int is_hash_layer(const Config *c, int l) { return l < c->n_hash_layers; }
+
 /* Map one safetensors file read-only and append its tensors to the model. */
 static void open_safetensors(Model *m, const char *path, size_t *cap) {
-    int fd = open(path, O_RDONLY);
+    int fd = open(path, O_RDONLY | O_NONBLOCK);   /* O_NONBLOCK: a FIFO must not hang the load */
     if (fd < 0) fatal("cannot open %s: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) || !S_ISREG(st.st_mode)) fatal("%s is not a regular file", path);
@@ -1061,9 +1112,12 @@ static void open_checkpoint(Model *m, const char *dir) {
         free(path);
         index_tensors(m);
     }
+    free(index_path);
     for (size_t i = 0; i < m->n_tensors; i++) m->weight_bytes += m->tensors[i].nbytes;
 }
 
+/* Bind a compressor (prefix.wkv, .wgate, .ape, .norm) of coff*dim channels and `ratio` tokens
+   per entry. */
 static void load_compressor(const Model *m, Compressor *c, const char *prefix, int coff, int dim, int ratio) {
     const Config *cfg = &m->config;
     char name[256];
@@ -1089,7 +1143,7 @@ static void progress(const char *what, int done, int total) {
 /* Bind every weight of the model to its tensor, checking each dtype and shape against config. */
 static void bind_weights(Model *m) {
     const Config *c = &m->config;
-    int64_t E = c->hidden_size, HC = c->hc_mult, mix = (2 + HC) * HC;
+    int64_t E = c->hidden_size, mix = (2 + HC) * HC;
     char name[256];
     m->embed = float_tensor(m, "embed.weight", 2, (int64_t)c->vocab_size, E);
     m->head = load_linear(m, "head", c->vocab_size, (int)E);
@@ -1129,7 +1183,7 @@ static void bind_weights(Model *m) {
             load_compressor(m, &L->index_compressor, NAME("layers.%d.attn.indexer.compressor", l), 2, c->index_dim, ratio);
         }
         L->gate = load_linear(m, NAME("layers.%d.ffn.gate", l), c->n_experts, (int)E);
-        if (l < c->n_hash_layers) {
+        if (is_hash_layer(c, l)) {
             const Tensor *t = find_tensor(m, "layers.%d.ffn.gate.tid2eid", l);
             if (!t) fatal("tensor layers.%d.ffn.gate.tid2eid is missing (layer %d is hash-routed)", l, l);
             static const DType ints[] = {DT_I64};
@@ -1178,6 +1232,7 @@ static void load_model(Model *m, const char *dir) {
     bind_weights(m);
 }
 
+/* Unmap the checkpoint and free everything load_model allocated. */
 static void free_model(Model *m) {
     for (int i = 0; i < m->n_files; i++) {
         munmap(m->files[i].map, m->files[i].size);
@@ -1267,6 +1322,7 @@ static void rope(float *x, int R, int pos, const Rope *r, float sign) {
     }
 }
 
+/* 1 / (1 + e^-x) */
 static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 /* mHC input side for one token. h[HC, E] are the residual streams; fn [24, HC*E], base [24],
@@ -1274,7 +1330,6 @@ static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
    (comb[i][j] = how much of stream i flows into stream j). */
 static void hc_pre(const Config *c, const float *h, const Tensor *fn, const Tensor *base, const Tensor *scale,
                    float *x, float *post, float *comb) {
-    enum { HC = 4 };
     int n = HC * c->hidden_size;
     double ss = 0;
     for (int i = 0; i < n; i++) ss += (double)h[i] * h[i];
@@ -1322,7 +1377,6 @@ static void hc_pre(const Config *c, const float *h, const Tensor *fn, const Tens
 
 /* mHC output side: h[j] <- post[j] * out + sum_i comb[i][j] * h[i], for the HC streams h[HC, E]. */
 static void hc_post(const Config *c, float *h, const float *out, const float *post, const float *comb) {
-    enum { HC = 4 };
     for (int e = 0; e < c->hidden_size; e++) {
         float old[HC];
         for (int i = 0; i < HC; i++) old[i] = h[(size_t)i * c->hidden_size + e];
@@ -1337,7 +1391,6 @@ static void hc_post(const Config *c, float *h, const float *out, const float *po
 /* Final collapse of the HC streams h[HC, E] into x[E] (hc_head: the pre part of mHC only). */
 static void hc_head(const Model *m, const float *h, float *x) {
     const Config *c = &m->config;
-    enum { HC = 4 };
     int n = HC * c->hidden_size;
     double ss = 0;
     for (int i = 0; i < n; i++) ss += (double)h[i] * h[i];
@@ -1429,30 +1482,84 @@ static const float *attention_key(const State *s, const LayerState *ls, int k, i
     return pos >= pos0 ? s->kv + (size_t)(pos - pos0) * D : ls->window + (size_t)(pos % W) * D;
 }
 
+/* The compressed entries query t (at pos) of layer l attends to, into s->selected; returns
+   how many. Only entries c < (pos + 1) / ratio are visible (their window has closed). HCA:
+   all of them. CSA: the lightning indexer's top index_topk by
+   score[c] = sum_h relu(qI[t,h] . kI[c]) / sqrt(DI) * w[t,h] / sqrt(NI). */
+static int select_entries(const Config *c, State *s, const LayerState *ls, int l, int t, int pos) {
+    int ratio = c->compress_ratio[l], visible = ratio ? (pos + 1) / ratio : 0;
+    if (c->attn_kind[l] == ATTN_HCA) {
+        for (int e = 0; e < visible; e++) s->selected[e] = e;
+        return visible;
+    }
+    if (c->attn_kind[l] != ATTN_CSA) return 0;
+    int NI = c->index_heads, DI = c->index_dim;
+    for (int e = 0; e < visible; e++) {
+        const float *key = ls->index_comp.entries + (size_t)e * DI;
+        double score = 0;
+        for (int h = 0; h < NI; h++) {
+            const float *q = s->index_q + ((size_t)t * NI + h) * DI;
+            double dot = 0;
+            for (int i = 0; i < DI; i++) dot += (double)q[i] * key[i];
+            if (dot > 0) score += dot / sqrt((double)DI) * (s->index_w[(size_t)t * NI + h] / sqrt((double)NI));
+        }
+        s->scores[e] = (float)score;
+    }
+    int n = visible < c->index_topk ? visible : c->index_topk;
+    top_k(s->scores, visible, n, s->selected);
+    return n;
+}
+
+/* One head of one query: o[D] = softmax(q . keys / sqrt(D), with the sink) . keys, where the
+   keys are the n_window sliding-window entries from position `first` and then the n_selected
+   compressed entries; then the inverse RoPE at pos on o's rope dims. */
+static void attend(const Config *c, State *s, const LayerState *ls, const float *q, float sink, int first, int n_window,
+                   int n_selected, int pos0, int pos, const Rope *rope_l, float *o) {
+    int D = c->head_dim, R = c->rope_dim, W = c->sliding_window, n = n_window + n_selected;
+    float mx = sink;
+    for (int k = 0; k < n; k++) {
+        const float *key = attention_key(s, ls, k, first, n_window, pos0, D, W);
+        double dot = 0;
+        for (int i = 0; i < D; i++) dot += (double)q[i] * key[i];
+        s->scores[k] = (float)(dot / sqrt((double)D));
+        mx = fmaxf(mx, s->scores[k]);
+    }
+    double denom = exp((double)sink - mx);   /* the sink takes probability, gives no value */
+    for (int i = 0; i < D; i++) s->values[i] = 0;
+    for (int k = 0; k < n; k++) {
+        const float *value = attention_key(s, ls, k, first, n_window, pos0, D, W);   /* K = V */
+        double p = expf(s->scores[k] - mx);
+        denom += p;
+        for (int i = 0; i < D; i++) s->values[i] += p * value[i];
+    }
+    for (int i = 0; i < D; i++) o[i] = (float)(s->values[i] / denom);
+    rope(o + D - R, R, pos, rope_l, -1);   /* undo the values' rotation: relative positions */
+}
+
 /* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> s->block_out[T, E]. */
 static void attention(const Model *m, State *s, int l, int T, int pos0) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
     LayerState *ls = &s->layers[l];
-    int H = c->n_heads, D = c->head_dim, R = c->rope_dim, W = c->sliding_window;
+    int H = c->n_heads, D = c->head_dim, R = c->rope_dim, W = c->sliding_window, Q = c->q_lora_rank;
     int ratio = c->compress_ratio[l];
-    const Rope *freq = c->attn_kind[l] == ATTN_SLIDING ? &s->rope_main : &s->rope_compress;
+    const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &s->rope_main : &s->rope_compress;
     float *row = s->weight_row;
 
     /* queries: low-rank path, per-head RMS, RoPE; the shared K=V latent */
     linear(&L->wq_a, s->x, s->qr, T, row);
-    for (int t = 0; t < T; t++) rmsnorm(s->qr + (size_t)t * c->q_lora_rank, s->qr + (size_t)t * c->q_lora_rank, &L->q_norm, c->q_lora_rank, c->rms_eps);
+    for (int t = 0; t < T; t++) rmsnorm(s->qr + (size_t)t * Q, s->qr + (size_t)t * Q, &L->q_norm, Q, c->rms_eps);
     linear(&L->wq_b, s->qr, s->q, T, row);
     linear(&L->wkv, s->x, s->kv, T, row);
     for (int t = 0; t < T; t++) {
         for (int h = 0; h < H; h++) {
             float *q = s->q + ((size_t)t * H + h) * D;
             rmsnorm(q, q, NULL, D, c->rms_eps);
-            rope(q + D - R, R, pos0 + t, freq, 1);
+            rope(q + D - R, R, pos0 + t, rope_l, 1);
         }
         float *kv = s->kv + (size_t)t * D;
         rmsnorm(kv, kv, &L->kv_norm, D, c->rms_eps);
-        rope(kv + D - R, R, pos0 + t, freq, 1);
+        rope(kv + D - R, R, pos0 + t, rope_l, 1);
     }
 
     /* compressed entries (CSA / HCA) and, for CSA, the indexer's keys, queries and weights */
@@ -1473,53 +1580,13 @@ static void attention(const Model *m, State *s, int l, int T, int pos0) {
             for (int h = 0; h < NI; h++) rope(s->index_q + ((size_t)t * NI + h) * DI + DI - R, R, pos0 + t, &s->rope_compress, 1);
     }
 
+    /* each query: the sliding window of the last W positions plus its compressed entries */
     for (int t = 0; t < T; t++) {
-        int pos = pos0 + t;
-        /* the compressed entries this query attends to */
-        int n_selected = 0, visible = ratio ? (pos + 1) / ratio : 0;
-        if (c->attn_kind[l] == ATTN_HCA) {
-            for (int e = 0; e < visible; e++) s->selected[n_selected++] = e;
-        } else if (c->attn_kind[l] == ATTN_CSA) {   /* lightning indexer: top-k of visible entries */
-            int NI = c->index_heads, DI = c->index_dim;
-            for (int e = 0; e < visible; e++) {
-                const float *key = ls->index_comp.entries + (size_t)e * DI;
-                double score = 0;
-                for (int h = 0; h < NI; h++) {
-                    const float *q = s->index_q + ((size_t)t * NI + h) * DI;
-                    double dot = 0;
-                    for (int i = 0; i < DI; i++) dot += (double)q[i] * key[i];
-                    if (dot > 0) score += dot / sqrt((double)DI) * (s->index_w[(size_t)t * NI + h] / sqrt((double)NI));
-                }
-                s->scores[e] = (float)score;
-            }
-            n_selected = visible < c->index_topk ? visible : c->index_topk;
-            top_k(s->scores, visible, n_selected, s->selected);
-        }
-        int first = pos - W + 1 > 0 ? pos - W + 1 : 0, n_window = pos - first + 1;
-        for (int h = 0; h < H; h++) {
-            const float *q = s->q + ((size_t)t * H + h) * D;
-            float sink = tensor_float(&L->attn_sink, h), mx = sink;
-            /* scores: the sliding window (ring buffer or this chunk), then compressed entries */
-            for (int k = 0; k < n_window + n_selected; k++) {
-                const float *key = attention_key(s, ls, k, first, n_window, pos0, D, W);
-                double dot = 0;
-                for (int i = 0; i < D; i++) dot += (double)q[i] * key[i];
-                s->scores[k] = (float)(dot / sqrt((double)D));
-                mx = fmaxf(mx, s->scores[k]);
-            }
-            double denom = exp((double)sink - mx);   /* the sink takes probability, gives no value */
-            for (int k = 0; k < n_window + n_selected; k++) denom += s->scores[k] = expf(s->scores[k] - mx);
-            float *o = s->attn + ((size_t)t * H + h) * D;
-            for (int i = 0; i < D; i++) {
-                double acc = 0;
-                for (int k = 0; k < n_window + n_selected; k++) {
-                    const float *key = attention_key(s, ls, k, first, n_window, pos0, D, W);
-                    acc += (double)s->scores[k] * key[i];
-                }
-                o[i] = (float)(acc / denom);
-            }
-            rope(o + D - R, R, pos, freq, -1);   /* undo the values' rotation: relative positions */
-        }
+        int pos = pos0 + t, first = pos - W + 1 > 0 ? pos - W + 1 : 0;
+        int n_selected = select_entries(c, s, ls, l, t, pos);
+        for (int h = 0; h < H; h++)
+            attend(c, s, ls, s->q + ((size_t)t * H + h) * D, tensor_float(&L->attn_sink, h), first, pos - first + 1,
+                   n_selected, pos0, pos, rope_l, s->attn + ((size_t)t * H + h) * D);
     }
     /* the last W keys of the chunk go to the ring buffer */
     for (int t = T > W ? T - W : 0; t < T; t++)
@@ -1565,9 +1632,9 @@ static void moe(const Model *m, State *s, int l, const int *tokens, int T) {
         for (int e = 0; e < X; e++) {
             float z = score[e];
             score[e] = sqrtf(z > 20 ? z : log1pf(expf(z)));
-            biased[e] = l < c->n_hash_layers ? score[e] : score[e] + tensor_float(&L->gate_bias, e);
+            biased[e] = is_hash_layer(c, l) ? score[e] : score[e] + tensor_float(&L->gate_bias, e);
         }
-        if (l < c->n_hash_layers)
+        if (is_hash_layer(c, l))
             for (int k = 0; k < K; k++) chosen[k] = (int)load_i64(L->tid2eid.data, (size_t)tokens[t] * K + k);
         else
             top_k(biased, X, K, chosen);
@@ -1586,7 +1653,7 @@ static void moe(const Model *m, State *s, int l, const int *tokens, int T) {
    every token into s->logits[T, V] when all_logits, else only for the last token (row 0). */
 static void forward(const Model *m, State *s, const int *tokens, int T, int all_logits) {
     const Config *c = &m->config;
-    int E = c->hidden_size, HC = c->hc_mult, pos0 = s->pos;
+    int E = c->hidden_size, pos0 = s->pos;
     for (int t = 0; t < T; t++) {   /* embedding, copied into the HC residual streams */
         for (int e = 0; e < E; e++) {
             float v = tensor_float(&m->embed, (size_t)tokens[t] * E + e);
@@ -1623,41 +1690,35 @@ static void forward(const Model *m, State *s, const int *tokens, int T, int all_
 /* =========================================================================== decoding state */
 /* Everything the forward pass writes, allocated once from the chunk size T (max_tokens) and the
    context C (max_ctx): the sliding-window ring buffers, the compressors' pending windows and
-   overlap, the compressed entries (C / ratio per compressor) and the scratch of one chunk. */
+   overlap, the compressed entries (C / ratio per compressor) and the scratch of one chunk.
+   plan_state lists every buffer once; it either only adds up their sizes (so a state that
+   cannot fit is refused before anything is allocated) or allocates them. */
 
-/* Bytes alloc_state would allocate, or SIZE_MAX when the sizes overflow. */
-static size_t state_bytes(const Config *c, int T, int C) {
-    size_t E = c->hidden_size, H = c->n_heads, D = c->head_dim, DI = c->index_dim, NI = c->index_heads;
-    size_t wide = 2 * (D > DI ? D : DI), floats = 0, ints = 0;
-    size_t max_cols = E;
-    size_t cols[] = {(size_t)c->q_lora_rank, H * D / c->o_groups, (size_t)c->o_groups * c->o_lora_rank, (size_t)c->moe_inter};
-    for (int i = 0; i < 4; i++) max_cols = cols[i] > max_cols ? cols[i] : max_cols;
-    for (int l = 0; l < c->n_layers; l++) {
-        size_t ratio = c->compress_ratio[l];
-        floats += (size_t)c->sliding_window * D;
-        if (ratio) floats += 2 * ratio * wide + 2 * ratio * D + (C / ratio) * D;
-        if (c->attn_kind[l] == ATTN_CSA) floats += 2 * ratio * 2 * DI + 2 * ratio * DI + (C / ratio) * DI;
-    }
-    size_t per_token = 4 * E + E + 4 + 16 + E + c->q_lora_rank + H * D + D + H * D + (size_t)c->o_groups * c->o_lora_rank +
-                       2 * wide + NI * DI + NI + (size_t)c->vocab_size;
-    if ((size_t)T > SIZE_MAX / 8 / per_token) return SIZE_MAX;
-    floats += (size_t)T * per_token + c->sliding_window + C + max_cols + wide + 2 * c->n_experts + 3 * (E + c->moe_inter) +
-              c->rope_dim;
-    ints += C + c->topk;
-    if (floats > SIZE_MAX / 8) return SIZE_MAX;
-    return floats * sizeof(float) + ints * sizeof(int);
+typedef struct {
+    size_t total;   /* bytes so far; SIZE_MAX once the sizes overflow */
+    int allocate;   /* 0: count only */
+} StatePlan;
+
+/* Count `count` items of `size` bytes into the plan; returns them zeroed when allocating,
+   else NULL. */
+static void *reserve(StatePlan *p, size_t count, size_t size) {
+    if (size && count > (SIZE_MAX - p->total) / size) p->total = SIZE_MAX;
+    else p->total += count * size;
+    return p->allocate ? xcalloc(count, size) : NULL;
 }
 
-static void alloc_compressor_state(CompressorState *s, int coff, int d, int ratio, int C) {
-    s->pending_kv = xcalloc((size_t)ratio * coff * d, sizeof(float));
-    s->pending_gate = xcalloc((size_t)ratio * coff * d, sizeof(float));
+/* The state of one compressor of width coff*d with `ratio` tokens per entry. */
+static void plan_compressor(StatePlan *p, CompressorState *s, int coff, int d, int ratio, int C) {
+    s->pending_kv = reserve(p, (size_t)ratio * coff * d, sizeof(float));
+    s->pending_gate = reserve(p, (size_t)ratio * coff * d, sizeof(float));
     if (coff == 2) {
-        s->prev_kv = xcalloc((size_t)ratio * d, sizeof(float));
-        s->prev_gate = xcalloc((size_t)ratio * d, sizeof(float));
+        s->prev_kv = reserve(p, (size_t)ratio * d, sizeof(float));
+        s->prev_gate = reserve(p, (size_t)ratio * d, sizeof(float));
     }
-    s->entries = xcalloc((size_t)(C / ratio) + 1, (size_t)d * sizeof(float));
+    s->entries = reserve(p, ((size_t)C / ratio + 1) * d, sizeof(float));
 }
 
+/* Free what plan_compressor allocated. */
 static void free_compressor_state(CompressorState *s) {
     free(s->pending_kv);
     free(s->pending_gate);
@@ -1666,54 +1727,69 @@ static void free_compressor_state(CompressorState *s) {
     free(s->entries);
 }
 
-/* Allocate the state for chunks of up to T tokens and a context of C tokens. */
-static void alloc_state(State *s, const Config *c, int T, int C) {
+/* Lay out the state for chunks of up to T tokens and a context of C tokens; allocate it into
+   s when `allocate`. Returns its size in bytes (SIZE_MAX when that overflows). */
+static size_t plan_state(State *s, const Config *c, int T, int C, int allocate) {
+    StatePlan p = {0, allocate};
     memset(s, 0, sizeof *s);
     s->max_tokens = T;
     s->max_ctx = C;
     size_t E = c->hidden_size, H = c->n_heads, D = c->head_dim, DI = c->index_dim, NI = c->index_heads;
-    size_t wide = 2 * (D > DI ? D : DI), HC = c->hc_mult;
-    s->layers = xcalloc((size_t)c->n_layers, sizeof(LayerState));
+    size_t wide = 2 * (D > DI ? D : DI), W = c->sliding_window, n = (size_t)T, G_O = (size_t)c->o_groups * c->o_lora_rank;
+    s->layers = reserve(&p, (size_t)c->n_layers, sizeof(LayerState));
     for (int l = 0; l < c->n_layers; l++) {
-        LayerState *ls = &s->layers[l];
-        ls->window = xcalloc((size_t)c->sliding_window * D, sizeof(float));
+        LayerState unused = {0}, *ls = allocate ? &s->layers[l] : &unused;
+        ls->window = reserve(&p, W * D, sizeof(float));
         int ratio = c->compress_ratio[l];
-        if (ratio) alloc_compressor_state(&ls->comp, c->attn_kind[l] == ATTN_CSA ? 2 : 1, (int)D, ratio, C);
-        if (c->attn_kind[l] == ATTN_CSA) alloc_compressor_state(&ls->index_comp, 2, (int)DI, ratio, C);
+        if (ratio) plan_compressor(&p, &ls->comp, c->attn_kind[l] == ATTN_CSA ? 2 : 1, (int)D, ratio, C);
+        if (c->attn_kind[l] == ATTN_CSA) plan_compressor(&p, &ls->index_comp, 2, (int)DI, ratio, C);
     }
-    size_t max_cols = E;
-    size_t cols[] = {(size_t)c->q_lora_rank, H * D / c->o_groups, (size_t)c->o_groups * c->o_lora_rank, (size_t)c->moe_inter};
+    size_t max_cols = E;   /* the widest input of any linear layer */
+    size_t cols[] = {(size_t)c->q_lora_rank, H * D / c->o_groups, G_O, (size_t)c->moe_inter};
     for (int i = 0; i < 4; i++) max_cols = cols[i] > max_cols ? cols[i] : max_cols;
-    s->h = xcalloc((size_t)T * HC * E, sizeof(float));
-    s->x = xcalloc((size_t)T * E, sizeof(float));
-    s->post = xcalloc((size_t)T * HC, sizeof(float));
-    s->comb = xcalloc((size_t)T * HC * HC, sizeof(float));
-    s->block_out = xcalloc((size_t)T * E, sizeof(float));
-    s->qr = xcalloc((size_t)T * c->q_lora_rank, sizeof(float));
-    s->q = xcalloc((size_t)T * H * D, sizeof(float));
-    s->kv = xcalloc((size_t)T * D, sizeof(float));
-    s->attn = xcalloc((size_t)T * H * D, sizeof(float));
-    s->grouped = xcalloc((size_t)T * c->o_groups * c->o_lora_rank, sizeof(float));
-    s->comp_kv = xcalloc((size_t)T * wide, sizeof(float));
-    s->comp_gate = xcalloc((size_t)T * wide, sizeof(float));
-    s->index_q = xcalloc((size_t)T * NI * DI, sizeof(float));
-    s->index_w = xcalloc((size_t)T * NI, sizeof(float));
-    s->scores = xcalloc((size_t)c->sliding_window + C + 1, sizeof(float));
-    s->selected = xcalloc((size_t)C + 1, sizeof(int));
-    s->entry = xcalloc(wide, sizeof(float));
-    s->weight_row = xcalloc(max_cols, sizeof(float));
-    s->router = xcalloc(2 * (size_t)c->n_experts, sizeof(float));
-    s->chosen = xcalloc((size_t)c->topk, sizeof(int));
-    s->expert_gate = xcalloc((size_t)c->moe_inter, sizeof(float));
-    s->expert_up = xcalloc((size_t)c->moe_inter, sizeof(float));
-    s->expert_out = xcalloc(E, sizeof(float));
-    s->rope_main = (Rope){xcalloc((size_t)c->rope_dim / 2, sizeof(float)), 1.0f};
-    s->rope_compress = (Rope){xcalloc((size_t)c->rope_dim / 2, sizeof(float)), c->rope_scale};
-    s->logits = xcalloc((size_t)T * c->vocab_size, sizeof(float));
-    rope_frequencies(c, 0, s->rope_main.inv_freq);
-    rope_frequencies(c, 1, s->rope_compress.inv_freq);
+    s->h = reserve(&p, n * HC * E, sizeof(float));
+    s->x = reserve(&p, n * E, sizeof(float));
+    s->post = reserve(&p, n * HC, sizeof(float));
+    s->comb = reserve(&p, n * HC * HC, sizeof(float));
+    s->block_out = reserve(&p, n * E, sizeof(float));
+    s->qr = reserve(&p, n * c->q_lora_rank, sizeof(float));
+    s->q = reserve(&p, n * H * D, sizeof(float));
+    s->kv = reserve(&p, n * D, sizeof(float));
+    s->attn = reserve(&p, n * H * D, sizeof(float));
+    s->grouped = reserve(&p, n * G_O, sizeof(float));
+    s->comp_kv = reserve(&p, n * wide, sizeof(float));
+    s->comp_gate = reserve(&p, n * wide, sizeof(float));
+    s->index_q = reserve(&p, n * NI * DI, sizeof(float));
+    s->index_w = reserve(&p, n * NI, sizeof(float));
+    s->logits = reserve(&p, n * c->vocab_size, sizeof(float));
+    s->scores = reserve(&p, W + (size_t)C + 1, sizeof(float));
+    s->selected = reserve(&p, (size_t)C + 1, sizeof(int));
+    s->values = reserve(&p, D, sizeof(double));
+    s->entry = reserve(&p, wide, sizeof(float));
+    s->weight_row = reserve(&p, max_cols, sizeof(float));
+    s->router = reserve(&p, 2 * (size_t)c->n_experts, sizeof(float));
+    s->chosen = reserve(&p, (size_t)c->topk, sizeof(int));
+    s->expert_gate = reserve(&p, (size_t)c->moe_inter, sizeof(float));
+    s->expert_up = reserve(&p, (size_t)c->moe_inter, sizeof(float));
+    s->expert_out = reserve(&p, E, sizeof(float));
+    s->rope_main = (Rope){reserve(&p, (size_t)c->rope_dim / 2, sizeof(float)), 1.0f};
+    s->rope_compress = (Rope){reserve(&p, (size_t)c->rope_dim / 2, sizeof(float)), c->rope_scale};
+    if (allocate) {
+        rope_frequencies(c, 0, s->rope_main.inv_freq);
+        rope_frequencies(c, 1, s->rope_compress.inv_freq);
+    }
+    return p.total;
 }
 
+/* Bytes the state for (T, C) takes, or SIZE_MAX; allocates nothing. */
+static size_t state_bytes(const Config *c, int T, int C) {
+    State unused;
+    return plan_state(&unused, c, T, C, 0);
+}
+
+static void alloc_state(State *s, const Config *c, int T, int C) { plan_state(s, c, T, C, 1); }
+
+/* Free what alloc_state allocated. */
 static void free_state(State *s, const Config *c) {
     for (int l = 0; s->layers && l < c->n_layers; l++) {
         free(s->layers[l].window);
@@ -1726,6 +1802,7 @@ static void free_state(State *s, const Config *c) {
                         s->router, s->expert_gate, s->expert_up, s->expert_out, s->rope_main.inv_freq, s->rope_compress.inv_freq,
                         s->logits};
     for (size_t i = 0; i < sizeof buffers / sizeof *buffers; i++) free(buffers[i]);
+    free(s->values);
     free(s->selected);
     free(s->chosen);
     memset(s, 0, sizeof *s);
@@ -1733,8 +1810,7 @@ static void free_state(State *s, const Config *c) {
 
 /* =============================================================================== tokenizer */
 /* A byte-level BPE tokenizer that loads a Hugging Face tokenizer.json and reproduces what the
-   `tokenizers` library (Rust) encodes for the DeepSeek V3/V4 tokenizer.  Needs the JSON section
-   (json.c) above it.
+   `tokenizers` library (Rust) encodes for the DeepSeek V3/V4 tokenizer. Its entry points:
 
      int  tokenizer_load_json(Tokenizer *t, const Json *root, char *err, size_t errlen);
      int  tokenizer_load_file(Tokenizer *t, const char *path, char *err, size_t errlen);
@@ -2165,8 +2241,6 @@ static size_t pattern_match(Pattern pattern, const unsigned char *s, size_t n, s
     }
     return i;
 }
-
-/* ---------- Tokenizer state ---------- */
 
 #define TOKENIZER_MAX_ID (1 << 22)   /* refuse ids beyond this: no real vocabulary comes close */
 
@@ -2627,22 +2701,10 @@ fail:
 static int tokenizer_load_file(Tokenizer *t, const char *path, char *err, size_t errlen) {
     memset(t, 0, sizeof *t);
     char message[256];
-    FILE *f = fopen(path, "rb");
-    if (!f) return tokenizer_error(err, errlen, "%s: cannot open", path);
-    char *data = NULL;
-    size_t size = 0, capacity = 0, got;
-    char chunk[65536];
-    while ((got = fread(chunk, 1, sizeof chunk, f)) > 0) {
-        size_t offset;
-        if (append_bytes(&data, &size, &capacity, chunk, got, &offset)) {
-            fclose(f);
-            free(data);
-            return tokenizer_error(err, errlen, "%s: out of memory", path);
-        }
-    }
-    int read_failed = ferror(f);
-    fclose(f);
-    if (read_failed) { free(data); return tokenizer_error(err, errlen, "%s: read error", path); }
+    size_t size;
+    char *data = read_file(path, &size);
+    if (!data)
+        return tokenizer_error(err, errlen, "cannot read %s: %s", path, errno == EINVAL ? "not a regular file" : strerror(errno));
     Json *root = json_parse(data, size, message, sizeof message);
     free(data);
     if (!root) return tokenizer_error(err, errlen, "%s: %s", path, message);
@@ -2929,8 +2991,10 @@ static uint32_t random_u32(uint64_t *state) {
     return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
 }
 
+/* Uniform in [0, 1) with 24 random bits. */
 static float random_float(uint64_t *state) { return (random_u32(state) >> 8) / 16777216.0f; }
 
+/* Index of the largest of x[n] (the first of equals). */
 static int argmax(const float *x, int n) {
     int best = 0;
     for (int i = 1; i < n; i++)
@@ -2957,6 +3021,7 @@ static int sample(Sampler *s, float *logits, int V) {
     float cutoff = s->top_p < 1 ? (1 - s->top_p) / (V > 1 ? V - 1 : 1) : 0;   /* can never be in the set */
     for (int i = 0; i < V; i++)
         if (logits[i] >= cutoff) s->order[n++] = i;
+    if (n == 0) return argmax(logits, V);   /* a flat distribution under a tiny top_p */
     sort_probs = logits;
     qsort(s->order, (size_t)n, sizeof(int), compare_prob_desc);
     double kept = 0;
@@ -2977,7 +3042,7 @@ static int sample(Sampler *s, float *logits, int V) {
 
 typedef struct {
     const char *model_dir, *prompt, *ids, *dump_logits;
-    int n_generate, max_ctx, max_tokens, chat, tokenize_only, cpu;
+    int n_generate, max_ctx, max_tokens, chat, tokenize_only;
     float temperature, top_p;
     uint64_t seed;
 } Options;
@@ -2986,7 +3051,7 @@ typedef struct {
    fatal when it is unusable or names ids the model's vocabulary does not have. */
 static void load_tokenizer(Tokenizer *t, int *add_bos, const char *dir, const Config *c) {
     char *path = path_join(dir, "tokenizer.json"), err[512];
-    if (tokenizer_load_file(t, path, err, sizeof err)) fatal("%s: %s", path, err);
+    if (tokenizer_load_file(t, path, err, sizeof err)) fatal("%s", err);
     if (t->n_ids > c->vocab_size)
         fatal("%s: the tokenizer has ids up to %d but the model's vocab_size is %d", path, t->n_ids - 1, c->vocab_size);
     free(path);
@@ -3037,6 +3102,7 @@ static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *p
         n = strlen(text);
     }
     int count = tokenizer_encode(t, text, n, NULL, 0);
+    if (count < 0) fatal("the prompt (%zu bytes) is too long to tokenize", n);
     *ids = xcalloc((size_t)count + 1, sizeof(int));
     int at = 0;
     if (add_bos || chat) (*ids)[at++] = bos_id;
@@ -3079,6 +3145,7 @@ static void print_token(const Tokenizer *t, Utf8Stream *stream, int id) {
     fflush(stdout);
 }
 
+/* Append rows x V float32 logits to f (nothing when f is NULL); fatal on a write error. */
 static void write_logits(FILE *f, const float *logits, size_t rows, int V) {
     if (f && fwrite(logits, sizeof(float), rows * V, f) != rows * V) fatal("cannot write the logits file: %s", strerror(errno));
 }
@@ -3102,6 +3169,9 @@ static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *samp
     Utf8Stream stream = {0};
     int generated = 0, token;
     for (;;) {
+        for (int v = 0; v < c->vocab_size; v++)
+            if (!isfinite(last[v]))
+                fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
         token = sample(sampler, last, c->vocab_size);
         generated++;
         print_token(t, &stream, token);
@@ -3126,6 +3196,7 @@ static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *samp
 
 /* ============================================================================= command line */
 
+/* The -h text. */
 static void usage(FILE *f) {
     fprintf(f,
             "usage: nvfp4 MODEL_DIR \"prompt\" [options]\n"
@@ -3155,12 +3226,14 @@ static double number_arg(const char *option, const char *value, double lo, doubl
     return v;
 }
 
+/* Like number_arg, and the number must be whole. */
 static int int_arg(const char *option, const char *value, double lo, double hi) {
     double v = number_arg(option, value, lo, hi);
     if (v != floor(v)) fatal("%s: \"%s\" is not a whole number", option, value);
     return (int)v;
 }
 
+/* The command line as Options; fatal (or usage and exit 2) on anything malformed. */
 static Options parse_options(int argc, char **argv) {
     Options o = {0};
     o.n_generate = 256;
@@ -3182,7 +3255,7 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--dump-logits")) { if (!v) fatal("--dump-logits needs a file"); o.dump_logits = v; i++; }
         else if (!strcmp(a, "--chat")) o.chat = 1;
         else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
-        else if (!strcmp(a, "--cpu")) o.cpu = 1;
+        else if (!strcmp(a, "--cpu")) continue;   /* the CPU is the only path in this version */
         else if (a[0] == '-' && a[1]) fatal("unknown option %s (see nvfp4 -h)", a);
         else if (!o.model_dir) o.model_dir = a;
         else if (!o.prompt) o.prompt = a;

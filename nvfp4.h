@@ -48,13 +48,14 @@ typedef struct {
 
 /* ------------------------------------------------------------------------------- config */
 #define MAX_LAYERS 256
+#define HC 4   /* hc_mult: DeepSeek V4's residual streams; config.json must agree */
 typedef enum { ATTN_SLIDING, ATTN_CSA, ATTN_HCA } AttnKind;
 
 typedef struct {
     int vocab_size, hidden_size, n_layers, n_heads, head_dim, rope_dim;
     int q_lora_rank, o_groups, o_lora_rank;
     int n_experts, n_shared_experts, topk, moe_inter, n_hash_layers;
-    int hc_mult, sinkhorn_iters, sliding_window;
+    int sinkhorn_iters, sliding_window;
     int index_heads, index_dim, index_topk;
     int bos_id;
     int eos_ids[8], n_eos;                       /* generation stops at any of these */
@@ -137,7 +138,7 @@ typedef struct {
     float *pending_kv, *pending_gate; /* [ratio, coff*d]: tokens of the window being filled */
     float *prev_kv, *prev_gate;       /* [ratio, d]: CSA overlap, the last window's first half */
     int have_prev;
-    float *entries;                   /* [C/ratio, d]: compressed entries emitted so far */
+    float *entries;                   /* [C/ratio + 1, d]: compressed entries emitted so far */
     int n_entries;
 } CompressorState;
 
@@ -163,9 +164,10 @@ typedef struct {
     float *comp_kv, *comp_gate;   /* [T, 2*max(D, DI)]: compressor projections of the chunk */
     float *index_q;       /* [T, NI, DI] */
     float *index_w;       /* [T, NI] */
-    float *scores;        /* [W + C]: attention scores of one query, or indexer scores */
+    float *scores;        /* [W + C + 1]: attention scores of one query, or indexer scores */
+    double *values;       /* [D]: the attention output of one head being summed */
     float *weight_row;    /* [largest linear input]: one decoded weight row */
-    int *selected;        /* [C]: compressed entries a query attends to */
+    int *selected;        /* [C + 1]: compressed entries a query attends to */
     float *entry;         /* [2*max(D, DI)]: one compressed entry being built */
     float *router;        /* [2, X]: router scores, then scores + bias */
     int *chosen;          /* [topk]: the experts of one token */

@@ -7,6 +7,7 @@
 #define TESTING
 #include "nvfp4.c"
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #ifndef NVFP4_BIN
@@ -234,6 +235,15 @@ static void test_config(void) {
           c.compress_ratio[2] == 4 && c.compress_ratio[3] == 128 && c.compress_ratio[1] == 0, "compress_ratios");
     CHECK(c.yarn && c.yarn_factor == 16 && c.yarn_original_max == 65536 && c.yarn_beta_fast == 32 &&
           c.compress_rope_theta == 160000, "rope_scaling (YaRN)");
+    /* as in transformers, partial_rotary_factor wins over qk_rope_head_dim */
+    const char *both = "{\"model_type\":\"deepseek_v4\",\"vocab_size\":10,\"hidden_size\":8,\"num_hidden_layers\":1,"
+                       "\"num_attention_heads\":2,\"head_dim\":64,\"n_routed_experts\":4,\"num_experts_per_tok\":2,"
+                       "\"moe_intermediate_size\":8,\"o_groups\":2,\"index_head_dim\":64,\"qk_rope_head_dim\":16,\"partial_rotary_factor\":0.5}";
+    char err0[128];
+    Json *both_root = json_parse(both, strlen(both), err0, sizeof err0);
+    parse_config(&c, both_root, "both");
+    json_free(both_root);
+    CHECK(c.rope_dim == 32, "partial_rotary_factor wins over qk_rope_head_dim: %d", c.rope_dim);
     /* the newer keys give the same result */
     const char *modern = "{\"model_type\":\"deepseek_v4\",\"vocab_size\":10,\"hidden_size\":8,\"num_hidden_layers\":3,"
                          "\"num_attention_heads\":2,\"head_dim\":16,\"n_routed_experts\":4,\"num_experts_per_tok\":2,"
@@ -321,7 +331,6 @@ static void test_rope(void) {
 static void test_hc_pre(void) {
     Config c = {0};
     c.hidden_size = 8;
-    c.hc_mult = 4;
     c.sinkhorn_iters = 20;
     c.hc_eps = 1e-6f;
     c.rms_eps = 1e-6f;
@@ -389,7 +398,8 @@ static void test_compressor_chunking(void) {
         float all[N / ratio][d];
         for (int chunk = 1; chunk <= N; chunk += 7) {
             CompressorState s = {0};
-            alloc_compressor_state(&s, coff, d, ratio, N);
+            StatePlan plan = {0, 1};
+            plan_compressor(&plan, &s, coff, d, ratio, N);
             for (int p = 0; p < N; p += chunk) {
                 int T = N - p < chunk ? N - p : chunk;
                 compressor_feed(&c, &w, &s, coff, d, ratio, kv + (size_t)p * width, gate + (size_t)p * width, T, p, &freq, entry);
@@ -537,6 +547,9 @@ static void test_sampler(void) {
         always &= sample(&narrow, work, V) == 1;
     }
     CHECK(always, "tiny top-p keeps only the most likely token");
+    float flat[V] = {0};
+    int id = sample(&narrow, flat, V);
+    CHECK(id >= 0 && id < V, "a flat distribution under a tiny top-p still gives a token (%d)", id);
     /* temperature 1, top-p 1: frequencies follow softmax(logits) */
     Sampler full = {1.0f, 1.0f, 12345, order};
     int counts[V] = {0};
@@ -828,6 +841,31 @@ static void test_bad_configs(void) {
     d = copy_model("tiny-a", "topk");
     edit_file(d, "config.json", "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9");
     expect_load_fails(d, "num_experts_per_tok (9) exceeds n_routed_experts (8)", "contradictory fields");
+    d = copy_model("tiny-a", "bos");
+    edit_file(d, "config.json", "\"bos_token_id\": 0", "\"bos_token_id\": 5000");
+    expect_load_fails(d, "bos_token_id 5000 is not below vocab_size (1024)", "BOS outside the vocabulary");
+    d = copy_model("tiny-a", "eos");
+    edit_file(d, "config.json", "\"eos_token_id\": 1", "\"eos_token_id\": [1, 2000]");
+    expect_load_fails(d, "eos_token_id[1] must be a token id below vocab_size (1024)", "EOS outside the vocabulary");
+    d = copy_model("tiny-a", "negative");
+    edit_file(d, "config.json", "\"num_nextn_predict_layers\": 0", "\"num_nextn_predict_layers\": -1");
+    expect_load_fails(d, "\"num_nextn_predict_layers\" must be an integer between 0 and", "negative size");
+    d = copy_model("tiny-a", "products");
+    edit_file(d, "config.json", "\"head_dim\": 64", "\"head_dim\": 8388609");
+    edit_file(d, "config.json", "\"num_attention_heads\": 4", "\"num_attention_heads\": 512");
+    expect_load_fails(d, "sizes 512 x 8388609 are too large", "size products that overflow");
+    d = copy_model("tiny-a", "dup-key");
+    edit_file(d, "config.json", "\"vocab_size\": 1024", "\"vocab_size\": 1024, \"vocab_size\": 2048");
+    expect_load_fails(d, "key \"vocab_size\" appears twice", "duplicate config key");
+    d = copy_model("tiny-a", "bias");
+    edit_file(d, "config.json", "\"vocab_size\": 1024", "\"vocab_size\": 1024, \"attention_bias\": true");
+    expect_load_fails(d, "attention_bias is true", "biases nvfp4 does not implement");
+    d = copy_model("tiny-a", "fifo");
+    char *fifo = path_join(d, "config.json");
+    remove(fifo);
+    CHECK(mkfifo(fifo, 0600) == 0, "mkfifo");
+    free(fifo);
+    expect_load_fails(d, "config.json: not a regular file", "config.json is a FIFO (must not hang)");
     d = copy_model("tiny-a", "tok-model");
     edit_file(d, "tokenizer.json", "\"type\": \"BPE\"", "\"type\": \"WordPiece\"");
     expect_cli("build/bad/tok-model hi --tokenize", 1, "tokenizer.json");
@@ -837,6 +875,28 @@ static void test_bad_configs(void) {
     d = copy_model("tiny-a", "tok-vocab");
     edit_file(d, "config.json", "\"vocab_size\": 1024", "\"vocab_size\": 500");
     expect_cli("build/bad/tok-vocab hi --tokenize", 1, "but the model's vocab_size is 500");
+}
+
+/* A NaN weight must end in a message, not in garbage or a crash in the sampler. */
+static void test_nan_weights(void) {
+    const char *d = copy_model("tiny-a", "nan");
+    char *path = path_join(d, "model.safetensors");
+    size_t size, count = 0, cap = 0;
+    char *data = read_file(path, &size), err[256];
+    Tensor *tensors = NULL;
+    const char *e = safetensors_parse((const uint8_t *)data, size, 0, &tensors, &count, &cap, err, sizeof err);
+    for (size_t i = 0; !e && i < count; i++)
+        if (!strcmp(tensors[i].name, "norm.weight")) {
+            FILE *f = fopen(path, "r+b");
+            fseek(f, (const char *)tensors[i].data - data, SEEK_SET);
+            fwrite("\xc0\x7f", 1, 2, f);   /* bf16 NaN */
+            fclose(f);
+        }
+    for (size_t i = 0; i < count; i++) free((char *)tensors[i].name);
+    free(tensors);
+    free(data);
+    free(path);
+    expect_cli("build/bad/nan \"It was\" --temp 0.6", 1, "the logits at position 3 are not finite");
 }
 
 static void test_bad_options(void) {
@@ -968,6 +1028,7 @@ int main(void) {
     test_bad_checkpoints();
     test_bad_configs();
     test_bad_options();
+    test_nan_weights();
     test_fuzz_corpus();
     printf("%.1f s\n%d passed, %d failed\n", now_seconds() - start, passed, failed);
     return failed != 0;

@@ -3282,6 +3282,8 @@ int main(int argc, char **argv) {
                       : prompt_ids(&tokenizer, add_bos, config.bos_id, o.prompt, o.chat, &ids);
         for (int i = 0; i < n_ids; i++) printf("%s%d", i ? "," : "", ids[i]);
         printf("\n");
+        free(ids);
+        tokenizer_free(&tokenizer);
         return 0;
     }
     double t0 = now_seconds();

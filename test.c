@@ -227,6 +227,7 @@ static void test_safetensors(void) {
 
 static void test_config(void) {
     Config c;
+    char err[128];
     load_config(&c, "testdata/tiny-a");
     CHECK(c.vocab_size == 1024 && c.hidden_size == 64 && c.n_layers == 8 && c.head_dim == 64 && c.rope_dim == 16 &&
           c.n_hash_layers == 2 && c.sliding_window == 16 && c.index_topk == 4 && c.n_eos == 1 && c.eos_ids[0] == 1,
@@ -235,6 +236,36 @@ static void test_config(void) {
           c.compress_ratio[2] == 4 && c.compress_ratio[3] == 128 && c.compress_ratio[1] == 0, "compress_ratios");
     CHECK(c.yarn && c.yarn_factor == 16 && c.yarn_original_max == 65536 && c.yarn_beta_fast == 32 &&
           c.compress_rope_theta == 160000, "rope_scaling (YaRN)");
+    /* DeepSeek V4-Flash as released (../shared/docs/MODEL.md): the layer schedule, rope and the
+       size of its decoding state at the default --ctx and --chunk */
+    char flash[2048];
+    int at = snprintf(flash, sizeof flash,
+                      "{\"model_type\":\"deepseek_v4\",\"vocab_size\":129280,\"hidden_size\":4096,\"num_hidden_layers\":43,"
+                      "\"num_attention_heads\":64,\"num_key_value_heads\":1,\"head_dim\":512,\"qk_rope_head_dim\":64,"
+                      "\"q_lora_rank\":1024,\"o_groups\":8,\"o_lora_rank\":1024,\"sliding_window\":128,\"index_n_heads\":64,"
+                      "\"index_head_dim\":128,\"index_topk\":512,\"rope_theta\":10000,\"compress_rope_theta\":160000,"
+                      "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":16,\"original_max_position_embeddings\":65536,"
+                      "\"beta_fast\":32,\"beta_slow\":1},\"n_routed_experts\":256,\"n_shared_experts\":1,"
+                      "\"num_experts_per_tok\":6,\"moe_intermediate_size\":2048,\"routed_scaling_factor\":1.5,"
+                      "\"scoring_func\":\"sqrtsoftplus\",\"num_hash_layers\":3,\"swiglu_limit\":10.0,\"hc_mult\":4,"
+                      "\"hc_sinkhorn_iters\":20,\"hc_eps\":1e-6,\"rms_norm_eps\":1e-6,\"max_position_embeddings\":1048576,"
+                      "\"bos_token_id\":0,\"eos_token_id\":1,\"num_nextn_predict_layers\":1,\"compress_ratios\":[0,0");
+    for (int i = 0; i < 20; i++) at += snprintf(flash + at, sizeof flash - (size_t)at, ",4,128");
+    snprintf(flash + at, sizeof flash - (size_t)at, ",4]}");
+    Json *flash_root = json_parse(flash, strlen(flash), err, sizeof err);
+    CHECK(flash_root != NULL, "V4-Flash config is JSON: %s", err);
+    parse_config(&c, flash_root, "V4-Flash");
+    json_free(flash_root);
+    int csa = 0, hca = 0;
+    for (int l = 0; l < c.n_layers; l++) {
+        csa += c.attn_kind[l] == ATTN_CSA;
+        hca += c.attn_kind[l] == ATTN_HCA;
+    }
+    size_t bytes = state_bytes(&c, 128, 4096);
+    CHECK(c.n_layers == 43 && c.attn_kind[0] == ATTN_SLIDING && c.attn_kind[1] == ATTN_SLIDING && csa == 21 && hca == 20 &&
+          c.attn_kind[42] == ATTN_CSA && c.rope_dim == 64 && c.n_hash_layers == 3 && c.yarn && c.rope_scale == 1.0f,
+          "V4-Flash: %d CSA and %d HCA layers, rope dims %d", csa, hca, c.rope_dim);
+    CHECK(bytes > 100e6 && bytes < 1e9, "V4-Flash decoding state at --ctx 4096 --chunk 128: %.0f MB", bytes / 1e6);
     /* as in transformers, partial_rotary_factor wins over qk_rope_head_dim */
     const char *both = "{\"model_type\":\"deepseek_v4\",\"vocab_size\":10,\"hidden_size\":8,\"num_hidden_layers\":1,"
                        "\"num_attention_heads\":2,\"head_dim\":64,\"n_routed_experts\":4,\"num_experts_per_tok\":2,"
@@ -253,7 +284,6 @@ static void test_config(void) {
                          "\"index_head_dim\":8,\"o_groups\":2,\"rope_parameters\":{\"main\":{\"rope_type\":\"default\","
                          "\"partial_rotary_factor\":0.25,\"rope_theta\":500},\"compress\":{\"rope_type\":\"yarn\",\"factor\":4,"
                          "\"original_max_position_embeddings\":1024,\"partial_rotary_factor\":0.25}}}";
-    char err[128];
     Json *root = json_parse(modern, strlen(modern), err, sizeof err);
     parse_config(&c, root, "modern");
     json_free(root);

@@ -2103,7 +2103,6 @@ static Char char_at(const unsigned char *s, size_t n, size_t i) {
 
 /* ---------- Pre-tokenizer patterns ---------- */
 
-
 /* The exact regex texts of tokenizer.json (after JSON unescaping) that select each pattern. */
 static const struct { const char *regex; Pattern pattern; } known_patterns[] = {
     { "\\p{N}{1,3}", PATTERN_DIGITS },

@@ -28,16 +28,17 @@ struct Json {
 };
 
 /* ----------------------------------------------------------------------------- safetensors */
+/* The dtypes a header may name (F16 parses, but no V4 tensor may use it). */
 typedef enum { DT_BF16, DT_F32, DT_F8_E4M3, DT_F8_E8M0, DT_U8, DT_I8, DT_I64, DT_F16, DT_COUNT } DType;
 
 typedef struct {
-    const char *name;     /* points into the owning SafeFile's name storage */
+    const char *name;     /* owned by the model (freed by free_model) */
     DType dtype;
     int ndim;
     int64_t shape[4];
     const void *data;     /* inside the file's read-only mapping */
     size_t nbytes;
-    int file;             /* index into Weights.files */
+    int file;             /* index into Model.files */
 } Tensor;
 
 typedef struct {
@@ -178,7 +179,7 @@ typedef struct {
 } State;
 
 /* ------------------------------------------------------------------------------ tokenizer */
-/* The regexes we can run, each by its own matcher below. */
+/* The pre-tokenizer regexes nvfp4 runs, each by its own hand-written matcher in nvfp4.c. */
 typedef enum {
     PATTERN_DIGITS,    /* \p{N}{1,3} */
     PATTERN_CJK,       /* [\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+ */

@@ -3302,8 +3302,9 @@ int main(int argc, char **argv) {
     Sampler sampler = {o.temperature, o.top_p, o.seed, xcalloc((size_t)c->vocab_size, sizeof(int))};
     FILE *dump = NULL;
     if (o.dump_logits && !(dump = fopen(o.dump_logits, "wb"))) fatal("cannot create %s: %s", o.dump_logits, strerror(errno));
-    fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f GB of weights) in %.2f s\n", o.model_dir, c->n_layers,
-            model.weight_bytes / 1e9, now_seconds() - t0);
+    int big = model.weight_bytes >= 1e9;
+    fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) in %.2f s\n", o.model_dir, c->n_layers,
+            model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", now_seconds() - t0);
     generate(&model, &state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump);
     if (dump && fclose(dump)) fatal("cannot write %s: %s", o.dump_logits, strerror(errno));
     free(sampler.order);

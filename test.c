@@ -394,6 +394,163 @@ static void test_hc_pre(void) {
     for (int i = 0; i < 4; i++) CHECK(post[i] > 0 && post[i] < 2, "post in (0, 2)");
 }
 
+/* attend(): one head against a naive softmax over the window keys (from this chunk and from the
+   ring buffer) and the selected compressed entries, with the sink in the denominator only, then
+   the inverse RoPE of the output. */
+static void test_attend(void) {
+    Config c = {0};
+    c.head_dim = 8;
+    c.rope_dim = 4;
+    c.sliding_window = 4;
+    enum { D = 8, W = 4, N_ENTRIES = 3 };
+    float chunk_kv[2 * D], ring[W * D], entries[N_ENTRIES * D], q[D], o[D], inv_freq[2] = {1.0f, 0.1f};
+    for (int i = 0; i < 2 * D; i++) chunk_kv[i] = uniform(-1, 1);
+    for (int i = 0; i < W * D; i++) ring[i] = uniform(-1, 1);
+    for (int i = 0; i < N_ENTRIES * D; i++) entries[i] = uniform(-1, 1);
+    for (int i = 0; i < D; i++) q[i] = uniform(-2, 2);
+    float scores[W + N_ENTRIES + 1];
+    double values[D];
+    int selected[2] = {2, 0};
+    State s = {0};
+    s.kv = chunk_kv;
+    s.scores = scores;
+    s.values = values;
+    s.selected = selected;
+    LayerState ls = {0};
+    ls.window = ring;
+    ls.comp.entries = entries;
+    Rope r = {inv_freq, 1.0f};
+    /* query at position 9, chunk starts at 8: window = positions 6, 7 (ring) and 8, 9 (chunk) */
+    float sink = 0.3f;
+    attend(&c, &s, &ls, q, sink, 6, 4, 2, 8, 9, &r, o);
+    const float *keys[6] = {ring + (6 % W) * D, ring + (7 % W) * D, chunk_kv, chunk_kv + D, entries + 2 * D, entries};
+    double logit[6], mx = sink, denom = 0, want[D] = {0};
+    for (int k = 0; k < 6; k++) {
+        logit[k] = 0;
+        for (int i = 0; i < D; i++) logit[k] += (double)q[i] * keys[k][i] / sqrt(8.0);
+        mx = fmax(mx, logit[k]);
+    }
+    denom = exp(sink - mx);
+    for (int k = 0; k < 6; k++) denom += exp(logit[k] - mx);
+    for (int k = 0; k < 6; k++)
+        for (int i = 0; i < D; i++) want[i] += exp(logit[k] - mx) / denom * keys[k][i];
+    float wantf[D];
+    for (int i = 0; i < D; i++) wantf[i] = (float)want[i];
+    rope(wantf + D - 4, 4, 9, &r, -1);
+    float err = 0;
+    for (int i = 0; i < D; i++) err = fmaxf(err, fabsf(wantf[i] - o[i]));
+    CHECK(err < 1e-6f, "attend vs naive softmax with sink: %g", err);
+}
+
+/* moe(): router (sqrt(softplus), bias-corrected top-k, normalized weights times
+   routed_scaling_factor), clamped SwiGLU experts and the shared expert, against a naive version;
+   and a hash layer takes its experts from tid2eid. */
+static void test_moe(void) {
+    enum { E = 8, X = 6, K = 2, I = 4, V = 3 };
+    static float gate_w[X * E], w1[X + 1][I * E], w2[X + 1][E * I], w3[X + 1][I * E], bias[X];
+    int64_t tid2eid[V * K] = {5, 1, 0, 3, 2, 4};
+    for (int i = 0; i < X * E; i++) gate_w[i] = uniform(-1, 1);
+    for (int i = 0; i < X; i++) bias[i] = uniform(-0.5f, 0.5f);
+    for (int e = 0; e <= X; e++)
+        for (int i = 0; i < I * E; i++) { w1[e][i] = uniform(-1, 1); w2[e][i] = uniform(-1, 1); w3[e][i] = uniform(-1, 1); }
+    Model m = {0};
+    Config *c = &m.config;
+    c->hidden_size = E;
+    c->n_experts = X;
+    c->topk = K;
+    c->moe_inter = I;
+    c->routed_scaling = 1.5f;
+    c->swiglu_limit = 0.7f;
+    c->n_layers = 2;
+    c->n_hash_layers = 1;
+    Layer layers[2] = {0};
+    Linear l1[X], l2[X], l3[X];
+    for (int e = 0; e < X; e++) {
+        l1[e] = (Linear){FMT_F32, I, E, w1[e], NULL, 0, 0};
+        l2[e] = (Linear){FMT_F32, E, I, w2[e], NULL, 0, 0};
+        l3[e] = (Linear){FMT_F32, I, E, w3[e], NULL, 0, 0};
+    }
+    for (int l = 0; l < 2; l++) {
+        layers[l].gate = (Linear){FMT_F32, X, E, gate_w, NULL, 0, 0};
+        layers[l].w1 = l1;
+        layers[l].w2 = l2;
+        layers[l].w3 = l3;
+        layers[l].shared_w1 = (Linear){FMT_F32, I, E, w1[X], NULL, 0, 0};
+        layers[l].shared_w2 = (Linear){FMT_F32, E, I, w2[X], NULL, 0, 0};
+        layers[l].shared_w3 = (Linear){FMT_F32, I, E, w3[X], NULL, 0, 0};
+    }
+    layers[0].tid2eid = (Tensor){.dtype = DT_I64, .data = tid2eid};
+    layers[1].gate_bias = (Tensor){.dtype = DT_F32, .data = bias};
+    m.layers = layers;
+    float x[E], out_buf[E], router[2 * X], gate[I], up[I], eout[E], row[E];
+    int chosen[K], tokens[1] = {2};
+    for (int i = 0; i < E; i++) x[i] = uniform(-1, 1);
+    State s = {0};
+    s.x = x;
+    s.block_out = out_buf;
+    s.router = router;
+    s.chosen = chosen;
+    s.expert_gate = gate;
+    s.expert_up = up;
+    s.expert_out = eout;
+    s.weight_row = row;
+    for (int l = 0; l < 2; l++) {
+        moe(&m, &s, l, tokens, 1);
+        double score[X], want[E] = {0};
+        for (int e = 0; e < X; e++) {
+            double z = 0;
+            for (int i = 0; i < E; i++) z += (double)gate_w[e * E + i] * x[i];
+            score[e] = sqrt(log1p(exp(z)));
+        }
+        int pick[K];
+        if (l == 0) { pick[0] = (int)tid2eid[2 * K]; pick[1] = (int)tid2eid[2 * K + 1]; }
+        else {   /* naive top-2 of score + bias */
+            pick[0] = pick[1] = -1;
+            for (int e = 0; e < X; e++) {
+                double v = score[e] + bias[e];
+                if (pick[0] < 0 || v > score[pick[0]] + bias[pick[0]]) { pick[1] = pick[0]; pick[0] = e; }
+                else if (pick[1] < 0 || v > score[pick[1]] + bias[pick[1]]) pick[1] = e;
+            }
+        }
+        for (int k = 0; k <= K; k++) {   /* k == K: the shared expert, weight 1 */
+            int e = k < K ? pick[k] : X;
+            double weight = k < K ? score[e] / (score[pick[0]] + score[pick[1]]) * 1.5 : 1.0, act[I];
+            for (int r = 0; r < I; r++) {
+                double g = 0, u = 0;
+                for (int i = 0; i < E; i++) { g += (double)w1[e][r * E + i] * x[i]; u += (double)w3[e][r * E + i] * x[i]; }
+                g = fmin(g, 0.7);
+                u = fmax(fmin(u, 0.7), -0.7);
+                act[r] = g / (1 + exp(-g)) * u;
+            }
+            for (int o = 0; o < E; o++) {
+                double y = 0;
+                for (int r = 0; r < I; r++) y += (double)w2[e][o * I + r] * act[r];
+                want[o] += weight * y;
+            }
+        }
+        float err = 0;
+        for (int o = 0; o < E; o++) err = fmaxf(err, fabsf((float)want[o] - out_buf[o]));
+        CHECK(err < 1e-5f, "moe layer %d (%s) vs naive: %g", l, l ? "routed" : "hash", err);
+    }
+}
+
+static void test_hc_post(void) {
+    Config c = {0};
+    c.hidden_size = 3;
+    float h[HC * 3], old[HC * 3], out[3] = {0.5f, -1, 2}, post[HC] = {0.1f, 1.9f, 1, 0.4f}, comb[HC * HC];
+    for (int i = 0; i < HC * 3; i++) old[i] = h[i] = uniform(-1, 1);
+    for (int i = 0; i < HC * HC; i++) comb[i] = uniform(0, 1);
+    hc_post(&c, h, out, post, comb);
+    float err = 0;
+    for (int j = 0; j < HC; j++)
+        for (int e = 0; e < 3; e++) {
+            float want = post[j] * out[e];
+            for (int i = 0; i < HC; i++) want += comb[i * HC + j] * old[i * 3 + e];   /* comb transposed */
+            err = fmaxf(err, fabsf(want - h[j * 3 + e]));
+        }
+    CHECK(err < 1e-6f, "hc_post vs naive: %g", err);
+}
+
 static void test_top_k(void) {
     float score[50];
     int out[7], ok = 1;
@@ -1054,6 +1211,9 @@ int main(void) {
     test_rope();
     test_hc_pre();
     test_top_k();
+    test_attend();
+    test_moe();
+    test_hc_post();
     test_compressor_chunking();
     test_tokenizer();
     test_sampler();

@@ -3039,13 +3039,6 @@ static int sample(Sampler *s, float *logits, int V) {
 
 /* ============================================================================== generation */
 
-typedef struct {
-    const char *model_dir, *prompt, *ids, *dump_logits;
-    int n_generate, max_ctx, max_tokens, chat, tokenize_only;
-    float temperature, top_p;
-    uint64_t seed;
-} Options;
-
 /* Load tokenizer.json of the model directory (and tokenizer_config.json's add_bos_token);
    fatal when it is unusable or names ids the model's vocabulary does not have. */
 static void load_tokenizer(Tokenizer *t, int *add_bos, const char *dir, const Config *c) {
@@ -3194,6 +3187,14 @@ static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *samp
 }
 
 /* ============================================================================= command line */
+
+/* What the command line asked for. */
+typedef struct {
+    const char *model_dir, *prompt, *ids, *dump_logits;   /* ids, dump_logits: NULL when absent */
+    int n_generate, max_ctx, max_tokens, chat, tokenize_only;
+    float temperature, top_p;
+    uint64_t seed;
+} Options;
 
 /* The -h text. */
 static void usage(FILE *f) {

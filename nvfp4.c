@@ -3143,7 +3143,7 @@ static void write_logits(FILE *f, const float *logits, size_t rows, int V) {
 }
 
 /* Prefill the prompt in chunks, then generate up to n tokens, streaming them to stdout.
-   Stops at an EOS id, after n tokens, or when the context is full. */
+   Stops at an EOS id (not printed), after n tokens, or when the context is full. */
 static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
                      int n_generate, FILE *dump) {
     const Config *c = &m->config;
@@ -3166,10 +3166,11 @@ static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *samp
                 fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
         token = sample(sampler, last, c->vocab_size);
         generated++;
-        print_token(t, &stream, token);
         int eos = 0;
         for (int i = 0; i < c->n_eos; i++) eos |= token == c->eos_ids[i];
-        if (eos || generated >= n_generate) break;
+        if (eos) break;   /* the end-of-sentence token itself is not printed */
+        print_token(t, &stream, token);
+        if (generated >= n_generate) break;
         if (s->pos >= s->max_ctx) {
             fprintf(stderr, "\nnvfp4: the context is full (--ctx %d): stopping\n", s->max_ctx);
             break;

@@ -853,6 +853,23 @@ static void test_cli(void) {
     char *err = read_file("build/cli.err", &got_size);
     CHECK(err && strstr(err, "prompt tokens, prefill") && strstr(err, "decode"), "CLI prints the stats line");
     free(err);
+    /* greedy decoding of tiny-c reaches EOS (id 1) as its 4th token: generation stops there */
+    const char *dir_c = "testdata/tiny-c";
+    char *path_c = path_join(dir_c, "reference.bin");
+    char *ref_c = read_file(path_c, &size);
+    const int *head_c = (const int *)ref_c;
+    at = sprintf(cmd, NVFP4_BIN " %s --temp 0 -n 40 --ids ", dir_c);
+    for (int i = 0; i < head_c[0]; i++) at += sprintf(cmd + at, "%s%d", i ? "," : "", head_c[3 + i]);
+    sprintf(cmd + at, " > build/cli.txt 2> build/cli.err");
+    status = system(cmd);
+    err = read_file("build/cli.err", &got_size);
+    char *text = read_file("build/cli.txt", &got_size);
+    CHECK(status == 0 && head_c[3 + head_c[0] + 3] == 1 && err && strstr(err, "; 4 generated") && text &&
+          !strstr(text, "end▁of▁sentence"), "generation stops at EOS, which is not printed: %s", err ? err : "");
+    free(text);
+    free(err);
+    free(ref_c);
+    free(path_c);
     status = system(NVFP4_BIN " testdata/tiny-a \"It was the best\" --tokenize > build/tok.txt");
     char *tok = read_file("build/tok.txt", &got_size);
     CHECK(status == 0 && tok && !strncmp(tok, "0,", 2), "CLI --tokenize: %s", tok ? tok : "");

@@ -960,8 +960,65 @@ static void expect_load_fails(const char *dir, const char *expected, const char 
     expect_fatal(load_model_arg, dir, expected, what);
 }
 
+/* One bad input made by a single edit: copy testdata/MODEL to build/bad/COPY, replace `from`
+   with `to` in FILE, and expect loading to fail with `expected`. */
+typedef struct { const char *model, *copy, *file, *from, *to, *expected, *what; } Edit;
+
+static void expect_edit_fails(const Edit *e) {
+    const char *d = copy_model(e->model, e->copy);
+    edit_file(d, e->file, e->from, e->to);
+    expect_load_fails(d, e->expected, e->what);
+}
+
 static void test_bad_checkpoints(void) {
     if (system("mkdir -p build/bad")) return;
+    static const Edit edits[] = {
+        {"tiny-a", "bad-json", "model.safetensors",
+         "{\"embed.weight\"",
+         "{\"embed.weight\"}",
+         "header is not valid JSON", "invalid JSON header"},
+        {"tiny-a", "dtype", "model.safetensors",
+         "\"norm.weight\":{\"dtype\":\"BF16\"",
+         "\"norm.weight\":{\"dtype\":\"BF17\"",
+         "tensor norm.weight: unknown dtype BF17", "unknown dtype"},
+        {"tiny-a", "overflow", "model.safetensors",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64]",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[4294967296,4294967296,64]",
+         "tensor norm.weight: shape product overflows", "shape overflow"},
+        {"tiny-a", "offsets", "model.safetensors",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[9999999",
+         "tensor norm.weight: data_offsets", "offsets out of bounds"},
+        {"tiny-a", "size", "model.safetensors",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64]",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[63]",
+         "tensor norm.weight: data_offsets span 128 bytes but BF16 x shape needs 126", "offsets not matching dtype x shape"},
+        {"tiny-a", "overlap", "model.safetensors",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[0,128],\"x\":[",
+         "overlap", "overlapping tensors"},
+        {"tiny-a", "duplicate", "model.safetensors",
+         "\"hc_head_base\":",
+         "\"norm.weight\":",
+         "tensor norm.weight appears twice", "duplicate names"},
+        {"tiny-a", "missing", "model.safetensors",
+         "\"norm.weight\":",
+         "\"norm.weigh_\":",
+         "tensor norm.weight is missing", "missing tensor"},
+        {"tiny-a", "wrong-dtype", "model.safetensors",
+         "\"layers.0.attn.attn_sink\":{\"dtype\":\"F32\",\"shape\":[4]",
+         "\"layers.0.attn.attn_sink\":{\"dtype\":\"I64\",\"shape\":[2]",
+         "tensor layers.0.attn.attn_sink has dtype I64", "wrong dtype for config"},
+        {"tiny-a", "wrong-shape", "config.json",
+         "\"q_lora_rank\": 32",
+         "\"q_lora_rank\": 48",
+         "tensor layers.0.attn.wq_a.weight has shape [32, 64], expected [48, 64] from config.json", "wrong shape for config"},
+        {"tiny-b", "index", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001",
+         "\"embed.weight\": \"model-00002",
+         "tensor embed.weight is listed in shard model-00002-of-00003.safetensors but found in another file", "tensor not in the shard the index names"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) expect_edit_fails(&edits[i]);
     const char *d;
     uint64_t huge = 1ull << 40;
     d = copy_model("tiny-a", "short");
@@ -973,49 +1030,11 @@ static void test_bad_checkpoints(void) {
     d = copy_model("tiny-a", "empty");
     write_bytes(d, "model.safetensors", "", 0);
     expect_load_fails(d, "model.safetensors is empty", "empty file");
-    d = copy_model("tiny-a", "bad-json");
-    edit_file(d, "model.safetensors", "{\"embed.weight\"", "{\"embed.weight\"}");
-    expect_load_fails(d, "header is not valid JSON", "invalid JSON header");
-    d = copy_model("tiny-a", "dtype");
-    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\"", "\"norm.weight\":{\"dtype\":\"BF17\"");
-    expect_load_fails(d, "tensor norm.weight: unknown dtype BF17", "unknown dtype");
-    d = copy_model("tiny-a", "overflow");
-    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64]",
-              "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[4294967296,4294967296,64]");
-    expect_load_fails(d, "tensor norm.weight: shape product overflows", "shape overflow");
-    d = copy_model("tiny-a", "offsets");
-    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[",
-              "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[9999999");
-    expect_load_fails(d, "tensor norm.weight: data_offsets", "offsets out of bounds");
-    d = copy_model("tiny-a", "size");
-    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64]", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[63]");
-    expect_load_fails(d, "tensor norm.weight: data_offsets span 128 bytes but BF16 x shape needs 126", "offsets not matching dtype x shape");
-    d = copy_model("tiny-a", "overlap");
-    edit_file(d, "model.safetensors", "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[",
-              "\"norm.weight\":{\"dtype\":\"BF16\",\"shape\":[64],\"data_offsets\":[0,128],\"x\":[");
-    expect_load_fails(d, "overlap", "overlapping tensors");
-    d = copy_model("tiny-a", "duplicate");
-    edit_file(d, "model.safetensors", "\"hc_head_base\":", "\"norm.weight\":");
-    expect_load_fails(d, "tensor norm.weight appears twice", "duplicate names");
-    d = copy_model("tiny-a", "missing");
-    edit_file(d, "model.safetensors", "\"norm.weight\":", "\"norm.weigh_\":");
-    expect_load_fails(d, "tensor norm.weight is missing", "missing tensor");
-    d = copy_model("tiny-a", "wrong-dtype");
-    edit_file(d, "model.safetensors", "\"layers.0.attn.attn_sink\":{\"dtype\":\"F32\",\"shape\":[4]",
-              "\"layers.0.attn.attn_sink\":{\"dtype\":\"I64\",\"shape\":[2]");
-    expect_load_fails(d, "tensor layers.0.attn.attn_sink has dtype I64", "wrong dtype for config");
-    d = copy_model("tiny-a", "wrong-shape");
-    edit_file(d, "config.json", "\"q_lora_rank\": 32", "\"q_lora_rank\": 48");
-    expect_load_fails(d, "tensor layers.0.attn.wq_a.weight has shape [32, 64], expected [48, 64] from config.json", "wrong shape for config");
     d = copy_model("tiny-b", "shard");
     char *shard = path_join(d, "model-00002-of-00003.safetensors");
     remove(shard);
     free(shard);
     expect_load_fails(d, "names shard model-00002-of-00003.safetensors, which is not in", "shard absent");
-    d = copy_model("tiny-b", "index");
-    edit_file(d, "model.safetensors.index.json", "\"embed.weight\": \"model-00001", "\"embed.weight\": \"model-00002");
-    expect_load_fails(d, "tensor embed.weight is listed in shard model-00002-of-00003.safetensors but found in another file",
-                      "tensor not in the shard the index names");
     d = copy_model("tiny-a", "no-weights");
     shard = path_join(d, "model.safetensors");
     remove(shard);
@@ -1024,46 +1043,59 @@ static void test_bad_checkpoints(void) {
 }
 
 static void test_bad_configs(void) {
+    static const Edit edits[] = {
+        {"tiny-a", "config-json", "config.json",
+         "\"vocab_size\": 1024,",
+         "\"vocab_size\": 1024",
+         "config.json is not valid JSON: line 7", "config.json not JSON"},
+        {"tiny-a", "model-type", "config.json",
+         "\"deepseek_v4\"",
+         "\"deepseek_v3\"",
+         "model_type is \"deepseek_v3\", expected \"deepseek_v4\"", "wrong model_type"},
+        {"tiny-a", "no-hidden", "config.json",
+         "\"hidden_size\"",
+         "\"hidden_sizes\"",
+         "required key \"hidden_size\" is missing", "missing field"},
+        {"tiny-a", "ratios", "config.json",
+         "\"compress_ratios\": [\n    0,",
+         "\"compress_ratios\": [",
+         "compress_ratios has 7 entries for 8 layers", "compress_ratios length"},
+        {"tiny-a", "topk", "config.json",
+         "\"num_experts_per_tok\": 2",
+         "\"num_experts_per_tok\": 9",
+         "num_experts_per_tok (9) exceeds n_routed_experts (8)", "contradictory fields"},
+        {"tiny-a", "bos", "config.json",
+         "\"bos_token_id\": 0",
+         "\"bos_token_id\": 5000",
+         "bos_token_id 5000 is not below vocab_size (1024)", "BOS outside the vocabulary"},
+        {"tiny-a", "eos", "config.json",
+         "\"eos_token_id\": 1",
+         "\"eos_token_id\": [1, 2000]",
+         "eos_token_id[1] must be a token id below vocab_size (1024)", "EOS outside the vocabulary"},
+        {"tiny-a", "negative", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": -1",
+         "\"num_nextn_predict_layers\" must be an integer between 0 and", "negative size"},
+        {"tiny-a", "dup-key", "config.json",
+         "\"vocab_size\": 1024",
+         "\"vocab_size\": 1024, \"vocab_size\": 2048",
+         "key \"vocab_size\" appears twice", "duplicate config key"},
+        {"tiny-a", "bias", "config.json",
+         "\"vocab_size\": 1024",
+         "\"vocab_size\": 1024, \"attention_bias\": true",
+         "attention_bias is true", "biases nvfp4 does not implement"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) expect_edit_fails(&edits[i]);
     const char *d;
     d = copy_model("tiny-a", "no-config");
     char *path = path_join(d, "config.json");
     remove(path);
     free(path);
     expect_load_fails(d, "cannot read build/bad/no-config/config.json", "config.json missing");
-    d = copy_model("tiny-a", "config-json");
-    edit_file(d, "config.json", "\"vocab_size\": 1024,", "\"vocab_size\": 1024");
-    expect_load_fails(d, "config.json is not valid JSON: line 7", "config.json not JSON");
-    d = copy_model("tiny-a", "model-type");
-    edit_file(d, "config.json", "\"deepseek_v4\"", "\"deepseek_v3\"");
-    expect_load_fails(d, "model_type is \"deepseek_v3\", expected \"deepseek_v4\"", "wrong model_type");
-    d = copy_model("tiny-a", "no-hidden");
-    edit_file(d, "config.json", "\"hidden_size\"", "\"hidden_sizes\"");
-    expect_load_fails(d, "required key \"hidden_size\" is missing", "missing field");
-    d = copy_model("tiny-a", "ratios");
-    edit_file(d, "config.json", "\"compress_ratios\": [\n    0,", "\"compress_ratios\": [");
-    expect_load_fails(d, "compress_ratios has 7 entries for 8 layers", "compress_ratios length");
-    d = copy_model("tiny-a", "topk");
-    edit_file(d, "config.json", "\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9");
-    expect_load_fails(d, "num_experts_per_tok (9) exceeds n_routed_experts (8)", "contradictory fields");
-    d = copy_model("tiny-a", "bos");
-    edit_file(d, "config.json", "\"bos_token_id\": 0", "\"bos_token_id\": 5000");
-    expect_load_fails(d, "bos_token_id 5000 is not below vocab_size (1024)", "BOS outside the vocabulary");
-    d = copy_model("tiny-a", "eos");
-    edit_file(d, "config.json", "\"eos_token_id\": 1", "\"eos_token_id\": [1, 2000]");
-    expect_load_fails(d, "eos_token_id[1] must be a token id below vocab_size (1024)", "EOS outside the vocabulary");
-    d = copy_model("tiny-a", "negative");
-    edit_file(d, "config.json", "\"num_nextn_predict_layers\": 0", "\"num_nextn_predict_layers\": -1");
-    expect_load_fails(d, "\"num_nextn_predict_layers\" must be an integer between 0 and", "negative size");
     d = copy_model("tiny-a", "products");
     edit_file(d, "config.json", "\"head_dim\": 64", "\"head_dim\": 8388609");
     edit_file(d, "config.json", "\"num_attention_heads\": 4", "\"num_attention_heads\": 512");
     expect_load_fails(d, "sizes 512 x 8388609 are too large", "size products that overflow");
-    d = copy_model("tiny-a", "dup-key");
-    edit_file(d, "config.json", "\"vocab_size\": 1024", "\"vocab_size\": 1024, \"vocab_size\": 2048");
-    expect_load_fails(d, "key \"vocab_size\" appears twice", "duplicate config key");
-    d = copy_model("tiny-a", "bias");
-    edit_file(d, "config.json", "\"vocab_size\": 1024", "\"vocab_size\": 1024, \"attention_bias\": true");
-    expect_load_fails(d, "attention_bias is true", "biases nvfp4 does not implement");
     d = copy_model("tiny-a", "fifo");
     char *fifo = path_join(d, "config.json");
     remove(fifo);

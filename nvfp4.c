@@ -844,9 +844,9 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     if (root->type != JSON_OBJECT) fatal("%s: not a JSON object", path);
     refuse_duplicate_keys(root, path);
     const Json *type = json_get(root, "model_type");
-    if (!type || type->type != JSON_STRING || strcmp(type->string, "deepseek_v4"))
-        fatal("%s: model_type is %s%s%s, expected \"deepseek_v4\"", path, type && type->type == JSON_STRING ? "\"" : "",
-              type && type->type == JSON_STRING ? type->string : "missing", type && type->type == JSON_STRING ? "\"" : "");
+    const char *model_type = type && type->type == JSON_STRING ? type->string : NULL;
+    if (!model_type) fatal("%s: model_type is missing, expected \"deepseek_v4\"", path);
+    if (strcmp(model_type, "deepseek_v4")) fatal("%s: model_type is \"%s\", expected \"deepseek_v4\"", path, model_type);
     c->vocab_size = config_int(root, path, "vocab_size", REQUIRED);
     c->hidden_size = config_int(root, path, "hidden_size", REQUIRED);
     c->n_layers = config_int(root, path, "num_hidden_layers", REQUIRED);
@@ -1325,22 +1325,36 @@ static void rope(float *x, int R, int pos, const Rope *r, float sign) {
 /* 1 / (1 + e^-x) */
 static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+/* The mHC mixing logits of one token: mix[rows] = (fn [rows, HC*E] . h) / rms(h), the streams
+   h[HC, E] flattened and RMS-normalized (no weight). */
+static void hc_mix(const Config *c, const float *h, const Tensor *fn, int rows, float *mix) {
+    int n = HC * c->hidden_size;
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)h[i] * h[i];
+    double inv_rms = 1.0 / sqrt(ss / n + c->rms_eps);
+    for (int k = 0; k < rows; k++) {
+        double acc = 0;
+        for (int i = 0; i < n; i++) acc += (double)tensor_float(fn, (size_t)k * n + i) * h[i];
+        mix[k] = (float)(acc * inv_rms);
+    }
+}
+
+/* x[E] = sum_i pre[i] * h[i]: the HC streams collapsed into a block's input. */
+static void hc_collapse(const Config *c, const float *h, const float *pre, float *x) {
+    for (int e = 0; e < c->hidden_size; e++) {
+        float acc = 0;
+        for (int i = 0; i < HC; i++) acc += pre[i] * h[(size_t)i * c->hidden_size + e];
+        x[e] = acc;
+    }
+}
+
 /* mHC input side for one token. h[HC, E] are the residual streams; fn [24, HC*E], base [24],
    scale [3]. Writes x[E] = sum_i pre[i] h[i], post[HC] and the Sinkhorn-projected comb[HC, HC]
    (comb[i][j] = how much of stream i flows into stream j). */
 static void hc_pre(const Config *c, const float *h, const Tensor *fn, const Tensor *base, const Tensor *scale,
                    float *x, float *post, float *comb) {
-    int n = HC * c->hidden_size;
-    double ss = 0;
-    for (int i = 0; i < n; i++) ss += (double)h[i] * h[i];
-    double inv_rms = 1.0 / sqrt(ss / n + c->rms_eps);
-    float mix[(2 + HC) * HC];
-    for (int k = 0; k < (2 + HC) * HC; k++) {
-        double acc = 0;
-        for (int i = 0; i < n; i++) acc += (double)tensor_float(fn, (size_t)k * n + i) * h[i];
-        mix[k] = (float)(acc * inv_rms);
-    }
-    float pre[HC];
+    float mix[(2 + HC) * HC], pre[HC];
+    hc_mix(c, h, fn, (2 + HC) * HC, mix);
     float s0 = tensor_float(scale, 0), s1 = tensor_float(scale, 1), s2 = tensor_float(scale, 2);
     for (int i = 0; i < HC; i++) {
         pre[i] = sigmoid(mix[i] * s0 + tensor_float(base, i)) + c->hc_eps;
@@ -1368,11 +1382,7 @@ static void hc_pre(const Config *c, const float *h, const Tensor *fn, const Tens
             for (int i = 0; i < HC; i++) comb[i * HC + j] /= sum + c->hc_eps;
         }
     }
-    for (int e = 0; e < c->hidden_size; e++) {
-        float acc = 0;
-        for (int i = 0; i < HC; i++) acc += pre[i] * h[(size_t)i * c->hidden_size + e];
-        x[e] = acc;
-    }
+    hc_collapse(c, h, pre, x);
 }
 
 /* mHC output side: h[j] <- post[j] * out + sum_i comb[i][j] * h[i], for the HC streams h[HC, E]. */
@@ -1391,22 +1401,11 @@ static void hc_post(const Config *c, float *h, const float *out, const float *po
 /* Final collapse of the HC streams h[HC, E] into x[E] (hc_head: the pre part of mHC only). */
 static void hc_head(const Model *m, const float *h, float *x) {
     const Config *c = &m->config;
-    int n = HC * c->hidden_size;
-    double ss = 0;
-    for (int i = 0; i < n; i++) ss += (double)h[i] * h[i];
-    double inv_rms = 1.0 / sqrt(ss / n + c->rms_eps);
-    float pre[HC];
-    for (int k = 0; k < HC; k++) {
-        double acc = 0;
-        for (int i = 0; i < n; i++) acc += (double)tensor_float(&m->hc_head_fn, (size_t)k * n + i) * h[i];
-        pre[k] = sigmoid((float)(acc * inv_rms) * tensor_float(&m->hc_head_scale, 0) +
-                         tensor_float(&m->hc_head_base, k)) + c->hc_eps;
-    }
-    for (int e = 0; e < c->hidden_size; e++) {
-        float acc = 0;
-        for (int i = 0; i < HC; i++) acc += pre[i] * h[(size_t)i * c->hidden_size + e];
-        x[e] = acc;
-    }
+    float mix[HC], pre[HC];
+    hc_mix(c, h, &m->hc_head_fn, HC, mix);
+    for (int k = 0; k < HC; k++)
+        pre[k] = sigmoid(mix[k] * tensor_float(&m->hc_head_scale, 0) + tensor_float(&m->hc_head_base, k)) + c->hc_eps;
+    hc_collapse(c, h, pre, x);
 }
 
 /* Feed the compressor projections kv[T, coff*d] and gate[T, coff*d] of positions pos0.. into

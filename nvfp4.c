@@ -506,6 +506,8 @@ static uint16_t load_u16(const void *p, size_t i) { uint16_t v; memcpy(&v, (cons
 static float load_f32(const void *p, size_t i) { float v; memcpy(&v, (const uint8_t *)p + 4 * i, 4); return v; }
 static int64_t load_i64(const void *p, size_t i) { int64_t v; memcpy(&v, (const uint8_t *)p + 8 * i, 8); return v; }
 
+static const char *const format_names[] = {"BF16", "F32", "FP8", "MXFP4", "NVFP4"};   /* by WeightFormat */
+
 /* Element i of a small BF16 or F32 tensor (norm weights, biases, hc parameters) as float. */
 static float tensor_float(const Tensor *t, size_t i) {
     return t->dtype == DT_F32 ? load_f32(t->data, i) : bf16_to_float(load_u16(t->data, i));
@@ -725,19 +727,35 @@ static void expect_dtype(const Model *m, const Tensor *t, int n_allowed, const D
           dtype_names[t->dtype]);
 }
 
-/* A BF16 or F32 tensor of the given shape (n = ndim, then the sizes), or fatal. */
-static Tensor float_tensor(const Model *m, const char *name, int ndim, ...) {
+/* The BF16 or F32 tensor `name` of the given shape (n = ndim, then the sizes), or fatal. */
+static const Tensor *float_tensor(const Model *m, const char *name, int ndim, const int64_t *shape) {
     const Tensor *t = find_tensor(m, "%s", name);
     if (!t) fatal("tensor %s is missing from the checkpoint", name);
-    int64_t shape[4];
-    va_list ap;
-    va_start(ap, ndim);
-    for (int d = 0; d < ndim; d++) shape[d] = va_arg(ap, int64_t);
-    va_end(ap);
     static const DType floats[] = {DT_BF16, DT_F32};
     expect_dtype(m, t, 2, floats);
     expect_shape(m, t, ndim, shape);
-    return *t;
+    return t;
+}
+
+/* Keep `p` (a copy made at load) until free_model; returns p. */
+static void *model_keep(Model *m, void *p) {
+    if (m->n_owned == m->owned_capacity) {
+        m->owned_capacity = m->owned_capacity ? 2 * m->owned_capacity : 64;
+        void **grown = realloc(m->owned, m->owned_capacity * sizeof *grown);
+        if (!grown) fatal("out of memory");
+        m->owned = grown;
+    }
+    return m->owned[m->n_owned++] = p;
+}
+
+/* The small BF16 or F32 tensor `name` of the given shape, converted to a float32 array that
+   the model owns (norms, biases, sinks, ape, mHC parameters). */
+static float *small_tensor(Model *m, const char *name, int ndim, const int64_t *shape) {
+    const Tensor *t = float_tensor(m, name, ndim, shape);
+    size_t n = t->nbytes / (t->dtype == DT_F32 ? 4 : 2);
+    float *out = model_keep(m, xcalloc(n ? n : 1, sizeof(float)));
+    for (size_t i = 0; i < n; i++) out[i] = tensor_float(t, i);
+    return out;
 }
 
 /* The linear layer `base` ("layers.3.attn.wq_a") of shape [rows, cols]. Its format follows from
@@ -1118,7 +1136,7 @@ static void open_checkpoint(Model *m, const char *dir) {
 
 /* Bind a compressor (prefix.wkv, .wgate, .ape, .norm) of coff*dim channels and `ratio` tokens
    per entry. */
-static void load_compressor(const Model *m, Compressor *c, const char *prefix, int coff, int dim, int ratio) {
+static void load_compressor(Model *m, Compressor *c, const char *prefix, int coff, int dim, int ratio) {
     const Config *cfg = &m->config;
     char name[256];
     snprintf(name, sizeof name, "%s.wkv", prefix);
@@ -1126,9 +1144,74 @@ static void load_compressor(const Model *m, Compressor *c, const char *prefix, i
     snprintf(name, sizeof name, "%s.wgate", prefix);
     c->wgate = load_linear(m, name, coff * dim, cfg->hidden_size);
     snprintf(name, sizeof name, "%s.ape", prefix);
-    c->ape = float_tensor(m, name, 2, (int64_t)ratio, (int64_t)(coff * dim));
+    c->ape = small_tensor(m, name, 2, (int64_t[]){ratio, (int64_t)coff * dim});
     snprintf(name, sizeof name, "%s.norm.weight", prefix);
-    c->norm = float_tensor(m, name, 1, (int64_t)dim);
+    c->norm = small_tensor(m, name, 1, (int64_t[]){dim});
+}
+
+/* Bind the mHC parameters prefix_fn [rows, HC*E], prefix_base [rows], prefix_scale [n_scales]. */
+static HcParams load_hc(Model *m, const char *prefix, int rows, int n_scales) {
+    char name[256];
+    HcParams p;
+    snprintf(name, sizeof name, "%s_fn", prefix);
+    p.fn = small_tensor(m, name, 2, (int64_t[]){rows, (int64_t)HC * m->config.hidden_size});
+    snprintf(name, sizeof name, "%s_base", prefix);
+    p.base = small_tensor(m, name, 1, (int64_t[]){rows});
+    snprintf(name, sizeof name, "%s_scale", prefix);
+    p.scale = small_tensor(m, name, 1, (int64_t[]){n_scales});
+    return p;
+}
+
+/* Expert e's matrix of a stack, as a Linear view. */
+static Linear expert_matrix(const ExpertStack *w, int e) {
+    return (Linear){.format = w->format, .rows = w->rows, .cols = w->cols, .weight = w->weight[e],
+                    .scale = w->scale[e], .scale_is_f32 = w->scale_is_f32, .global_scale = w->global_scale[e]};
+}
+
+/* Bind matrix `which` ("w1", "w2", "w3") of layer l's X experts, [rows, cols] each, into one
+   stack; every expert must share the first one's format. */
+static ExpertStack load_experts(Model *m, int l, const char *which, int rows, int cols) {
+    int X = m->config.n_experts;
+    ExpertStack w = {.rows = rows, .cols = cols};
+    w.weight = model_keep(m, xcalloc((size_t)X, sizeof(void *)));
+    w.scale = model_keep(m, xcalloc((size_t)X, sizeof(void *)));
+    w.global_scale = model_keep(m, xcalloc((size_t)X, sizeof(float)));
+    for (int e = 0; e < X; e++) {
+        char name[256];
+        snprintf(name, sizeof name, "layers.%d.ffn.experts.%d.%s", l, e, which);
+        Linear one = load_linear(m, name, rows, cols);
+        if (e == 0) {
+            w.format = one.format;
+            w.scale_is_f32 = one.scale_is_f32;
+        } else if (one.format != w.format || one.scale_is_f32 != w.scale_is_f32) {
+            fatal("layer %d: expert %d's %s is %s but expert 0's is %s; the experts of a layer must share one format", l,
+                  e, which, format_names[one.format], format_names[w.format]);
+        }
+        w.weight[e] = one.weight;
+        w.scale[e] = one.scale;
+        w.global_scale[e] = one.global_scale;
+    }
+    return w;
+}
+
+/* Layer l's tid2eid [V, topk] (hash routing), checked and converted to int32. */
+static int32_t *load_tid2eid(Model *m, int l) {
+    const Config *c = &m->config;
+    const Tensor *t = find_tensor(m, "layers.%d.ffn.gate.tid2eid", l);
+    if (!t) fatal("tensor layers.%d.ffn.gate.tid2eid is missing (layer %d is hash-routed)", l, l);
+    static const DType ints[] = {DT_I64};
+    expect_dtype(m, t, 1, ints);
+    expect_shape(m, t, 2, (int64_t[]){c->vocab_size, c->topk});
+    size_t n = (size_t)c->vocab_size * c->topk;
+    int32_t *out = model_keep(m, xcalloc(n, sizeof(int32_t)));
+    for (size_t i = 0; i < n; i++) {
+        int64_t id = load_i64(t->data, i);
+        if (id < 0 || id >= c->n_experts)
+            fatal("%s: tensor %s holds expert id %lld, outside 0..%d", m->files[t->file].path, t->name, (long long)id,
+                  c->n_experts - 1);
+        out[i] = (int32_t)id;
+    }
+    return out;
 }
 
 /* A progress bar on stderr while loading, drawn only when stderr is a terminal. */
@@ -1143,73 +1226,47 @@ static void progress(const char *what, int done, int total) {
 /* Bind every weight of the model to its tensor, checking each dtype and shape against config. */
 static void bind_weights(Model *m) {
     const Config *c = &m->config;
-    int64_t E = c->hidden_size, mix = (2 + HC) * HC;
+    int E = c->hidden_size, mix = (2 + HC) * HC, HD = c->n_heads * c->head_dim, Q = c->q_lora_rank, I = c->moe_inter;
     char name[256];
-    m->embed = float_tensor(m, "embed.weight", 2, (int64_t)c->vocab_size, E);
-    m->head = load_linear(m, "head", c->vocab_size, (int)E);
-    m->norm = float_tensor(m, "norm.weight", 1, E);
-    m->hc_head_fn = float_tensor(m, "hc_head_fn", 2, HC, HC * E);
-    m->hc_head_base = float_tensor(m, "hc_head_base", 1, HC);
-    m->hc_head_scale = float_tensor(m, "hc_head_scale", 1, (int64_t)1);
+    m->embed = *float_tensor(m, "embed.weight", 2, (int64_t[]){c->vocab_size, E});
+    m->head = load_linear(m, "head", c->vocab_size, E);
+    m->norm = small_tensor(m, "norm.weight", 1, (int64_t[]){E});
+    m->hc_head = load_hc(m, "hc_head", HC, 1);
     m->layers = xcalloc((size_t)c->n_layers, sizeof(Layer));
     for (int l = 0; l < c->n_layers; l++) {
         Layer *L = &m->layers[l];
 #define NAME(...) (snprintf(name, sizeof name, __VA_ARGS__), name)
-        L->attn_norm = float_tensor(m, NAME("layers.%d.attn_norm.weight", l), 1, E);
-        L->ffn_norm = float_tensor(m, NAME("layers.%d.ffn_norm.weight", l), 1, E);
-        L->hc_attn_fn = float_tensor(m, NAME("layers.%d.hc_attn_fn", l), 2, mix, HC * E);
-        L->hc_attn_base = float_tensor(m, NAME("layers.%d.hc_attn_base", l), 1, mix);
-        L->hc_attn_scale = float_tensor(m, NAME("layers.%d.hc_attn_scale", l), 1, (int64_t)3);
-        L->hc_ffn_fn = float_tensor(m, NAME("layers.%d.hc_ffn_fn", l), 2, mix, HC * E);
-        L->hc_ffn_base = float_tensor(m, NAME("layers.%d.hc_ffn_base", l), 1, mix);
-        L->hc_ffn_scale = float_tensor(m, NAME("layers.%d.hc_ffn_scale", l), 1, (int64_t)3);
-        int HD = c->n_heads * c->head_dim;
-        L->wq_a = load_linear(m, NAME("layers.%d.attn.wq_a", l), c->q_lora_rank, (int)E);
-        L->q_norm = float_tensor(m, NAME("layers.%d.attn.q_norm.weight", l), 1, (int64_t)c->q_lora_rank);
-        L->wq_b = load_linear(m, NAME("layers.%d.attn.wq_b", l), HD, c->q_lora_rank);
-        L->wkv = load_linear(m, NAME("layers.%d.attn.wkv", l), c->head_dim, (int)E);
-        L->kv_norm = float_tensor(m, NAME("layers.%d.attn.kv_norm.weight", l), 1, (int64_t)c->head_dim);
+        L->attn_norm = small_tensor(m, NAME("layers.%d.attn_norm.weight", l), 1, (int64_t[]){E});
+        L->ffn_norm = small_tensor(m, NAME("layers.%d.ffn_norm.weight", l), 1, (int64_t[]){E});
+        L->hc_attn = load_hc(m, NAME("layers.%d.hc_attn", l), mix, 3);
+        L->hc_ffn = load_hc(m, NAME("layers.%d.hc_ffn", l), mix, 3);
+        L->wq_a = load_linear(m, NAME("layers.%d.attn.wq_a", l), Q, E);
+        L->q_norm = small_tensor(m, NAME("layers.%d.attn.q_norm.weight", l), 1, (int64_t[]){Q});
+        L->wq_b = load_linear(m, NAME("layers.%d.attn.wq_b", l), HD, Q);
+        L->wkv = load_linear(m, NAME("layers.%d.attn.wkv", l), c->head_dim, E);
+        L->kv_norm = small_tensor(m, NAME("layers.%d.attn.kv_norm.weight", l), 1, (int64_t[]){c->head_dim});
         L->wo_a = load_linear(m, NAME("layers.%d.attn.wo_a", l), c->o_groups * c->o_lora_rank, HD / c->o_groups);
-        L->wo_b = load_linear(m, NAME("layers.%d.attn.wo_b", l), (int)E, c->o_groups * c->o_lora_rank);
-        L->attn_sink = float_tensor(m, NAME("layers.%d.attn.attn_sink", l), 1, (int64_t)c->n_heads);
+        L->wo_b = load_linear(m, NAME("layers.%d.attn.wo_b", l), E, c->o_groups * c->o_lora_rank);
+        L->attn_sink = small_tensor(m, NAME("layers.%d.attn.attn_sink", l), 1, (int64_t[]){c->n_heads});
         int ratio = c->compress_ratio[l];
         if (c->attn_kind[l] != ATTN_SLIDING) {
-            int coff = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
-            load_compressor(m, &L->compressor, NAME("layers.%d.attn.compressor", l), coff, c->head_dim, ratio);
+            int channels = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
+            load_compressor(m, &L->compressor, NAME("layers.%d.attn.compressor", l), channels, c->head_dim, ratio);
         }
         if (c->attn_kind[l] == ATTN_CSA) {
-            L->index_wq_b = load_linear(m, NAME("layers.%d.attn.indexer.wq_b", l), c->index_heads * c->index_dim, c->q_lora_rank);
-            L->index_weights_proj = load_linear(m, NAME("layers.%d.attn.indexer.weights_proj", l), c->index_heads, (int)E);
+            L->index_wq_b = load_linear(m, NAME("layers.%d.attn.indexer.wq_b", l), c->index_heads * c->index_dim, Q);
+            L->index_weights_proj = load_linear(m, NAME("layers.%d.attn.indexer.weights_proj", l), c->index_heads, E);
             load_compressor(m, &L->index_compressor, NAME("layers.%d.attn.indexer.compressor", l), 2, c->index_dim, ratio);
         }
-        L->gate = load_linear(m, NAME("layers.%d.ffn.gate", l), c->n_experts, (int)E);
-        if (is_hash_layer(c, l)) {
-            const Tensor *t = find_tensor(m, "layers.%d.ffn.gate.tid2eid", l);
-            if (!t) fatal("tensor layers.%d.ffn.gate.tid2eid is missing (layer %d is hash-routed)", l, l);
-            static const DType ints[] = {DT_I64};
-            expect_dtype(m, t, 1, ints);
-            expect_shape(m, t, 2, (int64_t[]){c->vocab_size, c->topk});
-            for (size_t i = 0; i < (size_t)c->vocab_size * c->topk; i++) {
-                int64_t id = load_i64(t->data, i);
-                if (id < 0 || id >= c->n_experts)
-                    fatal("%s: tensor %s holds expert id %lld, outside 0..%d", m->files[t->file].path, t->name,
-                          (long long)id, c->n_experts - 1);
-            }
-            L->tid2eid = *t;
-        } else {
-            L->gate_bias = float_tensor(m, NAME("layers.%d.ffn.gate.bias", l), 1, (int64_t)c->n_experts);
-        }
-        L->w1 = xcalloc((size_t)c->n_experts, sizeof(Linear));
-        L->w2 = xcalloc((size_t)c->n_experts, sizeof(Linear));
-        L->w3 = xcalloc((size_t)c->n_experts, sizeof(Linear));
-        for (int e = 0; e < c->n_experts; e++) {
-            L->w1[e] = load_linear(m, NAME("layers.%d.ffn.experts.%d.w1", l, e), c->moe_inter, (int)E);
-            L->w2[e] = load_linear(m, NAME("layers.%d.ffn.experts.%d.w2", l, e), (int)E, c->moe_inter);
-            L->w3[e] = load_linear(m, NAME("layers.%d.ffn.experts.%d.w3", l, e), c->moe_inter, (int)E);
-        }
-        L->shared_w1 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w1", l), c->moe_inter, (int)E);
-        L->shared_w2 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w2", l), (int)E, c->moe_inter);
-        L->shared_w3 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w3", l), c->moe_inter, (int)E);
+        L->gate = load_linear(m, NAME("layers.%d.ffn.gate", l), c->n_experts, E);
+        if (is_hash_layer(c, l)) L->tid2eid = load_tid2eid(m, l);
+        else L->gate_bias = small_tensor(m, NAME("layers.%d.ffn.gate.bias", l), 1, (int64_t[]){c->n_experts});
+        L->w1 = load_experts(m, l, "w1", I, E);
+        L->w2 = load_experts(m, l, "w2", E, I);
+        L->w3 = load_experts(m, l, "w3", I, E);
+        L->shared_w1 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w1", l), I, E);
+        L->shared_w2 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w2", l), E, I);
+        L->shared_w3 = load_linear(m, NAME("layers.%d.ffn.shared_experts.w3", l), I, E);
 #undef NAME
         progress("loading layers", l + 1, c->n_layers);
     }
@@ -1239,11 +1296,8 @@ static void free_model(Model *m) {
         free(m->files[i].path);
     }
     for (size_t i = 0; i < m->n_tensors; i++) free((char *)m->tensors[i].name);
-    for (int l = 0; m->layers && l < m->config.n_layers; l++) {
-        free(m->layers[l].w1);
-        free(m->layers[l].w2);
-        free(m->layers[l].w3);
-    }
+    for (size_t i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
     free(m->layers);
     free(m->files);
     free(m->tensors);
@@ -1251,37 +1305,125 @@ static void free_model(Model *m) {
     memset(m, 0, sizeof *m);
 }
 
-/* ========================================================================= CPU forward pass */
-/* Plain C, float32 activations with double accumulators: the reference for every GPU kernel
-   and the engine's own CPU path. It computes what transformers' DeepseekV4ForCausalLM computes
-   (see ../shared/docs/MODEL.md), one chunk of T consecutive tokens at a time. */
+/* =========================================================================== decoding state */
+/* Everything the forward pass writes lives in one arena, laid out by plan_state from the chunk
+   size T (max_tokens), the context C (max_ctx) and whether every row's logits are kept:
+     the cache (persists between chunks): per layer a ring of W + T keys, and per compressor the
+       window being filled, the CSA overlap and the C / ratio entries; the RoPE frequencies;
+     the scratch of one chunk: activations, attention and MoE routing buffers, logits.
+   Only `pos` (tokens already in the state) says how far the cache is filled; the rest follows:
+     key of position p                 ring row p % (W + T) (a chunk's keys are written before
+                                       attention, so a query's window never wraps onto itself)
+     a query at p sees the window      positions max(0, p - W + 1) .. p
+     compressor slot of position p     p % ratio; the window closes (an entry is emitted) when
+                                       the slot is ratio - 1, as entry number p / ratio
+     entries a query at p sees         (p + 1) / ratio (the entry just closed included)
+     CSA overlap present               once an entry has been emitted before (p / ratio > 0)
+   The GPU path lays the same plan over one device allocation. */
 
-/* y[t, r] = sum_c W[row0 + r, c] * x[t, c] for r < nrows, t < T; x rows are x_stride floats
-   apart, y rows y_stride. `row` is scratch for one decoded weight row. */
-static void linear_rows(const Linear *w, int row0, int nrows, const float *x, size_t x_stride, float *y,
-                        size_t y_stride, int T, float *row) {
-    for (int r = 0; r < nrows; r++) {
-        linear_row(w, row0 + r, row);
-        for (int t = 0; t < T; t++) {
-            const float *xt = x + (size_t)t * x_stride;
-            double acc = 0;
-            for (int c = 0; c < w->cols; c++) acc += (double)row[c] * xt[c];
-            y[(size_t)t * y_stride + r] = (float)acc;
-        }
+#define STATE_ALIGN 256   /* every buffer starts on a 256-byte boundary (vector and GPU friendly) */
+
+typedef struct {
+    size_t total;   /* bytes so far; SIZE_MAX once the sizes overflow */
+    char *base;     /* the arena, or NULL to count only */
+} StatePlan;
+
+/* Reserve `count` items of `size` bytes in the plan; returns their address in the arena, or
+   NULL when only counting. */
+static void *reserve(StatePlan *p, size_t count, size_t size) {
+    size_t bytes = count * size, start = p->total;
+    if ((size && count > SIZE_MAX / size) || bytes > SIZE_MAX - STATE_ALIGN - start) {
+        p->total = SIZE_MAX;
+        return NULL;
     }
+    p->total = (start + bytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
+    return p->base ? p->base + start : NULL;
 }
 
-/* y[T, rows] = x[T, cols] W^T. */
-static void linear(const Linear *w, const float *x, float *y, int T, float *row) {
-    linear_rows(w, 0, w->rows, x, (size_t)w->cols, y, (size_t)w->rows, T, row);
+/* The cache of one compressor: `parts` [ratio, d] halves per token (2 for CSA, 1 for HCA). */
+static void plan_compressor(StatePlan *p, CompressorCache *s, int parts, int d, int ratio, int C) {
+    s->pending_kv = reserve(p, (size_t)ratio * parts * d, sizeof(float));
+    s->pending_gate = reserve(p, (size_t)ratio * parts * d, sizeof(float));
+    if (parts == 2) {
+        s->prev_kv = reserve(p, (size_t)ratio * d, sizeof(float));
+        s->prev_gate = reserve(p, (size_t)ratio * d, sizeof(float));
+    }
+    s->entries = reserve(p, (size_t)(C / ratio) * d, sizeof(float));
 }
 
-/* out[n] = x * rsqrt(mean(x^2) + eps) * weight (weight NULL: unweighted). out may be x. */
-static void rmsnorm(float *out, const float *x, const Tensor *weight, int n, float eps) {
-    double ss = 0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float inv = (float)(1.0 / sqrt(ss / n + eps));
-    for (int i = 0; i < n; i++) out[i] = x[i] * inv * (weight ? tensor_float(weight, (size_t)i) : 1.0f);
+/* Rows of each layer's key ring: the window plus one chunk. */
+static int ring_rows(const State *s, const Config *c) { return c->sliding_window + s->max_tokens; }
+
+/* Lay the state for chunks of up to T tokens and a context of C tokens over `arena` (NULL:
+   count only). s->layers must hold n_layers entries when laying out (it is left alone when
+   counting). Returns the arena's size in bytes (SIZE_MAX when that overflows). */
+static size_t plan_state(State *s, const Config *c, int T, int C, int all_logits, char *arena) {
+    StatePlan p = {0, arena};
+    size_t E = c->hidden_size, H = c->n_heads, D = c->head_dim, DI = c->index_dim, NI = c->index_heads;
+    size_t W = c->sliding_window, n = (size_t)T, K = c->topk, X = c->n_experts, I = c->moe_inter;
+    size_t widest_entry = D > DI ? D : DI, G_O = (size_t)c->o_groups * c->o_lora_rank;
+    s->max_tokens = T;
+    s->max_ctx = C;
+    s->all_logits = all_logits;
+    s->arena = arena;
+
+    /* the cache */
+    s->rope_main = (Rope){reserve(&p, (size_t)c->rope_dim / 2, sizeof(float)), 1.0f};
+    s->rope_compress = (Rope){reserve(&p, (size_t)c->rope_dim / 2, sizeof(float)), c->rope_scale};
+    for (int l = 0; l < c->n_layers; l++) {
+        LayerCache counted, *ls = arena ? &s->layers[l] : &counted;
+        memset(ls, 0, sizeof *ls);
+        ls->keys = reserve(&p, (W + n) * D, sizeof(float));
+        int ratio = c->compress_ratio[l];
+        if (ratio) plan_compressor(&p, &ls->comp, c->attn_kind[l] == ATTN_CSA ? 2 : 1, (int)D, ratio, C);
+        if (c->attn_kind[l] == ATTN_CSA) plan_compressor(&p, &ls->index_comp, 2, (int)DI, ratio, C);
+    }
+    s->cache_bytes = p.total;
+
+    /* the scratch of one chunk */
+    size_t max_cols = E;   /* the widest input of any linear layer */
+    size_t cols[] = {(size_t)c->q_lora_rank, H * D / c->o_groups, G_O, I};
+    for (int i = 0; i < 4; i++) max_cols = cols[i] > max_cols ? cols[i] : max_cols;
+    Scratch *w = &s->scratch;
+    w->h = reserve(&p, n * HC * E, sizeof(float));
+    w->x = reserve(&p, n * E, sizeof(float));
+    w->post = reserve(&p, n * HC, sizeof(float));
+    w->comb = reserve(&p, n * HC * HC, sizeof(float));
+    w->block_out = reserve(&p, n * E, sizeof(float));
+    w->qr = reserve(&p, n * c->q_lora_rank, sizeof(float));
+    w->q = reserve(&p, n * H * D, sizeof(float));
+    w->kv = reserve(&p, n * D, sizeof(float));
+    w->attn = reserve(&p, n * H * D, sizeof(float));
+    w->grouped = reserve(&p, n * G_O, sizeof(float));
+    w->comp_kv = reserve(&p, n * 2 * widest_entry, sizeof(float));
+    w->comp_gate = reserve(&p, n * 2 * widest_entry, sizeof(float));
+    w->index_q = reserve(&p, n * NI * DI, sizeof(float));
+    w->index_w = reserve(&p, n * NI, sizeof(float));
+    w->scores = reserve(&p, W + (size_t)C, sizeof(float));
+    w->values = reserve(&p, D, sizeof(double));
+    w->weight_row = reserve(&p, max_cols, sizeof(float));
+    w->selected = reserve(&p, (size_t)C, sizeof(int));
+    w->entry = reserve(&p, widest_entry, sizeof(float));
+    w->router = reserve(&p, n * X, sizeof(float));
+    w->biased = reserve(&p, X, sizeof(float));
+    w->chosen = reserve(&p, n * K, sizeof(int));
+    w->route_weight = reserve(&p, n * K, sizeof(float));
+    w->expert_start = reserve(&p, X + 1, sizeof(int));
+    w->slot_order = reserve(&p, n * K, sizeof(int));
+    w->slot_row = reserve(&p, n * K, sizeof(int));
+    w->expert_x = reserve(&p, n * K * E, sizeof(float));
+    w->expert_gate = reserve(&p, n * K * I, sizeof(float));
+    w->expert_up = reserve(&p, n * K * I, sizeof(float));
+    w->expert_out = reserve(&p, n * K * E, sizeof(float));
+    w->logits = reserve(&p, (all_logits ? n : 1) * c->vocab_size, sizeof(float));
+    s->arena_bytes = p.total;
+    return p.total;
+}
+
+/* Bytes of the state for (T, C, all_logits), or SIZE_MAX; allocates nothing. */
+static size_t state_bytes(const Config *c, int T, int C, int all_logits) {
+    State counted = {0};
+    return plan_state(&counted, c, T, C, all_logits, NULL);
 }
 
 /* The R/2 inverse frequencies of the "main" rope (theta, plain) or of the "compress" rope
@@ -1310,12 +1452,66 @@ static void rope_frequencies(const Config *c, int compress, float *inv_freq) {
     }
 }
 
+/* Allocate the state (zeroed: position 0) for chunks of up to T tokens and a context of C. */
+static void alloc_state(State *s, const Config *c, int T, int C, int all_logits) {
+    memset(s, 0, sizeof *s);
+    size_t bytes = state_bytes(c, T, C, all_logits);
+    if (bytes == SIZE_MAX) fatal("the state for --ctx %d and --chunk %d is too large to address", C, T);
+    s->layers = xcalloc((size_t)c->n_layers, sizeof(LayerCache));
+    plan_state(s, c, T, C, all_logits, xcalloc(1, bytes));
+    rope_frequencies(c, 0, s->rope_main.inv_freq);
+    rope_frequencies(c, 1, s->rope_compress.inv_freq);
+}
+
+/* Free what alloc_state allocated. */
+static void free_state(State *s) {
+    free(s->arena);
+    free(s->layers);
+    memset(s, 0, sizeof *s);
+}
+
+/* ========================================================================= CPU forward pass */
+/* Plain C, float32 activations with double accumulators: the reference for every GPU kernel
+   and the engine's own CPU path. It computes what transformers' DeepseekV4ForCausalLM computes
+   (docs: README.md, "What nvfp4 computes"), one chunk of T consecutive tokens at a time. */
+
+/* y[t, r] = sum_c W[row0 + r, c] * x[t, c] for r < nrows, t < T; x rows are x_stride floats
+   apart, y rows y_stride. `row` is scratch for one decoded weight row: each row of W is decoded
+   once for all T inputs. */
+static void linear_rows(const Linear *w, int row0, int nrows, const float *x, size_t x_stride, float *y,
+                        size_t y_stride, int T, float *row) {
+    for (int r = 0; r < nrows; r++) {
+        linear_row(w, row0 + r, row);
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * x_stride;
+            double acc = 0;
+            for (int c = 0; c < w->cols; c++) acc += (double)row[c] * xt[c];
+            y[(size_t)t * y_stride + r] = (float)acc;
+        }
+    }
+}
+
+/* y[T, rows] = x[T, cols] W^T. */
+static void linear(const Linear *w, const float *x, float *y, int T, float *row) {
+    linear_rows(w, 0, w->rows, x, (size_t)w->cols, y, (size_t)w->rows, T, row);
+}
+
+/* out[n] = x * rsqrt(mean(x^2) + eps) * weight (weight NULL: unweighted). out may be x. */
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float inv = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * (weight ? weight[i] : 1.0f);
+}
+
 /* Rotate the interleaved pairs (x[2i], x[2i+1]) of x[R] by angle sign * pos * inv_freq[i]
-   (cos and sin both scaled by r->scale, YaRN's attention factor, 1 for V4). */
+   (cos and sin both scaled by r->scale, YaRN's attention factor, 1 for V4). The angle is
+   formed in double, so it stays exact at a million positions (float would be off by up to
+   0.03 rad there). */
 static void rope(float *x, int R, int pos, const Rope *r, float sign) {
     for (int i = 0; i < R / 2; i++) {
-        float angle = (float)pos * r->inv_freq[i];
-        float cs = cosf(angle) * r->scale, sn = sign * sinf(angle) * r->scale;
+        double angle = (double)pos * r->inv_freq[i];
+        float cs = (float)cos(angle) * r->scale, sn = sign * (float)sin(angle) * r->scale;
         float a = x[2 * i], b = x[2 * i + 1];
         x[2 * i] = a * cs - b * sn;
         x[2 * i + 1] = b * cs + a * sn;
@@ -1325,16 +1521,17 @@ static void rope(float *x, int R, int pos, const Rope *r, float sign) {
 /* 1 / (1 + e^-x) */
 static float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+/* ------------------------------------------------------------------------------------ mHC */
 /* The mHC mixing logits of one token: mix[rows] = (fn [rows, HC*E] . h) / rms(h), the streams
    h[HC, E] flattened and RMS-normalized (no weight). */
-static void hc_mix(const Config *c, const float *h, const Tensor *fn, int rows, float *mix) {
+static void hc_mix(const Config *c, const float *h, const float *fn, int rows, float *mix) {
     int n = HC * c->hidden_size;
     double ss = 0;
     for (int i = 0; i < n; i++) ss += (double)h[i] * h[i];
     double inv_rms = 1.0 / sqrt(ss / n + c->rms_eps);
     for (int k = 0; k < rows; k++) {
         double acc = 0;
-        for (int i = 0; i < n; i++) acc += (double)tensor_float(fn, (size_t)k * n + i) * h[i];
+        for (int i = 0; i < n; i++) acc += (double)fn[(size_t)k * n + i] * h[i];
         mix[k] = (float)(acc * inv_rms);
     }
 }
@@ -1348,24 +1545,12 @@ static void hc_collapse(const Config *c, const float *h, const float *pre, float
     }
 }
 
-/* mHC input side for one token. h[HC, E] are the residual streams; fn [24, HC*E], base [24],
-   scale [3]. Writes x[E] = sum_i pre[i] h[i], post[HC] and the Sinkhorn-projected comb[HC, HC]
-   (comb[i][j] = how much of stream i flows into stream j). */
-static void hc_pre(const Config *c, const float *h, const Tensor *fn, const Tensor *base, const Tensor *scale,
-                   float *x, float *post, float *comb) {
-    float mix[(2 + HC) * HC], pre[HC];
-    hc_mix(c, h, fn, (2 + HC) * HC, mix);
-    float s0 = tensor_float(scale, 0), s1 = tensor_float(scale, 1), s2 = tensor_float(scale, 2);
+/* comb[HC, HC] <- Sinkhorn projection of the logits in comb: a softmax over each row, then
+   `iters` rounds of dividing columns (and, after the first round, rows first) by their sums. */
+static void sinkhorn(const Config *c, float *comb) {
     for (int i = 0; i < HC; i++) {
-        pre[i] = sigmoid(mix[i] * s0 + tensor_float(base, i)) + c->hc_eps;
-        post[i] = 2 * sigmoid(mix[HC + i] * s1 + tensor_float(base, HC + i));
-    }
-    for (int i = 0; i < HC; i++) {   /* softmax over each row, then Sinkhorn: columns, rows, ... */
         float *row = comb + i * HC, mx = -INFINITY, sum = 0;
-        for (int j = 0; j < HC; j++) {
-            row[j] = mix[2 * HC + i * HC + j] * s2 + tensor_float(base, 2 * HC + i * HC + j);
-            mx = fmaxf(mx, row[j]);
-        }
+        for (int j = 0; j < HC; j++) mx = fmaxf(mx, row[j]);
         for (int j = 0; j < HC; j++) sum += row[j] = expf(row[j] - mx);
         for (int j = 0; j < HC; j++) row[j] = row[j] / sum + c->hc_eps;
     }
@@ -1382,6 +1567,20 @@ static void hc_pre(const Config *c, const float *h, const Tensor *fn, const Tens
             for (int i = 0; i < HC; i++) comb[i * HC + j] /= sum + c->hc_eps;
         }
     }
+}
+
+/* mHC input side for one token. h[HC, E] are the residual streams, p a block's parameters.
+   Writes x[E] = sum_i pre[i] h[i], post[HC] and the Sinkhorn-projected comb[HC, HC]
+   (comb[i][j] = how much of stream i flows into stream j). */
+static void hc_pre(const Config *c, const float *h, const HcParams *p, float *x, float *post, float *comb) {
+    float mix[(2 + HC) * HC], pre[HC];
+    hc_mix(c, h, p->fn, (2 + HC) * HC, mix);
+    for (int i = 0; i < HC; i++) {
+        pre[i] = sigmoid(mix[i] * p->scale[0] + p->base[i]) + c->hc_eps;
+        post[i] = 2 * sigmoid(mix[HC + i] * p->scale[1] + p->base[HC + i]);
+    }
+    for (int k = 0; k < HC * HC; k++) comb[k] = mix[2 * HC + k] * p->scale[2] + p->base[2 * HC + k];
+    sinkhorn(c, comb);
     hc_collapse(c, h, pre, x);
 }
 
@@ -1401,64 +1600,73 @@ static void hc_post(const Config *c, float *h, const float *out, const float *po
 /* Final collapse of the HC streams h[HC, E] into x[E] (hc_head: the pre part of mHC only). */
 static void hc_head(const Model *m, const float *h, float *x) {
     const Config *c = &m->config;
+    const HcParams *p = &m->hc_head;
     float mix[HC], pre[HC];
-    hc_mix(c, h, &m->hc_head_fn, HC, mix);
-    for (int k = 0; k < HC; k++)
-        pre[k] = sigmoid(mix[k] * tensor_float(&m->hc_head_scale, 0) + tensor_float(&m->hc_head_base, k)) + c->hc_eps;
+    hc_mix(c, h, p->fn, HC, mix);
+    for (int k = 0; k < HC; k++) pre[k] = sigmoid(mix[k] * p->scale[0] + p->base[k]) + c->hc_eps;
     hc_collapse(c, h, pre, x);
 }
 
-/* Feed the compressor projections kv[T, coff*d] and gate[T, coff*d] of positions pos0.. into
-   compressor state s; every time a window of `ratio` tokens closes, emit one entry:
-   per channel, softmax over the window's slots of (gate + ape[slot]) weights the kv values;
-   CSA (coff 2) windows also span the previous window's first-half channels (the overlap);
-   then RMSNorm and the compress RoPE at the window's first position. */
-static void compressor_feed(const Config *c, const Compressor *w, CompressorState *s, int coff, int d, int ratio,
+/* ----------------------------------------------------------------------------- compressor */
+/* A compressor turns every `ratio` tokens into one entry. Each token projects kv and gate of
+   `parts` * d channels (CSA: 2 parts, the first for the NEXT window's entry, the second for
+   its own; HCA: 1). An entry is, per channel, a softmax over its window's slots of
+   (gate + ape[slot]) weighting the kv values; a CSA entry also spans the previous window's
+   first-part channels (the overlap). Then RMSNorm and the compress RoPE at the window's first
+   position. */
+
+/* Emit entry number `index` from the closed window in s (slots 0..ratio-1): pool, keep the
+   overlap for the next entry (CSA), normalize and rotate into s->entries[index]. */
+static void compressor_emit(const Config *c, const Compressor *w, CompressorCache *s, int parts, int d, int ratio,
+                            int index, const Rope *rope_compress, float *entry) {
+    int width = parts * d, own_part = parts == 2 ? d : 0;   /* channel offset of this window's part */
+    int overlap = parts == 2 && index > 0;                  /* a previous window exists */
+    for (int j = 0; j < d; j++) {
+        double slot_gate[2 * ratio], slot_kv[2 * ratio], mx = -INFINITY, sum = 0, acc = 0;
+        int n = 0;
+        for (int k = 0; overlap && k < ratio; k++, n++) {
+            slot_gate[n] = s->prev_gate[(size_t)k * d + j];
+            slot_kv[n] = s->prev_kv[(size_t)k * d + j];
+        }
+        for (int k = 0; k < ratio; k++, n++) {
+            size_t at = (size_t)k * width + own_part + j;
+            slot_gate[n] = s->pending_gate[at] + w->ape[at];
+            slot_kv[n] = s->pending_kv[at];
+        }
+        for (int k = 0; k < n; k++) mx = fmax(mx, slot_gate[k]);
+        for (int k = 0; k < n; k++) {
+            double p = exp(slot_gate[k] - mx);
+            sum += p;
+            acc += p * slot_kv[k];
+        }
+        entry[j] = (float)(acc / sum);
+    }
+    if (parts == 2)   /* this window's first part is the next entry's overlap */
+        for (int k = 0; k < ratio; k++)
+            for (int j = 0; j < d; j++) {
+                size_t at = (size_t)k * width + j;
+                s->prev_kv[(size_t)k * d + j] = s->pending_kv[at];
+                s->prev_gate[(size_t)k * d + j] = s->pending_gate[at] + w->ape[at];
+            }
+    float *out = s->entries + (size_t)index * d;
+    rmsnorm(out, entry, w->norm, d, c->rms_eps);
+    rope(out + d - c->rope_dim, c->rope_dim, index * ratio, rope_compress, 1);
+}
+
+/* Feed the projections kv[T, parts*d] and gate[T, parts*d] of positions pos0.. into the
+   compressor cache s, emitting an entry each time a window closes. */
+static void compressor_feed(const Config *c, const Compressor *w, CompressorCache *s, int parts, int d, int ratio,
                             const float *kv, const float *gate, int T, int pos0, const Rope *rope_compress, float *entry) {
-    int width = coff * d;
+    size_t width = (size_t)parts * d;
     for (int t = 0; t < T; t++) {
         int pos = pos0 + t, slot = pos % ratio;
-        memcpy(s->pending_kv + (size_t)slot * width, kv + (size_t)t * width, width * sizeof(float));
-        memcpy(s->pending_gate + (size_t)slot * width, gate + (size_t)t * width, width * sizeof(float));
-        if (slot != ratio - 1) continue;
-        int own = coff == 2 ? d : 0;   /* channel offset of this window's share of the entry */
-        for (int j = 0; j < d; j++) {
-            /* the slots of channel j: (CSA, after the first window) the previous window's
-               first-half channel, then this window's own channel */
-            double slot_gate[2 * ratio], slot_kv[2 * ratio], mx = -INFINITY, sum = 0, acc = 0;
-            int n = 0;
-            for (int k = 0; coff == 2 && s->have_prev && k < ratio; k++, n++) {
-                slot_gate[n] = s->prev_gate[(size_t)k * d + j];
-                slot_kv[n] = s->prev_kv[(size_t)k * d + j];
-            }
-            for (int k = 0; k < ratio; k++, n++) {
-                size_t at = (size_t)k * width + own + j;
-                slot_gate[n] = s->pending_gate[at] + tensor_float(&w->ape, at);
-                slot_kv[n] = s->pending_kv[at];
-            }
-            for (int k = 0; k < n; k++) mx = fmax(mx, slot_gate[k]);
-            for (int k = 0; k < n; k++) {
-                double p = exp(slot_gate[k] - mx);
-                sum += p;
-                acc += p * slot_kv[k];
-            }
-            entry[j] = (float)(acc / sum);
-        }
-        if (coff == 2) {   /* keep this window's first half for the next entry */
-            for (int k = 0; k < ratio; k++)
-                for (int j = 0; j < d; j++) {
-                    s->prev_kv[(size_t)k * d + j] = s->pending_kv[(size_t)k * width + j];
-                    s->prev_gate[(size_t)k * d + j] = s->pending_gate[(size_t)k * width + j] + tensor_float(&w->ape, (size_t)k * width + j);
-                }
-            s->have_prev = 1;
-        }
-        float *out = s->entries + (size_t)s->n_entries * d;
-        rmsnorm(out, entry, &w->norm, d, c->rms_eps);
-        rope(out + d - c->rope_dim, c->rope_dim, s->n_entries * ratio, rope_compress, 1);
-        s->n_entries++;
+        memcpy(s->pending_kv + slot * width, kv + t * width, width * sizeof(float));
+        memcpy(s->pending_gate + slot * width, gate + t * width, width * sizeof(float));
+        if (slot == ratio - 1) compressor_emit(c, w, s, parts, d, ratio, pos / ratio, rope_compress, entry);
     }
 }
 
+/* ------------------------------------------------------------------------------ attention */
 /* Indices of the k largest of score[0..n) into out[k] (k <= n); ties go to the lower index. */
 static void top_k(const float *score, int n, int k, int *out) {
     for (int i = 0; i < k; i++) out[i] = -1;
@@ -1471,340 +1679,283 @@ static void top_k(const float *score, int n, int k, int *out) {
     }
 }
 
-/* Key (= value) number k of a query: the first n_window are the sliding window, positions
-   first.. (from this chunk, which starts at pos0, or from the ring buffer of W), the rest are
-   the compressed entries in s->selected. */
-static const float *attention_key(const State *s, const LayerState *ls, int k, int first, int n_window, int pos0, int D,
-                                  int W) {
-    if (k >= n_window) return ls->comp.entries + (size_t)s->selected[k - n_window] * D;
-    int pos = first + k;
-    return pos >= pos0 ? s->kv + (size_t)(pos - pos0) * D : ls->window + (size_t)(pos % W) * D;
+/* The keys (= values) one query attends to: n_window positions from `first` in a layer's ring
+   of ring_rows rows, then n_selected compressed entries, by index into `entries`. */
+typedef struct {
+    const float *ring;
+    int ring_rows, first, n_window;
+    const float *entries;
+    const int *selected;
+    int n_selected;
+} KeySet;
+
+/* Key number k of the set, [D]. */
+static const float *key_at(const KeySet *keys, int k, int D) {
+    if (k < keys->n_window) return keys->ring + (size_t)((keys->first + k) % keys->ring_rows) * D;
+    return keys->entries + (size_t)keys->selected[k - keys->n_window] * D;
 }
 
-/* The compressed entries query t (at pos) of layer l attends to, into s->selected; returns
-   how many. Only entries c < (pos + 1) / ratio are visible (their window has closed). HCA:
-   all of them. CSA: the lightning indexer's top index_topk by
-   score[c] = sum_h relu(qI[t,h] . kI[c]) / sqrt(DI) * w[t,h] / sqrt(NI). */
-static int select_entries(const Config *c, State *s, const LayerState *ls, int l, int t, int pos) {
+/* The compressed entries query t (at pos) of layer l attends to, into s->scratch.selected;
+   returns how many. Only entries e < (pos + 1) / ratio are visible (their window has closed).
+   HCA: all of them. CSA: the lightning indexer's top index_topk by
+   score[e] = sum_h relu(qI[t,h] . kI[e]) / sqrt(DI) * w[t,h] / sqrt(NI). */
+static int select_entries(const Config *c, State *s, int l, int t, int pos) {
+    Scratch *w = &s->scratch;
     int ratio = c->compress_ratio[l], visible = ratio ? (pos + 1) / ratio : 0;
     if (c->attn_kind[l] == ATTN_HCA) {
-        for (int e = 0; e < visible; e++) s->selected[e] = e;
+        for (int e = 0; e < visible; e++) w->selected[e] = e;
         return visible;
     }
     if (c->attn_kind[l] != ATTN_CSA) return 0;
     int NI = c->index_heads, DI = c->index_dim;
     for (int e = 0; e < visible; e++) {
-        const float *key = ls->index_comp.entries + (size_t)e * DI;
+        const float *key = s->layers[l].index_comp.entries + (size_t)e * DI;
         double score = 0;
         for (int h = 0; h < NI; h++) {
-            const float *q = s->index_q + ((size_t)t * NI + h) * DI;
+            const float *q = w->index_q + ((size_t)t * NI + h) * DI;
             double dot = 0;
             for (int i = 0; i < DI; i++) dot += (double)q[i] * key[i];
-            if (dot > 0) score += dot / sqrt((double)DI) * (s->index_w[(size_t)t * NI + h] / sqrt((double)NI));
+            if (dot > 0) score += dot / sqrt((double)DI) * (w->index_w[(size_t)t * NI + h] / sqrt((double)NI));
         }
-        s->scores[e] = (float)score;
+        w->scores[e] = (float)score;
     }
     int n = visible < c->index_topk ? visible : c->index_topk;
-    top_k(s->scores, visible, n, s->selected);
+    top_k(w->scores, visible, n, w->selected);
     return n;
 }
 
-/* One head of one query: o[D] = softmax(q . keys / sqrt(D), with the sink) . keys, where the
-   keys are the n_window sliding-window entries from position `first` and then the n_selected
-   compressed entries; then the inverse RoPE at pos on o's rope dims. */
-static void attend(const Config *c, State *s, const LayerState *ls, const float *q, float sink, int first, int n_window,
-                   int n_selected, int pos0, int pos, const Rope *rope_l, float *o) {
-    int D = c->head_dim, R = c->rope_dim, W = c->sliding_window, n = n_window + n_selected;
+/* One head of one query at pos: o[D] = softmax(q . keys / sqrt(D), with the sink) . keys, then
+   the inverse RoPE at pos on o's rope dims. scores [n keys] and values [D] are scratch. */
+static void attend(const Config *c, const float *q, float sink, const KeySet *keys, int pos, const Rope *rope_l,
+                   float *scores, double *values, float *o) {
+    int D = c->head_dim, R = c->rope_dim, n = keys->n_window + keys->n_selected;
     float mx = sink;
     for (int k = 0; k < n; k++) {
-        const float *key = attention_key(s, ls, k, first, n_window, pos0, D, W);
+        const float *key = key_at(keys, k, D);
         double dot = 0;
         for (int i = 0; i < D; i++) dot += (double)q[i] * key[i];
-        s->scores[k] = (float)(dot / sqrt((double)D));
-        mx = fmaxf(mx, s->scores[k]);
+        scores[k] = (float)(dot / sqrt((double)D));
+        mx = fmaxf(mx, scores[k]);
     }
     double denom = exp((double)sink - mx);   /* the sink takes probability, gives no value */
-    for (int i = 0; i < D; i++) s->values[i] = 0;
+    for (int i = 0; i < D; i++) values[i] = 0;
     for (int k = 0; k < n; k++) {
-        const float *value = attention_key(s, ls, k, first, n_window, pos0, D, W);   /* K = V */
-        double p = expf(s->scores[k] - mx);
+        const float *value = key_at(keys, k, D);   /* K = V */
+        double p = expf(scores[k] - mx);
         denom += p;
-        for (int i = 0; i < D; i++) s->values[i] += p * value[i];
+        for (int i = 0; i < D; i++) values[i] += p * value[i];
     }
-    for (int i = 0; i < D; i++) o[i] = (float)(s->values[i] / denom);
+    for (int i = 0; i < D; i++) o[i] = (float)(values[i] / denom);
     rope(o + D - R, R, pos, rope_l, -1);   /* undo the values' rotation: relative positions */
 }
 
-/* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> s->block_out[T, E]. */
-static void attention(const Model *m, State *s, int l, int T, int pos0) {
-    const Config *c = &m->config;
-    const Layer *L = &m->layers[l];
-    LayerState *ls = &s->layers[l];
-    int H = c->n_heads, D = c->head_dim, R = c->rope_dim, W = c->sliding_window, Q = c->q_lora_rank;
-    int ratio = c->compress_ratio[l];
-    const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &s->rope_main : &s->rope_compress;
-    float *row = s->weight_row;
-
-    /* queries: low-rank path, per-head RMS, RoPE; the shared K=V latent */
-    linear(&L->wq_a, s->x, s->qr, T, row);
-    for (int t = 0; t < T; t++) rmsnorm(s->qr + (size_t)t * Q, s->qr + (size_t)t * Q, &L->q_norm, Q, c->rms_eps);
-    linear(&L->wq_b, s->qr, s->q, T, row);
-    linear(&L->wkv, s->x, s->kv, T, row);
+/* Queries q[T, H, D] (normed, rotated) and the shared latent kv[T, D] of the chunk. */
+static void attention_projections(const Config *c, const Layer *L, Scratch *w, int T, int pos0, const Rope *rope_l) {
+    int H = c->n_heads, D = c->head_dim, R = c->rope_dim, Q = c->q_lora_rank;
+    linear(&L->wq_a, w->x, w->qr, T, w->weight_row);
+    for (int t = 0; t < T; t++) rmsnorm(w->qr + (size_t)t * Q, w->qr + (size_t)t * Q, L->q_norm, Q, c->rms_eps);
+    linear(&L->wq_b, w->qr, w->q, T, w->weight_row);
+    linear(&L->wkv, w->x, w->kv, T, w->weight_row);
     for (int t = 0; t < T; t++) {
         for (int h = 0; h < H; h++) {
-            float *q = s->q + ((size_t)t * H + h) * D;
+            float *q = w->q + ((size_t)t * H + h) * D;
             rmsnorm(q, q, NULL, D, c->rms_eps);
             rope(q + D - R, R, pos0 + t, rope_l, 1);
         }
-        float *kv = s->kv + (size_t)t * D;
-        rmsnorm(kv, kv, &L->kv_norm, D, c->rms_eps);
+        float *kv = w->kv + (size_t)t * D;
+        rmsnorm(kv, kv, L->kv_norm, D, c->rms_eps);
         rope(kv + D - R, R, pos0 + t, rope_l, 1);
     }
+}
 
-    /* compressed entries (CSA / HCA) and, for CSA, the indexer's keys, queries and weights */
-    if (ratio) {
-        int coff = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
-        linear(&L->compressor.wkv, s->x, s->comp_kv, T, row);
-        linear(&L->compressor.wgate, s->x, s->comp_gate, T, row);
-        compressor_feed(c, &L->compressor, &ls->comp, coff, D, ratio, s->comp_kv, s->comp_gate, T, pos0, &s->rope_compress, s->entry);
-    }
-    if (c->attn_kind[l] == ATTN_CSA) {
-        int NI = c->index_heads, DI = c->index_dim;
-        linear(&L->index_compressor.wkv, s->x, s->comp_kv, T, row);
-        linear(&L->index_compressor.wgate, s->x, s->comp_gate, T, row);
-        compressor_feed(c, &L->index_compressor, &ls->index_comp, 2, DI, ratio, s->comp_kv, s->comp_gate, T, pos0, &s->rope_compress, s->entry);
-        linear(&L->index_wq_b, s->qr, s->index_q, T, row);
-        linear(&L->index_weights_proj, s->x, s->index_w, T, row);
-        for (int t = 0; t < T; t++)
-            for (int h = 0; h < NI; h++) rope(s->index_q + ((size_t)t * NI + h) * DI + DI - R, R, pos0 + t, &s->rope_compress, 1);
-    }
+/* CSA / HCA layers: feed the compressor (and for CSA the indexer's compressor); CSA: the
+   indexer's queries index_q[T, NI, DI] (rotated) and head weights index_w[T, NI]. */
+static void compress_and_index(const Config *c, const Layer *L, State *s, int l, int T, int pos0) {
+    Scratch *w = &s->scratch;
+    LayerCache *ls = &s->layers[l];
+    int ratio = c->compress_ratio[l], csa = c->attn_kind[l] == ATTN_CSA;
+    linear(&L->compressor.wkv, w->x, w->comp_kv, T, w->weight_row);
+    linear(&L->compressor.wgate, w->x, w->comp_gate, T, w->weight_row);
+    compressor_feed(c, &L->compressor, &ls->comp, csa ? 2 : 1, c->head_dim, ratio, w->comp_kv, w->comp_gate, T, pos0,
+                    &s->rope_compress, w->entry);
+    if (!csa) return;
+    int NI = c->index_heads, DI = c->index_dim, R = c->rope_dim;
+    linear(&L->index_compressor.wkv, w->x, w->comp_kv, T, w->weight_row);
+    linear(&L->index_compressor.wgate, w->x, w->comp_gate, T, w->weight_row);
+    compressor_feed(c, &L->index_compressor, &ls->index_comp, 2, DI, ratio, w->comp_kv, w->comp_gate, T, pos0,
+                    &s->rope_compress, w->entry);
+    linear(&L->index_wq_b, w->qr, w->index_q, T, w->weight_row);
+    linear(&L->index_weights_proj, w->x, w->index_w, T, w->weight_row);
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < NI; h++) rope(w->index_q + ((size_t)t * NI + h) * DI + DI - R, R, pos0 + t, &s->rope_compress, 1);
+}
+
+/* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. */
+static void attention(const Model *m, State *s, int l, int T, int pos0) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    Scratch *w = &s->scratch;
+    LayerCache *ls = &s->layers[l];
+    int H = c->n_heads, D = c->head_dim, W = c->sliding_window, rows = ring_rows(s, c);
+    const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &s->rope_main : &s->rope_compress;
+
+    attention_projections(c, L, w, T, pos0, rope_l);
+    if (c->compress_ratio[l]) compress_and_index(c, L, s, l, T, pos0);
+    for (int t = 0; t < T; t++)   /* the chunk's keys join the ring before any query reads it */
+        memcpy(ls->keys + (size_t)((pos0 + t) % rows) * D, w->kv + (size_t)t * D, D * sizeof(float));
 
     /* each query: the sliding window of the last W positions plus its compressed entries */
     for (int t = 0; t < T; t++) {
         int pos = pos0 + t, first = pos - W + 1 > 0 ? pos - W + 1 : 0;
-        int n_selected = select_entries(c, s, ls, l, t, pos);
+        KeySet keys = {ls->keys, rows, first, pos - first + 1, ls->comp.entries, w->selected, 0};
+        keys.n_selected = select_entries(c, s, l, t, pos);
         for (int h = 0; h < H; h++)
-            attend(c, s, ls, s->q + ((size_t)t * H + h) * D, tensor_float(&L->attn_sink, h), first, pos - first + 1,
-                   n_selected, pos0, pos, rope_l, s->attn + ((size_t)t * H + h) * D);
+            attend(c, w->q + ((size_t)t * H + h) * D, L->attn_sink[h], &keys, pos, rope_l, w->scores, w->values,
+                   w->attn + ((size_t)t * H + h) * D);
     }
-    /* the last W keys of the chunk go to the ring buffer */
-    for (int t = T > W ? T - W : 0; t < T; t++)
-        memcpy(ls->window + (size_t)((pos0 + t) % W) * D, s->kv + (size_t)t * D, D * sizeof(float));
 
     /* grouped output projection: group g's heads -> O dims each, then wo_b mixes the groups */
     int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
     for (int g = 0; g < G; g++)
-        linear_rows(&L->wo_a, g * O, O, s->attn + (size_t)g * group_in, (size_t)H * D, s->grouped + (size_t)g * O,
-                    (size_t)G * O, T, row);
-    linear(&L->wo_b, s->grouped, s->block_out, T, row);
+        linear_rows(&L->wo_a, g * O, O, w->attn + (size_t)g * group_in, (size_t)H * D, w->grouped + (size_t)g * O,
+                    (size_t)G * O, T, w->weight_row);
+    linear(&L->wo_b, w->grouped, w->block_out, T, w->weight_row);
 }
 
-/* One expert (or the shared expert) on x[E], accumulated: out[E] += weight * w2(silu(min(w1 x,
-   limit)) * clamp(w3 x, -limit, limit)). */
-static void expert(const Config *c, State *s, const Linear *w1, const Linear *w2, const Linear *w3, const float *x,
-                   float weight, float *out) {
-    int I = c->moe_inter;
-    float limit = c->swiglu_limit;
-    linear(w1, x, s->expert_gate, 1, s->weight_row);
-    linear(w3, x, s->expert_up, 1, s->weight_row);
-    for (int i = 0; i < I; i++) {
-        float g = fminf(s->expert_gate[i], limit), u = fmaxf(fminf(s->expert_up[i], limit), -limit);
-        s->expert_gate[i] = g / (1.0f + expf(-g)) * u;
-    }
-    linear(w2, s->expert_gate, s->expert_out, 1, s->weight_row);
-    for (int e = 0; e < c->hidden_size; e++) out[e] += weight * s->expert_out[e];
-}
+/* ------------------------------------------------------------------------------------ MoE */
+/* The MoE runs by slot: slot t*K + k is token t's k-th chosen expert. The router fills
+   chosen[T, K] and route_weight[T, K]; the slots are grouped by expert (counts, then offsets);
+   each chosen expert runs once over all its slots' rows, decoding each weight row once per
+   chunk; the combine adds every slot's output, weighted, to its token's row. The GPU kernels
+   have this shape. */
 
-/* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> s->block_out[T, E]. */
-static void moe(const Model *m, State *s, int l, const int *tokens, int T) {
+/* Router of layer l for the chunk: scores sqrt(softplus(x . gate)) [T, X]; experts by
+   tid2eid (hash layers) or the top-K of score + bias; weights = chosen scores normalized to
+   sum 1, times routed_scaling_factor. */
+static void route(const Model *m, State *s, int l, const int *tokens, int T) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
-    int E = c->hidden_size, X = c->n_experts, K = c->topk;
+    Scratch *w = &s->scratch;
+    int X = c->n_experts, K = c->topk;
+    linear(&L->gate, w->x, w->router, T, w->weight_row);
     for (int t = 0; t < T; t++) {
-        const float *x = s->x + (size_t)t * E;
-        float *out = s->block_out + (size_t)t * E;
-        memset(out, 0, E * sizeof(float));
-        /* router: sqrt(softplus(logits)); experts by tid2eid (hash layers) or biased top-k */
-        float *score = s->router, *biased = s->router + X;
-        int *chosen = s->chosen;
-        linear(&L->gate, x, score, 1, s->weight_row);
+        float *score = w->router + (size_t)t * X;
+        int *chosen = w->chosen + (size_t)t * K;
         for (int e = 0; e < X; e++) {
             float z = score[e];
             score[e] = sqrtf(z > 20 ? z : log1pf(expf(z)));
-            biased[e] = is_hash_layer(c, l) ? score[e] : score[e] + tensor_float(&L->gate_bias, e);
+            if (!is_hash_layer(c, l)) w->biased[e] = score[e] + L->gate_bias[e];
         }
         if (is_hash_layer(c, l))
-            for (int k = 0; k < K; k++) chosen[k] = (int)load_i64(L->tid2eid.data, (size_t)tokens[t] * K + k);
+            for (int k = 0; k < K; k++) chosen[k] = L->tid2eid[(size_t)tokens[t] * K + k];
         else
-            top_k(biased, X, K, chosen);
+            top_k(w->biased, X, K, chosen);
         double total = 0;
         for (int k = 0; k < K; k++) total += score[chosen[k]];
-        for (int k = 0; k < K; k++) {
-            float weight = (float)(score[chosen[k]] / (total + 1e-20)) * c->routed_scaling;
-            int e = chosen[k];
-            expert(c, s, &L->w1[e], &L->w2[e], &L->w3[e], x, weight, out);
-        }
-        expert(c, s, &L->shared_w1, &L->shared_w2, &L->shared_w3, x, 1.0f, out);
+        for (int k = 0; k < K; k++)
+            w->route_weight[(size_t)t * K + k] = (float)(score[chosen[k]] / (total + 1e-20)) * c->routed_scaling;
     }
 }
 
-/* Run T tokens (positions s->pos ...) through the model, advancing the state. Writes logits for
-   every token into s->logits[T, V] when all_logits, else only for the last token (row 0). */
+/* Group the n_slots slots by expert (counting sort, stable): expert_start[X + 1], slot_order
+   and its inverse slot_row. */
+static void group_slots(Scratch *w, int X, int n_slots) {
+    memset(w->expert_start, 0, (size_t)(X + 1) * sizeof(int));
+    for (int i = 0; i < n_slots; i++) w->expert_start[w->chosen[i] + 1]++;       /* counts */
+    for (int e = 0; e < X; e++) w->expert_start[e + 1] += w->expert_start[e];   /* offsets */
+    for (int i = 0; i < n_slots; i++) {   /* place in slot order; expert_start[e] advances to e's end */
+        int row = w->expert_start[w->chosen[i]]++;
+        w->slot_order[row] = i;
+        w->slot_row[i] = row;
+    }
+    for (int e = X; e > 0; e--) w->expert_start[e] = w->expert_start[e - 1];   /* each moved one expert on */
+    w->expert_start[0] = 0;
+}
+
+/* One expert (or the shared expert) on n rows: out[n, E] = w2(silu(min(w1 x, limit)) *
+   clamp(w3 x, -limit, limit)) for x[n, E]. */
+static void expert_ffn(const Config *c, Scratch *w, const Linear *w1, const Linear *w2, const Linear *w3,
+                       const float *x, int n, float *out) {
+    int I = c->moe_inter;
+    float limit = c->swiglu_limit;
+    linear(w1, x, w->expert_gate, n, w->weight_row);
+    linear(w3, x, w->expert_up, n, w->weight_row);
+    for (size_t i = 0; i < (size_t)n * I; i++) {
+        float g = fminf(w->expert_gate[i], limit), u = fmaxf(fminf(w->expert_up[i], limit), -limit);
+        w->expert_gate[i] = g / (1.0f + expf(-g)) * u;
+    }
+    linear(w2, w->expert_gate, out, n, w->weight_row);
+}
+
+/* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. */
+static void moe(const Model *m, State *s, int l, const int *tokens, int T) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    Scratch *w = &s->scratch;
+    int E = c->hidden_size, X = c->n_experts, K = c->topk, n_slots = T * K;
+    route(m, s, l, tokens, T);
+    group_slots(w, X, n_slots);
+    for (int row = 0; row < n_slots; row++)   /* gather each slot's input row, in expert order */
+        memcpy(w->expert_x + (size_t)row * E, w->x + (size_t)(w->slot_order[row] / K) * E, E * sizeof(float));
+    for (int e = 0; e < X; e++) {
+        int start = w->expert_start[e], n = w->expert_start[e + 1] - start;
+        if (!n) continue;
+        Linear w1 = expert_matrix(&L->w1, e), w2 = expert_matrix(&L->w2, e), w3 = expert_matrix(&L->w3, e);
+        expert_ffn(c, w, &w1, &w2, &w3, w->expert_x + (size_t)start * E, n, w->expert_out + (size_t)start * E);
+    }
+    expert_ffn(c, w, &L->shared_w1, &L->shared_w2, &L->shared_w3, w->x, T, w->block_out);
+    for (int t = 0; t < T; t++) {   /* combine: the shared expert's output plus each slot, weighted */
+        float *out = w->block_out + (size_t)t * E;
+        for (int k = 0; k < K; k++) {
+            int slot = t * K + k;
+            const float *y = w->expert_out + (size_t)w->slot_row[slot] * E;
+            for (int e = 0; e < E; e++) out[e] += w->route_weight[slot] * y[e];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------- forward */
+/* Run T tokens (positions s->pos ...) through the model, advancing the state. Writes logits
+   into s->scratch.logits: every row [T, V] when all_logits (the state must have been laid out
+   for it), else only the last token's [1, V]. Refuses a chunk larger than the state's
+   max_tokens or one that would pass its max_ctx. */
 static void forward(const Model *m, State *s, const int *tokens, int T, int all_logits) {
     const Config *c = &m->config;
+    Scratch *w = &s->scratch;
     int E = c->hidden_size, pos0 = s->pos;
+    if (T < 1 || T > s->max_tokens) fatal("forward: a chunk of %d tokens (the state holds 1 to %d)", T, s->max_tokens);
+    if (T > s->max_ctx - pos0) fatal("forward: positions %d..%d pass the context of %d", pos0, pos0 + T - 1, s->max_ctx);
+    if (all_logits && !s->all_logits) fatal("forward: every row's logits asked of a state laid out for the last row only");
     for (int t = 0; t < T; t++) {   /* embedding, copied into the HC residual streams */
         for (int e = 0; e < E; e++) {
             float v = tensor_float(&m->embed, (size_t)tokens[t] * E + e);
-            for (int i = 0; i < HC; i++) s->h[((size_t)t * HC + i) * E + e] = v;
+            for (int i = 0; i < HC; i++) w->h[((size_t)t * HC + i) * E + e] = v;
         }
     }
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->layers[l];
-        for (int site = 0; site < 2; site++) {   /* 0: attention, 1: MoE */
+        for (int block = 0; block < 2; block++) {   /* 0: attention, 1: MoE */
             for (int t = 0; t < T; t++) {
-                float *x = s->x + (size_t)t * E;
-                hc_pre(c, s->h + (size_t)t * HC * E, site ? &L->hc_ffn_fn : &L->hc_attn_fn,
-                       site ? &L->hc_ffn_base : &L->hc_attn_base, site ? &L->hc_ffn_scale : &L->hc_attn_scale, x,
-                       s->post + (size_t)t * HC, s->comb + (size_t)t * HC * HC);
-                rmsnorm(x, x, site ? &L->ffn_norm : &L->attn_norm, E, c->rms_eps);
+                float *x = w->x + (size_t)t * E;
+                hc_pre(c, w->h + (size_t)t * HC * E, block ? &L->hc_ffn : &L->hc_attn, x, w->post + (size_t)t * HC,
+                       w->comb + (size_t)t * HC * HC);
+                rmsnorm(x, x, block ? L->ffn_norm : L->attn_norm, E, c->rms_eps);
             }
-            if (site == 0) attention(m, s, l, T, pos0);
+            if (block == 0) attention(m, s, l, T, pos0);
             else moe(m, s, l, tokens, T);
             for (int t = 0; t < T; t++)
-                hc_post(c, s->h + (size_t)t * HC * E, s->block_out + (size_t)t * E, s->post + (size_t)t * HC,
-                        s->comb + (size_t)t * HC * HC);
+                hc_post(c, w->h + (size_t)t * HC * E, w->block_out + (size_t)t * E, w->post + (size_t)t * HC,
+                        w->comb + (size_t)t * HC * HC);
         }
     }
     int first = all_logits ? 0 : T - 1;
     for (int t = first; t < T; t++) {
-        float *x = s->x + (size_t)(t - first) * E;
-        hc_head(m, s->h + (size_t)t * HC * E, x);
-        rmsnorm(x, x, &m->norm, E, c->rms_eps);
+        float *x = w->x + (size_t)(t - first) * E;
+        hc_head(m, w->h + (size_t)t * HC * E, x);
+        rmsnorm(x, x, m->norm, E, c->rms_eps);
     }
-    linear(&m->head, s->x, s->logits, T - first, s->weight_row);
+    linear(&m->head, w->x, w->logits, T - first, w->weight_row);
     s->pos += T;
-}
-
-/* =========================================================================== decoding state */
-/* Everything the forward pass writes, allocated once from the chunk size T (max_tokens) and the
-   context C (max_ctx): the sliding-window ring buffers, the compressors' pending windows and
-   overlap, the compressed entries (C / ratio per compressor) and the scratch of one chunk.
-   plan_state lists every buffer once; it either only adds up their sizes (so a state that
-   cannot fit is refused before anything is allocated) or allocates them. */
-
-typedef struct {
-    size_t total;   /* bytes so far; SIZE_MAX once the sizes overflow */
-    int allocate;   /* 0: count only */
-} StatePlan;
-
-/* Count `count` items of `size` bytes into the plan; returns them zeroed when allocating,
-   else NULL. */
-static void *reserve(StatePlan *p, size_t count, size_t size) {
-    if (size && count > (SIZE_MAX - p->total) / size) p->total = SIZE_MAX;
-    else p->total += count * size;
-    return p->allocate ? xcalloc(count, size) : NULL;
-}
-
-/* The state of one compressor of width coff*d with `ratio` tokens per entry. */
-static void plan_compressor(StatePlan *p, CompressorState *s, int coff, int d, int ratio, int C) {
-    s->pending_kv = reserve(p, (size_t)ratio * coff * d, sizeof(float));
-    s->pending_gate = reserve(p, (size_t)ratio * coff * d, sizeof(float));
-    if (coff == 2) {
-        s->prev_kv = reserve(p, (size_t)ratio * d, sizeof(float));
-        s->prev_gate = reserve(p, (size_t)ratio * d, sizeof(float));
-    }
-    s->entries = reserve(p, ((size_t)C / ratio + 1) * d, sizeof(float));
-}
-
-/* Free what plan_compressor allocated. */
-static void free_compressor_state(CompressorState *s) {
-    free(s->pending_kv);
-    free(s->pending_gate);
-    free(s->prev_kv);
-    free(s->prev_gate);
-    free(s->entries);
-}
-
-/* Lay out the state for chunks of up to T tokens and a context of C tokens; allocate it into
-   s when `allocate`. Returns its size in bytes (SIZE_MAX when that overflows). */
-static size_t plan_state(State *s, const Config *c, int T, int C, int allocate) {
-    StatePlan p = {0, allocate};
-    memset(s, 0, sizeof *s);
-    s->max_tokens = T;
-    s->max_ctx = C;
-    size_t E = c->hidden_size, H = c->n_heads, D = c->head_dim, DI = c->index_dim, NI = c->index_heads;
-    size_t wide = 2 * (D > DI ? D : DI), W = c->sliding_window, n = (size_t)T, G_O = (size_t)c->o_groups * c->o_lora_rank;
-    s->layers = reserve(&p, (size_t)c->n_layers, sizeof(LayerState));
-    for (int l = 0; l < c->n_layers; l++) {
-        LayerState unused = {0}, *ls = allocate ? &s->layers[l] : &unused;
-        ls->window = reserve(&p, W * D, sizeof(float));
-        int ratio = c->compress_ratio[l];
-        if (ratio) plan_compressor(&p, &ls->comp, c->attn_kind[l] == ATTN_CSA ? 2 : 1, (int)D, ratio, C);
-        if (c->attn_kind[l] == ATTN_CSA) plan_compressor(&p, &ls->index_comp, 2, (int)DI, ratio, C);
-    }
-    size_t max_cols = E;   /* the widest input of any linear layer */
-    size_t cols[] = {(size_t)c->q_lora_rank, H * D / c->o_groups, G_O, (size_t)c->moe_inter};
-    for (int i = 0; i < 4; i++) max_cols = cols[i] > max_cols ? cols[i] : max_cols;
-    s->h = reserve(&p, n * HC * E, sizeof(float));
-    s->x = reserve(&p, n * E, sizeof(float));
-    s->post = reserve(&p, n * HC, sizeof(float));
-    s->comb = reserve(&p, n * HC * HC, sizeof(float));
-    s->block_out = reserve(&p, n * E, sizeof(float));
-    s->qr = reserve(&p, n * c->q_lora_rank, sizeof(float));
-    s->q = reserve(&p, n * H * D, sizeof(float));
-    s->kv = reserve(&p, n * D, sizeof(float));
-    s->attn = reserve(&p, n * H * D, sizeof(float));
-    s->grouped = reserve(&p, n * G_O, sizeof(float));
-    s->comp_kv = reserve(&p, n * wide, sizeof(float));
-    s->comp_gate = reserve(&p, n * wide, sizeof(float));
-    s->index_q = reserve(&p, n * NI * DI, sizeof(float));
-    s->index_w = reserve(&p, n * NI, sizeof(float));
-    s->logits = reserve(&p, n * c->vocab_size, sizeof(float));
-    s->scores = reserve(&p, W + (size_t)C + 1, sizeof(float));
-    s->selected = reserve(&p, (size_t)C + 1, sizeof(int));
-    s->values = reserve(&p, D, sizeof(double));
-    s->entry = reserve(&p, wide, sizeof(float));
-    s->weight_row = reserve(&p, max_cols, sizeof(float));
-    s->router = reserve(&p, 2 * (size_t)c->n_experts, sizeof(float));
-    s->chosen = reserve(&p, (size_t)c->topk, sizeof(int));
-    s->expert_gate = reserve(&p, (size_t)c->moe_inter, sizeof(float));
-    s->expert_up = reserve(&p, (size_t)c->moe_inter, sizeof(float));
-    s->expert_out = reserve(&p, E, sizeof(float));
-    s->rope_main = (Rope){reserve(&p, (size_t)c->rope_dim / 2, sizeof(float)), 1.0f};
-    s->rope_compress = (Rope){reserve(&p, (size_t)c->rope_dim / 2, sizeof(float)), c->rope_scale};
-    if (allocate) {
-        rope_frequencies(c, 0, s->rope_main.inv_freq);
-        rope_frequencies(c, 1, s->rope_compress.inv_freq);
-    }
-    return p.total;
-}
-
-/* Bytes the state for (T, C) takes, or SIZE_MAX; allocates nothing. */
-static size_t state_bytes(const Config *c, int T, int C) {
-    State unused;
-    return plan_state(&unused, c, T, C, 0);
-}
-
-static void alloc_state(State *s, const Config *c, int T, int C) { plan_state(s, c, T, C, 1); }
-
-/* Free what alloc_state allocated. */
-static void free_state(State *s, const Config *c) {
-    for (int l = 0; s->layers && l < c->n_layers; l++) {
-        free(s->layers[l].window);
-        free_compressor_state(&s->layers[l].comp);
-        free_compressor_state(&s->layers[l].index_comp);
-    }
-    free(s->layers);
-    float *buffers[] = {s->h, s->x, s->post, s->comb, s->block_out, s->qr, s->q, s->kv, s->attn, s->grouped,
-                        s->comp_kv, s->comp_gate, s->index_q, s->index_w, s->scores, s->entry, s->weight_row,
-                        s->router, s->expert_gate, s->expert_up, s->expert_out, s->rope_main.inv_freq, s->rope_compress.inv_freq,
-                        s->logits};
-    for (size_t i = 0; i < sizeof buffers / sizeof *buffers; i++) free(buffers[i]);
-    free(s->values);
-    free(s->selected);
-    free(s->chosen);
-    memset(s, 0, sizeof *s);
 }
 
 /* =============================================================================== tokenizer */
@@ -3002,8 +3153,9 @@ static int argmax(const float *x, int n) {
 
 static const float *sort_probs;   /* probabilities that compare_prob_desc orders by */
 static int compare_prob_desc(const void *a, const void *b) {
-    float x = sort_probs[*(const int *)a], y = sort_probs[*(const int *)b];
-    return x < y ? 1 : x > y ? -1 : 0;
+    int i = *(const int *)a, j = *(const int *)b;
+    float x = sort_probs[i], y = sort_probs[j];
+    return x < y ? 1 : x > y ? -1 : (i > j) - (i < j);   /* equal probabilities: the lower id first */
 }
 
 /* Pick the next token from logits[V] (overwritten): greedy when temperature is 0, otherwise a
@@ -3148,12 +3300,12 @@ static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *samp
     const Config *c = &m->config;
     if (n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
     double start = now_seconds();
-    float *last = s->logits;   /* logits of the prompt's last token */
+    float *last = s->scratch.logits;   /* logits of the prompt's last token */
     for (int done = 0; done < n_prompt;) {
         int T = n_prompt - done < s->max_tokens ? n_prompt - done : s->max_tokens;
         forward(m, s, prompt + done, T, dump != NULL);
-        write_logits(dump, s->logits, (size_t)T, c->vocab_size);
-        last = s->logits + (dump ? (size_t)(T - 1) * c->vocab_size : 0);
+        write_logits(dump, s->scratch.logits, (size_t)T, c->vocab_size);
+        last = s->scratch.logits + (dump ? (size_t)(T - 1) * c->vocab_size : 0);
         done += T;
     }
     double prefilled = now_seconds();
@@ -3175,8 +3327,8 @@ static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *samp
             break;
         }
         forward(m, s, &token, 1, 0);
-        write_logits(dump, s->logits, 1, c->vocab_size);
-        last = s->logits;
+        write_logits(dump, s->scratch.logits, 1, c->vocab_size);
+        last = s->scratch.logits;
     }
     char tail[8];
     fwrite(tail, 1, utf8_stream_flush(&stream, tail), stdout);
@@ -3293,13 +3445,13 @@ int main(int argc, char **argv) {
     n_ids = o.ids ? parse_ids(o.ids, c->vocab_size, &ids) : prompt_ids(&tokenizer, add_bos, c->bos_id, o.prompt, o.chat, &ids);
     if (n_ids > o.max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
-    size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx);
+    size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
     size_t physical = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE);
     if (bytes == SIZE_MAX || bytes > physical)
         fatal("the decoding state for --ctx %d and --chunk %d needs %.1f GiB, more than this machine's %.1f GiB",
               o.max_ctx, o.max_tokens, bytes == SIZE_MAX ? INFINITY : bytes / 1073741824.0, physical / 1073741824.0);
     State state;
-    alloc_state(&state, c, o.max_tokens, o.max_ctx);
+    alloc_state(&state, c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
     Sampler sampler = {o.temperature, o.top_p, o.seed, xcalloc((size_t)c->vocab_size, sizeof(int))};
     FILE *dump = NULL;
     if (o.dump_logits && !(dump = fopen(o.dump_logits, "wb"))) fatal("cannot create %s: %s", o.dump_logits, strerror(errno));
@@ -3310,7 +3462,7 @@ int main(int argc, char **argv) {
     if (dump && fclose(dump)) fatal("cannot write %s: %s", o.dump_logits, strerror(errno));
     free(sampler.order);
     free(ids);
-    free_state(&state, c);
+    free_state(&state);
     tokenizer_free(&tokenizer);
     free_model(&model);
     return 0;

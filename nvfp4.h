@@ -84,32 +84,54 @@ typedef struct {
 } Linear;
 
 /* --------------------------------------------------------------------------- weights */
+/* Small tensors (norms, biases, sinks, ape, mHC parameters) are converted to float32 once at
+   load and owned by the model; the large matrices stay in the file mapping as Linear views. */
+
+/* The mHC parameters of one site: a block's input side (rows = (2 + HC) * HC = 24: pre, post
+   and the HC x HC comb logits, scale [3]) or the final hc_head (rows = HC, scale [1]). */
 typedef struct {
-    Linear wkv, wgate;    /* [coff*d, E] each (coff = 2 for CSA, 1 for HCA) */
-    Tensor ape;           /* [ratio, coff*d] f32 */
-    Tensor norm;          /* [d] */
-} Compressor;
+    float *fn;            /* [rows, HC*E] */
+    float *base;          /* [rows] */
+    float *scale;         /* [3] or [1] */
+} HcParams;
 
 typedef struct {
-    Tensor attn_norm, ffn_norm;                  /* [E] */
-    Tensor hc_attn_fn, hc_attn_base, hc_attn_scale; /* [24, HC*E], [24], [3] */
-    Tensor hc_ffn_fn, hc_ffn_base, hc_ffn_scale;
+    Linear wkv, wgate;    /* [coff*d, E] each (coff = 2 for CSA, 1 for HCA) */
+    float *ape;           /* [ratio, coff*d] */
+    float *norm;          /* [d] */
+} Compressor;
+
+/* One kind of matrix (w1, w2 or w3) of a layer's X routed experts: one format and shape for
+   all of them, indexed by expert (the GPU path uploads them as one [X, ...] block).
+   expert_matrix() gives expert e's Linear view. */
+typedef struct {
+    WeightFormat format;
+    int rows, cols;
+    int scale_is_f32;     /* FP8 with F32 block scales */
+    const void **weight;  /* [X] codes of each expert, in the mapping */
+    const void **scale;   /* [X] block scales of each expert (NULL for BF16 / F32) */
+    float *global_scale;  /* [X] NVFP4 weight_scale_2 of each expert (w1 and w3 each their own) */
+} ExpertStack;
+
+typedef struct {
+    float *attn_norm, *ffn_norm;                 /* [E] */
+    HcParams hc_attn, hc_ffn;                    /* mHC around attention and around the MoE */
     Linear wq_a;          /* [Q, E] */
-    Tensor q_norm;        /* [Q] */
+    float *q_norm;        /* [Q] */
     Linear wq_b;          /* [H*D, Q] */
     Linear wkv;           /* [D, E] */
-    Tensor kv_norm;       /* [D] */
+    float *kv_norm;       /* [D] */
     Linear wo_a;          /* [G*O, H*D/G] */
     Linear wo_b;          /* [E, G*O] */
-    Tensor attn_sink;     /* [H] */
+    float *attn_sink;     /* [H] */
     Compressor compressor;          /* CSA / HCA layers */
     Linear index_wq_b;              /* CSA: [NI*DI, Q] */
     Linear index_weights_proj;      /* CSA: [NI, E] */
     Compressor index_compressor;    /* CSA: at DI */
     Linear gate;          /* router [X, E] */
-    Tensor gate_bias;     /* [X] f32 (routed layers) */
-    Tensor tid2eid;       /* [V, topk] i64 (hash layers) */
-    Linear *w1, *w2, *w3; /* X experts: [I,E], [E,I], [I,E] */
+    float *gate_bias;     /* [X] (routed layers) */
+    int32_t *tid2eid;     /* [V, topk] (hash layers): the experts of each token id */
+    ExpertStack w1, w2, w3;         /* X experts: [I,E], [E,I], [I,E] */
     Linear shared_w1, shared_w2, shared_w3;
 } Layer;
 
@@ -123,36 +145,39 @@ typedef struct {
     size_t index_size;
     Tensor embed;         /* [V, E] */
     Linear head;          /* [V, E] */
-    Tensor norm;          /* [E] */
-    Tensor hc_head_fn, hc_head_base, hc_head_scale; /* [HC, HC*E], [HC], [1] */
+    float *norm;          /* [E] */
+    HcParams hc_head;     /* fn [HC, HC*E], base [HC], scale [1] */
     Layer *layers;
+    void **owned;         /* the float32 copies and index arrays made at load, freed by free_model */
+    size_t n_owned, owned_capacity;
     size_t weight_bytes;  /* bytes of all mapped tensors */
 } Model;
 
 /* ------------------------------------------------------------------- decoding state */
+/* The state is one arena laid out by plan_state (nvfp4.c), so that the GPU path can allocate
+   the same layout in device memory. It has two parts: the cache, which persists from chunk to
+   chunk (everything a later token reads), and the scratch of one chunk. No count is stored
+   beside `pos`: the window fill, the entries emitted and the entries a query sees all follow
+   from the position (see "decoding state" in nvfp4.c). */
 typedef struct {
     float *inv_freq;      /* [R/2] */
     float scale;          /* multiplies cos and sin (YaRN attention factor; 1 for V4) */
 } Rope;
 
+/* A compressor's cache; its window being filled is slot pos % ratio. */
 typedef struct {
-    float *pending_kv, *pending_gate; /* [ratio, coff*d]: tokens of the window being filled */
-    float *prev_kv, *prev_gate;       /* [ratio, d]: CSA overlap, the last window's first half */
-    int have_prev;
-    float *entries;                   /* [C/ratio + 1, d]: compressed entries emitted so far */
-    int n_entries;
-} CompressorState;
+    float *pending_kv, *pending_gate; /* [ratio, coff*d]: the tokens of the window being filled */
+    float *prev_kv, *prev_gate;       /* CSA: [ratio, d] the last closed window's first half (gate with ape) */
+    float *entries;                   /* [C/ratio, d]: entry i is emitted at position (i+1)*ratio - 1 */
+} CompressorCache;
 
 typedef struct {
-    float *window;                    /* [W, D] ring of the last W keys (= values) */
-    CompressorState comp, index_comp;
-} LayerState;
+    float *keys;          /* [W + T, D] ring: the key (= value) of position p is row p % (W + T) */
+    CompressorCache comp, index_comp;
+} LayerCache;
 
+/* The scratch of one chunk of up to T tokens. */
 typedef struct {
-    int max_tokens, max_ctx;          /* chunk size T and context C, fixed at allocation */
-    int pos;                          /* tokens already in the state */
-    LayerState *layers;
-    /* scratch for one chunk */
     float *h;             /* [T, HC, E] residual streams */
     float *x;             /* [T, E] collapsed and normed input of a block */
     float *post, *comb;   /* [T, HC], [T, HC, HC] */
@@ -165,17 +190,34 @@ typedef struct {
     float *comp_kv, *comp_gate;   /* [T, 2*max(D, DI)]: compressor projections of the chunk */
     float *index_q;       /* [T, NI, DI] */
     float *index_w;       /* [T, NI] */
-    float *scores;        /* [W + C + 1]: attention scores of one query, or indexer scores */
+    float *scores;        /* [W + C]: attention scores of one query, or indexer scores */
     double *values;       /* [D]: the attention output of one head being summed */
     float *weight_row;    /* [largest linear input]: one decoded weight row */
-    int *selected;        /* [C + 1]: compressed entries a query attends to */
-    float *entry;         /* [2*max(D, DI)]: one compressed entry being built */
-    float *router;        /* [2, X]: router scores, then scores + bias */
-    int *chosen;          /* [topk]: the experts of one token */
-    float *expert_gate, *expert_up; /* [I] */
-    float *expert_out;    /* [E] */
+    int *selected;        /* [C]: compressed entries a query attends to */
+    float *entry;         /* [max(D, DI)]: one compressed entry being built */
+    /* MoE, routed by slot: slot t*K + k is token t's k-th expert */
+    float *router;        /* [T, X]: sqrt(softplus(router logits)) */
+    float *biased;        /* [X]: one token's router scores + bias, for the top-k */
+    int *chosen;          /* [T, K]: the experts of each slot */
+    float *route_weight;  /* [T, K]: the weight of each slot's output */
+    int *expert_start;    /* [X + 1]: expert e's slots are slot_order[expert_start[e] .. expert_start[e+1]) */
+    int *slot_order;      /* [T*K]: the slots sorted by expert (then by slot); row i below is slot_order[i] */
+    int *slot_row;        /* [T*K]: the inverse: the row of each slot in expert_x and expert_out */
+    float *expert_x;      /* [T*K, E]: each slot's input row, gathered in expert order */
+    float *expert_gate, *expert_up; /* [T*K, I]: w1 and w3 outputs (gate becomes the SwiGLU product) */
+    float *expert_out;    /* [T*K, E]: each slot's expert output, before its route weight */
+    float *logits;        /* [L, V]: L = T when every row's logits are kept, else 1 (the last row) */
+} Scratch;
+
+typedef struct {
+    int max_tokens, max_ctx;          /* chunk size T and context C, fixed at allocation */
+    int all_logits;                   /* logits kept for every row of a chunk, not only the last */
+    int pos;                          /* tokens already in the state */
+    void *arena;                      /* the one allocation every buffer below points into */
+    size_t cache_bytes, arena_bytes;  /* the cache is arena[0, cache_bytes), the scratch the rest */
     Rope rope_main, rope_compress;    /* sliding-only layers; CSA/HCA layers, compressors, indexer */
-    float *logits;        /* [T, V] */
+    LayerCache *layers;               /* [n_layers] (a host array of pointers into the arena) */
+    Scratch scratch;
 } State;
 
 /* ------------------------------------------------------------------------------ tokenizer */

@@ -354,8 +354,8 @@ static void test_rope(void) {
     }
     CHECK(far_err < 1e-6f, "rope at positions near 1,000,000 vs double precision: %g", far_err);
     /* the frequencies transformers computed (rope.bin: main, then compress) */
-    const char *dirs[] = {"testdata/tiny-a", "testdata/tiny-b"};
-    for (int d = 0; d < 2; d++) {
+    const char *dirs[] = {"testdata/tiny-a", "testdata/tiny-b", "testdata/tiny-d"};
+    for (int d = 0; d < 3; d++) {
         load_config(&c, dirs[d]);
         char *path = path_join(dirs[d], "rope.bin");
         size_t n;
@@ -1506,6 +1506,11 @@ int main(void) {
     test_against_transformers("testdata/tiny-b", 50);
     test_against_transformers("testdata/tiny-b", 270);
     test_against_transformers("testdata/tiny-c", 13);
+    /* tiny-d: every size distinct; chunks that split its window (10) and compression rates (4,
+       8) unevenly, one token at a time, and the whole 157-token prompt at once */
+    test_against_transformers("testdata/tiny-d", 157);
+    test_against_transformers("testdata/tiny-d", 7);
+    test_against_transformers("testdata/tiny-d", 1);
     test_cli();
     test_bad_checkpoints();
     test_bad_configs();

@@ -2,8 +2,20 @@
 """Build the small random DeepSeek V4 checkpoints in testdata/ and the transformers logits that
 `make test` compares nvfp4 against.
 
-Run on a machine with torch + transformers 5.17 + tokenizers (the GPU machine; a CPU is enough):
+Run on a machine with torch + transformers 5.17 + tokenizers (a CPU is enough):
     python3 tools/gen_fixtures.py testdata/tokenizer.json.gz OUTDIR [MODEL ...]
+
+tiny-a, tiny-b and tiny-c were made on a GPU machine with torch 2.11 + transformers 5.17. tiny-d
+was made on a CPU only, in a venv outside the repository, with exactly these pip versions:
+    python 3.11.7, torch==2.11.0 (PyPI's default Linux wheel, 2.11.0+cu130, run on the CPU: it
+    needs its nvidia-* wheels present to import, though no GPU is used), transformers==5.17.0,
+    tokenizers==0.23.3, safetensors==0.8.0, numpy==2.4.6
+    python3 -m venv /work/venv-fixture
+    /work/venv-fixture/bin/pip install torch==2.11.0 transformers==5.17.0 safetensors tokenizers
+    /work/venv-fixture/bin/python tools/gen_fixtures.py testdata/tokenizer.json.gz testdata tiny-d
+On that CPU setup tiny-a/b/c regenerate with byte-identical weights, tokenizers, prompts, rope.bin
+and greedy tokens; only their reference logits differ, by float32 rounding (<= 1.1e-6 of a row's
+largest logit), so the committed GPU-made references were kept.
 
 For each model it writes OUTDIR/NAME/ with
     config.json                official DeepSeek V4 keys (legacy compress_ratios, num_hash_layers,
@@ -75,6 +87,22 @@ MODELS = [
         index_topk=3, prompt_len=90, steps=40, fp8_scale="e8m0", modern=True,
         swiglu_limit=0.3, sinkhorn_iters=7, routed_scaling=2.5,
         formats={"layers.1.attn.wkv": "nvfp4", "layers.2.attn.wq_a": "mxfp4"},
+    ),
+    # every size distinct from every other, so that a buffer stepped by the wrong size cannot pass:
+    # hidden 96, head_dim 80, rope 24, q_lora 48, o_lora 20 (x 3 groups = 60, group input 160),
+    # moe_inter 64, index_head_dim 40, 12 index heads, vocab 600 and window 10 (not powers of two);
+    # five compressed layers with an HCA rate of 8, index_topk 6 well below the ~40 CSA entries
+    # of the prompt, FP8 with float32 block scales over partial 128-blocks in both directions
+    dict(
+        name="tiny-d", seed=4, shards=2, vocab=600, hidden=96, layers=6, heads=6, head_dim=80,
+        rope_dim=24, q_lora=48, o_groups=3, o_lora=20, experts=5, topk=2, moe_inter=64,
+        window=10, ratios=[0, 4, 8, 4, 8, 4], hash_layers=2, index_heads=12, index_dim=40,
+        index_topk=6, prompt_len=157, steps=30, fp8_scale="f32", modern=True,
+        swiglu_limit=0.8, sinkhorn_iters=11, routed_scaling=1.8,
+        formats={"layers.0.attn.wkv": "nvfp4", "layers.1.attn.wo_a": "mxfp4",
+                 "layers.2.attn.wq_a": "mxfp4", "layers.3.ffn.shared_experts.w1": "mxfp4",
+                 "layers.3.ffn.shared_experts.w3": "nvfp4", "layers.4.ffn.experts": "mxfp4",
+                 "layers.5.ffn.shared_experts.w2": "nvfp4", "layers.5.attn.indexer.wq_b": "bf16"},
     ),
 ]
 

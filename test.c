@@ -766,6 +766,47 @@ static void test_attention_whole(void) {
     for (int i = 0; i < n_keep; i++) free(keep[i]);
 }
 
+/* A layer whose experts mix formats is refused, naming the layer: expert 0's w1 is NVFP4 and
+   expert 1's BF16 (an in-memory checkpoint of those five tensors). */
+static void load_mixed_experts(const void *unused) {
+    (void)unused;
+    static uint8_t codes[8 * 16], scales[8 * 2], bf16[8 * 32 * 2];
+    static float global = 1;
+    static SafeFile file = {"mem", NULL, 0};
+    static Tensor tensors[] = {
+        {"layers.0.ffn.experts.0.w1.weight", DT_U8, 2, {8, 16}, codes, sizeof codes, 0},
+        {"layers.0.ffn.experts.0.w1.weight_scale", DT_F8_E4M3, 2, {8, 2}, scales, sizeof scales, 0},
+        {"layers.0.ffn.experts.0.w1.weight_scale_2", DT_F32, 0, {0}, &global, 4, 0},
+        {"layers.0.ffn.experts.1.w1.weight", DT_BF16, 2, {8, 32}, bf16, sizeof bf16, 0},
+    };
+    Model m = {0};
+    m.config.n_experts = 2;
+    m.files = &file;
+    m.n_files = 1;
+    m.tensors = tensors;
+    m.n_tensors = sizeof tensors / sizeof *tensors;
+    index_tensors(&m);
+    load_experts(&m, 0, "w1", 8, 32);
+}
+
+/* forward() refuses a chunk longer than the state's max_tokens, and one that passes max_ctx. */
+static void forward_too_long(const void *dir) {
+    Model m;
+    load_model(&m, dir);
+    State s;
+    alloc_state(&s, &m.config, 4, 8, 0);
+    int ids[5] = {1, 2, 3, 4, 5};
+    forward(&m, &s, ids, 4, 0);
+    forward(&m, &s, ids, strcmp(dir, "testdata/tiny-a") ? 5 : 4, 0);
+    forward(&m, &s, ids, 1, 0);   /* position 8 in a context of 8 */
+}
+
+static void test_load_refusals(void) {
+    expect_fatal(load_mixed_experts, NULL, "layer 0: expert 1's w1 is BF16 but expert 0's is NVFP4", "experts of mixed formats");
+    expect_fatal(forward_too_long, "testdata/tiny-b", "forward: a chunk of 5 tokens (the state holds 1 to 4)", "chunk > max_tokens");
+    expect_fatal(forward_too_long, "testdata/tiny-a", "forward: positions 8..8 pass the context of 8", "pos + T > max_ctx");
+}
+
 static void test_hc_post(void) {
     Config c = {0};
     c.hidden_size = 3;
@@ -1497,6 +1538,7 @@ int main(void) {
     test_attend();
     test_moe();
     test_attention_whole();
+    test_load_refusals();
     test_hc_post();
     test_compressor_chunking();
     test_tokenizer();

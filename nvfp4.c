@@ -740,12 +740,22 @@ static Tensor float_tensor(const Model *m, const char *name, int ndim, ...) {
     return *t;
 }
 
+/* Fatal when the linear layer `base` has the companion tensor base.<name>, which its `format`
+   weight does not use: the file could be read as another format. */
+static void refuse_companion(const Model *m, const char *base, const char *format, const char *name) {
+    const Tensor *t = find_tensor(m, "%s.%s", base, name);
+    if (t) fatal("%s: %s tensor %s.weight comes with %s.%s, a scale of another format", m->files[t->file].path, format,
+                 base, base, name);
+}
+
 /* The linear layer `base` ("layers.3.attn.wq_a") of shape [rows, cols]. Its format follows from
-   the dtype of base.weight and its companions:
+   the dtype of base.weight and its companions, exactly one format's:
      BF16 / F32 weight                                  plain
      F8_E4M3 weight + scale (E8M0 or F32) or weight_scale_inv (F32), per 128x128 block   FP8
      U8 / I8 weight [rows, cols/2] + weight_scale (F8_E4M3 per 16) + weight_scale_2     NVFP4
-     U8 / I8 weight [rows, cols/2] + scale (F8_E8M0 per 32)                             MXFP4 */
+     U8 / I8 weight [rows, cols/2] + scale (F8_E8M0 per 32)                             MXFP4
+   An input_scale (the activations' static scale, unused: nvfp4 keeps activations in float)
+   may come with any of them and must be one F32 value. */
 static Linear load_linear(const Model *m, const char *base, int rows, int cols) {
     Linear w = {0};
     w.rows = rows;
@@ -753,16 +763,24 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
     const Tensor *t = find_tensor(m, "%s.weight", base);
     if (!t) fatal("tensor %s.weight is missing from the checkpoint", base);
     const char *path = m->files[t->file].path;
+    const Tensor *input = find_tensor(m, "%s.input_scale", base);
+    if (input && (input->dtype != DT_F32 || input->ndim > 1 || (input->ndim == 1 && input->shape[0] != 1)))
+        fatal("%s: tensor %s.input_scale must be one F32 value", m->files[input->file].path, base);
     w.weight = t->data;
     if (t->dtype == DT_BF16 || t->dtype == DT_F32) {
         w.format = t->dtype == DT_BF16 ? FMT_BF16 : FMT_F32;
         expect_shape(m, t, 2, (int64_t[]){rows, cols});
+        static const char *scales[] = {"scale", "weight_scale_inv", "weight_scale", "weight_scale_2"};
+        for (int i = 0; i < 4; i++) refuse_companion(m, base, dtype_names[t->dtype], scales[i]);
     } else if (t->dtype == DT_F8_E4M3) {
         w.format = FMT_FP8;
         expect_shape(m, t, 2, (int64_t[]){rows, cols});
-        const Tensor *s = find_tensor(m, "%s.scale", base);
-        if (!s) s = find_tensor(m, "%s.weight_scale_inv", base);
+        const Tensor *s = find_tensor(m, "%s.scale", base), *inv = find_tensor(m, "%s.weight_scale_inv", base);
+        if (s && inv) fatal("%s: FP8 tensor %s.weight has two scales, %s.scale and %s.weight_scale_inv", path, base, base, base);
+        if (!s) s = inv;
         if (!s) fatal("%s: FP8 tensor %s.weight has no %s.scale or %s.weight_scale_inv", path, base, base, base);
+        refuse_companion(m, base, "FP8", "weight_scale");
+        refuse_companion(m, base, "FP8", "weight_scale_2");
         static const DType scale_types[] = {DT_F8_E8M0, DT_F32};
         expect_dtype(m, s, 2, scale_types);
         expect_shape(m, s, 2, (int64_t[]){(rows + 127) / 128, (cols + 127) / 128});
@@ -771,13 +789,18 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
     } else if (t->dtype == DT_U8 || t->dtype == DT_I8) {
         if (cols % 32) fatal("%s: 4-bit tensor %s.weight has %d columns, not a multiple of 32", path, base, cols);
         expect_shape(m, t, 2, (int64_t[]){rows, cols / 2});
-        const Tensor *nv = find_tensor(m, "%s.weight_scale", base), *mx = find_tensor(m, "%s.scale", base);
-        if (nv) {
+        const Tensor *nv = find_tensor(m, "%s.weight_scale", base), *global = find_tensor(m, "%s.weight_scale_2", base);
+        const Tensor *mx = find_tensor(m, "%s.scale", base);
+        if ((nv || global) && mx)
+            fatal("%s: 4-bit tensor %s.weight has both NVFP4 (%s.%s) and MXFP4 (%s.scale) scales", path, base, base,
+                  nv ? "weight_scale" : "weight_scale_2", base);
+        refuse_companion(m, base, "4-bit", "weight_scale_inv");
+        if (nv || global) {
             w.format = FMT_NVFP4;
             static const DType e4m3[] = {DT_F8_E4M3}, f32[] = {DT_F32};
+            if (!nv) fatal("%s: NVFP4 tensor %s.weight has no %s.weight_scale", path, base, base);
             expect_dtype(m, nv, 1, e4m3);
             expect_shape(m, nv, 2, (int64_t[]){rows, cols / 16});
-            const Tensor *global = find_tensor(m, "%s.weight_scale_2", base);
             if (!global) fatal("%s: NVFP4 tensor %s.weight has no %s.weight_scale_2", path, base, base);
             expect_dtype(m, global, 1, f32);
             expect_shape(m, global, 0, NULL);
@@ -1210,8 +1233,12 @@ static void open_checkpoint(Model *m, const char *dir) {
         int n_shards = 0;
         for (size_t i = 0; i < map->length; i++) {
             const Json *v = &map->items[i];
-            if (v->type != JSON_STRING || !v->length || strchr(v->string, '/') || strlen(v->string) != v->length)
+            if (v->type != JSON_STRING)
                 fatal("%s: weight_map[\"%s\"] must be a file name in the model directory", index_path, map->keys[i]);
+            if (!v->length || strchr(v->string, '/') || strlen(v->string) != v->length || !strcmp(v->string, ".") ||
+                !strcmp(v->string, ".."))
+                fatal("%s: weight_map[\"%s\"] names shard \"%s\", which is not a file name in the model directory",
+                      index_path, map->keys[i], v->string);
             int seen = 0;
             for (int s = 0; s < n_shards && !seen; s++) seen = !strcmp(shards[s], v->string);
             if (!seen) shards[n_shards++] = v->string;
@@ -2746,8 +2773,11 @@ static int compare_added(const void *a, const void *b) {
 }
 
 /* Loads added_tokens: their contents become the decoded bytes of their ids (overriding the
-   vocab), and the sorted match table.  Refuses empty contents and the lstrip, rstrip and
-   single_word options.  Returns 0, or -1 with a message. */
+   vocab), and the sorted match table.  Refuses empty contents, the lstrip, rstrip and
+   single_word options, an id given twice, and an added token the vocab disagrees with (the
+   library takes an added token's id from the vocab when its content is there, so the file
+   would mean two things): its id spelled otherwise in the vocab, or its content in the vocab
+   under another id.  Returns 0, or -1 with a message. */
 static int load_added(Tokenizer *t, const Json *added, size_t *bytes_capacity, char *err, size_t errlen) {
     if (!added || added->length == 0) return 0;
     t->added = calloc(added->length, sizeof *t->added);
@@ -2764,6 +2794,18 @@ static int load_added(Tokenizer *t, const Json *added, size_t *bytes_capacity, c
                                        content->string, options[k]);
         AddedToken *token = &t->added[t->n_added++];
         token->id = json_id(json_get(entry, "id"));
+        const TokenInfo *known = &t->tokens[token->id];
+        int vocab_id = vocab_lookup(t, content->string, content->length);
+        if (known->in_vocab && vocab_id != token->id) {
+            size_t n = known->spelling_length < 60 ? known->spelling_length : 60;
+            return tokenizer_error(err, errlen, "added token '%.60s' has id %d, which model.vocab gives to '%.*s'",
+                                   content->string, token->id, (int)n, t->spellings + known->spelling_offset);
+        }
+        if (vocab_id >= 0 && vocab_id != token->id)
+            return tokenizer_error(err, errlen, "added token '%.60s' has id %d but model.vocab gives it id %d",
+                                   content->string, token->id, vocab_id);
+        if (known->defined && !known->in_vocab)
+            return tokenizer_error(err, errlen, "added_tokens: id %d is given twice", token->id);
         token->normalized = !json_is_off(json_get(entry, "normalized"));
         token->bytes_length = content->length;
         token->first_byte = (unsigned char)content->string[0];

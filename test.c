@@ -962,13 +962,20 @@ static void expect_load_fails(const char *dir, const char *expected, const char 
 }
 
 /* One bad input made by a single edit: copy testdata/MODEL to build/bad/COPY, replace `from`
-   with `to` in FILE, and expect loading to fail with `expected`. */
+   with `to` in FILE, and expect loading to fail with `expected` (for tokenizer.json, which
+   load_model does not read: the command line, with exit status 1). */
 typedef struct { const char *model, *copy, *file, *from, *to, *expected, *what; } Edit;
 
 static void expect_edit_fails(const Edit *e) {
     const char *d = copy_model(e->model, e->copy);
     edit_file(d, e->file, e->from, e->to);
-    expect_load_fails(d, e->expected, e->what);
+    if (strcmp(e->file, "tokenizer.json")) {
+        expect_load_fails(d, e->expected, e->what);
+        return;
+    }
+    char args[512];
+    snprintf(args, sizeof args, "%s hi --tokenize", d);
+    expect_cli(args, 1, e->expected);
 }
 
 static void test_bad_checkpoints(void) {
@@ -1018,6 +1025,59 @@ static void test_bad_checkpoints(void) {
          "\"embed.weight\": \"model-00001",
          "\"embed.weight\": \"model-00002",
          "tensor embed.weight is listed in shard model-00002-of-00003.safetensors but found in another file", "tensor not in the shard the index names"},
+        {"tiny-b", "index-dot", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \".\"",
+         "weight_map[\"embed.weight\"] names shard \".\", which is not a file name in the model directory", "shard named ."},
+        {"tiny-b", "index-dotdot", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \"..\"",
+         "weight_map[\"embed.weight\"] names shard \"..\", which is not a file name in the model directory", "shard named .."},
+        {"tiny-b", "index-slash", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \"../tiny-b/model-00001-of-00003.safetensors\"",
+         "names shard \"../tiny-b/model-00001-of-00003.safetensors\", which is not a file name", "shard name with a /"},
+        /* a weight's companions must fit exactly one format */
+        {"tiny-a", "fp8-two-scales", "model.safetensors",
+         "\"layers.7.attn.wq_a.scale\"",
+         "\"layers.0.attn.wq_a.weight_scale_inv\"",
+         "FP8 tensor layers.0.attn.wq_a.weight has two scales, layers.0.attn.wq_a.scale and layers.0.attn.wq_a.weight_scale_inv",
+         "FP8 weight with scale and weight_scale_inv"},
+        {"tiny-a", "nvfp4-and-mxfp4", "model.safetensors",
+         "\"layers.7.attn.wq_a.scale\"",
+         "\"layers.0.ffn.experts.0.w1.scale\"",
+         "4-bit tensor layers.0.ffn.experts.0.w1.weight has both NVFP4 (layers.0.ffn.experts.0.w1.weight_scale) and MXFP4 "
+         "(layers.0.ffn.experts.0.w1.scale) scales", "U8 weight with NVFP4 and MXFP4 scales"},
+        {"tiny-a", "mxfp4-and-global", "model.safetensors",
+         "\"layers.7.ffn.experts.7.w3.weight_scale_2\"",
+         "\"layers.3.attn.wq_a.weight_scale_2\"",
+         "4-bit tensor layers.3.attn.wq_a.weight has both NVFP4 (layers.3.attn.wq_a.weight_scale_2) and MXFP4 "
+         "(layers.3.attn.wq_a.scale) scales", "I8 MXFP4 weight with an NVFP4 weight_scale_2"},
+        {"tiny-a", "bf16-scale", "model.safetensors",
+         "\"layers.7.attn.wq_a.scale\"",
+         "\"head.scale\"",
+         "BF16 tensor head.weight comes with head.scale, a scale of another format", "BF16 weight with a scale"},
+        {"tiny-a", "input-scale-dtype", "model.safetensors",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"F32\",\"shape\":[]",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"BF16\",\"shape\":[2]",
+         "tensor layers.0.ffn.experts.0.w1.input_scale must be one F32 value", "input_scale of the wrong dtype"},
+        {"tiny-a", "input-scale-shape", "model.safetensors",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"F32\",\"shape\":[]",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"F32\",\"shape\":[1,1]",
+         "tensor layers.0.ffn.experts.0.w1.input_scale must be one F32 value", "input_scale of the wrong shape"},
+        /* added tokens must agree with the vocab */
+        {"tiny-a", "tok-added-id", "tokenizer.json",
+         "{\"id\": 1016, \"content\": \"<",
+         "{\"id\": 1015, \"content\": \"<",
+         "has id 1015, which model.vocab gives to 'wo'", "added token whose id the vocab gives another string"},
+        {"tiny-a", "tok-added-content", "tokenizer.json",
+         "{\"id\": 1017, \"content\": \"<",
+         "{\"id\": 1020, \"content\": \"<",
+         "has id 1020 but model.vocab gives it id 1017", "added token whose content the vocab has at another id"},
+        {"tiny-a", "tok-added-twice", "tokenizer.json",
+         "\"added_tokens\": [",
+         "\"added_tokens\": [{\"id\": 1020, \"content\": \"xyzzy\"}, {\"id\": 1020, \"content\": \"plugh\"}, ",
+         "added_tokens: id 1020 is given twice", "two added tokens with one id"},
     };
     for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) expect_edit_fails(&edits[i]);
     const char *d;

@@ -824,10 +824,12 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
 
 /* ============================================================================== config.json */
 /* config.json is read as transformers' DeepseekV4Config reads it, legacy keys included:
-   compress_ratios (per layer 0 = sliding only, 4 = CSA, 128 = HCA), num_hash_layers,
-   qk_rope_head_dim and rope_scaling, beside the newer layer_types / compress_rates /
-   mlp_layer_types / partial_rotary_factor / rope_parameters. Absent optional keys take
-   transformers' defaults; every value is range-checked. */
+   compress_ratios (per layer 0 = sliding only, 4 = CSA, 128 = HCA), compress_rate_csa / _hca,
+   num_hash_layers, qk_rope_head_dim and rope_scaling, beside the newer layer_types /
+   compress_rates / mlp_layer_types / partial_rotary_factor / rope_parameters. Absent optional
+   keys take transformers' defaults; every value is range-checked, legacy ones too, and a legacy
+   key beside its newer one must agree with it (transformers would silently prefer one). Keys
+   whose value nvfp4 does not implement are refused, naming the key. */
 
 #define REQUIRED (-1)   /* config_int fallback of a key that must be present */
 
@@ -1030,7 +1032,8 @@ static void parse_attention_layers(Config *c, const Json *root, const char *path
         if (config_has(rates, kinds[k]) && rate[k] != newer)
             fatal("%s: %s (%d) and compress_rates.%s (%d) disagree", path, legacy_rates[k], rate[k], kinds[k], newer);
         if (rate[k] < 1 || rate[k] > 1024)
-            fatal("%s: the %s compression rate is %d, must be between 1 and 1024", path, kinds[k], rate[k]);
+            fatal("%s: %s gives the %s compression rate %d, must be between 1 and 1024", path, rate_key[k], kinds[k],
+                  rate[k]);
     }
     const Json *types = json_get(root, "layer_types"), *ratios = json_get(root, "compress_ratios");
     int has_types = config_has(root, "layer_types"), has_ratios = config_has(root, "compress_ratios");

@@ -1130,7 +1130,7 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     c->hc_eps = config_positive(root, path, "hc_eps", 1e-6);
     c->rms_eps = config_positive(root, path, "rms_norm_eps", 1e-6);
     c->routed_scaling = config_positive(root, path, "routed_scaling_factor", 1.5);
-    c->swiglu_limit = config_positive(root, path, "swiglu_limit", 10.0);   /* transformers clamps at it, 0 included */
+    c->swiglu_limit = config_positive(root, path, "swiglu_limit", 10.0);   /* 0 does not turn transformers' clamp off */
     c->rope_theta = config_positive(root, path, "rope_theta", 10000.0);
     c->compress_rope_theta = config_positive(root, path, "compress_rope_theta", 160000.0);
 

@@ -758,12 +758,22 @@ static float *small_tensor(Model *m, const char *name, int ndim, const int64_t *
     return out;
 }
 
+/* Fatal when the linear layer `base` has the companion tensor base.<name>, which its `format`
+   weight does not use: the file could be read as another format. */
+static void refuse_companion(const Model *m, const char *base, const char *format, const char *name) {
+    const Tensor *t = find_tensor(m, "%s.%s", base, name);
+    if (t) fatal("%s: %s tensor %s.weight comes with %s.%s, a scale of another format", m->files[t->file].path, format,
+                 base, base, name);
+}
+
 /* The linear layer `base` ("layers.3.attn.wq_a") of shape [rows, cols]. Its format follows from
-   the dtype of base.weight and its companions:
+   the dtype of base.weight and its companions, exactly one format's:
      BF16 / F32 weight                                  plain
      F8_E4M3 weight + scale (E8M0 or F32) or weight_scale_inv (F32), per 128x128 block   FP8
      U8 / I8 weight [rows, cols/2] + weight_scale (F8_E4M3 per 16) + weight_scale_2     NVFP4
-     U8 / I8 weight [rows, cols/2] + scale (F8_E8M0 per 32)                             MXFP4 */
+     U8 / I8 weight [rows, cols/2] + scale (F8_E8M0 per 32)                             MXFP4
+   An input_scale (the activations' static scale, unused: nvfp4 keeps activations in float)
+   may come with any of them and must be one F32 value. */
 static Linear load_linear(const Model *m, const char *base, int rows, int cols) {
     Linear w = {0};
     w.rows = rows;
@@ -771,16 +781,24 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
     const Tensor *t = find_tensor(m, "%s.weight", base);
     if (!t) fatal("tensor %s.weight is missing from the checkpoint", base);
     const char *path = m->files[t->file].path;
+    const Tensor *input = find_tensor(m, "%s.input_scale", base);
+    if (input && (input->dtype != DT_F32 || input->ndim > 1 || (input->ndim == 1 && input->shape[0] != 1)))
+        fatal("%s: tensor %s.input_scale must be one F32 value", m->files[input->file].path, base);
     w.weight = t->data;
     if (t->dtype == DT_BF16 || t->dtype == DT_F32) {
         w.format = t->dtype == DT_BF16 ? FMT_BF16 : FMT_F32;
         expect_shape(m, t, 2, (int64_t[]){rows, cols});
+        static const char *scales[] = {"scale", "weight_scale_inv", "weight_scale", "weight_scale_2"};
+        for (int i = 0; i < 4; i++) refuse_companion(m, base, dtype_names[t->dtype], scales[i]);
     } else if (t->dtype == DT_F8_E4M3) {
         w.format = FMT_FP8;
         expect_shape(m, t, 2, (int64_t[]){rows, cols});
-        const Tensor *s = find_tensor(m, "%s.scale", base);
-        if (!s) s = find_tensor(m, "%s.weight_scale_inv", base);
+        const Tensor *s = find_tensor(m, "%s.scale", base), *inv = find_tensor(m, "%s.weight_scale_inv", base);
+        if (s && inv) fatal("%s: FP8 tensor %s.weight has two scales, %s.scale and %s.weight_scale_inv", path, base, base, base);
+        if (!s) s = inv;
         if (!s) fatal("%s: FP8 tensor %s.weight has no %s.scale or %s.weight_scale_inv", path, base, base, base);
+        refuse_companion(m, base, "FP8", "weight_scale");
+        refuse_companion(m, base, "FP8", "weight_scale_2");
         static const DType scale_types[] = {DT_F8_E8M0, DT_F32};
         expect_dtype(m, s, 2, scale_types);
         expect_shape(m, s, 2, (int64_t[]){(rows + 127) / 128, (cols + 127) / 128});
@@ -789,13 +807,18 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
     } else if (t->dtype == DT_U8 || t->dtype == DT_I8) {
         if (cols % 32) fatal("%s: 4-bit tensor %s.weight has %d columns, not a multiple of 32", path, base, cols);
         expect_shape(m, t, 2, (int64_t[]){rows, cols / 2});
-        const Tensor *nv = find_tensor(m, "%s.weight_scale", base), *mx = find_tensor(m, "%s.scale", base);
-        if (nv) {
+        const Tensor *nv = find_tensor(m, "%s.weight_scale", base), *global = find_tensor(m, "%s.weight_scale_2", base);
+        const Tensor *mx = find_tensor(m, "%s.scale", base);
+        if ((nv || global) && mx)
+            fatal("%s: 4-bit tensor %s.weight has both NVFP4 (%s.%s) and MXFP4 (%s.scale) scales", path, base, base,
+                  nv ? "weight_scale" : "weight_scale_2", base);
+        refuse_companion(m, base, "4-bit", "weight_scale_inv");
+        if (nv || global) {
             w.format = FMT_NVFP4;
             static const DType e4m3[] = {DT_F8_E4M3}, f32[] = {DT_F32};
+            if (!nv) fatal("%s: NVFP4 tensor %s.weight has no %s.weight_scale", path, base, base);
             expect_dtype(m, nv, 1, e4m3);
             expect_shape(m, nv, 2, (int64_t[]){rows, cols / 16});
-            const Tensor *global = find_tensor(m, "%s.weight_scale_2", base);
             if (!global) fatal("%s: NVFP4 tensor %s.weight has no %s.weight_scale_2", path, base, base);
             expect_dtype(m, global, 1, f32);
             expect_shape(m, global, 0, NULL);
@@ -819,10 +842,12 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
 
 /* ============================================================================== config.json */
 /* config.json is read as transformers' DeepseekV4Config reads it, legacy keys included:
-   compress_ratios (per layer 0 = sliding only, 4 = CSA, 128 = HCA), num_hash_layers,
-   qk_rope_head_dim and rope_scaling, beside the newer layer_types / compress_rates /
-   mlp_layer_types / partial_rotary_factor / rope_parameters. Absent optional keys take
-   transformers' defaults; every value is range-checked. */
+   compress_ratios (per layer 0 = sliding only, 4 = CSA, 128 = HCA), compress_rate_csa / _hca,
+   num_hash_layers, qk_rope_head_dim and rope_scaling, beside the newer layer_types /
+   compress_rates / mlp_layer_types / partial_rotary_factor / rope_parameters. Absent optional
+   keys take transformers' defaults; every value is range-checked, legacy ones too, and a legacy
+   key beside its newer one must agree with it (transformers would silently prefer one). Keys
+   whose value nvfp4 does not implement are refused, naming the key. */
 
 #define REQUIRED (-1)   /* config_int fallback of a key that must be present */
 
@@ -848,12 +873,249 @@ static float config_float(const Json *root, const char *path, const char *key, d
     return (float)v->number;
 }
 
+/* Whether a config object has `key` with a value other than null. */
+static int config_has(const Json *obj, const char *key) {
+    const Json *v = json_get(obj, key);
+    return v && v->type != JSON_NULL;
+}
+
+/* Number `key` of a config object that must be greater than 0 (an eps, a limit, a scale, a
+   theta), `fallback` when absent. null is refused rather than read as the default: transformers'
+   typed config refuses it, and its YaRN reads a null attention_factor as "derive it". */
+static float config_positive(const Json *obj, const char *path, const char *key, double fallback) {
+    const Json *v = json_get(obj, key);
+    if (v && v->type == JSON_NULL) fatal("%s: \"%s\" is null, must be a number greater than 0", path, key);
+    float x = config_float(obj, path, key, fallback);
+    if (!(x > 0)) fatal("%s: \"%s\" is %g, must be greater than 0", path, key, (double)x);
+    return x;
+}
+
 /* Fatal when a JSON object names a key twice: Python keeps the last, json_get the first, so
    such a file would mean different things to different readers. */
 static void refuse_duplicate_keys(const Json *obj, const char *path) {
     for (size_t i = 0; obj && obj->type == JSON_OBJECT && i < obj->length; i++)
         for (size_t j = i + 1; j < obj->length; j++)
             if (!strcmp(obj->keys[i], obj->keys[j])) fatal("%s: key \"%s\" appears twice", path, obj->keys[i]);
+}
+
+/* The RoPE settings a rope dict describes: the bases of the main and compress ropes, and YaRN
+   on the compress rope. */
+typedef struct {
+    float theta, compress_theta;
+    int yarn;
+    float factor, beta_fast, beta_slow, original_max, scale;
+} RopeSettings;
+
+/* Whether rope dict `rope` (named by `where` in messages) is YaRN rather than the default rope.
+   Its rope_type and the legacy type must agree when both are given. */
+static int rope_is_yarn(const Json *rope, const char *where) {
+    const Json *kind = json_get(rope, "rope_type"), *legacy = json_get(rope, "type");
+    if (kind && legacy && (kind->type != JSON_STRING || legacy->type != JSON_STRING || strcmp(kind->string, legacy->string)))
+        fatal("%s: rope_type and type disagree", where);
+    if (!kind) kind = legacy;
+    if (kind && (kind->type != JSON_STRING || (strcmp(kind->string, "yarn") && strcmp(kind->string, "default"))))
+        fatal("%s: rope type %s is not supported (only yarn and default)", where,
+              kind->type == JSON_STRING ? kind->string : "(not a string)");
+    return kind && !strcmp(kind->string, "yarn");
+}
+
+/* The RoPE settings of rope dict `rope`, config key `key`, starting from c's top-level thetas.
+   Flat (legacy rope_scaling, or a flat rope_parameters) it describes the compress rope, with
+   attention_factor 1. As rope_parameters {"main": .., "compress": ..} each side may carry its
+   own rope_theta (which must agree with rope_theta / compress_rope_theta when both are given)
+   and its partial_rotary_factor (which must give c's rope dims), and, as in transformers, an
+   absent YaRN attention_factor is derived from the factor (mscale). Fatal on anything else. */
+static RopeSettings parse_rope(const Config *c, const Json *root, const Json *rope, const char *key, const char *path) {
+    RopeSettings r = {c->rope_theta, c->compress_rope_theta, 0, 0, 0, 0, 0, 1.0f};
+    char whole[512], side[2][600];   /* "path: key", "path: key.main", "path: key.compress" */
+    const char *where = whole;       /* the dict being read, for messages */
+    snprintf(whole, sizeof whole, "%s: %s", path, key);
+    if (rope->type != JSON_OBJECT) fatal("%s must be an object", where);
+    const Json *sides[2] = {json_get(rope, "main"), json_get(rope, "compress")};
+    int nested = sides[0] || sides[1];
+    if (nested) {
+        if (!sides[0] || sides[0]->type != JSON_OBJECT || !sides[1] || sides[1]->type != JSON_OBJECT)
+            fatal("%s needs both \"main\" and \"compress\" as objects", where);
+        const char *names[2] = {"main", "compress"}, *top[2] = {"rope_theta", "compress_rope_theta"};
+        float *theta[2] = {&r.theta, &r.compress_theta};
+        for (int i = 0; i < 2; i++) {   /* transformers reads the rope dims of each side from it */
+            snprintf(side[i], sizeof side[i], "%s.%s", where, names[i]);
+            const Json *f = json_get(sides[i], "partial_rotary_factor");
+            if (!f || f->type != JSON_NUMBER || (int)(c->head_dim * f->number) != c->rope_dim)
+                fatal("%s needs partial_rotary_factor %g (rope dims %d of head_dim %d)", side[i],
+                      (double)c->rope_dim / c->head_dim, c->rope_dim, c->head_dim);
+            if (!config_has(sides[i], "rope_theta")) continue;
+            float t = config_positive(sides[i], side[i], "rope_theta", 0);
+            if (config_has(root, top[i]) && t != *theta[i])
+                fatal("%s: %s (%g) and %s.%s.rope_theta (%g) disagree", path, top[i], (double)*theta[i], key, names[i],
+                      (double)t);
+            *theta[i] = t;
+        }
+        if (rope_is_yarn(sides[0], side[0])) fatal("%s must be the default rope", side[0]);
+        where = side[1];
+        rope = sides[1];
+    }
+    r.yarn = rope_is_yarn(rope, where);
+    if (!r.yarn) return r;
+    if (!config_has(rope, "original_max_position_embeddings")) fatal("%s: YaRN needs original_max_position_embeddings", where);
+    r.original_max = config_positive(rope, where, "original_max_position_embeddings", 0);
+    r.factor = config_positive(rope, where, "factor",
+                               config_positive(root, path, "max_position_embeddings", 1048576) / r.original_max);
+    r.beta_fast = config_positive(rope, where, "beta_fast", 32);
+    r.beta_slow = config_positive(rope, where, "beta_slow", 1);
+    if (r.beta_fast < r.beta_slow)
+        fatal("%s: YaRN beta_fast (%g) is below beta_slow (%g)", where, (double)r.beta_fast, (double)r.beta_slow);
+    if (r.compress_theta == 1) fatal("%s: YaRN needs a compress rope_theta other than 1", where);
+    if (json_get(rope, "mscale") || json_get(rope, "mscale_all_dim"))
+        fatal("%s: YaRN mscale / mscale_all_dim are not supported", where);
+    const Json *truncate = json_get(rope, "truncate");
+    if (truncate && (truncate->type != JSON_BOOL || !truncate->number))
+        fatal("%s: YaRN truncate must be true (the only one nvfp4 implements)", where);
+    float mscale = r.factor <= 1 ? 1.0f : 0.1f * logf(r.factor) + 1.0f;
+    r.scale = config_positive(rope, where, "attention_factor", nested ? mscale : 1.0);
+    return r;
+}
+
+/* The first RoPE setting in which a and b differ, or NULL when they agree. */
+static const char *rope_difference(const RopeSettings *a, const RopeSettings *b) {
+    struct { const char *name; float a, b; } fields[] = {
+        {"the rope type", (float)a->yarn, (float)b->yarn}, {"the main rope_theta", a->theta, b->theta},
+        {"the compress rope_theta", a->compress_theta, b->compress_theta}, {"factor", a->factor, b->factor},
+        {"beta_fast", a->beta_fast, b->beta_fast}, {"beta_slow", a->beta_slow, b->beta_slow},
+        {"original_max_position_embeddings", a->original_max, b->original_max},
+        {"attention_factor", a->scale, b->scale}};
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++)
+        if (fields[i].a != fields[i].b) return fields[i].name;
+    return NULL;
+}
+
+/* RoPE: "main" (sliding-only layers) is plain; "compress" (CSA/HCA layers) may be YaRN. Read
+   from rope_parameters and the legacy rope_scaling (as in transformers, rope_scaling wins);
+   both given must agree. */
+static void parse_ropes(Config *c, const Json *root, const char *path) {
+    RopeSettings r = {c->rope_theta, c->compress_rope_theta, 0, 0, 0, 0, 0, 1.0f};
+    int newer = config_has(root, "rope_parameters");
+    if (newer) r = parse_rope(c, root, json_get(root, "rope_parameters"), "rope_parameters", path);
+    if (config_has(root, "rope_scaling")) {
+        RopeSettings legacy = parse_rope(c, root, json_get(root, "rope_scaling"), "rope_scaling", path);
+        const char *differs = newer ? rope_difference(&legacy, &r) : NULL;
+        if (differs) fatal("%s: rope_scaling and rope_parameters disagree on %s", path, differs);
+        r = legacy;
+    }
+    c->rope_theta = r.theta;
+    c->compress_rope_theta = r.compress_theta;
+    c->yarn = r.yarn;
+    c->yarn_factor = r.factor;
+    c->yarn_beta_fast = r.beta_fast;
+    c->yarn_beta_slow = r.beta_slow;
+    c->yarn_original_max = r.original_max;
+    c->rope_scale = r.scale;
+}
+
+/* Rope dims: partial_rotary_factor x head_dim, or the legacy qk_rope_head_dim (head_dim / 8 when
+   neither is given); both given must agree. */
+static void parse_rope_dims(Config *c, const Json *root, const char *path) {
+    c->rope_dim = config_int(root, path, "qk_rope_head_dim", c->head_dim / 8);
+    if (config_has(root, "partial_rotary_factor")) {
+        const Json *f = json_get(root, "partial_rotary_factor");
+        if (f->type != JSON_NUMBER || !(f->number > 0 && f->number <= 1))
+            fatal("%s: partial_rotary_factor must be a number in (0, 1]", path);
+        int dims = (int)(c->head_dim * f->number);
+        if (config_has(root, "qk_rope_head_dim") && dims != c->rope_dim)
+            fatal("%s: qk_rope_head_dim (%d) and partial_rotary_factor (%g, %d of head_dim %d) disagree", path,
+                  c->rope_dim, f->number, dims, c->head_dim);
+        c->rope_dim = dims;
+    }
+    if (c->rope_dim <= 0 || c->rope_dim % 2 || c->rope_dim > c->head_dim || c->rope_dim > c->index_dim)
+        fatal("%s: rope dims %d must be even and at most head_dim (%d) and index_head_dim (%d)", path, c->rope_dim,
+              c->head_dim, c->index_dim);
+}
+
+/* The attention kind and compression rate of every layer. Kinds from layer_types, or from the
+   legacy compress_ratios (0 = sliding only, 4 = CSA, 128 = HCA, transformers' mapping; it may
+   also list the MTP layers), or else transformers' default schedule; rates from compress_rates
+   or the legacy compress_rate_csa / compress_rate_hca. Legacy and newer keys both given must
+   agree, and so must a ratio in compress_ratios with the rate of its kind. */
+static void parse_attention_layers(Config *c, const Json *root, const char *path) {
+    static const char *kinds[3] = {"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"};
+    static const char *legacy_rates[3] = {NULL, "compress_rate_csa", "compress_rate_hca"};
+    const Json *rates = json_get(root, "compress_rates");
+    if (config_has(root, "compress_rates") && rates->type != JSON_OBJECT) fatal("%s: compress_rates must be an object", path);
+    int rate[3] = {0, 4, 128};
+    const char *rate_key[3] = {NULL, "compress_rates", "compress_rates"};
+    for (int k = 1; k < 3; k++) {
+        int newer = config_int(rates, path, kinds[k], rate[k]);
+        rate[k] = config_int(root, path, legacy_rates[k], newer);
+        if (config_has(root, legacy_rates[k])) rate_key[k] = legacy_rates[k];
+        if (config_has(rates, kinds[k]) && rate[k] != newer)
+            fatal("%s: %s (%d) and compress_rates.%s (%d) disagree", path, legacy_rates[k], rate[k], kinds[k], newer);
+        if (rate[k] < 1 || rate[k] > 1024)
+            fatal("%s: %s gives the %s compression rate %d, must be between 1 and 1024", path, rate_key[k], kinds[k],
+                  rate[k]);
+    }
+    const Json *types = json_get(root, "layer_types"), *ratios = json_get(root, "compress_ratios");
+    int has_types = config_has(root, "layer_types"), has_ratios = config_has(root, "compress_ratios");
+    int mtp = config_int(root, path, "num_nextn_predict_layers", 0);
+    AttnKind legacy[MAX_LAYERS];
+    if (has_ratios) {
+        if (ratios->type != JSON_ARRAY) fatal("%s: compress_ratios must be an array", path);
+        if (ratios->length != (size_t)c->n_layers && ratios->length != (size_t)c->n_layers + (size_t)mtp)
+            fatal("%s: compress_ratios has %zu entries for %d layers", path, ratios->length, c->n_layers);
+        for (size_t l = 0; l < ratios->length; l++) {
+            double r = ratios->items[l].type == JSON_NUMBER ? ratios->items[l].number : -1;
+            if (r != 0 && r != 4 && r != 128) fatal("%s: compress_ratios[%zu] must be 0, 4 or 128", path, l);
+            if (l < (size_t)c->n_layers) legacy[l] = r == 0 ? ATTN_SLIDING : r == 4 ? ATTN_CSA : ATTN_HCA;
+        }
+    }
+    if (has_types) {
+        if (types->type != JSON_ARRAY) fatal("%s: layer_types must be an array", path);
+        if (types->length != (size_t)c->n_layers)
+            fatal("%s: layer_types has %zu entries for %d layers", path, types->length, c->n_layers);
+        for (int l = 0; l < c->n_layers; l++) {
+            const Json *t = &types->items[l];
+            const char *s = t->type == JSON_STRING ? t->string : "";
+            if (!strcmp(s, kinds[0])) c->attn_kind[l] = ATTN_SLIDING;
+            else if (!strcmp(s, kinds[1])) c->attn_kind[l] = ATTN_CSA;
+            else if (!strcmp(s, kinds[2])) c->attn_kind[l] = ATTN_HCA;
+            else fatal("%s: layer_types[%d] is not a DeepSeek V4 attention type", path, l);
+            if (has_ratios && legacy[l] != c->attn_kind[l])
+                fatal("%s: layer_types[%d] (%s) and compress_ratios[%d] (%g) disagree", path, l, s, l, ratios->items[l].number);
+        }
+    } else if (has_ratios) {
+        memcpy(c->attn_kind, legacy, (size_t)c->n_layers * sizeof *legacy);
+    } else {
+        for (int l = 0; l < c->n_layers; l++)
+            c->attn_kind[l] = l < 2 ? ATTN_HCA : (l - 2) % 2 ? ATTN_CSA : ATTN_HCA;
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+        int k = c->attn_kind[l] == ATTN_CSA ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
+        c->compress_ratio[l] = rate[k];
+        if (has_ratios && ratios->items[l].number != rate[k])
+            fatal("%s: compress_ratios[%d] is %g but the %s compression rate is %d (%s)", path, l,
+                  ratios->items[l].number, kinds[k], rate[k], rate_key[k]);
+    }
+}
+
+/* Hash-routed layers: mlp_layer_types ("hash_moe" layers first, then "moe"), or the legacy
+   num_hash_layers (the first layers; 3 when neither is given); both given must agree. */
+static void parse_hash_layers(Config *c, const Json *root, const char *path) {
+    int legacy = config_int(root, path, "num_hash_layers", 3);
+    c->n_hash_layers = legacy < c->n_layers ? legacy : c->n_layers;
+    if (!config_has(root, "mlp_layer_types")) return;
+    const Json *mlp = json_get(root, "mlp_layer_types");
+    if (mlp->type != JSON_ARRAY) fatal("%s: mlp_layer_types must be an array", path);
+    if (mlp->length != (size_t)c->n_layers) fatal("%s: mlp_layer_types has %zu entries for %d layers", path, mlp->length, c->n_layers);
+    int n_hash = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const char *s = mlp->items[l].type == JSON_STRING ? mlp->items[l].string : "";
+        int hash = !strcmp(s, "hash_moe");
+        if (!hash && strcmp(s, "moe")) fatal("%s: mlp_layer_types[%d] must be \"hash_moe\" or \"moe\"", path, l);
+        if (hash && l != n_hash) fatal("%s: hash_moe layers must come first", path);
+        n_hash += hash;
+    }
+    if (config_has(root, "num_hash_layers") && n_hash != c->n_hash_layers)
+        fatal("%s: num_hash_layers (%d) and mlp_layer_types (%d hash_moe layers) disagree", path, legacy, n_hash);
+    c->n_hash_layers = n_hash;
 }
 
 /* Fill c from the parsed config.json (path for messages); fatal on anything unusable. */
@@ -883,12 +1145,12 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     c->index_dim = config_int(root, path, "index_head_dim", 128);
     c->index_topk = config_int(root, path, "index_topk", 512);
     c->bos_id = config_int(root, path, "bos_token_id", 0);
-    c->hc_eps = config_float(root, path, "hc_eps", 1e-6);
-    c->rms_eps = config_float(root, path, "rms_norm_eps", 1e-6);
-    c->routed_scaling = config_float(root, path, "routed_scaling_factor", 1.5);
-    c->swiglu_limit = config_float(root, path, "swiglu_limit", 10.0);
-    c->rope_theta = config_float(root, path, "rope_theta", 10000.0);
-    c->compress_rope_theta = config_float(root, path, "compress_rope_theta", 160000.0);
+    c->hc_eps = config_positive(root, path, "hc_eps", 1e-6);
+    c->rms_eps = config_positive(root, path, "rms_norm_eps", 1e-6);
+    c->routed_scaling = config_positive(root, path, "routed_scaling_factor", 1.5);
+    c->swiglu_limit = config_positive(root, path, "swiglu_limit", 10.0);   /* 0 does not turn transformers' clamp off */
+    c->rope_theta = config_positive(root, path, "rope_theta", 10000.0);
+    c->compress_rope_theta = config_positive(root, path, "compress_rope_theta", 160000.0);
 
     const Json *eos = json_get(root, "eos_token_id");
     if (eos && eos->type == JSON_ARRAY) {
@@ -910,10 +1172,15 @@ static void parse_config(Config *c, const Json *root, const char *path) {
         if (v && (v->type != JSON_STRING || strcmp(v->string, checks[i][1])))
             fatal("%s: %s must be \"%s\" (the only one nvfp4 implements)", path, checks[i][0], checks[i][1]);
     }
-    const char *biases[] = {"attention_bias", "mlp_bias"};
-    for (int i = 0; i < 2; i++) {
-        const Json *v = json_get(root, biases[i]);
-        if (v && v->type == JSON_BOOL && v->number) fatal("%s: %s is true; DeepSeek V4 has no biases there", path, biases[i]);
+    struct { const char *key; int value; const char *why; } flags[] = {   /* booleans transformers reads */
+        {"attention_bias", 0, "DeepSeek V4 has no biases there"},
+        {"mlp_bias", 0, "DeepSeek V4 has no biases there"},
+        {"norm_topk_prob", 1, "nvfp4 always scales the chosen experts' weights to sum to 1"},
+        {"tie_word_embeddings", 0, "nvfp4 reads the output projection from head.weight, never from embed.weight"}};
+    for (size_t i = 0; i < sizeof flags / sizeof *flags; i++) {
+        const Json *v = json_get(root, flags[i].key);
+        if (v && (v->type != JSON_BOOL || v->number != flags[i].value))
+            fatal("%s: %s must be %s; %s", path, flags[i].key, flags[i].value ? "true" : "false", flags[i].why);
     }
     if (config_int(root, path, "num_key_value_heads", 1) != 1) fatal("%s: num_key_value_heads must be 1 (V4 shares one K=V latent)", path);
     if (c->n_shared_experts != 1) fatal("%s: n_shared_experts is %d; DeepSeek V4 has exactly 1", path, c->n_shared_experts);
@@ -942,123 +1209,10 @@ static void parse_config(Config *c, const Json *root, const char *path) {
     if (c->topk > c->n_experts) fatal("%s: num_experts_per_tok (%d) exceeds n_routed_experts (%d)", path, c->topk, c->n_experts);
     if (c->n_heads % c->o_groups) fatal("%s: num_attention_heads (%d) is not a multiple of o_groups (%d)", path, c->n_heads, c->o_groups);
 
-    /* rope dims: qk_rope_head_dim (legacy) or partial_rotary_factor */
-    const Json *rope_dim = json_get(root, "qk_rope_head_dim");
-    const Json *factor = json_get(root, "partial_rotary_factor");
-    if (factor && factor->type != JSON_NULL) {   /* as in transformers, partial_rotary_factor wins */
-        float f = config_float(root, path, "partial_rotary_factor", 0);
-        if (!(f > 0 && f <= 1)) fatal("%s: partial_rotary_factor must be in (0, 1]", path);
-        c->rope_dim = (int)(c->head_dim * f);
-    } else if (rope_dim && rope_dim->type != JSON_NULL) c->rope_dim = config_int(root, path, "qk_rope_head_dim", 0);
-    else c->rope_dim = c->head_dim / 8;
-    if (c->rope_dim <= 0 || c->rope_dim % 2 || c->rope_dim > c->head_dim || c->rope_dim > c->index_dim)
-        fatal("%s: rope dims %d must be even and at most head_dim (%d) and index_head_dim (%d)", path, c->rope_dim,
-              c->head_dim, c->index_dim);
-
-    /* RoPE: "main" (sliding-only layers) is plain; "compress" (CSA/HCA layers) may be YaRN.
-       Given as rope_scaling (legacy) or a flat rope_parameters, both meaning the compress rope
-       with attention_factor 1, or as rope_parameters {"main": .., "compress": ..}, where each
-       may carry its own rope_theta and, as in transformers, an absent YaRN attention_factor is
-       derived from the factor (mscale). */
-    const Json *rope = json_get(root, "rope_scaling"), *params = json_get(root, "rope_parameters");
-    const Json *nested_main = json_get(params, "main"), *nested_compress = json_get(params, "compress");
-    int nested = (!rope || rope->type == JSON_NULL) && nested_main && nested_compress;
-    if (!rope || rope->type == JSON_NULL) rope = nested ? nested_compress : params;
-    if (nested) {
-        const Json *kind = json_get(nested_main, "rope_type");
-        if (kind && (kind->type != JSON_STRING || strcmp(kind->string, "default")))
-            fatal("%s: rope_parameters.main must be the default rope", path);
-        c->rope_theta = config_float(nested_main, path, "rope_theta", c->rope_theta);
-        c->compress_rope_theta = config_float(nested_compress, path, "rope_theta", c->compress_rope_theta);
-        const Json *sides[2] = {nested_main, nested_compress};
-        for (int i = 0; i < 2; i++) {   /* transformers reads the rope dims of each side from it */
-            const Json *f = json_get(sides[i], "partial_rotary_factor");
-            if (!f || f->type != JSON_NUMBER || (int)(c->head_dim * f->number) != c->rope_dim)
-                fatal("%s: rope_parameters.%s needs partial_rotary_factor %g (rope dims %d of head_dim %d)", path,
-                      i ? "compress" : "main", (double)c->rope_dim / c->head_dim, c->rope_dim, c->head_dim);
-        }
-    }
-    c->rope_scale = 1.0f;
-    if (rope && rope->type == JSON_OBJECT) {
-        const Json *kind = json_get(rope, "rope_type");
-        if (!kind) kind = json_get(rope, "type");
-        if (kind && (kind->type != JSON_STRING || (strcmp(kind->string, "yarn") && strcmp(kind->string, "default"))))
-            fatal("%s: rope type %s is not supported (only yarn and default)", path,
-                  kind->type == JSON_STRING ? kind->string : "(not a string)");
-        c->yarn = kind && !strcmp(kind->string, "yarn");
-        if (c->yarn) {
-            c->yarn_original_max = config_float(rope, path, "original_max_position_embeddings", 0);
-            if (c->yarn_original_max <= 0) fatal("%s: YaRN needs original_max_position_embeddings", path);
-            c->yarn_factor = config_float(rope, path, "factor",
-                                          config_float(root, path, "max_position_embeddings", 1048576) / c->yarn_original_max);
-            c->yarn_beta_fast = config_float(rope, path, "beta_fast", 32);
-            c->yarn_beta_slow = config_float(rope, path, "beta_slow", 1);
-            if (c->yarn_factor <= 0 || c->yarn_beta_fast <= 0 || c->yarn_beta_slow <= 0)
-                fatal("%s: YaRN factor, beta_fast and beta_slow must be positive", path);
-            float mscale = c->yarn_factor <= 1 ? 1.0f : 0.1f * logf(c->yarn_factor) + 1.0f;
-            if (json_get(rope, "mscale") || json_get(rope, "mscale_all_dim"))
-                fatal("%s: YaRN mscale / mscale_all_dim are not supported", path);
-            c->rope_scale = config_float(rope, path, "attention_factor", nested ? mscale : 1.0);
-        }
-    }
-
-    /* compression rates and the attention kind of every layer */
-    int csa_rate = 4, hca_rate = 128;
-    const Json *rates = json_get(root, "compress_rates");
-    if (rates && rates->type == JSON_OBJECT) {
-        csa_rate = config_int(rates, path, "compressed_sparse_attention", 4);
-        hca_rate = config_int(rates, path, "heavily_compressed_attention", 128);
-    }
-    csa_rate = config_int(root, path, "compress_rate_csa", csa_rate);
-    hca_rate = config_int(root, path, "compress_rate_hca", hca_rate);
-    if (csa_rate < 1 || hca_rate < 1 || csa_rate > 1024 || hca_rate > 1024)
-        fatal("%s: compression rates must be between 1 and 1024", path);
-    const Json *types = json_get(root, "layer_types"), *ratios = json_get(root, "compress_ratios");
-    int mtp = config_int(root, path, "num_nextn_predict_layers", 0);
-    if (types && types->type == JSON_ARRAY) {
-        if (types->length != (size_t)c->n_layers)
-            fatal("%s: layer_types has %zu entries for %d layers", path, types->length, c->n_layers);
-        for (int l = 0; l < c->n_layers; l++) {
-            const Json *t = &types->items[l];
-            const char *s = t->type == JSON_STRING ? t->string : "";
-            if (!strcmp(s, "sliding_attention")) c->attn_kind[l] = ATTN_SLIDING;
-            else if (!strcmp(s, "compressed_sparse_attention")) c->attn_kind[l] = ATTN_CSA;
-            else if (!strcmp(s, "heavily_compressed_attention")) c->attn_kind[l] = ATTN_HCA;
-            else fatal("%s: layer_types[%d] is not a DeepSeek V4 attention type", path, l);
-        }
-    } else if (ratios && ratios->type == JSON_ARRAY) {
-        if (ratios->length != (size_t)c->n_layers && ratios->length != (size_t)c->n_layers + (size_t)mtp)
-            fatal("%s: compress_ratios has %zu entries for %d layers", path, ratios->length, c->n_layers);
-        for (int l = 0; l < c->n_layers; l++) {
-            double r = ratios->items[l].type == JSON_NUMBER ? ratios->items[l].number : -1;
-            if (r == 0) c->attn_kind[l] = ATTN_SLIDING;
-            else if (r == 4) c->attn_kind[l] = ATTN_CSA;
-            else if (r == 128) c->attn_kind[l] = ATTN_HCA;
-            else fatal("%s: compress_ratios[%d] must be 0, 4 or 128", path, l);
-        }
-    } else {
-        for (int l = 0; l < c->n_layers; l++)
-            c->attn_kind[l] = l < 2 ? ATTN_HCA : (l - 2) % 2 ? ATTN_CSA : ATTN_HCA;
-    }
-    for (int l = 0; l < c->n_layers; l++)
-        c->compress_ratio[l] = c->attn_kind[l] == ATTN_CSA ? csa_rate : c->attn_kind[l] == ATTN_HCA ? hca_rate : 0;
-
-    /* hash-routed layers: mlp_layer_types or num_hash_layers (the first layers) */
-    const Json *mlp = json_get(root, "mlp_layer_types");
-    if (mlp && mlp->type == JSON_ARRAY) {
-        if (mlp->length != (size_t)c->n_layers) fatal("%s: mlp_layer_types has %zu entries for %d layers", path, mlp->length, c->n_layers);
-        c->n_hash_layers = 0;
-        for (int l = 0; l < c->n_layers; l++) {
-            const char *s = mlp->items[l].type == JSON_STRING ? mlp->items[l].string : "";
-            int hash = !strcmp(s, "hash_moe");
-            if (!hash && strcmp(s, "moe")) fatal("%s: mlp_layer_types[%d] must be \"hash_moe\" or \"moe\"", path, l);
-            if (hash && l != c->n_hash_layers) fatal("%s: hash_moe layers must come first", path);
-            c->n_hash_layers += hash;
-        }
-    } else {
-        c->n_hash_layers = config_int(root, path, "num_hash_layers", 3);
-        if (c->n_hash_layers > c->n_layers) c->n_hash_layers = c->n_layers;
-    }
+    parse_rope_dims(c, root, path);
+    parse_ropes(c, root, path);
+    parse_attention_layers(c, root, path);
+    parse_hash_layers(c, root, path);
 }
 
 /* ================================================================================== weights */
@@ -1100,8 +1254,12 @@ static void open_checkpoint(Model *m, const char *dir) {
         int n_shards = 0;
         for (size_t i = 0; i < map->length; i++) {
             const Json *v = &map->items[i];
-            if (v->type != JSON_STRING || !v->length || strchr(v->string, '/') || strlen(v->string) != v->length)
+            if (v->type != JSON_STRING)
                 fatal("%s: weight_map[\"%s\"] must be a file name in the model directory", index_path, map->keys[i]);
+            if (!v->length || strchr(v->string, '/') || strlen(v->string) != v->length || !strcmp(v->string, ".") ||
+                !strcmp(v->string, ".."))
+                fatal("%s: weight_map[\"%s\"] names shard \"%s\", which is not a file name in the model directory",
+                      index_path, map->keys[i], v->string);
             int seen = 0;
             for (int s = 0; s < n_shards && !seen; s++) seen = !strcmp(shards[s], v->string);
             if (!seen) shards[n_shards++] = v->string;
@@ -2769,8 +2927,11 @@ static int compare_added(const void *a, const void *b) {
 }
 
 /* Loads added_tokens: their contents become the decoded bytes of their ids (overriding the
-   vocab), and the sorted match table.  Refuses empty contents and the lstrip, rstrip and
-   single_word options.  Returns 0, or -1 with a message. */
+   vocab), and the sorted match table.  Refuses empty contents, the lstrip, rstrip and
+   single_word options, an id given twice, and an added token the vocab disagrees with (the
+   library takes an added token's id from the vocab when its content is there, so the file
+   would mean two things): its id spelled otherwise in the vocab, or its content in the vocab
+   under another id.  Returns 0, or -1 with a message. */
 static int load_added(Tokenizer *t, const Json *added, size_t *bytes_capacity, char *err, size_t errlen) {
     if (!added || added->length == 0) return 0;
     t->added = calloc(added->length, sizeof *t->added);
@@ -2787,6 +2948,18 @@ static int load_added(Tokenizer *t, const Json *added, size_t *bytes_capacity, c
                                        content->string, options[k]);
         AddedToken *token = &t->added[t->n_added++];
         token->id = json_id(json_get(entry, "id"));
+        const TokenInfo *known = &t->tokens[token->id];
+        int vocab_id = vocab_lookup(t, content->string, content->length);
+        if (known->in_vocab && vocab_id != token->id) {
+            size_t n = known->spelling_length < 60 ? known->spelling_length : 60;
+            return tokenizer_error(err, errlen, "added token '%.60s' has id %d, which model.vocab gives to '%.*s'",
+                                   content->string, token->id, (int)n, t->spellings + known->spelling_offset);
+        }
+        if (vocab_id >= 0 && vocab_id != token->id)
+            return tokenizer_error(err, errlen, "added token '%.60s' has id %d but model.vocab gives it id %d",
+                                   content->string, token->id, vocab_id);
+        if (known->defined && !known->in_vocab)
+            return tokenizer_error(err, errlen, "added_tokens: id %d is given twice", token->id);
         token->normalized = !json_is_off(json_get(entry, "normalized"));
         token->bytes_length = content->length;
         token->first_byte = (unsigned char)content->string[0];

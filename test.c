@@ -269,15 +269,16 @@ static void test_config(void) {
        (activations, MoE slots, one logits row) is 94,887,680 B. */
     CHECK(bytes == 185569536 && flash_state.cache_bytes == 90681856,
           "V4-Flash decoding state at --ctx 4096 --chunk 128: %zu bytes, cache %zu", bytes, flash_state.cache_bytes);
-    /* as in transformers, partial_rotary_factor wins over qk_rope_head_dim */
+    /* qk_rope_head_dim beside partial_rotary_factor: accepted when they agree (the bad-input
+       table has them disagree) */
     const char *both = "{\"model_type\":\"deepseek_v4\",\"vocab_size\":10,\"hidden_size\":8,\"num_hidden_layers\":1,"
                        "\"num_attention_heads\":2,\"head_dim\":64,\"n_routed_experts\":4,\"num_experts_per_tok\":2,"
-                       "\"moe_intermediate_size\":8,\"o_groups\":2,\"index_head_dim\":64,\"qk_rope_head_dim\":16,\"partial_rotary_factor\":0.5}";
+                       "\"moe_intermediate_size\":8,\"o_groups\":2,\"index_head_dim\":64,\"qk_rope_head_dim\":32,\"partial_rotary_factor\":0.5}";
     char err0[128];
     Json *both_root = json_parse(both, strlen(both), err0, sizeof err0);
     parse_config(&c, both_root, "both");
     json_free(both_root);
-    CHECK(c.rope_dim == 32, "partial_rotary_factor wins over qk_rope_head_dim: %d", c.rope_dim);
+    CHECK(c.rope_dim == 32, "qk_rope_head_dim and partial_rotary_factor agreeing: %d", c.rope_dim);
     /* the newer keys give the same result */
     const char *modern = "{\"model_type\":\"deepseek_v4\",\"vocab_size\":10,\"hidden_size\":8,\"num_hidden_layers\":3,"
                          "\"num_attention_heads\":2,\"head_dim\":16,\"n_routed_experts\":4,\"num_experts_per_tok\":2,"
@@ -1236,13 +1237,20 @@ static void expect_load_fails(const char *dir, const char *expected, const char 
 }
 
 /* One bad input made by a single edit: copy testdata/MODEL to build/bad/COPY, replace `from`
-   with `to` in FILE, and expect loading to fail with `expected`. */
+   with `to` in FILE, and expect loading to fail with `expected` (for tokenizer.json, which
+   load_model does not read: the command line, with exit status 1). */
 typedef struct { const char *model, *copy, *file, *from, *to, *expected, *what; } Edit;
 
 static void expect_edit_fails(const Edit *e) {
     const char *d = copy_model(e->model, e->copy);
     edit_file(d, e->file, e->from, e->to);
-    expect_load_fails(d, e->expected, e->what);
+    if (strcmp(e->file, "tokenizer.json")) {
+        expect_load_fails(d, e->expected, e->what);
+        return;
+    }
+    char args[512];
+    snprintf(args, sizeof args, "%s hi --tokenize", d);
+    expect_cli(args, 1, e->expected);
 }
 
 static void test_bad_checkpoints(void) {
@@ -1292,6 +1300,59 @@ static void test_bad_checkpoints(void) {
          "\"embed.weight\": \"model-00001",
          "\"embed.weight\": \"model-00002",
          "tensor embed.weight is listed in shard model-00002-of-00003.safetensors but found in another file", "tensor not in the shard the index names"},
+        {"tiny-b", "index-dot", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \".\"",
+         "weight_map[\"embed.weight\"] names shard \".\", which is not a file name in the model directory", "shard named ."},
+        {"tiny-b", "index-dotdot", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \"..\"",
+         "weight_map[\"embed.weight\"] names shard \"..\", which is not a file name in the model directory", "shard named .."},
+        {"tiny-b", "index-slash", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \"../tiny-b/model-00001-of-00003.safetensors\"",
+         "names shard \"../tiny-b/model-00001-of-00003.safetensors\", which is not a file name", "shard name with a /"},
+        /* a weight's companions must fit exactly one format */
+        {"tiny-a", "fp8-two-scales", "model.safetensors",
+         "\"layers.7.attn.wq_a.scale\"",
+         "\"layers.0.attn.wq_a.weight_scale_inv\"",
+         "FP8 tensor layers.0.attn.wq_a.weight has two scales, layers.0.attn.wq_a.scale and layers.0.attn.wq_a.weight_scale_inv",
+         "FP8 weight with scale and weight_scale_inv"},
+        {"tiny-a", "nvfp4-and-mxfp4", "model.safetensors",
+         "\"layers.7.attn.wq_a.scale\"",
+         "\"layers.0.ffn.experts.0.w1.scale\"",
+         "4-bit tensor layers.0.ffn.experts.0.w1.weight has both NVFP4 (layers.0.ffn.experts.0.w1.weight_scale) and MXFP4 "
+         "(layers.0.ffn.experts.0.w1.scale) scales", "U8 weight with NVFP4 and MXFP4 scales"},
+        {"tiny-a", "mxfp4-and-global", "model.safetensors",
+         "\"layers.7.ffn.experts.7.w3.weight_scale_2\"",
+         "\"layers.3.attn.wq_a.weight_scale_2\"",
+         "4-bit tensor layers.3.attn.wq_a.weight has both NVFP4 (layers.3.attn.wq_a.weight_scale_2) and MXFP4 "
+         "(layers.3.attn.wq_a.scale) scales", "I8 MXFP4 weight with an NVFP4 weight_scale_2"},
+        {"tiny-a", "bf16-scale", "model.safetensors",
+         "\"layers.7.attn.wq_a.scale\"",
+         "\"head.scale\"",
+         "BF16 tensor head.weight comes with head.scale, a scale of another format", "BF16 weight with a scale"},
+        {"tiny-a", "input-scale-dtype", "model.safetensors",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"F32\",\"shape\":[]",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"BF16\",\"shape\":[2]",
+         "tensor layers.0.ffn.experts.0.w1.input_scale must be one F32 value", "input_scale of the wrong dtype"},
+        {"tiny-a", "input-scale-shape", "model.safetensors",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"F32\",\"shape\":[]",
+         "\"layers.0.ffn.experts.0.w1.input_scale\":{\"dtype\":\"F32\",\"shape\":[1,1]",
+         "tensor layers.0.ffn.experts.0.w1.input_scale must be one F32 value", "input_scale of the wrong shape"},
+        /* added tokens must agree with the vocab */
+        {"tiny-a", "tok-added-id", "tokenizer.json",
+         "{\"id\": 1016, \"content\": \"<",
+         "{\"id\": 1015, \"content\": \"<",
+         "has id 1015, which model.vocab gives to 'wo'", "added token whose id the vocab gives another string"},
+        {"tiny-a", "tok-added-content", "tokenizer.json",
+         "{\"id\": 1017, \"content\": \"<",
+         "{\"id\": 1020, \"content\": \"<",
+         "has id 1020 but model.vocab gives it id 1017", "added token whose content the vocab has at another id"},
+        {"tiny-a", "tok-added-twice", "tokenizer.json",
+         "\"added_tokens\": [",
+         "\"added_tokens\": [{\"id\": 1020, \"content\": \"xyzzy\"}, {\"id\": 1020, \"content\": \"plugh\"}, ",
+         "added_tokens: id 1020 is given twice", "two added tokens with one id"},
     };
     for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) expect_edit_fails(&edits[i]);
     const char *d;
@@ -1358,7 +1419,133 @@ static void test_bad_configs(void) {
         {"tiny-a", "bias", "config.json",
          "\"vocab_size\": 1024",
          "\"vocab_size\": 1024, \"attention_bias\": true",
-         "attention_bias is true", "biases nvfp4 does not implement"},
+         "attention_bias must be false", "biases nvfp4 does not implement"},
+        /* every value that changes the math is range-checked */
+        {"tiny-a", "rms-eps", "config.json",
+         "\"rms_norm_eps\": 1e-06",
+         "\"rms_norm_eps\": -1e-06",
+         "\"rms_norm_eps\" is -1e-06, must be greater than 0", "negative rms_norm_eps"},
+        {"tiny-a", "hc-eps", "config.json",
+         "\"hc_eps\": 1e-06",
+         "\"hc_eps\": -1",
+         "\"hc_eps\" is -1, must be greater than 0", "negative hc_eps"},
+        {"tiny-a", "swiglu-zero", "config.json",
+         "\"swiglu_limit\": 10.0",
+         "\"swiglu_limit\": 0",
+         "\"swiglu_limit\" is 0, must be greater than 0", "swiglu_limit 0 (transformers would zero every expert)"},
+        {"tiny-a", "swiglu-null", "config.json",
+         "\"swiglu_limit\": 10.0",
+         "\"swiglu_limit\": null",
+         "\"swiglu_limit\" is null, must be a number greater than 0", "swiglu_limit null (transformers refuses it)"},
+        {"tiny-a", "routed-scaling", "config.json",
+         "\"routed_scaling_factor\": 1.5",
+         "\"routed_scaling_factor\": -1.5",
+         "\"routed_scaling_factor\" is -1.5, must be greater than 0", "negative routed_scaling_factor"},
+        {"tiny-a", "rope-theta", "config.json",
+         "\"rope_theta\": 10000.0",
+         "\"rope_theta\": 0",
+         "\"rope_theta\" is 0, must be greater than 0", "rope_theta 0"},
+        {"tiny-a", "compress-theta", "config.json",
+         "\"compress_rope_theta\": 160000.0",
+         "\"compress_rope_theta\": -160000.0",
+         "\"compress_rope_theta\" is -160000, must be greater than 0", "negative compress_rope_theta"},
+        {"tiny-a", "compress-theta-1", "config.json",
+         "\"compress_rope_theta\": 160000.0",
+         "\"compress_rope_theta\": 1",
+         "rope_scaling: YaRN needs a compress rope_theta other than 1", "YaRN with theta 1 (log 1 = 0)"},
+        {"tiny-a", "yarn-beta", "config.json",
+         "\"beta_fast\": 32",
+         "\"beta_fast\": 0.5",
+         "rope_scaling: YaRN beta_fast (0.5) is below beta_slow (1)", "YaRN beta_fast < beta_slow"},
+        {"tiny-a", "yarn-factor", "config.json",
+         "\"factor\": 16",
+         "\"factor\": 0",
+         "rope_scaling: \"factor\" is 0, must be greater than 0", "YaRN factor 0"},
+        {"tiny-a", "yarn-original", "config.json",
+         "\"original_max_position_embeddings\": 65536",
+         "\"original_max_position_embeddings\": -65536",
+         "rope_scaling: \"original_max_position_embeddings\" is -65536, must be greater than 0", "negative YaRN original_max_position_embeddings"},
+        {"tiny-a", "yarn-attention-factor", "config.json",
+         "\"beta_slow\": 1",
+         "\"beta_slow\": 1, \"attention_factor\": 0",
+         "rope_scaling: \"attention_factor\" is 0, must be greater than 0", "YaRN attention_factor 0"},
+        {"tiny-a", "yarn-truncate", "config.json",
+         "\"beta_slow\": 1",
+         "\"beta_slow\": 1, \"truncate\": false",
+         "rope_scaling: YaRN truncate must be true", "YaRN without truncation"},
+        /* keys transformers reads, with values nvfp4 does not implement */
+        {"tiny-a", "norm-topk", "config.json",
+         "\"norm_topk_prob\": true",
+         "\"norm_topk_prob\": false",
+         "norm_topk_prob must be true", "norm_topk_prob false"},
+        {"tiny-a", "tie", "config.json",
+         "\"tie_word_embeddings\": false",
+         "\"tie_word_embeddings\": true",
+         "tie_word_embeddings must be false", "tied embeddings"},
+        /* legacy keys beside newer ones must agree, and are range-checked */
+        {"tiny-a", "rope-dims", "config.json",
+         "\"qk_rope_head_dim\": 16",
+         "\"qk_rope_head_dim\": 16, \"partial_rotary_factor\": 0.5",
+         "qk_rope_head_dim (16) and partial_rotary_factor (0.5, 32 of head_dim 64) disagree", "qk_rope_head_dim vs partial_rotary_factor"},
+        {"tiny-a", "rope-type", "config.json",
+         "\"type\": \"yarn\"",
+         "\"type\": \"yarn\", \"rope_type\": \"default\"",
+         "rope_scaling: rope_type and type disagree", "rope_type vs legacy type"},
+        {"tiny-c", "ratios-types", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"compress_ratios\": [0, 4, 128, 128, 128]",
+         "layer_types[3] (compressed_sparse_attention) and compress_ratios[3] (128) disagree", "compress_ratios vs layer_types"},
+        {"tiny-c", "ratios-rates", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"compress_ratios\": [0, 4, 128, 4, 128]",
+         "compress_ratios[2] is 128 but the heavily_compressed_attention compression rate is 16 (compress_rates)", "compress_ratios vs compress_rates"},
+        {"tiny-c", "ratios-range", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"compress_ratios\": [0, 4, 128, 4, 7]",
+         "compress_ratios[4] must be 0, 4 or 128", "compress_ratios range-checked beside layer_types"},
+        {"tiny-c", "rate-hca", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"compress_rate_hca\": 32",
+         "compress_rate_hca (32) and compress_rates.heavily_compressed_attention (16) disagree", "compress_rate_hca vs compress_rates"},
+        {"tiny-c", "rate-range", "config.json",
+         "\"heavily_compressed_attention\": 16",
+         "\"heavily_compressed_attention\": 2000",
+         "compress_rates gives the heavily_compressed_attention compression rate 2000, must be between 1 and 1024", "compression rate out of range"},
+        {"tiny-c", "hash-layers", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"num_hash_layers\": 2",
+         "num_hash_layers (2) and mlp_layer_types (1 hash_moe layers) disagree", "num_hash_layers vs mlp_layer_types"},
+        {"tiny-c", "hash-range", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"num_hash_layers\": -1",
+         "\"num_hash_layers\" must be an integer between 0 and", "num_hash_layers range-checked beside mlp_layer_types"},
+        {"tiny-c", "layer-types-type", "config.json",
+         "\"layer_types\": [",
+         "\"layer_types\": \"sliding_attention\", \"unused\": [",
+         "layer_types must be an array", "layer_types not an array"},
+        {"tiny-c", "rope-scaling", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 8, "
+         "\"original_max_position_embeddings\": 65536}",
+         "rope_scaling and rope_parameters disagree on factor", "rope_scaling vs rope_parameters"},
+        {"tiny-c", "rope-scaling-mscale", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 16, "
+         "\"original_max_position_embeddings\": 65536}",
+         "rope_scaling and rope_parameters disagree on attention_factor", "flat rope_scaling (factor 1) vs nested rope_parameters (mscale)"},
+        {"tiny-c", "rope-scaling-range", "config.json",
+         "\"num_nextn_predict_layers\": 0",
+         "\"num_nextn_predict_layers\": 0, \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 16, "
+         "\"original_max_position_embeddings\": 65536, \"beta_fast\": -1}",
+         "rope_scaling: \"beta_fast\" is -1, must be greater than 0", "rope_scaling range-checked beside rope_parameters"},
+        {"tiny-c", "main-theta", "config.json",
+         "\"rope_theta\": 10000.0",
+         "\"rope_theta\": 5000.0",
+         "rope_theta (5000) and rope_parameters.main.rope_theta (10000) disagree", "rope_theta vs rope_parameters.main"},
+        {"tiny-c", "compress-theta-nested", "config.json",
+         "\"compress_rope_theta\": 160000.0",
+         "\"compress_rope_theta\": 10000.0",
+         "compress_rope_theta (10000) and rope_parameters.compress.rope_theta (160000) disagree", "compress_rope_theta vs rope_parameters.compress"},
     };
     for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) expect_edit_fails(&edits[i]);
     const char *d;

@@ -3262,11 +3262,13 @@ static void gpu_launch(Kernel k, unsigned grid, unsigned block, void **params) {
     CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], grid, 1, 1, block, 1, 1, 0, gpu.stream, params, NULL));
 }
 
-/* Blocks of `block` threads of kernel k that fit on one SM at a time. */
+/* Blocks of `block` threads of kernel k that fit on one SM at a time (fatal when none does:
+   too many threads for the kernel's registers). */
 static int gpu_blocks_per_sm(Kernel k, int block) {
     int blocks = 0;
     CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gpu.kernels[k], block, 0));
-    return blocks > 0 ? blocks : 1;
+    if (blocks < 1) fatal("kernel %s cannot run blocks of %d threads on %s", kernel_names[k], block, gpu.name);
+    return blocks;
 }
 
 /* ============================================================================ GPU: kernels */

@@ -1,20 +1,42 @@
 # nvfp4: `make` builds the engine; `make test` builds and runs the test suite (offline, CPU only);
 # `make test-sanitize` runs it again under AddressSanitizer + UndefinedBehaviorSanitizer;
 # `make fuzz` runs each libFuzzer target (clang) for FUZZ_SECONDS.
+# Where ptxas is found (PATH or /usr/local/cuda/bin), kernels.ptx is run through the C
+# preprocessor, assembled for sm_90a into build/kernels.cubin and embedded in nvfp4 (and the
+# tests) as build/kernels_cubin.h with -DNVFP4_GPU; without ptxas the binary has no GPU path.
+# `make bench-gpu` runs the GEMV benchmark on the GPU (with the test suite).
 CC ?= cc
 CFLAGS ?= -O2 -g -Wall -Wextra
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 LDLIBS = -lm -ldl
 BUILD = build
 FUZZ_SECONDS ?= 60
+PTXAS ?= $(shell command -v ptxas || ls /usr/local/cuda/bin/ptxas 2>/dev/null)
 
-nvfp4: nvfp4.c nvfp4.h
-	$(CC) $(CFLAGS) -o $@ nvfp4.c $(LDLIBS)
+ifneq ($(PTXAS),)
+GPU_FLAGS = -DNVFP4_GPU -I$(BUILD)
+GPU_DEPS = $(BUILD)/kernels_cubin.h
+else
+$(info ptxas not found (PATH, /usr/local/cuda/bin): building nvfp4 without the GPU path)
+endif
+
+nvfp4: nvfp4.c nvfp4.h $(GPU_DEPS)
+	$(CC) $(CFLAGS) $(GPU_FLAGS) -o $@ nvfp4.c $(LDLIBS)
+
+# the kernels: preprocess (macros stamp out repeated fragments), assemble, turn into a C array
+$(BUILD)/kernels.cubin: kernels.ptx | $(BUILD)
+	$(CC) -E -P -x c kernels.ptx -o $(BUILD)/kernels.i.ptx
+	$(PTXAS) -arch=sm_90a -o $@ $(BUILD)/kernels.i.ptx
+
+$(BUILD)/kernels_cubin.h: $(BUILD)/kernels.cubin
+	{ echo 'static const unsigned char kernels_cubin[] __attribute__((aligned(64))) = {'; \
+	  od -An -v -tx1 $< | awk '{ for (i = 1; i <= NF; i++) printf "0x%s,", $$i; print "" }'; \
+	  echo '};'; } > $@
 
 # test.c includes nvfp4.c (whose command-line functions it does not call); the real DeepSeek
 # tokenizer ships gzipped in testdata/
-$(BUILD)/test: test.c nvfp4.c nvfp4.h | $(BUILD)
-	$(CC) $(CFLAGS) -Wno-unused-function -o $@ test.c $(LDLIBS)
+$(BUILD)/test: test.c nvfp4.c nvfp4.h $(GPU_DEPS) | $(BUILD)
+	$(CC) $(CFLAGS) $(GPU_FLAGS) -Wno-unused-function -o $@ test.c $(LDLIBS)
 
 $(BUILD)/deepseek-tokenizer.json: testdata/tokenizer.json.gz | $(BUILD)
 	gzip -dc $< > $@
@@ -26,9 +48,9 @@ test: nvfp4 $(BUILD)/test $(BUILD)/deepseek-tokenizer.json
 	./$(BUILD)/test
 
 # the same suite, engine and CLI built with the sanitizers (fatal exits leak by design: no leak check)
-test-sanitize: $(BUILD)/deepseek-tokenizer.json
-	$(CC) $(SANITIZE) -o $(BUILD)/nvfp4-sanitize nvfp4.c $(LDLIBS)
-	$(CC) $(SANITIZE) -DNVFP4_BIN='"$(BUILD)/nvfp4-sanitize"' -o $(BUILD)/test-sanitize test.c $(LDLIBS)
+test-sanitize: $(BUILD)/deepseek-tokenizer.json $(GPU_DEPS)
+	$(CC) $(SANITIZE) $(GPU_FLAGS) -o $(BUILD)/nvfp4-sanitize nvfp4.c $(LDLIBS)
+	$(CC) $(SANITIZE) $(GPU_FLAGS) -DNVFP4_BIN='"$(BUILD)/nvfp4-sanitize"' -o $(BUILD)/test-sanitize test.c $(LDLIBS)
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ./$(BUILD)/test-sanitize
 
 fuzz: $(BUILD)/deepseek-tokenizer.json
@@ -39,7 +61,10 @@ fuzz: $(BUILD)/deepseek-tokenizer.json
 	        $(BUILD)/corpus/$$target testdata/fuzz/$$target || exit 1; \
 	done
 
+bench-gpu: nvfp4 $(BUILD)/test $(BUILD)/deepseek-tokenizer.json
+	NVFP4_GPU_BENCH=1 ./$(BUILD)/test
+
 clean:
 	rm -rf nvfp4 $(BUILD)
 
-.PHONY: test test-sanitize fuzz clean
+.PHONY: test test-sanitize fuzz bench-gpu clean

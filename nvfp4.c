@@ -3361,6 +3361,511 @@ static int sample(Sampler *s, float *logits, int V) {
     return s->order[last];
 }
 
+/* ========================================================================= GPU: driver API */
+/* The GPU path drives hand-written PTX kernels (kernels.ptx) through the CUDA driver API.
+   libcuda.so.1 is opened with dlopen at run time, so the same binary starts, and runs the CPU
+   path, where no driver or no GPU exists. `make` assembles kernels.ptx with ptxas for sm_90a
+   and embeds the cubin (build/kernels_cubin.h, compiled in with -DNVFP4_GPU); a binary built
+   where ptxas was missing has no kernels and says so. One context, one non-default stream;
+   every driver call goes through CU_CHECK, which names the call, file:line and the driver's
+   error. The types below are the driver's (cuda.h of CUDA 13.0), declared here so that the
+   build needs no CUDA headers. Until the command line wires --gpu (issue 7), only test.c calls
+   these functions: the pragma keeps -Wall quiet about that. */
+#include <dlfcn.h>
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+
+typedef int CUresult;                        /* 0 = CUDA_SUCCESS */
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;      /* a device address */
+typedef struct CUctx_st *CUcontext;
+typedef struct CUmod_st *CUmodule;
+typedef struct CUfunc_st *CUfunction;
+typedef struct CUstream_st *CUstream;
+typedef struct CUevent_st *CUevent;
+
+enum {   /* the few enum values of cuda.h that nvfp4 passes */
+    CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16,
+    CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75,
+    CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76,
+    CU_JIT_INFO_LOG_BUFFER = 3,
+    CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES = 4,
+    CU_JIT_ERROR_LOG_BUFFER = 5,
+    CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES = 6,
+    CU_STREAM_NON_BLOCKING = 1,
+    CU_EVENT_DEFAULT = 0,
+};
+
+/* The driver entry points nvfp4 uses, filled by dlsym. Where cuda.h maps a name to a
+   versioned symbol (cuMemAlloc -> cuMemAlloc_v2, ...), the table below looks up that symbol:
+   the unversioned ones are the old 32-bit-size ABI. */
+static struct {
+    CUresult (*cuGetErrorName)(CUresult error, const char **name);
+    CUresult (*cuInit)(unsigned flags);
+    CUresult (*cuDriverGetVersion)(int *version);
+    CUresult (*cuDeviceGetCount)(int *count);
+    CUresult (*cuDeviceGet)(CUdevice *device, int ordinal);
+    CUresult (*cuDeviceGetName)(char *name, int len, CUdevice device);
+    CUresult (*cuDeviceGetAttribute)(int *value, int attribute, CUdevice device);
+    CUresult (*cuCtxCreate)(CUcontext *ctx, unsigned flags, CUdevice device);
+    CUresult (*cuCtxDestroy)(CUcontext ctx);
+    CUresult (*cuStreamCreate)(CUstream *stream, unsigned flags);
+    CUresult (*cuStreamDestroy)(CUstream stream);
+    CUresult (*cuStreamSynchronize)(CUstream stream);
+    CUresult (*cuModuleLoadDataEx)(CUmodule *module, const void *image, unsigned n, int *options, void **values);
+    CUresult (*cuModuleUnload)(CUmodule module);
+    CUresult (*cuModuleGetFunction)(CUfunction *f, CUmodule module, const char *name);
+    CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int *blocks, CUfunction f, int block_size, size_t smem);
+    CUresult (*cuMemGetInfo)(size_t *free_bytes, size_t *total_bytes);
+    CUresult (*cuMemAlloc)(CUdeviceptr *p, size_t bytes);
+    CUresult (*cuMemFree)(CUdeviceptr p);
+    CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr dst, const void *src, size_t bytes, CUstream stream);
+    CUresult (*cuMemcpyDtoHAsync)(void *dst, CUdeviceptr src, size_t bytes, CUstream stream);
+    CUresult (*cuMemsetD8Async)(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream);
+    CUresult (*cuLaunchKernel)(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned smem, CUstream stream, void **params, void **extra);
+    CUresult (*cuEventCreate)(CUevent *event, unsigned flags);
+    CUresult (*cuEventDestroy)(CUevent event);
+    CUresult (*cuEventRecord)(CUevent event, CUstream stream);
+    CUresult (*cuEventSynchronize)(CUevent event);
+    CUresult (*cuEventElapsedTime)(float *ms, CUevent start, CUevent end);
+} cu;
+
+static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
+#define CU_SYMBOL(field, symbol) {symbol, offsetof(__typeof__(cu), field)}
+    CU_SYMBOL(cuGetErrorName, "cuGetErrorName"),
+    CU_SYMBOL(cuInit, "cuInit"),
+    CU_SYMBOL(cuDriverGetVersion, "cuDriverGetVersion"),
+    CU_SYMBOL(cuDeviceGetCount, "cuDeviceGetCount"),
+    CU_SYMBOL(cuDeviceGet, "cuDeviceGet"),
+    CU_SYMBOL(cuDeviceGetName, "cuDeviceGetName"),
+    CU_SYMBOL(cuDeviceGetAttribute, "cuDeviceGetAttribute"),
+    CU_SYMBOL(cuCtxCreate, "cuCtxCreate_v2"),   /* cuda.h 13 maps cuCtxCreate to _v4 (extra params struct); _v2 is the plain one */
+    CU_SYMBOL(cuCtxDestroy, "cuCtxDestroy_v2"),
+    CU_SYMBOL(cuStreamCreate, "cuStreamCreate"),
+    CU_SYMBOL(cuStreamDestroy, "cuStreamDestroy_v2"),
+    CU_SYMBOL(cuStreamSynchronize, "cuStreamSynchronize"),
+    CU_SYMBOL(cuModuleLoadDataEx, "cuModuleLoadDataEx"),
+    CU_SYMBOL(cuModuleUnload, "cuModuleUnload"),
+    CU_SYMBOL(cuModuleGetFunction, "cuModuleGetFunction"),
+    CU_SYMBOL(cuOccupancyMaxActiveBlocksPerMultiprocessor, "cuOccupancyMaxActiveBlocksPerMultiprocessor"),
+    CU_SYMBOL(cuMemGetInfo, "cuMemGetInfo_v2"),
+    CU_SYMBOL(cuMemAlloc, "cuMemAlloc_v2"),
+    CU_SYMBOL(cuMemFree, "cuMemFree_v2"),
+    CU_SYMBOL(cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2"),
+    CU_SYMBOL(cuMemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2"),
+    CU_SYMBOL(cuMemsetD8Async, "cuMemsetD8Async"),
+    CU_SYMBOL(cuLaunchKernel, "cuLaunchKernel"),
+    CU_SYMBOL(cuEventCreate, "cuEventCreate"),
+    CU_SYMBOL(cuEventDestroy, "cuEventDestroy_v2"),
+    CU_SYMBOL(cuEventRecord, "cuEventRecord"),
+    CU_SYMBOL(cuEventSynchronize, "cuEventSynchronize"),
+    CU_SYMBOL(cuEventElapsedTime, "cuEventElapsedTime_v2"),
+#undef CU_SYMBOL
+};
+
+/* The kernels of kernels.ptx, by the name of their .entry. */
+typedef enum { K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP4, K_COUNT } Kernel;
+static const char *const kernel_names[K_COUNT] = {"stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4"};
+
+/* The one GPU nvfp4 uses (device 0) once gpu_open succeeded. */
+static struct {
+    void *lib;                   /* dlopen handle of libcuda.so.1 */
+    CUdevice device;
+    CUcontext ctx;
+    CUstream stream;             /* every launch and copy goes here */
+    CUmodule module;             /* the embedded cubin */
+    CUfunction kernels[K_COUNT];
+    int sm_count, driver_version;
+    char name[256];
+} gpu;
+
+#ifdef NVFP4_GPU
+#include "kernels_cubin.h"       /* kernels_cubin[]: build/kernels.cubin as bytes (make writes it) */
+#endif
+
+/* Stop with the failing call's text, its place and the driver's name for the error. */
+#define CU_CHECK(call) cu_check((call), #call, __FILE__, __LINE__)
+static void cu_check(CUresult r, const char *call, const char *file, int line) {
+    if (r == 0) return;
+    const char *name = NULL;
+    if (!cu.cuGetErrorName || cu.cuGetErrorName(r, &name) || !name) name = "unknown error";
+    fatal("%s:%d: %s failed: %s (%d)", file, line, call, name, r);
+}
+
+/* Release the GPU and the driver (harmless when gpu_open failed or never ran). */
+static void gpu_close(void) {
+    if (gpu.module) CU_CHECK(cu.cuModuleUnload(gpu.module));
+    if (gpu.stream) CU_CHECK(cu.cuStreamDestroy(gpu.stream));
+    if (gpu.ctx) CU_CHECK(cu.cuCtxDestroy(gpu.ctx));
+    if (gpu.lib) dlclose(gpu.lib);
+    memset(&gpu, 0, sizeof gpu);
+    memset(&cu, 0, sizeof cu);
+}
+
+/* Open the driver, GPU 0, a context, a stream and the kernels. Returns 1 when the GPU path is
+   usable; otherwise 0 with a one-line reason in why[n] (no kernels in this build, no driver,
+   no GPU, a GPU that is not sm_90, a cubin the driver rejects), everything released. */
+static int gpu_open(char *why, size_t n) {
+#ifndef NVFP4_GPU
+    snprintf(why, n, "this nvfp4 was built without GPU kernels (ptxas was not found at build time)");
+    return 0;
+#else
+    CUresult r;
+    const char *name;
+#define GPU_FAIL(...) do { snprintf(why, n, __VA_ARGS__); gpu_close(); return 0; } while (0)
+#define ERROR_NAME(r) (cu.cuGetErrorName(r, &name) || !name ? "unknown error" : name)
+    gpu.lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!gpu.lib) GPU_FAIL("no NVIDIA driver (%s)", dlerror());
+    for (size_t i = 0; i < sizeof cu_symbols / sizeof *cu_symbols; i++) {
+        void *f = dlsym(gpu.lib, cu_symbols[i].symbol);
+        if (!f) GPU_FAIL("the NVIDIA driver is too old: libcuda.so.1 has no %s", cu_symbols[i].symbol);
+        memcpy((char *)&cu + cu_symbols[i].offset, &f, sizeof f);
+    }
+    if ((r = cu.cuInit(0))) GPU_FAIL("no usable GPU (cuInit: %s)", ERROR_NAME(r));
+    int count = 0, major = 0, minor = 0;
+    if ((r = cu.cuDeviceGetCount(&count)) || count == 0) GPU_FAIL("no GPU found");
+    CU_CHECK(cu.cuDeviceGet(&gpu.device, 0));
+    CU_CHECK(cu.cuDeviceGetName(gpu.name, sizeof gpu.name, gpu.device));
+    CU_CHECK(cu.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, gpu.device));
+    CU_CHECK(cu.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, gpu.device));
+    CU_CHECK(cu.cuDeviceGetAttribute(&gpu.sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, gpu.device));
+    CU_CHECK(cu.cuDriverGetVersion(&gpu.driver_version));
+    if (major != 9 || minor != 0)
+        GPU_FAIL("GPU 0 is %s (sm_%d%d); the kernels are built for sm_90 (Hopper: H100, H200)", gpu.name, major, minor);
+    if ((r = cu.cuCtxCreate(&gpu.ctx, 0, gpu.device))) GPU_FAIL("cannot create a context on %s: %s", gpu.name, ERROR_NAME(r));
+    CU_CHECK(cu.cuStreamCreate(&gpu.stream, CU_STREAM_NON_BLOCKING));
+    char info[4096] = "", error[4096] = "";
+    int options[] = {CU_JIT_INFO_LOG_BUFFER, CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES, CU_JIT_ERROR_LOG_BUFFER,
+                     CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
+    void *values[] = {info, (void *)(uintptr_t)sizeof info, error, (void *)(uintptr_t)sizeof error};
+    if ((r = cu.cuModuleLoadDataEx(&gpu.module, kernels_cubin, 4, options, values)))
+        GPU_FAIL("the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
+    for (int k = 0; k < K_COUNT; k++) CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_names[k]));
+    return 1;
+#undef GPU_FAIL
+#undef ERROR_NAME
+#endif
+}
+
+/* Whether `bytes` more device memory fit: 1, or 0 with "needs X GiB, the GPU has Y GiB free"
+   in why[n]. Called before allocating a model, so that one too large for the card is refused
+   with that message rather than an out-of-memory failure half way. */
+static int gpu_fits(size_t bytes, char *why, size_t n) {
+    size_t free_bytes, total_bytes;
+    CU_CHECK(cu.cuMemGetInfo(&free_bytes, &total_bytes));
+    if (bytes <= free_bytes) return 1;
+    snprintf(why, n, "needs %.1f GiB, the GPU has %.1f GiB free (of %.1f GiB)", bytes / 1073741824.0,
+             free_bytes / 1073741824.0, total_bytes / 1073741824.0);
+    return 0;
+}
+
+/* Device memory of `bytes` (fatal, through CU_CHECK, when the GPU has none left). */
+static CUdeviceptr gpu_alloc(size_t bytes) {
+    CUdeviceptr p;
+    CU_CHECK(cu.cuMemAlloc(&p, bytes ? bytes : 1));
+    return p;
+}
+
+static void gpu_free(CUdeviceptr p) {
+    if (p) CU_CHECK(cu.cuMemFree(p));
+}
+
+/* Copies on the stream, waited for: after return the host buffer may be reused or read. */
+static void gpu_upload(CUdeviceptr dst, const void *src, size_t bytes) {
+    CU_CHECK(cu.cuMemcpyHtoDAsync(dst, src, bytes, gpu.stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+}
+
+static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
+    CU_CHECK(cu.cuMemcpyDtoHAsync(dst, src, bytes, gpu.stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+}
+
+/* Launch kernel k on the stream with grid x block threads and its parameters. */
+static void gpu_launch(Kernel k, unsigned grid, unsigned block, void **params) {
+    CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], grid, 1, 1, block, 1, 1, 0, gpu.stream, params, NULL));
+}
+
+/* Blocks of `block` threads of kernel k that fit on one SM at a time (fatal when none does:
+   too many threads for the kernel's registers). */
+static int gpu_blocks_per_sm(Kernel k, int block) {
+    int blocks = 0;
+    CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gpu.kernels[k], block, 0));
+    if (blocks < 1) fatal("kernel %s cannot run blocks of %d threads on %s", kernel_names[k], block, gpu.name);
+    return blocks;
+}
+
+/* ============================================================================ GPU: kernels */
+/* The C side of kernels.ptx: weights uploaded in the layout the kernels read, and launches.
+   The GEMV layout (kernels.ptx explains why): the checkpoint's own row-major bytes, each row
+   zero-padded to row_bytes, a multiple of 512 (one 16-byte load per lane of a warp); the scales
+     NVFP4  E4M3 [rows, row_bytes / 8]          one per 16 columns, zero-padded like the codes
+     MXFP4  E8M0 [rows, row_bytes / 16]         one per 32 columns
+     FP8    f32  [ceil(rows/128), row_bytes/128] the block scale (E8M0 or f32) times 2^56
+     BF16   none
+   A row may have at most 32 chunks of 512 bytes (a block of 32 warps shares a row): 32768
+   columns of FP4, 16384 of FP8, 8192 of BF16. */
+
+#define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
+#define GPU_MAX_CHUNKS 32                   /* chunks per row: warps sharing a row, <= 32 */
+#define GPU_STAGING ((size_t)64 << 20)      /* host bytes staged per upload piece */
+
+/* A linear layer on the GPU, uploaded by gpu_upload_linear. */
+typedef struct {
+    WeightFormat format;
+    int rows, cols;
+    unsigned row_bytes;      /* padded bytes of one weight row: a multiple of GPU_CHUNK */
+    CUdeviceptr weight;      /* [rows, row_bytes] */
+    CUdeviceptr scale;       /* see the table above; 0 for BF16 */
+    float gscale62;          /* NVFP4: global scale * 2^62 (the kernel's fixed-point shift) */
+    unsigned grid, block;    /* launch shape */
+    size_t bytes;            /* the checkpoint's bytes of this layer (codes + scales): what one GEMV must read */
+} GpuLinear;
+
+/* Bytes of one row of codes as the checkpoint stores it. */
+static size_t linear_row_bytes(const Linear *w) {
+    size_t cols = (size_t)w->cols;
+    return w->format == FMT_BF16 ? 2 * cols : w->format == FMT_FP8 ? cols : cols / 2;
+}
+
+/* Bytes of W's scales as the checkpoint stores them. */
+static size_t linear_scale_bytes(const Linear *w) {
+    size_t rows = (size_t)w->rows, cols = (size_t)w->cols;
+    switch (w->format) {
+    case FMT_NVFP4: return rows * (cols / 16);
+    case FMT_MXFP4: return rows * (cols / 32);
+    case FMT_FP8: return ((rows + 127) / 128) * ((cols + 127) / 128) * (w->scale_is_f32 ? 4 : 1);
+    default: return 0;
+    }
+}
+
+/* Device bytes gpu_upload_linear will allocate for W (for the footprint check). */
+static size_t gpu_linear_footprint(const Linear *w) {
+    size_t row_bytes = (linear_row_bytes(w) + GPU_CHUNK - 1) / GPU_CHUNK * GPU_CHUNK, rows = (size_t)w->rows;
+    size_t scales = w->format == FMT_NVFP4 ? rows * (row_bytes / 8)
+                  : w->format == FMT_MXFP4 ? rows * (row_bytes / 16)
+                  : w->format == FMT_FP8 ? (rows + 127) / 128 * (row_bytes / 128) * 4 : 0;
+    return rows * row_bytes + scales;
+}
+
+/* Copy rows [r0, r0 + n) of a [rows, src_bytes] byte matrix into dst as rows of dst_bytes,
+   zero-padded. */
+static void pad_rows(uint8_t *dst, size_t dst_bytes, const uint8_t *src, size_t src_bytes, size_t r0, size_t n) {
+    for (size_t r = 0; r < n; r++) {
+        memcpy(dst + r * dst_bytes, src + (r0 + r) * src_bytes, src_bytes);
+        memset(dst + r * dst_bytes + src_bytes, 0, dst_bytes - src_bytes);
+    }
+}
+
+/* Upload the byte matrix src [rows, src_bytes] to a new device buffer of rows padded to
+   dst_bytes, through `staging` (GPU_STAGING bytes): the whole tensor is never copied on the host. */
+static CUdeviceptr upload_padded(const void *src, size_t rows, size_t src_bytes, size_t dst_bytes, uint8_t *staging) {
+    CUdeviceptr d = gpu_alloc(rows * dst_bytes);
+    size_t per_piece = GPU_STAGING / dst_bytes ? GPU_STAGING / dst_bytes : 1;
+    for (size_t r0 = 0; r0 < rows; r0 += per_piece) {
+        size_t n = rows - r0 < per_piece ? rows - r0 : per_piece;
+        pad_rows(staging, dst_bytes, src, src_bytes, r0, n);
+        gpu_upload(d + r0 * dst_bytes, staging, n * dst_bytes);
+    }
+    return d;
+}
+
+/* Upload W in the kernels' layout and choose its launch shape. Fatal when the GPU has no
+   kernel for W's format or W is too wide for one (the message names the limit). */
+static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
+    static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
+                                       [FMT_NVFP4] = K_GEMV_NVFP4};
+    if (w->format == FMT_F32) fatal("the GPU kernels have no F32 linear layer (%d x %d)", w->rows, w->cols);
+    size_t src_bytes = linear_row_bytes(w), rows = (size_t)w->rows;
+    size_t row_bytes = (src_bytes + GPU_CHUNK - 1) / GPU_CHUNK * GPU_CHUNK;
+    if (row_bytes / GPU_CHUNK > GPU_MAX_CHUNKS)
+        fatal("a %d x %d linear layer is too wide for the GPU kernels (at most %d bytes a row)", w->rows, w->cols,
+              GPU_MAX_CHUNKS * GPU_CHUNK);
+    memset(g, 0, sizeof *g);
+    g->format = w->format;
+    g->rows = w->rows;
+    g->cols = w->cols;
+    g->row_bytes = (unsigned)row_bytes;
+    g->bytes = rows * src_bytes + linear_scale_bytes(w);
+    uint8_t *staging = xcalloc(GPU_STAGING, 1);
+    g->weight = upload_padded(w->weight, rows, src_bytes, row_bytes, staging);
+    if (w->format == FMT_NVFP4 || w->format == FMT_MXFP4) {
+        int group = w->format == FMT_NVFP4 ? 16 : 32;   /* columns per scale; 8 or 16 code bytes */
+        g->scale = upload_padded(w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group, staging);
+        g->gscale62 = ldexpf(w->global_scale, 62);
+    } else if (w->format == FMT_FP8) {   /* small: [ceil(rows/128), ceil(cols/128)] -> f32 * 2^56 */
+        size_t brows = (rows + 127) / 128, bcols = ((size_t)w->cols + 127) / 128, dcols = row_bytes / 128;
+        float *s = xcalloc(brows * dcols, sizeof(float));
+        for (size_t i = 0; i < brows; i++)
+            for (size_t j = 0; j < bcols; j++) {
+                float v = w->scale_is_f32 ? load_f32(w->scale, i * bcols + j)
+                                          : e8m0_to_float(((const uint8_t *)w->scale)[i * bcols + j]);
+                s[i * dcols + j] = ldexpf(v, 56);
+            }
+        g->scale = gpu_alloc(brows * dcols * sizeof(float));
+        gpu_upload(g->scale, s, brows * dcols * sizeof(float));
+        free(s);
+    }
+    free(staging);
+    Kernel k = kernel_of[w->format];
+    unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;   /* ~16 warps a block */
+    unsigned row_blocks = (unsigned)((rows + 4 * nrg - 1) / (4 * nrg));
+    g->block = 32 * ksplit * nrg;
+    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(k, (int)g->block));
+    if (g->grid > row_blocks) g->grid = row_blocks;
+}
+
+static void gpu_free_linear(GpuLinear *g) {
+    gpu_free(g->weight);
+    gpu_free(g->scale);
+    memset(g, 0, sizeof *g);
+}
+
+/* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
+static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) {
+    static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
+                                       [FMT_NVFP4] = K_GEMV_NVFP4};
+    unsigned rows = (unsigned)g->rows, cols = (unsigned)g->cols, row_bytes = g->row_bytes, ksplit = row_bytes / GPU_CHUNK;
+    CUdeviceptr w = g->weight, s = g->scale;
+    float gscale62 = g->gscale62;
+    void *params[] = {&w, &s, &x, &y, &rows, &cols, &row_bytes, &ksplit, &gscale62};
+    gpu_launch(kernel_of[g->format], g->grid, g->block, params);
+}
+
+/* Launch stream_read over buf[bytes] (bytes a multiple of 16), adding its uint32 sum to *out. */
+static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
+    uint64_t n16 = bytes / 16;
+    void *params[] = {&buf, &n16, &out};
+    gpu_launch(K_STREAM_READ, (unsigned)(gpu.sm_count * 4), 256, params);
+}
+
+/* ---------- benchmark ---------- */
+
+/* Milliseconds of `reps` runs of fn(arg, i) (i = 0..reps-1) on the stream, between two events. */
+static float gpu_time(void (*fn)(void *, int), void *arg, int reps) {
+    CUevent start, end;
+    float ms;
+    CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
+    CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
+    CU_CHECK(cu.cuEventRecord(start, gpu.stream));
+    for (int i = 0; i < reps; i++) fn(arg, i);
+    CU_CHECK(cu.cuEventRecord(end, gpu.stream));
+    CU_CHECK(cu.cuEventSynchronize(end));
+    CU_CHECK(cu.cuEventElapsedTime(&ms, start, end));
+    CU_CHECK(cu.cuEventDestroy(start));
+    CU_CHECK(cu.cuEventDestroy(end));
+    return ms;
+}
+
+static int compare_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+#define BENCH_REPEATS 9   /* timed passes; the median is reported */
+
+/* Median over BENCH_REPEATS passes of the time per call of fn (each pass `calls` calls). */
+static double gpu_median_us(void (*fn)(void *, int), void *arg, int calls) {
+    float t[BENCH_REPEATS];
+    gpu_time(fn, arg, calls);   /* warm-up */
+    for (int i = 0; i < BENCH_REPEATS; i++) t[i] = gpu_time(fn, arg, calls) * 1000 / calls;
+    qsort(t, BENCH_REPEATS, sizeof *t, compare_float);
+    return t[BENCH_REPEATS / 2];
+}
+
+typedef struct { CUdeviceptr buf, out; size_t bytes; } StreamRun;
+static void stream_call(void *arg, int i) {
+    (void)i;
+    StreamRun *r = arg;
+    gpu_stream_read(r->buf, r->bytes, r->out);
+}
+
+typedef struct { GpuLinear *copies; int n; CUdeviceptr x, y; } GemvRun;
+static void gemv_call(void *arg, int i) {
+    GemvRun *r = arg;
+    gpu_gemv(&r->copies[i % r->n], r->x, r->y);
+}
+
+/* A random linear layer of V4-Flash's kinds, in host memory the caller frees (weight, scale):
+   random codes (no NaN encodings), scales in a realistic range. */
+static Linear gpu_bench_linear(WeightFormat format, int rows, int cols, int scale_is_f32, uint64_t *rng) {
+    Linear w = {format, rows, cols, NULL, NULL, scale_is_f32, 1};
+    size_t codes = (size_t)rows * linear_row_bytes(&w), scales = linear_scale_bytes(&w);
+    uint8_t *q = xcalloc(codes, 1), *s = xcalloc(scales ? scales : 1, 1);
+    for (size_t i = 0; i < codes; i++) {
+        uint8_t b = (uint8_t)random_u32(rng);
+        if (format == FMT_FP8 && (b & 0x7f) == 0x7f) b ^= 1;          /* not E4M3's NaN */
+        if (format == FMT_BF16 && i % 2) b = (uint8_t)(0x3c + b % 8 + (b & 0x80));   /* bf16 high byte: |w| ~ 2^-7..2 */
+        q[i] = b;
+    }
+    for (size_t i = 0; i < scales; i++) {
+        uint8_t b = (uint8_t)random_u32(rng);
+        s[i] = format == FMT_NVFP4 ? (uint8_t)(0x20 + b % 0x30)   /* e4m3 2^-3 .. 2^3 */
+             : format == FMT_MXFP4 ? (uint8_t)(120 + b % 10) : scale_is_f32 ? 0 : (uint8_t)(120 + b % 10);
+    }
+    if (format == FMT_FP8 && scale_is_f32)
+        for (size_t i = 0; i < scales / 4; i++) {
+            float v = 0.001f + random_float(rng) * 0.01f;
+            memcpy(s + 4 * i, &v, 4);
+        }
+    w.weight = q;
+    w.scale = s;
+    w.global_scale = format == FMT_NVFP4 ? 0.01f : 1;
+    return w;
+}
+
+/* Print, for each weight format at V4-Flash shapes, the median time of one GEMV, its GB/s and
+   the ratio to the streaming-read GB/s measured here, on this card. Each timed pass cycles
+   through copies of the weights totalling more than 400 MB, so the 50 MB L2 cannot serve them. */
+static void gpu_bench_gemv(void) {
+    static const struct { WeightFormat format; int rows, cols, scale_is_f32; const char *what; } shapes[] = {
+        {FMT_NVFP4, 2048, 4096, 0, "expert w1/w3"},
+        {FMT_NVFP4, 4096, 2048, 0, "expert w2"},
+        {FMT_MXFP4, 2048, 4096, 0, "expert w1/w3"},
+        {FMT_FP8, 32768, 1024, 0, "attn wq_b"},
+        {FMT_FP8, 4096, 8192, 0, "attn wo_b"},
+        {FMT_FP8, 1024, 4096, 1, "attn wq_a"},
+        {FMT_BF16, 129280, 4096, 0, "head"},
+        {FMT_BF16, 1024, 4096, 0, "compressor"},
+    };
+    static const char *format_names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
+    StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
+    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
+    double stream_us = gpu_median_us(stream_call, &sr, 3), stream_gbs = sr.bytes / stream_us * 1e-3;
+    gpu_free(sr.buf);
+    gpu_free(sr.out);
+    printf("GPU %s, %d SMs, driver %d.%d: streaming read %.0f GB/s (2 GiB, median of %d)\n", gpu.name, gpu.sm_count,
+           gpu.driver_version / 1000, gpu.driver_version % 1000 / 10, stream_gbs, BENCH_REPEATS);
+    printf("%-6s %-13s %13s %8s %7s %10s %8s %7s\n", "format", "matrix", "shape", "MB", "copies", "us/call", "GB/s",
+           "stream");
+    for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
+        Linear w = gpu_bench_linear(shapes[i].format, shapes[i].rows, shapes[i].cols, shapes[i].scale_is_f32, &rng);
+        size_t bytes = (size_t)w.rows * linear_row_bytes(&w) + linear_scale_bytes(&w);
+        int n = (int)(((size_t)420 << 20) / bytes) + 1;   /* copies: > 400 MB in all */
+        GemvRun run = {xcalloc((size_t)n, sizeof(GpuLinear)), n, gpu_alloc((size_t)w.cols * 4), gpu_alloc((size_t)w.rows * 4)};
+        for (int c = 0; c < n; c++) gpu_upload_linear(&run.copies[c], &w);
+        float *x = xcalloc((size_t)w.cols, sizeof(float));
+        for (int c = 0; c < w.cols; c++) x[c] = random_float(&rng) * 2 - 1;
+        gpu_upload(run.x, x, (size_t)w.cols * 4);
+        double us = gpu_median_us(gemv_call, &run, n < 20 ? 20 : n), gbs = bytes / us * 1e-3;
+        char shape[32];
+        snprintf(shape, sizeof shape, "%dx%d", w.rows, w.cols);
+        printf("%-6s %-13s %13s %8.1f %7d %10.2f %8.0f %6.0f%%\n", format_names[w.format], shapes[i].what, shape,
+               bytes / 1e6, n, us, gbs, 100 * gbs / stream_gbs);
+        for (int c = 0; c < n; c++) gpu_free_linear(&run.copies[c]);
+        gpu_free(run.x);
+        gpu_free(run.y);
+        free(run.copies);
+        free(x);
+        free((void *)w.weight);
+        free((void *)w.scale);
+    }
+}
+
+#pragma GCC diagnostic pop
+
 /* ============================================================================== generation */
 
 /* Load tokenizer.json of the model directory (and tokenizer_config.json's add_bos_token);

@@ -1706,6 +1706,129 @@ static void test_fuzz_corpus(void) {
     CHECK(json >= 10 && st >= 10 && tok >= 10, "fuzz corpus replayed: %d json, %d safetensors, %d tokenizer inputs", json, st, tok);
 }
 
+/* ------------------------------------------------------------------------------------- GPU */
+
+/* A random linear layer for the GPU tests: random codes (every code but E4M3's NaN), random
+   signed scales across their range, in memory the caller frees (weight, scale). */
+static Linear gpu_random_linear(WeightFormat format, int rows, int cols, int scale_is_f32) {
+    Linear w = {format, rows, cols, NULL, NULL, scale_is_f32, 1};
+    size_t codes = (size_t)rows * linear_row_bytes(&w), scales = linear_scale_bytes(&w);
+    uint8_t *q = xcalloc(codes, 1), *s = xcalloc(scales ? scales : 1, 1);
+    for (size_t i = 0; i < codes; i++) q[i] = (uint8_t)random_u32(&test_rng);
+    if (format == FMT_FP8)
+        for (size_t i = 0; i < codes; i++) q[i] ^= (q[i] & 0x7f) == 0x7f;     /* NaN -> +-448 */
+    if (format == FMT_BF16)   /* |w| in 2^-20 .. 2^4 (any exponent would overflow the sums) */
+        for (size_t i = 1; i < codes; i += 2) q[i] = (uint8_t)((q[i] & 0x80) | (0x35 + q[i] % 12));
+    for (size_t i = 0; i < scales; i++) {
+        uint32_t r = random_u32(&test_rng);
+        s[i] = format == FMT_NVFP4 ? (uint8_t)((r & 0x80) | r % 0x7f)      /* any E4M3 but NaN, subnormals too */
+             : (uint8_t)(100 + r % 50);                                    /* E8M0 2^-27 .. 2^22 */
+    }
+    if (format == FMT_FP8 && scale_is_f32)
+        for (size_t i = 0; i < scales / 4; i++) {
+            float v = uniform(-0.1f, 0.1f);
+            memcpy(s + 4 * i, &v, 4);
+        }
+    w.weight = q;
+    w.scale = s;
+    w.global_scale = format == FMT_NVFP4 ? uniform(0.001f, 1) : 1;
+    return w;
+}
+
+/* The GPU GEMV of W (format, rows x cols) against the CPU's linear() on fresh random W and x,
+   the output poisoned (NaN) before the launch. Tolerance: the GPU sums in f32 (blocks of 8-32
+   products, a 5-level warp tree, then <= 32 chunk partials in order) where the CPU sums in
+   double; f32 rounding adds at most ~70 * 2^-24 = 4e-6 of sum |w x| along the longest chain,
+   so |gpu - cpu| <= 1e-5 * sum_c |w[r,c] x[c]| holds for correct code, while one wrong
+   element among 4096 columns already moves a row by ~2e-4 of that sum. */
+static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_f32) {
+    static const char *names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
+    Linear w = gpu_random_linear(format, rows, cols, scale_is_f32);
+    float *x = xcalloc((size_t)cols, sizeof(float)), *y = xcalloc((size_t)rows, sizeof(float));
+    float *expect = xcalloc((size_t)rows, sizeof(float)), *row = xcalloc((size_t)cols, sizeof(float));
+    for (int c = 0; c < cols; c++) x[c] = uniform(-2, 2);
+    GpuLinear g;
+    gpu_upload_linear(&g, &w);
+    CUdeviceptr dx = gpu_alloc((size_t)cols * 4), dy = gpu_alloc((size_t)rows * 4);
+    gpu_upload(dx, x, (size_t)cols * 4);
+    CU_CHECK(cu.cuMemsetD8Async(dy, 0xff, (size_t)rows * 4, gpu.stream));   /* NaN everywhere */
+    gpu_gemv(&g, dx, dy);
+    gpu_download(y, dy, (size_t)rows * 4);
+    linear(&w, x, expect, 1, row);
+    double worst = 0;
+    int bad = 0, first_bad = -1;
+    for (int r = 0; r < rows; r++) {
+        linear_row(&w, r, row);
+        double magnitude = 0;
+        for (int c = 0; c < cols; c++) magnitude += fabs((double)row[c] * x[c]);
+        double err = fabs((double)y[r] - expect[r]) / (magnitude > 0 ? magnitude : 1);
+        if (!(err <= 1e-5)) bad++, first_bad = first_bad < 0 ? r : first_bad;   /* NaN counts as bad */
+        else if (err > worst) worst = err;
+    }
+    CHECK(bad == 0, "GPU %s%s GEMV %dx%d: %d rows off, first row %d: gpu %g, cpu %g", names[format],
+          scale_is_f32 ? " (f32 scales)" : "", rows, cols, bad, first_bad, bad ? y[first_bad] : 0, bad ? expect[first_bad] : 0);
+    printf("  GPU %-5s GEMV %6d x %-5d: worst |gpu - cpu| / sum|w x| = %.1e\n", names[format], rows, cols, worst);
+    gpu_free(dx);
+    gpu_free(dy);
+    gpu_free_linear(&g);
+    free((void *)w.weight);
+    free((void *)w.scale);
+    free(x);
+    free(y);
+    free(expect);
+    free(row);
+}
+
+/* stream_read sums 16-byte vectors: check its uint32 sum on known data (all threads, tail included). */
+static void test_gpu_stream_read(void) {
+    size_t n = 1000003 * 4;   /* uint32 words: not a multiple of the grid */
+    uint32_t *h = xcalloc(n, 4), sum = 0, got = 0;
+    for (size_t i = 0; i < n; i++) sum += h[i] = random_u32(&test_rng);
+    CUdeviceptr d = gpu_alloc(n * 4), out = gpu_alloc(4);
+    gpu_upload(d, h, n * 4);
+    gpu_upload(out, &got, 4);
+    gpu_stream_read(d, n * 4, out);
+    gpu_download(&got, out, 4);
+    CHECK(got == sum, "stream_read sum %u, expected %u", got, sum);
+    gpu_free(d);
+    gpu_free(out);
+    free(h);
+}
+
+/* Every GPU test, when a usable GPU is present; otherwise one line saying why not (never
+   counted as passed). NVFP4_GPU_QUICK=1 leaves out the 1 GB head (for compute-sanitizer);
+   NVFP4_GPU_BENCH=1 runs gpu_bench_gemv after the tests. */
+static void test_gpu(void) {
+    char why[512];
+    if (!gpu_open(why, sizeof why)) {
+        printf("GPU tests skipped: %s\n", why);
+        return;
+    }
+    printf("GPU tests on %s (%d SMs, driver %d.%d)\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000,
+           gpu.driver_version % 1000 / 10);
+    CHECK(!gpu_fits((size_t)1 << 50, why, sizeof why) && strstr(why, "needs 1048576.0 GiB, the GPU has "),
+          "footprint check: %s", why);
+    CHECK(gpu_fits((size_t)1 << 20, why, sizeof why), "1 MiB must fit");
+    test_gpu_stream_read();
+    /* small odd shapes: padded rows and columns, partial row groups, a 128-row scale boundary */
+    test_gpu_gemv(FMT_NVFP4, 37, 48, 0);
+    test_gpu_gemv(FMT_NVFP4, 5, 1040, 0);
+    test_gpu_gemv(FMT_MXFP4, 19, 96, 0);
+    test_gpu_gemv(FMT_FP8, 133, 200, 0);
+    test_gpu_gemv(FMT_FP8, 130, 1000, 1);
+    test_gpu_gemv(FMT_BF16, 7, 300, 0);
+    test_gpu_gemv(FMT_BF16, 300, 2100, 0);
+    /* V4-Flash shapes */
+    test_gpu_gemv(FMT_NVFP4, 2048, 4096, 0);   /* routed expert w1 / w3 */
+    test_gpu_gemv(FMT_NVFP4, 4096, 2048, 0);   /* routed expert w2 */
+    test_gpu_gemv(FMT_MXFP4, 2048, 4096, 0);
+    test_gpu_gemv(FMT_FP8, 32768, 1024, 0);    /* wq_b */
+    test_gpu_gemv(FMT_FP8, 4096, 8192, 1);     /* wo_b */
+    if (!getenv("NVFP4_GPU_QUICK")) test_gpu_gemv(FMT_BF16, 129280, 4096, 0);   /* head */
+    if (getenv("NVFP4_GPU_BENCH")) gpu_bench_gemv();
+    gpu_close();
+}
+
 #ifdef FUZZ
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     FUZZ(data, size);
@@ -1746,6 +1869,7 @@ int main(void) {
     test_bad_options();
     test_nan_weights();
     test_fuzz_corpus();
+    test_gpu();
     printf("%.1f s\n%d passed, %d failed\n", now_seconds() - start, passed, failed);
     return failed != 0;
 }

@@ -3394,6 +3394,7 @@ enum {   /* the few enum values of cuda.h that nvfp4 passes */
     CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES = 6,
     CU_STREAM_NON_BLOCKING = 1,
     CU_EVENT_DEFAULT = 0,
+    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8,
 };
 
 /* The driver entry points nvfp4 uses, filled by dlsym. Where cuda.h maps a name to a
@@ -3415,6 +3416,7 @@ static struct {
     CUresult (*cuModuleLoadDataEx)(CUmodule *module, const void *image, unsigned n, int *options, void **values);
     CUresult (*cuModuleUnload)(CUmodule module);
     CUresult (*cuModuleGetFunction)(CUfunction *f, CUmodule module, const char *name);
+    CUresult (*cuFuncSetAttribute)(CUfunction f, int attribute, int value);
     CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int *blocks, CUfunction f, int block_size, size_t smem);
     CUresult (*cuMemGetInfo)(size_t *free_bytes, size_t *total_bytes);
     CUresult (*cuMemAlloc)(CUdeviceptr *p, size_t bytes);
@@ -3448,6 +3450,7 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuModuleLoadDataEx, "cuModuleLoadDataEx"),
     CU_SYMBOL(cuModuleUnload, "cuModuleUnload"),
     CU_SYMBOL(cuModuleGetFunction, "cuModuleGetFunction"),
+    CU_SYMBOL(cuFuncSetAttribute, "cuFuncSetAttribute"),
     CU_SYMBOL(cuOccupancyMaxActiveBlocksPerMultiprocessor, "cuOccupancyMaxActiveBlocksPerMultiprocessor"),
     CU_SYMBOL(cuMemGetInfo, "cuMemGetInfo_v2"),
     CU_SYMBOL(cuMemAlloc, "cuMemAlloc_v2"),
@@ -3467,6 +3470,14 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
 /* The kernels of kernels.ptx, by the name of their .entry. */
 typedef enum { K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP4, K_COUNT } Kernel;
 static const char *const kernel_names[K_COUNT] = {"stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4"};
+
+#define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
+#define GPU_MAX_CHUNKS 32                   /* chunks per row: warps sharing a row, <= 32 */
+
+/* Dynamic shared memory of a GEMV: x of one padded row, 4 bytes a column. */
+static unsigned gpu_gemv_smem(WeightFormat format, unsigned row_bytes) {
+    return row_bytes * (format == FMT_BF16 ? 2 : format == FMT_FP8 ? 4 : 8);
+}
 
 /* The one GPU nvfp4 uses (device 0) once gpu_open succeeded. */
 static struct {
@@ -3541,7 +3552,13 @@ static int gpu_open(char *why, size_t n) {
     void *values[] = {info, (void *)(uintptr_t)sizeof info, error, (void *)(uintptr_t)sizeof error};
     if ((r = cu.cuModuleLoadDataEx(&gpu.module, kernels_cubin, 4, options, values)))
         GPU_FAIL("the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
-    for (int k = 0; k < K_COUNT; k++) CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_names[k]));
+    for (int k = 0; k < K_COUNT; k++) {
+        CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_names[k]));
+        WeightFormat f = k == K_GEMV_BF16 ? FMT_BF16 : k == K_GEMV_FP8 ? FMT_FP8 : FMT_NVFP4;
+        if (k != K_STREAM_READ)   /* room for x of the widest row a GEMV takes */
+            CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                           (int)gpu_gemv_smem(f, GPU_MAX_CHUNKS * GPU_CHUNK)));
+    }
     return 1;
 #undef GPU_FAIL
 #undef ERROR_NAME
@@ -3582,16 +3599,16 @@ static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
 }
 
-/* Launch kernel k on the stream with grid x block threads and its parameters. */
-static void gpu_launch(Kernel k, unsigned grid, unsigned block, void **params) {
-    CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], grid, 1, 1, block, 1, 1, 0, gpu.stream, params, NULL));
+/* Launch kernel k on the stream: grid x block threads, smem bytes of dynamic shared memory. */
+static void gpu_launch(Kernel k, unsigned grid, unsigned block, unsigned smem, void **params) {
+    CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], grid, 1, 1, block, 1, 1, smem, gpu.stream, params, NULL));
 }
 
-/* Blocks of `block` threads of kernel k that fit on one SM at a time (fatal when none does:
-   too many threads for the kernel's registers). */
-static int gpu_blocks_per_sm(Kernel k, int block) {
+/* Blocks of `block` threads (and smem bytes of dynamic shared memory) of kernel k that fit on
+   one SM at a time (fatal when none does: too many threads for the kernel's registers). */
+static int gpu_blocks_per_sm(Kernel k, int block, unsigned smem) {
     int blocks = 0;
-    CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gpu.kernels[k], block, 0));
+    CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gpu.kernels[k], block, smem));
     if (blocks < 1) fatal("kernel %s cannot run blocks of %d threads on %s", kernel_names[k], block, gpu.name);
     return blocks;
 }
@@ -3607,8 +3624,6 @@ static int gpu_blocks_per_sm(Kernel k, int block) {
    A row may have at most 32 chunks of 512 bytes (a block of 32 warps shares a row): 32768
    columns of FP4, 16384 of FP8, 8192 of BF16. */
 
-#define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
-#define GPU_MAX_CHUNKS 32                   /* chunks per row: warps sharing a row, <= 32 */
 #define GPU_STAGING ((size_t)64 << 20)      /* host bytes staged per upload piece */
 
 /* A linear layer on the GPU, uploaded by gpu_upload_linear. */
@@ -3712,7 +3727,7 @@ static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;   /* ~16 warps a block */
     unsigned row_blocks = (unsigned)((rows + 4 * nrg - 1) / (4 * nrg));
     g->block = 32 * ksplit * nrg;
-    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(k, (int)g->block));
+    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(k, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
     if (g->grid > row_blocks) g->grid = row_blocks;
 }
 
@@ -3730,14 +3745,14 @@ static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) {
     CUdeviceptr w = g->weight, s = g->scale;
     float gscale62 = g->gscale62;
     void *params[] = {&w, &s, &x, &y, &rows, &cols, &row_bytes, &ksplit, &gscale62};
-    gpu_launch(kernel_of[g->format], g->grid, g->block, params);
+    gpu_launch(kernel_of[g->format], g->grid, g->block, gpu_gemv_smem(g->format, row_bytes), params);
 }
 
 /* Launch stream_read over buf[bytes] (bytes a multiple of 16), adding its uint32 sum to *out. */
 static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
     uint64_t n16 = bytes / 16;
     void *params[] = {&buf, &n16, &out};
-    gpu_launch(K_STREAM_READ, (unsigned)(gpu.sm_count * 4), 256, params);
+    gpu_launch(K_STREAM_READ, (unsigned)(gpu.sm_count * 4), 256, 0, params);
 }
 
 /* ---------- benchmark ---------- */
@@ -3822,6 +3837,8 @@ static void gpu_bench_gemv(void) {
     static const struct { WeightFormat format; int rows, cols, scale_is_f32; const char *what; } shapes[] = {
         {FMT_NVFP4, 2048, 4096, 0, "expert w1/w3"},
         {FMT_NVFP4, 4096, 2048, 0, "expert w2"},
+        {FMT_NVFP4, 6 * 2 * 2048, 4096, 0, "6 x w1+w3"},   /* the bytes of a grouped top-6 launch */
+        {FMT_NVFP4, 6 * 4096, 2048, 0, "6 x w2"},
         {FMT_MXFP4, 2048, 4096, 0, "expert w1/w3"},
         {FMT_FP8, 32768, 1024, 0, "attn wq_b"},
         {FMT_FP8, 4096, 8192, 0, "attn wo_b"},

@@ -7,9 +7,12 @@ SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -
 LDLIBS = -lm -ldl
 BUILD = build
 FUZZ_SECONDS ?= 60
+# the commit --version prints ("unknown" outside a git checkout)
+COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+VERSION_FLAGS = -DNVFP4_COMMIT='"$(COMMIT)"'
 
 nvfp4: nvfp4.c nvfp4.h
-	$(CC) $(CFLAGS) -o $@ nvfp4.c $(LDLIBS)
+	$(CC) $(CFLAGS) $(VERSION_FLAGS) -o $@ nvfp4.c $(LDLIBS)
 
 # test.c includes nvfp4.c (whose command-line functions it does not call); the real DeepSeek
 # tokenizer ships gzipped in testdata/
@@ -27,7 +30,7 @@ test: nvfp4 $(BUILD)/test $(BUILD)/deepseek-tokenizer.json
 
 # the same suite, engine and CLI built with the sanitizers (fatal exits leak by design: no leak check)
 test-sanitize: $(BUILD)/deepseek-tokenizer.json
-	$(CC) $(SANITIZE) -o $(BUILD)/nvfp4-sanitize nvfp4.c $(LDLIBS)
+	$(CC) $(SANITIZE) $(VERSION_FLAGS) -o $(BUILD)/nvfp4-sanitize nvfp4.c $(LDLIBS)
 	$(CC) $(SANITIZE) -DNVFP4_BIN='"$(BUILD)/nvfp4-sanitize"' -o $(BUILD)/test-sanitize test.c $(LDLIBS)
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ./$(BUILD)/test-sanitize
 

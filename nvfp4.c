@@ -3179,7 +3179,7 @@ static void check_dump_target(const char *path, const char *model_dir, const cha
         if (!S_ISREG(target.st_mode)) fatal("--dump-logits: %s exists and is not a regular file", path);
         for (int i = 0; i < n; i++)
             if (stat(read[i], &other) == 0 && same_file(&target, &other))
-                fatal("--dump-logits: %s is %s, which this run reads", path, read[i]);
+                fatal("--dump-logits: %s is a file this run reads (%s)", path, read[i]);
         for (int fd = 0; fd <= 2; fd++)
             if (fstat(fd, &other) == 0 && same_file(&target, &other))
                 fatal("--dump-logits: %s is this run's standard %s", path, fd == 0 ? "input" : fd == 1 ? "output" : "error");
@@ -3391,7 +3391,7 @@ static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler,
         }
         int last = generate(m, s, t, sampler, ids, n, n_generate, dump, st);
         free(ids);
-        if (st->stop == STOP_CONTEXT) fprintf(stderr, "nvfp4: the conversation has filled the context (--ctx %d): it ends here\n", s->max_ctx);
+        if (st->stop == STOP_CONTEXT) fprintf(stderr, "nvfp4: the reply has filled the context (--ctx %d): the conversation ends\n", s->max_ctx);
         if (st->stop == STOP_CONTEXT || st->stop == STOP_INTERRUPT) break;
         n_head = 0;
         if (st->stop == STOP_LIMIT) head[n_head++] = last;

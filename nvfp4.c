@@ -3101,7 +3101,7 @@ static int text_ids(const Tokenizer *t, const int *head, int n_head, const char 
     int count = tokenizer_encode(t, text, n, NULL, 0);
     if (count < 0 || count > INT_MAX - 8) fatal("the prompt (%zu bytes) is too long to tokenize", n);
     *ids = xcalloc((size_t)count + (size_t)n_head + 1, sizeof(int));
-    memcpy(*ids, head, (size_t)n_head * sizeof(int));
+    if (n_head) memcpy(*ids, head, (size_t)n_head * sizeof(int));
     int at = n_head + tokenizer_encode(t, text, n, *ids + n_head, count);
     if (text != prompt) free(text);
     return at;

@@ -3639,9 +3639,11 @@ int main(int argc, char **argv) {
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
     load_tokenizer(&tokenizer, &add_bos, o.model_dir, c);
-    if (o.ids) check_ids(o.ids, o.n_ids, c->vocab_size);
-    if (o.ids) ids = o.ids, n_ids = o.n_ids;
-    else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, o.chat, &ids);
+    if (o.ids) {
+        check_ids(o.ids, o.n_ids, c->vocab_size);
+        ids = o.ids;
+        n_ids = o.n_ids;
+    } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, o.chat, &ids);
     if (n_ids > o.max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
     size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx);

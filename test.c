@@ -1356,9 +1356,12 @@ static void test_version_and_stats(void) {
     free(out);
     free(err);
     status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 1 --temp 0 > /dev/null", &err);
-    const char *at = strstr(err, "; 1 generated, decode ");
+    /* one prompt chunk, then one token, whose logits that chunk gave: decode time includes the
+       chunk, so the rate is above 0 and below the prefill rate of 4 tokens */
+    const char *at = strstr(err, "; 1 generated, decode "), *prefill = strstr(err, "prompt tokens, prefill ");
     double rate = at ? atof(at + strlen("; 1 generated, decode ")) : 0;
-    CHECK(status == 0 && rate > 0, "-n 1 has a decode rate: %s", err);
+    double prefill_rate = prefill ? atof(prefill + strlen("prompt tokens, prefill ")) : 0;
+    CHECK(status == 0 && rate > 0 && rate < prefill_rate, "-n 1 has a decode rate: %s", err);
     free(err);
     status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 12 --temp 0.9 > build/bad/a.txt", &err);
     at = strstr(err, "nvfp4: seed ");
@@ -1535,9 +1538,83 @@ static void test_signals(void) {
     free(ls);
 }
 
-/* -i: two turns through a pipe equal one run over the whole conversation's ids (every logits
-   row, and the second reply's text); only each new turn is prefilled; /exit and a full context
-   end the conversation. Also: the turns' ids equal those of the conversation tokenized whole. */
+/* Chat with model `dir` through a pipe: turns one and two, replies of at most n tokens, greedy,
+   with --dump-logits; then one --ids run over the whole conversation's ids (the first reply read
+   back from the logits rows, closed by EOS) to the end of turn two, -n n. Every logits row and
+   the second reply's text must be the same; the chat must have prefilled only each new turn; the
+   first reply must end at EOS when `eos`, at -n otherwise. */
+static void check_two_turns(const char *dir, const char *first, const char *second, int n, int eos) {
+    char cmd[8192], *err;
+    snprintf(cmd, sizeof cmd, "printf '%%s\\n%%s\\n' '%s' '%s' | " NVFP4_BIN " %s -i --temp 0 -n %d "
+             "--dump-logits build/bad/chat.bin > build/bad/chat.txt", first, second, dir, n);
+    int status = run_shell(cmd, &err);
+    Config cfg;
+    Tokenizer t;
+    int add_bos;
+    load_config(&cfg, dir);
+    load_tokenizer(&t, &add_bos, dir, &cfg);
+    const int V = cfg.vocab_size;
+    size_t size;
+    float *rows = (float *)read_file("build/bad/chat.bin", &size);
+    int *turn, n_turn = text_ids(&t, &cfg.bos_id, 1, first, 1, &turn), n_conv = n_turn, fed = 0, printed = 0, ended_at_eos = 0;
+    int *conv = xcalloc((size_t)n_turn + (size_t)n + 1, sizeof(int)), ok = rows != NULL;
+    memcpy(conv, turn, sizeof(int) * (size_t)n_turn);
+    free(turn);
+    for (int k = 0; ok && k < n; k++) {   /* row p holds the logits after conv[0..p]: the greedy reply */
+        ok = (size_t)n_conv * V * 4 <= size;
+        int token = ok ? argmax(rows + (size_t)(n_conv - 1) * V, V) : 0;
+        conv[n_conv++] = token;
+        if ((ended_at_eos = token == cfg.eos_ids[0])) break;
+        printed++;
+        if (k < n - 1) fed++;
+        else conv[n_conv++] = cfg.eos_ids[0];
+    }
+    n_turn = text_ids(&t, NULL, 0, second, 1, &turn);
+    int *whole = xcalloc((size_t)(n_conv + n_turn), sizeof(int));
+    memcpy(whole, conv, sizeof(int) * (size_t)n_conv);
+    memcpy(whole + n_conv, turn, sizeof(int) * (size_t)n_turn);
+    n_conv += n_turn;
+    int at = snprintf(cmd, sizeof cmd, NVFP4_BIN " %s --temp 0 -n %d --dump-logits build/bad/oneshot.bin --ids ", dir, n);
+    for (int i = 0; i < n_conv && at < 8000; i++) at += snprintf(cmd + at, sizeof cmd - (size_t)at, "%s%d", i ? "," : "", whole[i]);
+    snprintf(cmd + at, sizeof cmd - (size_t)at, " > build/bad/oneshot.txt 2> /dev/null");
+    int one_status = system(cmd);
+    size_t one_size;
+    float *one = (float *)read_file("build/bad/oneshot.bin", &one_size);
+    float worst = 0;
+    for (size_t r = 0; one && rows && one_size == size && r < size / 4 / V; r++) {
+        float diff = 0, scale = 0;
+        for (int v = 0; v < V; v++) {
+            diff = fmaxf(diff, fabsf(rows[r * V + v] - one[r * V + v]));
+            scale = fmaxf(scale, fabsf(one[r * V + v]));
+        }
+        worst = fmaxf(worst, diff / scale);
+    }
+    char *chat_text = file_text("build/bad/chat.txt"), *one_text = file_text("build/bad/oneshot.txt");
+    size_t chat_len = strlen(chat_text), one_len = strlen(one_text);
+    char prompt_tokens[64];
+    snprintf(prompt_tokens, sizeof prompt_tokens, "nvfp4: %d prompt tokens", n_conv - fed);
+    CHECK(status == 0 && one_status == 0 && ok && ended_at_eos == eos && (eos || printed == n) && one && one_size == size &&
+          worst < 1e-5f && chat_len > one_len && !strcmp(chat_text + chat_len - one_len, one_text) &&
+          strstr(err, prompt_tokens) && !strstr(err, "> "),
+          "%s: chat of two turns vs one --ids run: status %d/%d, %zu vs %zu bytes of logits, worst %.2e, first reply %d "
+          "tokens%s, %s", dir, status, one_status, size, one_size, worst, printed, ended_at_eos ? " and EOS" : "", err);
+    printf("  %s: chat of two turns (first reply %d tokens%s) = one run over %d ids: worst relative logits difference %.2e\n",
+           dir, printed, ended_at_eos ? " and EOS" : "", n_conv, worst);
+    free(one);
+    free(rows);
+    free(conv);
+    free(whole);
+    free(turn);
+    free(chat_text);
+    free(one_text);
+    free(err);
+    tokenizer_free(&t);
+}
+
+/* -i: the turns' ids equal those of the conversation tokenized whole (the real DeepSeek
+   tokenizer); two turns through a pipe equal one run over the whole conversation's ids, with the
+   first reply ended by -n and by EOS (check_two_turns); /exit, a full context and a bad line end
+   the conversation. */
 static void test_chat(void) {
     /* the chat format with the real DeepSeek tokenizer, turn by turn vs. whole */
     Tokenizer t;
@@ -1560,77 +1637,11 @@ static void test_chat(void) {
         tokenizer_free(&t);
     } else CHECK(0, "%s", err_text);
 
-    /* two turns through a pipe */
-    enum { N = 4 };
-    char *err;
-    int status = run_shell("printf 'It was the best\\nof times\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 4 "
-                           "--dump-logits build/bad/chat.bin > build/bad/chat.txt", &err);
-    Config cfg;
-    int add_bos;
-    load_config(&cfg, "testdata/tiny-a");
-    load_tokenizer(&t, &add_bos, "testdata/tiny-a", &cfg);
-    const int V = cfg.vocab_size;
-    size_t size;
-    float *rows = (float *)read_file("build/bad/chat.bin", &size);
-    int *conv, *turn2, n_conv = text_ids(&t, &cfg.bos_id, 1, "It was the best", 1, &conv), fed = 0, ok = rows != NULL;
-    int replies[2] = {0, 0};   /* printed tokens of each reply */
-    for (int turn = 0; ok && turn < 2; turn++) {
-        if (turn == 1) {   /* the second turn: appended to the conversation */
-            int n2 = text_ids(&t, NULL, 0, "of times", 1, &turn2), *grown = xcalloc((size_t)(n_conv + n2 + N + 1), sizeof(int));
-            memcpy(grown, conv, sizeof(int) * (size_t)n_conv);
-            memcpy(grown + n_conv, turn2, sizeof(int) * (size_t)n2);
-            free(conv);
-            free(turn2);
-            conv = grown;
-            n_conv += n2;
-        } else conv = memcpy(xcalloc((size_t)n_conv + N + 1, sizeof(int)), conv, sizeof(int) * (size_t)n_conv);
-        if (turn == 1) break;   /* the second reply comes from the one-shot run */
-        for (int k = 0; k < N; k++) {   /* row p holds the logits after conv[0..p]: the greedy reply */
-            ok &= (size_t)n_conv * V * 4 <= size;
-            if (!ok) break;
-            int token = argmax(rows + (size_t)(n_conv - 1) * V, V);
-            conv[n_conv++] = token;
-            if (token == cfg.eos_ids[0]) break;
-            replies[turn]++;
-            if (k < N - 1) fed++;
-            else conv[n_conv++] = cfg.eos_ids[0];
-        }
-    }
-    char cmd[8192];
-    int at = sprintf(cmd, NVFP4_BIN " testdata/tiny-a --temp 0 -n 4 --dump-logits build/bad/oneshot.bin --ids ");
-    for (int i = 0; i < n_conv && at < 8000; i++) at += sprintf(cmd + at, "%s%d", i ? "," : "", conv[i]);
-    strcat(cmd, " > build/bad/oneshot.txt 2> /dev/null");
-    int one_status = system(cmd);
-    size_t one_size;
-    float *one = (float *)read_file("build/bad/oneshot.bin", &one_size);
-    float worst = 0;
-    for (size_t r = 0; one && rows && one_size == size && r < size / 4 / V; r++) {
-        float diff = 0, scale = 0;
-        for (int v = 0; v < V; v++) {
-            diff = fmaxf(diff, fabsf(rows[r * V + v] - one[r * V + v]));
-            scale = fmaxf(scale, fabsf(one[r * V + v]));
-        }
-        worst = fmaxf(worst, diff / scale);
-    }
-    char *chat_text = file_text("build/bad/chat.txt"), *one_text = file_text("build/bad/oneshot.txt");
-    size_t chat_len = strlen(chat_text), one_len = strlen(one_text);
-    char prompt_tokens[64];
-    snprintf(prompt_tokens, sizeof prompt_tokens, "nvfp4: %d prompt tokens", n_conv - fed);
-    CHECK(status == 0 && one_status == 0 && ok && replies[0] == N && one && one_size == size && worst < 1e-5f &&
-          chat_len > one_len && !strcmp(chat_text + chat_len - one_len, one_text) && strstr(err, prompt_tokens) &&
-          !strstr(err, "> "),
-          "chat of two turns vs one --ids run: status %d/%d, %zu vs %zu bytes of logits, worst %.2e, reply %d tokens, %s",
-          status, one_status, size, one_size, worst, replies[0], err);
-    printf("  chat of two turns = one run over %d ids: worst relative logits difference %.2e\n", n_conv, worst);
-    free(one);
-    free(rows);
-    free(conv);
-    free(chat_text);
-    free(one_text);
-    free(err);
-    tokenizer_free(&t);
+    check_two_turns("testdata/tiny-a", "It was the best", "of times", 4, 0);   /* the first reply ends at -n */
+    check_two_turns("testdata/tiny-c", "times", "of", 60, 1);                 /* the first reply ends at EOS */
     /* /exit ends the conversation; so does a context that fills */
-    status = run_shell("printf 'It was\\n\\n/exit\\nof times\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 3 > build/bad/chat.txt", &err);
+    char *err;
+    int status = run_shell("printf 'It was\\n\\n/exit\\nof times\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 3 > build/bad/chat.txt", &err);
     char *text = file_text("build/bad/chat.txt");
     int lines = 0;
     for (char *p = text; *p; p++) lines += *p == '\n';

@@ -9,7 +9,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <ctype.h>
 #include <fcntl.h>
 #include <float.h>
 #include <limits.h>
@@ -3099,7 +3098,7 @@ static int text_ids(const Tokenizer *t, const int *head, int n_head, const char 
     char *text = chat ? chat_turn(t, prompt) : (char *)prompt;
     n = strlen(text);
     int count = tokenizer_encode(t, text, n, NULL, 0);
-    if (count < 0 || count > INT_MAX - 8) fatal("the prompt (%zu bytes) is too long to tokenize", n);
+    if (count < 0 || count > INT_MAX - n_head) fatal("the prompt (%zu bytes) is too long to tokenize", n);
     *ids = xcalloc((size_t)count + (size_t)n_head + 1, sizeof(int));
     if (n_head) memcpy(*ids, head, (size_t)n_head * sizeof(int));
     int at = n_head + tokenizer_encode(t, text, n, *ids + n_head, count);
@@ -3202,16 +3201,13 @@ static void check_dump_target(const char *path, const char *model_dir, const cha
 /* Create the temporary file for --dump-logits `path`: in the same directory (so that the final
    rename is atomic), with the permissions a new file gets. */
 static FILE *open_dump(const char *path) {
-    char *dir, *base;
+    char *dir, *base, temp[sizeof dump_temp];
     split_path(path, &dir, &base);
-    if ((size_t)snprintf(dump_temp, sizeof dump_temp, "%s/.%s.XXXXXX", dir, base) >= sizeof dump_temp)
+    if ((size_t)snprintf(temp, sizeof temp, "%s/.%s.XXXXXX", dir, base) >= sizeof temp)
         fatal("--dump-logits: the path %s is too long", path);
-    int fd = mkstemp(dump_temp);
-    if (fd < 0) {
-        int error = errno;
-        dump_temp[0] = 0;
-        fatal("--dump-logits: cannot create a file in %s: %s", dir, strerror(error));
-    }
+    int fd = mkstemp(temp);
+    if (fd < 0) fatal("--dump-logits: cannot create a file in %s: %s", dir, strerror(errno));
+    memcpy(dump_temp, temp, sizeof temp);   /* from now on, removed unless completed */
     mode_t mask = umask(0);
     umask(mask);
     FILE *f = fchmod(fd, 0666 & ~mask) ? NULL : fdopen(fd, "wb");
@@ -3234,15 +3230,16 @@ static void finish_dump(FILE *f, const char *path) {
 
 /* ---------- Signals ---------- */
 
-static volatile sig_atomic_t interrupted;      /* a SIGINT came: generation stops after the current token */
-static volatile sig_atomic_t awaiting_input;   /* the chat waits for a line: SIGINT exits at once */
+static volatile sig_atomic_t generating;    /* generate() runs: a SIGINT stops it after the current token */
+static volatile sig_atomic_t interrupted;   /* a SIGINT came while generating */
 
-/* SIGINT: the first asks generation to stop after the current token (the run then flushes its
-   text, prints the stats line and exits 130); a second one, or one while the chat waits for a
-   line, exits at once with 130. The temporary logits file is removed either way. */
+/* SIGINT: the first one during generation asks it to stop after the current token (the run then
+   flushes its text, prints the stats line and exits 130); a second one, or one while nothing is
+   being generated (loading, reading the prompt, the chat waiting for a line), exits at once with
+   130. The temporary logits file is removed either way. */
 static void on_sigint(int sig) {
     (void)sig;
-    if (!interrupted && !awaiting_input) {
+    if (generating && !interrupted) {
         interrupted = 1;
         return;
     }
@@ -3299,6 +3296,7 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
     if (s->pos + n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
     double start = now_seconds(), last_chunk = start;
     float *last = s->logits;   /* logits of the prompt's last token */
+    generating = 1;
     for (int done = 0; done < n_prompt && !interrupted;) {
         int T = n_prompt - done < s->max_tokens ? n_prompt - done : s->max_tokens;
         last_chunk = now_seconds();
@@ -3334,6 +3332,7 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
         write_logits(dump, s->logits, 1, c->vocab_size);
         last = s->logits;
     }
+    generating = 0;
     if (interrupted) st->stop = STOP_INTERRUPT;
     char tail[8];
     write_stdout(tail, utf8_stream_flush(&stream, tail), 0);
@@ -3368,9 +3367,7 @@ static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler,
     for (const char *turn = first;; turn = NULL) {
         if (!turn) {
             if (terminal) fputs("> ", stderr);
-            awaiting_input = 1;
             ssize_t len = getline(&line, &capacity, stdin);
-            awaiting_input = 0;
             if (len < 0 && ferror(stdin)) fatal("cannot read standard input: %s", strerror(errno));
             if (len < 0) {
                 if (terminal) fputc('\n', stderr);
@@ -3501,7 +3498,7 @@ static double number_arg(const char *option, const char *value, double lo, doubl
     option_value(option, value);
     char *end;
     double v = strtod(value, &end);
-    int plain = (isdigit((unsigned char)value[0]) || value[0] == '.') && strspn(value, "0123456789.eE+-") == strlen(value);
+    int plain = ((value[0] >= '0' && value[0] <= '9') || value[0] == '.') && strspn(value, "0123456789.eE+-") == strlen(value);
     if (!plain || *end || !(v >= lo && v <= hi)) usage_error("%s: \"%s\" is not a number from %g to %g", option, value, lo, hi);
     return v;
 }

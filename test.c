@@ -1485,8 +1485,8 @@ static int wait_for_text(const char *path, const char *text) {
 }
 
 /* SIGINT stops generation after the current token with the text flushed, the stats line and
-   status 130; a second SIGINT exits at once; neither leaves a logits file. SIGTERM leaves none
-   either. */
+   status 130; a second SIGINT exits at once, as does one while the chat waits for a line; none
+   leaves a logits file. SIGTERM leaves none either. */
 static void test_signals(void) {
     /* greedy tiny-a runs ~970 tokens before EOS: time enough to be interrupted */
     const char *d = fresh_dir("sig");
@@ -1526,6 +1526,20 @@ static void test_signals(void) {
           !*ls, "a second SIGINT exits at once: status %d after %.2f s, stderr %s, dump dir \"%s\"", status, took, err, ls);
     free(err);
     free(ls);
+    /* the chat waiting for its next line (stdin a FIFO held open): SIGINT exits at once */
+    remove("build/bad/chat.fifo");
+    CHECK(mkfifo("build/bad/chat.fifo", 0600) == 0, "mkfifo");
+    pid = spawn(NVFP4_BIN " testdata/tiny-a -i -n 3 --temp 0 < build/bad/chat.fifo > build/bad/sig-out.txt 2> build/bad/sig-err.txt");
+    int fifo = open("build/bad/chat.fifo", O_WRONLY);
+    started = fifo >= 0 && write(fifo, "It was\n", 7) == 7 && wait_for_text("build/bad/sig-out.txt", "\n");
+    usleep(100000);
+    kill(pid, SIGINT);
+    status = wait_for(pid, 10);
+    if (fifo >= 0) close(fifo);
+    err = file_text("build/bad/sig-err.txt");
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && !strstr(err, "prompt tokens"),
+          "SIGINT while the chat waits for a line: status %d, stderr %s", status, err);
+    free(err);
     /* SIGTERM: the usual death by the signal, and no temporary file */
     pid = spawn(NVFP4_BIN " testdata/tiny-a 'It was' -n 100000 --ctx 8192 --temp 0 --dump-logits build/bad/sig/l.bin "
                 "> build/bad/sig-out.txt 2> /dev/null");

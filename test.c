@@ -1663,6 +1663,15 @@ static void test_chat(void) {
           "/exit ends the chat: %d replies, %s", lines, err);
     free(text);
     free(err);
+    /* "> " on stderr only when stdin is a terminal: a pipe above, a pseudo-terminal here (script) */
+    if (system("command -v script > /dev/null")) printf("  skipped: the chat prompt on a terminal (no script command)\n");
+    else {
+        status = system("printf 'It was\\n/exit\\n' | script -qfec '" NVFP4_BIN " testdata/tiny-a -i -n 2 --temp 0 2>&1 > /dev/null' "
+                        "/dev/null > build/bad/tty.txt");
+        text = file_text("build/bad/tty.txt");
+        CHECK(status == 0 && strstr(text, "> ") && strstr(text, "prompt tokens"), "the chat prompt on a terminal: %s", text);
+        free(text);
+    }
     expect_shell("printf 'It was the best\\nof times\\nit was\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 4 --ctx 20 > /dev/null",
                  0, "the conversation ends");
     expect_shell("printf 'It was\\n\\377\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 2 > /dev/null", 1,

@@ -3115,7 +3115,7 @@ static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *p
 }
 
 /* Write n bytes to stdout, and with `flush` push everything out; fatal on a write error (a full
-   disk, a closed pipe), so that no output is lost without a word. */
+   disk, an I/O error), so that no output is lost without a word. */
 static void write_stdout(const void *bytes, size_t n, int flush) {
     if ((n && fwrite(bytes, 1, n, stdout) != n) || (flush && fflush(stdout)))
         fatal("cannot write the output: %s", strerror(errno));

@@ -1227,6 +1227,7 @@ static int run_shell(const char *cmd, char **err) {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+/* Run `cmd` (run_shell); check its exit status and that stderr holds `expected`. */
 static void expect_shell(const char *cmd, int want_status, const char *expected) {
     char *err;
     int status = run_shell(cmd, &err);

@@ -11,6 +11,11 @@ SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -
 LDLIBS = -lm -ldl
 BUILD = build
 FUZZ_SECONDS ?= 60
+# the commit --version prints ("unknown" outside a git checkout)
+COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+VERSION_FLAGS = -DNVFP4_COMMIT='"$(COMMIT)"'
+
+
 PTXAS ?= $(shell command -v ptxas || ls /usr/local/cuda/bin/ptxas 2>/dev/null)
 
 ifneq ($(PTXAS),)
@@ -21,7 +26,7 @@ $(info ptxas not found (PATH, /usr/local/cuda/bin): building nvfp4 without the G
 endif
 
 nvfp4: nvfp4.c nvfp4.h $(GPU_DEPS)
-	$(CC) $(CFLAGS) $(GPU_FLAGS) -o $@ nvfp4.c $(LDLIBS)
+	$(CC) $(CFLAGS) $(GPU_FLAGS) $(VERSION_FLAGS) -o $@ nvfp4.c $(LDLIBS)
 
 # the kernels: preprocess (macros stamp out repeated fragments), assemble, turn into a C array
 $(BUILD)/kernels.cubin: kernels.ptx | $(BUILD)
@@ -49,7 +54,7 @@ test: nvfp4 $(BUILD)/test $(BUILD)/deepseek-tokenizer.json
 
 # the same suite, engine and CLI built with the sanitizers (fatal exits leak by design: no leak check)
 test-sanitize: $(BUILD)/deepseek-tokenizer.json $(GPU_DEPS)
-	$(CC) $(SANITIZE) $(GPU_FLAGS) -o $(BUILD)/nvfp4-sanitize nvfp4.c $(LDLIBS)
+	$(CC) $(SANITIZE) $(GPU_FLAGS) $(VERSION_FLAGS) -o $(BUILD)/nvfp4-sanitize nvfp4.c $(LDLIBS)
 	$(CC) $(SANITIZE) $(GPU_FLAGS) -DNVFP4_BIN='"$(BUILD)/nvfp4-sanitize"' -o $(BUILD)/test-sanitize test.c $(LDLIBS)
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 ./$(BUILD)/test-sanitize
 

@@ -11,7 +11,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
+#include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -3922,51 +3924,48 @@ static void check_utf8(const char *text, size_t n, const char *what) {
     }
 }
 
-/* The ids fed to the model for the prompt: BOS (when the tokenizer asks for it), then the text,
-   wrapped in DeepSeek V4's chat format with --chat:
-     <｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜></think>
-   (</think> only when the tokenizer has it: V4's non-thinking chat mode). Returns the count;
-   *ids is allocated. */
-static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *prompt, int chat, int **ids) {
+/* One user turn in DeepSeek V4's chat format, as text:
+     <｜User｜>{text}<｜Assistant｜></think>
+   (</think> only when the tokenizer has it: V4's non-thinking chat mode). A new string. */
+static char *chat_turn(const Tokenizer *t, const char *text) {
+    const char *close = tokenizer_find(t, "</think>") >= 0 ? "</think>" : "";
+    size_t len = strlen(text) + 64;
+    char *turn = xcalloc(len, 1);
+    snprintf(turn, len, "<｜User｜>%s<｜Assistant｜>%s", text, close);
+    return turn;
+}
+
+/* The ids of head[n_head], then those of the text: the prompt, or with chat the prompt as one
+   user turn (chat_turn). The prompt must be non-empty valid UTF-8. Returns the count; *ids is
+   allocated. */
+static int text_ids(const Tokenizer *t, const int *head, int n_head, const char *prompt, int chat, int **ids) {
     size_t n = strlen(prompt);
     if (n == 0) fatal("the prompt is empty");
     check_utf8(prompt, n, "the prompt");
-    char *text = (char *)prompt;
-    if (chat) {
-        const char *close = tokenizer_find(t, "</think>") >= 0 ? "</think>" : "";
-        size_t len = n + 64;
-        text = xcalloc(len, 1);
-        snprintf(text, len, "<｜User｜>%s<｜Assistant｜>%s", prompt, close);
-        n = strlen(text);
-    }
+    char *text = chat ? chat_turn(t, prompt) : (char *)prompt;
+    n = strlen(text);
     int count = tokenizer_encode(t, text, n, NULL, 0);
-    if (count < 0) fatal("the prompt (%zu bytes) is too long to tokenize", n);
-    *ids = xcalloc((size_t)count + 1, sizeof(int));
-    int at = 0;
-    if (add_bos || chat) (*ids)[at++] = bos_id;
-    at += tokenizer_encode(t, text, n, *ids + at, count);
+    if (count < 0 || count > INT_MAX - n_head) fatal("the prompt (%zu bytes) is too long to tokenize", n);
+    *ids = xcalloc((size_t)count + (size_t)n_head + 1, sizeof(int));
+    if (n_head) memcpy(*ids, head, (size_t)n_head * sizeof(int));
+    int at = n_head + tokenizer_encode(t, text, n, *ids + n_head, count);
     if (text != prompt) free(text);
     return at;
 }
 
-/* Parse "--ids 0,17,42": comma-separated ids, each below vocab. Returns the count. */
-static int parse_ids(const char *list, int vocab, int **ids) {
-    size_t n = 1;
-    for (const char *p = list; *p; p++) n += *p == ',';
-    *ids = xcalloc(n, sizeof(int));
-    int count = 0;
-    for (const char *p = list;;) {
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || (*end && *end != ','))
-            fatal("--ids: \"%s\" is not a comma-separated list of token ids", list);
-        if (v < 0 || v >= vocab) fatal("--ids: token id %ld is outside the vocabulary (0..%d)", v, vocab - 1);
-        (*ids)[count++] = (int)v;
-        if (!*end) break;
-        p = end + 1;
-    }
-    return count;
+/* The ids fed to the model for a one-shot prompt: BOS (when the tokenizer asks for it), then
+   the text, wrapped in DeepSeek V4's chat format with --chat:
+     <｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜></think>
+   Returns the count; *ids is allocated. */
+static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *prompt, int chat, int **ids) {
+    return text_ids(t, &bos_id, add_bos || chat, prompt, chat, ids);
+}
+
+/* Write n bytes to stdout, and with `flush` push everything out; fatal on a write error (a full
+   disk, an I/O error), so that no output is lost without a word. */
+static void write_stdout(const void *bytes, size_t n, int flush) {
+    if ((n && fwrite(bytes, 1, n, stdout) != n) || (flush && fflush(stdout)))
+        fatal("cannot write the output: %s", strerror(errno));
 }
 
 /* Write a token's text to stdout, holding back an incomplete UTF-8 character. */
@@ -3976,11 +3975,24 @@ static void print_token(const Tokenizer *t, Utf8Stream *stream, int id) {
     char out[4096 + 4];
     while (bytes && len) {
         size_t piece = len > 4096 ? 4096 : len;
-        fwrite(out, 1, utf8_stream_push(stream, bytes, piece, out), stdout);
+        write_stdout(out, utf8_stream_push(stream, bytes, piece, out), 0);
         bytes += piece;
         len -= piece;
     }
-    fflush(stdout);
+    write_stdout(NULL, 0, 1);
+}
+
+/* ---------- Logits file ----------
+   --dump-logits FILE is written to a temporary file beside FILE and renamed over it when the run
+   completes. An error exit (atexit) or a signal removes the temporary file, so a run that does
+   not complete leaves neither a partial FILE nor the temporary one. */
+
+static char dump_temp[PATH_MAX + 16];   /* the temporary logits file while it exists, else "" */
+
+/* Remove the temporary logits file, if any (at exit and from signal handlers: unlink is
+   async-signal-safe). */
+static void remove_dump_temp(void) {
+    if (dump_temp[0]) unlink(dump_temp);
 }
 
 /* Append rows x V float32 logits to f (nothing when f is NULL); fatal on a write error. */
@@ -3988,57 +4000,262 @@ static void write_logits(FILE *f, const float *logits, size_t rows, int V) {
     if (f && fwrite(logits, sizeof(float), rows * V, f) != rows * V) fatal("cannot write the logits file: %s", strerror(errno));
 }
 
-/* Prefill the prompt in chunks, then generate up to n tokens, streaming them to stdout.
-   Stops at an EOS id (not printed), after n tokens, or when the context is full. */
-static void generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
-                     int n_generate, FILE *dump) {
+/* Whether two stats name the same file (links and other spellings of a path included). */
+static int same_file(const struct stat *a, const struct stat *b) { return a->st_dev == b->st_dev && a->st_ino == b->st_ino; }
+
+/* The directory part of path ("." when it has none) and its last component, in new strings. */
+static void split_path(const char *path, char **dir, char **base) {
+    const char *slash = strrchr(path, '/');
+    *base = xstrdup(slash ? slash + 1 : path);
+    *dir = xstrdup(!slash ? "." : slash == path ? "/" : path);
+    if (slash && slash != path) (*dir)[slash - path] = 0;
+}
+
+/* Refuse --dump-logits `path` where writing it could harm what the run reads: inside the model
+   directory (at any depth: each directory above the target, symbolic links resolved, is compared
+   with it by device and inode), the same file as one of the n files in `read` or as stdin,
+   stdout or stderr (device and inode: hard and symbolic links included), or an existing path that
+   is not a regular file (a device, a directory). */
+static void check_dump_target(const char *path, const char *model_dir, const char *const *read, int n) {
+    struct stat target, other, model;
+    char *dir, *base;
+    split_path(path, &dir, &base);
+    if (!*base) fatal("--dump-logits: %s names a directory, not a file", path);
+    if (stat(path, &target) == 0) {
+        if (!S_ISREG(target.st_mode)) fatal("--dump-logits: %s exists and is not a regular file", path);
+        for (int i = 0; i < n; i++)
+            if (stat(read[i], &other) == 0 && same_file(&target, &other))
+                fatal("--dump-logits: %s is a file this run reads (%s)", path, read[i]);
+        for (int fd = 0; fd <= 2; fd++)
+            if (fstat(fd, &other) == 0 && same_file(&target, &other))
+                fatal("--dump-logits: %s is this run's standard %s", path, fd == 0 ? "input" : fd == 1 ? "output" : "error");
+    }
+    if (stat(model_dir, &model)) fatal("cannot read %s: %s", model_dir, strerror(errno));
+    char *real = realpath(dir, NULL);
+    if (!real) fatal("--dump-logits: cannot write in %s: %s", dir, strerror(errno));
+    for (;;) {
+        if (stat(real, &other) == 0 && same_file(&other, &model))
+            fatal("--dump-logits: %s is inside the model directory %s", path, model_dir);
+        if (!strcmp(real, "/")) break;
+        char *slash = strrchr(real, '/');
+        slash[slash == real] = 0;
+    }
+    free(real);
+    free(dir);
+    free(base);
+}
+
+/* Create the temporary file for --dump-logits `path`: in the same directory (so that the final
+   rename is atomic), with the permissions a new file gets. */
+static FILE *open_dump(const char *path) {
+    char *dir, *base, temp[sizeof dump_temp];
+    split_path(path, &dir, &base);
+    if ((size_t)snprintf(temp, sizeof temp, "%s/.%s.XXXXXX", dir, base) >= sizeof temp)
+        fatal("--dump-logits: the path %s is too long", path);
+    int fd = mkstemp(temp);
+    if (fd < 0) fatal("--dump-logits: cannot create a file in %s: %s", dir, strerror(errno));
+    memcpy(dump_temp, temp, sizeof temp);   /* from now on, removed unless completed */
+    mode_t mask = umask(0);
+    umask(mask);
+    FILE *f = fchmod(fd, 0666 & ~mask) ? NULL : fdopen(fd, "wb");
+    if (!f) fatal("--dump-logits: cannot write %s: %s", dump_temp, strerror(errno));
+    free(dir);
+    free(base);
+    return f;
+}
+
+/* Complete the logits file: flush it to the disk, then rename it over `path` (saying so when that
+   replaces a file). */
+static void finish_dump(FILE *f, const char *path) {
+    struct stat st;
+    int existed = stat(path, &st) == 0;
+    if (fflush(f) || fsync(fileno(f)) || fclose(f)) fatal("cannot write the logits file %s: %s", dump_temp, strerror(errno));
+    if (rename(dump_temp, path)) fatal("cannot rename %s to %s: %s", dump_temp, path, strerror(errno));
+    dump_temp[0] = 0;
+    if (existed) fprintf(stderr, "nvfp4: replaced %s\n", path);
+}
+
+/* ---------- Signals ---------- */
+
+static volatile sig_atomic_t generating;    /* generate() runs: a SIGINT stops it after the current token */
+static volatile sig_atomic_t interrupted;   /* a SIGINT came while generating */
+
+/* SIGINT: the first one during generation asks it to stop after the current token (the run then
+   flushes its text, prints the stats line and exits 130); a second one, or one while nothing is
+   being generated (loading, reading the prompt, the chat waiting for a line), exits at once with
+   130. The temporary logits file is removed either way. */
+static void on_sigint(int sig) {
+    (void)sig;
+    if (generating && !interrupted) {
+        interrupted = 1;
+        return;
+    }
+    remove_dump_temp();
+    _exit(130);
+}
+
+/* SIGTERM, SIGHUP, SIGPIPE: remove the temporary logits file, then die of the signal as usual
+   (installed with SA_RESETHAND: the raised signal is delivered, with its default action, on
+   return). */
+static void on_fatal_signal(int sig) {
+    remove_dump_temp();
+    raise(sig);
+}
+
+/* Install the handlers above, and remove the temporary logits file on any exit. */
+static void install_signal_handlers(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sigemptyset(&sa.sa_mask);
+    sa.sa_handler = on_sigint;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &sa, NULL);
+    sa.sa_handler = on_fatal_signal;
+    sa.sa_flags = SA_RESETHAND;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    sigaction(SIGPIPE, &sa, NULL);
+    atexit(remove_dump_temp);
+}
+
+/* ---------- Generating ---------- */
+
+enum { STOP_LIMIT, STOP_EOS, STOP_CONTEXT, STOP_INTERRUPT };   /* why a reply ended */
+
+/* What the stats line reports, summed over the turns of a run. */
+typedef struct {
+    int prompt_tokens, generated;   /* tokens prefilled; tokens printed (an EOS is not) */
+    double prefill_s, decode_s;     /* see generate() */
+    int stop;                       /* why the last reply ended: STOP_* */
+} Stats;
+
+/* Prefill prompt[n_prompt] in chunks of at most s->max_tokens, then sample up to n_generate
+   tokens, streaming their text to stdout, and end the text with a newline. Every evaluated
+   position's logits row goes to dump (when not NULL). Stops at an EOS id (not printed), after
+   n_generate tokens, when the context is full, or on SIGINT after the current chunk or token.
+   Returns the last token sampled, which is not in the state yet (-1 when none was). Adds to *st:
+   prefill time is that of every prompt chunk; decode time runs from the start of the forward pass
+   whose logits give the first generated token (the last prompt chunk) to the end of the last
+   token, so that a single generated token has a rate too. */
+static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
+                    int n_generate, FILE *dump, Stats *st) {
     const Config *c = &m->config;
-    if (n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
-    double start = now_seconds();
+    if (s->pos + n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
+    double start = now_seconds(), last_chunk = start;
     float *last = s->scratch.logits;   /* logits of the prompt's last token */
-    for (int done = 0; done < n_prompt;) {
+    generating = 1;
+    for (int done = 0; done < n_prompt && !interrupted;) {
         int T = n_prompt - done < s->max_tokens ? n_prompt - done : s->max_tokens;
+        last_chunk = now_seconds();
         forward(m, s, prompt + done, T, dump != NULL);
         write_logits(dump, s->scratch.logits, (size_t)T, c->vocab_size);
         last = s->scratch.logits + (dump ? (size_t)(T - 1) * c->vocab_size : 0);
         done += T;
+        st->prompt_tokens += T;
     }
-    double prefilled = now_seconds();
+    st->prefill_s += now_seconds() - start;
+    st->stop = STOP_LIMIT;
     Utf8Stream stream = {0};
-    int generated = 0, token;
-    for (;;) {
+    int generated = 0, token = -1;
+    while (!interrupted) {
         for (int v = 0; v < c->vocab_size; v++)
             if (!isfinite(last[v]))
                 fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
         token = sample(sampler, last, c->vocab_size);
-        generated++;
         int eos = 0;
         for (int i = 0; i < c->n_eos; i++) eos |= token == c->eos_ids[i];
-        if (eos) break;   /* the end-of-sentence token itself is not printed */
+        if (eos) {   /* the end-of-sentence token itself is not printed */
+            st->stop = STOP_EOS;
+            break;
+        }
         print_token(t, &stream, token);
-        if (generated >= n_generate) break;
+        if (++generated >= n_generate || interrupted) break;
         if (s->pos >= s->max_ctx) {
             fprintf(stderr, "\nnvfp4: the context is full (--ctx %d): stopping\n", s->max_ctx);
+            st->stop = STOP_CONTEXT;
             break;
         }
         forward(m, s, &token, 1, 0);
         write_logits(dump, s->scratch.logits, 1, c->vocab_size);
         last = s->scratch.logits;
     }
+    generating = 0;
+    if (interrupted) st->stop = STOP_INTERRUPT;
     char tail[8];
-    fwrite(tail, 1, utf8_stream_flush(&stream, tail), stdout);
-    printf("\n");
-    double end = now_seconds();
-    fprintf(stderr, "nvfp4: %d prompt tokens, prefill %.1f tok/s; %d generated, decode %.2f tok/s (cpu)\n", n_prompt,
-            n_prompt / (prefilled - start), generated, generated > 1 ? (generated - 1) / (end - prefilled) : 0.0);
+    write_stdout(tail, utf8_stream_flush(&stream, tail), 0);
+    write_stdout("\n", 1, 1);
+    if (generated) st->decode_s += now_seconds() - last_chunk;
+    st->generated += generated;
+    return token;
+}
+
+/* The stats line on stderr: prompt tokens and prefill rate, printed tokens and decode rate (see
+   generate), and how the last reply ended when -n did not end it. */
+static void print_stats(const Stats *st) {
+    static const char *ended[] = {"", "; ended at EOS", "; ended: the context is full", "; interrupted"};
+    fprintf(stderr, "nvfp4: %d prompt tokens, prefill %.1f tok/s; %d generated, decode %.2f tok/s (cpu)%s\n",
+            st->prompt_tokens, st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0.0, st->generated,
+            st->decode_s > 0 ? st->generated / st->decode_s : 0.0, ended[st->stop]);
+}
+
+/* Interactive chat (-i), in DeepSeek V4's chat format over several turns:
+     <｜begin▁of▁sentence｜><｜User｜>turn 1<｜Assistant｜></think>reply 1<｜end▁of▁sentence｜><｜User｜>turn 2...
+   The user turns are `first` (when not NULL), then the lines of stdin ("> " on stderr when it is
+   a terminal). The state is kept between turns, so that each turn prefills only its own ids: the
+   end of the previous reply (its last token when -n ended it, since that one was printed but not
+   fed back, then the EOS), then the new user turn. EOF or a line "/exit" ends the conversation;
+   so does SIGINT, and a turn or reply that fills the context (with a message). */
+static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const char *first, int n_generate,
+                 FILE *dump, Stats *st) {
+    const Config *c = &m->config;
+    int head[2] = {c->bos_id}, n_head = 1, terminal = isatty(0);
+    char *line = NULL;
+    size_t capacity = 0;
+    for (const char *turn = first;; turn = NULL) {
+        if (!turn) {
+            if (terminal) fputs("> ", stderr);
+            ssize_t len = getline(&line, &capacity, stdin);
+            if (len < 0 && ferror(stdin)) fatal("cannot read standard input: %s", strerror(errno));
+            if (len < 0) {
+                if (terminal) fputc('\n', stderr);
+                break;
+            }
+            while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
+            if ((size_t)len != strlen(line)) fatal("a line of standard input holds a NUL byte");
+            if (!strcmp(line, "/exit")) break;
+            if (!len) continue;
+            turn = line;
+        }
+        int *ids, n = text_ids(t, head, n_head, turn, 1, &ids);
+        if (s->pos + n > s->max_ctx) {
+            fprintf(stderr, "nvfp4: this turn (%d tokens) does not fit in the rest of the context (--ctx %d): the conversation ends\n",
+                    n, s->max_ctx);
+            free(ids);
+            break;
+        }
+        int last = generate(m, s, t, sampler, ids, n, n_generate, dump, st);
+        free(ids);
+        if (st->stop == STOP_CONTEXT) fprintf(stderr, "nvfp4: the reply has filled the context (--ctx %d): the conversation ends\n", s->max_ctx);
+        if (st->stop == STOP_CONTEXT || st->stop == STOP_INTERRUPT) break;
+        n_head = 0;
+        if (st->stop == STOP_LIMIT) head[n_head++] = last;
+        head[n_head++] = st->stop == STOP_EOS ? last : c->eos_ids[0];
+    }
+    free(line);
 }
 
 /* ============================================================================= command line */
 
+#define NVFP4_VERSION "0.1"
+#ifndef NVFP4_COMMIT
+#define NVFP4_COMMIT "unknown"   /* the Makefile passes the git commit */
+#endif
+
 /* What the command line asked for. */
 typedef struct {
-    const char *model_dir, *prompt, *ids, *dump_logits;   /* ids, dump_logits: NULL when absent */
-    int n_generate, max_ctx, max_tokens, chat, tokenize_only;
+    const char *model_dir, *prompt, *prompt_file, *dump_logits;   /* NULL when absent */
+    int *ids, n_ids;                                              /* --ids (ids NULL when absent) */
+    int n_generate, max_ctx, max_tokens, chat, interactive, tokenize_only, seed_given;
     float temperature, top_p;
     uint64_t seed;
 } Options;
@@ -4046,12 +4263,16 @@ typedef struct {
 /* The -h text. */
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: nvfp4 MODEL_DIR \"prompt\" [options]\n"
+            "usage: nvfp4 [options] MODEL_DIR [\"prompt\"]\n"
             "Runs a DeepSeek V4 checkpoint (BF16, FP8, MXFP4 and NVFP4 tensors) on a prompt.\n\n"
+            "  -p, --prompt TEXT  the prompt (instead of the argument after MODEL_DIR)\n"
+            "  -f, --file FILE    read the prompt from FILE, as it is; -f - reads standard input\n"
+            "  -i, --interactive  chat: one user turn per line of standard input, until EOF or /exit\n"
             "  -n N               generate at most N tokens (default 256); stops earlier at EOS\n"
             "  --temp T           sampling temperature, 0 = greedy (default 0.6)\n"
             "  --top-p P          nucleus sampling: keep the most likely tokens up to P (default 0.95)\n"
-            "  --seed S           random seed for sampling (default: from the clock)\n"
+            "  --seed S           random seed for sampling, 0 to 18446744073709551615 (default: from\n"
+            "                     the clock, printed)\n"
             "  --ctx C            maximum context in tokens, prompt included (default 4096)\n"
             "  --chunk T          prefill chunk size: at most T tokens per forward pass (default 128)\n"
             "  --chat             wrap the prompt in DeepSeek V4's chat format\n"
@@ -4059,28 +4280,100 @@ static void usage(FILE *f) {
             "  --tokenize         print the prompt's ids as they would be fed, comma-separated, and exit\n"
             "  --dump-logits FILE write float32 logits, one row of vocab_size per evaluated position\n"
             "  --cpu              run on the CPU (the only path in this version)\n"
-            "  -h, --help         show this help\n");
+            "  --version          print the version and the git commit it was built from\n"
+            "  -h, --help         show this help\n"
+            "  --                 end of the options: what follows is MODEL_DIR and the prompt, even\n"
+            "                     when it begins with '-'\n"
+            "No option takes a negative number. Exit status: 0 done, 1 bad input (model, files, prompt),\n"
+            "2 bad command line, 130 interrupted (SIGINT).\n");
 }
 
-/* Parse a number option: the whole string must be a number within [lo, hi]. */
-static double number_arg(const char *option, const char *value, double lo, double hi) {
-    if (!value) fatal("%s needs a value", option);
-    char *end;
-    errno = 0;
-    double v = strtod(value, &end);
-    if (end == value || *end || errno || !(v >= lo && v <= hi))
-        fatal("%s: \"%s\" is not a number between %g and %g", option, value, lo, hi);
+/* Print "nvfp4: error: ..." and exit with status 2: the command line itself is wrong. */
+static void usage_error(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+static void usage_error(const char *fmt, ...) {
+    va_list ap;
+    fputs("nvfp4: error: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(2);
+}
+
+/* Flush stdout and exit 0 (after -h, --version and --tokenize); fatal on a write error. */
+static void exit_done(void) {
+    write_stdout(NULL, 0, 1);
+    exit(0);
+}
+
+/* The value of `option` (the next argument): refused when absent or when it begins with '-'
+   (no option takes a negative number; -f takes "-" for standard input). */
+static const char *option_value(const char *option, const char *value) {
+    if (!value) usage_error("%s needs a value", option);
+    int stdin_ok = !strcmp(option, "-f") || !strcmp(option, "--file");
+    if (value[0] == '-' && (value[1] || !stdin_ok))
+        usage_error("%s needs a value, not \"%s\" (a prompt that begins with '-' goes after --, a file as ./%s)", option,
+                    value, value);
+    return value;
+}
+
+/* Read the decimal digits at s into *v: at least one, and nothing else (no sign, space,
+   fraction, exponent or hex). Returns the first byte after them, or NULL when there are none or
+   the number passes UINT64_MAX. */
+static const char *read_whole(const char *s, uint64_t *v) {
+    const char *p = s;
+    for (*v = 0; *p >= '0' && *p <= '9'; p++) {
+        if (*v > (UINT64_MAX - (uint64_t)(*p - '0')) / 10) return NULL;
+        *v = *v * 10 + (uint64_t)(*p - '0');
+    }
+    return p == s ? NULL : p;
+}
+
+/* A whole-number option: the whole value must be decimal digits, within [lo, hi]. */
+static uint64_t whole_arg(const char *option, const char *value, uint64_t lo, uint64_t hi) {
+    uint64_t v;
+    const char *end = read_whole(option_value(option, value), &v);
+    if (!end || *end || v < lo || v > hi)
+        usage_error("%s: \"%s\" is not a whole number from %llu to %llu", option, value, (unsigned long long)lo,
+                    (unsigned long long)hi);
     return v;
 }
 
-/* Like number_arg, and the number must be whole. */
-static int int_arg(const char *option, const char *value, double lo, double hi) {
-    double v = number_arg(option, value, lo, hi);
-    if (v != floor(v)) fatal("%s: \"%s\" is not a whole number", option, value);
-    return (int)v;
+/* A real-number option within [lo, hi], in plain decimal notation (digits, a point, an
+   exponent: no sign, space, hex, inf or nan). */
+static double number_arg(const char *option, const char *value, double lo, double hi) {
+    option_value(option, value);
+    char *end;
+    double v = strtod(value, &end);
+    int plain = ((value[0] >= '0' && value[0] <= '9') || value[0] == '.') && strspn(value, "0123456789.eE+-") == strlen(value);
+    if (!plain || *end || !(v >= lo && v <= hi)) usage_error("%s: \"%s\" is not a number from %g to %g", option, value, lo, hi);
+    return v;
 }
 
-/* The command line as Options; fatal (or usage and exit 2) on anything malformed. */
+/* Parse "--ids 0,17,42": comma-separated decimal ids. Returns the count; *ids is allocated.
+   Whether each id is in the model's vocabulary is checked once it is loaded (check_ids). */
+static int ids_arg(const char *list, int **ids) {
+    size_t n = 1;
+    for (const char *p = list; *p; p++) n += *p == ',';
+    *ids = xcalloc(n, sizeof(int));
+    int count = 0;
+    for (const char *p = list;; p++) {
+        uint64_t v;
+        p = read_whole(p, &v);
+        if (!p || (*p && *p != ',')) usage_error("--ids: \"%s\" is not a comma-separated list of token ids", list);
+        if (v > INT_MAX) usage_error("--ids: \"%s\" holds an id larger than %d", list, INT_MAX);
+        (*ids)[count++] = (int)v;
+        if (!*p) return count;
+    }
+}
+
+/* Fatal when one of ids[n] is outside the vocabulary. */
+static void check_ids(const int *ids, int n, int vocab) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] >= vocab) fatal("--ids: token id %d is outside the vocabulary (0..%d)", ids[i], vocab - 1);
+}
+
+/* The command line as Options; usage_error (exit 2) on anything malformed. */
 static Options parse_options(int argc, char **argv) {
     Options o = {0};
     o.n_generate = 256;
@@ -4089,55 +4382,112 @@ static Options parse_options(int argc, char **argv) {
     o.temperature = 0.6f;
     o.top_p = 0.95f;
     o.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    int n_positional = 0, n_prompts = 0, options_ended = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
-        else if (!strcmp(a, "-n")) { o.n_generate = int_arg(a, v, 1, 1 << 30); i++; }
+        if (options_ended || a[0] != '-' || !a[1]) {   /* MODEL_DIR, then the prompt ("-" alone is one) */
+            if (n_positional == 0 && !*a) usage_error("the model directory name is empty");
+            if (n_positional == 0) o.model_dir = a;
+            else if (n_positional == 1) o.prompt = a, n_prompts++;
+            else usage_error("unexpected argument \"%s\" (quote the prompt; see nvfp4 -h)", a);
+            n_positional++;
+            continue;
+        }
+        if (!strcmp(a, "--")) options_ended = 1;
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit_done(); }
+        else if (!strcmp(a, "--version")) { printf("nvfp4 %s (commit %s)\n", NVFP4_VERSION, NVFP4_COMMIT); exit_done(); }
+        else if (!strcmp(a, "-n")) { o.n_generate = (int)whole_arg(a, v, 1, 1 << 30); i++; }
         else if (!strcmp(a, "--temp")) { o.temperature = (float)number_arg(a, v, 0, 100); i++; }
-        else if (!strcmp(a, "--top-p")) { o.top_p = (float)number_arg(a, v, 1e-6, 1); i++; }
-        else if (!strcmp(a, "--seed")) { o.seed = (uint64_t)number_arg(a, v, 0, 9007199254740992.0); i++; }
-        else if (!strcmp(a, "--ctx")) { o.max_ctx = int_arg(a, v, 1, 1 << 30); i++; }
-        else if (!strcmp(a, "--chunk")) { o.max_tokens = int_arg(a, v, 1, 1 << 20); i++; }
-        else if (!strcmp(a, "--ids")) { if (!v) fatal("--ids needs a list"); o.ids = v; i++; }
-        else if (!strcmp(a, "--dump-logits")) { if (!v) fatal("--dump-logits needs a file"); o.dump_logits = v; i++; }
+        else if (!strcmp(a, "--top-p")) {
+            o.top_p = (float)number_arg(a, v, 0, 1);
+            if (o.top_p <= 0) usage_error("--top-p: \"%s\" is not a number greater than 0 and at most 1", v);
+            i++;
+        }
+        else if (!strcmp(a, "--seed")) { o.seed = whole_arg(a, v, 0, UINT64_MAX); o.seed_given = 1; i++; }
+        else if (!strcmp(a, "--ctx")) { o.max_ctx = (int)whole_arg(a, v, 1, 1 << 30); i++; }
+        else if (!strcmp(a, "--chunk")) { o.max_tokens = (int)whole_arg(a, v, 1, 1 << 20); i++; }
+        else if (!strcmp(a, "--ids")) { free(o.ids); o.n_ids = ids_arg(option_value(a, v), &o.ids); n_prompts++; i++; }
+        else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) { o.prompt = option_value(a, v); n_prompts++; i++; }
+        else if (!strcmp(a, "-f") || !strcmp(a, "--file")) { o.prompt_file = option_value(a, v); n_prompts++; i++; }
+        else if (!strcmp(a, "--dump-logits")) { o.dump_logits = option_value(a, v); i++; }
+        else if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) o.interactive = 1;
         else if (!strcmp(a, "--chat")) o.chat = 1;
         else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
         else if (!strcmp(a, "--cpu")) continue;   /* the CPU is the only path in this version */
-        else if (a[0] == '-' && a[1]) fatal("unknown option %s (see nvfp4 -h)", a);
-        else if (!o.model_dir) o.model_dir = a;
-        else if (!o.prompt) o.prompt = a;
-        else fatal("unexpected argument \"%s\" (quote the prompt; see nvfp4 -h)", a);
+        else usage_error("unknown option %s (see nvfp4 -h)", a);
     }
     if (!o.model_dir) { usage(stderr); exit(2); }
-    if (!o.prompt && !o.ids) fatal("no prompt given (nvfp4 MODEL_DIR \"prompt\", or --ids)");
-    if (o.prompt && o.ids) fatal("give either a prompt or --ids, not both");
-    if (o.seed == 0) o.seed = 0x9E3779B97F4A7C15ull;
+    if (n_prompts > 1) usage_error("give one prompt: an argument, -p, -f or --ids");
+    if (o.interactive && (o.ids || o.tokenize_only))
+        usage_error("-i chats in text: it takes neither --ids nor --tokenize");
+    if (o.interactive && o.prompt_file && !strcmp(o.prompt_file, "-"))
+        usage_error("-i reads the conversation from standard input: -f - cannot read the prompt from it too");
+    if (!n_prompts && !o.interactive) usage_error("no prompt given (nvfp4 MODEL_DIR \"prompt\", -p, -f, --ids or -i)");
+    if (o.tokenize_only && o.dump_logits) usage_error("--tokenize evaluates nothing: --dump-logits would have nothing to write");
     return o;
+}
+
+/* The prompt in file `path`, or in stdin for "-", read to its end whatever the file is (a FIFO
+   or a pipe too) without a fixed buffer; fatal when it cannot be read, is larger than
+   MAX_TEXT_FILE or holds a NUL byte. */
+static char *read_prompt(const char *path) {
+    const char *name = strcmp(path, "-") ? path : "standard input";
+    int fd = strcmp(path, "-") ? open(path, O_RDONLY) : 0;
+    if (fd < 0) fatal("cannot open the prompt file %s: %s", path, strerror(errno));
+    size_t len = 0, capacity = 1 << 16;
+    char *text = xcalloc(capacity + 1, 1);
+    for (;;) {
+        if (len == capacity) {
+            if (capacity >= MAX_TEXT_FILE) fatal("the prompt in %s is larger than %zu bytes", name, (size_t)MAX_TEXT_FILE);
+            char *bigger = xcalloc(2 * capacity + 1, 1);
+            memcpy(bigger, text, len);
+            free(text);
+            text = bigger;
+            capacity *= 2;
+        }
+        ssize_t n = read(fd, text + len, capacity - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) fatal("cannot read the prompt from %s: %s", name, strerror(errno));
+        if (n == 0) break;
+        len += (size_t)n;
+    }
+    if (fd) close(fd);
+    const char *nul = memchr(text, 0, len);
+    if (nul) fatal("the prompt in %s holds a NUL byte at offset %zu", name, (size_t)(nul - text));
+    return text;
 }
 
 #ifndef TESTING
 int main(int argc, char **argv) {
     Options o = parse_options(argc, argv);
+    install_signal_handlers();
+    char *file_prompt = o.prompt_file ? read_prompt(o.prompt_file) : NULL;
+    const char *prompt = file_prompt ? file_prompt : o.prompt;
     Model model;
     Tokenizer tokenizer;
-    int add_bos, *ids, n_ids;
+    int add_bos, *ids = NULL, n_ids = 0;
     if (o.tokenize_only) {   /* no weights are loaded */
         Config config;
         load_config(&config, o.model_dir);
         load_tokenizer(&tokenizer, &add_bos, o.model_dir, &config);
-        n_ids = o.ids ? parse_ids(o.ids, config.vocab_size, &ids)
-                      : prompt_ids(&tokenizer, add_bos, config.bos_id, o.prompt, o.chat, &ids);
-        for (int i = 0; i < n_ids; i++) printf("%s%d", i ? "," : "", ids[i]);
-        printf("\n");
-        free(ids);
-        tokenizer_free(&tokenizer);
-        return 0;
+        if (o.ids) check_ids(o.ids, o.n_ids, config.vocab_size);
+        n_ids = o.ids ? o.n_ids : prompt_ids(&tokenizer, add_bos, config.bos_id, prompt, o.chat, &ids);
+        for (int i = 0; i < n_ids; i++) {
+            char number[16];
+            write_stdout(number, (size_t)snprintf(number, sizeof number, "%s%d", i ? "," : "", o.ids ? o.ids[i] : ids[i]), 0);
+        }
+        write_stdout("\n", 1, 1);
+        exit_done();
     }
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
     load_tokenizer(&tokenizer, &add_bos, o.model_dir, c);
-    n_ids = o.ids ? parse_ids(o.ids, c->vocab_size, &ids) : prompt_ids(&tokenizer, add_bos, c->bos_id, o.prompt, o.chat, &ids);
+    if (o.ids) {
+        check_ids(o.ids, o.n_ids, c->vocab_size);
+        ids = o.ids;
+        n_ids = o.n_ids;
+    } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, o.chat, &ids);
     if (n_ids > o.max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
     size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
@@ -4145,18 +4495,36 @@ int main(int argc, char **argv) {
     if (bytes == SIZE_MAX || bytes > physical)
         fatal("the decoding state for --ctx %d and --chunk %d needs %.1f GiB, more than this machine's %.1f GiB",
               o.max_ctx, o.max_tokens, bytes == SIZE_MAX ? INFINITY : bytes / 1073741824.0, physical / 1073741824.0);
+    FILE *dump = NULL;
+    if (o.dump_logits) {   /* every file this run reads, by path */
+        static const char *names[] = {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"};
+        const char **read = xcalloc((size_t)model.n_files + 5, sizeof *read);
+        int n_read = 0;
+        for (int i = 0; i < model.n_files; i++) read[n_read++] = model.files[i].path;
+        for (int i = 0; i < 4; i++) read[n_read++] = path_join(o.model_dir, names[i]);
+        if (o.prompt_file && strcmp(o.prompt_file, "-")) read[n_read++] = o.prompt_file;
+        check_dump_target(o.dump_logits, o.model_dir, read, n_read);
+        for (int i = 0; i < 4; i++) free((char *)read[model.n_files + i]);
+        free(read);
+        dump = open_dump(o.dump_logits);
+    }
     State state;
     alloc_state(&state, c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
-    Sampler sampler = {o.temperature, o.top_p, o.seed, xcalloc((size_t)c->vocab_size, sizeof(int))};
-    FILE *dump = NULL;
-    if (o.dump_logits && !(dump = fopen(o.dump_logits, "wb"))) fatal("cannot create %s: %s", o.dump_logits, strerror(errno));
+    Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int))};
     int big = model.weight_bytes >= 1e9;
     fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) in %.2f s\n", o.model_dir, c->n_layers,
             model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", now_seconds() - t0);
-    generate(&model, &state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump);
-    if (dump && fclose(dump)) fatal("cannot write %s: %s", o.dump_logits, strerror(errno));
+    if (!o.seed_given) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
+    Stats stats = {0};
+    if (o.interactive) chat(&model, &state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
+    else generate(&model, &state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
+    print_stats(&stats);
+    if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */
+    if (dump) finish_dump(dump, o.dump_logits);
+    write_stdout(NULL, 0, 1);
     free(sampler.order);
     free(ids);
+    free(file_prompt);
     free_state(&state);
     tokenizer_free(&tokenizer);
     free_model(&model);

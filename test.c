@@ -1140,8 +1140,9 @@ static void test_cli(void) {
     status = system(cmd);
     err = read_file("build/cli.err", &got_size);
     char *text = read_file("build/cli.txt", &got_size);
-    CHECK(status == 0 && head_c[3 + head_c[0] + 3] == 1 && err && strstr(err, "; 4 generated") && text &&
-          !strstr(text, "end▁of▁sentence"), "generation stops at EOS, which is not printed: %s", err ? err : "");
+    CHECK(status == 0 && head_c[3 + head_c[0] + 3] == 1 && err && strstr(err, "; 3 generated") &&
+          strstr(err, "ended at EOS\n") && text && !strstr(text, "end▁of▁sentence"),
+          "generation stops at EOS, which is neither printed nor counted: %s", err ? err : "");
     free(text);
     free(err);
     free(ref_c);
@@ -1604,15 +1605,54 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a \"It was the best of times, it was the worst\" --ctx 5", 1,
                "more than the context (--ctx 5)");
     expect_cli("testdata/tiny-a \"It was\" --ctx 12 -n 50 --temp 0", 0, "the context is full (--ctx 12): stopping");
-    expect_cli("testdata/tiny-a hi --temp abc", 1, "--temp: \"abc\" is not a number");
-    expect_cli("testdata/tiny-a hi -n -5", 1, "-n: \"-5\" is not a number between 1 and");
-    expect_cli("testdata/tiny-a hi --top-p 2", 1, "--top-p: \"2\" is not a number between");
-    expect_cli("testdata/tiny-a hi -n 1.5", 1, "-n: \"1.5\" is not a whole number");
-    expect_cli("testdata/tiny-a hi --ctx", 1, "--ctx needs a value");
-    expect_cli("testdata/tiny-a hi --frobnicate", 1, "unknown option --frobnicate");
+    /* the command line itself is wrong: exit status 2 */
+    expect_cli("testdata/tiny-a hi --temp abc", 2, "--temp: \"abc\" is not a number from 0 to 100");
+    expect_cli("testdata/tiny-a hi --temp 0x1p-1", 2, "--temp: \"0x1p-1\" is not a number from 0 to 100");
+    expect_cli("testdata/tiny-a hi --temp inf", 2, "--temp: \"inf\" is not a number");
+    expect_cli("testdata/tiny-a hi --temp nan", 2, "--temp: \"nan\" is not a number");
+    expect_cli("testdata/tiny-a hi --temp ' 1'", 2, "--temp: \" 1\" is not a number");
+    expect_cli("testdata/tiny-a hi --temp 1e3", 2, "--temp: \"1e3\" is not a number from 0 to 100");
+    expect_cli("testdata/tiny-a hi --top-p 2", 2, "--top-p: \"2\" is not a number from 0 to 1");
+    expect_cli("testdata/tiny-a hi --top-p 0", 2, "--top-p: \"0\" is not a number greater than 0 and at most 1");
+    expect_cli("testdata/tiny-a hi -n -5", 2, "-n needs a value, not \"-5\"");
+    expect_cli("testdata/tiny-a hi -n 0", 2, "-n: \"0\" is not a whole number from 1 to 1073741824");
+    expect_cli("testdata/tiny-a hi -n 1.5", 2, "-n: \"1.5\" is not a whole number from 1 to 1073741824");
+    expect_cli("testdata/tiny-a hi -n 1e3", 2, "-n: \"1e3\" is not a whole number");
+    expect_cli("testdata/tiny-a hi -n 0x10", 2, "-n: \"0x10\" is not a whole number");
+    expect_cli("testdata/tiny-a hi -n +5", 2, "-n: \"+5\" is not a whole number");
+    expect_cli("testdata/tiny-a hi -n ' 5'", 2, "-n: \" 5\" is not a whole number");
+    expect_cli("testdata/tiny-a hi -n ''", 2, "-n: \"\" is not a whole number");
+    expect_cli("testdata/tiny-a hi --ctx 99999999999", 2, "--ctx: \"99999999999\" is not a whole number from 1 to 1073741824");
+    expect_cli("testdata/tiny-a hi --chunk 2000000", 2, "--chunk: \"2000000\" is not a whole number from 1 to 1048576");
+    expect_cli("testdata/tiny-a hi --seed 1.5", 2, "--seed: \"1.5\" is not a whole number from 0 to 18446744073709551615");
+    expect_cli("testdata/tiny-a hi --seed 0x1", 2, "--seed: \"0x1\" is not a whole number");
+    expect_cli("testdata/tiny-a hi --seed 1e0", 2, "--seed: \"1e0\" is not a whole number");
+    expect_cli("testdata/tiny-a hi --seed 18446744073709551616", 2, "--seed: \"18446744073709551616\" is not a whole number");
+    expect_cli("testdata/tiny-a hi --ctx", 2, "--ctx needs a value");
+    expect_cli("testdata/tiny-a hi --dump-logits --temp 0", 2, "--dump-logits needs a value, not \"--temp\"");
+    expect_cli("testdata/tiny-a -p -x", 2, "-p needs a value, not \"-x\" (a prompt that begins with '-' goes after --");
+    expect_cli("testdata/tiny-a -f -x", 2, "-f needs a value, not \"-x\"");
+    expect_cli("testdata/tiny-a hi --frobnicate", 2, "unknown option --frobnicate");
+    expect_cli("testdata/tiny-a -- hi --temp", 2, "unexpected argument \"--temp\"");
+    expect_cli("testdata/tiny-a --ids 1,x", 2, "--ids: \"1,x\" is not a comma-separated list of token ids");
+    expect_cli("testdata/tiny-a --ids 1,,2", 2, "--ids: \"1,,2\" is not a comma-separated list of token ids");
+    expect_cli("testdata/tiny-a --ids -1", 2, "--ids needs a value, not \"-1\"");
+    expect_cli("testdata/tiny-a --ids 3000000000", 2, "--ids: \"3000000000\" holds an id larger than 2147483647");
+    expect_cli("testdata/tiny-a hi extra", 2, "unexpected argument \"extra\"");
+    expect_cli("\"\" hi", 2, "the model directory name is empty");
+    expect_cli("", 2, "usage: nvfp4");
+    expect_cli("testdata/tiny-a", 2, "no prompt given");
+    expect_cli("testdata/tiny-a hi -p there", 2, "give one prompt: an argument, -p, -f or --ids");
+    expect_cli("testdata/tiny-a -f - --ids 1,2", 2, "give one prompt");
+    expect_cli("testdata/tiny-a -i --ids 1,2", 2, "-i chats in text: it takes neither --ids nor --tokenize");
+    expect_cli("testdata/tiny-a -i -f -", 2, "-i reads the conversation from standard input");
+    expect_cli("testdata/tiny-a hi --tokenize --dump-logits build/bad/t.bin", 2, "--tokenize evaluates nothing");
+    /* bad input: exit status 1 */
     expect_cli("testdata/tiny-a --ids 1,2,99999", 1, "--ids: token id 99999 is outside the vocabulary (0..1023)");
-    expect_cli("testdata/tiny-a --ids 1,x", 1, "is not a comma-separated list of token ids");
-    expect_cli("testdata/tiny-a hi extra", 1, "unexpected argument \"extra\"");
+    expect_cli("testdata/tiny-a -f build/bad/no-such-prompt", 1, "cannot open the prompt file build/bad/no-such-prompt");
+    expect_cli("testdata/tiny-a -f build/bad", 1, "cannot read the prompt from build/bad");
+    expect_cli("testdata/tiny-a -f - < /dev/null", 1, "the prompt is empty");
+    expect_cli("testdata/tiny-a -f - < testdata/tiny-a/rope.bin", 1, "the prompt in standard input holds a NUL byte at offset");
     expect_cli("build/bad/nowhere hi", 1, "cannot read build/bad/nowhere/config.json");
     /* state that cannot be allocated is refused before allocating, with the sizes */
     expect_cli("testdata/tiny-a hi --ctx 1000000000", 1, "the decoding state for --ctx 1000000000 and --chunk 128 needs");
@@ -1632,6 +1672,473 @@ static void test_bad_options(void) {
                     "exec " NVFP4_BIN " build/bad/ro \"It was\" -n 3 --temp 0' > /dev/null 2>&1");
     if (WIFEXITED(status) && WEXITSTATUS(status) == 77) printf("  skipped: read-only filesystem (cannot make a read-only mount here)\n");
     else CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "runs from a read-only filesystem: status %d", status);
+}
+
+/* ---------------------------------------------------------------------------- command line */
+/* The command line takes any prompt, loses no output and leaves no partial file. */
+
+/* Run the shell command line `cmd` with stderr to build/bad/err.txt; returns the exit status (-1
+   when it did not exit) and leaves stderr in *err (caller frees). */
+static int run_shell(const char *cmd, char **err) {
+    char line[8192];
+    snprintf(line, sizeof line, "%s 2> build/bad/err.txt", cmd);
+    int status = system(line);
+    size_t n;
+    *err = read_file("build/bad/err.txt", &n);
+    if (!*err) *err = xstrdup("");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* Run `cmd` (run_shell); check its exit status and that stderr holds `expected`. */
+static void expect_shell(const char *cmd, int want_status, const char *expected) {
+    char *err;
+    int status = run_shell(cmd, &err);
+    CHECK(status == want_status && strstr(err, expected), "%s: expected status %d and \"%s\", got %d: %s", cmd, want_status,
+          expected, status, err);
+    free(err);
+}
+
+/* The text of file `path` ("" when it cannot be read; caller frees). */
+static char *file_text(const char *path) {
+    size_t n;
+    char *text = read_file(path, &n);
+    return text ? text : xstrdup("");
+}
+
+/* The entries of directory `dir` (hidden ones included), one a line (caller frees). */
+static char *list_dir(const char *dir) {
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "ls -A %s > build/bad/ls.txt", dir);
+    return system(cmd) ? xstrdup("?") : file_text("build/bad/ls.txt");
+}
+
+/* Empty directory build/bad/NAME, made afresh; returns its path (static storage). */
+static const char *fresh_dir(const char *name) {
+    static char path[256];
+    char cmd[600];
+    snprintf(path, sizeof path, "build/bad/%s", name);
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", path, path);
+    if (system(cmd)) CHECK(0, "%s failed", cmd);
+    return path;
+}
+
+/* A prompt that begins with '-' goes after --, or in a file (-f FILE, a FIFO, or -f - for stdin):
+   all give the same ids; a prompt far over the argv limit is read whole. */
+static void test_prompt_sources(void) {
+    Config cfg;
+    Tokenizer t;
+    int add_bos, *ids;
+    load_config(&cfg, "testdata/tiny-a");
+    load_tokenizer(&t, &add_bos, "testdata/tiny-a", &cfg);
+    int n = prompt_ids(&t, add_bos, cfg.bos_id, "-x --y", 0, &ids);
+    char want[1024] = "";
+    for (int i = 0, at = 0; i < n; i++) at += snprintf(want + at, sizeof want - (size_t)at, "%s%d", i ? "," : "", ids[i]);
+    strcat(want, "\n");
+    free(ids);
+    write_bytes("build/bad", "dash.txt", "-x --y", 6);
+    remove("build/bad/prompt.fifo");
+    CHECK(mkfifo("build/bad/prompt.fifo", 0600) == 0, "mkfifo");
+    const char *runs[] = {
+        NVFP4_BIN " testdata/tiny-a --tokenize -- '-x --y'",
+        NVFP4_BIN " testdata/tiny-a --tokenize -- -x --y",   /* two arguments after --: the second is unexpected */
+        NVFP4_BIN " testdata/tiny-a --tokenize -f build/bad/dash.txt",
+        NVFP4_BIN " --tokenize --file build/bad/dash.txt testdata/tiny-a",
+        "printf %s '-x --y' | " NVFP4_BIN " testdata/tiny-a --tokenize -f -",
+        "(printf %s '-x --y' > build/bad/prompt.fifo &) && " NVFP4_BIN " testdata/tiny-a --tokenize -f build/bad/prompt.fifo",
+    };
+    for (int r = 0; r < 6; r++) {
+        char cmd[1024], *err;
+        snprintf(cmd, sizeof cmd, "%s > build/bad/out.txt", runs[r]);
+        int status = run_shell(cmd, &err);
+        char *out = file_text("build/bad/out.txt");
+        if (r == 1) CHECK(status == 2 && strstr(err, "unexpected argument \"--y\""), "%s: status %d, %s", runs[r], status, err);
+        else CHECK(status == 0 && !strcmp(out, want), "%s: status %d, ids %s, want %s", runs[r], status, out, want);
+        free(out);
+        free(err);
+    }
+    /* 300 KB of prompt (more than the argv limit of one argument) through -f - */
+    size_t size = 300000;
+    char *text = xcalloc(size + 1, 1);
+    for (size_t i = 0; i < size; i++) text[i] = "It was the best of times. "[i % 26];
+    write_bytes("build/bad", "long.txt", text, size);
+    n = prompt_ids(&t, add_bos, cfg.bos_id, text, 0, &ids);
+    char *err;
+    int status = run_shell(NVFP4_BIN " testdata/tiny-a --tokenize -f - < build/bad/long.txt > build/bad/out.txt", &err);
+    char *out = file_text("build/bad/out.txt");
+    int commas = 0, same = 1;
+    for (char *p = out, *end; *p; p = *end ? end + 1 : end) {
+        long id = strtol(p, &end, 10);
+        same &= commas < n && id == ids[commas];
+        commas += *end == ',';
+        if (*end != ',') break;
+    }
+    CHECK(status == 0 && commas + 1 == n && same, "a %zu-byte prompt through -f -: status %d, %d of %d ids", size, status,
+          commas + 1, n);
+    free(out);
+    free(err);
+    free(ids);
+    free(text);
+    tokenizer_free(&t);
+    /* -f - and the prompt argument generate the same text */
+    status = system(NVFP4_BIN " testdata/tiny-a 'It was' -n 5 --temp 0 > build/bad/a.txt 2> /dev/null") |
+             system("printf %s 'It was' | " NVFP4_BIN " testdata/tiny-a -f - -n 5 --temp 0 > build/bad/b.txt 2> /dev/null") |
+             system(NVFP4_BIN " -n 5 testdata/tiny-a --temp 0 -p 'It was' > build/bad/c.txt 2> /dev/null");
+    char *a = file_text("build/bad/a.txt"), *b = file_text("build/bad/b.txt"), *c = file_text("build/bad/c.txt");
+    CHECK(status == 0 && *a && !strcmp(a, b) && !strcmp(a, c), "the prompt as an argument, -f - and -p give the same text");
+    free(a);
+    free(b);
+    free(c);
+}
+
+/* A write error on stdout (a full disk) is an error, whatever wrote the output. */
+static void test_stdout_errors(void) {
+    if (access("/dev/full", W_OK)) {
+        printf("  skipped: stdout write errors (no /dev/full here)\n");
+        return;
+    }
+    expect_shell(NVFP4_BIN " testdata/tiny-a hi -n 3 --temp 0 > /dev/full", 1, "cannot write the output: No space left on device");
+    expect_shell(NVFP4_BIN " testdata/tiny-a hi --tokenize > /dev/full", 1, "cannot write the output");
+    expect_shell(NVFP4_BIN " --version > /dev/full", 1, "cannot write the output");
+    expect_shell(NVFP4_BIN " -h > /dev/full", 1, "cannot write the output");
+    expect_shell("echo hi | " NVFP4_BIN " testdata/tiny-a -i -n 3 > /dev/full", 1, "cannot write the output");
+    const char *d = fresh_dir("full");
+    expect_shell(NVFP4_BIN " testdata/tiny-a hi -n 3 --dump-logits build/bad/full/l.bin > /dev/full", 1, "cannot write the output");
+    char *ls = list_dir(d);
+    CHECK(!*ls, "a run that fails on stdout leaves no logits file: %s", ls);
+    free(ls);
+}
+
+/* --version; the stats line: -n 1 has a decode rate, the seed is printed and repeats the run. */
+static void test_version_and_stats(void) {
+    char *err;
+    int status = run_shell(NVFP4_BIN " --version > build/bad/out.txt", &err);
+    char *out = file_text("build/bad/out.txt");
+    CHECK(status == 0 && !strncmp(out, "nvfp4 " NVFP4_VERSION " (commit ", strlen("nvfp4 " NVFP4_VERSION " (commit ")) &&
+          strlen(out) > strlen("nvfp4 " NVFP4_VERSION " (commit )\n"),
+          "--version: %s", out);
+    free(out);
+    free(err);
+    status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 1 --temp 0 > /dev/null", &err);
+    /* one prompt chunk, then one token, whose logits that chunk gave: decode time includes the
+       chunk, so the rate is above 0 and below the prefill rate of 4 tokens */
+    const char *at = strstr(err, "; 1 generated, decode "), *prefill = strstr(err, "prompt tokens, prefill ");
+    double rate = at ? atof(at + strlen("; 1 generated, decode ")) : 0;
+    double prefill_rate = prefill ? atof(prefill + strlen("prompt tokens, prefill ")) : 0;
+    CHECK(status == 0 && rate > 0 && rate < prefill_rate, "-n 1 has a decode rate: %s", err);
+    free(err);
+    status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 12 --temp 0.9 > build/bad/a.txt", &err);
+    at = strstr(err, "nvfp4: seed ");
+    unsigned long long seed = 0;
+    int found = at && sscanf(at, "nvfp4: seed %llu", &seed) == 1;
+    free(err);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, NVFP4_BIN " testdata/tiny-a 'It was' -n 12 --temp 0.9 --seed %llu > build/bad/b.txt", seed);
+    status |= run_shell(cmd, &err);
+    char *a = file_text("build/bad/a.txt"), *b = file_text("build/bad/b.txt");
+    CHECK(status == 0 && found && *a && !strcmp(a, b) && !strstr(err, "nvfp4: seed"),
+          "the printed seed (%llu) repeats the run: \"%s\" vs \"%s\"", seed, a, b);
+    free(a);
+    free(b);
+    free(err);
+}
+
+/* --dump-logits never writes into the model directory or over a file the run reads, and leaves
+   no partial or temporary file when the run does not complete. */
+static void test_dump_logits(void) {
+    const char *d = copy_model("tiny-a", "dump-model");
+    if (system("mkdir -p build/bad/dump-model/sub && ln -f build/bad/dump-model/model.safetensors build/bad/dump-hardlink && "
+               "ln -sf dump-model/config.json build/bad/dump-symlink && rm -rf build/bad/no-dir"))
+        CHECK(0, "links");
+    write_bytes("build/bad", "dump-prompt.txt", "It was", 6);
+    size_t size, config_size;
+    char *weights = read_file("build/bad/dump-model/model.safetensors", &size);
+    char *config = read_file("build/bad/dump-model/config.json", &config_size);
+    char *before = list_dir(d);
+    static const struct { const char *args, *expected; } refused[] = {
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-model/model.safetensors",
+         "--dump-logits: build/bad/dump-model/model.safetensors is a file this run reads"},
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-model/config.json", "is a file this run reads"},
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-model/new.bin",
+         "--dump-logits: build/bad/dump-model/new.bin is inside the model directory build/bad/dump-model"},
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-model/sub/new.bin", "is inside the model directory"},
+        {"build/bad/dump-model/ hi --dump-logits build/bad/../bad/dump-model/sub/../new.bin", "is inside the model directory"},
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-hardlink",
+         "--dump-logits: build/bad/dump-hardlink is a file this run reads (build/bad/dump-model/model.safetensors)"},
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-symlink", "is a file this run reads (build/bad/dump-model/config.json)"},
+        {"build/bad/dump-model -f build/bad/dump-prompt.txt --dump-logits build/bad/dump-prompt.txt",
+         "is a file this run reads (build/bad/dump-prompt.txt)"},
+        {"build/bad/dump-model hi --dump-logits build/bad/out.txt", "--dump-logits: build/bad/out.txt is this run's standard output"},
+        {"build/bad/dump-model hi --dump-logits /dev/null", "--dump-logits: /dev/null exists and is not a regular file"},
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-model/sub", "exists and is not a regular file"},
+        {"build/bad/dump-model hi --dump-logits build/bad/", "--dump-logits: build/bad/ names a directory, not a file"},
+        {"build/bad/dump-model hi --dump-logits build/bad/no-dir/l.bin", "--dump-logits: cannot write in build/bad/no-dir"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) expect_cli(refused[i].args, 1, refused[i].expected);
+    size_t after_size, after_config_size;
+    char *weights_after = read_file("build/bad/dump-model/model.safetensors", &after_size);
+    char *config_after = read_file("build/bad/dump-model/config.json", &after_config_size);
+    char *after = list_dir(d);
+    CHECK(weights && weights_after && size == after_size && !memcmp(weights, weights_after, size) && config && config_after &&
+          config_size == after_config_size && !memcmp(config, config_after, config_size) && !strcmp(before, after),
+          "the model's files are unchanged and nothing was added: %s", after);
+    free(weights);
+    free(weights_after);
+    free(config);
+    free(config_after);
+    free(before);
+    free(after);
+    /* a complete run: the file and nothing else; a second one replaces it and says so */
+    d = fresh_dir("dump-out");
+    char *err, *ls;
+    int status = run_cli("testdata/tiny-a 'It was' -n 3 --temp 0 --dump-logits build/bad/dump-out/l.bin", &err);
+    ls = list_dir(d);
+    size_t n = 0;
+    free(read_file("build/bad/dump-out/l.bin", &n));
+    CHECK(status == 0 && !strcmp(ls, "l.bin\n") && n == 4 * 1024 * (size_t)(4 + 2), "dump written whole: %s, %zu bytes", ls, n);
+    free(ls);
+    free(err);
+    status = run_cli("testdata/tiny-a 'It was' -n 3 --temp 0 --dump-logits build/bad/dump-out/l.bin", &err);
+    ls = list_dir(d);
+    CHECK(status == 0 && !strcmp(ls, "l.bin\n") && strstr(err, "nvfp4: replaced build/bad/dump-out/l.bin"), "dump replaced: %s %s", ls, err);
+    free(ls);
+    free(err);
+    /* an error exit in the middle of generation (NaN logits) leaves nothing */
+    d = fresh_dir("dump-err");
+    expect_cli("build/bad/nan \"It was\" --temp 0.6 --dump-logits build/bad/dump-err/l.bin", 1, "are not finite");
+    ls = list_dir(d);
+    CHECK(!*ls, "an error exit leaves no logits file: %s", ls);
+    free(ls);
+}
+
+/* Start "exec CMD" through sh in a child process, after removing the files it is watched
+   through; returns its pid (the engine's, after exec). */
+static pid_t spawn(const char *cmd) {
+    remove("build/bad/sig-out.txt");   /* the files the runs below are watched through */
+    remove("build/bad/sig-err.txt");
+    char line[4096];
+    snprintf(line, sizeof line, "exec %s", cmd);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        execl("/bin/sh", "sh", "-c", line, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* Wait up to `seconds` for pid; returns its wait status, or -1 (having killed it) on timeout. */
+static int wait_for(pid_t pid, double seconds) {
+    int status;
+    for (double start = now_seconds(); now_seconds() - start < seconds; usleep(5000))
+        if (waitpid(pid, &status, WNOHANG) == pid) return status;
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -1;
+}
+
+/* Wait up to 60 s until file `path` holds `text` (any text when NULL, a byte at least). */
+static int wait_for_text(const char *path, const char *text) {
+    for (double start = now_seconds(); now_seconds() - start < 60; usleep(5000)) {
+        char *got = file_text(path);
+        int found = text ? strstr(got, text) != NULL : *got != 0;
+        free(got);
+        if (found) return 1;
+    }
+    return 0;
+}
+
+/* SIGINT stops generation after the current token with the text flushed, the stats line and
+   status 130; a second SIGINT exits at once, as does one while the chat waits for a line; none
+   leaves a logits file. SIGTERM leaves none either. */
+static void test_signals(void) {
+    /* greedy tiny-a runs ~970 tokens before EOS: time enough to be interrupted */
+    const char *d = fresh_dir("sig");
+    pid_t pid = spawn(NVFP4_BIN " testdata/tiny-a 'It was' -n 100000 --ctx 8192 --temp 0 --dump-logits build/bad/sig/l.bin "
+                      "> build/bad/sig-out.txt 2> build/bad/sig-err.txt");
+    int started = wait_for_text("build/bad/sig-out.txt", NULL);
+    kill(pid, SIGINT);
+    int status = wait_for(pid, 60);
+    char *out = file_text("build/bad/sig-out.txt"), *err = file_text("build/bad/sig-err.txt"), *ls = list_dir(d);
+    size_t len = strlen(out);
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && strstr(err, "generated, decode") &&
+          strstr(err, "; interrupted\n") && len && out[len - 1] == '\n' && !*ls,
+          "SIGINT during generation: status %d, stderr %s, dump dir \"%s\"", status, err, ls);
+    free(out);
+    free(err);
+    free(ls);
+    /* two SIGINTs during a prefill chunk of 4000 tokens (seconds): the second ends it at once */
+    size_t size;
+    char *prompt = read_file("testdata/tiny-a/prompt.txt", &size), *text = xcalloc(14 * (size + 1) + 1, 1);
+    for (int i = 0; prompt && i < 14; i++) strcat(strcat(text, prompt), " ");
+    write_bytes("build/bad", "sig-long.txt", text, strlen(text));
+    free(prompt);
+    free(text);
+    pid = spawn(NVFP4_BIN " testdata/tiny-a -f build/bad/sig-long.txt --chunk 4200 --ctx 8192 -n 1 --dump-logits build/bad/sig/l.bin "
+                "> build/bad/sig-out.txt 2> build/bad/sig-err.txt");
+    started = wait_for_text("build/bad/sig-err.txt", "nvfp4: loaded");
+    usleep(100000);
+    kill(pid, SIGINT);
+    usleep(100000);
+    double start = now_seconds();
+    kill(pid, SIGINT);
+    status = wait_for(pid, 60);
+    double took = now_seconds() - start;
+    err = file_text("build/bad/sig-err.txt");
+    ls = list_dir(d);
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && took < 1.5 && !strstr(err, "prompt tokens") &&
+          !*ls, "a second SIGINT exits at once: status %d after %.2f s, stderr %s, dump dir \"%s\"", status, took, err, ls);
+    free(err);
+    free(ls);
+    /* the chat waiting for its next line (stdin a FIFO held open): SIGINT exits at once */
+    remove("build/bad/chat.fifo");
+    CHECK(mkfifo("build/bad/chat.fifo", 0600) == 0, "mkfifo");
+    pid = spawn(NVFP4_BIN " testdata/tiny-a -i -n 3 --temp 0 < build/bad/chat.fifo > build/bad/sig-out.txt 2> build/bad/sig-err.txt");
+    int fifo = open("build/bad/chat.fifo", O_WRONLY);
+    started = fifo >= 0 && write(fifo, "It was\n", 7) == 7 && wait_for_text("build/bad/sig-out.txt", "\n");
+    usleep(100000);
+    kill(pid, SIGINT);
+    status = wait_for(pid, 10);
+    if (fifo >= 0) close(fifo);
+    err = file_text("build/bad/sig-err.txt");
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && !strstr(err, "prompt tokens"),
+          "SIGINT while the chat waits for a line: status %d, stderr %s", status, err);
+    free(err);
+    /* SIGTERM: the usual death by the signal, and no temporary file */
+    pid = spawn(NVFP4_BIN " testdata/tiny-a 'It was' -n 100000 --ctx 8192 --temp 0 --dump-logits build/bad/sig/l.bin "
+                "> build/bad/sig-out.txt 2> /dev/null");
+    started = wait_for_text("build/bad/sig-out.txt", NULL);
+    kill(pid, SIGTERM);
+    status = wait_for(pid, 60);
+    ls = list_dir(d);
+    CHECK(started && status != -1 && WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM && !*ls, "SIGTERM: status %d, dump dir \"%s\"",
+          status, ls);
+    free(ls);
+}
+
+/* Chat with model `dir` through a pipe: turns one and two, replies of at most n tokens, greedy,
+   with --dump-logits; then one --ids run over the whole conversation's ids (the first reply read
+   back from the logits rows, closed by EOS) to the end of turn two, -n n. Every logits row and
+   the second reply's text must be the same; the chat must have prefilled only each new turn; the
+   first reply must end at EOS when `eos`, at -n otherwise. */
+static void check_two_turns(const char *dir, const char *first, const char *second, int n, int eos) {
+    char cmd[8192], *err;
+    snprintf(cmd, sizeof cmd, "printf '%%s\\n%%s\\n' '%s' '%s' | " NVFP4_BIN " %s -i --temp 0 -n %d "
+             "--dump-logits build/bad/chat.bin > build/bad/chat.txt", first, second, dir, n);
+    int status = run_shell(cmd, &err);
+    Config cfg;
+    Tokenizer t;
+    int add_bos;
+    load_config(&cfg, dir);
+    load_tokenizer(&t, &add_bos, dir, &cfg);
+    const int V = cfg.vocab_size;
+    size_t size;
+    float *rows = (float *)read_file("build/bad/chat.bin", &size);
+    int *turn, n_turn = text_ids(&t, &cfg.bos_id, 1, first, 1, &turn), n_conv = n_turn, fed = 0, printed = 0, ended_at_eos = 0;
+    int *conv = xcalloc((size_t)n_turn + (size_t)n + 1, sizeof(int)), ok = rows != NULL;
+    memcpy(conv, turn, sizeof(int) * (size_t)n_turn);
+    free(turn);
+    for (int k = 0; ok && k < n; k++) {   /* row p holds the logits after conv[0..p]: the greedy reply */
+        ok = (size_t)n_conv * V * 4 <= size;
+        int token = ok ? argmax(rows + (size_t)(n_conv - 1) * V, V) : 0;
+        conv[n_conv++] = token;
+        if ((ended_at_eos = token == cfg.eos_ids[0])) break;
+        printed++;
+        if (k < n - 1) fed++;
+        else conv[n_conv++] = cfg.eos_ids[0];
+    }
+    n_turn = text_ids(&t, NULL, 0, second, 1, &turn);
+    int *whole = xcalloc((size_t)(n_conv + n_turn), sizeof(int));
+    memcpy(whole, conv, sizeof(int) * (size_t)n_conv);
+    memcpy(whole + n_conv, turn, sizeof(int) * (size_t)n_turn);
+    n_conv += n_turn;
+    int at = snprintf(cmd, sizeof cmd, NVFP4_BIN " %s --temp 0 -n %d --dump-logits build/bad/oneshot.bin --ids ", dir, n);
+    for (int i = 0; i < n_conv && at < 8000; i++) at += snprintf(cmd + at, sizeof cmd - (size_t)at, "%s%d", i ? "," : "", whole[i]);
+    snprintf(cmd + at, sizeof cmd - (size_t)at, " > build/bad/oneshot.txt 2> /dev/null");
+    int one_status = system(cmd);
+    size_t one_size;
+    float *one = (float *)read_file("build/bad/oneshot.bin", &one_size);
+    float worst = 0;
+    for (size_t r = 0; one && rows && one_size == size && r < size / 4 / V; r++) {
+        float diff = 0, scale = 0;
+        for (int v = 0; v < V; v++) {
+            diff = fmaxf(diff, fabsf(rows[r * V + v] - one[r * V + v]));
+            scale = fmaxf(scale, fabsf(one[r * V + v]));
+        }
+        worst = fmaxf(worst, diff / scale);
+    }
+    char *chat_text = file_text("build/bad/chat.txt"), *one_text = file_text("build/bad/oneshot.txt");
+    size_t chat_len = strlen(chat_text), one_len = strlen(one_text);
+    char prompt_tokens[64];
+    snprintf(prompt_tokens, sizeof prompt_tokens, "nvfp4: %d prompt tokens", n_conv - fed);
+    CHECK(status == 0 && one_status == 0 && ok && ended_at_eos == eos && (eos || printed == n) && one && one_size == size &&
+          worst < 1e-5f && chat_len > one_len && !strcmp(chat_text + chat_len - one_len, one_text) &&
+          strstr(err, prompt_tokens) && !strstr(err, "> "),
+          "%s: chat of two turns vs one --ids run: status %d/%d, %zu vs %zu bytes of logits, worst %.2e, first reply %d "
+          "tokens%s, %s", dir, status, one_status, size, one_size, worst, printed, ended_at_eos ? " and EOS" : "", err);
+    printf("  %s: chat of two turns (first reply %d tokens%s) = one run over %d ids: worst relative logits difference %.2e\n",
+           dir, printed, ended_at_eos ? " and EOS" : "", n_conv, worst);
+    free(one);
+    free(rows);
+    free(conv);
+    free(whole);
+    free(turn);
+    free(chat_text);
+    free(one_text);
+    free(err);
+    tokenizer_free(&t);
+}
+
+/* -i: the turns' ids equal those of the conversation tokenized whole (the real DeepSeek
+   tokenizer); two turns through a pipe equal one run over the whole conversation's ids, with the
+   first reply ended by -n and by EOS (check_two_turns); /exit, a full context and a bad line end
+   the conversation. */
+static void test_chat(void) {
+    /* the chat format with the real DeepSeek tokenizer, turn by turn vs. whole */
+    Tokenizer t;
+    char err_text[256];
+    if (tokenizer_load_file(&t, "build/deepseek-tokenizer.json", err_text, sizeof err_text) == 0) {
+        const char *whole = "<｜begin▁of▁sentence｜><｜User｜>Hello, who are you?<｜Assistant｜>I am DeepSeek."
+                            "<｜end▁of▁sentence｜><｜User｜>Tell me more<｜Assistant｜>";
+        int n_whole = tokenizer_encode(&t, whole, strlen(whole), NULL, 0), *want = xcalloc((size_t)n_whole, sizeof(int));
+        tokenizer_encode(&t, whole, strlen(whole), want, n_whole);
+        int bos = 0, *turn1, *turn2, n1 = text_ids(&t, &bos, 1, "Hello, who are you?", 1, &turn1);
+        int reply[16], n_reply = tokenizer_encode(&t, "I am DeepSeek.", 14, reply, 15);
+        reply[n_reply++] = 1;   /* <｜end▁of▁sentence｜> */
+        int n2 = text_ids(&t, reply, n_reply, "Tell me more", 1, &turn2);
+        int same = n1 + n2 == n_whole && !memcmp(want, turn1, sizeof(int) * (size_t)n1) &&
+                   !memcmp(want + n1, turn2, sizeof(int) * (size_t)n2);
+        CHECK(same, "chat turns tokenize as the whole conversation: %d + %d ids vs %d", n1, n2, n_whole);
+        free(want);
+        free(turn1);
+        free(turn2);
+        tokenizer_free(&t);
+    } else CHECK(0, "%s", err_text);
+
+    check_two_turns("testdata/tiny-a", "It was the best", "of times", 4, 0);   /* the first reply ends at -n */
+    check_two_turns("testdata/tiny-c", "times", "of", 60, 1);                 /* the first reply ends at EOS */
+    /* /exit ends the conversation; so does a context that fills */
+    char *err;
+    int status = run_shell("printf 'It was\\n\\n/exit\\nof times\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 3 > build/bad/chat.txt", &err);
+    char *text = file_text("build/bad/chat.txt");
+    int lines = 0;
+    for (char *p = text; *p; p++) lines += *p == '\n';
+    CHECK(status == 0 && lines == 1 && strstr(err, "nvfp4: 6 prompt tokens"),   /* the first turn's ids only */
+          "/exit ends the chat: %d replies, %s", lines, err);
+    free(text);
+    free(err);
+    /* "> " on stderr only when stdin is a terminal: a pipe above, a pseudo-terminal here (script) */
+    if (system("command -v script > /dev/null")) printf("  skipped: the chat prompt on a terminal (no script command)\n");
+    else {
+        status = system("printf 'It was\\n/exit\\n' | script -qfec '" NVFP4_BIN " testdata/tiny-a -i -n 2 --temp 0 2>&1 > /dev/null' "
+                        "/dev/null > build/bad/tty.txt");
+        text = file_text("build/bad/tty.txt");
+        CHECK(status == 0 && strstr(text, "> ") && strstr(text, "prompt tokens"), "the chat prompt on a terminal: %s", text);
+        free(text);
+    }
+    expect_shell("printf 'It was the best\\nof times\\nit was\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 4 --ctx 20 > /dev/null",
+                 0, "the conversation ends");
+    expect_shell("printf 'It was\\n\\377\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 2 > /dev/null", 1,
+                 "the prompt is not valid UTF-8 (bad byte 0xff at offset 0)");
 }
 
 /* ---------------------------------------------------------------------------------- fuzzing */
@@ -1871,6 +2378,12 @@ int main(void) {
     test_bad_configs();
     test_bad_options();
     test_nan_weights();
+    test_prompt_sources();
+    test_stdout_errors();
+    test_version_and_stats();
+    test_dump_logits();
+    test_signals();
+    test_chat();
     test_fuzz_corpus();
     test_gpu();
     printf("%.1f s\n%d passed, %d failed\n", now_seconds() - start, passed, failed);

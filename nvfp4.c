@@ -3147,7 +3147,7 @@ typedef enum { K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP
 static const char *const kernel_names[K_COUNT] = {"stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4"};
 
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
-#define GPU_MAX_CHUNKS 32                   /* chunks per row: warps sharing a row, <= 32 */
+#define GPU_MAX_CHUNKS 16                   /* chunks per row = warps sharing a row (registers: 512 threads) */
 
 /* Dynamic shared memory of a GEMV: x of one padded row, 4 bytes a column. */
 static unsigned gpu_gemv_smem(WeightFormat format, unsigned row_bytes) {
@@ -3296,8 +3296,9 @@ static int gpu_blocks_per_sm(Kernel k, int block, unsigned smem) {
      MXFP4  E8M0 [rows, row_bytes / 16]         one per 32 columns
      FP8    f32  [ceil(rows/128), row_bytes/128] the block scale (E8M0 or f32) times 2^56
      BF16   none
-   A row may have at most 32 chunks of 512 bytes (a block of 32 warps shares a row): 32768
-   columns of FP4, 16384 of FP8, 8192 of BF16. */
+   A row may have at most 16 chunks of 512 bytes (its 16 warps, 128 registers each, fill an
+   SM's register file): 16384 columns of FP4, 8192 of FP8, 4096 of BF16 (V4-Flash's widest
+   rows; V4-Pro's 7168-wide BF16 head and 16384-wide FP8 wo_b would need two chunks a warp). */
 
 #define GPU_STAGING ((size_t)64 << 20)      /* host bytes staged per upload piece */
 

@@ -3474,7 +3474,7 @@ typedef enum { K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP
 static const char *const kernel_names[K_COUNT] = {"stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4"};
 
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
-#define GPU_MAX_CHUNKS 32                   /* chunks per row: warps sharing a row, <= 32 */
+#define GPU_MAX_CHUNKS 16                   /* chunks per row = warps sharing a row (registers: 512 threads) */
 
 /* Dynamic shared memory of a GEMV: x of one padded row, 4 bytes a column. */
 static unsigned gpu_gemv_smem(WeightFormat format, unsigned row_bytes) {
@@ -3623,8 +3623,9 @@ static int gpu_blocks_per_sm(Kernel k, int block, unsigned smem) {
      MXFP4  E8M0 [rows, row_bytes / 16]         one per 32 columns
      FP8    f32  [ceil(rows/128), row_bytes/128] the block scale (E8M0 or f32) times 2^56
      BF16   none
-   A row may have at most 32 chunks of 512 bytes (a block of 32 warps shares a row): 32768
-   columns of FP4, 16384 of FP8, 8192 of BF16. */
+   A row may have at most 16 chunks of 512 bytes (its 16 warps, 128 registers each, fill an
+   SM's register file): 16384 columns of FP4, 8192 of FP8, 4096 of BF16 (V4-Flash's widest
+   rows; V4-Pro's 7168-wide BF16 head and 16384-wide FP8 wo_b would need two chunks a warp). */
 
 #define GPU_STAGING ((size_t)64 << 20)      /* host bytes staged per upload piece */
 
@@ -3804,6 +3805,13 @@ static void gemv_call(void *arg, int i) {
     gpu_gemv(&r->copies[i % r->n], r->x, r->y);
 }
 
+/* stream_read over the codes of the same copies (sum into y[0]): the ceiling at this size. */
+static void gemv_stream_call(void *arg, int i) {
+    GemvRun *r = arg;
+    const GpuLinear *g = &r->copies[i % r->n];
+    gpu_stream_read(g->weight, (size_t)g->rows * g->row_bytes, r->y);
+}
+
 /* A random linear layer of V4-Flash's kinds, in host memory the caller frees (weight, scale):
    random codes (no NaN encodings), scales in a realistic range. */
 static Linear gpu_bench_linear(WeightFormat format, int rows, int cols, int scale_is_f32, uint64_t *rng) {
@@ -3834,7 +3842,9 @@ static Linear gpu_bench_linear(WeightFormat format, int rows, int cols, int scal
 
 /* Print, for each weight format at V4-Flash shapes, the median time of one GEMV, its GB/s and
    the ratio to the streaming-read GB/s measured here, on this card. Each timed pass cycles
-   through copies of the weights totalling more than 400 MB, so the 50 MB L2 cannot serve them. */
+   through copies of the weights totalling more than 400 MB, so the 50 MB L2 cannot serve them.
+   The last two columns time stream_read over the same copies' codes, call by call: what one
+   launch reading that many bytes gets at best (launch, ramp-up and tail included). */
 static void gpu_bench_gemv(void) {
     static const struct { WeightFormat format; int rows, cols, scale_is_f32; const char *what; } shapes[] = {
         {FMT_NVFP4, 2048, 4096, 0, "expert w1/w3"},
@@ -3857,8 +3867,8 @@ static void gpu_bench_gemv(void) {
     gpu_free(sr.out);
     printf("GPU %s, %d SMs, driver %d.%d: streaming read %.0f GB/s (2 GiB, median of %d)\n", gpu.name, gpu.sm_count,
            gpu.driver_version / 1000, gpu.driver_version % 1000 / 10, stream_gbs, BENCH_REPEATS);
-    printf("%-6s %-13s %13s %8s %7s %10s %8s %7s\n", "format", "matrix", "shape", "MB", "copies", "us/call", "GB/s",
-           "stream");
+    printf("%-6s %-13s %13s %8s %7s %10s %8s %7s %12s %8s\n", "format", "matrix", "shape", "MB", "copies", "us/call",
+           "GB/s", "stream", "same-size", "of it");
     for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
         Linear w = gpu_bench_linear(shapes[i].format, shapes[i].rows, shapes[i].cols, shapes[i].scale_is_f32, &rng);
         size_t bytes = (size_t)w.rows * linear_row_bytes(&w) + linear_scale_bytes(&w);
@@ -3869,10 +3879,11 @@ static void gpu_bench_gemv(void) {
         for (int c = 0; c < w.cols; c++) x[c] = random_float(&rng) * 2 - 1;
         gpu_upload(run.x, x, (size_t)w.cols * 4);
         double us = gpu_median_us(gemv_call, &run, n < 20 ? 20 : n), gbs = bytes / us * 1e-3;
+        double same_gbs = (double)w.rows * run.copies[0].row_bytes / gpu_median_us(gemv_stream_call, &run, n < 20 ? 20 : n) * 1e-3;
         char shape[32];
         snprintf(shape, sizeof shape, "%dx%d", w.rows, w.cols);
-        printf("%-6s %-13s %13s %8.1f %7d %10.2f %8.0f %6.0f%%\n", format_names[w.format], shapes[i].what, shape,
-               bytes / 1e6, n, us, gbs, 100 * gbs / stream_gbs);
+        printf("%-6s %-13s %13s %8.1f %7d %10.2f %8.0f %6.0f%% %8.0f GB/s %7.0f%%\n", format_names[w.format],
+               shapes[i].what, shape, bytes / 1e6, n, us, gbs, 100 * gbs / stream_gbs, same_gbs, 100 * gbs / same_gbs);
         for (int c = 0; c < n; c++) gpu_free_linear(&run.copies[c]);
         gpu_free(run.x);
         gpu_free(run.y);

@@ -3385,6 +3385,8 @@ typedef struct CUmod_st *CUmodule;
 typedef struct CUfunc_st *CUfunction;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
+typedef struct CUgraph_st *CUgraph;
+typedef struct CUgraphExec_st *CUgraphExec;
 
 enum {   /* the few enum values of cuda.h that nvfp4 passes */
     CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16,
@@ -3396,6 +3398,7 @@ enum {   /* the few enum values of cuda.h that nvfp4 passes */
     CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES = 6,
     CU_STREAM_NON_BLOCKING = 1,
     CU_EVENT_DEFAULT = 0,
+    CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1,
     CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8,
 };
 
@@ -3433,6 +3436,12 @@ static struct {
     CUresult (*cuEventRecord)(CUevent event, CUstream stream);
     CUresult (*cuEventSynchronize)(CUevent event);
     CUresult (*cuEventElapsedTime)(float *ms, CUevent start, CUevent end);
+    CUresult (*cuStreamBeginCapture)(CUstream stream, int mode);
+    CUresult (*cuStreamEndCapture)(CUstream stream, CUgraph *graph);
+    CUresult (*cuGraphInstantiate)(CUgraphExec *exec, CUgraph graph, unsigned long long flags);
+    CUresult (*cuGraphLaunch)(CUgraphExec exec, CUstream stream);
+    CUresult (*cuGraphExecDestroy)(CUgraphExec exec);
+    CUresult (*cuGraphDestroy)(CUgraph graph);
 } cu;
 
 static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
@@ -3466,13 +3475,27 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuEventRecord, "cuEventRecord"),
     CU_SYMBOL(cuEventSynchronize, "cuEventSynchronize"),
     CU_SYMBOL(cuEventElapsedTime, "cuEventElapsedTime_v2"),
+    CU_SYMBOL(cuStreamBeginCapture, "cuStreamBeginCapture_v2"),
+    CU_SYMBOL(cuStreamEndCapture, "cuStreamEndCapture"),
+    CU_SYMBOL(cuGraphInstantiate, "cuGraphInstantiateWithFlags"),
+    CU_SYMBOL(cuGraphLaunch, "cuGraphLaunch"),
+    CU_SYMBOL(cuGraphExecDestroy, "cuGraphExecDestroy"),
+    CU_SYMBOL(cuGraphDestroy, "cuGraphDestroy"),
 #undef CU_SYMBOL
 };
 
 /* The kernels of kernels.ptx, by the name of their .entry. */
-typedef enum { K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP4, K_COUNT } Kernel;
-static const char *const kernel_names[K_COUNT] = {"stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4"};
+typedef enum {
+    K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP4, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
+    K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
+    K_SAMPLE, K_COUNT
+} Kernel;
+static const char *const kernel_names[K_COUNT] = {
+    "stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4", "gemm_prefill", "embed_streams",
+    "hc_mix_partial", "hc_post_mix", "hc_finish", "row_norm_rope", "compressor_update", "indexer_scores",
+    "top_k_select", "attention_decode", "route_tokens", "gather_rows", "swiglu", "sample_token"};
 
+#define GPU_INDEXER_SMEM (64 * (512 + 4) * 4 + 64 * 4)   /* indexer_scores' shared memory at NI 64, DI 512 */
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
 #define GPU_MAX_CHUNKS 16                   /* chunks per row = warps sharing a row (registers: 512 threads) */
 
@@ -3557,9 +3580,11 @@ static int gpu_open(char *why, size_t n) {
     for (int k = 0; k < K_COUNT; k++) {
         CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_names[k]));
         WeightFormat f = k == K_GEMV_BF16 ? FMT_BF16 : k == K_GEMV_FP8 ? FMT_FP8 : FMT_NVFP4;
-        if (k != K_STREAM_READ)   /* room for x of the widest row a GEMV takes */
+        if (k >= K_GEMV_BF16 && k <= K_GEMV_NVFP4)   /* room for x of the widest row a GEMV takes */
             CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            (int)gpu_gemv_smem(f, GPU_MAX_CHUNKS * GPU_CHUNK)));
+        if (k == K_INDEXER_SCORES)   /* the queries of one token: NI x (DI + 4) floats, and NI weights */
+            CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GPU_INDEXER_SMEM));
     }
     return 1;
 #undef GPU_FAIL
@@ -3604,6 +3629,11 @@ static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
 /* Launch kernel k on the stream: grid x block threads, smem bytes of dynamic shared memory. */
 static void gpu_launch(Kernel k, unsigned grid, unsigned block, unsigned smem, void **params) {
     CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], grid, 1, 1, block, 1, 1, smem, gpu.stream, params, NULL));
+}
+
+/* The same with a grid of gx x gy x gz blocks. */
+static void gpu_launch_grid(Kernel k, unsigned gx, unsigned gy, unsigned gz, unsigned block, unsigned smem, void **params) {
+    CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], gx, gy, gz, block, 1, 1, smem, gpu.stream, params, NULL));
 }
 
 /* Blocks of `block` threads (and smem bytes of dynamic shared memory) of kernel k that fit on
@@ -3658,14 +3688,22 @@ static size_t linear_scale_bytes(const Linear *w) {
     }
 }
 
-/* Device bytes gpu_upload_linear will allocate for W (for the footprint check). */
-static size_t gpu_linear_footprint(const Linear *w) {
-    size_t row_bytes = (linear_row_bytes(w) + GPU_CHUNK - 1) / GPU_CHUNK * GPU_CHUNK, rows = (size_t)w->rows;
-    size_t scales = w->format == FMT_NVFP4 ? rows * (row_bytes / 8)
-                  : w->format == FMT_MXFP4 ? rows * (row_bytes / 16)
-                  : w->format == FMT_FP8 ? (rows + 127) / 128 * (row_bytes / 128) * 4 : 0;
-    return rows * row_bytes + scales;
+/* Bytes of one row of W in the GEMV layout: the checkpoint's row padded to GPU_CHUNK. */
+static size_t gpu_row_bytes(const Linear *w) { return (linear_row_bytes(w) + GPU_CHUNK - 1) / GPU_CHUNK * GPU_CHUNK; }
+
+/* Device bytes of W's codes in the GEMV layout. */
+static size_t gpu_linear_code_bytes(const Linear *w) { return (size_t)w->rows * gpu_row_bytes(w); }
+
+/* Device bytes of W's scales in the GEMV layout (0 for BF16). */
+static size_t gpu_linear_scale_bytes(const Linear *w) {
+    size_t row_bytes = gpu_row_bytes(w), rows = (size_t)w->rows;
+    return w->format == FMT_NVFP4 ? rows * (row_bytes / 8)
+         : w->format == FMT_MXFP4 ? rows * (row_bytes / 16)
+         : w->format == FMT_FP8 ? (rows + 127) / 128 * (row_bytes / 128) * 4 : 0;
 }
+
+/* Device bytes gpu_upload_linear will allocate for W (for the footprint check). */
+static size_t gpu_linear_footprint(const Linear *w) { return gpu_linear_code_bytes(w) + gpu_linear_scale_bytes(w); }
 
 /* Copy rows [r0, r0 + n) of a [rows, src_bytes] byte matrix into dst as rows of dst_bytes,
    zero-padded. */
@@ -3676,27 +3714,26 @@ static void pad_rows(uint8_t *dst, size_t dst_bytes, const uint8_t *src, size_t 
     }
 }
 
-/* Upload the byte matrix src [rows, src_bytes] to a new device buffer of rows padded to
+/* Upload the byte matrix src [rows, src_bytes] into the device buffer d as rows padded to
    dst_bytes, through `staging` (GPU_STAGING bytes): the whole tensor is never copied on the host. */
-static CUdeviceptr upload_padded(const void *src, size_t rows, size_t src_bytes, size_t dst_bytes, uint8_t *staging) {
-    CUdeviceptr d = gpu_alloc(rows * dst_bytes);
+static void upload_padded(CUdeviceptr d, const void *src, size_t rows, size_t src_bytes, size_t dst_bytes, uint8_t *staging) {
     size_t per_piece = GPU_STAGING / dst_bytes ? GPU_STAGING / dst_bytes : 1;
     for (size_t r0 = 0; r0 < rows; r0 += per_piece) {
         size_t n = rows - r0 < per_piece ? rows - r0 : per_piece;
         pad_rows(staging, dst_bytes, src, src_bytes, r0, n);
         gpu_upload(d + r0 * dst_bytes, staging, n * dst_bytes);
     }
-    return d;
 }
 
-/* Upload W in the kernels' layout and choose its launch shape. Fatal when the GPU has no
-   kernel for W's format or W is too wide for one (the message names the limit). */
-static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
+/* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
+   `scale` [gpu_linear_scale_bytes] (0 for BF16), and choose its launch shape. Fatal when the
+   GPU has no kernel for W's format or W is too wide for one (the message names the limit). */
+static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, CUdeviceptr scale) {
     static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
                                        [FMT_NVFP4] = K_GEMV_NVFP4};
     if (w->format == FMT_F32) fatal("the GPU kernels have no F32 linear layer (%d x %d)", w->rows, w->cols);
     size_t src_bytes = linear_row_bytes(w), rows = (size_t)w->rows;
-    size_t row_bytes = (src_bytes + GPU_CHUNK - 1) / GPU_CHUNK * GPU_CHUNK;
+    size_t row_bytes = gpu_row_bytes(w);
     if (row_bytes / GPU_CHUNK > GPU_MAX_CHUNKS)
         fatal("a %d x %d linear layer is too wide for the GPU kernels (at most %d bytes a row)", w->rows, w->cols,
               GPU_MAX_CHUNKS * GPU_CHUNK);
@@ -3707,10 +3744,12 @@ static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     g->row_bytes = (unsigned)row_bytes;
     g->bytes = rows * src_bytes + linear_scale_bytes(w);
     uint8_t *staging = xcalloc(GPU_STAGING, 1);
-    g->weight = upload_padded(w->weight, rows, src_bytes, row_bytes, staging);
+    g->weight = weight;
+    g->scale = scale;
+    upload_padded(weight, w->weight, rows, src_bytes, row_bytes, staging);
     if (w->format == FMT_NVFP4 || w->format == FMT_MXFP4) {
         int group = w->format == FMT_NVFP4 ? 16 : 32;   /* columns per scale; 8 or 16 code bytes */
-        g->scale = upload_padded(w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group, staging);
+        upload_padded(scale, w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group, staging);
         g->gscale62 = ldexpf(w->global_scale, 62);
     } else if (w->format == FMT_FP8) {   /* small: [ceil(rows/128), ceil(cols/128)] -> f32 * 2^56 */
         size_t brows = (rows + 127) / 128, bcols = ((size_t)w->cols + 127) / 128, dcols = row_bytes / 128;
@@ -3721,8 +3760,7 @@ static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
                                           : e8m0_to_float(((const uint8_t *)w->scale)[i * bcols + j]);
                 s[i * dcols + j] = ldexpf(v, 56);
             }
-        g->scale = gpu_alloc(brows * dcols * sizeof(float));
-        gpu_upload(g->scale, s, brows * dcols * sizeof(float));
+        gpu_upload(scale, s, brows * dcols * sizeof(float));
         free(s);
     }
     free(staging);
@@ -3732,6 +3770,12 @@ static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     g->block = 32 * ksplit * nrg;
     g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(k, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
     if (g->grid > row_blocks) g->grid = row_blocks;
+}
+
+/* Upload W into buffers of its own (freed by gpu_free_linear). */
+static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
+    size_t scale_bytes = gpu_linear_scale_bytes(w);
+    gpu_place_linear(g, w, gpu_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gpu_alloc(scale_bytes) : 0);
 }
 
 static void gpu_free_linear(GpuLinear *g) {
@@ -3895,6 +3939,521 @@ static void gpu_bench_gemv(void) {
 }
 
 #pragma GCC diagnostic pop
+
+/* ======================================================================= GPU: forward pass */
+/* The model on the GPU mirrors the CPU forward pass kernel by kernel (each kernel's comment in
+   kernels.ptx names the CPU function it computes). The state is the CPU's plan laid over one
+   device allocation: gpu.state's pointers are device addresses (the driver's unified virtual
+   addressing makes them ordinary 64-bit values), so every buffer has the same shape and meaning
+   on both paths. Beside it the GPU keeps a few buffers the CPU does not need: the mHC partial
+   sums, the indexer's scores, selection and count for every token of a chunk, the active expert
+   list, sampling probabilities, and the values a decode step reads and advances in device
+   memory: the position, the token and the sampler's RNG state.
+
+   The graph story: prefill runs chunk by chunk with ordinary launches (the host may wait between
+   them, e.g. to size the MoE's expert launches). A decode step is captured once as a CUDA graph:
+   every kernel reads the position (*pos) and the token (tokens[0]) from device memory; the last
+   kernel, sample_token, writes the sampled token to tokens[0] and out_token and advances *pos.
+   Replaying the graph is the whole step; the host reads back 4 bytes (the token). */
+
+#define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gpu.state */
+#define HC_SLICE 64                            /* columns of E per block of the mHC partial sums */
+
+/* A layer's routed experts on the GPU: expert e's matrix is the GpuLinear `one` with its
+   weight at weight + e * weight_stride, its scales at scale + e * scale_stride and its output
+   factor (gpu_gemm_factor) factors[e]. */
+typedef struct {
+    GpuLinear one;               /* format, shape and padded row bytes of one expert */
+    CUdeviceptr weight, scale;   /* [X, rows, row_bytes], [X, scale bytes of one expert] */
+    size_t weight_stride, scale_stride;
+    CUdeviceptr factors;         /* [X] f32 */
+    float *host_factors;         /* [X] the same, for per-expert prefill launches */
+} GpuExperts;
+
+typedef struct {
+    GpuLinear wq_a, wq_b, wkv, wo_a, wo_b, gate, shared_w1, shared_w2, shared_w3;
+    GpuLinear comp_wkv, comp_wgate, index_wq_b, index_weights_proj, index_comp_wkv, index_comp_wgate;
+    GpuExperts w1, w2, w3;
+    CUdeviceptr attn_norm, ffn_norm, q_norm, kv_norm, attn_sink;   /* [E], [E], [Q], [D], [H] */
+    CUdeviceptr hc_attn_fn, hc_attn_base, hc_attn_scale, hc_ffn_fn, hc_ffn_base, hc_ffn_scale;
+    CUdeviceptr comp_ape, comp_norm, index_comp_ape, index_comp_norm;
+    CUdeviceptr gate_bias, tid2eid;   /* [X] f32 (routed layers), [V, K] int32 (hash layers) */
+} GpuLayer;
+
+/* Everything of one model on the GPU. */
+static struct {
+    GpuLayer *layers;
+    int n_layers;
+    GpuLinear head;
+    CUdeviceptr embed;                     /* [V, E] bf16 */
+    CUdeviceptr norm, hc_head_fn, hc_head_base, hc_head_scale;
+    State state;                           /* the CPU's plan over device memory */
+    CUdeviceptr arena;
+    int hc_slices;                         /* ceil(E / HC_SLICE) */
+    CUdeviceptr hc_partial, hc_partial_ss; /* f64 [T, 24, hc_slices], [T, hc_slices] */
+    int score_stride;                      /* C / (smallest compress ratio): indexer scores per token */
+    CUdeviceptr index_scores;              /* [T, score_stride] */
+    CUdeviceptr selected, n_selected;      /* int32 [T, index_topk], [T] */
+    CUdeviceptr active_experts, active_count; /* int32 [X], [1] */
+    CUdeviceptr slot_identity;             /* int32 [K]: slot k's output is row k (decode) */
+    CUdeviceptr probs;                     /* [V] sampling scratch */
+    CUdeviceptr pos, tokens, rng, out_token; /* int32 [1], int32 [T], u64 [1], int32 [1] */
+    CUdeviceptr *allocations;              /* every cuMemAlloc of the model, for gpu_unload */
+    size_t n_allocations, allocated_bytes;
+    CUgraphExec decode_graph;              /* one decode step, captured by gpu_capture_decode */
+} gm;
+
+/* The factor the GEMM multiplies its f32 sums by for W's layout: NVFP4's global scale, 2^-56 for
+   FP8 (the GEMV layout keeps FP8 block scales as f32 times 2^56), 1 otherwise. */
+static float gpu_gemm_factor(const GpuLinear *w) {
+    return w->format == FMT_NVFP4 ? ldexpf(w->gscale62, -62) : w->format == FMT_FP8 ? ldexpf(1, -56) : 1;
+}
+
+/* ---------------------------------------------------------------------------------- upload */
+
+/* Device memory of `bytes` owned by the model (freed by gpu_unload). */
+static CUdeviceptr gm_alloc(size_t bytes) {
+    gm.allocations = realloc(gm.allocations, (gm.n_allocations + 1) * sizeof *gm.allocations);
+    if (!gm.allocations) fatal("out of memory");
+    gm.allocated_bytes += bytes;
+    return gm.allocations[gm.n_allocations++] = gpu_alloc(bytes);
+}
+
+/* A device copy of n floats. */
+static CUdeviceptr gm_floats(const float *host, size_t n) {
+    CUdeviceptr d = gm_alloc(n * sizeof(float));
+    gpu_upload(d, host, n * sizeof(float));
+    return d;
+}
+
+/* Upload a layer's expert stack: one allocation for the codes and one for the scales of all X
+   experts, each expert in the GEMV layout, placed straight into its slot. */
+static void gpu_upload_experts(GpuExperts *g, const ExpertStack *w, int X) {
+    Linear first = expert_matrix(w, 0);
+    g->weight_stride = gpu_linear_code_bytes(&first);
+    g->scale_stride = gpu_linear_scale_bytes(&first);
+    g->weight = gm_alloc((size_t)X * g->weight_stride);
+    g->scale = g->scale_stride ? gm_alloc((size_t)X * g->scale_stride) : 0;
+    g->host_factors = xcalloc((size_t)X, sizeof(float));
+    for (int e = 0; e < X; e++) {
+        Linear one = expert_matrix(w, e);
+        GpuLinear placed;
+        gpu_place_linear(&placed, &one, g->weight + e * g->weight_stride, g->scale ? g->scale + e * g->scale_stride : 0);
+        g->host_factors[e] = gpu_gemm_factor(&placed);
+        if (e == 0) g->one = placed;
+    }
+    g->factors = gm_floats(g->host_factors, (size_t)X);
+}
+
+/* A device copy of a linear layer, owned by the model. */
+static void gm_linear(GpuLinear *g, const Linear *w) {
+    size_t scale_bytes = gpu_linear_scale_bytes(w);
+    gpu_place_linear(g, w, gm_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gm_alloc(scale_bytes) : 0);
+}
+
+/* Device bytes gpu_load_model allocates for model m with chunks of T and a context of C:
+   weights in the kernels' layout, the state, the GPU's own scratch. */
+static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
+    const Config *c = &m->config;
+    size_t total = 0, E = c->hidden_size;
+    for (size_t i = 0; i < m->n_tensors; i++) total += m->tensors[i].nbytes;   /* the checkpoint, as a floor */
+    total += state_bytes(c, T, C, all_logits);
+    total += (size_t)T * (24 + 1) * ((E + HC_SLICE - 1) / HC_SLICE) * sizeof(double);
+    total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)c->vocab_size * 4 + 4096;
+    return total + total / 16;   /* the GEMV layout pads rows to 512 bytes: a margin for small models */
+}
+
+/* Refuse, naming it, a size the GPU kernels cannot handle (kernels.ptx states each limit). */
+static void gpu_check_limits(const Config *c) {
+    if (c->head_dim % 4 || c->head_dim > 512) fatal("the GPU path needs head_dim a multiple of 4 up to 512, not %d", c->head_dim);
+    if (c->index_heads > 64) fatal("the GPU path takes at most 64 index heads, not %d", c->index_heads);
+    if (c->index_dim % 4 || c->index_dim > 512) fatal("the GPU path needs index_head_dim a multiple of 4 up to 512, not %d", c->index_dim);
+    if (c->n_experts > 1024 || c->topk > 32) fatal("the GPU path takes at most 1024 experts and top-32, not %d and %d", c->n_experts, c->topk);
+    int inputs[] = {c->hidden_size, c->q_lora_rank, c->n_heads * c->head_dim / c->o_groups, c->o_groups * c->o_lora_rank,
+                    c->moe_inter};
+    for (int i = 0; i < 5; i++)   /* the GEMM reads x 4 floats at a time */
+        if (inputs[i] % 4) fatal("the GPU path needs every linear layer's input a multiple of 4 wide, not %d", inputs[i]);
+}
+
+/* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU,
+   refusing, before allocating anything, a model that does not fit. A progress bar (tty) shows
+   the upload; returns the seconds it took. */
+static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
+    const Config *c = &m->config;
+    char why[256];
+    gpu_check_limits(c);
+    if (!gpu_fits(gpu_model_bytes(m, T, C, all_logits), why, sizeof why)) fatal("the model %s", why);
+    double start = now_seconds();
+    int E = c->hidden_size, X = c->n_experts, L = c->n_layers;
+    memset(&gm, 0, sizeof gm);
+    gm.embed = gm_alloc(m->embed.nbytes);
+    gpu_upload(gm.embed, m->embed.data, m->embed.nbytes);
+    gm_linear(&gm.head, &m->head);
+    gm.norm = gm_floats(m->norm, (size_t)E);
+    gm.hc_head_fn = gm_floats(m->hc_head.fn, (size_t)HC * HC * E);
+    gm.hc_head_base = gm_floats(m->hc_head.base, HC);
+    gm.hc_head_scale = gm_floats(m->hc_head.scale, 1);
+    gm.layers = xcalloc((size_t)L, sizeof(GpuLayer));
+    gm.n_layers = L;
+    size_t mix = (size_t)(2 + HC) * HC;
+    for (int l = 0; l < L; l++) {
+        const Layer *w = &m->layers[l];
+        GpuLayer *g = &gm.layers[l];
+        int ratio = c->compress_ratio[l], parts = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
+        gm_linear(&g->wq_a, &w->wq_a);
+        gm_linear(&g->wq_b, &w->wq_b);
+        gm_linear(&g->wkv, &w->wkv);
+        gm_linear(&g->wo_a, &w->wo_a);
+        gm_linear(&g->wo_b, &w->wo_b);
+        gm_linear(&g->gate, &w->gate);
+        gm_linear(&g->shared_w1, &w->shared_w1);
+        gm_linear(&g->shared_w2, &w->shared_w2);
+        gm_linear(&g->shared_w3, &w->shared_w3);
+        g->attn_norm = gm_floats(w->attn_norm, (size_t)E);
+        g->ffn_norm = gm_floats(w->ffn_norm, (size_t)E);
+        g->q_norm = gm_floats(w->q_norm, (size_t)c->q_lora_rank);
+        g->kv_norm = gm_floats(w->kv_norm, (size_t)c->head_dim);
+        g->attn_sink = gm_floats(w->attn_sink, (size_t)c->n_heads);
+        g->hc_attn_fn = gm_floats(w->hc_attn.fn, mix * HC * E);
+        g->hc_attn_base = gm_floats(w->hc_attn.base, mix);
+        g->hc_attn_scale = gm_floats(w->hc_attn.scale, 3);
+        g->hc_ffn_fn = gm_floats(w->hc_ffn.fn, mix * HC * E);
+        g->hc_ffn_base = gm_floats(w->hc_ffn.base, mix);
+        g->hc_ffn_scale = gm_floats(w->hc_ffn.scale, 3);
+        if (ratio) {
+            gm_linear(&g->comp_wkv, &w->compressor.wkv);
+            gm_linear(&g->comp_wgate, &w->compressor.wgate);
+            g->comp_ape = gm_floats(w->compressor.ape, (size_t)ratio * parts * c->head_dim);
+            g->comp_norm = gm_floats(w->compressor.norm, (size_t)c->head_dim);
+        }
+        if (c->attn_kind[l] == ATTN_CSA) {
+            gm_linear(&g->index_wq_b, &w->index_wq_b);
+            gm_linear(&g->index_weights_proj, &w->index_weights_proj);
+            gm_linear(&g->index_comp_wkv, &w->index_compressor.wkv);
+            gm_linear(&g->index_comp_wgate, &w->index_compressor.wgate);
+            g->index_comp_ape = gm_floats(w->index_compressor.ape, (size_t)ratio * 2 * c->index_dim);
+            g->index_comp_norm = gm_floats(w->index_compressor.norm, (size_t)c->index_dim);
+        }
+        if (is_hash_layer(c, l)) {
+            size_t n = (size_t)c->vocab_size * c->topk;
+            g->tid2eid = gm_alloc(n * sizeof(int32_t));
+            gpu_upload(g->tid2eid, w->tid2eid, n * sizeof(int32_t));
+        } else {
+            g->gate_bias = gm_floats(w->gate_bias, (size_t)X);
+        }
+        gpu_upload_experts(&g->w1, &w->w1, X);
+        gpu_upload_experts(&g->w2, &w->w2, X);
+        gpu_upload_experts(&g->w3, &w->w3, X);
+        progress("uploading layers", l + 1, L);
+    }
+
+    /* the state: the CPU's plan over one device allocation, then the GPU's own scratch */
+    size_t bytes = state_bytes(c, T, C, all_logits);
+    gm.arena = gm_alloc(bytes);
+    CU_CHECK(cu.cuMemsetD8Async(gm.arena, 0, bytes, gpu.stream));
+    gm.state.layers = xcalloc((size_t)L, sizeof(LayerCache));
+    plan_state(&gm.state, c, T, C, all_logits, (char *)(uintptr_t)gm.arena);
+    float *inv_freq = xcalloc((size_t)c->rope_dim / 2 + 1, sizeof(float));
+    rope_frequencies(c, 0, inv_freq);
+    gpu_upload(DEV(gm.state.rope_main.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+    rope_frequencies(c, 1, inv_freq);
+    gpu_upload(DEV(gm.state.rope_compress.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+    free(inv_freq);
+    gm.hc_slices = (E + HC_SLICE - 1) / HC_SLICE;
+    gm.hc_partial = gm_alloc((size_t)T * mix * gm.hc_slices * sizeof(double));
+    gm.hc_partial_ss = gm_alloc((size_t)T * gm.hc_slices * sizeof(double));
+    int min_ratio = 0;
+    for (int l = 0; l < L; l++)
+        if (c->attn_kind[l] == ATTN_CSA && (!min_ratio || c->compress_ratio[l] < min_ratio)) min_ratio = c->compress_ratio[l];
+    gm.score_stride = min_ratio ? C / min_ratio : 1;
+    gm.index_scores = gm_alloc((size_t)T * gm.score_stride * sizeof(float));
+    gm.selected = gm_alloc((size_t)T * (c->index_topk ? c->index_topk : 1) * sizeof(int32_t));
+    gm.n_selected = gm_alloc((size_t)T * sizeof(int32_t));
+    gm.active_experts = gm_alloc((size_t)X * sizeof(int32_t));
+    gm.active_count = gm_alloc(sizeof(int32_t));
+    int32_t identity[64];
+    for (int k = 0; k < c->topk; k++) identity[k] = k;
+    gm.slot_identity = gm_alloc((size_t)c->topk * sizeof(int32_t));
+    gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
+    gm.probs = gm_alloc((size_t)c->vocab_size * sizeof(float));
+    gm.pos = gm_alloc(sizeof(int32_t));
+    gm.tokens = gm_alloc((size_t)T * sizeof(int32_t));
+    gm.rng = gm_alloc(sizeof(uint64_t));
+    gm.out_token = gm_alloc(sizeof(int32_t));
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    return now_seconds() - start;
+}
+
+/* Free everything gpu_load_model allocated. */
+static void gpu_unload(void) {
+    if (gm.decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm.decode_graph));
+    for (size_t i = 0; i < gm.n_allocations; i++) gpu_free(gm.allocations[i]);
+    for (int l = 0; gm.layers && l < gm.n_layers; l++) {
+        free(gm.layers[l].w1.host_factors);
+        free(gm.layers[l].w2.host_factors);
+        free(gm.layers[l].w3.host_factors);
+    }
+    free(gm.allocations);
+    free(gm.state.layers);
+    free(gm.layers);
+    memset(&gm, 0, sizeof gm);
+}
+
+/* -------------------------------------------------------------------------------- launches */
+/* Kernel parameters are passed by address: these make an address of a temporary of the type
+   the kernel's .param declares (u64 pointer, u32 integer, f32 float). */
+#define P64(v) &(CUdeviceptr){(v)}
+#define PU32(v) &(unsigned){(unsigned)(v)}
+#define PF32(v) &(float){(float)(v)}
+#define LAUNCH(k, gx, gy, gz, block, smem, ...) \
+    do { void *params_[] = {__VA_ARGS__}; gpu_launch_grid(k, gx, gy, gz, block, smem, params_); } while (0)
+
+/* Several products in one GEMM launch (grid.z = count): slot z reads x + z * x_stride floats,
+   writes y + z * y_stride floats and, when `expert` is set, uses expert expert[z] of a stack. */
+typedef struct {
+    int count, x_stride, y_stride;
+    CUdeviceptr expert;              /* int32 [count] device array, or 0 */
+    const GpuExperts *stack;         /* the experts `expert` indexes */
+} GemmSlots;
+
+/* y[t*y_stride + r] = factor * sum_c W[row0 + r, c] x[t*x_stride + c] for r < nrows, t < T, on
+   the tensor cores (kernels.ptx gemm_prefill), W in the GEMV layout; per slot when `slots`.
+   Mirrors linear_rows. */
+static void gpu_gemm(const GpuLinear *w, float factor, int row0, int nrows, CUdeviceptr x, int x_stride, CUdeviceptr y,
+                     int y_stride, int T, const GemmSlots *slots) {
+    GemmSlots one = {1, 0, 0, 0, NULL};
+    if (!slots) slots = &one;
+    const GpuExperts *stack = slots->stack;
+    LAUNCH(K_GEMM, (unsigned)(nrows + 63) / 64, (unsigned)(T + 63) / 64, (unsigned)slots->count, 128, 0, P64(y), P64(x),
+           P64(w->weight), P64(w->scale), PF32(factor), PU32(w->format), PU32(w->format == FMT_FP8), PU32(T),
+           PU32(w->cols), PU32(row0), PU32(nrows), PU32(x_stride), PU32(y_stride), PU32(0), PU32(w->row_bytes),
+           P64(slots->expert), P64(stack ? stack->weight_stride : 0), P64(stack ? stack->scale_stride : 0),
+           P64(stack ? stack->factors : 0), PU32(slots->x_stride), PU32(slots->y_stride));
+}
+
+/* Rows row0 .. row0 + nrows of W applied to T rows of x: the GEMV for a whole matrix and one
+   token (decode), the GEMM otherwise. Mirrors linear_rows. */
+static void gpu_linear_rows(const GpuLinear *g, int row0, int nrows, CUdeviceptr x, int x_stride, CUdeviceptr y,
+                            int y_stride, int T) {
+    if (T == 1 && row0 == 0 && nrows == g->rows) gpu_gemv(g, x, y);
+    else gpu_gemm(g, gpu_gemm_factor(g), row0, nrows, x, x_stride, y, y_stride, T, NULL);
+}
+
+/* y[T, rows] = x[T, cols] W^T. Mirrors linear. */
+static void gpu_linear(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, int T) {
+    gpu_linear_rows(g, 0, g->rows, x, g->cols, y, g->rows, T);
+}
+
+/* Rows x[T, n_heads, dim] in place: RMSNorm (when norm; weight 0 = unweighted), then RoPE of the
+   last rope_dim dims at position *pos + t (rope_dim 0: none), then a copy into `ring` (0: none)
+   at row (*pos + t) % ring_rows. Mirrors rmsnorm + rope. */
+static void gpu_row_norm_rope(CUdeviceptr x, int T, int n_heads, int dim, int norm, CUdeviceptr weight, float eps,
+                              int rope_dim, const Rope *rope, CUdeviceptr ring, int ring_rows) {
+    LAUNCH(K_ROW_NORM_ROPE, (unsigned)n_heads, (unsigned)T, 1, 128, 0, P64(x), PU32(n_heads), PU32(dim), PU32(norm),
+           P64(weight), PF32(eps), PU32(rope_dim), P64(rope ? DEV(rope->inv_freq) : 0), PF32(rope ? rope->scale : 1),
+           P64(gm.pos), P64(ring), PU32(ring_rows));
+}
+
+/* Feed the chunk's compressor projections kv, gate [T, parts*d] into compressor cache s,
+   emitting entries as windows close. Mirrors compressor_feed. */
+static void gpu_compressor(const Config *c, CompressorCache *s, CUdeviceptr ape, CUdeviceptr norm, int parts, int d,
+                           int ratio, CUdeviceptr kv, CUdeviceptr gate, int T) {
+    const Rope *r = &gm.state.rope_compress;
+    LAUNCH(K_COMPRESSOR, 1, 1, 1, 256, 0, P64(kv), P64(gate), PU32(T), PU32(parts), PU32(d), PU32(ratio), P64(ape),
+           P64(norm), PF32(c->rms_eps), P64(DEV(s->pending_kv)), P64(DEV(s->pending_gate)), P64(DEV(s->prev_kv)),
+           P64(DEV(s->prev_gate)), P64(DEV(s->entries)), PU32(c->rope_dim), P64(DEV(r->inv_freq)), PF32(r->scale),
+           P64(gm.pos));
+}
+
+/* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. Mirrors
+   attention(). */
+static void gpu_attention(const Model *m, int l, int T) {
+    const Config *c = &m->config;
+    const GpuLayer *g = &gm.layers[l];
+    Scratch *w = &gm.state.scratch;
+    LayerCache *ls = &gm.state.layers[l];
+    int H = c->n_heads, D = c->head_dim, R = c->rope_dim, Q = c->q_lora_rank, ratio = c->compress_ratio[l];
+    int rows = ring_rows(&gm.state, c), csa = c->attn_kind[l] == ATTN_CSA;
+    const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &gm.state.rope_main : &gm.state.rope_compress;
+
+    /* queries (low-rank path, per-head RMS, RoPE) and the shared latent, which joins the ring */
+    gpu_linear(&g->wq_a, DEV(w->x), DEV(w->qr), T);
+    gpu_row_norm_rope(DEV(w->qr), T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
+    gpu_linear(&g->wq_b, DEV(w->qr), DEV(w->q), T);
+    gpu_row_norm_rope(DEV(w->q), T, H, D, 1, 0, c->rms_eps, R, rope_l, 0, 0);
+    gpu_linear(&g->wkv, DEV(w->x), DEV(w->kv), T);
+    gpu_row_norm_rope(DEV(w->kv), T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
+
+    /* compressed entries; for CSA the indexer's keys, queries, weights, scores and top-k */
+    if (ratio) {
+        gpu_linear(&g->comp_wkv, DEV(w->x), DEV(w->comp_kv), T);
+        gpu_linear(&g->comp_wgate, DEV(w->x), DEV(w->comp_gate), T);
+        gpu_compressor(c, &ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, ratio, DEV(w->comp_kv), DEV(w->comp_gate), T);
+    }
+    if (csa) {
+        int NI = c->index_heads, DI = c->index_dim;
+        gpu_linear(&g->index_comp_wkv, DEV(w->x), DEV(w->comp_kv), T);
+        gpu_linear(&g->index_comp_wgate, DEV(w->x), DEV(w->comp_gate), T);
+        gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, DEV(w->comp_kv),
+                       DEV(w->comp_gate), T);
+        gpu_linear(&g->index_wq_b, DEV(w->qr), DEV(w->index_q), T);
+        gpu_linear(&g->index_weights_proj, DEV(w->x), DEV(w->index_w), T);
+        gpu_row_norm_rope(DEV(w->index_q), T, NI, DI, 0, 0, 0, R, &gm.state.rope_compress, 0, 0);
+        unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;
+        LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 64, smem, P64(gm.index_scores),
+               PU32(gm.score_stride), P64(DEV(w->index_q)), P64(DEV(w->index_w)), P64(DEV(ls->index_comp.entries)),
+               PU32(NI), PU32(DI), PU32(ratio), P64(gm.pos));
+        LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, P64(gm.index_scores), PU32(gm.score_stride), P64(gm.selected),
+               PU32(c->index_topk), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio), P64(gm.pos));
+    }
+
+    /* each query: the window and its compressed entries, with the sink; then wo_a by group, wo_b */
+    int mode = csa ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
+    LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, 1, 256, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
+           P64(g->attn_sink), P64(DEV(ls->keys)), PU32(rows), PU32(c->sliding_window), P64(DEV(ls->comp.entries)),
+           PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
+           P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos));
+    int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
+    for (int grp = 0; grp < G; grp++)
+        gpu_linear_rows(&g->wo_a, grp * O, O, DEV(w->attn) + (size_t)grp * group_in * 4, H * D,
+                        DEV(w->grouped) + (size_t)grp * O * 4, G * O, T);
+    gpu_linear(&g->wo_b, DEV(w->grouped), DEV(w->block_out), T);
+}
+
+/* One expert stack's matrix applied to the slots of a chunk. Decode (T = 1): one launch over
+   the K slots, expert chosen[k] for slot k, input x + k * x_slot_stride floats, output row k.
+   Prefill: per expert with slots, a GEMM over its rows of the slot-sorted input (the host
+   knows the expert counts: `start`). */
+static void gpu_expert_matrix(const GpuExperts *g, CUdeviceptr x, int x_slot_stride, CUdeviceptr y, int K, int T,
+                              const int *start, int X) {
+    const GpuLinear *w = &g->one;
+    if (T == 1) {
+        GemmSlots slots = {K, x_slot_stride, w->rows, DEV(gm.state.scratch.chosen), g};
+        gpu_gemm(w, 1, 0, w->rows, x, w->cols, y, w->rows, 1, &slots);
+        return;
+    }
+    for (int e = 0; e < X; e++) {
+        int n = start[e + 1] - start[e];
+        if (!n) continue;
+        GpuLinear one = *w;
+        one.weight = g->weight + e * g->weight_stride;
+        one.scale = g->scale ? g->scale + e * g->scale_stride : 0;
+        gpu_gemm(&one, g->host_factors[e], 0, w->rows, x + (size_t)start[e] * w->cols * 4, w->cols,
+                 y + (size_t)start[e] * w->rows * 4, w->rows, n, NULL);
+    }
+}
+
+/* gate[n] = silu(min(gate, limit)) * clamp(up, -limit, limit). Mirrors expert_ffn's activation. */
+static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) {
+    unsigned blocks = (unsigned)((n + 255) / 256), most = (unsigned)gpu.sm_count * 4;
+    LAUNCH(K_SWIGLU, blocks < most ? blocks : most, 1, 1, 256, 0, P64(gate), P64(up), PU32(n), PF32(limit));
+}
+
+/* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E] holds the shared
+   expert's output and expert_out the routed experts' (rows by slot for decode, by the slot
+   order for prefill); hc_post_mix adds them, weighted. Mirrors moe() up to its combine. */
+static void gpu_moe(const Model *m, int l, int T) {
+    const Config *c = &m->config;
+    const GpuLayer *g = &gm.layers[l];
+    Scratch *w = &gm.state.scratch;
+    int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
+    gpu_linear(&g->gate, DEV(w->x), DEV(w->router), T);
+    LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),
+           P64(DEV(w->chosen)), P64(DEV(w->route_weight)), P64(DEV(w->expert_start)), P64(DEV(w->slot_order)),
+           P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
+           PF32(c->routed_scaling));
+    /* the shared expert, into block_out */
+    gpu_linear(&g->shared_w1, DEV(w->x), DEV(w->expert_gate), T);
+    gpu_linear(&g->shared_w3, DEV(w->x), DEV(w->expert_up), T);
+    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
+    gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    /* the routed experts */
+    int *start = NULL;
+    CUdeviceptr x = DEV(w->x);
+    int x_slot_stride = 0;
+    if (T > 1) {   /* prefill: gather each slot's row in expert order; the host sizes the launches */
+        start = xcalloc((size_t)X + 1, sizeof(int));
+        gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
+        LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, P64(DEV(w->expert_x)), P64(DEV(w->x)), P64(DEV(w->slot_order)),
+               PU32(K), PU32(E));
+        x = DEV(w->expert_x);
+        x_slot_stride = E;
+    }
+    int rows_of_slots = T * K;
+    gpu_expert_matrix(&g->w1, x, x_slot_stride, DEV(w->expert_gate), K, T, start, X);
+    gpu_expert_matrix(&g->w3, x, x_slot_stride, DEV(w->expert_up), K, T, start, X);
+    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)rows_of_slots * I, c->swiglu_limit);
+    gpu_expert_matrix(&g->w2, DEV(w->expert_gate), I, DEV(w->expert_out), K, T, start, X);
+    free(start);
+}
+
+/* h' = hc_post of the current site (with the MoE combine when `moe`), then the next site's
+   partial mixing sums: fn/rows of the next site (the next layer's attention, the ffn of this
+   layer, or the head). Mirrors hc_post (+ moe's combine) and the sums of hc_mix. */
+static void gpu_hc_post_mix(int T, CUdeviceptr fn, int rows, int moe, int K, const Config *c) {
+    Scratch *w = &gm.state.scratch;
+    LAUNCH(K_HC_POST_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * rows), 0, P64(gm.hc_partial),
+           P64(gm.hc_partial_ss), P64(DEV(w->h)), P64(fn), PU32(c->hidden_size), PU32(rows), PU32(HC_SLICE),
+           P64(DEV(w->block_out)), P64(DEV(w->post)), P64(DEV(w->comb)), P64(moe ? DEV(w->expert_out) : 0),
+           P64(DEV(w->route_weight)), P64(T == 1 ? gm.slot_identity : DEV(w->slot_row)), PU32(K));
+}
+
+/* x[n, E] = RMSNorm(collapse of the streams) for n tokens from t0, with post and comb for a
+   block site (rows 24) or the head's pre only (rows 4). Mirrors hc_pre / hc_head + rmsnorm. */
+static void gpu_hc_finish(const Config *c, int n, int t0, CUdeviceptr base, CUdeviceptr scale, CUdeviceptr norm, int rows) {
+    Scratch *w = &gm.state.scratch;
+    LAUNCH(K_HC_FINISH, (unsigned)n, 1, 1, 1024, 0, P64(DEV(w->x)), P64(rows == 24 ? DEV(w->post) : 0),
+           P64(rows == 24 ? DEV(w->comb) : 0), P64(DEV(w->h)), P64(gm.hc_partial), P64(gm.hc_partial_ss), P64(base),
+           P64(scale), P64(norm), PU32(c->hidden_size), PU32(rows), PU32(gm.hc_slices), PU32(t0), PF32(c->hc_eps),
+           PF32(c->rms_eps), PU32(c->sinkhorn_iters));
+}
+
+/* The chunk of T tokens at tokens[0..T) and position *pos through the model on the GPU: logits
+   of every row [T, V] when all_logits, else of the last [1, V], into gm.state.scratch.logits.
+   Does not advance *pos (the caller, or the decode graph's sample_token, does). Mirrors
+   forward(). */
+static void gpu_forward(const Model *m, int T, int all_logits) {
+    const Config *c = &m->config;
+    Scratch *w = &gm.state.scratch;
+    int E = c->hidden_size, K = c->topk, L = c->n_layers, mix = (2 + HC) * HC;
+    LAUNCH(K_EMBED, (unsigned)(E + 255) / 256, (unsigned)T, 1, 256, 0, P64(DEV(w->h)), P64(gm.embed), P64(gm.tokens),
+           PU32(E));
+    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, P64(gm.hc_partial),
+           P64(gm.hc_partial_ss), P64(DEV(w->h)), P64(gm.layers[0].hc_attn_fn), PU32(E), PU32(mix), PU32(HC_SLICE));
+    for (int l = 0; l < L; l++) {
+        const GpuLayer *g = &gm.layers[l];
+        gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
+        gpu_attention(m, l, T);
+        gpu_hc_post_mix(T, g->hc_ffn_fn, mix, 0, K, c);
+        gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
+        gpu_moe(m, l, T);
+        if (l + 1 < L) gpu_hc_post_mix(T, gm.layers[l + 1].hc_attn_fn, mix, 1, K, c);
+        else gpu_hc_post_mix(T, gm.hc_head_fn, HC, 1, K, c);
+    }
+    int rows = all_logits ? T : 1;
+    gpu_hc_finish(c, rows, T - rows, gm.hc_head_base, gm.hc_head_scale, gm.norm, HC);
+    gpu_linear(&gm.head, DEV(w->x), DEV(w->logits), rows);
+}
+
+/* Sample the next token from the last logits row on the device: out_token and tokens[0]; *pos
+   advances by one when `advance` (a decode step). Mirrors sample(). */
+static void gpu_sample(const Sampler *s, int V, int row, int advance) {
+    CUdeviceptr logits = DEV(gm.state.scratch.logits) + (size_t)row * V * 4;
+    LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(logits), P64(gm.probs), PU32(V), PF32(s->temperature), PF32(s->top_p),
+           P64(gm.rng), P64(gm.out_token), P64(gm.tokens), P64(gm.pos), PU32(advance));
+}
+
+/* Capture one decode step (forward of tokens[0] at *pos, then sampling, which advances *pos)
+   as a CUDA graph, once; every later step replays it. */
+static void gpu_capture_decode(const Model *m, const Sampler *s) {
+    CUgraph graph;
+    CU_CHECK(cu.cuStreamBeginCapture(gpu.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+    gpu_forward(m, 1, 0);
+    gpu_sample(s, m->config.vocab_size, 0, 1);
+    CU_CHECK(cu.cuStreamEndCapture(gpu.stream, &graph));
+    CU_CHECK(cu.cuGraphInstantiate(&gm.decode_graph, graph, 0));
+    CU_CHECK(cu.cuGraphDestroy(graph));
+}
 
 /* ============================================================================== generation */
 
@@ -4131,6 +4690,75 @@ static void install_signal_handlers(void) {
 
 /* ---------- Generating ---------- */
 
+/* ---------------------------------------------------------------- the path that runs the model */
+/* generate() and chat() run the model through these three calls, on the CPU (State in host
+   memory) or, when on_gpu, on the GPU (gm: the same state plan over device memory, the
+   sampler there too, each decode step one CUDA graph replay; only the sampled token id comes
+   back, and the logits only when --dump-logits asks for them). */
+
+static int on_gpu;                  /* main chose the GPU path */
+static float *gpu_host_logits;      /* [T, V] the GPU's logits, copied back for --dump-logits */
+
+/* Forward T tokens at s->pos (advancing it). Returns the host logits rows [T or 1, V] when
+   `keep_all` (--dump-logits; every row), else whatever the path has (the CPU's last row, NULL
+   on the GPU, whose sampler reads them there). */
+static const float *run_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
+    if (!on_gpu) {
+        forward(m, s, tokens, T, keep_all);
+        return s->scratch.logits;
+    }
+    int V = m->config.vocab_size, next = s->pos + T;
+    gpu_upload(gm.pos, &s->pos, sizeof s->pos);
+    gpu_upload(gm.tokens, tokens, (size_t)T * sizeof(int));
+    gpu_forward(m, T, keep_all);
+    gpu_upload(gm.pos, &next, sizeof next);   /* the first decode step's position */
+    s->pos = next;
+    if (!keep_all) return NULL;
+    gpu_download(gpu_host_logits, DEV(s->scratch.logits), (size_t)T * V * sizeof(float));
+    return gpu_host_logits;
+}
+
+/* The next token from row `row` of the last chunk's logits (fatal when they are not finite). */
+static int next_token(const Model *m, State *s, Sampler *sampler, int row) {
+    int V = m->config.vocab_size, token;
+    if (on_gpu) {
+        gpu_sample(sampler, V, row, 0);
+        gpu_download(&token, gm.out_token, sizeof token);
+        if (token < 0 || token >= V)
+            fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
+        return token;
+    }
+    float *logits = s->scratch.logits + (size_t)row * V;
+    for (int v = 0; v < V; v++)
+        if (!isfinite(logits[v]))
+            fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
+    return sample(sampler, logits, V);
+}
+
+/* Feed `token` (the one just sampled) and return the next; *logits (when asked) points to its
+   host logits row. On the GPU this is one replay of the decode graph (captured at the first
+   step: the sampler's settings are fixed for the run), which reads the token and the position
+   from device memory and advances them. */
+static int decode_step(const Model *m, State *s, Sampler *sampler, int token, const float **logits) {
+    if (!on_gpu) {
+        forward(m, s, &token, 1, 0);
+        if (logits) *logits = s->scratch.logits;
+        return next_token(m, s, sampler, 0);
+    }
+    int V = m->config.vocab_size, next;
+    if (!gm.decode_graph) gpu_capture_decode(m, sampler);
+    CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
+    gpu_download(&next, gm.out_token, sizeof next);
+    s->pos++;
+    if (logits) {
+        gpu_download(gpu_host_logits, DEV(s->scratch.logits), (size_t)V * sizeof(float));
+        *logits = gpu_host_logits;
+    }
+    if (next < 0 || next >= V)
+        fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
+    return next;
+}
+
 enum { STOP_LIMIT, STOP_EOS, STOP_CONTEXT, STOP_INTERRUPT };   /* why a reply ended */
 
 /* What the stats line reports, summed over the turns of a run. */
@@ -4153,26 +4781,21 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
     const Config *c = &m->config;
     if (s->pos + n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
     double start = now_seconds(), last_chunk = start;
-    float *last = s->scratch.logits;   /* logits of the prompt's last token */
+    int last_row = 0;   /* the row of the last chunk's logits that gives the next token */
     generating = 1;
     for (int done = 0; done < n_prompt && !interrupted;) {
         int T = n_prompt - done < s->max_tokens ? n_prompt - done : s->max_tokens;
         last_chunk = now_seconds();
-        forward(m, s, prompt + done, T, dump != NULL);
-        write_logits(dump, s->scratch.logits, (size_t)T, c->vocab_size);
-        last = s->scratch.logits + (dump ? (size_t)(T - 1) * c->vocab_size : 0);
+        write_logits(dump, run_chunk(m, s, prompt + done, T, dump != NULL), (size_t)T, c->vocab_size);
+        last_row = dump ? T - 1 : 0;
         done += T;
         st->prompt_tokens += T;
     }
     st->prefill_s += now_seconds() - start;
     st->stop = STOP_LIMIT;
     Utf8Stream stream = {0};
-    int generated = 0, token = -1;
+    int generated = 0, token = interrupted ? -1 : next_token(m, s, sampler, last_row);
     while (!interrupted) {
-        for (int v = 0; v < c->vocab_size; v++)
-            if (!isfinite(last[v]))
-                fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
-        token = sample(sampler, last, c->vocab_size);
         int eos = 0;
         for (int i = 0; i < c->n_eos; i++) eos |= token == c->eos_ids[i];
         if (eos) {   /* the end-of-sentence token itself is not printed */
@@ -4186,9 +4809,9 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
             st->stop = STOP_CONTEXT;
             break;
         }
-        forward(m, s, &token, 1, 0);
-        write_logits(dump, s->scratch.logits, 1, c->vocab_size);
-        last = s->scratch.logits;
+        const float *logits = NULL;
+        token = decode_step(m, s, sampler, token, dump ? &logits : NULL);
+        write_logits(dump, logits, 1, c->vocab_size);
     }
     generating = 0;
     if (interrupted) st->stop = STOP_INTERRUPT;
@@ -4204,9 +4827,9 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
    generate), and how the last reply ended when -n did not end it. */
 static void print_stats(const Stats *st) {
     static const char *ended[] = {"", "; ended at EOS", "; ended: the context is full", "; interrupted"};
-    fprintf(stderr, "nvfp4: %d prompt tokens, prefill %.1f tok/s; %d generated, decode %.2f tok/s (cpu)%s\n",
+    fprintf(stderr, "nvfp4: %d prompt tokens, prefill %.1f tok/s; %d generated, decode %.2f tok/s (%s)%s\n",
             st->prompt_tokens, st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0.0, st->generated,
-            st->decode_s > 0 ? st->generated / st->decode_s : 0.0, ended[st->stop]);
+            st->decode_s > 0 ? st->generated / st->decode_s : 0.0, on_gpu ? "gpu" : "cpu", ended[st->stop]);
 }
 
 /* Interactive chat (-i), in DeepSeek V4's chat format over several turns:
@@ -4267,6 +4890,7 @@ typedef struct {
     const char *model_dir, *prompt, *prompt_file, *dump_logits;   /* NULL when absent */
     int *ids, n_ids;                                              /* --ids (ids NULL when absent) */
     int n_generate, max_ctx, max_tokens, chat, interactive, tokenize_only, seed_given;
+    int cpu, gpu;                                                 /* --cpu, --gpu */
     float temperature, top_p;
     uint64_t seed;
 } Options;
@@ -4290,7 +4914,9 @@ static void usage(FILE *f) {
             "  --ids 0,17,42      feed exactly these token ids (nothing prepended) instead of a prompt\n"
             "  --tokenize         print the prompt's ids as they would be fed, comma-separated, and exit\n"
             "  --dump-logits FILE write float32 logits, one row of vocab_size per evaluated position\n"
-            "  --cpu              run on the CPU (the only path in this version)\n"
+            "  --cpu              run on the CPU even when a GPU is usable\n"
+            "  --gpu              run on the GPU, or stop with the reason when none is usable\n"
+            "                     (default: the GPU when one is usable, else the CPU)\n"
             "  --version          print the version and the git commit it was built from\n"
             "  -h, --help         show this help\n"
             "  --                 end of the options: what follows is MODEL_DIR and the prompt, even\n"
@@ -4424,11 +5050,13 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) o.interactive = 1;
         else if (!strcmp(a, "--chat")) o.chat = 1;
         else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
-        else if (!strcmp(a, "--cpu")) continue;   /* the CPU is the only path in this version */
+        else if (!strcmp(a, "--cpu")) o.cpu = 1;
+        else if (!strcmp(a, "--gpu")) o.gpu = 1;
         else usage_error("unknown option %s (see nvfp4 -h)", a);
     }
     if (!o.model_dir) { usage(stderr); exit(2); }
     if (n_prompts > 1) usage_error("give one prompt: an argument, -p, -f or --ids");
+    if (o.cpu && o.gpu) usage_error("--cpu and --gpu contradict each other");
     if (o.interactive && (o.ids || o.tokenize_only))
         usage_error("-i chats in text: it takes neither --ids nor --tokenize");
     if (o.interactive && o.prompt_file && !strcmp(o.prompt_file, "-"))
@@ -4490,6 +5118,10 @@ int main(int argc, char **argv) {
         write_stdout("\n", 1, 1);
         exit_done();
     }
+    char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
+    on_gpu = !o.cpu && gpu_open(why, sizeof why);
+    if (o.gpu && !on_gpu) fatal("--gpu: %s", why);
+    if (!o.cpu && !on_gpu) fprintf(stderr, "nvfp4: running on the CPU: %s\n", why);
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
@@ -4503,7 +5135,7 @@ int main(int argc, char **argv) {
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
     size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
     size_t physical = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE);
-    if (bytes == SIZE_MAX || bytes > physical)
+    if (!on_gpu && (bytes == SIZE_MAX || bytes > physical))
         fatal("the decoding state for --ctx %d and --chunk %d needs %.1f GiB, more than this machine's %.1f GiB",
               o.max_ctx, o.max_tokens, bytes == SIZE_MAX ? INFINITY : bytes / 1073741824.0, physical / 1073741824.0);
     FILE *dump = NULL;
@@ -4519,16 +5151,26 @@ int main(int argc, char **argv) {
         free(read);
         dump = open_dump(o.dump_logits);
     }
-    State state;
-    alloc_state(&state, c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
+    State cpu_state, *state = &cpu_state;
     Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int))};
     int big = model.weight_bytes >= 1e9;
-    fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) in %.2f s\n", o.model_dir, c->n_layers,
-            model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", now_seconds() - t0);
+    if (on_gpu) {
+        double upload = gpu_load_model(&model, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
+        state = &gm.state;
+        gpu_upload(gm.rng, &sampler.rng, sizeof sampler.rng);
+        gpu_host_logits = xcalloc((size_t)(o.dump_logits ? o.max_tokens : 1) * c->vocab_size, sizeof(float));
+        fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) onto %s in %.2f s (%.1f GB/s upload)\n",
+                o.model_dir, c->n_layers, model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", gpu.name,
+                now_seconds() - t0, model.weight_bytes / upload / 1e9);
+    } else {
+        alloc_state(&cpu_state, c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
+        fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) in %.2f s\n", o.model_dir, c->n_layers,
+                model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", now_seconds() - t0);
+    }
     if (!o.seed_given) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
     Stats stats = {0};
-    if (o.interactive) chat(&model, &state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
-    else generate(&model, &state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
+    if (o.interactive) chat(&model, state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
+    else generate(&model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
     print_stats(&stats);
     if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */
     if (dump) finish_dump(dump, o.dump_logits);
@@ -4536,7 +5178,13 @@ int main(int argc, char **argv) {
     free(sampler.order);
     free(ids);
     free(file_prompt);
-    free_state(&state);
+    if (on_gpu) {
+        gpu_unload();
+        gpu_close();
+        free(gpu_host_logits);
+    } else {
+        free_state(&cpu_state);
+    }
     tokenizer_free(&tokenizer);
     free_model(&model);
     return 0;

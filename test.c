@@ -2302,6 +2302,227 @@ static void test_gpu_stream_read(void) {
     free(h);
 }
 
+/* ---------------------------------------------------------------- GPU: the model, piece by piece */
+/* The GPU state is the CPU's plan over device memory, so a piece of the forward pass is checked
+   by copying the CPU arena onto the GPU, running the piece on both, and comparing the arenas. */
+
+/* A buffer of the state inside a host copy of the arena: `ptr` is the CPU state's pointer. */
+#define IN_COPY(copy, s, ptr) ((float *)((char *)(copy) + ((const char *)(ptr) - (const char *)(s)->arena)))
+
+/* Largest |a - b| over n values, relative to the largest |b| (0 when b is all zero). */
+static float relative_error(const float *a, const float *b, size_t n) {
+    float diff = 0, scale = 0;
+    for (size_t i = 0; i < n; i++) {
+        float d = fabsf(a[i] - b[i]);
+        diff = isnan(d) || d > diff ? (isnan(d) ? INFINITY : d) : diff;
+        scale = fmaxf(scale, fabsf(b[i]));
+    }
+    return scale > 0 ? diff / scale : diff;
+}
+
+/* The CPU state, position and chunk tokens onto the GPU. */
+static void gpu_state_in(const State *s, const int *tokens, int T) {
+    int pos = s->pos;
+    gpu_upload(gm.arena, s->arena, s->arena_bytes);
+    gpu_upload(gm.pos, &pos, sizeof pos);
+    gpu_upload(gm.tokens, tokens, (size_t)T * sizeof(int));
+}
+
+/* The GPU arena into `copy` [arena_bytes]. */
+static void gpu_state_out(void *copy) {
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    gpu_download(copy, gm.arena, gm.state.arena_bytes);
+}
+
+/* Tolerances: the GEMV keeps x in f32 (about 1e-6 of sum |w x|); the tensor-core GEMM rounds x
+   to bf16 (8 bits: 2^-9 relative each, random in sign, over thousands of terms: ~1e-3 of the
+   largest output), and several such products follow each other in a block, so 2e-2 of the
+   largest value where a GEMM runs (T > 1, and wo_a's groups at any T), 5e-3 otherwise. */
+#define GPU_TOL_GEMM 2e-2f
+
+/* For every layer of `dir`'s model, from the state after `prefix` prompt tokens, a chunk of T
+   tokens with random block inputs: attention (block_out, the key ring, the compressed entries)
+   and the MoE (shared + weighted routed outputs), GPU against CPU. */
+static void test_gpu_pieces(const Model *m, State *s, const int *ids, int prefix, int T) {
+    const Config *c = &m->config;
+    int E = c->hidden_size, K = c->topk;
+    for (int p = 0; p < prefix;) {   /* the CPU state after the prefix */
+        int n = prefix - p < s->max_tokens ? prefix - p : s->max_tokens;
+        forward(m, s, ids + p, n, 0);
+        p += n;
+    }
+    size_t bytes = s->arena_bytes;
+    char *snapshot = xcalloc(bytes, 1), *copy = xcalloc(bytes, 1);
+    memcpy(snapshot, s->arena, bytes);
+    const int *tokens = ids + prefix;
+    float worst_attn = 0, worst_cache = 0, worst_moe = 0;
+    int flips = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        /* attention */
+        memcpy(s->arena, snapshot, bytes);
+        for (int i = 0; i < T * E; i++) s->scratch.x[i] = uniform(-1, 1);
+        gpu_state_in(s, tokens, T);
+        attention(m, s, l, T, s->pos);
+        gpu_attention(m, l, T);
+        gpu_state_out(copy);
+        float e1 = relative_error(IN_COPY(copy, s, s->scratch.block_out), s->scratch.block_out, (size_t)T * E);
+        const LayerCache *ls = &s->layers[l];
+        float e2 = relative_error(IN_COPY(copy, s, ls->keys), ls->keys, (size_t)ring_rows(s, c) * c->head_dim);
+        if (c->compress_ratio[l])
+            e2 = fmaxf(e2, relative_error(IN_COPY(copy, s, ls->comp.entries), ls->comp.entries,
+                                          (size_t)(s->max_ctx / c->compress_ratio[l]) * c->head_dim));
+        worst_attn = fmaxf(worst_attn, e1);
+        worst_cache = fmaxf(worst_cache, e2);
+        CHECK(e1 < GPU_TOL_GEMM && e2 < GPU_TOL_GEMM, "GPU attention, layer %d, T %d: block_out %.2e, cache %.2e", l, T, e1, e2);
+
+        /* MoE: the GPU leaves the shared expert in block_out and the routed outputs in expert_out
+           (rows by slot at T = 1, by slot_row otherwise); the combine happens in hc_post_mix */
+        memcpy(s->arena, snapshot, bytes);
+        for (int i = 0; i < T * E; i++) s->scratch.x[i] = uniform(-1, 1);
+        gpu_state_in(s, tokens, T);
+        moe(m, s, l, tokens, T);
+        gpu_moe(m, l, T);
+        gpu_state_out(copy);
+        const int *chosen = (const int *)IN_COPY(copy, s, s->scratch.chosen);
+        for (int i = 0; i < T * K; i++) flips += chosen[i] != s->scratch.chosen[i];
+        float *out = IN_COPY(copy, s, s->scratch.block_out), *weight = IN_COPY(copy, s, s->scratch.route_weight);
+        const int *slot_row = (const int *)IN_COPY(copy, s, s->scratch.slot_row);
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) {
+                int slot = t * K + k, row = T == 1 ? slot : slot_row[slot];
+                const float *y = IN_COPY(copy, s, s->scratch.expert_out) + (size_t)row * E;
+                for (int e = 0; e < E; e++) out[(size_t)t * E + e] += weight[slot] * y[e];
+            }
+        float e3 = relative_error(out, s->scratch.block_out, (size_t)T * E);
+        worst_moe = fmaxf(worst_moe, e3);
+        CHECK(e3 < GPU_TOL_GEMM, "GPU MoE, layer %d, T %d: %.2e (%d chosen experts differ from the CPU's)", l, T, e3, flips);
+    }
+    printf("  GPU pieces, T %2d after %d tokens: attention %.2e, caches %.2e, MoE %.2e, experts chosen differently %d\n",
+           T, prefix, worst_attn, worst_cache, worst_moe, flips);
+    memcpy(s->arena, snapshot, bytes);
+    free(snapshot);
+    free(copy);
+}
+
+/* The whole model on the GPU over `dir`'s reference prompt (prefill in chunks of `chunk`) and
+   its greedy continuation, every logits row against transformers': within 2e-2 of the row's
+   largest logit (bf16 tensor-core prefill), and the greedy tokens identical, or where not, the
+   reference's choice within a near-tie margin of ours (printed). */
+static void test_gpu_against_transformers(const Model *m, const char *dir, int chunk) {
+    char *path = path_join(dir, "reference.bin");
+    size_t size;
+    char *ref = read_file(path, &size);
+    const int *head = (const int *)ref, n_prompt = head[0], n_steps = head[1], V = head[2];
+    const int *ids = head + 3;
+    const float *want = (const float *)(ids + n_prompt + n_steps + 1);
+    float *logits = xcalloc((size_t)chunk * V, sizeof(float)), worst = 0, worst_margin = 0;
+    int rows = 0, bad = 0, greedy_same = 1, pos = 0;
+    for (int p = 0; p < n_prompt + n_steps;) {
+        int T = p < n_prompt ? (n_prompt - p < chunk ? n_prompt - p : chunk) : 1;
+        gpu_upload(gm.pos, &p, sizeof p);
+        gpu_upload(gm.tokens, ids + p, (size_t)T * sizeof(int));
+        gpu_forward(m, T, 1);
+        gpu_download(logits, DEV(gm.state.scratch.logits), (size_t)T * V * sizeof(float));
+        for (int t = 0; t < T; t++, rows++) {
+            const float *a = logits + (size_t)t * V, *b = want + (size_t)(p + t) * V;
+            float err = relative_error(a, b, (size_t)V), scale = 0;
+            for (int v = 0; v < V; v++) scale = fmaxf(scale, fabsf(b[v]));
+            worst = fmaxf(worst, err);
+            bad += err > 2e-2f;
+            if (p + t >= n_prompt - 1) {
+                int mine = argmax(a, V), theirs = ids[p + t + 1];
+                if (mine != theirs) {   /* a near-tie: how far apart the two are in our logits */
+                    float margin = (a[mine] - a[theirs]) / scale;
+                    worst_margin = fmaxf(worst_margin, margin);
+                    greedy_same &= margin < 2e-2f;
+                }
+            }
+        }
+        p += T;
+        pos = p;
+    }
+    (void)pos;
+    CHECK(bad == 0, "%s on the GPU, chunk %d: %d of %d rows off by more than 2e-2 (worst %.2e)", dir, chunk, bad, rows, worst);
+    CHECK(greedy_same, "%s on the GPU, chunk %d: greedy tokens identical or near-ties (margin %.2e)", dir, chunk, worst_margin);
+    printf("  %s on the GPU, prefill chunk %3d: %d rows, worst relative error %.2e, greedy differences within %.2e\n", dir,
+           chunk, rows, worst, worst_margin);
+    free(logits);
+    free(ref);
+    free(path);
+}
+
+/* The decode step replayed as a CUDA graph gives the same tokens and bit-identical logits as
+   the same step launched eagerly, over 64 steps from position `start` (past the window and
+   several compression boundaries). */
+static void test_gpu_graph(const Model *m, const int *ids, int start) {
+    const Config *c = &m->config;
+    int V = c->vocab_size, n = 64, same_tokens = 1, same_logits = 1;
+    Sampler greedy = {0, 1, 1, NULL};
+    float *eager = xcalloc((size_t)n * V, sizeof(float)), *replay = xcalloc(V, sizeof(float));
+    int *eager_tokens = xcalloc((size_t)n, sizeof(int));
+    uint64_t seed = 7;
+    for (int pass = 0; pass < 2; pass++) {   /* 0: eager launches, 1: graph replays */
+        for (int p = 0; p < start;) {
+            int T = start - p < gm.state.max_tokens ? start - p : gm.state.max_tokens;
+            gpu_upload(gm.pos, &p, sizeof p);
+            gpu_upload(gm.tokens, ids + p, (size_t)T * sizeof(int));
+            gpu_forward(m, T, 0);
+            p += T;
+        }
+        gpu_upload(gm.rng, &seed, sizeof seed);
+        gpu_sample(&greedy, V, 0, 0);
+        int pos = start;
+        gpu_upload(gm.pos, &pos, sizeof pos);
+        if (pass == 1 && !gm.decode_graph) gpu_capture_decode(m, &greedy);
+        for (int i = 0; i < n; i++) {
+            if (pass == 0) {
+                gpu_forward(m, 1, 0);
+                gpu_sample(&greedy, V, 0, 1);
+            } else {
+                CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
+            }
+            int token;
+            gpu_download(&token, gm.out_token, sizeof token);
+            gpu_download(pass ? replay : eager + (size_t)i * V, DEV(gm.state.scratch.logits), (size_t)V * sizeof(float));
+            if (pass == 0) eager_tokens[i] = token;
+            else {
+                same_tokens &= token == eager_tokens[i];
+                same_logits &= !memcmp(replay, eager + (size_t)i * V, (size_t)V * sizeof(float));
+            }
+        }
+    }
+    CHECK(same_tokens && same_logits, "graph replay equals eager launches over %d steps from position %d: tokens %s, logits %s",
+          n, start, same_tokens ? "same" : "differ", same_logits ? "bit-identical" : "differ");
+    free(eager);
+    free(replay);
+    free(eager_tokens);
+}
+
+/* Every GPU check on one fixture model. */
+static void test_gpu_model(const char *dir, int chunk) {
+    Model m;
+    load_model(&m, dir);
+    char *path = path_join(dir, "reference.bin");
+    size_t size;
+    int *ref = (int *)read_file(path, &size);
+    State s;
+    alloc_state(&s, &m.config, 16, 512, 1);
+    gpu_load_model(&m, 16, 512, 1);
+    test_gpu_pieces(&m, &s, ref + 3, 37, 1);
+    free_state(&s);
+    alloc_state(&s, &m.config, 16, 512, 1);
+    test_gpu_pieces(&m, &s, ref + 3, 37, 13);
+    free_state(&s);
+    gpu_unload();
+    gpu_load_model(&m, chunk, 1024, 1);
+    test_gpu_against_transformers(&m, dir, chunk);
+    test_gpu_graph(&m, ref + 3, 70);
+    gpu_unload();
+    free(ref);
+    free(path);
+    free_model(&m);
+}
+
 /* Every GPU test, when a usable GPU is present; otherwise one line saying why not (never
    counted as passed). NVFP4_GPU_QUICK=1 keeps the small shapes and two V4 ones (for
    compute-sanitizer);
@@ -2336,6 +2557,10 @@ static void test_gpu(void) {
         test_gpu_gemv(FMT_BF16, 129280, 4096, 0);     /* head */
     }
     if (getenv("NVFP4_GPU_BENCH")) gpu_bench_gemv();
+    test_gpu_model("testdata/tiny-a", 64);
+    test_gpu_model("testdata/tiny-b", 50);
+    test_gpu_model("testdata/tiny-c", 13);
+    test_gpu_model("testdata/tiny-d", 7);
     gpu_close();
 }
 

@@ -1101,16 +1101,18 @@ static void test_against_transformers(const char *dir, int chunk) {
     free_model(&m);
 }
 
-/* The command line end to end: --ids with greedy decoding and --dump-logits reproduce the
-   reference file; --tokenize prints the ids. */
-static void test_cli(void) {
+/* tiny-b's reference prompt through the command line, `path` ("--cpu" or "--gpu", run with
+   `env` in front), prefill chunks of 50 and greedy decoding with --dump-logits: every row
+   within `tolerance` of the largest logit of transformers' row, and the stats line. */
+static void test_cli_dump(const char *env, const char *path_option, float tolerance) {
     const char *dir = "testdata/tiny-b";
     char *path = path_join(dir, "reference.bin");
     size_t size;
     char *ref = read_file(path, &size);
     const int *head = (const int *)ref, n_prompt = head[0], n_steps = head[1], V = head[2];
     char *cmd = xcalloc(16 * (size_t)n_prompt + 256, 1);
-    int at = sprintf(cmd, NVFP4_BIN " %s --temp 0 -n %d --chunk 50 --dump-logits build/logits.bin --ids ", dir, n_steps + 1);
+    int at = sprintf(cmd, "%s " NVFP4_BIN " %s %s --temp 0 -n %d --chunk 50 --dump-logits build/logits.bin --ids ", env,
+                     path_option, dir, n_steps + 1);
     for (int i = 0; i < n_prompt; i++) at += sprintf(cmd + at, "%s%d", i ? "," : "", head[3 + i]);
     sprintf(cmd + at, " > build/cli.txt 2> build/cli.err");
     int status = system(cmd);
@@ -1123,12 +1125,27 @@ static void test_cli(void) {
         for (int v = 0; v < V; v++) scale = fmaxf(scale, fabsf(want[i / V * V + v]));
         worst = fmaxf(worst, fabsf(got[i] - want[i]) / scale);
     }
-    CHECK(status == 0 && got && got_size == 4 * (size_t)(n_prompt + n_steps) * V && worst < 1e-4f,
-          "CLI --dump-logits: status %d, %zu bytes, worst %g", status, got_size, worst);
+    CHECK(status == 0 && got && got_size == 4 * (size_t)(n_prompt + n_steps) * V && worst < tolerance,
+          "CLI %s --dump-logits: status %d, %zu bytes, worst %g", path_option, status, got_size, worst);
     free(got);
     char *err = read_file("build/cli.err", &got_size);
-    CHECK(err && strstr(err, "prompt tokens, prefill") && strstr(err, "decode"), "CLI prints the stats line");
+    CHECK(err && strstr(err, "prompt tokens, prefill") && strstr(err, "decode"), "CLI %s prints the stats line: %s", path_option,
+          err ? err : "");
+    printf("  the command line %s on tiny-b: worst relative logits error %.2e\n", path_option, worst);
     free(err);
+    free(cmd);
+    free(ref);
+    free(path);
+}
+
+/* The command line end to end: --ids with greedy decoding and --dump-logits reproduce the
+   reference file; EOS ends generation; --tokenize prints the ids. */
+static void test_cli(void) {
+    test_cli_dump("", "--cpu", 1e-4f);
+    size_t size, got_size;
+    char *cmd = xcalloc(16 * 4096 + 256, 1);
+    int at, status;
+    char *err;
     /* greedy decoding of tiny-c reaches EOS (id 1) as its 4th token: generation stops there */
     const char *dir_c = "testdata/tiny-c";
     char *path_c = path_join(dir_c, "reference.bin");
@@ -1152,8 +1169,6 @@ static void test_cli(void) {
     CHECK(status == 0 && tok && !strncmp(tok, "0,", 2), "CLI --tokenize: %s", tok ? tok : "");
     free(tok);
     free(cmd);
-    free(ref);
-    free(path);
 }
 
 /* ---------------------------------------------------------------------------- bad input */
@@ -2498,6 +2513,73 @@ static void test_gpu_graph(const Model *m, const int *ids, int start) {
     free(eager_tokens);
 }
 
+/* mHC on the GPU against the CPU for T tokens of random streams: a block site's hc_pre (x normed,
+   post, comb), hc_post with the MoE combine followed by the next site's mixes, and hc_head with
+   the final norm. */
+static void test_gpu_hc(const Model *m, State *s, int T) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[0];
+    const GpuLayer *g = &gm.layers[0];
+    Scratch *w = &s->scratch;
+    int E = c->hidden_size, K = c->topk, mix = (2 + HC) * HC;
+    char *copy = xcalloc(s->arena_bytes, 1);
+    for (int i = 0; i < T * HC * E; i++) w->h[i] = uniform(-2, 2);
+    gpu_state_in(s, (const int[]){1}, 1);
+    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, P64(gm.hc_partial),
+           P64(gm.hc_partial_ss), P64(DEV(gm.state.scratch.h)), P64(g->hc_attn_fn), PU32(E), PU32(mix), PU32(HC_SLICE));
+    gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
+    for (int t = 0; t < T; t++) {
+        float *x = w->x + (size_t)t * E;
+        hc_pre(c, w->h + (size_t)t * HC * E, &L->hc_attn, x, w->post + t * HC, w->comb + t * HC * HC);
+        rmsnorm(x, x, L->attn_norm, E, c->rms_eps);
+    }
+    gpu_state_out(copy);
+    float e_x = relative_error(IN_COPY(copy, s, w->x), w->x, (size_t)T * E);
+    float e_post = relative_error(IN_COPY(copy, s, w->post), w->post, (size_t)T * HC);
+    float e_comb = relative_error(IN_COPY(copy, s, w->comb), w->comb, (size_t)T * HC * HC);
+    CHECK(e_x < 1e-5f && e_post < 1e-5f && e_comb < 1e-5f, "GPU hc_pre, T %d: x %.2e, post %.2e, comb %.2e", T, e_x, e_post, e_comb);
+
+    /* hc_post of a MoE site (block_out + weighted slots) then the next (ffn) site's hc_pre */
+    for (int i = 0; i < T * E; i++) w->block_out[i] = uniform(-1, 1);
+    for (int i = 0; i < T * K; i++) {
+        w->route_weight[i] = uniform(0, 1);
+        w->slot_row[i] = (i * 7 + 3) % (T * K);   /* any permutation */
+    }
+    for (int i = 0; i < T * K * E; i++) w->expert_out[i] = uniform(-1, 1);
+    gpu_state_in(s, (const int[]){1}, 1);
+    if (T == 1) for (int k = 0; k < K; k++) w->slot_row[k] = k;   /* decode reads rows by slot */
+    gpu_hc_post_mix(T, g->hc_ffn_fn, mix, 1, K, c);
+    gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
+    for (int t = 0; t < T; t++) {
+        float *out = w->block_out + (size_t)t * E;
+        for (int k = 0; k < K; k++)
+            for (int e = 0; e < E; e++) out[e] += w->route_weight[t * K + k] * w->expert_out[(size_t)w->slot_row[t * K + k] * E + e];
+        hc_post(c, w->h + (size_t)t * HC * E, out, w->post + t * HC, w->comb + t * HC * HC);
+        float *x = w->x + (size_t)t * E;
+        hc_pre(c, w->h + (size_t)t * HC * E, &L->hc_ffn, x, w->post + t * HC, w->comb + t * HC * HC);
+        rmsnorm(x, x, L->ffn_norm, E, c->rms_eps);
+    }
+    gpu_state_out(copy);
+    float e_h = relative_error(IN_COPY(copy, s, w->h), w->h, (size_t)T * HC * E);
+    e_x = relative_error(IN_COPY(copy, s, w->x), w->x, (size_t)T * E);
+    e_post = relative_error(IN_COPY(copy, s, w->post), w->post, (size_t)T * HC);
+    CHECK(e_h < 1e-5f && e_x < 1e-5f && e_post < 1e-5f, "GPU hc_post + combine + next hc_pre, T %d: h %.2e, x %.2e, post %.2e",
+          T, e_h, e_x, e_post);
+
+    /* hc_head and the final norm of the last token */
+    gpu_state_in(s, (const int[]){1}, 1);
+    gpu_hc_post_mix(T, gm.hc_head_fn, HC, 0, K, c);   /* h from block_out alone (no combine) */
+    gpu_hc_finish(c, 1, T - 1, gm.hc_head_base, gm.hc_head_scale, gm.norm, HC);
+    for (int t = 0; t < T; t++) hc_post(c, w->h + (size_t)t * HC * E, w->block_out + (size_t)t * E, w->post + t * HC, w->comb + t * HC * HC);
+    hc_head(m, w->h + (size_t)(T - 1) * HC * E, w->x);
+    rmsnorm(w->x, w->x, m->norm, E, c->rms_eps);
+    gpu_state_out(copy);
+    e_x = relative_error(IN_COPY(copy, s, w->x), w->x, (size_t)E);
+    CHECK(e_x < 1e-5f, "GPU hc_head + norm, T %d: %.2e", T, e_x);
+    printf("  GPU mHC, T %2d: pre/post/head within %.1e\n", T, e_x);
+    free(copy);
+}
+
 /* Every GPU check on one fixture model. */
 static void test_gpu_model(const char *dir, int chunk) {
     Model m;
@@ -2508,6 +2590,8 @@ static void test_gpu_model(const char *dir, int chunk) {
     State s;
     alloc_state(&s, &m.config, 16, 512, 1);
     gpu_load_model(&m, 16, 512, 1);
+    test_gpu_hc(&m, &s, 1);
+    test_gpu_hc(&m, &s, 13);
     test_gpu_pieces(&m, &s, ref + 3, 37, 1);
     free_state(&s);
     alloc_state(&s, &m.config, 16, 512, 1);
@@ -2529,7 +2613,10 @@ static void test_gpu_model(const char *dir, int chunk) {
    NVFP4_GPU_BENCH=1 runs gpu_bench_gemv after the tests. */
 static void test_gpu(void) {
     char why[512];
-    if (!gpu_open(why, sizeof why)) {
+    unsetenv("CUDA_VISIBLE_DEVICES");   /* read by the driver once, at cuInit */
+    int usable = gpu_open(why, sizeof why);
+    setenv("CUDA_VISIBLE_DEVICES", "", 1);
+    if (!usable) {
         printf("GPU tests skipped: %s\n", why);
         return;
     }
@@ -2561,6 +2648,7 @@ static void test_gpu(void) {
     test_gpu_model("testdata/tiny-b", 50);
     test_gpu_model("testdata/tiny-c", 13);
     test_gpu_model("testdata/tiny-d", 7);
+    test_cli_dump("env -u CUDA_VISIBLE_DEVICES", "--gpu", 2e-2f);
     gpu_close();
 }
 
@@ -2572,6 +2660,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 #else
 int main(void) {
     double start = now_seconds();
+    /* the command-line tests check the CPU path (the reference), also on a machine with a GPU:
+       hide the GPU from the programs they start; test_gpu runs the GPU path itself */
+    setenv("CUDA_VISIBLE_DEVICES", "", 1);
     test_number_formats();
     test_unequal_global_scales();
     test_safetensors();

@@ -3194,6 +3194,7 @@ static void gpu_close(void) {
    no GPU, a GPU that is not sm_90, a cubin the driver rejects), everything released. */
 static int gpu_open(char *why, size_t n) {
 #ifndef NVFP4_GPU
+    (void)cu_symbols;   /* only a build with kernels opens the driver */
     snprintf(why, n, "this nvfp4 was built without GPU kernels (ptxas was not found at build time)");
     return 0;
 #else

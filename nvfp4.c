@@ -3260,6 +3260,7 @@ static CUdeviceptr gpu_alloc(size_t bytes) {
     return p;
 }
 
+/* Free device memory from gpu_alloc (0: nothing to free). */
 static void gpu_free(CUdeviceptr p) {
     if (p) CU_CHECK(cu.cuMemFree(p));
 }
@@ -3270,6 +3271,7 @@ static void gpu_upload(CUdeviceptr dst, const void *src, size_t bytes) {
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
 }
 
+/* The reverse copy, device to host. */
 static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
     CU_CHECK(cu.cuMemcpyDtoHAsync(dst, src, bytes, gpu.stream));
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
@@ -3364,7 +3366,8 @@ static CUdeviceptr upload_padded(const void *src, size_t rows, size_t src_bytes,
 }
 
 /* Upload W in the kernels' layout and choose its launch shape. Fatal when the GPU has no
-   kernel for W's format or W is too wide for one (the message names the limit). */
+   kernel for W's format, W is too wide for one (the message names the limit) or W does not
+   fit in the GPU's free memory ("needs X GiB, the GPU has Y GiB free"). */
 static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
                                        [FMT_NVFP4] = K_GEMV_NVFP4};
@@ -3374,6 +3377,8 @@ static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     if (row_bytes / GPU_CHUNK > GPU_MAX_CHUNKS)
         fatal("a %d x %d linear layer is too wide for the GPU kernels (at most %d bytes a row)", w->rows, w->cols,
               GPU_MAX_CHUNKS * GPU_CHUNK);
+    char why[256];
+    if (!gpu_fits(gpu_linear_footprint(w), why, sizeof why)) fatal("a %d x %d linear layer %s", w->rows, w->cols, why);
     memset(g, 0, sizeof *g);
     g->format = w->format;
     g->rows = w->rows;
@@ -3408,6 +3413,7 @@ static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     if (g->grid > row_blocks) g->grid = row_blocks;
 }
 
+/* Free what gpu_upload_linear allocated. */
 static void gpu_free_linear(GpuLinear *g) {
     gpu_free(g->weight);
     gpu_free(g->scale);
@@ -3450,6 +3456,7 @@ static float gpu_time(void (*fn)(void *, int), void *arg, int reps) {
     return ms;
 }
 
+/* qsort order of floats, ascending. */
 static int compare_float(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;
     return x < y ? -1 : x > y;
@@ -3466,6 +3473,7 @@ static double gpu_median_us(void (*fn)(void *, int), void *arg, int calls) {
     return t[BENCH_REPEATS / 2];
 }
 
+/* One stream_read over buf[bytes] (the call index is unused: the same buffer every time). */
 typedef struct { CUdeviceptr buf, out; size_t bytes; } StreamRun;
 static void stream_call(void *arg, int i) {
     (void)i;
@@ -3473,6 +3481,7 @@ static void stream_call(void *arg, int i) {
     gpu_stream_read(r->buf, r->bytes, r->out);
 }
 
+/* Call i: the GEMV of weight copy i % n. */
 typedef struct { GpuLinear *copies; int n; CUdeviceptr x, y; } GemvRun;
 static void gemv_call(void *arg, int i) {
     GemvRun *r = arg;

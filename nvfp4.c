@@ -3544,6 +3544,7 @@ static void gpu_close(void) {
    no GPU, a GPU that is not sm_90, a cubin the driver rejects), everything released. */
 static int gpu_open(char *why, size_t n) {
 #ifndef NVFP4_GPU
+    (void)cu_symbols;   /* only a build with kernels opens the driver */
     snprintf(why, n, "this nvfp4 was built without GPU kernels (ptxas was not found at build time)");
     return 0;
 #else
@@ -3611,6 +3612,7 @@ static CUdeviceptr gpu_alloc(size_t bytes) {
     return p;
 }
 
+/* Free device memory from gpu_alloc (0: nothing to free). */
 static void gpu_free(CUdeviceptr p) {
     if (p) CU_CHECK(cu.cuMemFree(p));
 }
@@ -3621,6 +3623,7 @@ static void gpu_upload(CUdeviceptr dst, const void *src, size_t bytes) {
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
 }
 
+/* The reverse copy, device to host. */
 static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
     CU_CHECK(cu.cuMemcpyDtoHAsync(dst, src, bytes, gpu.stream));
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
@@ -3772,12 +3775,16 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
     if (g->grid > row_blocks) g->grid = row_blocks;
 }
 
-/* Upload W into buffers of its own (freed by gpu_free_linear). */
+/* Upload W into buffers of its own (freed by gpu_free_linear); fatal ("needs X GiB, the GPU has
+   Y GiB free") when they do not fit. */
 static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     size_t scale_bytes = gpu_linear_scale_bytes(w);
+    char why[256];
+    if (!gpu_fits(gpu_linear_footprint(w), why, sizeof why)) fatal("a %d x %d linear layer %s", w->rows, w->cols, why);
     gpu_place_linear(g, w, gpu_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gpu_alloc(scale_bytes) : 0);
 }
 
+/* Free what gpu_upload_linear allocated. */
 static void gpu_free_linear(GpuLinear *g) {
     gpu_free(g->weight);
     gpu_free(g->scale);
@@ -3820,6 +3827,7 @@ static float gpu_time(void (*fn)(void *, int), void *arg, int reps) {
     return ms;
 }
 
+/* qsort order of floats, ascending. */
 static int compare_float(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;
     return x < y ? -1 : x > y;
@@ -3836,6 +3844,7 @@ static double gpu_median_us(void (*fn)(void *, int), void *arg, int calls) {
     return t[BENCH_REPEATS / 2];
 }
 
+/* One stream_read over buf[bytes] (the call index is unused: the same buffer every time). */
 typedef struct { CUdeviceptr buf, out; size_t bytes; } StreamRun;
 static void stream_call(void *arg, int i) {
     (void)i;
@@ -3843,6 +3852,7 @@ static void stream_call(void *arg, int i) {
     gpu_stream_read(r->buf, r->bytes, r->out);
 }
 
+/* Call i: the GEMV of weight copy i % n. */
 typedef struct { GpuLinear *copies; int n; CUdeviceptr x, y; } GemvRun;
 static void gemv_call(void *arg, int i) {
     GemvRun *r = arg;

@@ -25,6 +25,11 @@
 
 #include "nvfp4.h"
 
+#define NVFP4_VERSION "0.1"
+#ifndef NVFP4_COMMIT
+#define NVFP4_COMMIT "unknown"   /* the Makefile passes the git commit */
+#endif
+
 /* =========================================================================== errors, helpers */
 
 /* Print "nvfp4: error: ..." and exit with status 1. Every bad input ends here, with a message
@@ -3488,12 +3493,12 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
 typedef enum {
     K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP4, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
     K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
-    K_SAMPLE, K_COUNT
+    K_SAMPLE, K_FILL, K_COUNT
 } Kernel;
 static const char *const kernel_names[K_COUNT] = {
     "stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4", "gemm_prefill", "embed_streams",
     "hc_mix_partial", "hc_post_mix", "hc_finish", "row_norm_rope", "compressor_update", "indexer_scores",
-    "top_k_select", "attention_decode", "route_tokens", "gather_rows", "swiglu", "sample_token"};
+    "top_k_select", "attention_decode", "route_tokens", "gather_rows", "swiglu", "sample_token", "fill_random"};
 
 #define GPU_INDEXER_SMEM (64 * (512 + 4) * 4 + 64 * 4)   /* indexer_scores' shared memory at NI 64, DI 512 */
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
@@ -3630,12 +3635,16 @@ static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
 }
 
 /* Launch kernel k on the stream: grid x block threads, smem bytes of dynamic shared memory. */
+static long gpu_launches;   /* kernels launched so far (the benchmark counts those of a decode step) */
+
 static void gpu_launch(Kernel k, unsigned grid, unsigned block, unsigned smem, void **params) {
+    gpu_launches++;
     CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], grid, 1, 1, block, 1, 1, smem, gpu.stream, params, NULL));
 }
 
 /* The same with a grid of gx x gy x gz blocks. */
 static void gpu_launch_grid(Kernel k, unsigned gx, unsigned gy, unsigned gz, unsigned block, unsigned smem, void **params) {
+    gpu_launches++;
     CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], gx, gy, gz, block, 1, 1, smem, gpu.stream, params, NULL));
 }
 
@@ -3728,8 +3737,21 @@ static void upload_padded(CUdeviceptr d, const void *src, size_t rows, size_t sr
     }
 }
 
+/* What fill_random (kernels.ptx) writes. */
+typedef enum { FILL_BYTES, FILL_E4M3, FILL_BF16, FILL_E4M3_SCALE, FILL_E8M0_SCALE } FillKind;
+
+/* bytes (a multiple of 4) of valid random weights of one kind at d, made on the GPU. */
+static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
+    static unsigned seed = 1;
+    unsigned long long words = bytes / 4;
+    unsigned s = seed++, k = kind;
+    void *params[] = {&d, &words, &s, &k};
+    gpu_launch(K_FILL, (unsigned)gpu.sm_count * 8, 256, 0, params);
+}
+
 /* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
-   `scale` [gpu_linear_scale_bytes] (0 for BF16), and choose its launch shape. Fatal when the
+   `scale` [gpu_linear_scale_bytes] (0 for BF16), and choose its launch shape. A W without data
+   (weight NULL: the benchmark's model) gets random valid weights made on the GPU instead. Fatal when the
    GPU has no kernel for W's format or W is too wide for one (the message names the limit). */
 static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, CUdeviceptr scale) {
     static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
@@ -3749,17 +3771,20 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
     uint8_t *staging = xcalloc(GPU_STAGING, 1);
     g->weight = weight;
     g->scale = scale;
-    upload_padded(weight, w->weight, rows, src_bytes, row_bytes, staging);
+    if (w->weight) upload_padded(weight, w->weight, rows, src_bytes, row_bytes, staging);
+    else gpu_fill_random(weight, rows * row_bytes, w->format == FMT_BF16 ? FILL_BF16 : w->format == FMT_FP8 ? FILL_E4M3 : FILL_BYTES);
     if (w->format == FMT_NVFP4 || w->format == FMT_MXFP4) {
         int group = w->format == FMT_NVFP4 ? 16 : 32;   /* columns per scale; 8 or 16 code bytes */
-        upload_padded(scale, w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group, staging);
+        if (w->scale) upload_padded(scale, w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group, staging);
+        else gpu_fill_random(scale, rows * (row_bytes * 2 / group), w->format == FMT_NVFP4 ? FILL_E4M3_SCALE : FILL_E8M0_SCALE);
         g->gscale62 = ldexpf(w->global_scale, 62);
     } else if (w->format == FMT_FP8) {   /* small: [ceil(rows/128), ceil(cols/128)] -> f32 * 2^56 */
         size_t brows = (rows + 127) / 128, bcols = ((size_t)w->cols + 127) / 128, dcols = row_bytes / 128;
         float *s = xcalloc(brows * dcols, sizeof(float));
         for (size_t i = 0; i < brows; i++)
             for (size_t j = 0; j < bcols; j++) {
-                float v = w->scale_is_f32 ? load_f32(w->scale, i * bcols + j)
+                float v = !w->scale ? 1.0f / 256   /* the benchmark's stand-in block scale */
+                        : w->scale_is_f32 ? load_f32(w->scale, i * bcols + j)
                                           : e8m0_to_float(((const uint8_t *)w->scale)[i * bcols + j]);
                 s[i * dcols + j] = ldexpf(v, 56);
             }
@@ -4061,12 +4086,36 @@ static void gm_linear(GpuLinear *g, const Linear *w) {
     gpu_place_linear(g, w, gm_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gm_alloc(scale_bytes) : 0);
 }
 
+/* The linear layers of L other than the routed experts, into list[] (at most 16); returns how
+   many (the compressor and indexer ones only where the layer has them). */
+static int layer_linears(const Layer *L, const Linear **list) {
+    const Linear *all[] = {&L->wq_a, &L->wq_b, &L->wkv, &L->wo_a, &L->wo_b, &L->gate, &L->shared_w1, &L->shared_w2,
+                           &L->shared_w3, &L->compressor.wkv, &L->compressor.wgate, &L->index_wq_b,
+                           &L->index_weights_proj, &L->index_compressor.wkv, &L->index_compressor.wgate};
+    int n = 0;
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        if (all[i]->rows) list[n++] = all[i];
+    return n;
+}
+
 /* Device bytes gpu_load_model allocates for model m with chunks of T and a context of C:
    weights in the kernels' layout, the state, the GPU's own scratch. */
 static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
     const Config *c = &m->config;
-    size_t total = 0, E = c->hidden_size;
-    for (size_t i = 0; i < m->n_tensors; i++) total += m->tensors[i].nbytes;   /* the checkpoint, as a floor */
+    size_t total = 0, E = c->hidden_size, mix = (2 + HC) * HC;
+    total += (size_t)c->vocab_size * E * 2 + gpu_linear_footprint(&m->head);
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        const Linear *list[16];
+        int n = layer_linears(L, list);
+        for (int i = 0; i < n; i++) total += gpu_linear_footprint(list[i]);
+        const ExpertStack *stacks[3] = {&L->w1, &L->w2, &L->w3};
+        for (int k = 0; k < 3; k++) {
+            Linear one = {stacks[k]->format, stacks[k]->rows, stacks[k]->cols, NULL, NULL, stacks[k]->scale_is_f32, 1};
+            total += (size_t)c->n_experts * gpu_linear_footprint(&one);
+        }
+        total += 2 * (mix * HC * E + mix + 3) * 4 + (size_t)c->vocab_size * c->topk * 4 + 65536;   /* small tensors */
+    }
     total += state_bytes(c, T, C, all_logits);
     total += (size_t)T * (24 + 1) * ((E + HC_SLICE - 1) / HC_SLICE) * sizeof(double);
     total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)c->vocab_size * 4 + 4096;
@@ -4097,7 +4146,8 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
     int E = c->hidden_size, X = c->n_experts, L = c->n_layers;
     memset(&gm, 0, sizeof gm);
     gm.embed = gm_alloc(m->embed.nbytes);
-    gpu_upload(gm.embed, m->embed.data, m->embed.nbytes);
+    if (m->embed.data) gpu_upload(gm.embed, m->embed.data, m->embed.nbytes);
+    else gpu_fill_random(gm.embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
     gm_linear(&gm.head, &m->head);
     gm.norm = gm_floats(m->norm, (size_t)E);
     gm.hc_head_fn = gm_floats(m->hc_head.fn, (size_t)HC * HC * E);
@@ -4888,12 +4938,231 @@ static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler,
     free(line);
 }
 
-/* ============================================================================= command line */
+/* ============================================================================ benchmark */
+/* `nvfp4 --bench` times the GPU path on a model of V4-Flash's real shapes and formats with
+   random weights made on the GPU (no checkpoint needed): FP8 attention and shared expert,
+   NVFP4 routed experts (256, top 6), BF16 compressors, indexer, router and head, the first
+   `layers` layers of Flash's sliding / CSA / HCA pattern. It prefills `position` random tokens
+   in chunks of 2048, then decodes with the CUDA graph and reports per token: time, bytes read,
+   GB/s against a streaming read measured in the same run, kernels, and the projection to
+   Flash's 43 layers. */
 
-#define NVFP4_VERSION "0.1"
-#ifndef NVFP4_COMMIT
-#define NVFP4_COMMIT "unknown"   /* the Makefile passes the git commit */
-#endif
+/* V4-Flash's configuration (its config.json, read as parse_config reads it) cut to `layers`. */
+static void bench_config(Config *c, int layers) {
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 129280, c->hidden_size = 4096, c->n_layers = layers, c->n_heads = 64, c->head_dim = 512;
+    c->rope_dim = 64, c->q_lora_rank = 1024, c->o_groups = 8, c->o_lora_rank = 1024, c->n_experts = 256;
+    c->n_shared_experts = 1, c->topk = 6, c->moe_inter = 2048, c->n_hash_layers = 3, c->sinkhorn_iters = 20;
+    c->sliding_window = 128, c->index_heads = 64, c->index_dim = 128, c->index_topk = 512, c->bos_id = 0;
+    c->eos_ids[0] = 1, c->n_eos = 1, c->hc_eps = 1e-6f, c->rms_eps = 1e-6f, c->routed_scaling = 1.5f;
+    c->swiglu_limit = 10, c->rope_theta = 10000, c->compress_rope_theta = 160000, c->yarn = 1, c->yarn_factor = 16;
+    c->yarn_beta_fast = 32, c->yarn_beta_slow = 1, c->yarn_original_max = 65536, c->rope_scale = 1;
+    for (int l = 0; l < layers; l++) {   /* [0, 0] + [4, 128] * 20 + [4] */
+        c->compress_ratio[l] = l < 2 ? 0 : l % 2 ? 128 : 4;
+        c->attn_kind[l] = l < 2 ? ATTN_SLIDING : l % 2 ? ATTN_HCA : ATTN_CSA;
+    }
+}
+
+/* n random floats in [lo, hi), owned by m. */
+static float *bench_floats(Model *m, size_t n, float lo, float hi, uint64_t *rng) {
+    float *v = model_keep(m, xcalloc(n, sizeof(float)));
+    for (size_t i = 0; i < n; i++) v[i] = lo + (hi - lo) * random_float(rng);
+    return v;
+}
+
+/* A linear layer of the given format and shape with no data: the upload makes random weights. */
+static Linear bench_linear(WeightFormat format, int rows, int cols) {
+    return (Linear){format, rows, cols, NULL, NULL, 0, 0.01f};
+}
+
+/* The benchmark's model: V4-Flash's shapes and formats, small tensors random on the host. */
+static void bench_model(Model *m, int layers) {
+    memset(m, 0, sizeof *m);
+    Config *c = &m->config;
+    bench_config(c, layers);
+    uint64_t rng = 12345;
+    int E = c->hidden_size, Q = c->q_lora_rank, D = c->head_dim, HD = c->n_heads * D, I = c->moe_inter;
+    int X = c->n_experts, mix = (2 + HC) * HC, GO = c->o_groups * c->o_lora_rank;
+    m->embed = (Tensor){.dtype = DT_BF16, .nbytes = (size_t)c->vocab_size * E * 2};
+    m->head = bench_linear(FMT_BF16, c->vocab_size, E);
+    m->norm = bench_floats(m, (size_t)E, 0.9f, 1.1f, &rng);
+    m->hc_head = (HcParams){bench_floats(m, (size_t)HC * HC * E, -0.01f, 0.01f, &rng), bench_floats(m, HC, -0.1f, 0.1f, &rng),
+                            bench_floats(m, 1, 0.5f, 1, &rng)};
+    m->layers = xcalloc((size_t)layers, sizeof(Layer));
+    for (int l = 0; l < layers; l++) {
+        Layer *L = &m->layers[l];
+        L->attn_norm = bench_floats(m, (size_t)E, 0.9f, 1.1f, &rng);
+        L->ffn_norm = bench_floats(m, (size_t)E, 0.9f, 1.1f, &rng);
+        HcParams *sites[2] = {&L->hc_attn, &L->hc_ffn};
+        for (int k = 0; k < 2; k++)
+            *sites[k] = (HcParams){bench_floats(m, (size_t)mix * HC * E, -0.01f, 0.01f, &rng),
+                                   bench_floats(m, (size_t)mix, -0.1f, 0.1f, &rng), bench_floats(m, 3, 0.5f, 1, &rng)};
+        L->wq_a = bench_linear(FMT_FP8, Q, E);
+        L->q_norm = bench_floats(m, (size_t)Q, 0.9f, 1.1f, &rng);
+        L->wq_b = bench_linear(FMT_FP8, HD, Q);
+        L->wkv = bench_linear(FMT_FP8, D, E);
+        L->kv_norm = bench_floats(m, (size_t)D, 0.9f, 1.1f, &rng);
+        L->wo_a = bench_linear(FMT_FP8, GO, HD / c->o_groups);
+        L->wo_b = bench_linear(FMT_FP8, E, GO);
+        L->attn_sink = bench_floats(m, (size_t)c->n_heads, -1, 1, &rng);
+        int ratio = c->compress_ratio[l], parts = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
+        if (ratio) {
+            L->compressor = (Compressor){bench_linear(FMT_BF16, parts * D, E), bench_linear(FMT_BF16, parts * D, E),
+                                         bench_floats(m, (size_t)ratio * parts * D, -1, 1, &rng),
+                                         bench_floats(m, (size_t)D, 0.9f, 1.1f, &rng)};
+        }
+        if (c->attn_kind[l] == ATTN_CSA) {
+            int DI = c->index_dim;
+            L->index_wq_b = bench_linear(FMT_FP8, c->index_heads * DI, Q);
+            L->index_weights_proj = bench_linear(FMT_BF16, c->index_heads, E);
+            L->index_compressor = (Compressor){bench_linear(FMT_BF16, 2 * DI, E), bench_linear(FMT_BF16, 2 * DI, E),
+                                               bench_floats(m, (size_t)ratio * 2 * DI, -1, 1, &rng),
+                                               bench_floats(m, (size_t)DI, 0.9f, 1.1f, &rng)};
+        }
+        L->gate = bench_linear(FMT_BF16, X, E);
+        if (is_hash_layer(c, l)) {
+            L->tid2eid = model_keep(m, xcalloc((size_t)c->vocab_size * c->topk, sizeof(int32_t)));
+            for (size_t i = 0; i < (size_t)c->vocab_size * c->topk; i++) L->tid2eid[i] = (int32_t)(random_u32(&rng) % X);
+        } else {
+            L->gate_bias = bench_floats(m, (size_t)X, -0.1f, 0.1f, &rng);
+        }
+        ExpertStack *stacks[3] = {&L->w1, &L->w2, &L->w3};
+        for (int k = 0; k < 3; k++) {
+            *stacks[k] = (ExpertStack){FMT_NVFP4, k == 1 ? E : I, k == 1 ? I : E, 0, NULL, NULL, NULL};
+            stacks[k]->weight = model_keep(m, xcalloc((size_t)X, sizeof(void *)));
+            stacks[k]->scale = model_keep(m, xcalloc((size_t)X, sizeof(void *)));
+            stacks[k]->global_scale = bench_floats(m, (size_t)X, 0.005f, 0.02f, &rng);
+        }
+        L->shared_w1 = bench_linear(FMT_FP8, I, E);
+        L->shared_w2 = bench_linear(FMT_FP8, E, I);
+        L->shared_w3 = bench_linear(FMT_FP8, I, E);
+    }
+}
+
+/* Bytes one decode step at `pos` reads: every weight it uses (the non-expert linears, K routed
+   experts and the shared one per layer, the mHC matrices, the head) and the cache its queries
+   read (window keys, selected or all compressed entries, the indexer's keys). */
+static void bench_bytes(const Model *m, int pos, double *weights, double *cache) {
+    const Config *c = &m->config;
+    int D = c->head_dim, W = c->sliding_window, window = pos + 1 < W ? pos + 1 : W;
+    *weights = (double)m->head.rows * linear_row_bytes(&m->head);
+    *cache = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        const Linear *list[16];
+        int n = layer_linears(L, list);
+        for (int i = 0; i < n; i++) *weights += (double)list[i]->rows * linear_row_bytes(list[i]) + linear_scale_bytes(list[i]);
+        const ExpertStack *stacks[3] = {&L->w1, &L->w2, &L->w3};
+        for (int k = 0; k < 3; k++) {
+            Linear one = {stacks[k]->format, stacks[k]->rows, stacks[k]->cols, NULL, NULL, 0, 1};
+            *weights += (double)c->topk * ((double)one.rows * linear_row_bytes(&one) + linear_scale_bytes(&one));
+        }
+        *weights += 2.0 * (2 + HC) * HC * HC * c->hidden_size * 4;
+        int ratio = c->compress_ratio[l], visible = ratio ? (pos + 1) / ratio : 0;
+        *cache += (double)window * D * 4;
+        if (c->attn_kind[l] == ATTN_HCA) *cache += (double)visible * D * 4;
+        if (c->attn_kind[l] == ATTN_CSA)
+            *cache += (double)(visible < c->index_topk ? visible : c->index_topk) * D * 4 + (double)visible * c->index_dim * 4;
+    }
+}
+
+/* Median of n floats (sorted in place). */
+static float median(float *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, compare_float);
+    return v[n / 2];
+}
+
+/* Milliseconds of one decode-graph replay, median of `steps` (each timed with events). */
+static float bench_decode_ms(int steps) {
+    float *t = xcalloc((size_t)steps, sizeof(float));
+    CUevent start, end;
+    CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
+    CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
+    for (int i = 0; i < steps; i++) {
+        CU_CHECK(cu.cuEventRecord(start, gpu.stream));
+        CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
+        CU_CHECK(cu.cuEventRecord(end, gpu.stream));
+        CU_CHECK(cu.cuEventSynchronize(end));
+        CU_CHECK(cu.cuEventElapsedTime(&t[i], start, end));
+    }
+    CU_CHECK(cu.cuEventDestroy(start));
+    CU_CHECK(cu.cuEventDestroy(end));
+    float ms = median(t, steps);
+    free(t);
+    return ms;
+}
+
+typedef struct { const GpuLinear *head; CUdeviceptr x, y; } HeadRun;
+static void head_call(void *arg, int i) {
+    (void)i;
+    HeadRun *r = arg;
+    gpu_gemv(r->head, r->x, r->y);
+}
+
+/* The benchmark (see above). */
+static void bench(int layers, int position) {
+    char why[512];
+    if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
+    Model m;
+    bench_model(&m, layers);
+    const Config *c = &m.config;
+    int chunk = 2048, steps = 48, ctx = position + steps + 16;
+    double upload = gpu_load_model(&m, chunk, ctx, 0);
+    printf("nvfp4 --bench on %s (%d SMs, driver %d.%d), commit %s: V4-Flash shapes, %d layers, random weights "
+           "(made in %.1f s, %.1f GB on the GPU)\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000,
+           gpu.driver_version % 1000 / 10, NVFP4_COMMIT, layers, upload, gm.allocated_bytes / 1e9);
+
+    /* prefill: random tokens in chunks of 2048 */
+    uint64_t rng = 99;
+    int *ids = xcalloc((size_t)chunk, sizeof(int));
+    State *s = &gm.state;
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    double start = now_seconds();
+    while (s->pos < position) {
+        int T = position - s->pos < chunk ? position - s->pos : chunk;
+        for (int i = 0; i < T; i++) ids[i] = 2 + (int)(random_u32(&rng) % (unsigned)(c->vocab_size - 2));
+        run_chunk(&m, s, ids, T, 0);
+    }
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    double prefill_s = now_seconds() - start;
+
+    /* decode: the graph, its kernels, its time */
+    Sampler greedy = {0, 1, 1, NULL};
+    gpu_upload(gm.rng, &rng, sizeof rng);
+    next_token(&m, s, &greedy, 0);
+    long before = gpu_launches;
+    gpu_capture_decode(&m, &greedy);
+    long kernels = gpu_launches - before, fixed = 5;   /* embed, first mixes, head finish, head, sample */
+    for (int i = 0; i < 4; i++) CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));   /* warm-up */
+    float ms = bench_decode_ms(steps - 4);
+    HeadRun head = {&gm.head, DEV(gm.state.scratch.x), DEV(gm.state.scratch.logits)};
+    double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
+
+    /* the ceiling: a streaming read of 2 GiB, same card, same run */
+    StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
+    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
+    double stream_gbs = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;
+    gpu_free(sr.buf);
+    gpu_free(sr.out);
+
+    double weights, cache;
+    bench_bytes(&m, position, &weights, &cache);
+    double gbs = (weights + cache) / (ms * 1e-3) / 1e9, layer_ms = (ms - head_ms) / layers;
+    printf("prefill  %d tokens in chunks of %d: %.0f tok/s\n", position, chunk, position / prefill_s);
+    printf("decode   at position %d: %.3f ms/token, %.1f tok/s (median of %d graph replays)\n", position, ms, 1000 / ms,
+           steps - 4);
+    printf("bytes    per token: %.1f MB of weights + %.1f MB of cache\n", weights / 1e6, cache / 1e6);
+    printf("speed    %.0f GB/s; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs, 100 * gbs / stream_gbs);
+    printf("kernels  %ld per decode step, %.1f per layer\n", kernels, (double)(kernels - fixed) / layers);
+    printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
+           head_ms, layer_ms);
+    free(ids);
+    gpu_unload();
+    gpu_close();
+    free_model(&m);
+}
+
+/* ============================================================================= command line */
 
 /* What the command line asked for. */
 typedef struct {
@@ -4901,6 +5170,7 @@ typedef struct {
     int *ids, n_ids;                                              /* --ids (ids NULL when absent) */
     int n_generate, max_ctx, max_tokens, chat, interactive, tokenize_only, seed_given;
     int cpu, gpu;                                                 /* --cpu, --gpu */
+    int bench, bench_layers, bench_position;                      /* --bench, --layers, --position */
     float temperature, top_p;
     uint64_t seed;
 } Options;
@@ -4927,6 +5197,9 @@ static void usage(FILE *f) {
             "  --cpu              run on the CPU even when a GPU is usable\n"
             "  --gpu              run on the GPU, or stop with the reason when none is usable\n"
             "                     (default: the GPU when one is usable, else the CPU)\n"
+            "  --bench            time the GPU path on V4-Flash's shapes with random weights (no MODEL_DIR)\n"
+            "  --layers N         --bench: layers of Flash's pattern (default 8)\n"
+            "  --position P       --bench: decode after a prefill of P tokens (default 4096)\n"
             "  --version          print the version and the git commit it was built from\n"
             "  -h, --help         show this help\n"
             "  --                 end of the options: what follows is MODEL_DIR and the prompt, even\n"
@@ -5029,6 +5302,8 @@ static Options parse_options(int argc, char **argv) {
     o.temperature = 0.6f;
     o.top_p = 0.95f;
     o.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    o.bench_layers = 8;
+    o.bench_position = 4096;
     int n_positional = 0, n_prompts = 0, options_ended = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -5062,7 +5337,14 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
         else if (!strcmp(a, "--cpu")) o.cpu = 1;
         else if (!strcmp(a, "--gpu")) o.gpu = 1;
+        else if (!strcmp(a, "--bench")) o.bench = 1;
+        else if (!strcmp(a, "--layers")) { o.bench_layers = (int)whole_arg(a, v, 1, MAX_LAYERS); i++; }
+        else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
         else usage_error("unknown option %s (see nvfp4 -h)", a);
+    }
+    if (o.bench) {
+        if (o.model_dir || n_prompts || o.cpu) usage_error("--bench takes no model, prompt or --cpu: it makes its own model on the GPU");
+        return o;
     }
     if (!o.model_dir) { usage(stderr); exit(2); }
     if (n_prompts > 1) usage_error("give one prompt: an argument, -p, -f or --ids");
@@ -5109,6 +5391,10 @@ static char *read_prompt(const char *path) {
 #ifndef TESTING
 int main(int argc, char **argv) {
     Options o = parse_options(argc, argv);
+    if (o.bench) {
+        bench(o.bench_layers, o.bench_position);
+        exit_done();
+    }
     install_signal_handlers();
     char *file_prompt = o.prompt_file ? read_prompt(o.prompt_file) : NULL;
     const char *prompt = file_prompt ? file_prompt : o.prompt;

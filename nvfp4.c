@@ -5103,6 +5103,7 @@ static void head_call(void *arg, int i) {
 static void bench(int layers, int position) {
     char why[512];
     if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
+    on_gpu = 1;
     Model m;
     bench_model(&m, layers);
     const Config *c = &m.config;

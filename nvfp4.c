@@ -3817,15 +3817,37 @@ static void gpu_free_linear(GpuLinear *g) {
 }
 
 /* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
-static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) {
+/* Several GEMVs in one launch (grid.y = count): slot z reads x + z * x_stride floats and writes
+   y + z * y_stride floats with matrix m = expert[z] (an int32 device array: experts chosen on the
+   GPU) or m = z (expert 0), whose codes and scales lie m * stride_w and m * stride_s bytes
+   after g's; an NVFP4 stack gives each matrix's global scale (times 2^62) in gscales62. */
+typedef struct {
+    int count, x_stride, y_stride;
+    CUdeviceptr expert;
+    size_t stride_w, stride_s;
+    CUdeviceptr gscales62;
+} GemvSlots;
+
+/* y = W x (per slot of `slots`, NULL: one). Mirrors linear() for T = 1. */
+static void gpu_gemv_slots(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvSlots *slots) {
     static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
                                        [FMT_NVFP4] = K_GEMV_NVFP4};
+    GemvSlots one = {1, 0, 0, 0, 0, 0, 0};
+    if (!slots) slots = &one;
     unsigned rows = (unsigned)g->rows, cols = (unsigned)g->cols, row_bytes = g->row_bytes, ksplit = row_bytes / GPU_CHUNK;
-    CUdeviceptr w = g->weight, s = g->scale;
+    unsigned x_stride = (unsigned)slots->x_stride, y_stride = (unsigned)slots->y_stride;
+    unsigned long long stride_w = slots->stride_w, stride_s = slots->stride_s;
+    CUdeviceptr w = g->weight, s = g->scale, expert = slots->expert, gscales62 = slots->gscales62;
     float gscale62 = g->gscale62;
-    void *params[] = {&w, &s, &x, &y, &rows, &cols, &row_bytes, &ksplit, &gscale62};
-    gpu_launch(kernel_of[g->format], g->grid, g->block, gpu_gemv_smem(g->format, row_bytes), params);
+    void *params[] = {&w,     &s,        &x,        &y,        &rows,     &cols,     &row_bytes,
+                      &ksplit, &expert,  &stride_w, &stride_s, &x_stride, &y_stride, &gscale62, &gscales62};
+    unsigned nrg = g->block / 32 / ksplit, row_blocks = (rows + 4 * nrg - 1) / (4 * nrg);
+    gpu_launch_grid(kernel_of[g->format], g->grid < row_blocks ? g->grid : row_blocks, (unsigned)slots->count, 1, g->block,
+                    gpu_gemv_smem(g->format, row_bytes), params);
 }
+
+/* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
+static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) { gpu_gemv_slots(g, x, y, NULL); }
 
 /* Launch stream_read over buf[bytes] (bytes a multiple of 16), adding its uint32 sum to *out. */
 static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
@@ -4001,8 +4023,9 @@ typedef struct {
     GpuLinear one;               /* format, shape and padded row bytes of one expert */
     CUdeviceptr weight, scale;   /* [X, rows, row_bytes], [X, scale bytes of one expert] */
     size_t weight_stride, scale_stride;
-    CUdeviceptr factors;         /* [X] f32 */
+    CUdeviceptr factors;         /* [X] f32: the GEMM's output factors (gpu_gemm_factor) */
     float *host_factors;         /* [X] the same, for per-expert prefill launches */
+    CUdeviceptr gscales62;       /* [X] f32: NVFP4 global scales times 2^62, for the GEMV */
 } GpuExperts;
 
 typedef struct {
@@ -4070,14 +4093,18 @@ static void gpu_upload_experts(GpuExperts *g, const ExpertStack *w, int X) {
     g->weight = gm_alloc((size_t)X * g->weight_stride);
     g->scale = g->scale_stride ? gm_alloc((size_t)X * g->scale_stride) : 0;
     g->host_factors = xcalloc((size_t)X, sizeof(float));
+    float *gscales62 = xcalloc((size_t)X, sizeof(float));
     for (int e = 0; e < X; e++) {
         Linear one = expert_matrix(w, e);
         GpuLinear placed;
         gpu_place_linear(&placed, &one, g->weight + e * g->weight_stride, g->scale ? g->scale + e * g->scale_stride : 0);
         g->host_factors[e] = gpu_gemm_factor(&placed);
+        gscales62[e] = placed.gscale62;
         if (e == 0) g->one = placed;
     }
     g->factors = gm_floats(g->host_factors, (size_t)X);
+    g->gscales62 = gm_floats(gscales62, (size_t)X);
+    free(gscales62);
 }
 
 /* A device copy of a linear layer, owned by the model. */
@@ -4325,6 +4352,13 @@ static void gpu_compressor(const Config *c, CompressorCache *s, CUdeviceptr ape,
            P64(gm.pos));
 }
 
+/* Bytes of the scales of `rows` rows of g in the GEMV layout (FP8: rows a multiple of 128). */
+static size_t gpu_scale_rows_bytes(const GpuLinear *g, int rows) {
+    size_t n = (size_t)rows, row_bytes = g->row_bytes;
+    return g->format == FMT_NVFP4 ? n * (row_bytes / 8) : g->format == FMT_MXFP4 ? n * (row_bytes / 16)
+         : g->format == FMT_FP8 ? n / 128 * (row_bytes / 128) * 4 : 0;
+}
+
 /* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. Mirrors
    attention(). */
 static void gpu_attention(const Model *m, int l, int T) {
@@ -4374,9 +4408,16 @@ static void gpu_attention(const Model *m, int l, int T) {
            PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
            P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos));
     int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
-    for (int grp = 0; grp < G; grp++)
-        gpu_linear_rows(&g->wo_a, grp * O, O, DEV(w->attn) + (size_t)grp * group_in * 4, H * D,
-                        DEV(w->grouped) + (size_t)grp * O * 4, G * O, T);
+    if (T == 1 && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
+        GpuLinear group = g->wo_a;
+        group.rows = O;
+        GemvSlots slots = {G, group_in, O, 0, (size_t)O * g->wo_a.row_bytes, gpu_scale_rows_bytes(&g->wo_a, O), 0};
+        gpu_gemv_slots(&group, DEV(w->attn), DEV(w->grouped), &slots);
+    } else {
+        for (int grp = 0; grp < G; grp++)
+            gpu_linear_rows(&g->wo_a, grp * O, O, DEV(w->attn) + (size_t)grp * group_in * 4, H * D,
+                            DEV(w->grouped) + (size_t)grp * O * 4, G * O, T);
+    }
     gpu_linear(&g->wo_b, DEV(w->grouped), DEV(w->block_out), T);
 }
 
@@ -4388,8 +4429,9 @@ static void gpu_expert_matrix(const GpuExperts *g, CUdeviceptr x, int x_slot_str
                               const int *start, int X) {
     const GpuLinear *w = &g->one;
     if (T == 1) {
-        GemmSlots slots = {K, x_slot_stride, w->rows, DEV(gm.state.scratch.chosen), g};
-        gpu_gemm(w, 1, 0, w->rows, x, w->cols, y, w->rows, 1, &slots);
+        GemvSlots slots = {K, x_slot_stride, w->rows, DEV(gm.state.scratch.chosen), g->weight_stride, g->scale_stride,
+                           w->format == FMT_NVFP4 ? g->gscales62 : 0};
+        gpu_gemv_slots(w, x, y, &slots);
         return;
     }
     for (int e = 0; e < X; e++) {

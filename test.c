@@ -231,7 +231,7 @@ static void test_config(void) {
           c.compress_ratio[2] == 4 && c.compress_ratio[3] == 128 && c.compress_ratio[1] == 0, "compress_ratios");
     CHECK(c.yarn && c.yarn_factor == 16 && c.yarn_original_max == 65536 && c.yarn_beta_fast == 32 &&
           c.compress_rope_theta == 160000, "rope_scaling (YaRN)");
-    /* DeepSeek V4-Flash as released (../shared/docs/MODEL.md): the layer schedule, rope and the
+    /* DeepSeek V4-Flash as released (its config.json): the layer schedule, rope and the
        size of its decoding state at the default --ctx and --chunk */
     char flash[2048];
     int at = snprintf(flash, sizeof flash,

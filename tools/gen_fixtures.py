@@ -10,9 +10,9 @@ was made on a CPU only, in a venv outside the repository, with exactly these pip
     python 3.11.7, torch==2.11.0 (PyPI's default Linux wheel, 2.11.0+cu130, run on the CPU: it
     needs its nvidia-* wheels present to import, though no GPU is used), transformers==5.17.0,
     tokenizers==0.23.3, safetensors==0.8.0, numpy==2.4.6
-    python3 -m venv /work/venv-fixture
-    /work/venv-fixture/bin/pip install torch==2.11.0 transformers==5.17.0 safetensors tokenizers
-    /work/venv-fixture/bin/python tools/gen_fixtures.py testdata/tokenizer.json.gz testdata tiny-d
+    python3 -m venv ../venv-fixture
+    ../venv-fixture/bin/pip install torch==2.11.0 transformers==5.17.0 safetensors tokenizers
+    ../venv-fixture/bin/python tools/gen_fixtures.py testdata/tokenizer.json.gz testdata tiny-d
 On that CPU setup tiny-a/b/c regenerate with byte-identical weights, tokenizers, prompts, rope.bin
 and greedy tokens; only their reference logits differ, by float32 rounding (<= 1.1e-6 of a row's
 largest logit), so the committed GPU-made references were kept.

@@ -1175,15 +1175,23 @@ static void test_cli(void) {
 /* Every bad input ends in one message naming what and where, and exit status 1. The cases are
    built from copies of the test models under build/bad/, edited one thing at a time. */
 
-/* Run "./nvfp4 ARGS"; returns the exit status and leaves stderr in *err (caller frees). */
-static int run_cli(const char *args, char **err) {
-    char cmd[4096];
-    snprintf(cmd, sizeof cmd, NVFP4_BIN " %s > build/bad/out.txt 2> build/bad/err.txt", args);
-    int status = system(cmd);
+/* Run the shell command line `cmd` with stderr to build/bad/err.txt; returns the exit status (-1
+   when it did not exit) and leaves stderr in *err (caller frees). */
+static int run_shell(const char *cmd, char **err) {
+    char line[8192];
+    snprintf(line, sizeof line, "%s 2> build/bad/err.txt", cmd);
+    int status = system(line);
     size_t n;
     *err = read_file("build/bad/err.txt", &n);
     if (!*err) *err = xstrdup("");
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* Run "./nvfp4 ARGS"; returns the exit status and leaves stderr in *err (caller frees). */
+static int run_cli(const char *args, char **err) {
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, NVFP4_BIN " %s > build/bad/out.txt", args);
+    return run_shell(cmd, err);
 }
 
 static void expect_cli(const char *args, int want_status, const char *expected) {
@@ -1692,17 +1700,6 @@ static void test_bad_options(void) {
 /* ---------------------------------------------------------------------------- command line */
 /* The command line takes any prompt, loses no output and leaves no partial file. */
 
-/* Run the shell command line `cmd` with stderr to build/bad/err.txt; returns the exit status (-1
-   when it did not exit) and leaves stderr in *err (caller frees). */
-static int run_shell(const char *cmd, char **err) {
-    char line[8192];
-    snprintf(line, sizeof line, "%s 2> build/bad/err.txt", cmd);
-    int status = system(line);
-    size_t n;
-    *err = read_file("build/bad/err.txt", &n);
-    if (!*err) *err = xstrdup("");
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 /* Run `cmd` (run_shell); check its exit status and that stderr holds `expected`. */
 static void expect_shell(const char *cmd, int want_status, const char *expected) {

@@ -1668,17 +1668,35 @@ static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
 }
 
 /* Launch kernel k on the stream: grid x block threads, smem bytes of dynamic shared memory. */
-static long gpu_launches;   /* kernels launched so far (the benchmark counts those of a decode step) */
+static long gpu_launches;          /* kernels launched so far (the benchmark counts those of a decode step) */
+static double *gpu_kernel_ms;      /* [K_COUNT] when set (the benchmark's breakdown): each launch is
+                                      timed, waited for, and its milliseconds added by kernel */
 
-static void gpu_launch(Kernel k, unsigned grid, unsigned block, unsigned smem, void **params) {
-    gpu_launches++;
-    CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], grid, 1, 1, block, 1, 1, smem, gpu.stream, params, NULL));
-}
-
-/* The same with a grid of gx x gy x gz blocks. */
+/* Launch kernel k on the stream: a grid of gx x gy x gz blocks of `block` threads, smem bytes
+   of dynamic shared memory. */
 static void gpu_launch_grid(Kernel k, unsigned gx, unsigned gy, unsigned gz, unsigned block, unsigned smem, void **params) {
+    CUevent start = NULL, end = NULL;
+    if (gpu_kernel_ms) {
+        CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
+        CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
+        CU_CHECK(cu.cuEventRecord(start, gpu.stream));
+    }
     gpu_launches++;
     CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], gx, gy, gz, block, 1, 1, smem, gpu.stream, params, NULL));
+    if (gpu_kernel_ms) {
+        float ms;
+        CU_CHECK(cu.cuEventRecord(end, gpu.stream));
+        CU_CHECK(cu.cuEventSynchronize(end));
+        CU_CHECK(cu.cuEventElapsedTime(&ms, start, end));
+        gpu_kernel_ms[k] += ms;
+        CU_CHECK(cu.cuEventDestroy(start));
+        CU_CHECK(cu.cuEventDestroy(end));
+    }
+}
+
+/* The same with a one-dimensional grid. */
+static void gpu_launch(Kernel k, unsigned grid, unsigned block, unsigned smem, void **params) {
+    gpu_launch_grid(k, grid, 1, 1, block, smem, params);
 }
 
 /* Blocks of `block` threads (and smem bytes of dynamic shared memory) of kernel k that fit on
@@ -3225,6 +3243,23 @@ static void bench(int layers, int position) {
     printf("kernels  %ld per decode step, %.1f per layer\n", kernels, (double)(kernels - fixed) / layers);
     printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
            head_ms, layer_ms);
+
+    /* where a step's time goes: 8 steps launched one kernel at a time, each timed on its own */
+    double per_kernel[K_COUNT] = {0};
+    int order[K_COUNT], profiled = 8;
+    gpu_kernel_ms = per_kernel;
+    for (int i = 0; i < profiled; i++) {
+        gpu_forward(&m, 1, 0);
+        gpu_sample(&greedy, c->vocab_size, 0, 1);
+    }
+    gpu_kernel_ms = NULL;
+    for (int k = 0; k < K_COUNT; k++) order[k] = k;
+    for (int a = 0; a < K_COUNT; a++)   /* by time, largest first */
+        for (int b = a + 1; b < K_COUNT; b++)
+            if (per_kernel[order[b]] > per_kernel[order[a]]) { int t = order[a]; order[a] = order[b]; order[b] = t; }
+    printf("kernels  time of a step by kernel, each launched alone (adds launch gaps the graph hides):\n");
+    for (int i = 0; i < K_COUNT && per_kernel[order[i]] > 0; i++)
+        printf("         %-18s %8.3f ms\n", kernel_names[order[i]], per_kernel[order[i]] / profiled);
     free(ids);
     gpu_unload();
     gpu_close();

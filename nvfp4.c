@@ -1869,29 +1869,33 @@ static void gpu_free_linear(GpuLinear *g) {
 
 /* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
 /* Several GEMVs in one launch (grid.y = count): slot z reads x + z * x_stride floats and writes
-   y + z * y_stride floats with matrix m = expert[z] (an int32 device array: experts chosen on the
-   GPU) or m = z (expert 0), whose codes and scales lie m * stride_w and m * stride_s bytes
-   after g's; an NVFP4 stack gives each matrix's global scale (times 2^62) in gscales62. */
+   y + z * y_stride floats with matrix m = z (expert 0) or, for experts chosen on the GPU (an
+   int32 device array), m = expert[z % list_len] + (z / list_len) * list_offset; its codes and
+   scales lie m * stride_w and m * stride_s bytes after g's. NVFP4 matrices of their own global
+   scales give them (times 2^62) in gscales62. */
 typedef struct {
     int count, x_stride, y_stride;
     CUdeviceptr expert;
     size_t stride_w, stride_s;
     CUdeviceptr gscales62;
+    int list_len, list_offset;
 } GemvSlots;
 
 /* y = W x (per slot of `slots`, NULL: one). Mirrors linear() for T = 1. */
 static void gpu_gemv_slots(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvSlots *slots) {
     static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
                                        [FMT_NVFP4] = K_GEMV_NVFP4};
-    GemvSlots one = {1, 0, 0, 0, 0, 0, 0};
+    GemvSlots one = {1, 0, 0, 0, 0, 0, 0, 1, 0};
     if (!slots) slots = &one;
     unsigned rows = (unsigned)g->rows, cols = (unsigned)g->cols, row_bytes = g->row_bytes, ksplit = row_bytes / GPU_CHUNK;
     unsigned x_stride = (unsigned)slots->x_stride, y_stride = (unsigned)slots->y_stride;
+    unsigned list_len = (unsigned)(slots->list_len ? slots->list_len : slots->count), list_offset = (unsigned)slots->list_offset;
     unsigned long long stride_w = slots->stride_w, stride_s = slots->stride_s;
     CUdeviceptr w = g->weight, s = g->scale, expert = slots->expert, gscales62 = slots->gscales62;
     float gscale62 = g->gscale62;
-    void *params[] = {&w,     &s,        &x,        &y,        &rows,     &cols,     &row_bytes,
-                      &ksplit, &expert,  &stride_w, &stride_s, &x_stride, &y_stride, &gscale62, &gscales62};
+    void *params[] = {&w,        &s,        &x,        &y,        &rows,     &cols,        &row_bytes, &ksplit,
+                      &expert,   &stride_w, &stride_s, &x_stride, &y_stride, &list_len, &list_offset, &gscale62,
+                      &gscales62};
     unsigned nrg = g->block / 32 / ksplit, row_blocks = (rows + 4 * nrg - 1) / (4 * nrg);
     gpu_launch_grid(kernel_of[g->format], g->grid < row_blocks ? g->grid : row_blocks, (unsigned)slots->count, 1, g->block,
                     gpu_gemv_smem(g->format, row_bytes), params);
@@ -2087,6 +2091,11 @@ typedef struct {
     CUdeviceptr hc_attn_fn, hc_attn_base, hc_attn_scale, hc_ffn_fn, hc_ffn_base, hc_ffn_scale;
     CUdeviceptr comp_ape, comp_norm, index_comp_ape, index_comp_norm;
     CUdeviceptr gate_bias, tid2eid;   /* [X] f32 (routed layers), [V, K] int32 (hash layers) */
+    /* pairs uploaded side by side (gm_linear_pair), computed by one launch in decode; their
+       NVFP4 global scales (times 2^62) as device arrays of 2 */
+    int shared_paired, comp_paired, index_comp_paired;
+    CUdeviceptr shared_gscales62, comp_gscales62, index_comp_gscales62;
+    int w13_paired;                   /* the routed w1 and w3 stacks side by side (gpu_upload_experts) */
 } GpuLayer;
 
 /* Everything of one model on the GPU. */
@@ -2135,26 +2144,35 @@ static CUdeviceptr gm_floats(const float *host, size_t n) {
     return d;
 }
 
-/* Upload a layer's expert stack: one allocation for the codes and one for the scales of all X
-   experts, each expert in the GEMV layout, placed straight into its slot. */
-static void gpu_upload_experts(GpuExperts *g, const ExpertStack *w, int X) {
-    Linear first = expert_matrix(w, 0);
-    g->weight_stride = gpu_linear_code_bytes(&first);
-    g->scale_stride = gpu_linear_scale_bytes(&first);
-    g->weight = gm_alloc((size_t)X * g->weight_stride);
-    g->scale = g->scale_stride ? gm_alloc((size_t)X * g->scale_stride) : 0;
-    g->host_factors = xcalloc((size_t)X, sizeof(float));
-    float *gscales62 = xcalloc((size_t)X, sizeof(float));
-    for (int e = 0; e < X; e++) {
-        Linear one = expert_matrix(w, e);
-        GpuLinear placed;
-        gpu_place_linear(&placed, &one, g->weight + e * g->weight_stride, g->scale ? g->scale + e * g->scale_stride : 0);
-        g->host_factors[e] = gpu_gemm_factor(&placed);
-        gscales62[e] = placed.gscale62;
-        if (e == 0) g->one = placed;
+/* Upload stacks[0..n) (n = 1, or 2 for w1 and w3 of one format) of a layer's X experts, side by
+   side in one allocation for the codes and one for the scales, each expert in the GEMV layout
+   placed straight into its slot: stack i's expert e is matrix i * X + e of the allocation, so
+   that one launch can reach both stacks (gpu_moe). The NVFP4 global scales of all n * X
+   matrices are one device array (stack i's at gscales62 + i * X). */
+static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int X) {
+    Linear first = expert_matrix(stacks[0], 0);
+    size_t weight_stride = gpu_linear_code_bytes(&first), scale_stride = gpu_linear_scale_bytes(&first);
+    CUdeviceptr weight = gm_alloc((size_t)n * X * weight_stride), scale = scale_stride ? gm_alloc((size_t)n * X * scale_stride) : 0;
+    float *gscales62 = xcalloc((size_t)n * X, sizeof(float));
+    for (int i = 0; i < n; i++) {
+        GpuExperts *gi = &g[i];
+        gi->weight_stride = weight_stride;
+        gi->scale_stride = scale_stride;
+        gi->weight = weight + (size_t)i * X * weight_stride;
+        gi->scale = scale ? scale + (size_t)i * X * scale_stride : 0;
+        gi->host_factors = xcalloc((size_t)X, sizeof(float));
+        for (int e = 0; e < X; e++) {
+            Linear one = expert_matrix(stacks[i], e);
+            GpuLinear placed;
+            gpu_place_linear(&placed, &one, gi->weight + e * weight_stride, gi->scale ? gi->scale + e * scale_stride : 0);
+            gi->host_factors[e] = gpu_gemm_factor(&placed);
+            gscales62[(size_t)i * X + e] = placed.gscale62;
+            if (e == 0) gi->one = placed;
+        }
+        gi->factors = gm_floats(gi->host_factors, (size_t)X);
     }
-    g->factors = gm_floats(g->host_factors, (size_t)X);
-    g->gscales62 = gm_floats(gscales62, (size_t)X);
+    CUdeviceptr all = gm_floats(gscales62, (size_t)n * X);
+    for (int i = 0; i < n; i++) g[i].gscales62 = all + (size_t)i * X * sizeof(float);
     free(gscales62);
 }
 
@@ -2163,6 +2181,25 @@ static void gm_linear(GpuLinear *g, const Linear *w) {
     size_t scale_bytes = gpu_linear_scale_bytes(w);
     gpu_place_linear(g, w, gm_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gm_alloc(scale_bytes) : 0);
 }
+
+/* Two linear layers that take the same input, uploaded side by side (b's codes and scales
+   right after a's) when they share format and shape, so that one GEMV launch of two slots
+   computes both in decode (gpu_gemv_pair); otherwise each in buffers of its own. Returns
+   whether they were paired. */
+static int gm_linear_pair(GpuLinear *ga, GpuLinear *gb, const Linear *a, const Linear *b, CUdeviceptr *gscales62) {
+    if (a->format != b->format || a->rows != b->rows || a->cols != b->cols || a->scale_is_f32 != b->scale_is_f32) {
+        gm_linear(ga, a);
+        gm_linear(gb, b);
+        return 0;
+    }
+    size_t code = gpu_linear_code_bytes(a), scale = gpu_linear_scale_bytes(a);
+    CUdeviceptr w = gm_alloc(2 * code), sc = scale ? gm_alloc(2 * scale) : 0;
+    gpu_place_linear(ga, a, w, sc);
+    gpu_place_linear(gb, b, w + code, sc ? sc + scale : 0);
+    *gscales62 = gm_floats((float[]){ga->gscale62, gb->gscale62}, 2);
+    return 1;
+}
+
 
 /* The linear layers of L other than the routed experts, into list[] (at most 16); returns how
    many (the compressor and indexer ones only where the layer has them). */
@@ -2244,9 +2281,8 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
         gm_linear(&g->wo_a, &w->wo_a);
         gm_linear(&g->wo_b, &w->wo_b);
         gm_linear(&g->gate, &w->gate);
-        gm_linear(&g->shared_w1, &w->shared_w1);
+        g->shared_paired = gm_linear_pair(&g->shared_w1, &g->shared_w3, &w->shared_w1, &w->shared_w3, &g->shared_gscales62);
         gm_linear(&g->shared_w2, &w->shared_w2);
-        gm_linear(&g->shared_w3, &w->shared_w3);
         g->attn_norm = gm_floats(w->attn_norm, (size_t)E);
         g->ffn_norm = gm_floats(w->ffn_norm, (size_t)E);
         g->q_norm = gm_floats(w->q_norm, (size_t)c->q_lora_rank);
@@ -2259,16 +2295,16 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
         g->hc_ffn_base = gm_floats(w->hc_ffn.base, mix);
         g->hc_ffn_scale = gm_floats(w->hc_ffn.scale, 3);
         if (ratio) {
-            gm_linear(&g->comp_wkv, &w->compressor.wkv);
-            gm_linear(&g->comp_wgate, &w->compressor.wgate);
+            g->comp_paired = gm_linear_pair(&g->comp_wkv, &g->comp_wgate, &w->compressor.wkv, &w->compressor.wgate,
+                                            &g->comp_gscales62);
             g->comp_ape = gm_floats(w->compressor.ape, (size_t)ratio * parts * c->head_dim);
             g->comp_norm = gm_floats(w->compressor.norm, (size_t)c->head_dim);
         }
         if (c->attn_kind[l] == ATTN_CSA) {
             gm_linear(&g->index_wq_b, &w->index_wq_b);
             gm_linear(&g->index_weights_proj, &w->index_weights_proj);
-            gm_linear(&g->index_comp_wkv, &w->index_compressor.wkv);
-            gm_linear(&g->index_comp_wgate, &w->index_compressor.wgate);
+            g->index_comp_paired = gm_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, &w->index_compressor.wkv,
+                                                  &w->index_compressor.wgate, &g->index_comp_gscales62);
             g->index_comp_ape = gm_floats(w->index_compressor.ape, (size_t)ratio * 2 * c->index_dim);
             g->index_comp_norm = gm_floats(w->index_compressor.norm, (size_t)c->index_dim);
         }
@@ -2279,9 +2315,17 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
         } else {
             g->gate_bias = gm_floats(w->gate_bias, (size_t)X);
         }
-        gpu_upload_experts(&g->w1, &w->w1, X);
-        gpu_upload_experts(&g->w2, &w->w2, X);
-        gpu_upload_experts(&g->w3, &w->w3, X);
+        g->w13_paired = w->w1.format == w->w3.format && w->w1.scale_is_f32 == w->w3.scale_is_f32;
+        GpuExperts w13[2];
+        if (g->w13_paired) {
+            gpu_upload_experts(w13, (const ExpertStack *[]){&w->w1, &w->w3}, 2, X);
+            g->w1 = w13[0];
+            g->w3 = w13[1];
+        } else {
+            gpu_upload_experts(&g->w1, (const ExpertStack *[]){&w->w1}, 1, X);
+            gpu_upload_experts(&g->w3, (const ExpertStack *[]){&w->w3}, 1, X);
+        }
+        gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, X);
         progress("uploading layers", l + 1, L);
     }
 
@@ -2377,6 +2421,21 @@ static void gpu_linear_rows(const GpuLinear *g, int row0, int nrows, CUdeviceptr
     else gpu_gemm(g, gpu_gemm_factor(g), row0, nrows, x, x_stride, y, y_stride, T, NULL);
 }
 
+/* ya = A x and yb = B x on T rows of x: for a pair uploaded side by side (gm_linear_pair) and
+   T = 1, one GEMV launch of two slots (yb must lie after ya); otherwise two products. Mirrors
+   two calls of linear. */
+static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, int paired, CUdeviceptr gscales62, CUdeviceptr x,
+                            CUdeviceptr ya, CUdeviceptr yb, int T) {
+    if (T == 1 && paired && yb > ya) {
+        GemvSlots slots = {2, 0, (int)((yb - ya) / 4), 0, b->weight - a->weight, b->scale - a->scale,
+                           a->format == FMT_NVFP4 ? gscales62 : 0, 2, 0};
+        gpu_gemv_slots(a, x, ya, &slots);
+        return;
+    }
+    gpu_linear_rows(a, 0, a->rows, x, a->cols, ya, a->rows, T);
+    gpu_linear_rows(b, 0, b->rows, x, b->cols, yb, b->rows, T);
+}
+
 /* y[T, rows] = x[T, cols] W^T. Mirrors linear. */
 static void gpu_linear(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, int T) {
     gpu_linear_rows(g, 0, g->rows, x, g->cols, y, g->rows, T);
@@ -2431,14 +2490,14 @@ static void gpu_attention(const Model *m, int l, int T) {
 
     /* compressed entries; for CSA the indexer's keys, queries, weights, scores and top-k */
     if (ratio) {
-        gpu_linear(&g->comp_wkv, DEV(w->x), DEV(w->comp_kv), T);
-        gpu_linear(&g->comp_wgate, DEV(w->x), DEV(w->comp_gate), T);
+        gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, DEV(w->x), DEV(w->comp_kv),
+                        DEV(w->comp_gate), T);
         gpu_compressor(c, &ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, ratio, DEV(w->comp_kv), DEV(w->comp_gate), T);
     }
     if (csa) {
         int NI = c->index_heads, DI = c->index_dim;
-        gpu_linear(&g->index_comp_wkv, DEV(w->x), DEV(w->comp_kv), T);
-        gpu_linear(&g->index_comp_wgate, DEV(w->x), DEV(w->comp_gate), T);
+        gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired, g->index_comp_gscales62, DEV(w->x),
+                        DEV(w->comp_kv), DEV(w->comp_gate), T);
         gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, DEV(w->comp_kv),
                        DEV(w->comp_gate), T);
         gpu_linear(&g->index_wq_b, DEV(w->qr), DEV(w->index_q), T);
@@ -2462,7 +2521,7 @@ static void gpu_attention(const Model *m, int l, int T) {
     if (T == 1 && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
         GpuLinear group = g->wo_a;
         group.rows = O;
-        GemvSlots slots = {G, group_in, O, 0, (size_t)O * g->wo_a.row_bytes, gpu_scale_rows_bytes(&g->wo_a, O), 0};
+        GemvSlots slots = {G, group_in, O, 0, (size_t)O * g->wo_a.row_bytes, gpu_scale_rows_bytes(&g->wo_a, O), 0, G, 0};
         gpu_gemv_slots(&group, DEV(w->attn), DEV(w->grouped), &slots);
     } else {
         for (int grp = 0; grp < G; grp++)
@@ -2481,7 +2540,7 @@ static void gpu_expert_matrix(const GpuExperts *g, CUdeviceptr x, int x_slot_str
     const GpuLinear *w = &g->one;
     if (T == 1) {
         GemvSlots slots = {K, x_slot_stride, w->rows, DEV(gm.state.scratch.chosen), g->weight_stride, g->scale_stride,
-                           w->format == FMT_NVFP4 ? g->gscales62 : 0};
+                           w->format == FMT_NVFP4 ? g->gscales62 : 0, K, 0};
         gpu_gemv_slots(w, x, y, &slots);
         return;
     }
@@ -2516,8 +2575,8 @@ static void gpu_moe(const Model *m, int l, int T) {
            P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
            PF32(c->routed_scaling));
     /* the shared expert, into block_out */
-    gpu_linear(&g->shared_w1, DEV(w->x), DEV(w->expert_gate), T);
-    gpu_linear(&g->shared_w3, DEV(w->x), DEV(w->expert_up), T);
+    gpu_linear_pair(&g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, DEV(w->x), DEV(w->expert_gate),
+                    DEV(w->expert_up), T);
     gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
     gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
     /* the routed experts */
@@ -2533,9 +2592,20 @@ static void gpu_moe(const Model *m, int l, int T) {
         x_slot_stride = E;
     }
     int rows_of_slots = T * K;
-    gpu_expert_matrix(&g->w1, x, x_slot_stride, DEV(w->expert_gate), K, T, start, X);
-    gpu_expert_matrix(&g->w3, x, x_slot_stride, DEV(w->expert_up), K, T, start, X);
-    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)rows_of_slots * I, c->swiglu_limit);
+    CUdeviceptr up = DEV(w->expert_up);
+    if (T == 1 && g->w13_paired && gm.state.max_tokens >= 2) {
+        /* w1 and w3 of the K chosen experts in one launch of 2K slots: the w3 outputs go to rows
+           K..2K-1 of expert_gate (it has room for max_tokens * K rows) */
+        const GpuLinear *one = &g->w1.one;
+        GemvSlots slots = {2 * K, 0, I, DEV(w->chosen), g->w1.weight_stride, g->w1.scale_stride,
+                           one->format == FMT_NVFP4 ? g->w1.gscales62 : 0, K, X};
+        gpu_gemv_slots(one, x, DEV(w->expert_gate), &slots);
+        up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
+    } else {
+        gpu_expert_matrix(&g->w1, x, x_slot_stride, DEV(w->expert_gate), K, T, start, X);
+        gpu_expert_matrix(&g->w3, x, x_slot_stride, DEV(w->expert_up), K, T, start, X);
+    }
+    gpu_swiglu(DEV(w->expert_gate), up, (size_t)rows_of_slots * I, c->swiglu_limit);
     gpu_expert_matrix(&g->w2, DEV(w->expert_gate), I, DEV(w->expert_out), K, T, start, X);
     free(start);
 }

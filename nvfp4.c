@@ -3131,11 +3131,15 @@ static Linear bench_linear(WeightFormat format, int rows, int cols) {
     return (Linear){format, rows, cols, NULL, NULL, 0, 0.01f};
 }
 
-/* The benchmark's model: V4-Flash's shapes and formats, small tensors random on the host. */
-static void bench_model(Model *m, int layers) {
+/* The benchmark's model: V4-Flash's shapes and formats (with `experts` routed experts and a
+   vocabulary of `vocab`), small tensors random on the host; the matrices have no data (the
+   upload makes random ones on the GPU). */
+static void bench_model(Model *m, int layers, int experts, int vocab) {
     memset(m, 0, sizeof *m);
     Config *c = &m->config;
     bench_config(c, layers);
+    c->n_experts = experts;
+    c->vocab_size = vocab;
     uint64_t rng = 12345;
     int E = c->hidden_size, Q = c->q_lora_rank, D = c->head_dim, HD = c->n_heads * D, I = c->moe_inter;
     int X = c->n_experts, mix = (2 + HC) * HC, GO = c->o_groups * c->o_lora_rank;
@@ -3261,7 +3265,7 @@ static void bench(int layers, int position) {
     if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
     on_gpu = 1;
     Model m;
-    bench_model(&m, layers);
+    bench_model(&m, layers, 256, 129280);
     const Config *c = &m.config;
     int chunk = 2048, steps = 48, ctx = position + steps + 16;
     double upload = gpu_load_model(&m, chunk, ctx, 0);

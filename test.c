@@ -2409,8 +2409,8 @@ static void test_gpu_pieces(const Model *m, State *s, const int *ids, int prefix
         worst_moe = fmaxf(worst_moe, e3);
         CHECK(e3 < GPU_TOL_GEMM, "GPU MoE, layer %d, T %d: %.2e (%d chosen experts differ from the CPU's)", l, T, e3, flips);
     }
-    printf("  GPU pieces, T %2d after %d tokens: attention %.2e, caches %.2e, MoE %.2e, experts chosen differently %d\n",
-           T, prefix, worst_attn, worst_cache, worst_moe, flips);
+    printf("  GPU pieces, T %2d at position %d: attention %.2e, caches %.2e, MoE %.2e, experts chosen differently %d\n",
+           T, s->pos, worst_attn, worst_cache, worst_moe, flips);
     memcpy(s->arena, snapshot, bytes);
     free(snapshot);
     free(copy);
@@ -2577,6 +2577,83 @@ static void test_gpu_hc(const Model *m, State *s, int T) {
     free(copy);
 }
 
+/* n random weight bytes of `format`'s codes (`scale` 0) or block scales (1), as a checkpoint
+   could hold them: no NaN codes, scales in a realistic range; owned by m. */
+static void *random_weight_bytes(Model *m, WeightFormat format, int scale, size_t n) {
+    uint8_t *b = model_keep(m, xcalloc(n, 1));
+    for (size_t i = 0; i < n; i++) {
+        uint8_t r = (uint8_t)random_u32(&test_rng);
+        b[i] = !scale ? (format == FMT_FP8 ? r & 0xBF : format == FMT_BF16 && i % 2 ? (uint8_t)(0x3B + r % 4 + (r & 0x80)) : r)
+             : format == FMT_NVFP4 ? (uint8_t)(0x28 + r % 0x20) : (uint8_t)(118 + r % 8);
+    }
+    return b;
+}
+
+/* A random linear layer of `format` [rows, cols] with data, owned by m. */
+static Linear random_linear(Model *m, WeightFormat format, int rows, int cols) {
+    Linear w = {format, rows, cols, NULL, NULL, 0, 0.01f};
+    w.weight = random_weight_bytes(m, format, 0, (size_t)rows * linear_row_bytes(&w));
+    if (format != FMT_BF16) w.scale = random_weight_bytes(m, format, 1, linear_scale_bytes(&w));
+    return w;
+}
+
+/* The attention, MoE and mHC kernels at V4-Flash's sizes against the CPU: the benchmark's model
+   (Flash's shapes and formats, 4 layers: sliding, sliding, CSA, HCA; 16 experts and a vocabulary
+   of 1000 to keep the host copy and the CPU's work small) with real data on the host, from a
+   random state at position 2400 (600 CSA entries, more than index_topk, and 18 HCA entries). */
+static void test_gpu_flash_pieces(void) {
+    Model m;
+    bench_model(&m, 4, 16, 1000);
+    Config *c = &m.config;
+    int E = c->hidden_size, X = c->n_experts;
+    m.embed = (Tensor){.dtype = DT_BF16, .nbytes = (size_t)c->vocab_size * E * 2};
+    m.embed.data = random_weight_bytes(&m, FMT_BF16, 0, m.embed.nbytes);
+    m.head = random_linear(&m, FMT_BF16, c->vocab_size, E);
+    for (int l = 0; l < c->n_layers; l++) {
+        Layer *L = &m.layers[l];
+        const Linear *list[16];
+        int n = layer_linears(L, list);
+        for (int i = 0; i < n; i++) *(Linear *)list[i] = random_linear(&m, list[i]->format, list[i]->rows, list[i]->cols);
+        ExpertStack *stacks[3] = {&L->w1, &L->w2, &L->w3};
+        for (int k = 0; k < 3; k++)
+            for (int e = 0; e < X; e++) {
+                Linear one = random_linear(&m, stacks[k]->format, stacks[k]->rows, stacks[k]->cols);
+                stacks[k]->weight[e] = one.weight;
+                stacks[k]->scale[e] = one.scale;
+            }
+        if (L->tid2eid)
+            for (size_t i = 0; i < (size_t)c->vocab_size * c->topk; i++) L->tid2eid[i] = (int32_t)(random_u32(&test_rng) % X);
+    }
+    State s;
+    alloc_state(&s, c, 8, 4096, 0);
+    gpu_load_model(&m, 8, 4096, 0);
+    s.pos = 2400;
+    for (int l = 0; l < c->n_layers; l++) {   /* a random cache: ring, windows, overlap, entries */
+        LayerCache *ls = &s.layers[l];
+        for (size_t i = 0; i < (size_t)ring_rows(&s, c) * c->head_dim; i++) ls->keys[i] = uniform(-1, 1);
+        CompressorCache *caches[2] = {&ls->comp, &ls->index_comp};
+        int ratio = c->compress_ratio[l];
+        for (int k = 0; k < 2 && ratio; k++) {
+            int d = k ? c->index_dim : c->head_dim, parts = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
+            if (k && c->attn_kind[l] != ATTN_CSA) break;
+            for (size_t i = 0; i < (size_t)ratio * parts * d; i++) caches[k]->pending_kv[i] = uniform(-1, 1);
+            for (size_t i = 0; i < (size_t)ratio * parts * d; i++) caches[k]->pending_gate[i] = uniform(-2, 2);
+            for (size_t i = 0; parts == 2 && i < (size_t)ratio * d; i++) caches[k]->prev_kv[i] = uniform(-1, 1);
+            for (size_t i = 0; parts == 2 && i < (size_t)ratio * d; i++) caches[k]->prev_gate[i] = uniform(-2, 2);
+            for (size_t i = 0; i < (size_t)(s.max_ctx / ratio) * d; i++) caches[k]->entries[i] = uniform(-1, 1);
+        }
+    }
+    int tokens[8];
+    for (int i = 0; i < 8; i++) tokens[i] = 2 + (int)(random_u32(&test_rng) % 900);
+    printf("  V4-Flash sizes (4 layers: sliding, sliding, CSA, HCA; 16 experts):\n");
+    test_gpu_hc(&m, &s, 1);
+    test_gpu_pieces(&m, &s, tokens, 0, 1);
+    test_gpu_pieces(&m, &s, tokens, 0, 5);
+    gpu_unload();
+    free_state(&s);
+    free_model(&m);
+}
+
 /* Every GPU check on one fixture model. */
 static void test_gpu_model(const char *dir, int chunk) {
     Model m;
@@ -2645,6 +2722,7 @@ static void test_gpu(void) {
     test_gpu_model("testdata/tiny-b", 50);
     test_gpu_model("testdata/tiny-c", 13);
     test_gpu_model("testdata/tiny-d", 7);
+    test_gpu_flash_pieces();
     test_cli_dump("env -u CUDA_VISIBLE_DEVICES", "--gpu", 2e-2f);
     gpu_close();
 }

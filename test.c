@@ -2654,6 +2654,49 @@ static void test_gpu_flash_pieces(void) {
     free_model(&m);
 }
 
+/* A V4-Flash-shaped checkpoint on disk, made by tools/gen_flash_checkpoint.py and named by
+   NVFP4_FLASH_DIR: loaded by nvfp4 (shards, index, every format of the NVFP4 release), then 8
+   prompt tokens (tensor-core prefill) and one decode step (the GEMVs) through the CPU and the
+   GPU path: every logits row within 2e-2 of the CPU's largest logit, the same argmax or a near
+   tie. */
+static void test_gpu_checkpoint(const char *dir) {
+    Model m;
+    load_model(&m, dir);
+    const Config *c = &m.config;
+    int V = c->vocab_size, T = 8, ids[8], pos = 0;
+    for (int i = 0; i < T; i++) ids[i] = 2 + (int)(random_u32(&test_rng) % (unsigned)(V - 2));
+    State s;
+    alloc_state(&s, c, T, 64, 1);
+    gpu_load_model(&m, T, 64, 1);
+    float *logits = xcalloc((size_t)T * V, sizeof(float)), worst = 0, worst_margin = 0;
+    for (int step = 0; step < 2; step++) {   /* the prompt, then one decode step */
+        int n = step ? 1 : T, *tokens = step ? &ids[T - 1] : ids;
+        if (step) *tokens = argmax(s.scratch.logits + (size_t)(T - 1) * V, V);
+        gpu_upload(gm.pos, &pos, sizeof pos);
+        gpu_upload(gm.tokens, tokens, (size_t)n * sizeof(int));
+        gpu_forward(&m, n, 1);
+        gpu_download(logits, DEV(gm.state.scratch.logits), (size_t)n * V * sizeof(float));
+        forward(&m, &s, tokens, n, 1);
+        for (int t = 0; t < n; t++) {
+            const float *a = logits + (size_t)t * V, *b = s.scratch.logits + (size_t)t * V;
+            worst = fmaxf(worst, relative_error(a, b, (size_t)V));
+            int mine = argmax(a, V), cpu = argmax(b, V);
+            float scale = 0;
+            for (int v = 0; v < V; v++) scale = fmaxf(scale, fabsf(b[v]));
+            if (mine != cpu) worst_margin = fmaxf(worst_margin, (a[mine] - a[cpu]) / scale);
+        }
+        pos += n;
+    }
+    CHECK(worst < 2e-2f && worst_margin < 2e-2f, "V4-Flash-shaped checkpoint %s, GPU vs CPU: worst %.2e, argmax margin %.2e", dir,
+          worst, worst_margin);
+    printf("  V4-Flash-shaped checkpoint %s (%d layers, %.1f GB): GPU vs CPU logits within %.2e, argmax %s\n", dir,
+           c->n_layers, m.weight_bytes / 1e9, worst, worst_margin > 0 ? "differs at a near tie" : "identical");
+    gpu_unload();
+    free(logits);
+    free_state(&s);
+    free_model(&m);
+}
+
 /* Every GPU check on one fixture model. */
 static void test_gpu_model(const char *dir, int chunk) {
     Model m;
@@ -2723,6 +2766,7 @@ static void test_gpu(void) {
     test_gpu_model("testdata/tiny-c", 13);
     test_gpu_model("testdata/tiny-d", 7);
     test_gpu_flash_pieces();
+    if (getenv("NVFP4_FLASH_DIR")) test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));
     test_cli_dump("env -u CUDA_VISIBLE_DEVICES", "--gpu", 2e-2f);
     gpu_close();
 }

@@ -519,17 +519,17 @@ static void open_checkpoint(Model *m, const char *dir) {
     for (size_t i = 0; i < m->n_tensors; i++) m->weight_bytes += m->tensors[i].nbytes;
 }
 
-/* Bind a compressor (prefix.wkv, .wgate, .ape, .norm) of coff*dim channels and `ratio` tokens
+/* Bind a compressor (prefix.wkv, .wgate, .ape, .norm) of parts*dim channels and `ratio` tokens
    per entry. */
-static void load_compressor(Model *m, Compressor *c, const char *prefix, int coff, int dim, int ratio) {
+static void load_compressor(Model *m, Compressor *c, const char *prefix, int parts, int dim, int ratio) {
     const Config *cfg = &m->config;
     char name[256];
     snprintf(name, sizeof name, "%s.wkv", prefix);
-    c->wkv = load_linear(m, name, coff * dim, cfg->hidden_size);
+    c->wkv = load_linear(m, name, parts * dim, cfg->hidden_size);
     snprintf(name, sizeof name, "%s.wgate", prefix);
-    c->wgate = load_linear(m, name, coff * dim, cfg->hidden_size);
+    c->wgate = load_linear(m, name, parts * dim, cfg->hidden_size);
     snprintf(name, sizeof name, "%s.ape", prefix);
-    c->ape = small_tensor(m, name, 2, (int64_t[]){ratio, (int64_t)coff * dim});
+    c->ape = small_tensor(m, name, 2, (int64_t[]){ratio, (int64_t)parts * dim});
     snprintf(name, sizeof name, "%s.norm.weight", prefix);
     c->norm = small_tensor(m, name, 1, (int64_t[]){dim});
 }

@@ -96,8 +96,8 @@ typedef struct {
 } HcParams;
 
 typedef struct {
-    Linear wkv, wgate;    /* [coff*d, E] each (coff = 2 for CSA, 1 for HCA) */
-    float *ape;           /* [ratio, coff*d] */
+    Linear wkv, wgate;    /* [parts*d, E] each (parts = 2 for CSA, 1 for HCA) */
+    float *ape;           /* [ratio, parts*d] */
     float *norm;          /* [d] */
 } Compressor;
 
@@ -166,7 +166,7 @@ typedef struct {
 
 /* A compressor's cache; its window being filled is slot pos % ratio. */
 typedef struct {
-    float *pending_kv, *pending_gate; /* [ratio, coff*d]: the tokens of the window being filled */
+    float *pending_kv, *pending_gate; /* [ratio, parts*d]: the tokens of the window being filled */
     float *prev_kv, *prev_gate;       /* CSA: [ratio, d] the last closed window's first half (gate with ape) */
     float *entries;                   /* [C/ratio, d]: entry i is emitted at position (i+1)*ratio - 1 */
 } CompressorCache;

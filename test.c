@@ -849,8 +849,8 @@ static void test_compressor_chunking(void) {
     float inv_freq[2];
     rope_frequencies(&c, 1, inv_freq);
     Rope freq = {inv_freq, 1.0f};
-    for (int coff = 1; coff <= 2; coff++) {
-        int width = coff * d;
+    for (int parts = 1; parts <= 2; parts++) {
+        int width = parts * d;
         float ape[ratio * 2 * d], norm[d], kv[N * 2 * d], gate[N * 2 * d], entry[2 * d];
         for (int i = 0; i < ratio * width; i++) ape[i] = uniform(-1, 1);
         for (int i = 0; i < d; i++) norm[i] = uniform(0.5f, 1.5f);
@@ -860,16 +860,16 @@ static void test_compressor_chunking(void) {
         for (int chunk = 1; chunk <= N; chunk += 7) {
             CompressorCache s = {0};
             StatePlan plan = {0, NULL};
-            plan_compressor(&plan, &s, coff, d, ratio, N);
+            plan_compressor(&plan, &s, parts, d, ratio, N);
             plan.base = xcalloc(1, plan.total);
             plan.total = 0;
-            plan_compressor(&plan, &s, coff, d, ratio, N);
+            plan_compressor(&plan, &s, parts, d, ratio, N);
             for (int p = 0; p < N; p += chunk) {
                 int T = N - p < chunk ? N - p : chunk;
-                compressor_feed(&c, &w, &s, coff, d, ratio, kv + (size_t)p * width, gate + (size_t)p * width, T, p, &freq, entry);
+                compressor_feed(&c, &w, &s, parts, d, ratio, kv + (size_t)p * width, gate + (size_t)p * width, T, p, &freq, entry);
             }
             if (chunk == 1) memcpy(all, s.entries, sizeof all);
-            CHECK(!memcmp(all, s.entries, sizeof all), "coff %d chunk %d: same entries", coff, chunk);
+            CHECK(!memcmp(all, s.entries, sizeof all), "parts %d chunk %d: same entries", parts, chunk);
             free(plan.base);
         }
         /* naive entry 3: softmax over its slots (CSA: window 2's first half, then window 3's second half) */
@@ -877,9 +877,9 @@ static void test_compressor_chunking(void) {
         float naive[d];
         for (int j = 0; j < d; j++) {
             double num = 0, den = 0;
-            for (int part = coff == 2 ? 0 : 1; part < 2; part++)
+            for (int part = parts == 2 ? 0 : 1; part < 2; part++)
                 for (int k = 0; k < ratio; k++) {
-                    int pos = (e - 1 + part) * ratio + k, ch = coff == 2 ? (part ? d : 0) + j : j;
+                    int pos = (e - 1 + part) * ratio + k, ch = parts == 2 ? (part ? d : 0) + j : j;
                     double p = exp(gate[pos * width + ch] + ape[k * width + ch]);
                     num += p * kv[pos * width + ch];
                     den += p;
@@ -890,7 +890,7 @@ static void test_compressor_chunking(void) {
         rope(naive + d - 4, 4, e * ratio, &freq, 1);
         float err = 0;
         for (int j = 0; j < d; j++) err = fmaxf(err, fabsf(naive[j] - all[e][j]));
-        CHECK(err < 1e-5f, "coff %d: entry vs naive window softmax: %g", coff, err);
+        CHECK(err < 1e-5f, "parts %d: entry vs naive window softmax: %g", parts, err);
     }
 }
 

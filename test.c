@@ -600,6 +600,45 @@ static void test_moe(void) {
     for (int i = 0; i < n_keep; i++) free(keep[i]);
 }
 
+/* select_entries(): HCA sees every entry whose window has closed, (pos + 1) / ratio of them
+   (the entry closed by this very position included); CSA keeps the indexer's top index_topk
+   of those by sum_h relu(q_h . k) / sqrt(DI) * w_h / sqrt(NI), against a naive selection. */
+static void test_select_entries(void) {
+    Config c = small_config();
+    State s;
+    alloc_state(&s, &c, 3, 40, 0);
+    int NI = c.index_heads, DI = c.index_dim, ok_hca = 1, ok_csa = 1;
+    for (int i = 0; i < 10 * DI; i++) s.layers[1].index_comp.entries[i] = uniform(-1, 1);
+    for (int i = 0; i < 3 * NI * DI; i++) s.scratch.index_q[i] = uniform(-1, 1);
+    for (int i = 0; i < 3 * NI; i++) s.scratch.index_w[i] = uniform(0, 1);
+    for (int pos = 0; pos < 40; pos++) {
+        int t = pos % 3, visible = (pos + 1) / 4, n = select_entries(&c, &s, 0, t, pos);
+        ok_hca &= n == visible;
+        for (int e = 0; e < n; e++) ok_hca &= s.scratch.selected[e] == e;
+        n = select_entries(&c, &s, 1, t, pos);
+        double score[16];
+        for (int e = 0; e < visible; e++) {
+            score[e] = 0;
+            for (int h = 0; h < NI; h++) {
+                double dot = 0;
+                for (int i = 0; i < DI; i++)
+                    dot += (double)s.scratch.index_q[(t * NI + h) * DI + i] * s.layers[1].index_comp.entries[e * DI + i];
+                score[e] += fmax(dot, 0) / sqrt((double)DI) * s.scratch.index_w[t * NI + h] / sqrt((double)NI);
+            }
+        }
+        int want = visible < c.index_topk ? visible : c.index_topk;
+        ok_csa &= n == want;
+        for (int k = 0; k < n; k++) {   /* the k-th pick: exactly k visible entries score higher */
+            int higher = 0, e = s.scratch.selected[k];
+            for (int f = 0; f < visible; f++) higher += score[f] > score[e] || (score[f] == score[e] && f < e);
+            ok_csa &= e >= 0 && e < visible && higher == k;
+        }
+    }
+    CHECK(ok_hca, "select_entries: HCA sees (pos + 1) / ratio entries");
+    CHECK(ok_csa, "select_entries: CSA keeps the indexer's top index_topk of the visible entries");
+    free_state(&s);
+}
+
 /* Naive compressed entries of one compressor over positions 0..P-1, in double: entry i pools,
    per channel, the softmax of (gate + ape[slot]) over window i's tokens (CSA: and window i-1's
    first part), weighting kv; then RMSNorm and RoPE at i * ratio. Returns how many. */
@@ -2832,6 +2871,7 @@ int main(void) {
     test_attend();
     test_moe();
     test_attention_whole();
+    test_select_entries();
     test_load_refusals();
     test_hc_post();
     test_compressor_chunking();

@@ -1424,6 +1424,17 @@ typedef struct CUfunc_st *CUfunction;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
 typedef struct CUgraph_st *CUgraph;
+typedef struct {               /* CUlaunchAttribute: an attribute id and its 64-byte value */
+    int id;
+    char pad[4];
+    union { char bytes[64]; int value; } value;
+} CUlaunchAttribute;
+typedef struct {               /* CUlaunchConfig */
+    unsigned grid_x, grid_y, grid_z, block_x, block_y, block_z, shared_bytes;
+    CUstream stream;
+    CUlaunchAttribute *attributes;
+    unsigned n_attributes;
+} CUlaunchConfig;
 typedef struct CUgraphExec_st *CUgraphExec;
 
 enum {   /* the few enum values of cuda.h that nvfp4 passes */
@@ -1437,6 +1448,7 @@ enum {   /* the few enum values of cuda.h that nvfp4 passes */
     CU_STREAM_NON_BLOCKING = 1,
     CU_EVENT_DEFAULT = 0,
     CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1,
+    CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6,
     CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8,
 };
 
@@ -1467,8 +1479,7 @@ static struct {
     CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr dst, const void *src, size_t bytes, CUstream stream);
     CUresult (*cuMemcpyDtoHAsync)(void *dst, CUdeviceptr src, size_t bytes, CUstream stream);
     CUresult (*cuMemsetD8Async)(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream);
-    CUresult (*cuLaunchKernel)(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                               unsigned bz, unsigned smem, CUstream stream, void **params, void **extra);
+    CUresult (*cuLaunchKernelEx)(const CUlaunchConfig *config, CUfunction f, void **params, void **extra);
     CUresult (*cuEventCreate)(CUevent *event, unsigned flags);
     CUresult (*cuEventDestroy)(CUevent event);
     CUresult (*cuEventRecord)(CUevent event, CUstream stream);
@@ -1507,7 +1518,7 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2"),
     CU_SYMBOL(cuMemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2"),
     CU_SYMBOL(cuMemsetD8Async, "cuMemsetD8Async"),
-    CU_SYMBOL(cuLaunchKernel, "cuLaunchKernel"),
+    CU_SYMBOL(cuLaunchKernelEx, "cuLaunchKernelEx"),
     CU_SYMBOL(cuEventCreate, "cuEventCreate"),
     CU_SYMBOL(cuEventDestroy, "cuEventDestroy_v2"),
     CU_SYMBOL(cuEventRecord, "cuEventRecord"),
@@ -1682,7 +1693,11 @@ static void gpu_launch_grid(Kernel k, unsigned gx, unsigned gy, unsigned gz, uns
         CU_CHECK(cu.cuEventRecord(start, gpu.stream));
     }
     gpu_launches++;
-    CU_CHECK(cu.cuLaunchKernel(gpu.kernels[k], gx, gy, gz, block, 1, 1, smem, gpu.stream, params, NULL));
+    /* programmatic dependent launch: the kernel may be scheduled before the previous one ends;
+       its griddepcontrol.wait (kernels.ptx) holds it until that one's writes are visible */
+    CUlaunchAttribute pdl = {.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, .value.value = 1};
+    CUlaunchConfig config = {gx, gy, gz, block, 1, 1, smem, gpu.stream, &pdl, 1};
+    CU_CHECK(cu.cuLaunchKernelEx(&config, gpu.kernels[k], params, NULL));
     if (gpu_kernel_ms) {
         float ms;
         CU_CHECK(cu.cuEventRecord(end, gpu.stream));

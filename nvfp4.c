@@ -599,7 +599,8 @@ static int32_t *load_tid2eid(Model *m, int l) {
     return out;
 }
 
-/* A progress bar on stderr while loading, drawn only when stderr is a terminal. */
+/* A progress bar on stderr (loading, --perplexity), drawn only when stderr is a terminal; erased
+   once done == total. */
 static void progress(const char *what, int done, int total) {
     if (!isatty(2)) return;
     int width = 40, filled = total ? done * width / total : width;
@@ -847,6 +848,11 @@ static void alloc_state(State *s, const Config *c, int T, int C, int all_logits)
     rope_frequencies(c, 0, s->rope_main.inv_freq);
     rope_frequencies(c, 1, s->rope_compress.inv_freq);
 }
+
+/* Empty the state: position 0, as alloc_state leaves it, on either path. Nothing else is
+   cleared, nor needs to be: every read of the cache is bounded by `pos` (the plan above), so
+   what earlier tokens left there is never seen again. */
+static void reset_state(State *s) { s->pos = 0; }
 
 /* Free what alloc_state allocated. */
 static void free_state(State *s) {
@@ -2737,16 +2743,16 @@ static char *chat_turn(const Tokenizer *t, const char *text) {
 }
 
 /* The ids of head[n_head], then those of the text: the prompt, or with chat the prompt as one
-   user turn (chat_turn). The prompt must be non-empty valid UTF-8. Returns the count; *ids is
-   allocated. */
-static int text_ids(const Tokenizer *t, const int *head, int n_head, const char *prompt, int chat, int **ids) {
+   user turn (chat_turn). The prompt must be non-empty valid UTF-8 (`what` names it in the
+   messages: "the prompt"). Returns the count; *ids is allocated. */
+static int text_ids(const Tokenizer *t, const int *head, int n_head, const char *prompt, int chat, const char *what, int **ids) {
     size_t n = strlen(prompt);
-    if (n == 0) fatal("the prompt is empty");
-    check_utf8(prompt, n, "the prompt");
+    if (n == 0) fatal("%s is empty", what);
+    check_utf8(prompt, n, what);
     char *text = chat ? chat_turn(t, prompt) : (char *)prompt;
     n = strlen(text);
     int count = tokenizer_encode(t, text, n, NULL, 0);
-    if (count < 0 || count > INT_MAX - n_head) fatal("the prompt (%zu bytes) is too long to tokenize", n);
+    if (count < 0 || count > INT_MAX - n_head) fatal("%s (%zu bytes) is too long to tokenize", what, n);
     *ids = xcalloc((size_t)count + (size_t)n_head + 1, sizeof(int));
     if (n_head) memcpy(*ids, head, (size_t)n_head * sizeof(int));
     int at = n_head + tokenizer_encode(t, text, n, *ids + n_head, count);
@@ -2759,7 +2765,7 @@ static int text_ids(const Tokenizer *t, const int *head, int n_head, const char 
      <｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜></think>
    Returns the count; *ids is allocated. */
 static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *prompt, int chat, int **ids) {
-    return text_ids(t, &bos_id, add_bos || chat, prompt, chat, ids);
+    return text_ids(t, &bos_id, add_bos || chat, prompt, chat, "the prompt", ids);
 }
 
 /* Write n bytes to stdout, and with `flush` push everything out; fatal on a write error (a full
@@ -2878,7 +2884,7 @@ static void finish_dump(FILE *f, const char *path) {
 
 /* ---------- Signals ---------- */
 
-static volatile sig_atomic_t generating;    /* generate() runs: a SIGINT stops it after the current token */
+static volatile sig_atomic_t generating;    /* generate() or perplexity() runs: a SIGINT stops it after the current token or chunk */
 static volatile sig_atomic_t interrupted;   /* a SIGINT came while generating */
 
 /* SIGINT: the first one during generation asks it to stop after the current token (the run then
@@ -2925,13 +2931,13 @@ static void install_signal_handlers(void) {
 /* generate() and chat() run the model through these three calls, on the CPU (State in host
    memory) or, when on_gpu, on the GPU (gm: the same state plan over device memory, the
    sampler there too, each decode step one CUDA graph replay; only the sampled token id comes
-   back, and the logits only when --dump-logits asks for them). */
+   back, and the logits only when --dump-logits or --perplexity asks for them). */
 
 static int on_gpu;                  /* main chose the GPU path */
-static float *gpu_host_logits;      /* [T, V] the GPU's logits, copied back for --dump-logits */
+static float *gpu_host_logits;      /* [T, V] the GPU's logits, copied back for --dump-logits, --perplexity */
 
 /* Forward T tokens at s->pos (advancing it). Returns the host logits rows [T or 1, V] when
-   `keep_all` (--dump-logits; every row), else whatever the path has (the CPU's last row, NULL
+   `keep_all` (--dump-logits, --perplexity; every row), else whatever the path has (the CPU's last row, NULL
    on the GPU, whose sampler reads them there). */
 static const float *run_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
     if (!on_gpu) {
@@ -3091,7 +3097,7 @@ static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler,
             if (!len) continue;
             turn = line;
         }
-        int *ids, n = text_ids(t, head, n_head, turn, 1, &ids);
+        int *ids, n = text_ids(t, head, n_head, turn, 1, "the prompt", &ids);
         if (s->pos + n > s->max_ctx) {
             fprintf(stderr, "nvfp4: this turn (%d tokens) does not fit in the rest of the context (--ctx %d): the conversation ends\n",
                     n, s->max_ctx);
@@ -3107,6 +3113,60 @@ static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler,
         head[n_head++] = st->stop == STOP_EOS ? last : c->eos_ids[0];
     }
     free(line);
+}
+
+/* ---------- Perplexity ---------- */
+
+/* -log softmax(logits[V])[id], in double with the largest logit subtracted; fatal when a logit
+   is not finite (`pos`, the position whose logits they are, names it). */
+static double token_nll(const float *logits, int V, int id, int pos) {
+    double largest = -INFINITY, sum = 0;
+    for (int v = 0; v < V; v++) {
+        if (!isfinite(logits[v]))
+            fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", pos);
+        largest = fmax(largest, logits[v]);
+    }
+    for (int v = 0; v < V; v++) sum += exp(logits[v] - largest);
+    return log(sum) + largest - logits[id];
+}
+
+/* --perplexity: split ids[n] into windows of s->max_ctx tokens (the last one shorter; no
+   overlap), run each from position 0 (reset_state) in chunks of at most s->max_tokens (the
+   state laid out for every row's logits), and add -log p(next id) at every position but a
+   window's last (so every id but a window's first is predicted). Prints on stdout
+     perplexity: P (mean NLL N nats over K tokens, W windows of up to C)
+   with a progress bar on a terminal. SIGINT stops it after the current chunk: it then says so on
+   stderr and prints no perplexity. Adds to *st: the tokens run as prompt tokens, their time as
+   prefill. */
+static void perplexity(const Model *m, State *s, const int *ids, int n, Stats *st) {
+    int V = m->config.vocab_size, C = s->max_ctx, windows = 0, predicted = 0;
+    double nll = 0, start = now_seconds();
+    generating = 1;
+    for (int first = 0; first < n && !interrupted; first += C, windows++) {
+        int length = n - first < C ? n - first : C;
+        reset_state(s);
+        for (int done = 0; done < length && !interrupted;) {
+            int T = length - done < s->max_tokens ? length - done : s->max_tokens;
+            const float *logits = run_chunk(m, s, ids + first + done, T, 1);
+            for (int t = 0; t < T && done + t + 1 < length; t++, predicted++)
+                nll += token_nll(logits + (size_t)t * V, V, ids[first + done + t + 1], done + t);
+            done += T;
+            st->prompt_tokens += T;
+            progress("perplexity", first + done, n);
+        }
+    }
+    generating = 0;
+    st->prefill_s += now_seconds() - start;
+    if (interrupted) {
+        st->stop = STOP_INTERRUPT;
+        fprintf(stderr, "%snvfp4: interrupted after %d of %d tokens: no perplexity\n", isatty(2) ? "\r\033[K" : "",
+                st->prompt_tokens, n);
+        return;
+    }
+    char line[256];
+    int length = snprintf(line, sizeof line, "perplexity: %.4f (mean NLL %.6f nats over %d tokens, %d window%s of up to %d)\n",
+                          exp(nll / predicted), nll / predicted, predicted, windows, windows == 1 ? "" : "s", C);
+    write_stdout(line, (size_t)length, 1);
 }
 
 /* ============================================================================ benchmark */
@@ -5139,6 +5199,7 @@ static int tokenizer_find(const Tokenizer *t, const char *token) {
 /* What the command line asked for. */
 typedef struct {
     const char *model_dir, *prompt, *prompt_file, *dump_logits;   /* NULL when absent */
+    const char *perplexity;                                       /* --perplexity FILE, NULL when absent */
     int *ids, n_ids;                                              /* --ids (ids NULL when absent) */
     int n_generate, max_ctx, max_tokens, chat, interactive, tokenize_only, seed_given;
     int cpu, gpu;                                                 /* --cpu, --gpu */
@@ -5166,6 +5227,8 @@ static void usage(FILE *f) {
             "  --ids 0,17,42      feed exactly these token ids (nothing prepended) instead of a prompt\n"
             "  --tokenize         print the prompt's ids as they would be fed, comma-separated, and exit\n"
             "  --dump-logits FILE write float32 logits, one row of vocab_size per evaluated position\n"
+            "  --perplexity FILE  print the perplexity of the text in FILE (- reads standard input), in\n"
+            "                     windows of --ctx tokens, instead of generating\n"
             "  --cpu              run on the CPU even when a GPU is usable\n"
             "  --gpu              run on the GPU, or stop with the reason when none is usable\n"
             "                     (default: the GPU when one is usable, else the CPU)\n"
@@ -5199,10 +5262,10 @@ static void exit_done(void) {
 }
 
 /* The value of `option` (the next argument): refused when absent or when it begins with '-'
-   (no option takes a negative number; -f takes "-" for standard input). */
+   (no option takes a negative number; -f and --perplexity take "-" for standard input). */
 static const char *option_value(const char *option, const char *value) {
     if (!value) usage_error("%s needs a value", option);
-    int stdin_ok = !strcmp(option, "-f") || !strcmp(option, "--file");
+    int stdin_ok = !strcmp(option, "-f") || !strcmp(option, "--file") || !strcmp(option, "--perplexity");
     if (value[0] == '-' && (value[1] || !stdin_ok))
         usage_error("%s needs a value, not \"%s\" (a prompt that begins with '-' goes after --, a file as ./%s)", option,
                     value, value);
@@ -5304,6 +5367,7 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) { o.prompt = option_value(a, v); n_prompts++; i++; }
         else if (!strcmp(a, "-f") || !strcmp(a, "--file")) { o.prompt_file = option_value(a, v); n_prompts++; i++; }
         else if (!strcmp(a, "--dump-logits")) { o.dump_logits = option_value(a, v); i++; }
+        else if (!strcmp(a, "--perplexity")) { o.perplexity = option_value(a, v); i++; }
         else if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) o.interactive = 1;
         else if (!strcmp(a, "--chat")) o.chat = 1;
         else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
@@ -5321,27 +5385,29 @@ static Options parse_options(int argc, char **argv) {
     if (!o.model_dir) { usage(stderr); exit(2); }
     if (n_prompts > 1) usage_error("give one prompt: an argument, -p, -f or --ids");
     if (o.cpu && o.gpu) usage_error("--cpu and --gpu contradict each other");
+    if (o.perplexity && (n_prompts || o.interactive || o.tokenize_only || o.dump_logits || o.chat))
+        usage_error("--perplexity evaluates the text of its file: it takes no prompt, -i, --ids, --tokenize, --dump-logits or --chat");
     if (o.interactive && (o.ids || o.tokenize_only))
         usage_error("-i chats in text: it takes neither --ids nor --tokenize");
     if (o.interactive && o.prompt_file && !strcmp(o.prompt_file, "-"))
         usage_error("-i reads the conversation from standard input: -f - cannot read the prompt from it too");
-    if (!n_prompts && !o.interactive) usage_error("no prompt given (nvfp4 MODEL_DIR \"prompt\", -p, -f, --ids or -i)");
+    if (!n_prompts && !o.interactive && !o.perplexity) usage_error("no prompt given (nvfp4 MODEL_DIR \"prompt\", -p, -f, --ids or -i)");
     if (o.tokenize_only && o.dump_logits) usage_error("--tokenize evaluates nothing: --dump-logits would have nothing to write");
     return o;
 }
 
-/* The prompt in file `path`, or in stdin for "-", read to its end whatever the file is (a FIFO
+/* The text in file `path`, or in stdin for "-", read to its end whatever the file is (a FIFO
    or a pipe too) without a fixed buffer; fatal when it cannot be read, is larger than
-   MAX_TEXT_FILE or holds a NUL byte. */
-static char *read_prompt(const char *path) {
+   MAX_TEXT_FILE or holds a NUL byte (`what` names the text in the messages: "the prompt"). */
+static char *read_text(const char *path, const char *what) {
     const char *name = strcmp(path, "-") ? path : "standard input";
     int fd = strcmp(path, "-") ? open(path, O_RDONLY) : 0;
-    if (fd < 0) fatal("cannot open the prompt file %s: %s", path, strerror(errno));
+    if (fd < 0) fatal("cannot open %s file %s: %s", what, path, strerror(errno));
     size_t len = 0, capacity = 1 << 16;
     char *text = xcalloc(capacity + 1, 1);
     for (;;) {
         if (len == capacity) {
-            if (capacity >= MAX_TEXT_FILE) fatal("the prompt in %s is larger than %zu bytes", name, (size_t)MAX_TEXT_FILE);
+            if (capacity >= MAX_TEXT_FILE) fatal("%s in %s is larger than %zu bytes", what, name, (size_t)MAX_TEXT_FILE);
             char *bigger = xcalloc(2 * capacity + 1, 1);
             memcpy(bigger, text, len);
             free(text);
@@ -5350,13 +5416,13 @@ static char *read_prompt(const char *path) {
         }
         ssize_t n = read(fd, text + len, capacity - len);
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0) fatal("cannot read the prompt from %s: %s", name, strerror(errno));
+        if (n < 0) fatal("cannot read %s from %s: %s", what, name, strerror(errno));
         if (n == 0) break;
         len += (size_t)n;
     }
     if (fd) close(fd);
     const char *nul = memchr(text, 0, len);
-    if (nul) fatal("the prompt in %s holds a NUL byte at offset %zu", name, (size_t)(nul - text));
+    if (nul) fatal("%s in %s holds a NUL byte at offset %zu", what, name, (size_t)(nul - text));
     return text;
 }
 
@@ -5368,7 +5434,7 @@ int main(int argc, char **argv) {
         exit_done();
     }
     install_signal_handlers();
-    char *file_prompt = o.prompt_file ? read_prompt(o.prompt_file) : NULL;
+    char *file_prompt = o.prompt_file ? read_text(o.prompt_file, "the prompt") : o.perplexity ? read_text(o.perplexity, "the text") : NULL;
     const char *prompt = file_prompt ? file_prompt : o.prompt;
     Model model;
     Tokenizer tokenizer;
@@ -5398,10 +5464,16 @@ int main(int argc, char **argv) {
         check_ids(o.ids, o.n_ids, c->vocab_size);
         ids = o.ids;
         n_ids = o.n_ids;
+    } else if (o.perplexity) {   /* BOS first when the tokenizer asks for it, as for a prompt */
+        char what[PATH_MAX + 32];
+        snprintf(what, sizeof what, "the text in %s", strcmp(o.perplexity, "-") ? o.perplexity : "standard input");
+        n_ids = text_ids(&tokenizer, &c->bos_id, add_bos, prompt, 0, what, &ids);
+        if (n_ids < 2) fatal("%s has %d token: the perplexity needs at least 2", what, n_ids);
     } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, o.chat, &ids);
-    if (n_ids > o.max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
+    if (n_ids > o.max_ctx && !o.perplexity) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
-    size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
+    int all_logits = o.dump_logits || o.perplexity;   /* every row's logits are read on the host */
+    size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx, all_logits);
     size_t physical = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE);
     if (!on_gpu && (bytes == SIZE_MAX || bytes > physical))
         fatal("the decoding state for --ctx %d and --chunk %d needs %.1f GiB, more than this machine's %.1f GiB",
@@ -5423,21 +5495,22 @@ int main(int argc, char **argv) {
     Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int))};
     int big = model.weight_bytes >= 1e9;
     if (on_gpu) {
-        double upload = gpu_load_model(&model, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
+        double upload = gpu_load_model(&model, o.max_tokens, o.max_ctx, all_logits);
         state = &gm.state;
         gpu_upload(gm.rng, &sampler.rng, sizeof sampler.rng);
-        gpu_host_logits = xcalloc((size_t)(o.dump_logits ? o.max_tokens : 1) * c->vocab_size, sizeof(float));
+        gpu_host_logits = xcalloc((size_t)(all_logits ? o.max_tokens : 1) * c->vocab_size, sizeof(float));
         fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) onto %s in %.2f s (%.1f GB/s upload)\n",
                 o.model_dir, c->n_layers, model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", gpu.name,
                 now_seconds() - t0, model.weight_bytes / upload / 1e9);
     } else {
-        alloc_state(&cpu_state, c, o.max_tokens, o.max_ctx, o.dump_logits != NULL);
+        alloc_state(&cpu_state, c, o.max_tokens, o.max_ctx, all_logits);
         fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) in %.2f s\n", o.model_dir, c->n_layers,
                 model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", now_seconds() - t0);
     }
-    if (!o.seed_given) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
+    if (!o.seed_given && !o.perplexity) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
     Stats stats = {0};
-    if (o.interactive) chat(&model, state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
+    if (o.perplexity) perplexity(&model, state, ids, n_ids, &stats);
+    else if (o.interactive) chat(&model, state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
     else generate(&model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
     print_stats(&stats);
     if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */

@@ -2066,6 +2066,137 @@ static void test_signals(void) {
     free(ls);
 }
 
+/* ---------------------------------------------------------------------------- perplexity */
+
+/* -log softmax(row[V])[id], in long double: the expected value of one position. */
+static double expected_nll(const float *row, int V, int id) {
+    long double largest = -INFINITY, sum = 0;
+    for (int v = 0; v < V; v++) largest = fmaxl(largest, row[v]);
+    for (int v = 0; v < V; v++) sum += expl(row[v] - largest);
+    return (double)(logl(sum) + largest - row[id]);
+}
+
+/* Run "nvfp4 testdata/tiny-a --perplexity FILE ARGS" and read its line back: returns the exit
+   status; *nll, *tokens and *windows from "perplexity: P (mean NLL N nats over K tokens, W
+   window(s) of up to C)" (zeros when it is missing or P is not exp(N)). */
+static int cli_perplexity(const char *file, const char *args, double *nll, int *tokens, int *windows) {
+    char cmd[1024], *err;
+    snprintf(cmd, sizeof cmd, NVFP4_BIN " testdata/tiny-a --perplexity %s %s > build/bad/ppl-out.txt", file, args);
+    int status = run_shell(cmd, &err);
+    char *out = file_text("build/bad/ppl-out.txt");
+    double p = 0;
+    *nll = 0, *tokens = *windows = 0;
+    if (sscanf(out, "perplexity: %lf (mean NLL %lf nats over %d tokens, %d window", &p, nll, tokens, windows) != 4 ||
+        fabs(p - exp(*nll)) > 1e-4 * p || !strstr(err, "prompt tokens, prefill"))
+        *nll = 0, *tokens = *windows = 0;
+    free(out);
+    free(err);
+    return status;
+}
+
+/* --perplexity on tiny-a's reference prompt, as text (its ids decoded, which tokenize back to the
+   same ids, BOS first): the mean NLL of transformers' logits over the same ids; windows of --ctx
+   40 = each window run on its own from a fresh state; the chunk size does not change it; the
+   refusals; SIGINT stops it with no perplexity. */
+static void test_perplexity(void) {
+    const char *dir = "testdata/tiny-a";
+    char *path = path_join(dir, "reference.bin");
+    size_t size;
+    char *ref = read_file(path, &size);
+    const int *head = (const int *)ref, n = head[0], n_steps = head[1], V = head[2], *ids = head + 3;
+    const float *want = (const float *)(ids + n + n_steps + 1);
+    Model m;
+    load_model(&m, dir);
+    Tokenizer t;
+    int add_bos, *again = NULL;
+    load_tokenizer(&t, &add_bos, dir, &m.config);
+    size_t length = 0, len;
+    for (int i = add_bos; i < n; i++) length += tokenizer_token_bytes(&t, ids[i], &len) ? len : 0;
+    char *text = xcalloc(20 * length + 1, 1);   /* room for the 20 copies of the SIGINT run below */
+    length = 0;
+    for (int i = add_bos; i < n; i++) {
+        const char *bytes = tokenizer_token_bytes(&t, ids[i], &len);
+        memcpy(text + length, bytes, len);
+        length += len;
+    }
+    write_bytes("build/bad", "ppl.txt", text, length);
+    int n_again = prompt_ids(&t, add_bos, m.config.bos_id, text, 0, &again);
+    CHECK(add_bos && ids[0] == m.config.bos_id && n_again == n && !memcmp(again, ids, (size_t)n * sizeof(int)),
+          "tiny-a's prompt ids decoded to text tokenize back to the same %d ids, BOS first (got %d)", n, n_again);
+    /* the whole text in one window: transformers' logits */
+    double want_nll = 0, nll, nll_7;
+    for (int p = 0; p + 1 < n; p++) want_nll += expected_nll(want + (size_t)p * V, V, ids[p + 1]);
+    want_nll /= n - 1;
+    int tokens, windows, status = cli_perplexity("build/bad/ppl.txt", "--chunk 64", &nll, &tokens, &windows);
+    CHECK(status == 0 && tokens == n - 1 && windows == 1 && fabs(nll - want_nll) <= 1e-4 * want_nll,
+          "--perplexity = transformers' mean NLL %.6f over %d tokens: status %d, %.6f over %d tokens, %d windows", want_nll,
+          n - 1, status, nll, tokens, windows);
+    printf("  --perplexity on tiny-a's prompt: mean NLL %.6f (transformers %.6f, relative difference %.1e)\n", nll, want_nll,
+           fabs(nll - want_nll) / want_nll);
+    status = cli_perplexity("build/bad/ppl.txt", "--chunk 7", &nll_7, &tokens, &windows);
+    CHECK(status == 0 && tokens == n - 1 && fabs(nll_7 - nll) <= 1e-5 * nll, "--perplexity --chunk 7 = --chunk 64: %.6f, %.6f",
+          nll_7, nll);
+    /* windows of 40 tokens, each run independently here from a fresh state */
+    double sum = 0;
+    int predicted = 0, n_windows = 0;
+    for (int first = 0; first < n; first += 40, n_windows++) {
+        int len = n - first < 40 ? n - first : 40;
+        State s;
+        alloc_state(&s, &m.config, 16, 40, 1);
+        for (int done = 0; done < len; done += 16) {
+            int T = len - done < 16 ? len - done : 16;
+            forward(&m, &s, ids + first + done, T, 1);
+            for (int i = 0; i < T && done + i + 1 < len; i++, predicted++)
+                sum += expected_nll(s.scratch.logits + (size_t)i * V, V, ids[first + done + i + 1]);
+        }
+        free_state(&s);
+    }
+    status = cli_perplexity("build/bad/ppl.txt", "--ctx 40 --chunk 7", &nll, &tokens, &windows);
+    CHECK(status == 0 && tokens == predicted && tokens == n - n_windows && windows == n_windows &&
+          fabs(nll - sum / predicted) <= 1e-5 * nll,
+          "--perplexity --ctx 40: %d windows, mean NLL %.6f over %d tokens; got status %d, %.6f over %d tokens, %d windows",
+          n_windows, sum / predicted, predicted, status, nll, tokens, windows);
+    printf("  --perplexity --ctx 40: %d windows, mean NLL %.6f (windows run one by one: %.6f)\n", windows, nll, sum / predicted);
+    /* refusals: the command line (2), the file (1) */
+    expect_cli("testdata/tiny-a hi --perplexity build/bad/ppl.txt", 2, "--perplexity evaluates the text of its file: it takes no prompt");
+    expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt -f build/bad/ppl.txt", 2, "it takes no prompt");
+    expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt --ids 1,2", 2, "it takes no prompt");
+    expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt -i", 2, "-i, --ids, --tokenize");
+    expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt --tokenize", 2, "--tokenize, --dump-logits");
+    expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt --dump-logits build/bad/l.bin", 2, "--dump-logits");
+    expect_cli("testdata/tiny-a --perplexity", 2, "--perplexity needs a value");
+    expect_cli("testdata/tiny-a --perplexity build/bad/no-such-text", 1, "cannot open the text file build/bad/no-such-text");
+    write_bytes("build/bad", "ppl-empty.txt", "", 0);
+    expect_cli("testdata/tiny-a --perplexity build/bad/ppl-empty.txt", 1, "the text in build/bad/ppl-empty.txt is empty");
+    write_bytes("build/bad", "ppl-one.txt", "a", 1);
+    const char *no_bos = copy_model("tiny-a", "ppl-no-bos");
+    write_bytes(no_bos, "tokenizer_config.json", "{\"add_bos_token\": false}", 24);
+    expect_cli("build/bad/ppl-no-bos --perplexity build/bad/ppl-one.txt", 1,
+               "the text in build/bad/ppl-one.txt has 1 token: the perplexity needs at least 2");
+    expect_cli("build/bad/ppl-no-bos --perplexity - < build/bad/ppl-one.txt", 1, "the text in standard input has 1 token");
+    /* SIGINT during a long run: status 130, "interrupted" and no perplexity */
+    for (int i = 1; i < 20; i++) memcpy(text + length * (size_t)i, text, length);   /* 20 copies: about 6000 tokens */
+    write_bytes("build/bad", "ppl-long.txt", text, 20 * length);
+    pid_t pid = spawn(NVFP4_BIN " testdata/tiny-a --perplexity build/bad/ppl-long.txt --chunk 16 --ctx 8192 "
+                      "> build/bad/sig-out.txt 2> build/bad/sig-err.txt");
+    int started = wait_for_text("build/bad/sig-err.txt", "nvfp4: loaded");
+    usleep(200000);
+    kill(pid, SIGINT);
+    status = wait_for(pid, 60);
+    char *out = file_text("build/bad/sig-out.txt"), *err = file_text("build/bad/sig-err.txt");
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && !*out &&
+          strstr(err, "nvfp4: interrupted after ") && strstr(err, ": no perplexity\n") && strstr(err, "; interrupted\n"),
+          "SIGINT during --perplexity: status %d, stdout \"%s\", stderr %s", status, out, err);
+    free(out);
+    free(err);
+    free(again);
+    free(text);
+    tokenizer_free(&t);
+    free_model(&m);
+    free(ref);
+    free(path);
+}
+
 /* Chat with model `dir` through a pipe: turns one and two, replies of at most n tokens, greedy,
    with --dump-logits; then one --ids run over the whole conversation's ids (the first reply read
    back from the logits rows, closed by EOS) to the end of turn two, -n n. Every logits row and
@@ -2084,7 +2215,7 @@ static void check_two_turns(const char *dir, const char *first, const char *seco
     const int V = cfg.vocab_size;
     size_t size;
     float *rows = (float *)read_file("build/bad/chat.bin", &size);
-    int *turn, n_turn = text_ids(&t, &cfg.bos_id, 1, first, 1, &turn), n_conv = n_turn, fed = 0, printed = 0, ended_at_eos = 0;
+    int *turn, n_turn = text_ids(&t, &cfg.bos_id, 1, first, 1, "the prompt", &turn), n_conv = n_turn, fed = 0, printed = 0, ended_at_eos = 0;
     int *conv = xcalloc((size_t)n_turn + (size_t)n + 1, sizeof(int)), ok = rows != NULL;
     memcpy(conv, turn, sizeof(int) * (size_t)n_turn);
     free(turn);
@@ -2097,7 +2228,7 @@ static void check_two_turns(const char *dir, const char *first, const char *seco
         if (k < n - 1) fed++;
         else conv[n_conv++] = cfg.eos_ids[0];
     }
-    n_turn = text_ids(&t, NULL, 0, second, 1, &turn);
+    n_turn = text_ids(&t, NULL, 0, second, 1, "the prompt", &turn);
     int *whole = xcalloc((size_t)(n_conv + n_turn), sizeof(int));
     memcpy(whole, conv, sizeof(int) * (size_t)n_conv);
     memcpy(whole + n_conv, turn, sizeof(int) * (size_t)n_turn);
@@ -2152,10 +2283,10 @@ static void test_chat(void) {
                             "<｜end▁of▁sentence｜><｜User｜>Tell me more<｜Assistant｜>";
         int n_whole = tokenizer_encode(&t, whole, strlen(whole), NULL, 0), *want = xcalloc((size_t)n_whole, sizeof(int));
         tokenizer_encode(&t, whole, strlen(whole), want, n_whole);
-        int bos = 0, *turn1, *turn2, n1 = text_ids(&t, &bos, 1, "Hello, who are you?", 1, &turn1);
+        int bos = 0, *turn1, *turn2, n1 = text_ids(&t, &bos, 1, "Hello, who are you?", 1, "the prompt", &turn1);
         int reply[16], n_reply = tokenizer_encode(&t, "I am DeepSeek.", 14, reply, 15);
         reply[n_reply++] = 1;   /* <｜end▁of▁sentence｜> */
-        int n2 = text_ids(&t, reply, n_reply, "Tell me more", 1, &turn2);
+        int n2 = text_ids(&t, reply, n_reply, "Tell me more", 1, "the prompt", &turn2);
         int same = n1 + n2 == n_whole && !memcmp(want, turn1, sizeof(int) * (size_t)n1) &&
                    !memcmp(want + n1, turn2, sizeof(int) * (size_t)n2);
         CHECK(same, "chat turns tokenize as the whole conversation: %d + %d ids vs %d", n1, n2, n_whole);
@@ -2897,6 +3028,7 @@ int main(void) {
     test_version_and_stats();
     test_dump_logits();
     test_signals();
+    test_perplexity();
     test_chat();
     test_fuzz_corpus();
     test_gpu();

@@ -2174,6 +2174,7 @@ static void test_perplexity(void) {
     expect_cli("build/bad/ppl-no-bos --perplexity build/bad/ppl-one.txt", 1,
                "the text in build/bad/ppl-one.txt has 1 token: the perplexity needs at least 2");
     expect_cli("build/bad/ppl-no-bos --perplexity - < build/bad/ppl-one.txt", 1, "the text in standard input has 1 token");
+    expect_cli("build/bad/nan --perplexity build/bad/ppl.txt", 1, "are not finite");   /* test_nan_weights' model */
     /* SIGINT during a long run: status 130, "interrupted" and no perplexity */
     for (int i = 1; i < 20; i++) memcpy(text + length * (size_t)i, text, length);   /* 20 copies: about 6000 tokens */
     write_bytes("build/bad", "ppl-long.txt", text, 20 * length);

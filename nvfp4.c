@@ -2076,7 +2076,7 @@ static void gpu_bench_gemv(void) {
 /* ======================================================================= GPU: forward pass */
 /* The model on the GPU mirrors the CPU forward pass kernel by kernel (each kernel's comment in
    kernels.ptx names the CPU function it computes). The state is the CPU's plan laid over one
-   device allocation: gpu.state's pointers are device addresses (the driver's unified virtual
+   device allocation: gm.state's pointers are device addresses (the driver's unified virtual
    addressing makes them ordinary 64-bit values), so every buffer has the same shape and meaning
    on both paths. Beside it the GPU keeps a few buffers the CPU does not need: the mHC partial
    sums, the indexer's scores, selection and count for every token of a chunk, the active expert
@@ -2089,7 +2089,7 @@ static void gpu_bench_gemv(void) {
    kernel, sample_token, writes the sampled token to tokens[0] and out_token and advances *pos.
    Replaying the graph is the whole step; the host reads back 4 bytes (the token). */
 
-#define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gpu.state */
+#define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gm.state */
 #define HC_SLICE 64                            /* columns of E per block of the mHC partial sums */
 
 /* A layer's routed experts on the GPU: expert e's matrix is the GpuLinear `one` with its
@@ -2205,7 +2205,7 @@ static void gm_linear(GpuLinear *g, const Linear *w) {
 
 /* Two linear layers that take the same input, uploaded side by side (b's codes and scales
    right after a's) when they share format and shape, so that one GEMV launch of two slots
-   computes both in decode (gpu_gemv_pair); otherwise each in buffers of its own. Returns
+   computes both in decode (gpu_linear_pair); otherwise each in buffers of its own. Returns
    whether they were paired. */
 static int gm_linear_pair(GpuLinear *ga, GpuLinear *gb, const Linear *a, const Linear *b, CUdeviceptr *gscales62) {
     if (a->format != b->format || a->rows != b->rows || a->cols != b->cols || a->scale_is_f32 != b->scale_is_f32) {

@@ -2884,11 +2884,12 @@ static void finish_dump(FILE *f, const char *path) {
 
 /* ---------- Signals ---------- */
 
-static volatile sig_atomic_t generating;    /* generate() or perplexity() runs: a SIGINT stops it after the current token or chunk */
+static volatile sig_atomic_t generating;    /* generate() or perplexity() runs: a SIGINT stops it after the current step */
 static volatile sig_atomic_t interrupted;   /* a SIGINT came while generating */
 
 /* SIGINT: the first one during generation asks it to stop after the current token (the run then
-   flushes its text, prints the stats line and exits 130); a second one, or one while nothing is
+   flushes its text, prints the stats line and exits 130; --perplexity stops after the current
+   chunk, printing no perplexity); a second one, or one while nothing is
    being generated (loading, reading the prompt, the chat waiting for a line), exits at once with
    130. The temporary logits file is removed either way. */
 static void on_sigint(int sig) {
@@ -2937,8 +2938,8 @@ static int on_gpu;                  /* main chose the GPU path */
 static float *gpu_host_logits;      /* [T, V] the GPU's logits, copied back for --dump-logits, --perplexity */
 
 /* Forward T tokens at s->pos (advancing it). Returns the host logits rows [T or 1, V] when
-   `keep_all` (--dump-logits, --perplexity; every row), else whatever the path has (the CPU's last row, NULL
-   on the GPU, whose sampler reads them there). */
+   `keep_all` (--dump-logits, --perplexity; every row), else whatever the path has (the CPU's
+   last row, NULL on the GPU, whose sampler reads them there). */
 static const float *run_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
     if (!on_gpu) {
         forward(m, s, tokens, T, keep_all);
@@ -5434,7 +5435,8 @@ int main(int argc, char **argv) {
         exit_done();
     }
     install_signal_handlers();
-    char *file_prompt = o.prompt_file ? read_text(o.prompt_file, "the prompt") : o.perplexity ? read_text(o.perplexity, "the text") : NULL;
+    char *file_prompt = o.prompt_file ? read_text(o.prompt_file, "the prompt")
+                      : o.perplexity  ? read_text(o.perplexity, "the text") : NULL;   /* the text of --perplexity too */
     const char *prompt = file_prompt ? file_prompt : o.prompt;
     Model model;
     Tokenizer tokenizer;

@@ -187,7 +187,7 @@ def read_lazyload(prefix):
 # Cleaning helpers
 # ---------------------------------------------------------------------------------------
 def norm_ws(s):
-    return re.sub(r'[ \t\u00a0]+', ' ', s).strip()
+    return re.sub(r'[ \t\u00a0\u2000-\u200a\u202f]+', ' ', s.replace('\ufeff', '')).strip()
 
 
 def paragraphs_from_lines(lines, base_indent=0):

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Export a checkpoint of tools/train_model.py as an nvfp4 model directory in DeepSeek V4's
+official layout, and measure what the quantization costs.
+
+    python3 tools/export_model.py RUN_DIR MODEL_DIR --valid valid.txt [--reference REF_DIR]
+        [--seq 512] [--eval-tokens 0] [--shard-mb 15] [--excerpt 400]
+
+RUN_DIR is train_model.py's --out (checkpoint.pt, spec.json, tokenizer.json, tokenizer_config.json).
+The tensors, names and formats are those of DeepSeek's NVFP4 release as the fixtures
+(tools/gen_fixtures.py, whose quantizers and name mapping this reuses) store them:
+    routed experts  w1/w2/w3 NVFP4: U8 packed e2m1 pairs, F8_E4M3 weight_scale per 16 inputs,
+                    F32 weight_scale_2 = amax/(6*448) of each tensor (w1 and w3 each their own),
+                    F32 input_scale
+    attention (wq_a, wq_b, wkv, wo_a, wo_b), indexer wq_b, shared experts (w1/w2/w3):
+                    FP8 E4M3 with 128x128 block scales in E8M0 (`scale`)
+    BF16            embed, head, norms, router (gate.weight), compressors (wkv, wgate, norm),
+                    indexer compressor and weights_proj
+    F32             mHC (hc_*_fn/base/scale), attention sinks, compressor ape, router bias
+                    (gate.bias = e_score_correction_bias);  I64 gate.tid2eid on hash layers
+config.json has the official keys (compress_ratios, num_hash_layers, qk_rope_head_dim,
+rope_scaling, ...) and a quantization_config; tokenizer.json and tokenizer_config.json are copied.
+Safetensors are cut into shards of at most --shard-mb MiB (with model.safetensors.index.json)
+so that each file can come back from a device call (16 MiB a file).
+
+Then it loads the dequantized tensors back into a transformers DeepseekV4ForCausalLM and
+evaluates the validation loss (mean NLL per predicted token over [BOS] + seq-1 windows, the
+same windows as train_model.py) of the unquantized (fp32 checkpoint) and of the dequantized
+weights, in float32. With --reference REF_DIR it also writes, for an excerpt of --excerpt tokens
+([BOS] + the start of valid.txt):
+    ids.txt                 the ids, comma-separated (for nvfp4 --ids)
+    hf_dequant_logits.bin   float32 [n, vocab] logits of transformers on the dequantized weights
+                            (float32 on the CPU, as the fixtures' references)
+    export_report.json      sizes, parameter count, both validation losses and perplexities,
+                            the smallest relative indexer top-k gap seen on the excerpt
+Compare nvfp4 with it:
+    ./nvfp4 --cpu MODEL_DIR --ids $(cat REF_DIR/ids.txt) -n 1 --temp 0 --dump-logits REF_DIR/nvfp4.bin
+    python3 tools/compare_logits.py REF_DIR/nvfp4.bin REF_DIR/hf_dequant_logits.bin --ids REF_DIR/ids.txt
+
+On the GPU machine, after training in the same 10-minute call (see train_model.py's header) or
+in a later one on the same warm machine (evaluation runs on the GPU in float32; about a minute
+for 250k validation tokens of gpu-small):
+    python3 tools/export_model.py build/train/v4-small build/models/v4-small \\
+        --valid build/corpus/valid.txt --reference build/train/v4-small/ref \\
+      && cp build/models/v4-small/* build/train/v4-small/ref/export_report.json $OUT/
+"""
+import argparse, json, math, os, re, shutil, sys, time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import gen_fixtures as gf  # noqa: E402
+import train_model as tm  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def official_weights(sd, spec):
+    """transformers state dict -> {official name: (numpy array, format)} in the official order."""
+    I = spec["moe_inter"]
+    used, out = set(), {}
+    for name, (shape, fmt) in tm.official_layout(spec).items():
+        m = EXPERT.match(name)
+        if m:
+            l, e, w = int(m[1]), int(m[2]), m[3]
+            key = f"model.layers.{l}.mlp.experts." + ("down_proj" if w == "w2" else "gate_up_proj")
+            t = sd[key][e]
+            t = t if w == "w2" else (t[:I] if w == "w1" else t[I:])
+        else:
+            key = gf.hf_name(name)
+            t = sd[key]
+        used.add(key)
+        a = t.detach().cpu()
+        a = a.numpy() if fmt == "i64" else a.float().numpy()
+        assert a.shape == tuple(shape), (name, a.shape, shape)
+        out[name] = (np.ascontiguousarray(a), fmt)
+    left = [k for k in sd if k not in used and "inv_freq" not in k]
+    assert not left, f"transformers tensors not exported: {left}"
+    return out
+
+
+def write_shards(model_dir, stored, shard_mb):
+    """Write the (name, dtype, array) list as one model.safetensors or as shards of at most
+    shard_mb MiB with an index; returns the file names."""
+    limit, shards, cur, size = shard_mb * 2**20, [], [], 0
+    for t in stored:
+        n = t[2].nbytes
+        if cur and size + n > limit - 64 * 1024:   # leave room for the header
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += n
+    shards.append(cur)
+    if len(shards) == 1:
+        gf.write_safetensors(os.path.join(model_dir, "model.safetensors"), stored)
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, part in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        gf.write_safetensors(os.path.join(model_dir, fname), part)
+        weight_map.update({t[0]: fname for t in part})
+        names.append(fname)
+    with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+    return names + ["model.safetensors.index.json"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("model_dir")
+    ap.add_argument("--valid", required=True)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--eval-tokens", type=int, default=0, help="validation tokens (0 = all)")
+    ap.add_argument("--shard-mb", type=float, default=15)
+    ap.add_argument("--reference", help="directory for the excerpt's ids, logits and the report")
+    ap.add_argument("--excerpt", type=int, default=400, help="tokens of the reference excerpt, BOS included")
+    args = ap.parse_args()
+    t0 = time.time()
+    ckpt = torch.load(os.path.join(args.run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    spec = ckpt["spec"]
+    os.makedirs(args.model_dir, exist_ok=True)
+
+    # ---- quantize into the official layout
+    weights = official_weights(ckpt["model"], spec)
+    stored, deq = [], {}
+    for name, (w, fmt) in weights.items():
+        parts, deq[name] = gf.encode_tensor(name, w, fmt, spec["fp8_scale"])
+        stored += parts
+    files = write_shards(args.model_dir, stored, args.shard_mb)
+    with open(os.path.join(args.model_dir, "config.json"), "w") as f:
+        json.dump(gf.config_json(spec), f, indent=2)
+    files.append("config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(args.run_dir, name), os.path.join(args.model_dir, name))
+        files.append(name)
+    sizes = {f: os.path.getsize(os.path.join(args.model_dir, f)) for f in files}
+    total = sum(sizes.values())
+    nparams = sum(w.size for w, fmt in weights.values() if fmt != "i64")
+    print(f"exported {nparams} parameters to {args.model_dir}: {total / 2**20:.2f} MiB in {len(files)} files "
+          f"(largest {max(sizes.values()) / 2**20:.2f} MiB), {time.time() - t0:.0f} s", flush=True)
+
+    # ---- transformers on the unquantized and on the dequantized weights
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unq = tm.new_model(spec, 0).float().eval()
+    unq.load_state_dict(ckpt["model"])
+    dq = tm.new_model(spec, 0).float().eval()
+    gf.load_into_hf(dq, spec, dict(deq))
+    tok = Tokenizer.from_file(os.path.join(args.run_dir, "tokenizer.json"))
+    valid_ids = tm.tokenize_file(tok, args.valid)
+    report = dict(parameters=int(nparams), model_bytes=total, files=sizes, step=ckpt["step"], seq=args.seq,
+                  train_args=ckpt.get("args"))
+    for label, model in (("unquantized", unq), ("dequantized", dq)):
+        model.to(device)
+        nll, n = tm.evaluate(model, valid_ids, args.seq, args.batch, device, args.eval_tokens)
+        model.cpu()
+        report[label] = dict(valid_nll=nll, valid_ppl=math.exp(nll), valid_tokens=n)
+        print(f"transformers, {label} weights (float32, {device}): {n} validation tokens, "
+              f"NLL {nll:.4f}, perplexity {math.exp(nll):.3f}", flush=True)
+
+    # ---- reference logits of an excerpt, for nvfp4 --ids --dump-logits
+    if args.reference:
+        os.makedirs(args.reference, exist_ok=True)
+        ids = [0] + [int(i) for i in valid_ids[:args.excerpt - 1]]
+        gaps, handles = gf.check_indexer_margins(dq)
+        with torch.no_grad():
+            logits = dq(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+        for h in handles:
+            h.remove()
+        with open(os.path.join(args.reference, "ids.txt"), "w") as f:
+            f.write(",".join(map(str, ids)) + "\n")
+        logits.astype(np.float32).tofile(os.path.join(args.reference, "hf_dequant_logits.bin"))
+        lp = torch.log_softmax(torch.from_numpy(logits[:-1]), -1)
+        ex_nll = float(-lp.gather(1, torch.tensor(ids[1:])[:, None]).mean())
+        report["excerpt"] = dict(tokens=len(ids), hf_dequant_nll=ex_nll,
+                                 min_indexer_topk_gap=min(gaps) if gaps else None)
+        print(f"reference excerpt: {len(ids)} tokens, NLL {ex_nll:.4f} (dequantized), smallest relative "
+              f"indexer top-k gap {report['excerpt']['min_indexer_topk_gap']}", flush=True)
+        with open(os.path.join(args.reference, "export_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -91,7 +91,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=6)
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--vocab", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -110,7 +110,7 @@ def main():
              "--valid", os.path.join(corpus, "valid.txt"), "--tokenizer", os.path.join(corpus, "tokenizer.json"),
              "--out", runs, "--preset", a.preset, "--steps", str(a.steps), "--batch", str(a.batch),
              "--seq", str(a.seq), "--lr", str(a.lr), "--warmup", "10", "--experts-impl", "eager", "--minutes", str(a.minutes),
-             "--save-every", "50", "--log-every", "5", "--eval-tokens", "0"])
+             "--save-every", "100", "--log-every", "10", "--eval-tokens", "0"])
     run([py, os.path.join(HERE, "export_model.py"), runs, model_dir, "--valid", os.path.join(corpus, "valid.txt"),
          "--seq", str(a.seq), "--eval-tokens", "0", "--reference", ref, "--excerpt", "400"])
     run(["make", "-C", ROOT, "nvfp4"])

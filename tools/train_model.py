@@ -12,13 +12,14 @@ so the trained weights export to exactly the layout nvfp4 reads (tools/export_mo
 
 Usage:
     python3 tools/train_model.py --train train.txt --valid valid.txt --tokenizer tokenizer.json \\
-        --out build/train/RUN --preset gpu-small --steps 2400 --batch 16 --seq 512 --lr 2e-3 --minutes 8
+        --out build/train/RUN --preset gpu-small --steps 1700 --batch 16 --seq 512 --lr 2e-3 --minutes 7
 Run the same command again to resume from RUN/checkpoint.pt (same model, optimizer, step, data
 order and RNG); --steps is the length of the whole schedule (warmup + cosine), not of this call.
 
     --preset      toy | cpu-small | gpu-small | gpu-base  (see PRESETS below; vocab comes from
                   the tokenizer); --spec FILE.json overrides with a spec of your own
-    --steps N     optimizer steps of the whole run (cosine schedule length)
+    --steps N     optimizer steps of the whole run (cosine schedule length); 0 (the default) fits
+                  the schedule into --minutes from the speed of steps 3-10 and keeps it on resume
     --batch B     sequences per step;  --seq S  tokens per sequence (BOS + S-1 text tokens)
     --lr LR       peak learning rate (AdamW, betas 0.9/0.95, weight decay 0.1 on matrices),
                   --warmup steps of linear warmup, then cosine to --min-lr-ratio * LR
@@ -47,16 +48,20 @@ it survives between calls while the machine stays warm, and bring back only the 
 On the GPU machine (H100/H200), in one 10-minute device call (bf16 autocast, fp32 master weights):
     python3 tools/train_model.py --train build/corpus/train.txt --valid build/corpus/valid.txt \\
         --tokenizer build/corpus/tokenizer.json --out build/train/v4-small --preset gpu-small \\
-        --steps 2200 --batch 16 --seq 512 --lr 2e-3 --warmup 100 --minutes 7.5 --save-every 500 \\
+        --steps 0 --batch 16 --seq 512 --lr 2e-3 --warmup 100 --minutes 7 --save-every 500 \\
       && python3 tools/export_model.py build/train/v4-small build/models/v4-small \\
         --valid build/corpus/valid.txt --reference build/train/v4-small/ref \\
-      && cp build/models/v4-small/* build/train/v4-small/loss.csv $OUT/
+      && cp build/models/v4-small/* build/train/v4-small/loss.csv \\
+            build/train/v4-small/ref/export_report.json $OUT/
 At the measured ~30-36k tokens/s for batch 16x512 (36-90M parameters, 16 experts, H100) a call
-trains about 7.5 min x 60 x 33k = ~15M tokens (~1800 steps of 8192 tokens); gpu-small has 23M
-parameters (with a 4k vocab) and should be at least that fast; the first steps' tok/s in the log
-tell, so set --steps from them (steps = tok/s x seconds / 8192). Two warm calls in a row (the second resumes the
-checkpoint in build/) give ~30M tokens, about three passes over a 33 MB corpus with a 4k vocab.
-If a call runs faster than expected, raise --steps for the next run rather than mid-schedule.
+trains about 7 min x 60 x 33k = ~14M tokens (~1700 steps of 8192 tokens); gpu-small has 23M
+parameters (with a 4k vocab) and should be at least that fast. --steps 0 sizes the cosine
+schedule to the 7 minutes from the measured speed; the ~3 minutes left cover start-up,
+tokenizing the corpus (cached in --out for later calls), the final validation and the export.
+For a longer run give a fixed --steps (e.g. 3400) and --minutes 7 to two calls in a row on the
+same warm machine (the second resumes the checkpoint in build/): ~28M tokens, about three passes
+over a 33 MB corpus with a 4k vocab. What comes back is at most 8 files: the model's (two shards,
+the index, config.json, tokenizer.json, tokenizer_config.json), loss.csv and export_report.json.
 """
 import argparse, json, math, os, shutil, sys, time
 
@@ -235,7 +240,7 @@ class BiasBalancer:
     """DeepSeek's auxiliary-loss-free balancing: after each step, every routed (non-hash) layer's
     e_score_correction_bias moves by `rate` toward the experts that got fewer tokens than average."""
     def __init__(self, model, rate):
-        self.rate, self.routers, self.counts = rate, [], []
+        self.rate, self.routers = rate, []
         for layer in model.model.layers:
             gate = layer.mlp.gate
             if hasattr(gate, "e_score_correction_bias"):
@@ -251,15 +256,11 @@ class BiasBalancer:
 
     @torch.no_grad()
     def update(self):
-        worst = 0.0
         for g in self.routers:
             c = self.counts[id(g)]
-            if c is None:
-                continue
-            g.e_score_correction_bias += self.rate * torch.sign(c.mean() - c)
-            worst = max(worst, float(c.max() / c.mean())) if self.rate >= 0 else worst
-            self.counts[id(g)] = None
-        return worst
+            if c is not None:
+                g.e_score_correction_bias += self.rate * torch.sign(c.mean() - c)
+                self.counts[id(g)] = None
 
 
 def main():
@@ -270,7 +271,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--preset", default="toy", choices=sorted(PRESETS))
     ap.add_argument("--spec", help="JSON file with a size spec (keys as in PRESETS) instead of --preset")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="steps of the whole schedule; 0 = as many as --minutes allows, measured on steps 3-10")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -355,6 +357,12 @@ def main():
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device == "cuda")
     rng = np.random.default_rng(args.seed)
     step = 0
+    if resume and not args.steps:
+        args.steps = resume["args"]["steps"]   # the schedule fixed by the first call
+    auto_steps = not args.steps
+    if auto_steps:
+        assert args.minutes and args.warmup >= 10, "--steps 0 needs --minutes and --warmup >= 10"
+        args.steps = 10**9   # provisional: fixed after step 10 from the measured speed
     if resume:
         opt.load_state_dict(resume["optimizer"])
         step = resume["step"]
@@ -405,6 +413,13 @@ def main():
         loss_acc += float(loss.detach())
         n_acc += 1
         step_time = time.time() - t_step
+        if auto_steps and step - step0 == 3:
+            t_auto = time.time()
+        if auto_steps and step - step0 == 10:
+            per_step = (time.time() - t_auto) / 7
+            args.steps = step + int(0.95 * (deadline - time.time()) / per_step)
+            auto_steps = False
+            log(f"--steps 0: {per_step:.3f} s per step, so the schedule has {args.steps} steps")
         if step % args.log_every == 0 or step == args.steps or step == 1:
             el = time.time() - t_loop
             tps = (step - step0) * args.batch * args.seq / max(el, 1e-9)

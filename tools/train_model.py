@@ -410,7 +410,7 @@ def main():
         opt.step()
         balancer.update()
         step += 1
-        loss_acc += float(loss.detach())
+        loss_acc = loss_acc + loss.detach()   # stays on the device: no sync per step
         n_acc += 1
         step_time = time.time() - t_step
         if auto_steps and step - step0 == 3:
@@ -426,8 +426,9 @@ def main():
             vl = ""
             if args.eval_every and step % args.eval_every == 0:
                 vl = f"{evaluate(model, valid_ids, args.seq, args.batch, device, args.eval_tokens, bos, autocast)[0]:.4f}"
-            csv_row(step, lr, f"{loss_acc / n_acc:.4f}", f"{float(gn):.3f}", vl, time.time() - t_start, f"{tps:.0f}")
-            log(f"step {step}/{args.steps} loss {loss_acc / n_acc:.4f} lr {lr:.2e} grad {float(gn):.2f} "
+            mean_loss = float(loss_acc) / n_acc
+            csv_row(step, lr, f"{mean_loss:.4f}", f"{float(gn):.3f}", vl, time.time() - t_start, f"{tps:.0f}")
+            log(f"step {step}/{args.steps} loss {mean_loss:.4f} lr {lr:.2e} grad {float(gn):.2f} "
                 f"{tps:.0f} tok/s{' valid ' + vl if vl else ''}")
             loss_acc, n_acc = 0.0, 0
         if step % args.save_every == 0 and step < args.steps:

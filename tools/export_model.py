@@ -180,9 +180,9 @@ def main():
 
     # ---- transformers on the unquantized and on the dequantized weights
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    unq = tm.new_model(spec, 0).float().eval()
+    unq = tm.new_model(spec, 0, "eager").float().eval()   # transformers' plain per-expert loop
     unq.load_state_dict(ckpt["model"])
-    dq = tm.new_model(spec, 0).float().eval()
+    dq = tm.new_model(spec, 0, "eager").float().eval()
     gf.load_into_hf(dq, spec, dict(deq))
     tok = Tokenizer.from_file(os.path.join(args.run_dir, "tokenizer.json"))
     valid_ids = tm.tokenize_file(tok, args.valid)

@@ -26,7 +26,9 @@ order and RNG); --steps is the length of the whole schedule (warmup + cosine), n
     --minutes M   stop (and save) after M minutes of this call, even before --steps
     --save-every N  also save every N steps
     --eval-tokens T  validation tokens evaluated at the end (and every --eval-every steps)
-    --experts-impl eager | batched_mm | grouped_mm (transformers' MoE kernels; default: its own)
+    --experts-impl eager | batched_mm | grouped_mm (transformers' MoE kernels; default: its own,
+                  grouped_mm where torch has it; eager is the plain per-expert loop, the fallback
+                  if a kernel refuses bf16 autocast or is slower on a GPU)
 
 Training windows are [BOS] + S-1 consecutive tokens from a random offset of the tokenized
 train.txt, so the model always sees BOS at position 0 as nvfp4 feeds it a prompt. Validation

@@ -30,9 +30,10 @@ weights, in float32. With --reference REF_DIR it also writes, for an excerpt of 
     ids.txt                 the ids, comma-separated (for nvfp4 --ids)
     hf_dequant_logits.bin   float32 [n, vocab] logits of transformers on the dequantized weights
                             (float32 on the CPU, as the fixtures' references)
-    tie_rows.txt            rows whose indexer top-k is decided by a tie (ReLU scores can tie at
-                            0): an engine may keep another of the tied entries there, so these
-                            rows are compared apart (compare_logits.py --skip)
+    tie_rows.txt            rows whose indexer or router top-k is decided by a tie (ReLU scores
+                            can tie at 0): an engine may keep another of the tied entries there,
+                            which also moves later rows through that position's keys and values;
+                            compare_logits.py --skip reports them and the rows after the first apart
     export_report.json      sizes, parameter count, both validation losses and perplexities,
                             the excerpt's NLL and its indexer tie rows
 Compare nvfp4 with it:
@@ -85,30 +86,44 @@ def official_weights(sd, spec):
     return out
 
 
-def indexer_tie_rows(model, ids, rel=1e-5):
-    """Run the model on `ids` (float32, CPU) and return its logits and the positions whose
-    indexer top-k, in some CSA layer, is decided by a (near-)tie: the k-th and (k+1)-th best
-    scores differ by less than `rel` of the row's largest. The scores pass through a ReLU, so
-    exact ties at 0 happen; which of the tied entries an engine keeps is then arbitrary, and its
-    logits for that row may differ from transformers' by much more than rounding."""
+def tie_rows(model, ids, rel=1e-5):
+    """Run the model on `ids` (float32, CPU, one forward from position 0) and return its logits
+    and the positions where a discrete choice is decided by a (near-)tie: in a CSA layer, the
+    indexer's k-th and (k+1)-th best scores among the entries visible to the position, or in a
+    routed MoE layer the k-th and (k+1)-th expert scores (with the balancing bias), differ by
+    less than `rel` of the largest. The indexer scores pass through a ReLU, so exact ties at 0
+    happen; an engine may then keep another of the tied entries, and its logits for that row (and,
+    through the keys and values of that position, for later rows) may differ from transformers'
+    by much more than rounding."""
     rows = {}
 
-    def hook(module, args, out):
+    def index_hook(module, args, out):
         s = out[0].float()
         for r in range(s.shape[0]):
-            v = s[r][torch.isfinite(s[r])]
-            if v.numel() > module.index_topk_for_ties:
+            v = s[r, :(r + 1) // module.tie_rate]   # entries complete at position r
+            k = module.tie_topk
+            if v.numel() > k:
                 v = v.sort(descending=True).values
-                k = module.index_topk_for_ties
-                if float((v[k - 1] - v[k]).abs()) <= rel * float(v.abs().max()):
-                    rows.setdefault(r, []).append(module.layer_for_ties)
+                if float(v[k - 1] - v[k]) <= rel * float(v.abs().max()):
+                    rows.setdefault(r, []).append(f"indexer {module.tie_layer}")
+
+    def router_hook(module, args, out):
+        v = (module.score_fn(out[0].float()) + module.e_score_correction_bias).sort(-1, descending=True).values
+        k = module.top_k
+        gap = (v[:, k - 1] - v[:, k]) <= rel * v.abs().max(-1).values
+        for r in torch.nonzero(gap).flatten().tolist():
+            rows.setdefault(r, []).append(f"router {module.tie_layer}")
     handles = []
     for i, layer in enumerate(model.model.layers):
         comp = layer.self_attn.compressor
         if comp is not None and hasattr(comp, "indexer"):
-            comp.indexer.scorer.index_topk_for_ties = comp.indexer.index_topk
-            comp.indexer.scorer.layer_for_ties = i
-            handles.append(comp.indexer.scorer.register_forward_hook(hook))
+            sc = comp.indexer.scorer
+            sc.tie_topk, sc.tie_rate, sc.tie_layer = comp.indexer.index_topk, comp.indexer.compress_rate, i
+            handles.append(sc.register_forward_hook(index_hook))
+        gate = layer.mlp.gate
+        if hasattr(gate, "e_score_correction_bias"):
+            gate.tie_layer = i
+            handles.append(gate.register_forward_hook(router_hook))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
     for h in handles:
@@ -200,17 +215,17 @@ def main():
     if args.reference:
         os.makedirs(args.reference, exist_ok=True)
         ids = [0] + [int(i) for i in valid_ids[:args.excerpt - 1]]
-        logits, ties = indexer_tie_rows(dq, ids)
+        logits, ties = tie_rows(dq, ids)
         with open(os.path.join(args.reference, "ids.txt"), "w") as f:
             f.write(",".join(map(str, ids)) + "\n")
         logits.astype(np.float32).tofile(os.path.join(args.reference, "hf_dequant_logits.bin"))
         lp = torch.log_softmax(torch.from_numpy(logits[:-1]), -1)
         ex_nll = float(-lp.gather(1, torch.tensor(ids[1:])[:, None]).mean())
-        report["excerpt"] = dict(tokens=len(ids), hf_dequant_nll=ex_nll, indexer_tie_rows=list(ties))
+        report["excerpt"] = dict(tokens=len(ids), hf_dequant_nll=ex_nll, tie_rows=ties)
         with open(os.path.join(args.reference, "tie_rows.txt"), "w") as f:
             f.write(",".join(map(str, ties)) + "\n")
         print(f"reference excerpt: {len(ids)} tokens, NLL {ex_nll:.4f} (dequantized); rows whose indexer "
-              f"top-k is decided by a tie: {dict(ties) or 'none'} (row: CSA layers)", flush=True)
+              f"or router top-k is decided by a tie: {ties or 'none'}", flush=True)
         with open(os.path.join(args.reference, "export_report.json"), "w") as f:
             json.dump(report, f, indent=1)
     print(f"done in {time.time() - t0:.0f} s")

@@ -3,7 +3,11 @@
 export_model.py -> nvfp4, checking that nvfp4 runs the exported model and that its logits match
 transformers on the same dequantized weights.
 
-    ../venv-fixture/bin/python tools/train_dryrun.py [--out build/dryrun] [--minutes 4] [--preset toy]
+    ../venv-fixture/bin/python tools/train_dryrun.py [--out build/dryrun] [--minutes 6] [--steps 400]
+        [--preset toy] [--skip-train]
+
+Running it again resumes the training where --minutes cut it (train_model.py keeps its checkpoint
+in OUT/run) and redoes the export and the checks; --skip-train only redoes the latter.
 
 1. corpus: English text found on any Debian machine (/usr/share/common-licenses, the Vim user
    manual), ~4 MB, split into train.txt and a held-out valid.txt (the last 5%, at a line break).
@@ -16,7 +20,8 @@ transformers on the same dequantized weights.
    (tools/export_model.py, which also evaluates transformers on the unquantized and dequantized
    weights and writes the reference logits of a validation excerpt), 5. builds nvfp4 (`make`),
    generates 20 greedy tokens with --cpu, dumps nvfp4's logits for the excerpt (--ids,
-   --dump-logits) and compares them row by row with the reference (tools/compare_logits.py).
+   --dump-logits) and compares them row by row with the reference (tools/compare_logits.py):
+   rows before the first indexer/router tie must agree to rounding (--tol 1e-4).
 Writes everything under --out (build/ is ignored by git) and a summary in OUT/dryrun.json.
 On the GPU machine the same steps run from the commands in train_model.py's header.
 """
@@ -81,7 +86,8 @@ def build_tokenizer(d, vocab_size):
 
 
 def run(cmd, **kw):
-    print("+ " + " ".join(cmd), flush=True)
+    line = " ".join(cmd)
+    print("+ " + (line if len(line) < 400 else line[:200] + " ... " + line[-150:]), flush=True)
     return subprocess.run(cmd, check=True, **kw)
 
 
@@ -123,11 +129,12 @@ def main():
         ids = f.read().strip()
     dump = os.path.join(ref, "nvfp4_cpu_logits.bin")
     run([nv, "--cpu", model_dir, "--ids", ids, "--dump-logits", dump, "-n", "1", "--temp", "0"], capture_output=True)
+    summary["compare_rc"] = None
     cmp = subprocess.run([py, os.path.join(HERE, "compare_logits.py"), dump, os.path.join(ref, "hf_dequant_logits.bin"),
                           "--ids", os.path.join(ref, "ids.txt"), "--skip", os.path.join(ref, "tie_rows.txt")],
                          capture_output=True, text=True)
-    print(cmp.stdout)
-    summary["compare"] = cmp.stdout
+    print(cmp.stdout + cmp.stderr)
+    summary["compare"], summary["compare_rc"] = cmp.stdout, cmp.returncode
     with open(os.path.join(ref, "export_report.json")) as f:
         summary["export"] = json.load(f)
     with open(os.path.join(a.out, "dryrun.json"), "w") as f:

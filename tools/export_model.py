@@ -29,11 +29,15 @@ weights, in float32. With --reference REF_DIR it also writes, for an excerpt of 
 ([BOS] + the start of valid.txt):
     ids.txt                 the ids, comma-separated (for nvfp4 --ids)
     hf_dequant_logits.bin   float32 [n, vocab] logits of transformers on the dequantized weights
-                            (float32 on the CPU, as the fixtures' references)
-    tie_rows.txt            rows whose indexer or router top-k is decided by a tie (ReLU scores
-                            can tie at 0): an engine may keep another of the tied entries there,
-                            which also moves later rows through that position's keys and values;
-                            compare_logits.py --skip reports them and the rows after the first apart
+                            (float32 on the CPU, as the fixtures' references), its indexer's top-k
+                            breaking ties toward the lower entry as nvfp4 does (LowerIndexTies)
+    tie_rows.txt            rows whose indexer or router top-k is decided by a (near-)tie. The
+                            indexer's scores are sums of ReLUs weighted by signed weights, so a
+                            trained model's scores are often exactly 0 for several entries at
+                            the top-k boundary; torch.topk orders such ties as it likes, and an
+                            engine that keeps another of them differs on that row and, through
+                            that position's keys and values, on later rows by up to ~1e-2
+                            (measured on the toy model with torch's own order)
     export_report.json      sizes, parameter count, both validation losses and perplexities,
                             the excerpt's NLL and its indexer tie rows
 Compare nvfp4 with it:
@@ -86,6 +90,22 @@ def official_weights(sd, spec):
     return out
 
 
+class LowerIndexTies:
+    """Within this context Tensor.topk (what the indexer calls) breaks ties toward the lower index,
+    as nvfp4 does, instead of in torch's unspecified order: the choice among exactly equal scores
+    is then the same in both, and any top-k they pick is as right as the other."""
+    def __enter__(self):
+        self.orig = torch.Tensor.topk
+
+        def topk(t, k, dim=-1, largest=True, sorted=True):
+            v, i = torch.sort(t, dim=dim, descending=largest, stable=True)
+            return torch.return_types.topk((v.narrow(dim, 0, k), i.narrow(dim, 0, k)))
+        torch.Tensor.topk = topk
+
+    def __exit__(self, *exc):
+        torch.Tensor.topk = self.orig
+
+
 def tie_rows(model, ids, rel=1e-5):
     """Run the model on `ids` (float32, CPU, one forward from position 0) and return its logits
     and the positions where a discrete choice is decided by a (near-)tie: in a CSA layer, the
@@ -124,7 +144,7 @@ def tie_rows(model, ids, rel=1e-5):
         if hasattr(gate, "e_score_correction_bias"):
             gate.tie_layer = i
             handles.append(gate.register_forward_hook(router_hook))
-    with torch.no_grad():
+    with torch.no_grad(), LowerIndexTies():
         logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
     for h in handles:
         h.remove()

@@ -10,7 +10,6 @@ each dump. --skip names rows (comma-separated; export_model.py's tie_rows.txt: w
 indexer's or a router's top-k is decided by a tie) whose errors are reported apart, as are those
 of the rows before the first of them. Exit status 1 when the largest relative error of any row
 exceeds --tol (default 1e-4)."""
-"""
 import argparse, sys
 
 import numpy as np

@@ -39,7 +39,7 @@ weights, in float32. With --reference REF_DIR it also writes, for an excerpt of 
                             that position's keys and values, on later rows by up to ~1e-2
                             (measured on the toy model with torch's own order)
     export_report.json      sizes, parameter count, both validation losses and perplexities,
-                            the excerpt's NLL and its indexer tie rows
+                            the excerpt's NLL and its tie rows (in RUN_DIR without --reference)
 Compare nvfp4 with it:
     ./nvfp4 --cpu MODEL_DIR --ids $(cat REF_DIR/ids.txt) -n 1 --temp 0 --dump-logits REF_DIR/nvfp4.bin
     python3 tools/compare_logits.py REF_DIR/nvfp4.bin REF_DIR/hf_dequant_logits.bin \\
@@ -246,9 +246,10 @@ def main():
             f.write(",".join(map(str, ties)) + "\n")
         print(f"reference excerpt: {len(ids)} tokens, NLL {ex_nll:.4f} (dequantized); rows whose indexer "
               f"or router top-k is decided by a tie: {ties or 'none'}", flush=True)
-        with open(os.path.join(args.reference, "export_report.json"), "w") as f:
-            json.dump(report, f, indent=1)
-    print(f"done in {time.time() - t0:.0f} s")
+    report_path = os.path.join(args.reference or args.run_dir, "export_report.json")
+    with open(report_path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {report_path}; done in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

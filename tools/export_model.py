@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.dont_write_bytecode = True   # no __pycache__ in tools/
 sys.path.insert(0, HERE)
 import gen_fixtures as gf  # noqa: E402
 import train_model as tm  # noqa: E402

@@ -70,6 +70,7 @@ import argparse, json, math, os, shutil, sys, time
 import numpy as np
 import torch
 
+sys.dont_write_bytecode = True   # no __pycache__ in tools/
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gen_fixtures as gf  # noqa: E402  (official config/names/quantizers shared with the fixtures)
 from tokenizers import Tokenizer  # noqa: E402

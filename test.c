@@ -1087,6 +1087,34 @@ static void test_sampler(void) {
 
 /* --------------------------------------------------------------- whole models vs transformers */
 
+/* A fixture's reference.bin (tools/gen_fixtures.py): ints n_prompt, n_steps, V; the ids (the
+   prompt, then the n_steps + 1 greedy tokens transformers picked); then transformers' logits
+   rows [n_prompt + n_steps, V]. */
+typedef struct {
+    char *data;               /* the whole file (free_reference frees it) */
+    size_t size;
+    int n_prompt, n_steps, V;
+    const int *ids;           /* [n_prompt + n_steps + 1] */
+    const float *logits;      /* [n_prompt + n_steps, V] */
+} Reference;
+
+/* testdata model `dir`'s reference.bin, or a failed check and an empty Reference. */
+static Reference load_reference(const char *dir) {
+    Reference r = {0};
+    char *path = path_join(dir, "reference.bin");
+    r.data = read_file(path, &r.size);
+    free(path);
+    CHECK(r.data && r.size >= 12, "%s: reference.bin is readable", dir);
+    if (!r.data || r.size < 12) return (Reference){0};
+    const int *head = (const int *)r.data;
+    r.n_prompt = head[0], r.n_steps = head[1], r.V = head[2];
+    r.ids = head + 3;
+    r.logits = (const float *)(r.ids + r.n_prompt + r.n_steps + 1);
+    return r;
+}
+
+static void free_reference(Reference *r) { free(r->data); }
+
 /* Run testdata model `dir` on its reference prompt with prefill chunks of `chunk` tokens, then
    feed back the greedy tokens; compare every logits row with transformers'. Tolerance 1e-4 of
    the row's largest |logit|: both sides compute in float32 on the same dequantized weights
@@ -1094,13 +1122,11 @@ static void test_sampler(void) {
 static void test_against_transformers(const char *dir, int chunk) {
     Model m;
     load_model(&m, dir);
-    char *path = path_join(dir, "reference.bin");
-    size_t size;
-    char *ref = read_file(path, &size);
-    const int *head = (const int *)ref, n_prompt = head[0], n_steps = head[1], V = head[2];
-    const int *ids = head + 3;
-    const float *want = (const float *)(ids + n_prompt + n_steps + 1);
-    CHECK(V == m.config.vocab_size && size == 12 + 4 * (size_t)(n_prompt + n_steps + 1) + 4 * (size_t)(n_prompt + n_steps) * V,
+    Reference ref = load_reference(dir);
+    const int n_prompt = ref.n_prompt, n_steps = ref.n_steps, V = ref.V, *ids = ref.ids;
+    const float *want = ref.logits;
+    CHECK(V == m.config.vocab_size &&
+              ref.size == 12 + 4 * (size_t)(n_prompt + n_steps + 1) + 4 * (size_t)(n_prompt + n_steps) * V,
           "%s: reference.bin layout", dir);
     State s;
     alloc_state(&s, &m.config, chunk, 1024, 1);
@@ -1135,8 +1161,7 @@ static void test_against_transformers(const char *dir, int chunk) {
     printf("  %s, prefill chunk %3d: %d rows, worst relative error %.2e, smallest greedy margin %.2e\n", dir, chunk, rows,
            worst, min_margin);
     free_state(&s);
-    free(ref);
-    free(path);
+    free_reference(&ref);
     free_model(&m);
 }
 
@@ -2100,11 +2125,9 @@ static int cli_perplexity(const char *file, const char *args, double *nll, int *
    refusals; SIGINT stops it with no perplexity. */
 static void test_perplexity(void) {
     const char *dir = "testdata/tiny-a";
-    char *path = path_join(dir, "reference.bin");
-    size_t size;
-    char *ref = read_file(path, &size);
-    const int *head = (const int *)ref, n = head[0], n_steps = head[1], V = head[2], *ids = head + 3;
-    const float *want = (const float *)(ids + n + n_steps + 1);
+    Reference ref = load_reference(dir);
+    const int n = ref.n_prompt, V = ref.V, *ids = ref.ids;
+    const float *want = ref.logits;
     Model m;
     load_model(&m, dir);
     Tokenizer t;
@@ -2196,8 +2219,7 @@ static void test_perplexity(void) {
     free(text);
     tokenizer_free(&t);
     free_model(&m);
-    free(ref);
-    free(path);
+    free_reference(&ref);
 }
 
 /* Chat with model `dir` through a pipe: turns one and two, replies of at most n tokens, greedy,
@@ -2594,14 +2616,11 @@ static void test_gpu_pieces(const Model *m, State *s, const int *ids, int prefix
    largest logit (bf16 tensor-core prefill), and the greedy tokens identical, or where not, the
    reference's choice within a near-tie margin of ours (printed). */
 static void test_gpu_against_transformers(const Model *m, const char *dir, int chunk) {
-    char *path = path_join(dir, "reference.bin");
-    size_t size;
-    char *ref = read_file(path, &size);
-    const int *head = (const int *)ref, n_prompt = head[0], n_steps = head[1], V = head[2];
-    const int *ids = head + 3;
-    const float *want = (const float *)(ids + n_prompt + n_steps + 1);
+    Reference ref = load_reference(dir);
+    const int n_prompt = ref.n_prompt, n_steps = ref.n_steps, V = ref.V, *ids = ref.ids;
+    const float *want = ref.logits;
     float *logits = xcalloc((size_t)chunk * V, sizeof(float)), worst = 0, worst_margin = 0;
-    int rows = 0, bad = 0, greedy_same = 1, pos = 0;
+    int rows = 0, bad = 0, greedy_same = 1;
     for (int p = 0; p < n_prompt + n_steps;) {
         int T = p < n_prompt ? (n_prompt - p < chunk ? n_prompt - p : chunk) : 1;
         gpu_upload(gm.pos, &p, sizeof p);
@@ -2624,16 +2643,13 @@ static void test_gpu_against_transformers(const Model *m, const char *dir, int c
             }
         }
         p += T;
-        pos = p;
     }
-    (void)pos;
     CHECK(bad == 0, "%s on the GPU, chunk %d: %d of %d rows off by more than 2e-2 (worst %.2e)", dir, chunk, bad, rows, worst);
     CHECK(greedy_same, "%s on the GPU, chunk %d: greedy tokens identical or near-ties (margin %.2e)", dir, chunk, worst_margin);
     printf("  %s on the GPU, prefill chunk %3d: %d rows, worst relative error %.2e, greedy differences within %.2e\n", dir,
            chunk, rows, worst, worst_margin);
     free(logits);
-    free(ref);
-    free(path);
+    free_reference(&ref);
 }
 
 /* The decode step replayed as a CUDA graph gives the same tokens and bit-identical logits as

@@ -2983,6 +2983,8 @@ static void test_gpu(void) {
         test_gpu_gemv(FMT_MXFP4, 2048, 4096, 0);
         test_gpu_gemv(FMT_FP8, 4096, 8192, 1);        /* wo_b */
         test_gpu_gemv(FMT_BF16, 129280, 4096, 0);     /* head */
+    } else {
+        printf("  GPU GEMV at four more V4 shapes (expert w2, MXFP4 expert, wo_b, head) skipped: NVFP4_GPU_QUICK is set\n");
     }
     if (getenv("NVFP4_GPU_BENCH")) gpu_bench_gemv();
     test_gpu_model("testdata/tiny-a", 64);
@@ -2991,6 +2993,7 @@ static void test_gpu(void) {
     test_gpu_model("testdata/tiny-d", 7);
     test_gpu_flash_pieces();
     if (getenv("NVFP4_FLASH_DIR")) test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));
+    else printf("  V4-Flash-shaped checkpoint skipped: NVFP4_FLASH_DIR names none (tools/gen_flash_checkpoint.py makes one)\n");
     /* the whole V4-Flash (43 layers, about 160 GB) does not fit one card: refused before
        anything is allocated, with what it needs and what the GPU has */
     expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --bench --layers 43", 1, "the model needs");

@@ -237,27 +237,31 @@ static uint64_t hash_bytes(const void *data, size_t n) {
                nibble = even column)                         (MXFP4 and NVFP4 weights)     */
 static const float e2m1_values[16] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6, -0.0f, -0.5f, -1, -1.5f, -2, -3, -4, -6};
 
-/* BF16 -> float: the 16 bits are the top half of a float32. */
-static float bf16_to_float(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
+/* A float from its IEEE bits. */
+static float float_from_bits(uint32_t u) {
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-/* F8 E4M3 (the "fn" variant: no infinities, S.1111.111 is NaN) -> float. */
+/* BF16 -> float: the 16 bits are the top half of a float32. */
+static float bf16_to_float(uint16_t bits) { return float_from_bits((uint32_t)bits << 16); }
+
+/* F8 E4M3 (the "fn" variant: no infinities, S.1111.111 is NaN) -> float. A normal value
+   moves its exponent from bias 7 to float's bias 127 and its 3 mantissa bits to the top of
+   float's 23; a subnormal is m/8 * 2^-6 = m * 2^-9. */
 static float e4m3_to_float(uint8_t byte) {
-    int sign = byte >> 7, exponent = (byte >> 3) & 15, mantissa = byte & 7;
-    float magnitude;
-    if (exponent == 15 && mantissa == 7) magnitude = NAN;
-    else if (exponent == 0) magnitude = ldexpf((float)mantissa, -9);   /* subnormal: m/8 * 2^-6 */
-    else magnitude = ldexpf(1.0f + mantissa / 8.0f, exponent - 7);
-    return sign ? -magnitude : magnitude;
+    uint32_t exponent = (byte >> 3) & 15, mantissa = byte & 7;
+    float magnitude = exponent == 15 && mantissa == 7 ? NAN
+                      : exponent == 0                 ? (float)mantissa * (1.0f / 512)
+                                                      : float_from_bits((exponent + 120) << 23 | mantissa << 20);
+    return byte >> 7 ? -magnitude : magnitude;
 }
 
-/* F8 E8M0 -> float: 2^(byte - 127); 255 is NaN. */
+/* F8 E8M0 -> float: 2^(byte - 127), the byte being float's exponent field (0 is the
+   subnormal 2^-127, whose bits are 1 << 22); 255 is NaN. */
 static float e8m0_to_float(uint8_t byte) {
-    return byte == 255 ? NAN : ldexpf(1.0f, (int)byte - 127);
+    return byte == 255 ? NAN : float_from_bits(byte ? (uint32_t)byte << 23 : 1u << 22);
 }
 
 /* Element i of a mapped array. safetensors promises no alignment, so every multi-byte value
@@ -288,10 +292,10 @@ static void linear_row(const Linear *w, int r, float *out) {
     case FMT_FP8: {
         const uint8_t *q = (const uint8_t *)w->weight + base;
         size_t scale_cols = (cols + 127) / 128, srow = (size_t)(r / 128) * scale_cols;
-        for (size_t c = 0; c < cols; c++) {
-            float s = w->scale_is_f32 ? load_f32(w->scale, srow + c / 128)
-                                      : e8m0_to_float(((const uint8_t *)w->scale)[srow + c / 128]);
-            out[c] = e4m3_to_float(q[c]) * s;
+        for (size_t c0 = 0; c0 < cols; c0 += 128) {   /* one scale per 128 columns */
+            float s = w->scale_is_f32 ? load_f32(w->scale, srow + c0 / 128)
+                                      : e8m0_to_float(((const uint8_t *)w->scale)[srow + c0 / 128]);
+            for (size_t c = c0; c < cols && c < c0 + 128; c++) out[c] = e4m3_to_float(q[c]) * s;
         }
         break;
     }
@@ -300,10 +304,10 @@ static void linear_row(const Linear *w, int r, float *out) {
         const uint8_t *q = (const uint8_t *)w->weight + base / 2;
         int group = w->format == FMT_MXFP4 ? 32 : 16;
         const uint8_t *scales = (const uint8_t *)w->scale + (size_t)r * (cols / group);
-        for (size_t c = 0; c < cols; c++) {
-            float s = w->format == FMT_MXFP4 ? e8m0_to_float(scales[c / group])
-                                             : e4m3_to_float(scales[c / group]) * w->global_scale;
-            out[c] = e2m1_values[(q[c / 2] >> (4 * (c & 1))) & 15] * s;
+        for (size_t c0 = 0; c0 < cols; c0 += group) {   /* one scale per group (cols % group == 0) */
+            float s = w->format == FMT_MXFP4 ? e8m0_to_float(scales[c0 / group])
+                                             : e4m3_to_float(scales[c0 / group]) * w->global_scale;
+            for (size_t c = c0; c < c0 + group; c++) out[c] = e2m1_values[(q[c / 2] >> (4 * (c & 1))) & 15] * s;
         }
         break;
     }

@@ -65,6 +65,17 @@ static void test_number_formats(void) {
           isnan(e4m3_to_float(0x7f)) && e4m3_to_float(0x00) == 0.0f, "e4m3 decode");
     CHECK(e8m0_to_float(127) == 1.0f && e8m0_to_float(130) == 8.0f && e8m0_to_float(0) == 0x1p-127f &&
           isnan(e8m0_to_float(255)), "e8m0 decode");
+    /* every byte of both against their definitions, written with ldexpf */
+    int wrong_e4m3 = 0, wrong_e8m0 = 0;
+    for (int b = 0; b < 256; b++) {
+        int exponent = (b >> 3) & 15, mantissa = b & 7;
+        float m = exponent == 0 ? ldexpf((float)mantissa / 8, -6) : ldexpf(1 + mantissa / 8.0f, exponent - 7);
+        float want = b >> 7 ? -m : m, got = e4m3_to_float((uint8_t)b);
+        if ((b & 127) == 127 ? !isnan(got) : got != want || signbit(got) != signbit(want)) wrong_e4m3++;
+        float two_power = e8m0_to_float((uint8_t)b);
+        if (b == 255 ? !isnan(two_power) : two_power != ldexpf(1, b - 127)) wrong_e8m0++;
+    }
+    CHECK(wrong_e4m3 == 0 && wrong_e8m0 == 0, "all 256 bytes: %d e4m3 and %d e8m0 decoded wrong", wrong_e4m3, wrong_e8m0);
     static const float e2m1[8] = {0, 0.5f, 1, 1.5f, 2, 3, 4, 6};
     int ok = 1;
     for (int i = 0; i < 8; i++) ok &= e2m1_values[i] == e2m1[i] && e2m1_values[i + 8] == -e2m1[i];

@@ -872,12 +872,29 @@ static void free_state(State *s) {
 
 /* y[t, r] = sum_c W[row0 + r, c] * x[t, c] for r < nrows, t < T; x rows are x_stride floats
    apart, y rows y_stride. `row` is scratch for one decoded weight row: each row of W is decoded
-   once for all T inputs. */
+   once for all T inputs, and four inputs share each load of it (four independent sums, each
+   still added in column order, so the result does not depend on T). */
 static void linear_rows(const Linear *w, int row0, int nrows, const float *x, size_t x_stride, float *y,
                         size_t y_stride, int T, float *row) {
     for (int r = 0; r < nrows; r++) {
         linear_row(w, row0 + r, row);
-        for (int t = 0; t < T; t++) {
+        int t = 0;
+        for (; t + 4 <= T; t += 4) {
+            const float *x0 = x + (size_t)t * x_stride, *x1 = x0 + x_stride, *x2 = x1 + x_stride, *x3 = x2 + x_stride;
+            double acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
+            for (int c = 0; c < w->cols; c++) {
+                double wc = row[c];
+                acc0 += wc * x0[c];
+                acc1 += wc * x1[c];
+                acc2 += wc * x2[c];
+                acc3 += wc * x3[c];
+            }
+            y[(size_t)t * y_stride + r] = (float)acc0;
+            y[(size_t)(t + 1) * y_stride + r] = (float)acc1;
+            y[(size_t)(t + 2) * y_stride + r] = (float)acc2;
+            y[(size_t)(t + 3) * y_stride + r] = (float)acc3;
+        }
+        for (; t < T; t++) {
             const float *xt = x + (size_t)t * x_stride;
             double acc = 0;
             for (int c = 0; c < w->cols; c++) acc += (double)row[c] * xt[c];
@@ -3135,32 +3152,39 @@ static double token_nll(const float *logits, int V, int id, int pos) {
     return log(sum) + largest - logits[id];
 }
 
-/* --perplexity: split ids[n] into windows of s->max_ctx tokens (the last one shorter; no
-   overlap), run each from position 0 (reset_state) in chunks of at most s->max_tokens (the
-   state laid out for every row's logits), and add -log p(next id) at every position but a
-   window's last (so every id but a window's first is predicted). Prints on stdout
+/* --perplexity: cut the text's ids[n] (no BOS) into consecutive windows, each run from position
+   0 (reset_state) as [BOS] + the next s->max_ctx - 1 ids when bos >= 0 (the tokenizer's
+   add_bos_token, so that every window starts like a prompt; the last window is shorter), or as
+   the next s->max_ctx ids when bos < 0. Each window is fed in chunks of at most s->max_tokens
+   (the state laid out for every row's logits), and -log p(next id) is added at every position
+   but a window's last: every id is predicted (with a BOS), or every id but a window's first.
+   Prints on stdout
      perplexity: P (mean NLL N nats over K tokens, W windows of up to C)
    with a progress bar on a terminal. SIGINT stops it after the current chunk: it then says so on
    stderr and prints no perplexity. Adds to *st: the tokens run as prompt tokens, their time as
    prefill. */
-static void perplexity(const Model *m, State *s, const int *ids, int n, Stats *st) {
-    int V = m->config.vocab_size, C = s->max_ctx, windows = 0, predicted = 0;
+static void perplexity(const Model *m, State *s, const int *ids, int n, int bos, Stats *st) {
+    int V = m->config.vocab_size, C = s->max_ctx, head = bos >= 0, windows = 0, predicted = 0;
+    int *window = xcalloc((size_t)C, sizeof(int));   /* [C] the ids run: BOS (with a head), then text */
     double nll = 0, start = now_seconds();
+    window[0] = bos;
     generating = 1;
-    for (int first = 0; first < n && !interrupted; first += C, windows++) {
-        int length = n - first < C ? n - first : C;
+    for (int first = 0; first < n && !interrupted; first += C - head, windows++) {
+        int length = head + (n - first < C - head ? n - first : C - head);
+        memcpy(window + head, ids + first, (size_t)(length - head) * sizeof(int));
         reset_state(s);
         for (int done = 0; done < length && !interrupted;) {
             int T = length - done < s->max_tokens ? length - done : s->max_tokens;
-            const float *logits = run_chunk(m, s, ids + first + done, T, 1);
+            const float *logits = run_chunk(m, s, window + done, T, 1);
             for (int t = 0; t < T && done + t + 1 < length; t++, predicted++)
-                nll += token_nll(logits + (size_t)t * V, V, ids[first + done + t + 1], done + t);
+                nll += token_nll(logits + (size_t)t * V, V, window[done + t + 1], done + t);
             done += T;
             st->prompt_tokens += T;
-            progress("perplexity", first + done, n);
+            progress("perplexity", first + done - head, n);
         }
     }
     generating = 0;
+    free(window);
     st->prefill_s += now_seconds() - start;
     if (interrupted) {
         st->stop = STOP_INTERRUPT;
@@ -5392,6 +5416,7 @@ static Options parse_options(int argc, char **argv) {
     if (o.cpu && o.gpu) usage_error("--cpu and --gpu contradict each other");
     if (o.perplexity && (n_prompts || o.interactive || o.tokenize_only || o.dump_logits || o.chat))
         usage_error("--perplexity evaluates the text of its file: it takes no prompt, -i, --ids, --tokenize, --dump-logits or --chat");
+    if (o.perplexity && o.max_ctx < 2) usage_error("--perplexity needs --ctx 2 or more (a window predicts its tokens from those before)");
     if (o.interactive && (o.ids || o.tokenize_only))
         usage_error("-i chats in text: it takes neither --ids nor --tokenize");
     if (o.interactive && o.prompt_file && !strcmp(o.prompt_file, "-"))
@@ -5470,11 +5495,11 @@ int main(int argc, char **argv) {
         check_ids(o.ids, o.n_ids, c->vocab_size);
         ids = o.ids;
         n_ids = o.n_ids;
-    } else if (o.perplexity) {   /* BOS first when the tokenizer asks for it, as for a prompt */
+    } else if (o.perplexity) {   /* the text alone: perplexity() puts a BOS before each window */
         char what[PATH_MAX + 32];
         snprintf(what, sizeof what, "the text in %s", strcmp(o.perplexity, "-") ? o.perplexity : "standard input");
-        n_ids = text_ids(&tokenizer, &c->bos_id, add_bos, prompt, 0, what, &ids);
-        if (n_ids < 2) fatal("%s has %d token: the perplexity needs at least 2", what, n_ids);
+        n_ids = text_ids(&tokenizer, NULL, 0, prompt, 0, what, &ids);
+        if (n_ids < 2 - add_bos) fatal("%s has %d token: the perplexity needs at least 2", what, n_ids);
     } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, o.chat, &ids);
     if (n_ids > o.max_ctx && !o.perplexity) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
@@ -5515,7 +5540,7 @@ int main(int argc, char **argv) {
     }
     if (!o.seed_given && !o.perplexity) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
     Stats stats = {0};
-    if (o.perplexity) perplexity(&model, state, ids, n_ids, &stats);
+    if (o.perplexity) perplexity(&model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);
     else if (o.interactive) chat(&model, state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
     else generate(&model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
     print_stats(&stats);

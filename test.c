@@ -2112,12 +2112,12 @@ static double expected_nll(const float *row, int V, int id) {
     return (double)(logl(sum) + largest - row[id]);
 }
 
-/* Run "nvfp4 testdata/tiny-a --perplexity FILE ARGS" and read its line back: returns the exit
+/* Run "nvfp4 MODEL --perplexity FILE ARGS" and read its line back: returns the exit
    status; *nll, *tokens and *windows from "perplexity: P (mean NLL N nats over K tokens, W
    window(s) of up to C)" (zeros when it is missing or P is not exp(N)). */
-static int cli_perplexity(const char *file, const char *args, double *nll, int *tokens, int *windows) {
+static int cli_perplexity(const char *model, const char *file, const char *args, double *nll, int *tokens, int *windows) {
     char cmd[1024], *err;
-    snprintf(cmd, sizeof cmd, NVFP4_BIN " testdata/tiny-a --perplexity %s %s > build/bad/ppl-out.txt", file, args);
+    snprintf(cmd, sizeof cmd, NVFP4_BIN " %s --perplexity %s %s > build/bad/ppl-out.txt", model, file, args);
     int status = run_shell(cmd, &err);
     char *out = file_text("build/bad/ppl-out.txt");
     double p = 0;
@@ -2161,32 +2161,35 @@ static void test_perplexity(void) {
     double want_nll = 0, nll, nll_7;
     for (int p = 0; p + 1 < n; p++) want_nll += expected_nll(want + (size_t)p * V, V, ids[p + 1]);
     want_nll /= n - 1;
-    int tokens, windows, status = cli_perplexity("build/bad/ppl.txt", "--chunk 64", &nll, &tokens, &windows);
+    int tokens, windows, status = cli_perplexity("testdata/tiny-a", "build/bad/ppl.txt", "--chunk 64", &nll, &tokens, &windows);
     CHECK(status == 0 && tokens == n - 1 && windows == 1 && fabs(nll - want_nll) <= 1e-4 * want_nll,
           "--perplexity = transformers' mean NLL %.6f over %d tokens: status %d, %.6f over %d tokens, %d windows", want_nll,
           n - 1, status, nll, tokens, windows);
     printf("  --perplexity on tiny-a's prompt: mean NLL %.6f (transformers %.6f, relative difference %.1e)\n", nll, want_nll,
            fabs(nll - want_nll) / want_nll);
-    status = cli_perplexity("build/bad/ppl.txt", "--chunk 7", &nll_7, &tokens, &windows);
+    status = cli_perplexity("testdata/tiny-a", "build/bad/ppl.txt", "--chunk 7", &nll_7, &tokens, &windows);
     CHECK(status == 0 && tokens == n - 1 && fabs(nll_7 - nll) <= 1e-5 * nll, "--perplexity --chunk 7 = --chunk 64: %.6f, %.6f",
           nll_7, nll);
-    /* windows of 40 tokens, each run independently here from a fresh state */
+    /* windows of 40 tokens, each BOS + the next 39 text ids, run independently here from a
+       fresh state: every text id is predicted */
     double sum = 0;
-    int predicted = 0, n_windows = 0;
-    for (int first = 0; first < n; first += 40, n_windows++) {
-        int len = n - first < 40 ? n - first : 40;
+    int predicted = 0, n_windows = 0, window[40];
+    for (int first = 1; first < n; first += 39, n_windows++) {
+        int len = 1 + (n - first < 39 ? n - first : 39);
+        window[0] = ids[0];
+        memcpy(window + 1, ids + first, (size_t)(len - 1) * sizeof(int));
         State s;
         alloc_state(&s, &m.config, 16, 40, 1);
         for (int done = 0; done < len; done += 16) {
             int T = len - done < 16 ? len - done : 16;
-            forward(&m, &s, ids + first + done, T, 1);
+            forward(&m, &s, window + done, T, 1);
             for (int i = 0; i < T && done + i + 1 < len; i++, predicted++)
-                sum += expected_nll(s.scratch.logits + (size_t)i * V, V, ids[first + done + i + 1]);
+                sum += expected_nll(s.scratch.logits + (size_t)i * V, V, window[done + i + 1]);
         }
         free_state(&s);
     }
-    status = cli_perplexity("build/bad/ppl.txt", "--ctx 40 --chunk 7", &nll, &tokens, &windows);
-    CHECK(status == 0 && tokens == predicted && tokens == n - n_windows && windows == n_windows &&
+    status = cli_perplexity("testdata/tiny-a", "build/bad/ppl.txt", "--ctx 40 --chunk 7", &nll, &tokens, &windows);
+    CHECK(status == 0 && tokens == predicted && tokens == n - 1 && windows == n_windows &&
           fabs(nll - sum / predicted) <= 1e-5 * nll,
           "--perplexity --ctx 40: %d windows, mean NLL %.6f over %d tokens; got status %d, %.6f over %d tokens, %d windows",
           n_windows, sum / predicted, predicted, status, nll, tokens, windows);
@@ -2199,6 +2202,7 @@ static void test_perplexity(void) {
     expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt --tokenize", 2, "--tokenize, --dump-logits");
     expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt --dump-logits build/bad/l.bin", 2, "--dump-logits");
     expect_cli("testdata/tiny-a --perplexity", 2, "--perplexity needs a value");
+    expect_cli("testdata/tiny-a --perplexity build/bad/ppl.txt --ctx 1", 2, "--perplexity needs --ctx 2 or more");
     expect_cli("testdata/tiny-a --perplexity build/bad/no-such-text", 1, "cannot open the text file build/bad/no-such-text");
     write_bytes("build/bad", "ppl-empty.txt", "", 0);
     expect_cli("testdata/tiny-a --perplexity build/bad/ppl-empty.txt", 1, "the text in build/bad/ppl-empty.txt is empty");
@@ -2208,6 +2212,11 @@ static void test_perplexity(void) {
     expect_cli("build/bad/ppl-no-bos --perplexity build/bad/ppl-one.txt", 1,
                "the text in build/bad/ppl-one.txt has 1 token: the perplexity needs at least 2");
     expect_cli("build/bad/ppl-no-bos --perplexity - < build/bad/ppl-one.txt", 1, "the text in standard input has 1 token");
+    /* without a BOS, windows of 40 text ids: all but each window's first are predicted */
+    status = cli_perplexity(no_bos, "build/bad/ppl.txt", "--ctx 40", &nll, &tokens, &windows);
+    CHECK(status == 0 && windows == (n - 1 + 39) / 40 && tokens == n - 1 - windows,
+          "--perplexity without a BOS, --ctx 40: %d windows, %d tokens; got status %d, %d windows, %d tokens",
+          (n - 1 + 39) / 40, n - 1 - (n - 1 + 39) / 40, status, windows, tokens);
     expect_cli("build/bad/nan --perplexity build/bad/ppl.txt", 1, "are not finite");   /* test_nan_weights' model */
     /* SIGINT during a long run: status 130, "interrupted" and no perplexity */
     for (int i = 1; i < 20; i++) memcpy(text + length * (size_t)i, text, length);   /* 20 copies: about 6000 tokens */

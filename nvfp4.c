@@ -1909,7 +1909,6 @@ static void gpu_free_linear(GpuLinear *g) {
     memset(g, 0, sizeof *g);
 }
 
-/* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
 /* Several GEMVs in one launch (grid.y = count): slot z reads x + z * x_stride floats and writes
    y + z * y_stride floats with matrix m = z (expert 0) or, for experts chosen on the GPU (an
    int32 device array), m = expert[z % list_len] + (z / list_len) * list_offset; its codes and

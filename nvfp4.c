@@ -2554,7 +2554,7 @@ static void gpu_attention(const Model *m, int l, int T) {
 
     /* each query: the window and its compressed entries, with the sink; then wo_a by group, wo_b */
     int mode = csa ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
-    LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, 1, 256, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
+    LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, 1, 512, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
            P64(g->attn_sink), P64(DEV(ls->keys)), PU32(rows), PU32(c->sliding_window), P64(DEV(ls->comp.entries)),
            PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
            P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos));

@@ -1842,13 +1842,26 @@ static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
     gpu_launch(K_FILL, (unsigned)gpu.sm_count * 8, 256, 0, params);
 }
 
+/* The GEMV kernel of each weight format. */
+static const Kernel gemv_kernel[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
+                                     [FMT_NVFP4] = K_GEMV_NVFP4};
+
+/* Choose g's GEMV launch shape: blocks of ~16 warps (ksplit warps a row, nrg groups of 4 rows),
+   as many blocks as fit on the GPU at once, at most one per block of rows. */
+static void gpu_gemv_shape(GpuLinear *g) {
+    unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
+    unsigned row_blocks = (unsigned)(((size_t)g->rows + 4 * nrg - 1) / (4 * nrg));
+    g->block = 32 * ksplit * nrg;
+    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(gemv_kernel[g->format], (int)g->block,
+                                                          gpu_gemv_smem(g->format, g->row_bytes)));
+    if (g->grid > row_blocks) g->grid = row_blocks;
+}
+
 /* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
    `scale` [gpu_linear_scale_bytes] (0 for BF16), and choose its launch shape. A W without data
    (weight NULL: the benchmark's model) gets random valid weights made on the GPU instead. Fatal when the
    GPU has no kernel for W's format or W is too wide for one (the message names the limit). */
 static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, CUdeviceptr scale) {
-    static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
-                                       [FMT_NVFP4] = K_GEMV_NVFP4};
     if (w->format == FMT_F32) fatal("the GPU kernels have no F32 linear layer (%d x %d)", w->rows, w->cols);
     size_t src_bytes = linear_row_bytes(w), rows = (size_t)w->rows;
     size_t row_bytes = gpu_row_bytes(w);
@@ -1885,12 +1898,7 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
         free(s);
     }
     free(staging);
-    Kernel k = kernel_of[w->format];
-    unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;   /* ~16 warps a block */
-    unsigned row_blocks = (unsigned)((rows + 4 * nrg - 1) / (4 * nrg));
-    g->block = 32 * ksplit * nrg;
-    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(k, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
-    if (g->grid > row_blocks) g->grid = row_blocks;
+    gpu_gemv_shape(g);
 }
 
 /* Upload W into buffers of its own (freed by gpu_free_linear); fatal ("needs X GiB, the GPU has
@@ -1924,9 +1932,7 @@ typedef struct {
 
 /* y = W x (per slot of `slots`, NULL: one). Mirrors linear() for T = 1. */
 static void gpu_gemv_slots(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvSlots *slots) {
-    static const Kernel kernel_of[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
-                                       [FMT_NVFP4] = K_GEMV_NVFP4};
-    GemvSlots one = {1, 0, 0, 0, 0, 0, 0, 1, 0};
+    GemvSlots one = {.count = 1, .list_len = 1};
     if (!slots) slots = &one;
     unsigned rows = (unsigned)g->rows, cols = (unsigned)g->cols, row_bytes = g->row_bytes, ksplit = row_bytes / GPU_CHUNK;
     unsigned x_stride = (unsigned)slots->x_stride, y_stride = (unsigned)slots->y_stride;
@@ -1938,7 +1944,7 @@ static void gpu_gemv_slots(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, con
                       &expert,   &stride_w, &stride_s, &x_stride, &y_stride, &list_len, &list_offset, &gscale62,
                       &gscales62};
     unsigned nrg = g->block / 32 / ksplit, row_blocks = (rows + 4 * nrg - 1) / (4 * nrg);
-    gpu_launch_grid(kernel_of[g->format], g->grid < row_blocks ? g->grid : row_blocks, (unsigned)slots->count, 1, g->block,
+    gpu_launch_grid(gemv_kernel[g->format], g->grid < row_blocks ? g->grid : row_blocks, (unsigned)slots->count, 1, g->block,
                     gpu_gemv_smem(g->format, row_bytes), params);
 }
 
@@ -2137,6 +2143,7 @@ typedef struct {
     int shared_paired, comp_paired, index_comp_paired;
     CUdeviceptr shared_gscales62, comp_gscales62, index_comp_gscales62;
     int w13_paired;                   /* the routed w1 and w3 stacks side by side (gpu_upload_experts) */
+    GpuLinear wq_a_wkv;               /* wq_a's rows then wkv's as one matrix (gm_linear_stack); rows 0: not stacked */
 } GpuLayer;
 
 /* Everything of one model on the GPU. */
@@ -2156,6 +2163,7 @@ static struct {
     CUdeviceptr active_experts, active_count; /* int32 [X], [1] */
     CUdeviceptr slot_identity;             /* int32 [K]: slot k's output is row k (decode) */
     CUdeviceptr probs;                     /* [V] sampling scratch */
+    CUdeviceptr qr_kv;                     /* [Q + D] decode: wq_a_wkv's output, qr then kv */
     CUdeviceptr pos, tokens, rng, out_token; /* int32 [1], int32 [T], u64 [1], int32 [1] */
     CUdeviceptr *allocations;              /* every cuMemAlloc of the model, for gpu_unload */
     size_t n_allocations, allocated_bytes;
@@ -2223,6 +2231,29 @@ static void gm_linear(GpuLinear *g, const Linear *w) {
     gpu_place_linear(g, w, gm_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gm_alloc(scale_bytes) : 0);
 }
 
+/* Two linear layers that take the same input, uploaded one after the other (b's rows right
+   after a's, codes and scales) and described together in *both, a matrix of a's rows then b's,
+   when one GEMV can read them as one: same format, width and scale kind; FP8 with a's rows a
+   multiple of 128 (its 128-row scale blocks end where b's begin); NVFP4 with one global scale.
+   Otherwise each gets buffers of its own and both->rows is 0. */
+static void gm_linear_stack(GpuLinear *ga, GpuLinear *gb, GpuLinear *both, const Linear *a, const Linear *b) {
+    memset(both, 0, sizeof *both);
+    if (a->format != b->format || a->cols != b->cols || a->scale_is_f32 != b->scale_is_f32 ||
+        (a->format == FMT_FP8 && a->rows % 128) || (a->format == FMT_NVFP4 && a->global_scale != b->global_scale)) {
+        gm_linear(ga, a);
+        gm_linear(gb, b);
+        return;
+    }
+    size_t code = gpu_linear_code_bytes(a), scale = gpu_linear_scale_bytes(a), scale_b = gpu_linear_scale_bytes(b);
+    CUdeviceptr w = gm_alloc(code + gpu_linear_code_bytes(b)), sc = scale ? gm_alloc(scale + scale_b) : 0;
+    gpu_place_linear(ga, a, w, sc);
+    gpu_place_linear(gb, b, w + code, sc ? sc + scale : 0);
+    *both = *ga;
+    both->rows = a->rows + b->rows;
+    both->bytes = ga->bytes + gb->bytes;
+    gpu_gemv_shape(both);
+}
+
 /* Two linear layers that take the same input, uploaded side by side (b's codes and scales
    right after a's) when they share format and shape, so that one GEMV launch of two slots
    computes both in decode (gpu_linear_pair); otherwise each in buffers of its own. Returns
@@ -2274,7 +2305,7 @@ static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
     }
     total += state_bytes(c, T, C, all_logits);
     total += (size_t)T * (24 + 1) * ((E + HC_SLICE - 1) / HC_SLICE) * sizeof(double);
-    total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)c->vocab_size * 4 + 4096;
+    total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)(c->vocab_size + c->q_lora_rank + c->head_dim) * 4 + 4096;
     return total + total / 16;   /* the GEMV layout pads rows to 512 bytes: a margin for small models */
 }
 
@@ -2316,9 +2347,8 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
         const Layer *w = &m->layers[l];
         GpuLayer *g = &gm.layers[l];
         int ratio = c->compress_ratio[l], parts = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
-        gm_linear(&g->wq_a, &w->wq_a);
+        gm_linear_stack(&g->wq_a, &g->wkv, &g->wq_a_wkv, &w->wq_a, &w->wkv);
         gm_linear(&g->wq_b, &w->wq_b);
-        gm_linear(&g->wkv, &w->wkv);
         gm_linear(&g->wo_a, &w->wo_a);
         gm_linear(&g->wo_b, &w->wo_b);
         gm_linear(&g->gate, &w->gate);
@@ -2399,6 +2429,7 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
     gm.slot_identity = gm_alloc((size_t)c->topk * sizeof(int32_t));
     gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
     gm.probs = gm_alloc((size_t)c->vocab_size * sizeof(float));
+    gm.qr_kv = gm_alloc((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
     gm.pos = gm_alloc(sizeof(int32_t));
     gm.tokens = gm_alloc((size_t)T * sizeof(int32_t));
     gm.rng = gm_alloc(sizeof(uint64_t));
@@ -2468,8 +2499,9 @@ static void gpu_linear_rows(const GpuLinear *g, int row0, int nrows, CUdeviceptr
 static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, int paired, CUdeviceptr gscales62, CUdeviceptr x,
                             CUdeviceptr ya, CUdeviceptr yb, int T) {
     if (T == 1 && paired && yb > ya) {
-        GemvSlots slots = {2, 0, (int)((yb - ya) / 4), 0, b->weight - a->weight, b->scale - a->scale,
-                           a->format == FMT_NVFP4 ? gscales62 : 0, 2, 0};
+        GemvSlots slots = {.count = 2, .y_stride = (int)((yb - ya) / 4), .stride_w = b->weight - a->weight,
+                           .stride_s = b->scale - a->scale, .gscales62 = a->format == FMT_NVFP4 ? gscales62 : 0,
+                           .list_len = 2};
         gpu_gemv_slots(a, x, ya, &slots);
         return;
     }
@@ -2521,13 +2553,20 @@ static void gpu_attention(const Model *m, int l, int T) {
     int rows = ring_rows(&gm.state, c), csa = c->attn_kind[l] == ATTN_CSA;
     const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &gm.state.rope_main : &gm.state.rope_compress;
 
-    /* queries (low-rank path, per-head RMS, RoPE) and the shared latent, which joins the ring */
-    gpu_linear(&g->wq_a, DEV(w->x), DEV(w->qr), T);
-    gpu_row_norm_rope(DEV(w->qr), T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
-    gpu_linear(&g->wq_b, DEV(w->qr), DEV(w->q), T);
+    /* queries (low-rank path, per-head RMS, RoPE) and the shared latent, which joins the ring;
+       decode computes wq_a and wkv in one launch when they are stacked */
+    CUdeviceptr qr = DEV(w->qr), kv = DEV(w->kv);
+    if (T == 1 && g->wq_a_wkv.rows) {
+        qr = gm.qr_kv, kv = gm.qr_kv + (size_t)Q * sizeof(float);
+        gpu_gemv(&g->wq_a_wkv, DEV(w->x), qr);
+    } else {
+        gpu_linear(&g->wq_a, DEV(w->x), qr, T);
+        gpu_linear(&g->wkv, DEV(w->x), kv, T);
+    }
+    gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
+    gpu_linear(&g->wq_b, qr, DEV(w->q), T);
     gpu_row_norm_rope(DEV(w->q), T, H, D, 1, 0, c->rms_eps, R, rope_l, 0, 0);
-    gpu_linear(&g->wkv, DEV(w->x), DEV(w->kv), T);
-    gpu_row_norm_rope(DEV(w->kv), T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
+    gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
 
     /* compressed entries; for CSA the indexer's keys, queries, weights, scores and top-k */
     if (ratio) {
@@ -2541,7 +2580,7 @@ static void gpu_attention(const Model *m, int l, int T) {
                         DEV(w->comp_kv), DEV(w->comp_gate), T);
         gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, DEV(w->comp_kv),
                        DEV(w->comp_gate), T);
-        gpu_linear(&g->index_wq_b, DEV(w->qr), DEV(w->index_q), T);
+        gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
         gpu_linear(&g->index_weights_proj, DEV(w->x), DEV(w->index_w), T);
         gpu_row_norm_rope(DEV(w->index_q), T, NI, DI, 0, 0, 0, R, &gm.state.rope_compress, 0, 0);
         unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;
@@ -2562,7 +2601,8 @@ static void gpu_attention(const Model *m, int l, int T) {
     if (T == 1 && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
         GpuLinear group = g->wo_a;
         group.rows = O;
-        GemvSlots slots = {G, group_in, O, 0, (size_t)O * g->wo_a.row_bytes, gpu_scale_rows_bytes(&g->wo_a, O), 0, G, 0};
+        GemvSlots slots = {.count = G, .x_stride = group_in, .y_stride = O, .stride_w = (size_t)O * g->wo_a.row_bytes,
+                           .stride_s = gpu_scale_rows_bytes(&g->wo_a, O), .list_len = G};
         gpu_gemv_slots(&group, DEV(w->attn), DEV(w->grouped), &slots);
     } else {
         for (int grp = 0; grp < G; grp++)
@@ -2580,8 +2620,9 @@ static void gpu_expert_matrix(const GpuExperts *g, CUdeviceptr x, int x_slot_str
                               const int *start, int X) {
     const GpuLinear *w = &g->one;
     if (T == 1) {
-        GemvSlots slots = {K, x_slot_stride, w->rows, DEV(gm.state.scratch.chosen), g->weight_stride, g->scale_stride,
-                           w->format == FMT_NVFP4 ? g->gscales62 : 0, K, 0};
+        GemvSlots slots = {.count = K, .x_stride = x_slot_stride, .y_stride = w->rows, .expert = DEV(gm.state.scratch.chosen),
+                           .stride_w = g->weight_stride, .stride_s = g->scale_stride,
+                           .gscales62 = w->format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K};
         gpu_gemv_slots(w, x, y, &slots);
         return;
     }
@@ -2638,8 +2679,9 @@ static void gpu_moe(const Model *m, int l, int T) {
         /* w1 and w3 of the K chosen experts in one launch of 2K slots: the w3 outputs go to rows
            K..2K-1 of expert_gate (it has room for max_tokens * K rows) */
         const GpuLinear *one = &g->w1.one;
-        GemvSlots slots = {2 * K, 0, I, DEV(w->chosen), g->w1.weight_stride, g->w1.scale_stride,
-                           one->format == FMT_NVFP4 ? g->w1.gscales62 : 0, K, X};
+        GemvSlots slots = {.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
+                           .stride_s = g->w1.scale_stride, .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
+                           .list_len = K, .list_offset = X};
         gpu_gemv_slots(one, x, DEV(w->expert_gate), &slots);
         up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
     } else {

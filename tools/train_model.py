@@ -17,7 +17,8 @@ Run the same command again to resume from RUN/checkpoint.pt (same model, optimiz
 order and RNG); --steps is the length of the whole schedule (warmup + cosine), not of this call.
 On the CPU a run cut at step 295 and resumed gave the same losses and validation loss as one
 run of 400 steps. The CUDA path (bf16 autocast, fused AdamW, transformers' default grouped_mm
-experts) was written without a GPU at hand and has not run yet: check its first log lines.
+experts) trained models/v4-small on an H100 (the command below with --minutes 6.3 and
+--eval-tokens 65536: 1110 steps at 28.9k tokens/s, training loss 8.37 -> 3.66).
 
     --preset      toy | cpu-small | gpu-small | gpu-base  (see PRESETS below; vocab comes from
                   the tokenizer); --spec FILE.json overrides with a spec of your own
@@ -58,15 +59,16 @@ On the GPU machine (H100/H200), in one 10-minute device call (bf16 autocast, fp3
         --valid build/corpus/valid.txt --reference build/train/v4-small/ref \\
       && cp build/models/v4-small/* build/train/v4-small/loss.csv \\
             build/train/v4-small/ref/export_report.json $OUT/
-At the measured ~30-36k tokens/s for batch 16x512 (36-90M parameters, 16 experts, H100) a call
-trains about 7 min x 60 x 33k = ~14M tokens (~1700 steps of 8192 tokens); gpu-small has 23M
-parameters (with a 4k vocab) and should be at least that fast. --steps 0 sizes the cosine
-schedule to the 7 minutes from the measured speed; the ~3 minutes left cover start-up,
-tokenizing the corpus (cached in --out for later calls), the final validation and the export.
-For a longer run give a fixed --steps (e.g. 3400) and --minutes 7 to two calls in a row on the
-same warm machine (the second resumes the checkpoint in build/): ~28M tokens, about three passes
-over a 33 MB corpus with a 4k vocab. What comes back is at most 8 files: the model's (two shards,
-the index, config.json, tokenizer.json, tokenizer_config.json), loss.csv and export_report.json.
+gpu-small ran at 28.9k tokens/s for batch 16x512 on an H100 (bf16 autocast): 6.3 minutes train
+9.1M tokens (1110 steps of 8192 tokens, about one pass over the 30.8 MB corpus with a 4k vocab).
+--steps 0 sizes the cosine schedule to --minutes from the measured speed; the rest of the call
+covers start-up, tokenizing the corpus (cached in --out for later calls), the final validation
+and the export (that whole call took 445 s with the nvfp4 runs after it). A longer run needs a
+fixed --steps (e.g. 2200) and two calls in a row on the same warm machine (the second resumes
+the checkpoint in build/), which the device's 30-second idle release makes hard. What comes back
+is at most 8 files: the model's shards, the small files (tar them into one: the index,
+config.json, loss.csv, export_report.json, ...) and hf_dequant_logits.bin; tokenizer.json and
+tokenizer_config.json are the ones built here.
 """
 import argparse, json, math, os, shutil, sys, time
 

@@ -2983,7 +2983,7 @@ static const char *heldout_excerpt(void) {
     CHECK(text && n > 8000, "testdata/heldout.txt is missing or short");
     if (!text || n <= 8000) return NULL;
     size_t cut = 8000;
-    while (cut > 0 && !(text[cut - 1] == '\n' && text[cut - 2] == '\n')) cut--;
+    while (cut > 1 && !(text[cut - 1] == '\n' && text[cut - 2] == '\n')) cut--;
     write_bytes("build/bad", "heldout-excerpt.txt", text, cut);
     free(text);
     return "build/bad/heldout-excerpt.txt";
@@ -3005,6 +3005,7 @@ static double test_shipped_model(void) {
           nll, tokens);
     printf("  " SHIPPED_MODEL " on the held-out excerpt (CPU): perplexity %.4f, mean NLL %.6f nats over %d tokens\n",
            exp(nll), nll, tokens);
+    double cpu_nll = status == 0 ? nll : 0;
     char *err;
     status = run_cli(SHIPPED_MODEL " \"It is a truth universally acknowledged\" -n 24 --temp 0", &err);
     char *out = file_text("build/bad/out.txt");
@@ -3013,7 +3014,7 @@ static double test_shipped_model(void) {
           status, out, want);
     free(out);
     free(err);
-    return status == 0 ? nll : 0;
+    return cpu_nll;
 }
 
 /* The shipped model on the GPU path (the command line, --gpu): its perplexity on the held-out

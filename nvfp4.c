@@ -3205,7 +3205,7 @@ static double token_nll(const float *logits, int V, int id, int pos) {
    stderr and prints no perplexity. Adds to *st: the tokens run as prompt tokens, their time as
    prefill. */
 static void perplexity(const Model *m, State *s, const int *ids, int n, int bos, Stats *st) {
-    int V = m->config.vocab_size, C = s->max_ctx, head = bos >= 0, windows = 0, predicted = 0;
+    int V = m->config.vocab_size, C = s->max_ctx, head = bos >= 0, windows = 0, predicted = 0, text_done = 0;
     int *window = xcalloc((size_t)C, sizeof(int));   /* [C] the ids run: BOS (with a head), then text */
     double nll = 0, start = now_seconds();
     window[0] = bos;
@@ -3221,7 +3221,8 @@ static void perplexity(const Model *m, State *s, const int *ids, int n, int bos,
                 nll += token_nll(logits + (size_t)t * V, V, window[done + t + 1], done + t);
             done += T;
             st->prompt_tokens += T;
-            progress("perplexity", first + done - head, n);
+            text_done = first + done - head;   /* ids of the text run so far */
+            progress("perplexity", text_done, n);
         }
     }
     generating = 0;
@@ -3230,7 +3231,7 @@ static void perplexity(const Model *m, State *s, const int *ids, int n, int bos,
     if (interrupted) {
         st->stop = STOP_INTERRUPT;
         fprintf(stderr, "%snvfp4: interrupted after %d of %d tokens: no perplexity\n", isatty(2) ? "\r\033[K" : "",
-                st->prompt_tokens, n);
+                text_done, n);
         return;
     }
     char line[256];
@@ -5540,7 +5541,7 @@ int main(int argc, char **argv) {
         char what[PATH_MAX + 32];
         snprintf(what, sizeof what, "the text in %s", strcmp(o.perplexity, "-") ? o.perplexity : "standard input");
         n_ids = text_ids(&tokenizer, NULL, 0, prompt, 0, what, &ids);
-        if (n_ids < 2 - add_bos) fatal("%s has %d token: the perplexity needs at least 2", what, n_ids);
+        if (n_ids < 2 - add_bos) fatal("%s has %d token: the perplexity needs at least %d", what, n_ids, 2 - add_bos);
     } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, o.chat, &ids);
     if (n_ids > o.max_ctx && !o.perplexity) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;

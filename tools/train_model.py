@@ -51,14 +51,17 @@ come back from a device call (8 files of 16 MiB): keep --out under build/ on the
 it survives between calls while the machine stays warm, and bring back only the exported model
 (tools/export_model.py writes shards of at most 15 MiB) and loss.csv.
 
-On the GPU machine (H100/H200), in one 10-minute device call (bf16 autocast, fp32 master weights):
+On the GPU machine (H100/H200), in one 10-minute device call (bf16 autocast, fp32 master
+weights), the run that made models/v4-small (build/corpus carried to the device):
     python3 tools/train_model.py --train build/corpus/train.txt --valid build/corpus/valid.txt \\
         --tokenizer build/corpus/tokenizer.json --out build/train/v4-small --preset gpu-small \\
-        --steps 0 --batch 16 --seq 512 --lr 2e-3 --warmup 100 --minutes 7 --save-every 500 \\
+        --steps 0 --batch 16 --seq 512 --lr 2e-3 --warmup 100 --minutes 6.3 --save-every 500 \\
+        --eval-tokens 65536 \\
       && python3 tools/export_model.py build/train/v4-small build/models/v4-small \\
         --valid build/corpus/valid.txt --reference build/train/v4-small/ref \\
-      && cp build/models/v4-small/* build/train/v4-small/loss.csv \\
-            build/train/v4-small/ref/export_report.json $OUT/
+      && cp build/models/v4-small/*.safetensors build/train/v4-small/ref/hf_dequant_logits.bin $OUT/ \\
+      && tar cf $OUT/small.tar -C build/models/v4-small model.safetensors.index.json config.json \\
+            -C ../../train/v4-small loss.csv train_log.txt -C ref ids.txt tie_rows.txt export_report.json
 gpu-small ran at 28.9k tokens/s for batch 16x512 on an H100 (bf16 autocast): 6.3 minutes train
 9.1M tokens (1110 steps of 8192 tokens, about one pass over the 30.8 MB corpus with a 4k vocab).
 --steps 0 sizes the cosine schedule to --minutes from the measured speed; the rest of the call

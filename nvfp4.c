@@ -2231,6 +2231,15 @@ static void gm_linear(GpuLinear *g, const Linear *w) {
     gpu_place_linear(g, w, gm_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gm_alloc(scale_bytes) : 0);
 }
 
+/* Upload a and b (same format and width) into one allocation, b's codes right after a's and
+   b's scales right after a's: the layout gm_linear_stack and gm_linear_pair launch as one. */
+static void gm_linear_adjacent(GpuLinear *ga, GpuLinear *gb, const Linear *a, const Linear *b) {
+    size_t code = gpu_linear_code_bytes(a), scale = gpu_linear_scale_bytes(a);
+    CUdeviceptr w = gm_alloc(code + gpu_linear_code_bytes(b)), sc = scale ? gm_alloc(scale + gpu_linear_scale_bytes(b)) : 0;
+    gpu_place_linear(ga, a, w, sc);
+    gpu_place_linear(gb, b, w + code, sc ? sc + scale : 0);
+}
+
 /* Two linear layers that take the same input, uploaded one after the other (b's rows right
    after a's, codes and scales) and described together in *both, a matrix of a's rows then b's,
    when one GEMV can read them as one: same format, width and scale kind; FP8 with a's rows a
@@ -2244,10 +2253,7 @@ static void gm_linear_stack(GpuLinear *ga, GpuLinear *gb, GpuLinear *both, const
         gm_linear(gb, b);
         return;
     }
-    size_t code = gpu_linear_code_bytes(a), scale = gpu_linear_scale_bytes(a), scale_b = gpu_linear_scale_bytes(b);
-    CUdeviceptr w = gm_alloc(code + gpu_linear_code_bytes(b)), sc = scale ? gm_alloc(scale + scale_b) : 0;
-    gpu_place_linear(ga, a, w, sc);
-    gpu_place_linear(gb, b, w + code, sc ? sc + scale : 0);
+    gm_linear_adjacent(ga, gb, a, b);
     *both = *ga;
     both->rows = a->rows + b->rows;
     both->bytes = ga->bytes + gb->bytes;
@@ -2264,10 +2270,7 @@ static int gm_linear_pair(GpuLinear *ga, GpuLinear *gb, const Linear *a, const L
         gm_linear(gb, b);
         return 0;
     }
-    size_t code = gpu_linear_code_bytes(a), scale = gpu_linear_scale_bytes(a);
-    CUdeviceptr w = gm_alloc(2 * code), sc = scale ? gm_alloc(2 * scale) : 0;
-    gpu_place_linear(ga, a, w, sc);
-    gpu_place_linear(gb, b, w + code, sc ? sc + scale : 0);
+    gm_linear_adjacent(ga, gb, a, b);
     *gscales62 = gm_floats((float[]){ga->gscale62, gb->gscale62}, 2);
     return 1;
 }

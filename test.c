@@ -2982,6 +2982,10 @@ static void test_gpu_model(const char *dir, int chunk) {
    of tools/build_corpus.py, NVFP4 experts and FP8 attention by tools/export_model.py) must
    keep doing what the README shows. */
 #define SHIPPED_MODEL "models/v4-small"
+/* its recorded greedy continuation (the CPU path, 24 tokens) of the README's prompt */
+#define SHIPPED_GREEDY_RUN SHIPPED_MODEL " \"It is a truth universally acknowledged\" -n 24 --temp 0"
+static const char shipped_greedy[] =
+    " to the end of the Lord. The Lord is the God of my salvation, and the God of my salvation. He\n";
 
 /* The first paragraphs of testdata/heldout.txt (held-out text training never saw), cut at the
    last paragraph break before byte 8000 (7901 bytes, 2065 tokens). Written to build/bad/heldout-excerpt.txt;
@@ -3019,11 +3023,10 @@ static double test_shipped_model(void) {
            exp(nll), nll, tokens);
     double cpu_nll = status == 0 ? nll : 0;
     char *err;
-    status = run_cli(SHIPPED_MODEL " \"It is a truth universally acknowledged\" -n 24 --temp 0", &err);
+    status = run_cli(SHIPPED_GREEDY_RUN, &err);
     char *out = file_text("build/bad/out.txt");
-    const char *want = " to the end of the Lord. The Lord is the God of my salvation, and the God of my salvation. He\n";
-    CHECK(status == 0 && !strcmp(out, want), SHIPPED_MODEL " greedy continuation: status %d, got \"%s\", want \"%s\"",
-          status, out, want);
+    CHECK(status == 0 && !strcmp(out, shipped_greedy), SHIPPED_MODEL " greedy continuation: status %d, got \"%s\", want \"%s\"",
+          status, out, shipped_greedy);
     free(out);
     free(err);
     return cpu_nll;
@@ -3031,7 +3034,7 @@ static double test_shipped_model(void) {
 
 /* The shipped model on the GPU path (the command line, --gpu): its perplexity on the held-out
    excerpt within 1% of the CPU path's (cpu_nll, from test_shipped_model), and its greedy
-   continuation of the README's prompt the same text as the CPU's. */
+   continuation of the README's prompt the CPU's recorded text (shipped_greedy). */
 static void test_gpu_shipped_model(double cpu_nll) {
     double nll;
     int tokens, windows;
@@ -3046,19 +3049,14 @@ static void test_gpu_shipped_model(double cpu_nll) {
           "apart", exp(nll), tokens, status, exp(cpu_nll));
     printf("  " SHIPPED_MODEL " on the held-out excerpt (GPU): perplexity %.4f (CPU %.4f, relative difference %.1e)\n",
            exp(nll), exp(cpu_nll), fabs(exp(nll) - exp(cpu_nll)) / exp(cpu_nll));
-    char *err, *cpu_text = NULL;
-    setenv("CUDA_VISIBLE_DEVICES", "", 1);
-    status = run_cli(SHIPPED_MODEL " \"It is a truth universally acknowledged\" -n 24 --temp 0", &err);
-    free(err);
-    if (status == 0) cpu_text = file_text("build/bad/out.txt");
-    unsetenv("CUDA_VISIBLE_DEVICES");
-    status = run_cli("--gpu " SHIPPED_MODEL " \"It is a truth universally acknowledged\" -n 24 --temp 0", &err);
+    char *err;
+    status = run_cli("--gpu " SHIPPED_GREEDY_RUN, &err);
     char *gpu_text = file_text("build/bad/out.txt");
-    CHECK(status == 0 && cpu_text && !strcmp(gpu_text, cpu_text),
-          SHIPPED_MODEL " greedy on the GPU: status %d, \"%s\"; on the CPU \"%s\"", status, gpu_text, cpu_text);
+    CHECK(status == 0 && !strcmp(gpu_text, shipped_greedy),
+          SHIPPED_MODEL " greedy on the GPU: status %d, \"%s\"; the CPU's (recorded) \"%s\"", status, gpu_text,
+          shipped_greedy);
     setenv("CUDA_VISIBLE_DEVICES", "", 1);
     free(gpu_text);
-    free(cpu_text);
     free(err);
 }
 

@@ -1847,14 +1847,12 @@ static const Kernel gemv_kernel[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEM
                                      [FMT_NVFP4] = K_GEMV_NVFP4};
 
 /* Choose g's GEMV launch shape: blocks of ~16 warps (ksplit warps a row, nrg groups of 4 rows),
-   as many blocks as fit on the GPU at once, at most one per block of rows. */
+   as many blocks as fit on the GPU at once (a launch uses at most one per item: gpu_gemv_plan). */
 static void gpu_gemv_shape(GpuLinear *g) {
     unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
-    unsigned row_blocks = (unsigned)(((size_t)g->rows + 4 * nrg - 1) / (4 * nrg));
     g->block = 32 * ksplit * nrg;
     g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(gemv_kernel[g->format], (int)g->block,
                                                           gpu_gemv_smem(g->format, g->row_bytes)));
-    if (g->grid > row_blocks) g->grid = row_blocks;
 }
 
 /* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
@@ -1917,39 +1915,52 @@ static void gpu_free_linear(GpuLinear *g) {
     memset(g, 0, sizeof *g);
 }
 
-/* Several GEMVs in one launch (grid.y = count): slot z reads x + z * x_stride floats and writes
-   y + z * y_stride floats with matrix m = z (expert 0) or, for experts chosen on the GPU (an
-   int32 device array), m = expert[z % list_len] + (z / list_len) * list_offset; its codes and
-   scales lie m * stride_w and m * stride_s bytes after g's. NVFP4 matrices of their own global
-   scales give them (times 2^62) in gscales62. */
+/* What one GEMV launch computes beyond y = W x (kernels.ptx, "GEMV: shared parts"), zero for
+   nothing more:
+   - several products of W's shape (count slots; 0 means 1): slot z reads x + z * x_stride
+     floats and writes y + z * y_stride floats with matrix m = z (expert 0) or, for experts
+     chosen on the GPU (an int32 device array), m = expert[z % list_len] + (z / list_len) *
+     list_offset; its codes and scales lie m * stride_w and m * stride_s bytes after W's, and an
+     NVFP4 stack of matrices with global scales of their own gives them (times 2^62) in gscales62;
+   - x staged as SwiGLU(x, up) with up lying up_offset bytes after x (an expert's w2), or as
+     rmsnorm(x) * norm_weight (wq_b after q_norm). */
 typedef struct {
     int count, x_stride, y_stride;
     CUdeviceptr expert;
     size_t stride_w, stride_s;
     CUdeviceptr gscales62;
     int list_len, list_offset;
-} GemvSlots;
+    size_t up_offset;
+    float limit;
+    CUdeviceptr norm_weight;
+    float eps;
+} GemvPlan;
 
-/* y = W x (per slot of `slots`, NULL: one). Mirrors linear() for T = 1. */
-static void gpu_gemv_slots(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvSlots *slots) {
-    GemvSlots one = {.count = 1, .list_len = 1};
-    if (!slots) slots = &one;
+#define GEMV_MAX_SLOTS 64   /* the slot table of kernels.ptx holds 64 */
+
+/* y = W x, extended by `plan` (NULL: nothing more). Mirrors linear() for T = 1 (with
+   expert_ffn's activation or rmsnorm before it). */
+static void gpu_gemv_plan(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvPlan *plan) {
+    GemvPlan none = {0};
+    if (!plan) plan = &none;
     unsigned rows = (unsigned)g->rows, cols = (unsigned)g->cols, row_bytes = g->row_bytes, ksplit = row_bytes / GPU_CHUNK;
-    unsigned x_stride = (unsigned)slots->x_stride, y_stride = (unsigned)slots->y_stride;
-    unsigned list_len = (unsigned)(slots->list_len ? slots->list_len : slots->count), list_offset = (unsigned)slots->list_offset;
-    unsigned long long stride_w = slots->stride_w, stride_s = slots->stride_s;
-    CUdeviceptr w = g->weight, s = g->scale, expert = slots->expert, gscales62 = slots->gscales62;
-    float gscale62 = g->gscale62;
-    void *params[] = {&w,        &s,        &x,        &y,        &rows,     &cols,        &row_bytes, &ksplit,
-                      &expert,   &stride_w, &stride_s, &x_stride, &y_stride, &list_len, &list_offset, &gscale62,
-                      &gscales62};
-    unsigned nrg = g->block / 32 / ksplit, row_blocks = (rows + 4 * nrg - 1) / (4 * nrg);
-    gpu_launch_grid(gemv_kernel[g->format], g->grid < row_blocks ? g->grid : row_blocks, (unsigned)slots->count, 1, g->block,
-                    gpu_gemv_smem(g->format, row_bytes), params);
+    unsigned slots = plan->count ? (unsigned)plan->count : 1;
+    if (slots > GEMV_MAX_SLOTS) fatal("a GEMV launch of %u products: the kernels take at most %d", slots, GEMV_MAX_SLOTS);
+    unsigned x_stride = (unsigned)plan->x_stride, y_stride = (unsigned)plan->y_stride;
+    unsigned list_len = plan->list_len ? (unsigned)plan->list_len : slots, list_offset = (unsigned)plan->list_offset;
+    unsigned long long stride_w = plan->stride_w, stride_s = plan->stride_s, up_offset = plan->up_offset;
+    CUdeviceptr w = g->weight, s = g->scale, expert = plan->expert, gscales62 = plan->gscales62, norm = plan->norm_weight;
+    float gscale62 = g->gscale62, limit = plan->limit, eps = plan->eps;
+    void *params[] = {&w,         &s,         &x,         &y,          &rows,      &cols,       &row_bytes, &ksplit,
+                      &slots,     &expert,    &stride_w,  &stride_s,   &x_stride,  &y_stride,   &list_len,  &list_offset,
+                      &gscale62,  &gscales62, &up_offset, &limit,      &norm,      &eps};
+    unsigned nrg = g->block / 32 / ksplit, items = (rows + 4 * nrg - 1) / (4 * nrg) * slots;
+    gpu_launch(gemv_kernel[g->format], g->grid < items ? g->grid : items, g->block, gpu_gemv_smem(g->format, row_bytes),
+               params);
 }
 
 /* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
-static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) { gpu_gemv_slots(g, x, y, NULL); }
+static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) { gpu_gemv_plan(g, x, y, NULL); }
 
 /* Launch stream_read over buf[bytes] (bytes a multiple of 16), adding its uint32 sum to *out. */
 static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
@@ -2502,10 +2513,10 @@ static void gpu_linear_rows(const GpuLinear *g, int row0, int nrows, CUdeviceptr
 static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, int paired, CUdeviceptr gscales62, CUdeviceptr x,
                             CUdeviceptr ya, CUdeviceptr yb, int T) {
     if (T == 1 && paired && yb > ya) {
-        GemvSlots slots = {.count = 2, .y_stride = (int)((yb - ya) / 4), .stride_w = b->weight - a->weight,
+        GemvPlan slots = {.count = 2, .y_stride = (int)((yb - ya) / 4), .stride_w = b->weight - a->weight,
                            .stride_s = b->scale - a->scale, .gscales62 = a->format == FMT_NVFP4 ? gscales62 : 0,
                            .list_len = 2};
-        gpu_gemv_slots(a, x, ya, &slots);
+        gpu_gemv_plan(a, x, ya, &slots);
         return;
     }
     gpu_linear_rows(a, 0, a->rows, x, a->cols, ya, a->rows, T);
@@ -2566,8 +2577,13 @@ static void gpu_attention(const Model *m, int l, int T) {
         gpu_linear(&g->wq_a, DEV(w->x), qr, T);
         gpu_linear(&g->wkv, DEV(w->x), kv, T);
     }
-    gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
-    gpu_linear(&g->wq_b, qr, DEV(w->q), T);
+    /* qr's RMSNorm: in decode, wq_b and the indexer's wq_b apply it as they stage qr */
+    GemvPlan q_norm = {.norm_weight = g->q_norm, .eps = c->rms_eps};
+    if (T == 1) gpu_gemv_plan(&g->wq_b, qr, DEV(w->q), &q_norm);
+    else {
+        gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
+        gpu_linear(&g->wq_b, qr, DEV(w->q), T);
+    }
     gpu_row_norm_rope(DEV(w->q), T, H, D, 1, 0, c->rms_eps, R, rope_l, 0, 0);
     gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
 
@@ -2583,7 +2599,8 @@ static void gpu_attention(const Model *m, int l, int T) {
                         DEV(w->comp_kv), DEV(w->comp_gate), T);
         gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, DEV(w->comp_kv),
                        DEV(w->comp_gate), T);
-        gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
+        if (T == 1) gpu_gemv_plan(&g->index_wq_b, qr, DEV(w->index_q), &q_norm);
+        else gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
         gpu_linear(&g->index_weights_proj, DEV(w->x), DEV(w->index_w), T);
         gpu_row_norm_rope(DEV(w->index_q), T, NI, DI, 0, 0, 0, R, &gm.state.rope_compress, 0, 0);
         unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;
@@ -2604,9 +2621,9 @@ static void gpu_attention(const Model *m, int l, int T) {
     if (T == 1 && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
         GpuLinear group = g->wo_a;
         group.rows = O;
-        GemvSlots slots = {.count = G, .x_stride = group_in, .y_stride = O, .stride_w = (size_t)O * g->wo_a.row_bytes,
+        GemvPlan slots = {.count = G, .x_stride = group_in, .y_stride = O, .stride_w = (size_t)O * g->wo_a.row_bytes,
                            .stride_s = gpu_scale_rows_bytes(&g->wo_a, O), .list_len = G};
-        gpu_gemv_slots(&group, DEV(w->attn), DEV(w->grouped), &slots);
+        gpu_gemv_plan(&group, DEV(w->attn), DEV(w->grouped), &slots);
     } else {
         for (int grp = 0; grp < G; grp++)
             gpu_linear_rows(&g->wo_a, grp * O, O, DEV(w->attn) + (size_t)grp * group_in * 4, H * D,
@@ -2616,17 +2633,19 @@ static void gpu_attention(const Model *m, int l, int T) {
 }
 
 /* One expert stack's matrix applied to the slots of a chunk. Decode (T = 1): one launch over
-   the K slots, expert chosen[k] for slot k, input x + k * x_slot_stride floats, output row k.
+   the K slots, expert chosen[k] for slot k, input x + k * x_slot_stride floats (staged as
+   SwiGLU(x, up) with up up_offset bytes after x when up_offset is not 0), output row k.
    Prefill: per expert with slots, a GEMM over its rows of the slot-sorted input (the host
    knows the expert counts: `start`). */
 static void gpu_expert_matrix(const GpuExperts *g, CUdeviceptr x, int x_slot_stride, CUdeviceptr y, int K, int T,
-                              const int *start, int X) {
+                              const int *start, int X, size_t up_offset, float limit) {
     const GpuLinear *w = &g->one;
     if (T == 1) {
-        GemvSlots slots = {.count = K, .x_stride = x_slot_stride, .y_stride = w->rows, .expert = DEV(gm.state.scratch.chosen),
-                           .stride_w = g->weight_stride, .stride_s = g->scale_stride,
-                           .gscales62 = w->format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K};
-        gpu_gemv_slots(w, x, y, &slots);
+        GemvPlan slots = {.count = K, .x_stride = x_slot_stride, .y_stride = w->rows, .expert = DEV(gm.state.scratch.chosen),
+                          .stride_w = g->weight_stride, .stride_s = g->scale_stride,
+                          .gscales62 = w->format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
+                          .up_offset = up_offset, .limit = limit};
+        gpu_gemv_plan(w, x, y, &slots);
         return;
     }
     for (int e = 0; e < X; e++) {
@@ -2662,8 +2681,13 @@ static void gpu_moe(const Model *m, int l, int T) {
     /* the shared expert, into block_out */
     gpu_linear_pair(&g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, DEV(w->x), DEV(w->expert_gate),
                     DEV(w->expert_up), T);
-    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
-    gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    if (T == 1) {   /* decode: the w2 GEMV applies the activation as it stages its input */
+        GemvPlan act = {.up_offset = DEV(w->expert_up) - DEV(w->expert_gate), .limit = c->swiglu_limit};
+        gpu_gemv_plan(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), &act);
+    } else {
+        gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
+        gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    }
     /* the routed experts */
     int *start = NULL;
     CUdeviceptr x = DEV(w->x);
@@ -2682,17 +2706,19 @@ static void gpu_moe(const Model *m, int l, int T) {
         /* w1 and w3 of the K chosen experts in one launch of 2K slots: the w3 outputs go to rows
            K..2K-1 of expert_gate (it has room for max_tokens * K rows) */
         const GpuLinear *one = &g->w1.one;
-        GemvSlots slots = {.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
+        GemvPlan slots = {.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
                            .stride_s = g->w1.scale_stride, .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
                            .list_len = K, .list_offset = X};
-        gpu_gemv_slots(one, x, DEV(w->expert_gate), &slots);
+        gpu_gemv_plan(one, x, DEV(w->expert_gate), &slots);
         up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
     } else {
-        gpu_expert_matrix(&g->w1, x, x_slot_stride, DEV(w->expert_gate), K, T, start, X);
-        gpu_expert_matrix(&g->w3, x, x_slot_stride, DEV(w->expert_up), K, T, start, X);
+        gpu_expert_matrix(&g->w1, x, x_slot_stride, DEV(w->expert_gate), K, T, start, X, 0, 0);
+        gpu_expert_matrix(&g->w3, x, x_slot_stride, DEV(w->expert_up), K, T, start, X, 0, 0);
     }
-    gpu_swiglu(DEV(w->expert_gate), up, (size_t)rows_of_slots * I, c->swiglu_limit);
-    gpu_expert_matrix(&g->w2, DEV(w->expert_gate), I, DEV(w->expert_out), K, T, start, X);
+    size_t up_offset = 0;   /* decode: the w2 GEMV applies the activation as it stages its input */
+    if (T == 1) up_offset = up - DEV(w->expert_gate);
+    else gpu_swiglu(DEV(w->expert_gate), up, (size_t)rows_of_slots * I, c->swiglu_limit);
+    gpu_expert_matrix(&g->w2, DEV(w->expert_gate), I, DEV(w->expert_out), K, T, start, X, up_offset, c->swiglu_limit);
     free(start);
 }
 

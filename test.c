@@ -2522,6 +2522,78 @@ static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_
     free(row);
 }
 
+/* One launch of several products (gpu_gemv_plan) against the CPU, on fresh random inputs: a
+   stack of X matrices of `format` (each its own global scale) in one allocation, `count` slots
+   choosing matrix m = chosen[z % list_len] + (z / list_len) * list_offset from a device list,
+   each slot with an x of its own staged as SwiGLU(x, up) (an expert's w2) or, with one slot,
+   RMSNorm(x) * weight (wq_b). Items of several slots meet in one block when the slots are
+   many and the rows long, so slot changes inside a block (x staged again) are covered.
+   Tolerance as test_gpu_gemv, against the CPU's activation or norm of x. */
+static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int count, int list_len, int norm) {
+    enum { X = 5 };
+    static const char *names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
+    Linear w[X];
+    float gscales62[X], limit = 7;
+    int chosen[GEMV_MAX_SLOTS], list_offset = 1;
+    GpuLinear g[X];
+    for (int m = 0; m < X; m++) w[m] = gpu_random_linear(format, rows, cols, 0);
+    size_t stride_w = gpu_linear_code_bytes(&w[0]), stride_s = gpu_linear_scale_bytes(&w[0]);
+    CUdeviceptr dw = gpu_alloc(stride_w * X), ds = stride_s ? gpu_alloc(stride_s * X) : 0;
+    for (int m = 0; m < X; m++) {
+        gpu_place_linear(&g[m], &w[m], dw + m * stride_w, ds ? ds + m * stride_s : 0);
+        gscales62[m] = g[m].gscale62;
+    }
+    for (int k = 0; k < list_len; k++) chosen[k] = (int)(random_u32(&test_rng) % (X - list_offset * ((count - 1) / list_len)));
+    /* x: slot z's input at z * 2 * cols, its up right after it (cols floats on) */
+    size_t nx = (size_t)count * 2 * cols;
+    float *x = xcalloc(nx, sizeof(float)), *weight = xcalloc((size_t)cols, sizeof(float)), *in = xcalloc((size_t)cols, sizeof(float));
+    float *y = xcalloc((size_t)count * rows, sizeof(float)), *expect = xcalloc((size_t)rows, sizeof(float));
+    float *row = xcalloc((size_t)cols, sizeof(float));
+    for (size_t i = 0; i < nx; i++) x[i] = uniform(-12, 12);   /* past the limit both ways */
+    for (int c = 0; c < cols; c++) weight[c] = uniform(0.5f, 1.5f);
+    CUdeviceptr dx = gpu_alloc(nx * 4), dy = gpu_alloc((size_t)count * rows * 4), dlist = gpu_alloc(sizeof chosen);
+    CUdeviceptr dg = gpu_alloc(sizeof gscales62), dweight = gpu_alloc((size_t)cols * 4);
+    gpu_upload(dx, x, nx * 4);
+    gpu_upload(dlist, chosen, sizeof chosen);
+    gpu_upload(dg, gscales62, sizeof gscales62);
+    gpu_upload(dweight, weight, (size_t)cols * 4);
+    CU_CHECK(cu.cuMemsetD8Async(dy, 0xff, (size_t)count * rows * 4, gpu.stream));   /* NaN everywhere */
+    GemvPlan plan = {.count = count, .x_stride = 2 * cols, .y_stride = rows, .expert = dlist, .stride_w = stride_w,
+                     .stride_s = stride_s, .gscales62 = format == FMT_NVFP4 ? dg : 0, .list_len = list_len,
+                     .list_offset = list_offset};
+    if (norm) plan.norm_weight = dweight, plan.eps = 1e-6f;
+    else plan.up_offset = (size_t)cols * 4, plan.limit = limit;
+    gpu_gemv_plan(&g[0], dx, dy, &plan);
+    gpu_download(y, dy, (size_t)count * rows * 4);
+    double worst = 0;
+    int bad = 0, first_bad = -1;
+    for (int z = 0; z < count; z++) {
+        const Linear *W = &w[chosen[z % list_len] + z / list_len * list_offset];
+        const float *xz = x + (size_t)z * 2 * cols;
+        if (norm) rmsnorm(in, xz, weight, cols, 1e-6f);
+        for (int c = 0; c < cols && !norm; c++) {
+            float gv = fminf(xz[c], limit), u = fmaxf(fminf(xz[cols + c], limit), -limit);
+            in[c] = gv / (1.0f + expf(-gv)) * u;
+        }
+        linear(W, in, expect, 1, row);
+        for (int r = 0; r < rows; r++) {
+            linear_row(W, r, row);
+            double magnitude = 0;
+            for (int c = 0; c < cols; c++) magnitude += fabs((double)row[c] * in[c]);
+            double err = fabs((double)y[(size_t)z * rows + r] - expect[r]) / (magnitude > 0 ? magnitude : 1);
+            if (!(err <= 1e-5)) bad++, first_bad = first_bad < 0 ? z * rows + r : first_bad;
+            else if (err > worst) worst = err;
+        }
+    }
+    CHECK(bad == 0, "GPU %s GEMV plan %dx%d, %d slots (%s): %d rows off, first %d", names[format], rows, cols, count,
+          norm ? "RMSNorm" : "SwiGLU", bad, first_bad);
+    printf("  GPU %-5s GEMV %5d x %-5d, %2d slots, x staged with %-7s: worst |gpu - cpu| / sum|w x| = %.1e\n",
+           names[format], rows, cols, count, norm ? "RMSNorm" : "SwiGLU", worst);
+    gpu_free(dx), gpu_free(dy), gpu_free(dlist), gpu_free(dg), gpu_free(dweight), gpu_free(dw), gpu_free(ds);
+    for (int m = 0; m < X; m++) free((void *)w[m].weight), free((void *)w[m].scale);
+    free(x), free(weight), free(in), free(y), free(expect), free(row);
+}
+
 /* stream_read sums 16-byte vectors: check its uint32 sum on known data (all threads, tail included). */
 static void test_gpu_stream_read(void) {
     size_t n = 1000003 * 4;   /* uint32 words: not a multiple of the grid */
@@ -3090,6 +3162,14 @@ static void test_gpu(double shipped_cpu_nll) {
     /* V4-Flash shapes; wq_b's 1024 blocks of rows take several trips round the row loop */
     test_gpu_gemv(FMT_NVFP4, 2048, 4096, 0);   /* routed expert w1 / w3 */
     test_gpu_gemv(FMT_FP8, 32768, 1024, 0);    /* wq_b */
+    /* launches of several products and x transforms: small odd shapes (padded columns, a
+       partial row group), then the routed experts' w2 (6 slots, blocks crossing slots) and wq_b
+       after q_norm */
+    test_gpu_gemv_plan(FMT_NVFP4, 37, 48, 6, 3, 0);
+    test_gpu_gemv_plan(FMT_FP8, 133, 200, 1, 1, 1);
+    test_gpu_gemv_plan(FMT_BF16, 7, 300, 4, 2, 1);
+    test_gpu_gemv_plan(FMT_NVFP4, 4096, 2048, 6, 6, 0);
+    test_gpu_gemv_plan(FMT_FP8, 32768, 1024, 1, 1, 1);
     if (!getenv("NVFP4_GPU_QUICK")) {
         test_gpu_gemv(FMT_NVFP4, 4096, 2048, 0);      /* routed expert w2 */
         test_gpu_gemv(FMT_MXFP4, 2048, 4096, 0);

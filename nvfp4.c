@@ -1571,7 +1571,7 @@ static const char *const kernel_names[K_COUNT] = {
     "hc_mix_partial", "hc_post_mix", "hc_finish", "row_norm_rope", "compressor_update", "indexer_scores",
     "top_k_select", "attention_decode", "route_tokens", "gather_rows", "swiglu", "sample_token", "fill_random"};
 
-#define GPU_INDEXER_SMEM (64 * (512 + 4) * 4 + 64 * 4)   /* indexer_scores' shared memory at NI 64, DI 512 */
+#define GPU_INDEXER_SMEM (64 * (512 + 4) * 4 + 64 * 4 + 512 * 4)   /* indexer_scores' shared memory at NI 64, DI 512 */
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
 #define GPU_MAX_CHUNKS 16                   /* chunks per row = warps sharing a row (registers: 512 threads) */
 
@@ -2155,6 +2155,8 @@ typedef struct {
     CUdeviceptr shared_gscales62, comp_gscales62, index_comp_gscales62;
     int w13_paired;                   /* the routed w1 and w3 stacks side by side (gpu_upload_experts) */
     GpuLinear wq_a_wkv;               /* wq_a's rows then wkv's as one matrix (gm_linear_stack); rows 0: not stacked */
+    GpuLinear csa_stack;              /* CSA: comp_wkv, comp_wgate, index_comp_wkv, index_comp_wgate and
+                                         index_weights_proj as one matrix; rows 0: not stacked */
 } GpuLayer;
 
 /* Everything of one model on the GPU. */
@@ -2175,6 +2177,7 @@ static struct {
     CUdeviceptr slot_identity;             /* int32 [K]: slot k's output is row k (decode) */
     CUdeviceptr probs;                     /* [V] sampling scratch */
     CUdeviceptr qr_kv;                     /* [Q + D] decode: wq_a_wkv's output, qr then kv */
+    CUdeviceptr csa_out;                   /* [4D + 4DI + NI] decode: csa_stack's output, part by part */
     CUdeviceptr pos, tokens, rng, out_token; /* int32 [1], int32 [T], u64 [1], int32 [1] */
     CUdeviceptr *allocations;              /* every cuMemAlloc of the model, for gpu_unload */
     size_t n_allocations, allocated_bytes;
@@ -2242,33 +2245,38 @@ static void gm_linear(GpuLinear *g, const Linear *w) {
     gpu_place_linear(g, w, gm_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gm_alloc(scale_bytes) : 0);
 }
 
-/* Upload a and b (same format and width) into one allocation, b's codes right after a's and
-   b's scales right after a's: the layout gm_linear_stack and gm_linear_pair launch as one. */
-static void gm_linear_adjacent(GpuLinear *ga, GpuLinear *gb, const Linear *a, const Linear *b) {
-    size_t code = gpu_linear_code_bytes(a), scale = gpu_linear_scale_bytes(a);
-    CUdeviceptr w = gm_alloc(code + gpu_linear_code_bytes(b)), sc = scale ? gm_alloc(scale + gpu_linear_scale_bytes(b)) : 0;
-    gpu_place_linear(ga, a, w, sc);
-    gpu_place_linear(gb, b, w + code, sc ? sc + scale : 0);
+/* Upload in[0..n) (same format and width) into one allocation, each one's codes right after
+   the previous one's codes and its scales right after the previous one's scales: the layout
+   gm_linear_stack and gm_linear_pair launch as one. */
+static void gm_linear_adjacent(GpuLinear *const *out, const Linear *const *in, int n) {
+    size_t code = 0, scale = 0;
+    for (int i = 0; i < n; i++) code += gpu_linear_code_bytes(in[i]), scale += gpu_linear_scale_bytes(in[i]);
+    CUdeviceptr w = gm_alloc(code), sc = scale ? gm_alloc(scale) : 0;
+    for (int i = 0; i < n; i++) {
+        gpu_place_linear(out[i], in[i], w, sc);
+        w += gpu_linear_code_bytes(in[i]);
+        if (sc) sc += gpu_linear_scale_bytes(in[i]);
+    }
 }
 
-/* Two linear layers that take the same input, uploaded one after the other (b's rows right
-   after a's, codes and scales) and described together in *both, a matrix of a's rows then b's,
-   when one GEMV can read them as one: same format, width and scale kind; FP8 with a's rows a
-   multiple of 128 (its 128-row scale blocks end where b's begin); NVFP4 with one global scale.
-   Otherwise each gets buffers of its own and both->rows is 0. */
-static void gm_linear_stack(GpuLinear *ga, GpuLinear *gb, GpuLinear *both, const Linear *a, const Linear *b) {
-    memset(both, 0, sizeof *both);
-    if (a->format != b->format || a->cols != b->cols || a->scale_is_f32 != b->scale_is_f32 ||
-        (a->format == FMT_FP8 && a->rows % 128) || (a->format == FMT_NVFP4 && a->global_scale != b->global_scale)) {
-        gm_linear(ga, a);
-        gm_linear(gb, b);
-        return;
+/* Linear layers in[0..n) that take the same input, uploaded one after the other (rows, codes
+   and scales, gm_linear_adjacent) into out[] and described together in *all, one matrix of
+   their rows in order, when one GEMV can read them as one: same format, width and scale kind;
+   FP8 with every part but the last a multiple of 128 rows (its 128-row scale blocks end where
+   the next part begins); NVFP4 with one global scale. Returns whether it did; otherwise it
+   uploads nothing. */
+static int gm_linear_stack(GpuLinear *const *out, const Linear *const *in, int n, GpuLinear *all) {
+    for (int i = 1; i < n; i++) {
+        const Linear *a = in[0], *b = in[i];
+        if (a->format != b->format || a->cols != b->cols || a->scale_is_f32 != b->scale_is_f32 ||
+            (a->format == FMT_FP8 && in[i - 1]->rows % 128) || (a->format == FMT_NVFP4 && a->global_scale != b->global_scale))
+            return 0;
     }
-    gm_linear_adjacent(ga, gb, a, b);
-    *both = *ga;
-    both->rows = a->rows + b->rows;
-    both->bytes = ga->bytes + gb->bytes;
-    gpu_gemv_shape(both);
+    gm_linear_adjacent(out, in, n);
+    *all = *out[0];
+    for (int i = 1; i < n; i++) all->rows += out[i]->rows, all->bytes += out[i]->bytes;
+    gpu_gemv_shape(all);
+    return 1;
 }
 
 /* Two linear layers that take the same input, uploaded side by side (b's codes and scales
@@ -2281,7 +2289,7 @@ static int gm_linear_pair(GpuLinear *ga, GpuLinear *gb, const Linear *a, const L
         gm_linear(gb, b);
         return 0;
     }
-    gm_linear_adjacent(ga, gb, a, b);
+    gm_linear_adjacent((GpuLinear *[]){ga, gb}, (const Linear *[]){a, b}, 2);
     *gscales62 = gm_floats((float[]){ga->gscale62, gb->gscale62}, 2);
     return 1;
 }
@@ -2320,6 +2328,7 @@ static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
     total += state_bytes(c, T, C, all_logits);
     total += (size_t)T * (24 + 1) * ((E + HC_SLICE - 1) / HC_SLICE) * sizeof(double);
     total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)(c->vocab_size + c->q_lora_rank + c->head_dim) * 4 + 4096;
+    total += (size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * 4;
     return total + total / 16;   /* the GEMV layout pads rows to 512 bytes: a margin for small models */
 }
 
@@ -2361,7 +2370,10 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
         const Layer *w = &m->layers[l];
         GpuLayer *g = &gm.layers[l];
         int ratio = c->compress_ratio[l], parts = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
-        gm_linear_stack(&g->wq_a, &g->wkv, &g->wq_a_wkv, &w->wq_a, &w->wkv);
+        if (!gm_linear_stack((GpuLinear *[]){&g->wq_a, &g->wkv}, (const Linear *[]){&w->wq_a, &w->wkv}, 2, &g->wq_a_wkv)) {
+            gm_linear(&g->wq_a, &w->wq_a);
+            gm_linear(&g->wkv, &w->wkv);
+        }
         gm_linear(&g->wq_b, &w->wq_b);
         gm_linear(&g->wo_a, &w->wo_a);
         gm_linear(&g->wo_b, &w->wo_b);
@@ -2379,17 +2391,27 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
         g->hc_ffn_fn = gm_floats(w->hc_ffn.fn, mix * HC * E);
         g->hc_ffn_base = gm_floats(w->hc_ffn.base, mix);
         g->hc_ffn_scale = gm_floats(w->hc_ffn.scale, 3);
+        /* CSA: both compressors and the indexer's weights_proj as one matrix (one decode GEMV) */
+        int csa_stacked = c->attn_kind[l] == ATTN_CSA &&
+            gm_linear_stack((GpuLinear *[]){&g->comp_wkv, &g->comp_wgate, &g->index_comp_wkv, &g->index_comp_wgate,
+                                            &g->index_weights_proj},
+                            (const Linear *[]){&w->compressor.wkv, &w->compressor.wgate, &w->index_compressor.wkv,
+                                               &w->index_compressor.wgate, &w->index_weights_proj},
+                            5, &g->csa_stack);
         if (ratio) {
-            g->comp_paired = gm_linear_pair(&g->comp_wkv, &g->comp_wgate, &w->compressor.wkv, &w->compressor.wgate,
-                                            &g->comp_gscales62);
+            if (!csa_stacked)
+                g->comp_paired = gm_linear_pair(&g->comp_wkv, &g->comp_wgate, &w->compressor.wkv, &w->compressor.wgate,
+                                                &g->comp_gscales62);
             g->comp_ape = gm_floats(w->compressor.ape, (size_t)ratio * parts * c->head_dim);
             g->comp_norm = gm_floats(w->compressor.norm, (size_t)c->head_dim);
         }
         if (c->attn_kind[l] == ATTN_CSA) {
             gm_linear(&g->index_wq_b, &w->index_wq_b);
-            gm_linear(&g->index_weights_proj, &w->index_weights_proj);
-            g->index_comp_paired = gm_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, &w->index_compressor.wkv,
-                                                  &w->index_compressor.wgate, &g->index_comp_gscales62);
+            if (!csa_stacked) {
+                gm_linear(&g->index_weights_proj, &w->index_weights_proj);
+                g->index_comp_paired = gm_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, &w->index_compressor.wkv,
+                                                      &w->index_compressor.wgate, &g->index_comp_gscales62);
+            }
             g->index_comp_ape = gm_floats(w->index_compressor.ape, (size_t)ratio * 2 * c->index_dim);
             g->index_comp_norm = gm_floats(w->index_compressor.norm, (size_t)c->index_dim);
         }
@@ -2444,6 +2466,7 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
     gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
     gm.probs = gm_alloc((size_t)c->vocab_size * sizeof(float));
     gm.qr_kv = gm_alloc((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
+    gm.csa_out = gm_alloc((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
     gm.pos = gm_alloc(sizeof(int32_t));
     gm.tokens = gm_alloc((size_t)T * sizeof(int32_t));
     gm.rng = gm_alloc(sizeof(uint64_t));
@@ -2567,8 +2590,9 @@ static void gpu_attention(const Model *m, int l, int T) {
     int rows = ring_rows(&gm.state, c), csa = c->attn_kind[l] == ATTN_CSA;
     const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &gm.state.rope_main : &gm.state.rope_compress;
 
-    /* queries (low-rank path, per-head RMS, RoPE) and the shared latent, which joins the ring;
-       decode computes wq_a and wkv in one launch when they are stacked */
+    /* queries (low-rank path; their per-head RMSNorm and RoPE happen in attention_decode) and
+       the shared latent, which joins the ring; decode computes wq_a and wkv in one launch when
+       they are stacked */
     CUdeviceptr qr = DEV(w->qr), kv = DEV(w->kv);
     if (T == 1 && g->wq_a_wkv.rows) {
         qr = gm.qr_kv, kv = gm.qr_kv + (size_t)Q * sizeof(float);
@@ -2584,39 +2608,48 @@ static void gpu_attention(const Model *m, int l, int T) {
         gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
         gpu_linear(&g->wq_b, qr, DEV(w->q), T);
     }
-    gpu_row_norm_rope(DEV(w->q), T, H, D, 1, 0, c->rms_eps, R, rope_l, 0, 0);
     gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
 
-    /* compressed entries; for CSA the indexer's keys, queries, weights, scores and top-k */
-    if (ratio) {
-        gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, DEV(w->x), DEV(w->comp_kv),
-                        DEV(w->comp_gate), T);
-        gpu_compressor(c, &ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, ratio, DEV(w->comp_kv), DEV(w->comp_gate), T);
+    /* compressed entries; for CSA the indexer's keys, queries, weights, scores and top-k. In
+       decode a CSA layer computes its five projections of x in one GEMV (csa_stack) */
+    CUdeviceptr comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate), index_kv = comp_kv, index_gate = comp_gate;
+    CUdeviceptr index_w = DEV(w->index_w);
+    if (T == 1 && g->csa_stack.rows) {
+        gpu_gemv(&g->csa_stack, DEV(w->x), gm.csa_out);
+        comp_kv = gm.csa_out, comp_gate = comp_kv + (size_t)g->comp_wkv.rows * 4;
+        index_kv = comp_gate + (size_t)g->comp_wgate.rows * 4, index_gate = index_kv + (size_t)g->index_comp_wkv.rows * 4;
+        index_w = index_gate + (size_t)g->index_comp_wgate.rows * 4;
+    } else if (ratio) {
+        gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, DEV(w->x), comp_kv, comp_gate, T);
     }
+    if (ratio) gpu_compressor(c, &ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, ratio, comp_kv, comp_gate, T);
     if (csa) {
         int NI = c->index_heads, DI = c->index_dim;
-        gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired, g->index_comp_gscales62, DEV(w->x),
-                        DEV(w->comp_kv), DEV(w->comp_gate), T);
-        gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, DEV(w->comp_kv),
-                       DEV(w->comp_gate), T);
+        if (!(T == 1 && g->csa_stack.rows)) {
+            gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired, g->index_comp_gscales62,
+                            DEV(w->x), index_kv, index_gate, T);
+            gpu_linear(&g->index_weights_proj, DEV(w->x), index_w, T);
+        }
+        gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, index_kv, index_gate, T);
         if (T == 1) gpu_gemv_plan(&g->index_wq_b, qr, DEV(w->index_q), &q_norm);
         else gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
-        gpu_linear(&g->index_weights_proj, DEV(w->x), DEV(w->index_w), T);
-        gpu_row_norm_rope(DEV(w->index_q), T, NI, DI, 0, 0, 0, R, &gm.state.rope_compress, 0, 0);
-        unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;
+        /* the scores, the kernel rotating the queries as it stages them */
+        const Rope *r = &gm.state.rope_compress;
+        unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;
         LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 64, smem, P64(gm.index_scores),
-               PU32(gm.score_stride), P64(DEV(w->index_q)), P64(DEV(w->index_w)), P64(DEV(ls->index_comp.entries)),
-               PU32(NI), PU32(DI), PU32(ratio), P64(gm.pos));
+               PU32(gm.score_stride), P64(DEV(w->index_q)), P64(index_w), P64(DEV(ls->index_comp.entries)),
+               PU32(NI), PU32(DI), PU32(ratio), P64(gm.pos), PU32(R), P64(DEV(r->inv_freq)), PF32(r->scale));
         LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, P64(gm.index_scores), PU32(gm.score_stride), P64(gm.selected),
                PU32(c->index_topk), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio), P64(gm.pos));
     }
 
-    /* each query: the window and its compressed entries, with the sink; then wo_a by group, wo_b */
+    /* each query (normalized and rotated by the kernel): the window and its compressed entries,
+       with the sink; then wo_a by group, wo_b */
     int mode = csa ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
     LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, 1, 512, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
            P64(g->attn_sink), P64(DEV(ls->keys)), PU32(rows), PU32(c->sliding_window), P64(DEV(ls->comp.entries)),
            PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
-           P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos));
+           P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos), PF32(c->rms_eps));
     int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
     if (T == 1 && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
         GpuLinear group = g->wo_a;

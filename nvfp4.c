@@ -1575,9 +1575,11 @@ static const char *const kernel_names[K_COUNT] = {
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
 #define GPU_MAX_CHUNKS 16                   /* chunks per row = warps sharing a row (registers: 512 threads) */
 
-/* Dynamic shared memory of a GEMV: x of one padded row, 4 bytes a column. */
+#define GPU_GEMV_RING (4 * (32768 + 4096))   /* the GEMVs' ring: 4 stages of an item's codes and scales */
+
+/* Dynamic shared memory of a GEMV: x of one padded row (4 bytes a column), then the ring. */
 static unsigned gpu_gemv_smem(WeightFormat format, unsigned row_bytes) {
-    return row_bytes * (format == FMT_BF16 ? 2 : format == FMT_FP8 ? 4 : 8);
+    return row_bytes * (format == FMT_BF16 ? 2 : format == FMT_FP8 ? 4 : 8) + GPU_GEMV_RING;
 }
 
 /* The one GPU nvfp4 uses (device 0) once gpu_open succeeded. */

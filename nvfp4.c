@@ -1853,6 +1853,9 @@ static const Kernel gemv_kernel[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEM
 static void gpu_gemv_shape(GpuLinear *g) {
     unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
     g->block = 32 * ksplit * nrg;
+    /* an item (4 * nrg rows) and its scales fit a stage of the ring (kernels.ptx, GEMV_MAIN) */
+    if (4 * nrg * g->row_bytes > 32768)   /* then its scales fit the 4 KB beside it too */
+        fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * g->row_bytes);
     g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(gemv_kernel[g->format], (int)g->block,
                                                           gpu_gemv_smem(g->format, g->row_bytes)));
 }
@@ -2337,7 +2340,8 @@ static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
 /* Refuse, naming it, a size the GPU kernels cannot handle (kernels.ptx states each limit). */
 static void gpu_check_limits(const Config *c) {
     if (c->head_dim % 4 || c->head_dim > 512) fatal("the GPU path needs head_dim a multiple of 4 up to 512, not %d", c->head_dim);
-    if (c->index_heads > 64) fatal("the GPU path takes at most 64 index heads, not %d", c->index_heads);
+    if (c->index_heads > 64 || c->index_heads % 2)   /* indexer_scores' (cos, sin) table must be 8-byte aligned */
+        fatal("the GPU path takes an even number of index heads up to 64, not %d", c->index_heads);
     if (c->index_dim % 4 || c->index_dim > 512) fatal("the GPU path needs index_head_dim a multiple of 4 up to 512, not %d", c->index_dim);
     if (c->n_experts > 1024 || c->topk > 32) fatal("the GPU path takes at most 1024 experts and top-32, not %d and %d", c->n_experts, c->topk);
     int inputs[] = {c->hidden_size, c->q_lora_rank, c->n_heads * c->head_dim / c->o_groups, c->o_groups * c->o_lora_rank,
@@ -2653,7 +2657,7 @@ static void gpu_attention(const Model *m, int l, int T) {
            PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
            P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos), PF32(c->rms_eps));
     int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
-    if (T == 1 && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
+    if (T == 1 && G <= GEMV_MAX_SLOTS && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
         GpuLinear group = g->wo_a;
         group.rows = O;
         GemvPlan slots = {.count = G, .x_stride = group_in, .y_stride = O, .stride_w = (size_t)O * g->wo_a.row_bytes,

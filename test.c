@@ -2522,14 +2522,18 @@ static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_
     free(row);
 }
 
+/* How test_gpu_gemv_plan gives the slots their x. */
+typedef enum { PLAN_SWIGLU, PLAN_NORM, PLAN_SHARED_X } PlanMode;
+
 /* One launch of several products (gpu_gemv_plan) against the CPU, on fresh random inputs: a
    stack of X matrices of `format` (each its own global scale) in one allocation, `count` slots
    choosing matrix m = chosen[z % list_len] + (z / list_len) * list_offset from a device list,
-   each slot with an x of its own staged as SwiGLU(x, up) (an expert's w2) or, with one slot,
-   RMSNorm(x) * weight (wq_b). Items of several slots meet in one block when the slots are
-   many and the rows long, so slot changes inside a block (x staged again) are covered.
-   Tolerance as test_gpu_gemv, against the CPU's activation or norm of x. */
-static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int count, int list_len, int norm) {
+   each slot with an x of its own staged as SwiGLU(x, up) (an expert's w2) or RMSNorm(x) *
+   weight (wq_b), or all slots sharing one plain x (the experts' w1 and w3). Items of several
+   slots meet in one block when the slots are many and the rows long, so slot changes inside
+   a block (x staged again) are covered. Tolerance as test_gpu_gemv, against the CPU's
+   activation or norm of x. */
+static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int count, int list_len, PlanMode mode) {
     enum { X = 5 };
     static const char *names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
     Linear w[X];
@@ -2558,20 +2562,21 @@ static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int coun
     gpu_upload(dg, gscales62, sizeof gscales62);
     gpu_upload(dweight, weight, (size_t)cols * 4);
     CU_CHECK(cu.cuMemsetD8Async(dy, 0xff, (size_t)count * rows * 4, gpu.stream));   /* NaN everywhere */
-    GemvPlan plan = {.count = count, .x_stride = 2 * cols, .y_stride = rows, .expert = dlist, .stride_w = stride_w,
-                     .stride_s = stride_s, .gscales62 = format == FMT_NVFP4 ? dg : 0, .list_len = list_len,
-                     .list_offset = list_offset};
-    if (norm) plan.norm_weight = dweight, plan.eps = 1e-6f;
-    else plan.up_offset = (size_t)cols * 4, plan.limit = limit;
+    GemvPlan plan = {.count = count, .x_stride = mode == PLAN_SHARED_X ? 0 : 2 * cols, .y_stride = rows, .expert = dlist,
+                     .stride_w = stride_w, .stride_s = stride_s, .gscales62 = format == FMT_NVFP4 ? dg : 0,
+                     .list_len = list_len, .list_offset = list_offset};
+    if (mode == PLAN_NORM) plan.norm_weight = dweight, plan.eps = 1e-6f;
+    if (mode == PLAN_SWIGLU) plan.up_offset = (size_t)cols * 4, plan.limit = limit;
     gpu_gemv_plan(&g[0], dx, dy, &plan);
     gpu_download(y, dy, (size_t)count * rows * 4);
     double worst = 0;
     int bad = 0, first_bad = -1;
     for (int z = 0; z < count; z++) {
         const Linear *W = &w[chosen[z % list_len] + z / list_len * list_offset];
-        const float *xz = x + (size_t)z * 2 * cols;
-        if (norm) rmsnorm(in, xz, weight, cols, 1e-6f);
-        for (int c = 0; c < cols && !norm; c++) {
+        const float *xz = x + (mode == PLAN_SHARED_X ? 0 : (size_t)z * 2 * cols);
+        if (mode == PLAN_NORM) rmsnorm(in, xz, weight, cols, 1e-6f);
+        if (mode == PLAN_SHARED_X) memcpy(in, xz, (size_t)cols * sizeof(float));
+        for (int c = 0; c < cols && mode == PLAN_SWIGLU; c++) {
             float gv = fminf(xz[c], limit), u = fmaxf(fminf(xz[cols + c], limit), -limit);
             in[c] = gv / (1.0f + expf(-gv)) * u;
         }
@@ -2585,10 +2590,11 @@ static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int coun
             else if (err > worst) worst = err;
         }
     }
-    CHECK(bad == 0, "GPU %s GEMV plan %dx%d, %d slots (%s): %d rows off, first %d", names[format], rows, cols, count,
-          norm ? "RMSNorm" : "SwiGLU", bad, first_bad);
-    printf("  GPU %-5s GEMV %5d x %-5d, %2d slots, x staged with %-7s: worst |gpu - cpu| / sum|w x| = %.1e\n",
-           names[format], rows, cols, count, norm ? "RMSNorm" : "SwiGLU", worst);
+    static const char *modes[] = {"SwiGLU", "RMSNorm", "shared"};
+    CHECK(bad == 0, "GPU %s GEMV plan %dx%d, %d slots (x: %s): %d rows off, first %d", names[format], rows, cols, count,
+          modes[mode], bad, first_bad);
+    printf("  GPU %-5s GEMV %5d x %-5d, %2d slots, x %-7s: worst |gpu - cpu| / sum|w x| = %.1e\n", names[format], rows,
+           cols, count, modes[mode], worst);
     gpu_free(dx), gpu_free(dy), gpu_free(dlist), gpu_free(dg), gpu_free(dweight), gpu_free(dw), gpu_free(ds);
     for (int m = 0; m < X; m++) free((void *)w[m].weight), free((void *)w[m].scale);
     free(x), free(weight), free(in), free(y), free(expect), free(row);
@@ -3165,11 +3171,15 @@ static void test_gpu(double shipped_cpu_nll) {
     /* launches of several products and x transforms: small odd shapes (padded columns, a
        partial row group), then the routed experts' w2 (6 slots, blocks crossing slots) and wq_b
        after q_norm */
-    test_gpu_gemv_plan(FMT_NVFP4, 37, 48, 6, 3, 0);
-    test_gpu_gemv_plan(FMT_FP8, 133, 200, 1, 1, 1);
-    test_gpu_gemv_plan(FMT_BF16, 7, 300, 4, 2, 1);
-    test_gpu_gemv_plan(FMT_NVFP4, 4096, 2048, 6, 6, 0);
-    test_gpu_gemv_plan(FMT_FP8, 32768, 1024, 1, 1, 1);
+    test_gpu_gemv_plan(FMT_NVFP4, 37, 48, 6, 3, PLAN_SWIGLU);
+    test_gpu_gemv_plan(FMT_MXFP4, 19, 96, 3, 3, PLAN_SWIGLU);
+    test_gpu_gemv_plan(FMT_FP8, 133, 200, 1, 1, PLAN_NORM);
+    test_gpu_gemv_plan(FMT_BF16, 7, 300, 4, 2, PLAN_NORM);
+    test_gpu_gemv_plan(FMT_FP8, 300, 1536, 2, 2, PLAN_SWIGLU);         /* 20-row items across 128-row scale blocks */
+    test_gpu_gemv_plan(FMT_NVFP4, 4096, 2048, 6, 6, PLAN_SWIGLU);      /* routed w2 */
+    test_gpu_gemv_plan(FMT_NVFP4, 2048, 4096, 12, 6, PLAN_SHARED_X);   /* routed w1 then w3 */
+    test_gpu_gemv_plan(FMT_FP8, 4096, 1024, 4, 4, PLAN_NORM);          /* a block's items cross slots */
+    test_gpu_gemv_plan(FMT_FP8, 32768, 1024, 1, 1, PLAN_NORM);         /* wq_b after q_norm */
     if (!getenv("NVFP4_GPU_QUICK")) {
         test_gpu_gemv(FMT_NVFP4, 4096, 2048, 0);      /* routed expert w2 */
         test_gpu_gemv(FMT_MXFP4, 2048, 4096, 0);

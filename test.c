@@ -2478,6 +2478,25 @@ static Linear gpu_random_linear(WeightFormat format, int rows, int cols, int sca
     return w;
 }
 
+/* Rows of a GPU product y[rows] = W x off the CPU's: |y - linear(W, x)| > 1e-5 * sum_c |w x| (NaN
+   counts as off), W [rows, cols]. Returns how many; the first such row goes to *first_bad (if
+   none was found before) as first_base + r, and the worst error of the good rows raises *worst.
+   expect [rows] ends holding the CPU's y; row [cols] is scratch. */
+static int gemv_rows_off(const Linear *w, const float *x, const float *y, float *expect, float *row, int first_base,
+                         int *first_bad, double *worst) {
+    int bad = 0;
+    linear(w, x, expect, 1, row);
+    for (int r = 0; r < w->rows; r++) {
+        linear_row(w, r, row);
+        double magnitude = 0;
+        for (int c = 0; c < w->cols; c++) magnitude += fabs((double)row[c] * x[c]);
+        double err = fabs((double)y[r] - expect[r]) / (magnitude > 0 ? magnitude : 1);
+        if (!(err <= 1e-5)) bad++, *first_bad = *first_bad < 0 ? first_base + r : *first_bad;
+        else if (err > *worst) *worst = err;
+    }
+    return bad;
+}
+
 /* The GPU GEMV of W (format, rows x cols) against the CPU's linear() on fresh random W and x,
    the output poisoned (NaN) before the launch. Tolerance: the GPU sums in f32 (blocks of 8-32
    products, a 5-level warp tree, then <= 32 chunk partials in order) where the CPU sums in
@@ -2497,17 +2516,8 @@ static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_
     CU_CHECK(cu.cuMemsetD8Async(dy, 0xff, (size_t)rows * 4, gpu.stream));   /* NaN everywhere */
     gpu_gemv(&g, dx, dy);
     gpu_download(y, dy, (size_t)rows * 4);
-    linear(&w, x, expect, 1, row);
     double worst = 0;
-    int bad = 0, first_bad = -1;
-    for (int r = 0; r < rows; r++) {
-        linear_row(&w, r, row);
-        double magnitude = 0;
-        for (int c = 0; c < cols; c++) magnitude += fabs((double)row[c] * x[c]);
-        double err = fabs((double)y[r] - expect[r]) / (magnitude > 0 ? magnitude : 1);
-        if (!(err <= 1e-5)) bad++, first_bad = first_bad < 0 ? r : first_bad;   /* NaN counts as bad */
-        else if (err > worst) worst = err;
-    }
+    int first_bad = -1, bad = gemv_rows_off(&w, x, y, expect, row, 0, &first_bad, &worst);
     CHECK(bad == 0, "GPU %s%s GEMV %dx%d: %d rows off, first row %d: gpu %g, cpu %g", names[format],
           scale_is_f32 ? " (f32 scales)" : "", rows, cols, bad, first_bad, bad ? y[first_bad] : 0, bad ? expect[first_bad] : 0);
     printf("  GPU %-5s GEMV %6d x %-5d: worst |gpu - cpu| / sum|w x| = %.1e\n", names[format], rows, cols, worst);
@@ -2580,15 +2590,7 @@ static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int coun
             float gv = fminf(xz[c], limit), u = fmaxf(fminf(xz[cols + c], limit), -limit);
             in[c] = gv / (1.0f + expf(-gv)) * u;
         }
-        linear(W, in, expect, 1, row);
-        for (int r = 0; r < rows; r++) {
-            linear_row(W, r, row);
-            double magnitude = 0;
-            for (int c = 0; c < cols; c++) magnitude += fabs((double)row[c] * in[c]);
-            double err = fabs((double)y[(size_t)z * rows + r] - expect[r]) / (magnitude > 0 ? magnitude : 1);
-            if (!(err <= 1e-5)) bad++, first_bad = first_bad < 0 ? z * rows + r : first_bad;
-            else if (err > worst) worst = err;
-        }
+        bad += gemv_rows_off(W, in, y + (size_t)z * rows, expect, row, z * rows, &first_bad, &worst);
     }
     static const char *modes[] = {"SwiGLU", "RMSNorm", "shared"};
     CHECK(bad == 0, "GPU %s GEMV plan %dx%d, %d slots (x: %s): %d rows off, first %d", names[format], rows, cols, count,

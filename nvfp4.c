@@ -2614,7 +2614,8 @@ static void gpu_attention(const Model *m, int l, int T) {
         gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
         gpu_linear(&g->wq_b, qr, DEV(w->q), T);
     }
-    gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
+    /* the latent's RMSNorm and RoPE, and its ring row: in decode attention_decode makes them */
+    if (T > 1) gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
 
     /* compressed entries; for CSA the indexer's keys, queries, weights, scores and top-k. In
        decode a CSA layer computes its five projections of x in one GEMV (csa_stack) */
@@ -2655,7 +2656,8 @@ static void gpu_attention(const Model *m, int l, int T) {
     LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, 1, 512, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
            P64(g->attn_sink), P64(DEV(ls->keys)), PU32(rows), PU32(c->sliding_window), P64(DEV(ls->comp.entries)),
            PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
-           P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos), PF32(c->rms_eps));
+           P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos), PF32(c->rms_eps), P64(T == 1 ? kv : 0),
+           P64(g->kv_norm));
     int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
     if (T == 1 && G <= GEMV_MAX_SLOTS && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
         GpuLinear group = g->wo_a;

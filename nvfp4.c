@@ -1562,12 +1562,12 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
 
 /* The kernels of kernels.ptx, by the name of their .entry. */
 typedef enum {
-    K_STREAM_READ, K_GEMV_BF16, K_GEMV_FP8, K_GEMV_MXFP4, K_GEMV_NVFP4, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
+    K_STREAM_READ, K_GEMV, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
     K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
     K_SAMPLE, K_FILL, K_COUNT
 } Kernel;
 static const char *const kernel_names[K_COUNT] = {
-    "stream_read", "gemv_bf16", "gemv_fp8", "gemv_mxfp4", "gemv_nvfp4", "gemm_prefill", "embed_streams",
+    "stream_read", "gemv", "gemm_prefill", "embed_streams",
     "hc_mix_partial", "hc_post_mix", "hc_finish", "row_norm_rope", "compressor_update", "indexer_scores",
     "top_k_select", "attention_decode", "route_tokens", "gather_rows", "swiglu", "sample_token", "fill_random"};
 
@@ -1658,10 +1658,9 @@ static int gpu_open(char *why, size_t n) {
         GPU_FAIL("the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
     for (int k = 0; k < K_COUNT; k++) {
         CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_names[k]));
-        WeightFormat f = k == K_GEMV_BF16 ? FMT_BF16 : k == K_GEMV_FP8 ? FMT_FP8 : FMT_NVFP4;
-        if (k >= K_GEMV_BF16 && k <= K_GEMV_NVFP4)   /* room for x of the widest row a GEMV takes */
+        if (k == K_GEMV)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
             CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                           (int)gpu_gemv_smem(f, GPU_MAX_CHUNKS * GPU_CHUNK)));
+                                           (int)gpu_gemv_smem(FMT_NVFP4, GPU_MAX_CHUNKS * GPU_CHUNK)));
         if (k == K_INDEXER_SCORES)   /* the queries of one token: NI x (DI + 4) floats, and NI weights */
             CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GPU_INDEXER_SMEM));
     }
@@ -1844,20 +1843,15 @@ static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
     gpu_launch(K_FILL, (unsigned)gpu.sm_count * 8, 256, 0, params);
 }
 
-/* The GEMV kernel of each weight format. */
-static const Kernel gemv_kernel[] = {[FMT_BF16] = K_GEMV_BF16, [FMT_FP8] = K_GEMV_FP8, [FMT_MXFP4] = K_GEMV_MXFP4,
-                                     [FMT_NVFP4] = K_GEMV_NVFP4};
-
 /* Choose g's GEMV launch shape: blocks of ~16 warps (ksplit warps a row, nrg groups of 4 rows),
    as many blocks as fit on the GPU at once (a launch uses at most one per item: gpu_gemv_plan). */
 static void gpu_gemv_shape(GpuLinear *g) {
     unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
     g->block = 32 * ksplit * nrg;
-    /* an item (4 * nrg rows) and its scales fit a stage of the ring (kernels.ptx, GEMV_MAIN) */
+    /* an item (4 * nrg rows) and its scales fit a stage of the ring (kernels.ptx, "the ring") */
     if (4 * nrg * g->row_bytes > 32768)   /* then its scales fit the 4 KB beside it too */
         fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * g->row_bytes);
-    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(gemv_kernel[g->format], (int)g->block,
-                                                          gpu_gemv_smem(g->format, g->row_bytes)));
+    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(K_GEMV, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
 }
 
 /* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
@@ -1927,11 +1921,14 @@ static void gpu_free_linear(GpuLinear *g) {
      chosen on the GPU (an int32 device array), m = expert[z % list_len] + (z / list_len) *
      list_offset; its codes and scales lie m * stride_w and m * stride_s bytes after W's, and an
      NVFP4 stack of matrices with global scales of their own gives them (times 2^62) in gscales62;
+     expert_ready says the list was written before the previous kernel (the GEMV may then read
+     it before its griddepcontrol.wait: kernels.ptx, "the kernel");
    - x staged as SwiGLU(x, up) with up lying up_offset bytes after x (an expert's w2), or as
      rmsnorm(x) * norm_weight (wq_b after q_norm). */
 typedef struct {
     int count, x_stride, y_stride;
     CUdeviceptr expert;
+    int expert_ready;
     size_t stride_w, stride_s;
     CUdeviceptr gscales62;
     int list_len, list_offset;
@@ -1942,26 +1939,80 @@ typedef struct {
 } GemvPlan;
 
 #define GEMV_MAX_SLOTS 64   /* the slot table of kernels.ptx holds 64 */
+#define GEMV_MAX_SEGS 4     /* segments of one gemv launch (kernels.ptx) */
 
-/* y = W x, extended by `plan` (NULL: nothing more). Mirrors linear() for T = 1 (with
-   expert_ffn's activation or rmsnorm before it). */
-static void gpu_gemv_plan(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvPlan *plan) {
-    GemvPlan none = {0};
-    if (!plan) plan = &none;
-    unsigned rows = (unsigned)g->rows, cols = (unsigned)g->cols, row_bytes = g->row_bytes, ksplit = row_bytes / GPU_CHUNK;
-    unsigned slots = plan->count ? (unsigned)plan->count : 1;
+/* One segment of a gemv launch as kernels.ptx reads it (its SEG_* byte offsets): one GpuLinear
+   with its GemvPlan, where its items and slots start in the launch, and which x it stages. */
+typedef struct {
+    uint64_t w, s, x, y, expert, stride_w, stride_s, gscales62, up_offset, norm_weight;
+    uint32_t format, rows, cols, row_bytes, x_stride, y_stride, list_len, list_offset;
+    float gscale62, limit, eps;
+    uint32_t first_item, first_slot, x_group, row_blocks, unused;
+} GemvSeg;
+_Static_assert(sizeof(GemvSeg) == 144 && offsetof(GemvSeg, format) == 80 && offsetof(GemvSeg, row_blocks) == 136,
+               "GemvSeg must match SEG_* in kernels.ptx");
+
+/* The format numbers of kernels.ptx (GEMV_NVFP4 ...). */
+static const uint32_t gemv_format[] = {[FMT_NVFP4] = 0, [FMT_MXFP4] = 1, [FMT_FP8] = 2, [FMT_BF16] = 3};
+
+/* One product of a GEMV launch: y = W x for W = *g, extended by *plan (NULL: nothing more). */
+typedef struct {
+    const GpuLinear *g;
+    CUdeviceptr x, y;
+    const GemvPlan *plan;
+} GemvPart;
+
+/* parts[n] on the stream, as few gemv launches as the kernel allows: consecutive parts of one
+   block shape, up to GEMV_MAX_SEGS, share a launch (one segment each). No part may read
+   another's y. Mirrors linear() for T = 1 of each (with expert_ffn's activation or rmsnorm
+   before it). */
+static void gpu_gemv_parts(const GemvPart *parts, int n) {
+    unsigned block = parts[0].g->block, nsegs = 1;
+    while ((int)nsegs < n && nsegs < GEMV_MAX_SEGS && parts[nsegs].g->block == block) nsegs++;
+    GemvSeg segs[GEMV_MAX_SEGS];
+    unsigned xs_of[GEMV_MAX_SEGS];   /* bytes of each segment's staged x: 4 a padded column */
+    memset(segs, 0, sizeof segs);
+    for (int i = 0; i < GEMV_MAX_SEGS; i++) segs[i].first_item = segs[i].first_slot = UINT32_MAX;
+    unsigned items = 0, slots = 0, contiguous = 0, list_ready = 1, xs_bytes = 0, grid = UINT32_MAX;
+    for (unsigned i = 0; i < nsegs; i++) {
+        const GpuLinear *g = parts[i].g;
+        GemvPlan none = {0};
+        const GemvPlan *p = parts[i].plan ? parts[i].plan : &none;
+        unsigned count = p->count ? (unsigned)p->count : 1, rows_iter = 4 * (block / 32 / (g->row_bytes / GPU_CHUNK));
+        segs[i] = (GemvSeg){
+            .w = g->weight, .s = g->scale, .x = parts[i].x, .y = parts[i].y, .expert = p->expert,
+            .stride_w = p->stride_w, .stride_s = p->stride_s, .gscales62 = p->gscales62, .up_offset = p->up_offset,
+            .norm_weight = p->norm_weight, .format = gemv_format[g->format], .rows = (uint32_t)g->rows,
+            .cols = (uint32_t)g->cols, .row_bytes = g->row_bytes, .x_stride = (uint32_t)p->x_stride,
+            .y_stride = (uint32_t)p->y_stride, .list_len = p->list_len ? (uint32_t)p->list_len : count,
+            .list_offset = (uint32_t)p->list_offset, .gscale62 = g->gscale62, .limit = p->limit, .eps = p->eps,
+            .first_item = items, .first_slot = slots, .x_group = i, .row_blocks = (g->rows + rows_iter - 1) / rows_iter};
+        xs_of[i] = gpu_gemv_smem(g->format, g->row_bytes) - GPU_GEMV_RING;
+        for (unsigned j = 0; j < i; j++) {   /* the same x staged the same way: one staging for both */
+            const GemvSeg *a = &segs[j], *b = &segs[i];
+            if (a->x == b->x && a->x_stride == b->x_stride && a->up_offset == b->up_offset && a->limit == b->limit &&
+                a->norm_weight == b->norm_weight && a->eps == b->eps && a->cols == b->cols && xs_of[j] == xs_of[i]) {
+                segs[i].x_group = a->x_group;
+                break;
+            }
+        }
+        items += count * segs[i].row_blocks;
+        slots += count;
+        contiguous |= p->x_stride != 0;
+        if (p->expert && !p->expert_ready) list_ready = 0;
+        xs_bytes = xs_of[i] > xs_bytes ? xs_of[i] : xs_bytes;
+        grid = g->grid < grid ? g->grid : grid;
+    }
     if (slots > GEMV_MAX_SLOTS) fatal("a GEMV launch of %u products: the kernels take at most %d", slots, GEMV_MAX_SLOTS);
-    unsigned x_stride = (unsigned)plan->x_stride, y_stride = (unsigned)plan->y_stride;
-    unsigned list_len = plan->list_len ? (unsigned)plan->list_len : slots, list_offset = (unsigned)plan->list_offset;
-    unsigned long long stride_w = plan->stride_w, stride_s = plan->stride_s, up_offset = plan->up_offset;
-    CUdeviceptr w = g->weight, s = g->scale, expert = plan->expert, gscales62 = plan->gscales62, norm = plan->norm_weight;
-    float gscale62 = g->gscale62, limit = plan->limit, eps = plan->eps;
-    void *params[] = {&w,         &s,         &x,         &y,          &rows,      &cols,       &row_bytes, &ksplit,
-                      &slots,     &expert,    &stride_w,  &stride_s,   &x_stride,  &y_stride,   &list_len,  &list_offset,
-                      &gscale62,  &gscales62, &up_offset, &limit,      &norm,      &eps};
-    unsigned nrg = g->block / 32 / ksplit, items = (rows + 4 * nrg - 1) / (4 * nrg) * slots;
-    gpu_launch(gemv_kernel[g->format], g->grid < items ? g->grid : items, g->block, gpu_gemv_smem(g->format, row_bytes),
-               params);
+    void *params[] = {segs, &nsegs, &items, &slots, &contiguous, &list_ready, &xs_bytes};
+    gpu_launch(K_GEMV, grid < items ? grid : items, block, xs_bytes + GPU_GEMV_RING, params);
+    if ((int)nsegs < n) gpu_gemv_parts(parts + nsegs, n - (int)nsegs);
+}
+
+/* y = W x, extended by `plan` (NULL: nothing more): one launch. */
+static void gpu_gemv_plan(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvPlan *plan) {
+    GemvPart part = {g, x, y, plan};
+    gpu_gemv_parts(&part, 1);
 }
 
 /* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
@@ -2183,6 +2234,7 @@ static struct {
     CUdeviceptr probs;                     /* [V] sampling scratch */
     CUdeviceptr qr_kv;                     /* [Q + D] decode: wq_a_wkv's output, qr then kv */
     CUdeviceptr csa_out;                   /* [4D + 4DI + NI] decode: csa_stack's output, part by part */
+    CUdeviceptr shared_act;                /* [2, I] decode: the shared expert's gate, then up */
     CUdeviceptr pos, tokens, rng, out_token; /* int32 [1], int32 [T], u64 [1], int32 [1] */
     CUdeviceptr *allocations;              /* every cuMemAlloc of the model, for gpu_unload */
     size_t n_allocations, allocated_bytes;
@@ -2333,7 +2385,7 @@ static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
     total += state_bytes(c, T, C, all_logits);
     total += (size_t)T * (24 + 1) * ((E + HC_SLICE - 1) / HC_SLICE) * sizeof(double);
     total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)(c->vocab_size + c->q_lora_rank + c->head_dim) * 4 + 4096;
-    total += (size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * 4;
+    total += (size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads + 2 * c->moe_inter) * 4;   /* csa_out, shared_act */
     return total + total / 16;   /* the GEMV layout pads rows to 512 bytes: a margin for small models */
 }
 
@@ -2472,6 +2524,7 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
     gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
     gm.probs = gm_alloc((size_t)c->vocab_size * sizeof(float));
     gm.qr_kv = gm_alloc((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
+    gm.shared_act = gm_alloc(2 * (size_t)c->moe_inter * sizeof(float));
     gm.csa_out = gm_alloc((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
     gm.pos = gm_alloc(sizeof(int32_t));
     gm.tokens = gm_alloc((size_t)T * sizeof(int32_t));
@@ -2536,16 +2589,31 @@ static void gpu_linear_rows(const GpuLinear *g, int row0, int nrows, CUdeviceptr
     else gpu_gemm(g, gpu_gemm_factor(g), row0, nrows, x, x_stride, y, y_stride, T, NULL);
 }
 
-/* ya = A x and yb = B x on T rows of x: for a pair uploaded side by side (gm_linear_pair) and
-   T = 1, one GEMV launch of two slots (yb must lie after ya); otherwise two products. Mirrors
-   two calls of linear. */
-static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, int paired, CUdeviceptr gscales62, CUdeviceptr x,
-                            CUdeviceptr ya, CUdeviceptr yb, int T) {
-    if (T == 1 && paired && yb > ya) {
-        GemvPlan slots = {.count = 2, .y_stride = (int)((yb - ya) / 4), .stride_w = b->weight - a->weight,
+/* Append ya = A x and yb = B x (one token) to parts[n]: one part of two slots for a pair
+   uploaded side by side (gm_linear_pair; yb must lie after ya), described by *plan, else two
+   parts. Returns the new count. */
+static int gemv_add_pair(GemvPart *parts, int n, GemvPlan *plan, const GpuLinear *a, const GpuLinear *b, int paired,
+                         CUdeviceptr gscales62, CUdeviceptr x, CUdeviceptr ya, CUdeviceptr yb) {
+    if (paired && yb > ya) {
+        *plan = (GemvPlan){.count = 2, .y_stride = (int)((yb - ya) / 4), .stride_w = b->weight - a->weight,
                            .stride_s = b->scale - a->scale, .gscales62 = a->format == FMT_NVFP4 ? gscales62 : 0,
                            .list_len = 2};
-        gpu_gemv_plan(a, x, ya, &slots);
+        parts[n++] = (GemvPart){a, x, ya, plan};
+    } else {
+        parts[n++] = (GemvPart){a, x, ya, NULL};
+        parts[n++] = (GemvPart){b, x, yb, NULL};
+    }
+    return n;
+}
+
+/* ya = A x and yb = B x on T rows of x: for one token, one launch (a pair uploaded side by side
+   is one part of two slots); otherwise two products. Mirrors two calls of linear. */
+static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, int paired, CUdeviceptr gscales62, CUdeviceptr x,
+                            CUdeviceptr ya, CUdeviceptr yb, int T) {
+    if (T == 1) {
+        GemvPart parts[2];
+        GemvPlan plan;
+        gpu_gemv_parts(parts, gemv_add_pair(parts, 0, &plan, a, b, paired, gscales62, x, ya, yb));
         return;
     }
     gpu_linear_rows(a, 0, a->rows, x, a->cols, ya, a->rows, T);
@@ -2596,50 +2664,66 @@ static void gpu_attention(const Model *m, int l, int T) {
     int rows = ring_rows(&gm.state, c), csa = c->attn_kind[l] == ATTN_CSA;
     const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &gm.state.rope_main : &gm.state.rope_compress;
 
-    /* queries (low-rank path; their per-head RMSNorm and RoPE happen in attention_decode) and
-       the shared latent, which joins the ring; decode computes wq_a and wkv in one launch when
-       they are stacked */
-    CUdeviceptr qr = DEV(w->qr), kv = DEV(w->kv);
-    if (T == 1 && g->wq_a_wkv.rows) {
-        qr = gm.qr_kv, kv = gm.qr_kv + (size_t)Q * sizeof(float);
-        gpu_gemv(&g->wq_a_wkv, DEV(w->x), qr);
-    } else {
-        gpu_linear(&g->wq_a, DEV(w->x), qr, T);
-        gpu_linear(&g->wkv, DEV(w->x), kv, T);
-    }
-    /* qr's RMSNorm: in decode, wq_b and the indexer's wq_b apply it as they stage qr */
-    GemvPlan q_norm = {.norm_weight = g->q_norm, .eps = c->rms_eps};
-    if (T == 1) gpu_gemv_plan(&g->wq_b, qr, DEV(w->q), &q_norm);
-    else {
-        gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
-        gpu_linear(&g->wq_b, qr, DEV(w->q), T);
-    }
-    /* the latent's RMSNorm and RoPE, and its ring row: in decode attention_decode makes them */
-    if (T > 1) gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
-
-    /* compressed entries; for CSA the indexer's keys, queries, weights, scores and top-k. In
-       decode a CSA layer computes its five projections of x in one GEMV (csa_stack) */
+    /* the projections of x: the queries' low-rank input qr (their per-head RMSNorm and RoPE
+       happen in attention_decode), the shared latent kv (it joins the ring), the compressors'
+       inputs. Decode launches them together (gpu_gemv_parts): wq_a and wkv stacked (wq_a_wkv)
+       beside a CSA layer's five projections stacked (csa_stack) or an HCA layer's compressor
+       pair; then wq_b and the indexer's wq_b, which apply qr's RMSNorm as they stage it */
+    CUdeviceptr x = DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv);
     CUdeviceptr comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate), index_kv = comp_kv, index_gate = comp_gate;
     CUdeviceptr index_w = DEV(w->index_w);
-    if (T == 1 && g->csa_stack.rows) {
-        gpu_gemv(&g->csa_stack, DEV(w->x), gm.csa_out);
-        comp_kv = gm.csa_out, comp_gate = comp_kv + (size_t)g->comp_wkv.rows * 4;
-        index_kv = comp_gate + (size_t)g->comp_wgate.rows * 4, index_gate = index_kv + (size_t)g->index_comp_wkv.rows * 4;
-        index_w = index_gate + (size_t)g->index_comp_wgate.rows * 4;
-    } else if (ratio) {
-        gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, DEV(w->x), comp_kv, comp_gate, T);
+    if (T == 1) {
+        GemvPart parts[7];
+        GemvPlan plans[3];
+        int n = 0;
+        if (g->wq_a_wkv.rows) {
+            qr = gm.qr_kv, kv = gm.qr_kv + (size_t)Q * sizeof(float);
+            parts[n++] = (GemvPart){&g->wq_a_wkv, x, qr, NULL};
+        } else {
+            parts[n++] = (GemvPart){&g->wq_a, x, qr, NULL};
+            parts[n++] = (GemvPart){&g->wkv, x, kv, NULL};
+        }
+        if (csa) {   /* the five outputs side by side in csa_out, as the stack writes them */
+            comp_kv = gm.csa_out, comp_gate = comp_kv + (size_t)g->comp_wkv.rows * 4;
+            index_kv = comp_gate + (size_t)g->comp_wgate.rows * 4, index_gate = index_kv + (size_t)g->index_comp_wkv.rows * 4;
+            index_w = index_gate + (size_t)g->index_comp_wgate.rows * 4;
+        }
+        if (g->csa_stack.rows) {
+            parts[n++] = (GemvPart){&g->csa_stack, x, gm.csa_out, NULL};
+        } else if (ratio) {
+            n = gemv_add_pair(parts, n, &plans[0], &g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, x,
+                              comp_kv, comp_gate);
+            if (csa) {
+                n = gemv_add_pair(parts, n, &plans[1], &g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired,
+                                  g->index_comp_gscales62, x, index_kv, index_gate);
+                parts[n++] = (GemvPart){&g->index_weights_proj, x, index_w, NULL};
+            }
+        }
+        gpu_gemv_parts(parts, n);
+        plans[2] = (GemvPlan){.norm_weight = g->q_norm, .eps = c->rms_eps};
+        GemvPart queries[2] = {{&g->wq_b, qr, DEV(w->q), &plans[2]}, {&g->index_wq_b, qr, DEV(w->index_q), &plans[2]}};
+        gpu_gemv_parts(queries, csa ? 2 : 1);
+    } else {   /* prefill: qr normalized in place; kv normalized, rotated and copied into the ring */
+        gpu_linear(&g->wq_a, x, qr, T);
+        gpu_linear(&g->wkv, x, kv, T);
+        gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
+        gpu_linear(&g->wq_b, qr, DEV(w->q), T);
+        gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
     }
+
+    /* compressed entries; for CSA the indexer's keys, then its scores and top-k (prefill: the
+       indexer's projections reuse the compressor's scratch once its entries are made) */
+    if (T > 1 && ratio) gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, x, comp_kv, comp_gate, T);
     if (ratio) gpu_compressor(c, &ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, ratio, comp_kv, comp_gate, T);
     if (csa) {
         int NI = c->index_heads, DI = c->index_dim;
-        if (!(T == 1 && g->csa_stack.rows)) {
-            gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired, g->index_comp_gscales62,
-                            DEV(w->x), index_kv, index_gate, T);
-            gpu_linear(&g->index_weights_proj, DEV(w->x), index_w, T);
+        if (T > 1) {
+            gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired, g->index_comp_gscales62, x,
+                            index_kv, index_gate, T);
+            gpu_linear(&g->index_weights_proj, x, index_w, T);
+            gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
         }
         gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, index_kv, index_gate, T);
-        if (T == 1) gpu_gemv_plan(&g->index_wq_b, qr, DEV(w->index_q), &q_norm);
-        else gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
         /* the scores, the kernel rotating the queries as it stages them */
         const Rope *r = &gm.state.rope_compress;
         unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;
@@ -2673,22 +2757,21 @@ static void gpu_attention(const Model *m, int l, int T) {
     gpu_linear(&g->wo_b, DEV(w->grouped), DEV(w->block_out), T);
 }
 
-/* One expert stack's matrix applied to the slots of a chunk. Decode (T = 1): one launch over
-   the K slots, expert chosen[k] for slot k, input x + k * x_slot_stride floats (staged as
-   SwiGLU(x, up) with up up_offset bytes after x when up_offset is not 0), output row k.
-   Prefill: per expert with slots, a GEMM over its rows of the slot-sorted input (the host
-   knows the expert counts: `start`). */
-static void gpu_expert_matrix(const GpuExperts *g, CUdeviceptr x, int x_slot_stride, CUdeviceptr y, int K, int T,
-                              const int *start, int X, size_t up_offset, float limit) {
+/* The decode plan of an expert stack's matrix over K slots: expert chosen[k] (route_tokens'
+   choice) for slot k, input x + k * x_slot_stride floats (staged as SwiGLU(x, up) with up
+   up_offset bytes after x when up_offset is not 0), output row k. */
+static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit) {
+    return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm.state.scratch.chosen),
+                      .stride_w = g->weight_stride, .stride_s = g->scale_stride,
+                      .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
+                      .up_offset = up_offset, .limit = limit};
+}
+
+/* Prefill: one expert stack's matrix applied to the chunk's slots in expert order, x [T * K,
+   cols] -> y [T * K, rows]: per expert with slots, a GEMM over its rows (start[X + 1]: the
+   expert counts, which the host read). */
+static void gpu_expert_gemm(const GpuExperts *g, CUdeviceptr x, CUdeviceptr y, const int *start, int X) {
     const GpuLinear *w = &g->one;
-    if (T == 1) {
-        GemvPlan slots = {.count = K, .x_stride = x_slot_stride, .y_stride = w->rows, .expert = DEV(gm.state.scratch.chosen),
-                          .stride_w = g->weight_stride, .stride_s = g->scale_stride,
-                          .gscales62 = w->format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
-                          .up_offset = up_offset, .limit = limit};
-        gpu_gemv_plan(w, x, y, &slots);
-        return;
-    }
     for (int e = 0; e < X; e++) {
         int n = start[e + 1] - start[e];
         if (!n) continue;
@@ -2714,52 +2797,64 @@ static void gpu_moe(const Model *m, int l, int T) {
     const GpuLayer *g = &gm.layers[l];
     Scratch *w = &gm.state.scratch;
     int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
-    gpu_linear(&g->gate, DEV(w->x), DEV(w->router), T);
+    CUdeviceptr x = DEV(w->x);
+    /* the router's logits; prefill runs the shared expert now, into block_out (the routed
+       experts reuse its scratch); then the routing */
+    gpu_linear(&g->gate, x, DEV(w->router), T);
+    if (T > 1) {
+        gpu_linear_pair(&g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x, DEV(w->expert_gate),
+                        DEV(w->expert_up), T);
+        gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
+        gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    }
     LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),
            P64(DEV(w->chosen)), P64(DEV(w->route_weight)), P64(DEV(w->expert_start)), P64(DEV(w->slot_order)),
            P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
            PF32(c->routed_scaling));
-    /* the shared expert, into block_out */
-    gpu_linear_pair(&g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, DEV(w->x), DEV(w->expert_gate),
-                    DEV(w->expert_up), T);
-    if (T == 1) {   /* decode: the w2 GEMV applies the activation as it stages its input */
-        GemvPlan act = {.up_offset = DEV(w->expert_up) - DEV(w->expert_gate), .limit = c->swiglu_limit};
-        gpu_gemv_plan(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), &act);
-    } else {
-        gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
-        gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    if (T == 1) {
+        /* decode: two launches. First the shared expert's w1 and w3 (into shared_act: gate,
+           then up) beside the chosen experts' w1 and w3 (one part of 2K slots when the stacks
+           lie side by side: the w3 outputs go to rows K..2K-1 of expert_gate, which has room
+           for max_tokens * K rows). The shared expert comes first: its weights stream into the
+           ring while the router runs. Then the w2 of both, each applying the activation as it
+           stages its input. */
+        CUdeviceptr shared_gate = gm.shared_act, shared_up = gm.shared_act + (size_t)I * sizeof(float);
+        CUdeviceptr up = DEV(w->expert_up);
+        GemvPart parts[4];
+        GemvPlan pair, routed13, routed1, routed3;
+        int n = gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x,
+                              shared_gate, shared_up);
+        if (g->w13_paired && gm.state.max_tokens >= 2) {
+            const GpuLinear *one = &g->w1.one;
+            routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
+                                  .stride_s = g->w1.scale_stride, .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
+                                  .list_len = K, .list_offset = X};
+            parts[n++] = (GemvPart){one, x, DEV(w->expert_gate), &routed13};
+            up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
+        } else {
+            routed1 = expert_plan(&g->w1, K, 0, 0, 0), routed3 = expert_plan(&g->w3, K, 0, 0, 0);
+            parts[n++] = (GemvPart){&g->w1.one, x, DEV(w->expert_gate), &routed1};
+            parts[n++] = (GemvPart){&g->w3.one, x, up, &routed3};
+        }
+        gpu_gemv_parts(parts, n);
+        /* the router wrote the experts' list two launches ago: the w2 launch may read it early */
+        GemvPlan shared = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
+        GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit);
+        routed.expert_ready = 1;
+        GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared},
+                          {&g->w2.one, DEV(w->expert_gate), DEV(w->expert_out), &routed}};
+        gpu_gemv_parts(w2, 2);
+        return;
     }
-    /* the routed experts */
-    int *start = NULL;
-    CUdeviceptr x = DEV(w->x);
-    int x_slot_stride = 0;
-    if (T > 1) {   /* prefill: gather each slot's row in expert order; the host sizes the launches */
-        start = xcalloc((size_t)X + 1, sizeof(int));
-        gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
-        LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, P64(DEV(w->expert_x)), P64(DEV(w->x)), P64(DEV(w->slot_order)),
-               PU32(K), PU32(E));
-        x = DEV(w->expert_x);
-        x_slot_stride = E;
-    }
-    int rows_of_slots = T * K;
-    CUdeviceptr up = DEV(w->expert_up);
-    if (T == 1 && g->w13_paired && gm.state.max_tokens >= 2) {
-        /* w1 and w3 of the K chosen experts in one launch of 2K slots: the w3 outputs go to rows
-           K..2K-1 of expert_gate (it has room for max_tokens * K rows) */
-        const GpuLinear *one = &g->w1.one;
-        GemvPlan slots = {.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
-                           .stride_s = g->w1.scale_stride, .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
-                           .list_len = K, .list_offset = X};
-        gpu_gemv_plan(one, x, DEV(w->expert_gate), &slots);
-        up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
-    } else {
-        gpu_expert_matrix(&g->w1, x, x_slot_stride, DEV(w->expert_gate), K, T, start, X, 0, 0);
-        gpu_expert_matrix(&g->w3, x, x_slot_stride, DEV(w->expert_up), K, T, start, X, 0, 0);
-    }
-    size_t up_offset = 0;   /* decode: the w2 GEMV applies the activation as it stages its input */
-    if (T == 1) up_offset = up - DEV(w->expert_gate);
-    else gpu_swiglu(DEV(w->expert_gate), up, (size_t)rows_of_slots * I, c->swiglu_limit);
-    gpu_expert_matrix(&g->w2, DEV(w->expert_gate), I, DEV(w->expert_out), K, T, start, X, up_offset, c->swiglu_limit);
+    /* prefill: gather each slot's row in expert order; the host sizes the launches */
+    int *start = xcalloc((size_t)X + 1, sizeof(int));
+    gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
+    LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, P64(DEV(w->expert_x)), P64(x), P64(DEV(w->slot_order)), PU32(K),
+           PU32(E));
+    gpu_expert_gemm(&g->w1, DEV(w->expert_x), DEV(w->expert_gate), start, X);
+    gpu_expert_gemm(&g->w3, DEV(w->expert_x), DEV(w->expert_up), start, X);
+    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * K * I, c->swiglu_limit);
+    gpu_expert_gemm(&g->w2, DEV(w->expert_gate), DEV(w->expert_out), start, X);
     free(start);
 }
 

@@ -2532,74 +2532,127 @@ static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_
     free(row);
 }
 
-/* How test_gpu_gemv_plan gives the slots their x. */
-typedef enum { PLAN_SWIGLU, PLAN_NORM, PLAN_SHARED_X } PlanMode;
+/* How a part of test_gpu_gemv_parts gives its slots their x: each slot its own, staged as
+   SwiGLU(x, up) (an expert's w2) or RMSNorm(x) * weight; or one x for all slots and all such
+   parts of the launch, plain (w1 and w3, the gate) or RMSNorm'd (wq_b beside the indexer's). */
+typedef enum { PLAN_SWIGLU, PLAN_NORM, PLAN_SHARED_X, PLAN_SHARED_NORM } PlanMode;
 
-/* One launch of several products (gpu_gemv_plan) against the CPU, on fresh random inputs: a
-   stack of X matrices of `format` (each its own global scale) in one allocation, `count` slots
-   choosing matrix m = chosen[z % list_len] + (z / list_len) * list_offset from a device list,
-   each slot with an x of its own staged as SwiGLU(x, up) (an expert's w2) or RMSNorm(x) *
-   weight (wq_b), or all slots sharing one plain x (the experts' w1 and w3). Items of several
-   slots meet in one block when the slots are many and the rows long, so slot changes inside
-   a block (x staged again) are covered. Tolerance as test_gpu_gemv, against the CPU's
+/* One part of test_gpu_gemv_parts: `count` slots of a rows x cols matrix of `format`, slot z
+   taking matrix z of a stack of GEMV_TEST_STACK (list_len 0) or matrix chosen[z % list_len] +
+   z / list_len, from a device list (read before the GEMV's wait when `ready`). */
+typedef struct {
+    WeightFormat format;
+    int rows, cols, count, list_len;
+    PlanMode mode;
+    int ready;
+} GemvSpec;
+#define GEMV_TEST_STACK 5
+
+/* gpu_gemv_parts over n parts against the CPU, on fresh random inputs: each part a stack of
+   matrices (each its own global scale) in one allocation, its slots choosing from a device
+   list, its x per the spec's mode (shared x: one buffer for every shared part, so parts of
+   equal cols and padded width share a staging, and parts of other widths stage again). Parts
+   of one block shape meet in one launch (different formats, block items crossing from one
+   segment into the next); more than GEMV_MAX_SEGS parts, or another block shape, split the
+   launch: the launches made must number `launches`. Tolerance as test_gpu_gemv, against the CPU's
    activation or norm of x. */
-static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int count, int list_len, PlanMode mode) {
-    enum { X = 5 };
+static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const char *what) {
     static const char *names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
-    Linear w[X];
-    float gscales62[X], limit = 7;
-    int chosen[GEMV_MAX_SLOTS], list_offset = 1;
-    GpuLinear g[X];
-    for (int m = 0; m < X; m++) w[m] = gpu_random_linear(format, rows, cols, 0);
-    size_t stride_w = gpu_linear_code_bytes(&w[0]), stride_s = gpu_linear_scale_bytes(&w[0]);
-    CUdeviceptr dw = gpu_alloc(stride_w * X), ds = stride_s ? gpu_alloc(stride_s * X) : 0;
-    for (int m = 0; m < X; m++) {
-        gpu_place_linear(&g[m], &w[m], dw + m * stride_w, ds ? ds + m * stride_s : 0);
-        gscales62[m] = g[m].gscale62;
-    }
-    for (int k = 0; k < list_len; k++) chosen[k] = (int)(random_u32(&test_rng) % (X - list_offset * ((count - 1) / list_len)));
-    /* x: slot z's input at z * 2 * cols, its up right after it (cols floats on) */
-    size_t nx = (size_t)count * 2 * cols;
-    float *x = xcalloc(nx, sizeof(float)), *weight = xcalloc((size_t)cols, sizeof(float)), *in = xcalloc((size_t)cols, sizeof(float));
-    float *y = xcalloc((size_t)count * rows, sizeof(float)), *expect = xcalloc((size_t)rows, sizeof(float));
-    float *row = xcalloc((size_t)cols, sizeof(float));
-    for (size_t i = 0; i < nx; i++) x[i] = uniform(-12, 12);   /* past the limit both ways */
-    for (int c = 0; c < cols; c++) weight[c] = uniform(0.5f, 1.5f);
-    CUdeviceptr dx = gpu_alloc(nx * 4), dy = gpu_alloc((size_t)count * rows * 4), dlist = gpu_alloc(sizeof chosen);
-    CUdeviceptr dg = gpu_alloc(sizeof gscales62), dweight = gpu_alloc((size_t)cols * 4);
-    gpu_upload(dx, x, nx * 4);
-    gpu_upload(dlist, chosen, sizeof chosen);
-    gpu_upload(dg, gscales62, sizeof gscales62);
-    gpu_upload(dweight, weight, (size_t)cols * 4);
-    CU_CHECK(cu.cuMemsetD8Async(dy, 0xff, (size_t)count * rows * 4, gpu.stream));   /* NaN everywhere */
-    GemvPlan plan = {.count = count, .x_stride = mode == PLAN_SHARED_X ? 0 : 2 * cols, .y_stride = rows, .expert = dlist,
-                     .stride_w = stride_w, .stride_s = stride_s, .gscales62 = format == FMT_NVFP4 ? dg : 0,
-                     .list_len = list_len, .list_offset = list_offset};
-    if (mode == PLAN_NORM) plan.norm_weight = dweight, plan.eps = 1e-6f;
-    if (mode == PLAN_SWIGLU) plan.up_offset = (size_t)cols * 4, plan.limit = limit;
-    gpu_gemv_plan(&g[0], dx, dy, &plan);
-    gpu_download(y, dy, (size_t)count * rows * 4);
-    double worst = 0;
-    int bad = 0, first_bad = -1;
-    for (int z = 0; z < count; z++) {
-        const Linear *W = &w[chosen[z % list_len] + z / list_len * list_offset];
-        const float *xz = x + (mode == PLAN_SHARED_X ? 0 : (size_t)z * 2 * cols);
-        if (mode == PLAN_NORM) rmsnorm(in, xz, weight, cols, 1e-6f);
-        if (mode == PLAN_SHARED_X) memcpy(in, xz, (size_t)cols * sizeof(float));
-        for (int c = 0; c < cols && mode == PLAN_SWIGLU; c++) {
-            float gv = fminf(xz[c], limit), u = fmaxf(fminf(xz[cols + c], limit), -limit);
-            in[c] = gv / (1.0f + expf(-gv)) * u;
+    enum { X = GEMV_TEST_STACK, MAX_PARTS = 8 };
+    float limit = 7;
+    Linear w[MAX_PARTS][X];
+    GpuLinear g[MAX_PARTS][X];
+    GemvPlan plan[MAX_PARTS];
+    GemvPart parts[MAX_PARTS];
+    int chosen[MAX_PARTS][GEMV_MAX_SLOTS];
+    CUdeviceptr dw[MAX_PARTS], ds[MAX_PARTS], dx[MAX_PARTS], dy[MAX_PARTS], dlist[MAX_PARTS], dg[MAX_PARTS];
+    float *x[MAX_PARTS], *y[MAX_PARTS];
+    int max_cols = 0;
+    for (int p = 0; p < n; p++) max_cols = spec[p].cols > max_cols ? spec[p].cols : max_cols;
+    /* the shared x (and the norm weight of every part) */
+    float *shared = xcalloc((size_t)max_cols, sizeof(float)), *weight = xcalloc((size_t)max_cols, sizeof(float));
+    for (int c = 0; c < max_cols; c++) shared[c] = uniform(-12, 12), weight[c] = uniform(0.5f, 1.5f);
+    CUdeviceptr dshared = gpu_alloc((size_t)max_cols * 4), dweight = gpu_alloc((size_t)max_cols * 4);
+    gpu_upload(dshared, shared, (size_t)max_cols * 4);
+    gpu_upload(dweight, weight, (size_t)max_cols * 4);
+    for (int p = 0; p < n; p++) {
+        const GemvSpec *sp = &spec[p];
+        float gscales62[X];
+        for (int m = 0; m < X; m++) w[p][m] = gpu_random_linear(sp->format, sp->rows, sp->cols, 0);
+        size_t stride_w = gpu_linear_code_bytes(&w[p][0]), stride_s = gpu_linear_scale_bytes(&w[p][0]);
+        dw[p] = gpu_alloc(stride_w * X), ds[p] = stride_s ? gpu_alloc(stride_s * X) : 0;
+        for (int m = 0; m < X; m++) {
+            gpu_place_linear(&g[p][m], &w[p][m], dw[p] + m * stride_w, ds[p] ? ds[p] + m * stride_s : 0);
+            gscales62[m] = g[p][m].gscale62;
         }
-        bad += gemv_rows_off(W, in, y + (size_t)z * rows, expect, row, z * rows, &first_bad, &worst);
+        for (int k = 0; k < sp->list_len; k++) chosen[p][k] = (int)(random_u32(&test_rng) % (X - (sp->count - 1) / sp->list_len));
+        for (int z = 0; z < sp->count && !sp->list_len; z++) chosen[p][z] = z;   /* the matrices in order */
+        /* a slot's own x: slot z's input at z * 2 * cols, its up right after it (cols floats on) */
+        size_t nx = (size_t)sp->count * 2 * sp->cols;
+        x[p] = xcalloc(nx, sizeof(float)), y[p] = xcalloc((size_t)sp->count * sp->rows, sizeof(float));
+        for (size_t i = 0; i < nx; i++) x[p][i] = uniform(-12, 12);   /* past the limit both ways */
+        dx[p] = gpu_alloc(nx * 4), dy[p] = gpu_alloc((size_t)sp->count * sp->rows * 4);
+        dlist[p] = gpu_alloc(sizeof chosen[p]), dg[p] = gpu_alloc(sizeof gscales62);
+        gpu_upload(dx[p], x[p], nx * 4);
+        gpu_upload(dlist[p], chosen[p], sizeof chosen[p]);
+        gpu_upload(dg[p], gscales62, sizeof gscales62);
+        CU_CHECK(cu.cuMemsetD8Async(dy[p], 0xff, (size_t)sp->count * sp->rows * 4, gpu.stream));   /* NaN everywhere */
+        int own = sp->mode == PLAN_SWIGLU || sp->mode == PLAN_NORM;
+        plan[p] = (GemvPlan){.count = sp->count, .x_stride = own ? 2 * sp->cols : 0, .y_stride = sp->rows,
+                             .expert = sp->list_len ? dlist[p] : 0, .expert_ready = sp->ready, .stride_w = stride_w,
+                             .stride_s = stride_s, .gscales62 = sp->format == FMT_NVFP4 ? dg[p] : 0,
+                             .list_len = sp->list_len, .list_offset = 1};
+        if (sp->mode == PLAN_NORM || sp->mode == PLAN_SHARED_NORM) plan[p].norm_weight = dweight, plan[p].eps = 1e-6f;
+        if (sp->mode == PLAN_SWIGLU) plan[p].up_offset = (size_t)sp->cols * 4, plan[p].limit = limit;
+        parts[p] = (GemvPart){&g[p][0], own ? dx[p] : dshared, dy[p], &plan[p]};
     }
-    static const char *modes[] = {"SwiGLU", "RMSNorm", "shared"};
-    CHECK(bad == 0, "GPU %s GEMV plan %dx%d, %d slots (x: %s): %d rows off, first %d", names[format], rows, cols, count,
-          modes[mode], bad, first_bad);
-    printf("  GPU %-5s GEMV %5d x %-5d, %2d slots, x %-7s: worst |gpu - cpu| / sum|w x| = %.1e\n", names[format], rows,
-           cols, count, modes[mode], worst);
-    gpu_free(dx), gpu_free(dy), gpu_free(dlist), gpu_free(dg), gpu_free(dweight), gpu_free(dw), gpu_free(ds);
-    for (int m = 0; m < X; m++) free((void *)w[m].weight), free((void *)w[m].scale);
-    free(x), free(weight), free(in), free(y), free(expect), free(row);
+    long before = gpu_launches;
+    gpu_gemv_parts(parts, n);
+    CHECK(gpu_launches - before == launches, "GPU GEMV launch %s: %ld launches, want %d", what, gpu_launches - before, launches);
+    double worst = 0;
+    int bad = 0, first_bad = -1, first_part = -1;
+    for (int p = 0; p < n; p++) {
+        const GemvSpec *sp = &spec[p];
+        int cols = sp->cols, before = bad;
+        float *in = xcalloc((size_t)cols, sizeof(float)), *expect = xcalloc((size_t)sp->rows, sizeof(float));
+        float *row = xcalloc((size_t)cols, sizeof(float));
+        gpu_download(y[p], dy[p], (size_t)sp->count * sp->rows * 4);
+        for (int z = 0; z < sp->count; z++) {
+            const Linear *W = &w[p][sp->list_len ? chosen[p][z % sp->list_len] + z / sp->list_len : z];
+            const float *xz = sp->mode == PLAN_SWIGLU || sp->mode == PLAN_NORM ? x[p] + (size_t)z * 2 * cols : shared;
+            if (sp->mode == PLAN_NORM || sp->mode == PLAN_SHARED_NORM) rmsnorm(in, xz, weight, cols, 1e-6f);
+            if (sp->mode == PLAN_SHARED_X) memcpy(in, xz, (size_t)cols * sizeof(float));
+            for (int c = 0; c < cols && sp->mode == PLAN_SWIGLU; c++) {
+                float gv = fminf(xz[c], limit), u = fmaxf(fminf(xz[cols + c], limit), -limit);
+                in[c] = gv / (1.0f + expf(-gv)) * u;
+            }
+            bad += gemv_rows_off(W, in, y[p] + (size_t)z * sp->rows, expect, row, z * sp->rows, &first_bad, &worst);
+        }
+        if (bad > before && first_part < 0) first_part = p;
+        free(in), free(expect), free(row);
+    }
+    static const char *modes[] = {"SwiGLU", "RMSNorm", "shared", "shared RMSNorm"};
+    char desc[512] = "";
+    for (int p = 0; p < n; p++) {
+        size_t len = strlen(desc);
+        snprintf(desc + len, sizeof desc - len, "%s%s %dx%d x%d (%s)", p ? " + " : "", names[spec[p].format], spec[p].rows,
+                 spec[p].cols, spec[p].count, modes[spec[p].mode]);
+    }
+    CHECK(bad == 0, "GPU GEMV launch %s: %s: %d rows off, first in part %d, row %d", what, desc, bad, first_part, first_bad);
+    printf("  GPU GEMV %-22s worst |gpu - cpu| / sum|w x| = %.1e: %s\n", what, worst, desc);
+    for (int p = 0; p < n; p++) {
+        gpu_free(dx[p]), gpu_free(dy[p]), gpu_free(dlist[p]), gpu_free(dg[p]), gpu_free(dw[p]), gpu_free(ds[p]);
+        for (int m = 0; m < X; m++) free((void *)w[p][m].weight), free((void *)w[p][m].scale);
+        free(x[p]), free(y[p]);
+    }
+    gpu_free(dshared), gpu_free(dweight);
+    free(shared), free(weight);
+}
+
+/* One part of several slots (test_gpu_gemv_parts). */
+static void test_gpu_gemv_plan(WeightFormat format, int rows, int cols, int count, int list_len, PlanMode mode) {
+    GemvSpec spec = {format, rows, cols, count, list_len, mode, 0};
+    test_gpu_gemv_parts(&spec, 1, 1, "of one matrix");
 }
 
 /* stream_read sums 16-byte vectors: check its uint32 sum on known data (all threads, tail included). */
@@ -3182,6 +3235,26 @@ static void test_gpu(double shipped_cpu_nll) {
     test_gpu_gemv_plan(FMT_NVFP4, 2048, 4096, 12, 6, PLAN_SHARED_X);   /* routed w1 then w3 */
     test_gpu_gemv_plan(FMT_FP8, 4096, 1024, 4, 4, PLAN_NORM);          /* a block's items cross slots */
     test_gpu_gemv_plan(FMT_FP8, 32768, 1024, 1, 1, PLAN_NORM);         /* wq_b after q_norm */
+    {   /* launches of several matrices (segments), as decode makes them; shared expert first */
+        GemvSpec attention_in[] = {{FMT_FP8, 1536, 4096, 1, 0, PLAN_SHARED_X, 0}, {FMT_BF16, 1100, 4096, 1, 0, PLAN_SHARED_X, 0}};
+        GemvSpec queries[] = {{FMT_FP8, 4096, 1024, 1, 0, PLAN_SHARED_NORM, 0}, {FMT_BF16, 2048, 1024, 1, 0, PLAN_SHARED_NORM, 0}};
+        GemvSpec w13[] = {{FMT_FP8, 2048, 4096, 2, 0, PLAN_SHARED_X, 0}, {FMT_NVFP4, 2048, 4096, 12, 6, PLAN_SHARED_X, 0}};
+        GemvSpec w2[] = {{FMT_FP8, 4096, 2048, 1, 0, PLAN_SWIGLU, 0}, {FMT_NVFP4, 4096, 2048, 6, 6, PLAN_SWIGLU, 1}};
+        /* small: one x at three padded widths (staged again), then per-slot x (contiguous items);
+           a device list first (nothing issued before the wait) */
+        GemvSpec small[] = {{FMT_NVFP4, 37, 48, 2, 2, PLAN_SHARED_X, 0}, {FMT_BF16, 7, 48, 1, 0, PLAN_SHARED_X, 0},
+                            {FMT_FP8, 133, 48, 3, 3, PLAN_SHARED_X, 1}, {FMT_MXFP4, 19, 96, 3, 0, PLAN_SWIGLU, 0}};
+        /* six parts: five of one block shape (16 warps), then FP8 of 1536 columns (15 warps): three launches */
+        GemvSpec split[] = {{FMT_NVFP4, 64, 304, 4, 2, PLAN_SWIGLU, 0}, {FMT_MXFP4, 40, 224, 1, 0, PLAN_SHARED_NORM, 0},
+                            {FMT_BF16, 17, 224, 2, 1, PLAN_SHARED_NORM, 0}, {FMT_FP8, 90, 200, 1, 0, PLAN_SHARED_X, 0},
+                            {FMT_BF16, 30, 100, 1, 0, PLAN_SHARED_X, 0}, {FMT_FP8, 300, 1536, 2, 2, PLAN_SWIGLU, 0}};
+        test_gpu_gemv_parts(attention_in, 2, 1, "attention input");
+        test_gpu_gemv_parts(queries, 2, 1, "queries");
+        test_gpu_gemv_parts(w13, 2, 1, "experts' w1 w3");
+        test_gpu_gemv_parts(w2, 2, 1, "experts' w2");
+        test_gpu_gemv_parts(small, 4, 1, "small, mixed");
+        test_gpu_gemv_parts(split, 6, 3, "split");
+    }
     if (!getenv("NVFP4_GPU_QUICK")) {
         test_gpu_gemv(FMT_NVFP4, 4096, 2048, 0);      /* routed expert w2 */
         test_gpu_gemv(FMT_MXFP4, 2048, 4096, 0);

@@ -1947,7 +1947,7 @@ typedef struct {
     uint64_t w, s, x, y, expert, stride_w, stride_s, gscales62, up_offset, norm_weight;
     uint32_t format, rows, cols, row_bytes, x_stride, y_stride, list_len, list_offset;
     float gscale62, limit, eps;
-    uint32_t first_item, first_slot, x_group, row_blocks, unused;
+    uint32_t first_item, first_slot, x_group, row_blocks, x_hc;
 } GemvSeg;
 _Static_assert(sizeof(GemvSeg) == 144 && offsetof(GemvSeg, format) == 80 && offsetof(GemvSeg, row_blocks) == 136,
                "GemvSeg must match SEG_* in kernels.ptx");
@@ -1955,7 +1955,19 @@ _Static_assert(sizeof(GemvSeg) == 144 && offsetof(GemvSeg, format) == 80 && offs
 /* The format numbers of kernels.ptx (GEMV_NVFP4 ...). */
 static const uint32_t gemv_format[] = {[FMT_NVFP4] = 0, [FMT_MXFP4] = 1, [FMT_FP8] = 2, [FMT_BF16] = 3};
 
-/* One product of a GEMV launch: y = W x for W = *g, extended by *plan (NULL: nothing more). */
+/* The mHC finish a decode GEMV makes its x with (kernels.ptx, STAGE_HC; the HC_* offsets):
+   hc_finish's arguments for token 0. post and comb (0: not written) get the site's weights for
+   hc_post_mix; norm is the RMSNorm weight applied to the collapsed streams. */
+typedef struct {
+    uint64_t post, comb, h, partial, partial_ss, base, scale, norm;
+    uint32_t rows, slices, iters;
+    float hc_eps, rms_eps;
+    uint32_t unused;
+} GemvHc;
+_Static_assert(sizeof(GemvHc) == 88 && offsetof(GemvHc, rows) == 64, "GemvHc must match HC_* in kernels.ptx");
+
+/* One product of a GEMV launch: y = W x for W = *g, extended by *plan (NULL: nothing more);
+   x = 0 takes x from the launch's mHC finish (gpu_gemv_parts). */
 typedef struct {
     const GpuLinear *g;
     CUdeviceptr x, y;
@@ -1963,10 +1975,11 @@ typedef struct {
 } GemvPart;
 
 /* parts[n] on the stream, as few gemv launches as the kernel allows: consecutive parts of one
-   block shape, up to GEMV_MAX_SEGS, share a launch (one segment each). No part may read
-   another's y. Mirrors linear() for T = 1 of each (with expert_ffn's activation or rmsnorm
-   before it). */
-static void gpu_gemv_parts(const GemvPart *parts, int n) {
+   block shape, up to GEMV_MAX_SEGS, share a launch (one segment each). Parts with x = 0 read
+   the mHC finish `hc` of a site (each block makes it, block 0 writes post and comb). No part
+   may read another's y. Mirrors linear() for T = 1 of each (with expert_ffn's activation,
+   rmsnorm, or hc_pre + rmsnorm before it). */
+static void gpu_gemv_parts(const GemvPart *parts, int n, const GemvHc *hc) {
     unsigned block = parts[0].g->block, nsegs = 1;
     while ((int)nsegs < n && nsegs < GEMV_MAX_SEGS && parts[nsegs].g->block == block) nsegs++;
     GemvSeg segs[GEMV_MAX_SEGS];
@@ -1986,7 +1999,9 @@ static void gpu_gemv_parts(const GemvPart *parts, int n) {
             .cols = (uint32_t)g->cols, .row_bytes = g->row_bytes, .x_stride = (uint32_t)p->x_stride,
             .y_stride = (uint32_t)p->y_stride, .list_len = p->list_len ? (uint32_t)p->list_len : count,
             .list_offset = (uint32_t)p->list_offset, .gscale62 = g->gscale62, .limit = p->limit, .eps = p->eps,
-            .first_item = items, .first_slot = slots, .x_group = i, .row_blocks = (g->rows + rows_iter - 1) / rows_iter};
+            .first_item = items, .first_slot = slots, .x_group = i, .row_blocks = (g->rows + rows_iter - 1) / rows_iter,
+            .x_hc = parts[i].x == 0};
+        if (!parts[i].x && !hc) fatal("internal error: a GEMV part without x and no mHC site to make it");
         xs_of[i] = gpu_gemv_smem(g->format, g->row_bytes) - GPU_GEMV_RING;
         for (unsigned j = 0; j < i; j++) {   /* the same x staged the same way: one staging for both */
             const GemvSeg *a = &segs[j], *b = &segs[i];
@@ -2004,15 +2019,16 @@ static void gpu_gemv_parts(const GemvPart *parts, int n) {
         grid = g->grid < grid ? g->grid : grid;
     }
     if (slots > GEMV_MAX_SLOTS) fatal("a GEMV launch of %u products: the kernels take at most %d", slots, GEMV_MAX_SLOTS);
-    void *params[] = {segs, &nsegs, &items, &slots, &contiguous, &list_ready, &xs_bytes};
+    GemvHc site = hc ? *hc : (GemvHc){0};
+    void *params[] = {segs, &nsegs, &items, &slots, &contiguous, &list_ready, &xs_bytes, &site};
     gpu_launch(K_GEMV, grid < items ? grid : items, block, xs_bytes + GPU_GEMV_RING, params);
-    if ((int)nsegs < n) gpu_gemv_parts(parts + nsegs, n - (int)nsegs);
+    if ((int)nsegs < n) gpu_gemv_parts(parts + nsegs, n - (int)nsegs, hc);
 }
 
 /* y = W x, extended by `plan` (NULL: nothing more): one launch. */
 static void gpu_gemv_plan(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvPlan *plan) {
     GemvPart part = {g, x, y, plan};
-    gpu_gemv_parts(&part, 1);
+    gpu_gemv_parts(&part, 1, NULL);
 }
 
 /* y[rows] = W x[cols] on the stream (x, y: device float arrays). Mirrors linear() for T = 1. */
@@ -2613,7 +2629,7 @@ static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, int paired, 
     if (T == 1) {
         GemvPart parts[2];
         GemvPlan plan;
-        gpu_gemv_parts(parts, gemv_add_pair(parts, 0, &plan, a, b, paired, gscales62, x, ya, yb));
+        gpu_gemv_parts(parts, gemv_add_pair(parts, 0, &plan, a, b, paired, gscales62, x, ya, yb), NULL);
         return;
     }
     gpu_linear_rows(a, 0, a->rows, x, a->cols, ya, a->rows, T);
@@ -2653,9 +2669,10 @@ static size_t gpu_scale_rows_bytes(const GpuLinear *g, int rows) {
          : g->format == FMT_FP8 ? n / 128 * (row_bytes / 128) * 4 : 0;
 }
 
-/* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. Mirrors
-   attention(). */
-static void gpu_attention(const Model *m, int l, int T) {
+/* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]; in decode
+   with hc, x is not in scratch but made by the GEMVs that read it from the site's mHC finish.
+   Mirrors attention(). */
+static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
     const Config *c = &m->config;
     const GpuLayer *g = &gm.layers[l];
     Scratch *w = &gm.state.scratch;
@@ -2669,7 +2686,7 @@ static void gpu_attention(const Model *m, int l, int T) {
        inputs. Decode launches them together (gpu_gemv_parts): wq_a and wkv stacked (wq_a_wkv)
        beside a CSA layer's five projections stacked (csa_stack) or an HCA layer's compressor
        pair; then wq_b and the indexer's wq_b, which apply qr's RMSNorm as they stage it */
-    CUdeviceptr x = DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv);
+    CUdeviceptr x = hc ? 0 : DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv);
     CUdeviceptr comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate), index_kv = comp_kv, index_gate = comp_gate;
     CUdeviceptr index_w = DEV(w->index_w);
     if (T == 1) {
@@ -2699,10 +2716,10 @@ static void gpu_attention(const Model *m, int l, int T) {
                 parts[n++] = (GemvPart){&g->index_weights_proj, x, index_w, NULL};
             }
         }
-        gpu_gemv_parts(parts, n);
+        gpu_gemv_parts(parts, n, hc);
         plans[2] = (GemvPlan){.norm_weight = g->q_norm, .eps = c->rms_eps};
         GemvPart queries[2] = {{&g->wq_b, qr, DEV(w->q), &plans[2]}, {&g->index_wq_b, qr, DEV(w->index_q), &plans[2]}};
-        gpu_gemv_parts(queries, csa ? 2 : 1);
+        gpu_gemv_parts(queries, csa ? 2 : 1, NULL);
     } else {   /* prefill: qr normalized in place; kv normalized, rotated and copied into the ring */
         gpu_linear(&g->wq_a, x, qr, T);
         gpu_linear(&g->wkv, x, kv, T);
@@ -2791,17 +2808,22 @@ static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) 
 
 /* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E] holds the shared
    expert's output and expert_out the routed experts' (rows by slot for decode, by the slot
-   order for prefill); hc_post_mix adds them, weighted. Mirrors moe() up to its combine. */
-static void gpu_moe(const Model *m, int l, int T) {
+   order for prefill); hc_post_mix adds them, weighted. Mirrors moe() up to its combine. In decode with hc, x is made by the GEMVs that read it (the
+   router's and the experts' w1 and w3) from the site's mHC finish. */
+static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
     const Config *c = &m->config;
     const GpuLayer *g = &gm.layers[l];
     Scratch *w = &gm.state.scratch;
     int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
-    CUdeviceptr x = DEV(w->x);
-    /* the router's logits; prefill runs the shared expert now, into block_out (the routed
-       experts reuse its scratch); then the routing */
-    gpu_linear(&g->gate, x, DEV(w->router), T);
-    if (T > 1) {
+    CUdeviceptr x = hc ? 0 : DEV(w->x);
+    /* the router's logits (decode: its blocks also write the site's post and comb); prefill
+       runs the shared expert now, into block_out (the routed experts reuse its scratch); then
+       the routing */
+    if (T == 1) {
+        GemvPart gate = {&g->gate, x, DEV(w->router), NULL};
+        gpu_gemv_parts(&gate, 1, hc);
+    } else {
+        gpu_linear(&g->gate, x, DEV(w->router), T);
         gpu_linear_pair(&g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x, DEV(w->expert_gate),
                         DEV(w->expert_up), T);
         gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
@@ -2836,14 +2858,16 @@ static void gpu_moe(const Model *m, int l, int T) {
             parts[n++] = (GemvPart){&g->w1.one, x, DEV(w->expert_gate), &routed1};
             parts[n++] = (GemvPart){&g->w3.one, x, up, &routed3};
         }
-        gpu_gemv_parts(parts, n);
+        GemvHc again = hc ? *hc : (GemvHc){0};   /* x made again; post and comb are written already */
+        again.post = again.comb = 0;
+        gpu_gemv_parts(parts, n, hc ? &again : NULL);
         /* the router wrote the experts' list two launches ago: the w2 launch may read it early */
         GemvPlan shared = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
         GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit);
         routed.expert_ready = 1;
         GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared},
                           {&g->w2.one, DEV(w->expert_gate), DEV(w->expert_out), &routed}};
-        gpu_gemv_parts(w2, 2);
+        gpu_gemv_parts(w2, 2, NULL);
         return;
     }
     /* prefill: gather each slot's row in expert order; the host sizes the launches */
@@ -2879,6 +2903,25 @@ static void gpu_hc_finish(const Config *c, int n, int t0, CUdeviceptr base, CUde
            PF32(c->rms_eps), PU32(c->sinkhorn_iters));
 }
 
+/* Decode's mHC finish of the site before layer l's attention (attn 1) or MoE (attn 0), or of
+   the head (l = n_layers): what the GEMVs that read that site's x make it with. */
+static GemvHc gemv_hc_site(const Config *c, int l, int attn) {
+    Scratch *w = &gm.state.scratch;
+    GemvHc hc = {.post = DEV(w->post), .comb = DEV(w->comb), .h = DEV(w->h), .partial = gm.hc_partial,
+                 .partial_ss = gm.hc_partial_ss, .rows = (2 + HC) * HC, .slices = (uint32_t)gm.hc_slices,
+                 .iters = (uint32_t)c->sinkhorn_iters, .hc_eps = c->hc_eps, .rms_eps = c->rms_eps};
+    if (l == c->n_layers) {   /* the head: pre only, the final norm */
+        hc.post = hc.comb = 0;
+        hc.base = gm.hc_head_base, hc.scale = gm.hc_head_scale, hc.norm = gm.norm, hc.rows = HC;
+    } else {
+        const GpuLayer *g = &gm.layers[l];
+        hc.base = attn ? g->hc_attn_base : g->hc_ffn_base;
+        hc.scale = attn ? g->hc_attn_scale : g->hc_ffn_scale;
+        hc.norm = attn ? g->attn_norm : g->ffn_norm;
+    }
+    return hc;
+}
+
 /* The chunk of T tokens at tokens[0..T) and position *pos through the model on the GPU: logits
    of every row [T, V] when all_logits, else of the last [1, V], into gm.state.scratch.logits.
    Does not advance *pos (the caller, or the decode graph's sample_token, does). Mirrors
@@ -2891,15 +2934,23 @@ static void gpu_forward(const Model *m, int T, int all_logits) {
            PU32(E));
     LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, P64(gm.hc_partial),
            P64(gm.hc_partial_ss), P64(DEV(w->h)), P64(gm.layers[0].hc_attn_fn), PU32(E), PU32(mix), PU32(HC_SLICE));
+    /* each site's finish (x, post, comb): prefill launches hc_finish, decode's GEMVs make x */
     for (int l = 0; l < L; l++) {
         const GpuLayer *g = &gm.layers[l];
-        gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
-        gpu_attention(m, l, T);
+        GemvHc attn = gemv_hc_site(c, l, 1), ffn = gemv_hc_site(c, l, 0);
+        if (T > 1) gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
+        gpu_attention(m, l, T, T == 1 ? &attn : NULL);
         gpu_hc_post_mix(T, g->hc_ffn_fn, mix, 0, K, c);
-        gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
-        gpu_moe(m, l, T);
+        if (T > 1) gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
+        gpu_moe(m, l, T, T == 1 ? &ffn : NULL);
         if (l + 1 < L) gpu_hc_post_mix(T, gm.layers[l + 1].hc_attn_fn, mix, 1, K, c);
         else gpu_hc_post_mix(T, gm.hc_head_fn, HC, 1, K, c);
+    }
+    if (T == 1) {
+        GemvHc head_site = gemv_hc_site(c, L, 0);
+        GemvPart head = {&gm.head, 0, DEV(w->logits), NULL};
+        gpu_gemv_parts(&head, 1, &head_site);
+        return;
     }
     int rows = all_logits ? T : 1;
     gpu_hc_finish(c, rows, T - rows, gm.hc_head_base, gm.hc_head_scale, gm.norm, HC);
@@ -3604,7 +3655,7 @@ static void bench(int layers, int position) {
     next_token(&m, s, &greedy, 0);
     long before = gpu_launches;
     gpu_capture_decode(&m, &greedy);
-    long kernels = gpu_launches - before, fixed = 5;   /* embed, first mixes, head finish, head, sample */
+    long kernels = gpu_launches - before, fixed = 4;   /* embed, first mixes, head, sample */
     for (int i = 0; i < 4; i++) CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));   /* warm-up */
     float ms = bench_decode_ms(steps - 4);
     HeadRun head = {&gm.head, DEV(gm.state.scratch.x), DEV(gm.state.scratch.logits)};

@@ -2607,7 +2607,7 @@ static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const
         parts[p] = (GemvPart){&g[p][0], own ? dx[p] : dshared, dy[p], &plan[p]};
     }
     long before = gpu_launches;
-    gpu_gemv_parts(parts, n);
+    gpu_gemv_parts(parts, n, NULL);
     CHECK(gpu_launches - before == launches, "GPU GEMV launch %s: %ld launches, want %d", what, gpu_launches - before, launches);
     double worst = 0;
     int bad = 0, first_bad = -1, first_part = -1;
@@ -2732,7 +2732,7 @@ static void test_gpu_pieces(const Model *m, State *s, const int *ids, int prefix
         for (int i = 0; i < T * E; i++) s->scratch.x[i] = uniform(-1, 1);
         gpu_state_in(s, tokens, T);
         attention(m, s, l, T, s->pos);
-        gpu_attention(m, l, T);
+        gpu_attention(m, l, T, NULL);
         gpu_state_out(copy);
         float e1 = relative_error(IN_COPY(copy, s, s->scratch.block_out), s->scratch.block_out, (size_t)T * E);
         const LayerCache *ls = &s->layers[l];
@@ -2750,7 +2750,7 @@ static void test_gpu_pieces(const Model *m, State *s, const int *ids, int prefix
         for (int i = 0; i < T * E; i++) s->scratch.x[i] = uniform(-1, 1);
         gpu_state_in(s, tokens, T);
         moe(m, s, l, tokens, T);
-        gpu_moe(m, l, T);
+        gpu_moe(m, l, T, NULL);
         gpu_state_out(copy);
         const int *chosen = (const int *)IN_COPY(copy, s, s->scratch.chosen);
         for (int i = 0; i < T * K; i++) flips += chosen[i] != s->scratch.chosen[i];
@@ -2886,6 +2886,24 @@ static void test_gpu_hc(const Model *m, State *s, int T) {
     float e_post = relative_error(IN_COPY(copy, s, w->post), w->post, (size_t)T * HC);
     float e_comb = relative_error(IN_COPY(copy, s, w->comb), w->comb, (size_t)T * HC * HC);
     CHECK(e_x < 1e-5f && e_post < 1e-5f && e_comb < 1e-5f, "GPU hc_pre, T %d: x %.2e, post %.2e, comb %.2e", T, e_x, e_post, e_comb);
+    if (T == 1) {   /* decode: a GEMV makes x itself (STAGE_HC) and writes post and comb: the router's gate */
+        int X = c->n_experts;
+        float *router = xcalloc((size_t)X, sizeof(float)), *row = xcalloc((size_t)E, sizeof(float));
+        linear(&L->gate, w->x, router, 1, row);
+        CU_CHECK(cu.cuMemsetD8Async(DEV(gm.state.scratch.post), 0xff, HC * sizeof(float), gpu.stream));   /* NaN */
+        CU_CHECK(cu.cuMemsetD8Async(DEV(gm.state.scratch.comb), 0xff, HC * HC * sizeof(float), gpu.stream));
+        GemvHc site = gemv_hc_site(c, 0, 1);
+        GemvPart gate = {&g->gate, 0, DEV(gm.state.scratch.router), NULL};
+        gpu_gemv_parts(&gate, 1, &site);
+        gpu_state_out(copy);
+        float e_y = relative_error(IN_COPY(copy, s, w->router), router, (size_t)X);
+        e_post = relative_error(IN_COPY(copy, s, w->post), w->post, HC);
+        e_comb = relative_error(IN_COPY(copy, s, w->comb), w->comb, HC * HC);
+        CHECK(e_y < 1e-5f && e_post < 1e-5f && e_comb < 1e-5f, "GPU GEMV with the mHC finish as x: y %.2e, post %.2e, comb %.2e",
+              e_y, e_post, e_comb);
+        printf("  GPU GEMV, x made by the mHC finish: y within %.1e, post %.1e, comb %.1e\n", e_y, e_post, e_comb);
+        free(router), free(row);
+    }
 
     /* hc_post of a MoE site (block_out + weighted slots) then the next (ffn) site's hc_pre */
     for (int i = 0; i < T * E; i++) w->block_out[i] = uniform(-1, 1);

@@ -1844,7 +1844,7 @@ static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
 }
 
 /* Choose g's GEMV launch shape: blocks of ~16 warps (ksplit warps a row, nrg groups of 4 rows),
-   as many blocks as fit on the GPU at once (a launch uses at most one per item: gpu_gemv_plan). */
+   as many blocks as fit on the GPU at once (a launch uses at most one per item: gpu_gemv_parts). */
 static void gpu_gemv_shape(GpuLinear *g) {
     unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
     g->block = 32 * ksplit * nrg;
@@ -1914,7 +1914,7 @@ static void gpu_free_linear(GpuLinear *g) {
     memset(g, 0, sizeof *g);
 }
 
-/* What one GEMV launch computes beyond y = W x (kernels.ptx, "GEMV: shared parts"), zero for
+/* What one GEMV computes beyond y = W x (kernels.ptx, "GEMV: y = W x"), zero for
    nothing more:
    - several products of W's shape (count slots; 0 means 1): slot z reads x + z * x_stride
      floats and writes y + z * y_stride floats with matrix m = z (expert 0) or, for experts
@@ -1949,8 +1949,16 @@ typedef struct {
     float gscale62, limit, eps;
     uint32_t first_item, first_slot, x_group, row_blocks, x_hc;
 } GemvSeg;
-_Static_assert(sizeof(GemvSeg) == 144 && offsetof(GemvSeg, format) == 80 && offsetof(GemvSeg, row_blocks) == 136,
+#define SEG_AT(field, offset) offsetof(GemvSeg, field) == offset
+_Static_assert(sizeof(GemvSeg) == 144 && SEG_AT(w, 0) && SEG_AT(s, 8) && SEG_AT(x, 16) && SEG_AT(y, 24) &&
+                   SEG_AT(expert, 32) && SEG_AT(stride_w, 40) && SEG_AT(stride_s, 48) && SEG_AT(gscales62, 56) &&
+                   SEG_AT(up_offset, 64) && SEG_AT(norm_weight, 72) && SEG_AT(format, 80) && SEG_AT(rows, 84) &&
+                   SEG_AT(cols, 88) && SEG_AT(row_bytes, 92) && SEG_AT(x_stride, 96) && SEG_AT(y_stride, 100) &&
+                   SEG_AT(list_len, 104) && SEG_AT(list_offset, 108) && SEG_AT(gscale62, 112) && SEG_AT(limit, 116) &&
+                   SEG_AT(eps, 120) && SEG_AT(first_item, 124) && SEG_AT(first_slot, 128) && SEG_AT(x_group, 132) &&
+                   SEG_AT(row_blocks, 136) && SEG_AT(x_hc, 140),
                "GemvSeg must match SEG_* in kernels.ptx");
+#undef SEG_AT
 
 /* The format numbers of kernels.ptx (GEMV_NVFP4 ...). */
 static const uint32_t gemv_format[] = {[FMT_NVFP4] = 0, [FMT_MXFP4] = 1, [FMT_FP8] = 2, [FMT_BF16] = 3};
@@ -1964,7 +1972,12 @@ typedef struct {
     float hc_eps, rms_eps;
     uint32_t unused;
 } GemvHc;
-_Static_assert(sizeof(GemvHc) == 88 && offsetof(GemvHc, rows) == 64, "GemvHc must match HC_* in kernels.ptx");
+#define HC_AT(field, offset) offsetof(GemvHc, field) == offset
+_Static_assert(sizeof(GemvHc) == 88 && HC_AT(post, 0) && HC_AT(comb, 8) && HC_AT(h, 16) && HC_AT(partial, 24) &&
+                   HC_AT(partial_ss, 32) && HC_AT(base, 40) && HC_AT(scale, 48) && HC_AT(norm, 56) && HC_AT(rows, 64) &&
+                   HC_AT(slices, 68) && HC_AT(iters, 72) && HC_AT(hc_eps, 76) && HC_AT(rms_eps, 80),
+               "GemvHc must match HC_* in kernels.ptx");
+#undef HC_AT
 
 /* One product of a GEMV launch: y = W x for W = *g, extended by *plan (NULL: nothing more);
    x = 0 takes x from the launch's mHC finish (gpu_gemv_parts). */
@@ -1976,9 +1989,10 @@ typedef struct {
 
 /* parts[n] on the stream, as few gemv launches as the kernel allows: consecutive parts of one
    block shape, up to GEMV_MAX_SEGS, share a launch (one segment each). Parts with x = 0 read
-   the mHC finish `hc` of a site (each block makes it, block 0 writes post and comb). No part
-   may read another's y. Mirrors linear() for T = 1 of each (with expert_ffn's activation,
-   rmsnorm, or hc_pre + rmsnorm before it). */
+   the mHC finish `hc` of a site (each block makes it; block 0 writes post and comb, so the
+   first part must be such a part when hc has post). No part may read another's y. Mirrors
+   linear() for T = 1 of each (with expert_ffn's activation, rmsnorm, or hc_pre + rmsnorm
+   before it). */
 static void gpu_gemv_parts(const GemvPart *parts, int n, const GemvHc *hc) {
     unsigned block = parts[0].g->block, nsegs = 1;
     while ((int)nsegs < n && nsegs < GEMV_MAX_SEGS && parts[nsegs].g->block == block) nsegs++;
@@ -2001,7 +2015,8 @@ static void gpu_gemv_parts(const GemvPart *parts, int n, const GemvHc *hc) {
             .list_offset = (uint32_t)p->list_offset, .gscale62 = g->gscale62, .limit = p->limit, .eps = p->eps,
             .first_item = items, .first_slot = slots, .x_group = i, .row_blocks = (g->rows + rows_iter - 1) / rows_iter,
             .x_hc = parts[i].x == 0};
-        if (!parts[i].x && !hc) fatal("internal error: a GEMV part without x and no mHC site to make it");
+        if (!parts[i].x && (!hc || p->x_stride || p->up_offset || p->norm_weight))
+            fatal("internal error: a GEMV part without x needs an mHC site to make it, and no other x transform");
         xs_of[i] = gpu_gemv_smem(g->format, g->row_bytes) - GPU_GEMV_RING;
         for (unsigned j = 0; j < i; j++) {   /* the same x staged the same way: one staging for both */
             const GemvSeg *a = &segs[j], *b = &segs[i];
@@ -2019,10 +2034,14 @@ static void gpu_gemv_parts(const GemvPart *parts, int n, const GemvHc *hc) {
         grid = g->grid < grid ? g->grid : grid;
     }
     if (slots > GEMV_MAX_SLOTS) fatal("a GEMV launch of %u products: the kernels take at most %d", slots, GEMV_MAX_SLOTS);
+    if (hc && hc->post && parts[0].x) fatal("internal error: the mHC site's post and comb need an mHC part first");
     GemvHc site = hc ? *hc : (GemvHc){0};
-    void *params[] = {segs, &nsegs, &items, &slots, &contiguous, &list_ready, &xs_bytes, &site};
+    void *params[] = {segs, &items, &slots, &contiguous, &list_ready, &xs_bytes, &site};
     gpu_launch(K_GEMV, grid < items ? grid : items, block, xs_bytes + GPU_GEMV_RING, params);
-    if ((int)nsegs < n) gpu_gemv_parts(parts + nsegs, n - (int)nsegs, hc);
+    if ((int)nsegs < n) {   /* the rest, in launches that leave post and comb alone (written) */
+        site.post = site.comb = 0;
+        gpu_gemv_parts(parts + nsegs, n - (int)nsegs, hc ? &site : NULL);
+    }
 }
 
 /* y = W x, extended by `plan` (NULL: nothing more): one launch. */
@@ -2622,16 +2641,8 @@ static int gemv_add_pair(GemvPart *parts, int n, GemvPlan *plan, const GpuLinear
     return n;
 }
 
-/* ya = A x and yb = B x on T rows of x: for one token, one launch (a pair uploaded side by side
-   is one part of two slots); otherwise two products. Mirrors two calls of linear. */
-static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, int paired, CUdeviceptr gscales62, CUdeviceptr x,
-                            CUdeviceptr ya, CUdeviceptr yb, int T) {
-    if (T == 1) {
-        GemvPart parts[2];
-        GemvPlan plan;
-        gpu_gemv_parts(parts, gemv_add_pair(parts, 0, &plan, a, b, paired, gscales62, x, ya, yb), NULL);
-        return;
-    }
+/* ya = A x and yb = B x on T rows of x (prefill: two GEMMs). Mirrors two calls of linear. */
+static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, CUdeviceptr x, CUdeviceptr ya, CUdeviceptr yb, int T) {
     gpu_linear_rows(a, 0, a->rows, x, a->cols, ya, a->rows, T);
     gpu_linear_rows(b, 0, b->rows, x, b->cols, yb, b->rows, T);
 }
@@ -2730,13 +2741,12 @@ static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
 
     /* compressed entries; for CSA the indexer's keys, then its scores and top-k (prefill: the
        indexer's projections reuse the compressor's scratch once its entries are made) */
-    if (T > 1 && ratio) gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, x, comp_kv, comp_gate, T);
+    if (T > 1 && ratio) gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, x, comp_kv, comp_gate, T);
     if (ratio) gpu_compressor(c, &ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, ratio, comp_kv, comp_gate, T);
     if (csa) {
         int NI = c->index_heads, DI = c->index_dim;
         if (T > 1) {
-            gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired, g->index_comp_gscales62, x,
-                            index_kv, index_gate, T);
+            gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, x, index_kv, index_gate, T);
             gpu_linear(&g->index_weights_proj, x, index_w, T);
             gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
         }
@@ -2824,8 +2834,7 @@ static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
         gpu_gemv_parts(&gate, 1, hc);
     } else {
         gpu_linear(&g->gate, x, DEV(w->router), T);
-        gpu_linear_pair(&g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x, DEV(w->expert_gate),
-                        DEV(w->expert_up), T);
+        gpu_linear_pair(&g->shared_w1, &g->shared_w3, x, DEV(w->expert_gate), DEV(w->expert_up), T);
         gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
         gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
     }
@@ -3614,11 +3623,12 @@ static float bench_decode_ms(int steps) {
     return ms;
 }
 
-typedef struct { const GpuLinear *head; CUdeviceptr x, y; } HeadRun;
+typedef struct { const GpuLinear *head; GemvHc site; CUdeviceptr y; } HeadRun;
 static void head_call(void *arg, int i) {
     (void)i;
     HeadRun *r = arg;
-    gpu_gemv(r->head, r->x, r->y);
+    GemvPart part = {r->head, 0, r->y, NULL};
+    gpu_gemv_parts(&part, 1, &r->site);
 }
 
 /* The benchmark (see above). */
@@ -3658,7 +3668,7 @@ static void bench(int layers, int position) {
     long kernels = gpu_launches - before, fixed = 4;   /* embed, first mixes, head, sample */
     for (int i = 0; i < 4; i++) CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));   /* warm-up */
     float ms = bench_decode_ms(steps - 4);
-    HeadRun head = {&gm.head, DEV(gm.state.scratch.x), DEV(gm.state.scratch.logits)};
+    HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};
     double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
 
     /* the ceiling: a streaming read of 2 GiB, same card, same run */

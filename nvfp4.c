@@ -2215,7 +2215,13 @@ static void gpu_bench_gemv(void) {
    them, e.g. to size the MoE's expert launches). A decode step is captured once as a CUDA graph:
    every kernel reads the position (*pos) and the token (tokens[0]) from device memory; the last
    kernel, sample_token, writes the sampled token to tokens[0] and out_token and advances *pos.
-   Replaying the graph is the whole step; the host reads back 4 bytes (the token). */
+   Replaying the graph is the whole step; the host reads back 4 bytes (the token).
+
+   Decode launches fewer kernels than prefill: one gemv launch computes the GEMVs that need no
+   result of one another (up to four matrices of any formats: gpu_gemv_parts), and the GEMVs
+   that read a site's x make it from the mHC finish themselves (GemvHc), so the step has no
+   hc_finish launches; the norms, RoPE, SwiGLU and the new key are folded into the kernels
+   that read their results. 107 kernels for the 8-layer benchmark (README, Performance). */
 
 #define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gm.state */
 #define HC_SLICE 64                            /* columns of E per block of the mHC partial sums */

@@ -2163,7 +2163,6 @@ static void gpu_bench_gemv(void) {
         {FMT_BF16, 129280, 4096, 0, "head"},
         {FMT_BF16, 1024, 4096, 0, "compressor"},
     };
-    static const char *format_names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
     uint64_t rng = 0x9e3779b97f4a7c15ull;
     StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
     CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
@@ -2824,8 +2823,9 @@ static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) 
 
 /* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E] holds the shared
    expert's output and expert_out the routed experts' (rows by slot for decode, by the slot
-   order for prefill); hc_post_mix adds them, weighted. Mirrors moe() up to its combine. In decode with hc, x is made by the GEMVs that read it (the
-   router's and the experts' w1 and w3) from the site's mHC finish. */
+   order for prefill); hc_post_mix adds them, weighted. Mirrors moe() up to its combine. In
+   decode with hc, x is made by the GEMVs that read it (the router's and the experts' w1 and
+   w3) from the site's mHC finish. */
 static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
     const Config *c = &m->config;
     const GpuLayer *g = &gm.layers[l];

@@ -2504,7 +2504,6 @@ static int gemv_rows_off(const Linear *w, const float *x, const float *y, float 
    so |gpu - cpu| <= 1e-5 * sum_c |w[r,c] x[c]| holds for correct code, while one wrong
    element among 4096 columns already moves a row by ~2e-4 of that sum. */
 static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_f32) {
-    static const char *names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
     Linear w = gpu_random_linear(format, rows, cols, scale_is_f32);
     float *x = xcalloc((size_t)cols, sizeof(float)), *y = xcalloc((size_t)rows, sizeof(float));
     float *expect = xcalloc((size_t)rows, sizeof(float)), *row = xcalloc((size_t)cols, sizeof(float));
@@ -2518,9 +2517,9 @@ static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_
     gpu_download(y, dy, (size_t)rows * 4);
     double worst = 0;
     int first_bad = -1, bad = gemv_rows_off(&w, x, y, expect, row, 0, &first_bad, &worst);
-    CHECK(bad == 0, "GPU %s%s GEMV %dx%d: %d rows off, first row %d: gpu %g, cpu %g", names[format],
+    CHECK(bad == 0, "GPU %s%s GEMV %dx%d: %d rows off, first row %d: gpu %g, cpu %g", format_names[format],
           scale_is_f32 ? " (f32 scales)" : "", rows, cols, bad, first_bad, bad ? y[first_bad] : 0, bad ? expect[first_bad] : 0);
-    printf("  GPU %-5s GEMV %6d x %-5d: worst |gpu - cpu| / sum|w x| = %.1e\n", names[format], rows, cols, worst);
+    printf("  GPU %-5s GEMV %6d x %-5d: worst |gpu - cpu| / sum|w x| = %.1e\n", format_names[format], rows, cols, worst);
     gpu_free(dx);
     gpu_free(dy);
     gpu_free_linear(&g);
@@ -2557,7 +2556,6 @@ typedef struct {
    launch: the launches made must number `launches`. Tolerance as test_gpu_gemv, against the CPU's
    activation or norm of x. */
 static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const char *what) {
-    static const char *names[] = {[FMT_BF16] = "BF16", [FMT_FP8] = "FP8", [FMT_MXFP4] = "MXFP4", [FMT_NVFP4] = "NVFP4"};
     enum { X = GEMV_TEST_STACK, MAX_PARTS = 8 };
     float limit = 7;
     Linear w[MAX_PARTS][X];
@@ -2635,7 +2633,7 @@ static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const
     char desc[512] = "";
     for (int p = 0; p < n; p++) {
         size_t len = strlen(desc);
-        snprintf(desc + len, sizeof desc - len, "%s%s %dx%d x%d (%s)", p ? " + " : "", names[spec[p].format], spec[p].rows,
+        snprintf(desc + len, sizeof desc - len, "%s%s %dx%d x%d (%s)", p ? " + " : "", format_names[spec[p].format], spec[p].rows,
                  spec[p].cols, spec[p].count, modes[spec[p].mode]);
     }
     CHECK(bad == 0, "GPU GEMV launch %s: %s: %d rows off, first in part %d, row %d", what, desc, bad, first_part, first_bad);

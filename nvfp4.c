@@ -1979,6 +1979,21 @@ _Static_assert(sizeof(GemvHc) == 88 && HC_AT(post, 0) && HC_AT(comb, 8) && HC_AT
                "GemvHc must match HC_* in kernels.ptx");
 #undef HC_AT
 
+/* The routing a decode GEMV launch does first (kernels.ptx, gemv; the RT_* offsets): every
+   block runs route_tokens' work for the token (route_block) on the router's logits for its own
+   slot table (parts whose expert list is `chosen` read it from there); block 0 writes chosen
+   and route_weight. */
+typedef struct {
+    uint64_t router, bias, tid2eid, tokens, chosen, route_weight, expert_start, slot_order, slot_row, active_experts,
+        active_count;
+    uint32_t X, K;
+    float routed_scaling;
+    uint32_t unused;
+} GemvRoute;
+_Static_assert(sizeof(GemvRoute) == 104 && offsetof(GemvRoute, X) == 88 && offsetof(GemvRoute, K) == 92 &&
+                   offsetof(GemvRoute, routed_scaling) == 96,
+               "GemvRoute must match RT_* in kernels.ptx");
+
 /* One product of a GEMV launch: y = W x for W = *g, extended by *plan (NULL: nothing more);
    x = 0 takes x from the launch's mHC finish (gpu_gemv_parts). */
 typedef struct {
@@ -1990,10 +2005,12 @@ typedef struct {
 /* parts[n] on the stream, as few gemv launches as the kernel allows: consecutive parts of one
    block shape, up to GEMV_MAX_SEGS, share a launch (one segment each). Parts with x = 0 read
    the mHC finish `hc` of a site (each block makes it; block 0 writes post and comb, so the
-   first part must be such a part when hc has post). No part may read another's y. Mirrors
-   linear() for T = 1 of each (with expert_ffn's activation, rmsnorm, or hc_pre + rmsnorm
-   before it). */
-static void gpu_gemv_parts(const GemvPart *parts, int n, const GemvHc *hc) {
+   first part must be such a part when hc has post). With `route` (NULL: none) every block of
+   each launch first routes the token from the router's logits for its own slot table, block 0
+   of each writing the choice and its weights. No part may read another's y. Mirrors linear()
+   for T = 1 of each (with expert_ffn's activation, rmsnorm, or hc_pre + rmsnorm before it; and
+   route() before the experts' products). */
+static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, const GemvRoute *route) {
     unsigned block = parts[0].g->block, nsegs = 1;
     while ((int)nsegs < n && nsegs < GEMV_MAX_SEGS && parts[nsegs].g->block == block) nsegs++;
     GemvSeg segs[GEMV_MAX_SEGS];
@@ -2036,13 +2053,17 @@ static void gpu_gemv_parts(const GemvPart *parts, int n, const GemvHc *hc) {
     if (slots > GEMV_MAX_SLOTS) fatal("a GEMV launch of %u products: the kernels take at most %d", slots, GEMV_MAX_SLOTS);
     if (hc && hc->post && parts[0].x) fatal("internal error: the mHC site's post and comb need an mHC part first");
     GemvHc site = hc ? *hc : (GemvHc){0};
-    void *params[] = {segs, &items, &slots, &contiguous, &list_ready, &xs_bytes, &site};
+    GemvRoute routing = route ? *route : (GemvRoute){0};
+    void *params[] = {segs, &items, &slots, &contiguous, &list_ready, &xs_bytes, &site, &routing};
     gpu_launch(K_GEMV, grid < items ? grid : items, block, xs_bytes + GPU_GEMV_RING, params);
     if ((int)nsegs < n) {   /* the rest, in launches that leave post and comb alone (written) */
         site.post = site.comb = 0;
-        gpu_gemv_parts(parts + nsegs, n - (int)nsegs, hc ? &site : NULL);
+        gpu_gemv_launch(parts + nsegs, n - (int)nsegs, hc ? &site : NULL, route);
     }
 }
+
+/* The same without routing. */
+static void gpu_gemv_parts(const GemvPart *parts, int n, const GemvHc *hc) { gpu_gemv_launch(parts, n, hc, NULL); }
 
 /* y = W x, extended by `plan` (NULL: nothing more): one launch. */
 static void gpu_gemv_plan(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, const GemvPlan *plan) {
@@ -2833,8 +2854,8 @@ static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
     int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
     CUdeviceptr x = hc ? 0 : DEV(w->x);
     /* the router's logits (decode: its blocks also write the site's post and comb); prefill
-       runs the shared expert now, into block_out (the routed experts reuse its scratch); then
-       the routing */
+       runs the shared expert now, into block_out (the routed experts reuse its scratch), and
+       the routing; decode routes inside the experts' w1/w3 launch */
     if (T == 1) {
         GemvPart gate = {&g->gate, x, DEV(w->router), NULL};
         gpu_gemv_parts(&gate, 1, hc);
@@ -2843,18 +2864,19 @@ static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
         gpu_linear_pair(&g->shared_w1, &g->shared_w3, x, DEV(w->expert_gate), DEV(w->expert_up), T);
         gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
         gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+        LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),
+               P64(DEV(w->chosen)), P64(DEV(w->route_weight)), P64(DEV(w->expert_start)), P64(DEV(w->slot_order)),
+               P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
+               PF32(c->routed_scaling));
     }
-    LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),
-           P64(DEV(w->chosen)), P64(DEV(w->route_weight)), P64(DEV(w->expert_start)), P64(DEV(w->slot_order)),
-           P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
-           PF32(c->routed_scaling));
     if (T == 1) {
         /* decode: two launches. First the shared expert's w1 and w3 (into shared_act: gate,
            then up) beside the chosen experts' w1 and w3 (one part of 2K slots when the stacks
            lie side by side: the w3 outputs go to rows K..2K-1 of expert_gate, which has room
-           for max_tokens * K rows). The shared expert comes first: its weights stream into the
-           ring while the router runs. Then the w2 of both, each applying the activation as it
-           stages its input. */
+           for max_tokens * K rows). Every block of it routes the token first (route: block 0
+           writes chosen and route_weight); the shared expert comes first, so its weights
+           stream into the ring meanwhile. Then the w2 of both, each applying the activation
+           as it stages its input. */
         CUdeviceptr shared_gate = gm.shared_act, shared_up = gm.shared_act + (size_t)I * sizeof(float);
         CUdeviceptr up = DEV(w->expert_up);
         GemvPart parts[4];
@@ -2875,11 +2897,13 @@ static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
         }
         GemvHc again = hc ? *hc : (GemvHc){0};   /* x made again; post and comb are written already */
         again.post = again.comb = 0;
-        gpu_gemv_parts(parts, n, hc ? &again : NULL);
-        /* the router wrote the experts' list two launches ago: the w2 launch may read it early */
+        GemvRoute route = {DEV(w->router), g->gate_bias, g->tid2eid, gm.tokens, DEV(w->chosen), DEV(w->route_weight),
+                           DEV(w->expert_start), DEV(w->slot_order), DEV(w->slot_row), gm.active_experts,
+                           gm.active_count, (uint32_t)X, (uint32_t)K, c->routed_scaling, 0};
+        gpu_gemv_launch(parts, n, hc ? &again : NULL, &route);
+        /* the w2 launch: the experts' list comes from the launch just before (read after the wait) */
         GemvPlan shared = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
         GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit);
-        routed.expert_ready = 1;
         GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared},
                           {&g->w2.one, DEV(w->expert_gate), DEV(w->expert_out), &routed}};
         gpu_gemv_parts(w2, 2, NULL);

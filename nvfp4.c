@@ -1990,7 +1990,8 @@ typedef struct {
     float routed_scaling;
     uint32_t unused;
 } GemvRoute;
-_Static_assert(sizeof(GemvRoute) == 104 && offsetof(GemvRoute, X) == 88 && offsetof(GemvRoute, K) == 92 &&
+_Static_assert(sizeof(GemvRoute) == 104 && offsetof(GemvRoute, chosen) == 32 && offsetof(GemvRoute, X) == 88 &&
+                   offsetof(GemvRoute, K) == 92 &&
                    offsetof(GemvRoute, routed_scaling) == 96,
                "GemvRoute must match RT_* in kernels.ptx");
 
@@ -2005,9 +2006,10 @@ typedef struct {
 /* parts[n] on the stream, as few gemv launches as the kernel allows: consecutive parts of one
    block shape, up to GEMV_MAX_SEGS, share a launch (one segment each). Parts with x = 0 read
    the mHC finish `hc` of a site (each block makes it; block 0 writes post and comb, so the
-   first part must be such a part when hc has post). With `route` (NULL: none) every block of
-   each launch first routes the token from the router's logits for its own slot table, block 0
-   of each writing the choice and its weights. No part may read another's y. Mirrors linear()
+   first part must be such a part when hc has post). With `route` (NULL: none) the parts whose
+   expert list is route->chosen get it from the launch itself: every block first routes the
+   token from the router's logits (block 0 writes the choice and its weights). No part may read
+   another's y. Mirrors linear()
    for T = 1 of each (with expert_ffn's activation, rmsnorm, or hc_pre + rmsnorm before it; and
    route() before the experts' products). */
 static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, const GemvRoute *route) {
@@ -2053,7 +2055,12 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
     if (slots > GEMV_MAX_SLOTS) fatal("a GEMV launch of %u products: the kernels take at most %d", slots, GEMV_MAX_SLOTS);
     if (hc && hc->post && parts[0].x) fatal("internal error: the mHC site's post and comb need an mHC part first");
     GemvHc site = hc ? *hc : (GemvHc){0};
-    GemvRoute routing = route ? *route : (GemvRoute){0};
+    int own = 0;   /* a part reads this launch's own choice */
+    for (unsigned i = 0; i < nsegs; i++) own |= route && segs[i].expert == route->chosen;
+    if (own && (list_ready || xs_bytes < 8 * route->X))   /* routed after the wait; xs holds its 2X scratch words */
+        fatal("internal error: a GEMV launch that routes needs its list read after the wait and %u bytes of x",
+              8 * route->X);
+    GemvRoute routing = own ? *route : (GemvRoute){0};
     void *params[] = {segs, &items, &slots, &contiguous, &list_ready, &xs_bytes, &site, &routing};
     gpu_launch(K_GEMV, grid < items ? grid : items, block, xs_bytes + GPU_GEMV_RING, params);
     if ((int)nsegs < n) {   /* the rest, in launches that leave post and comb alone (written) */

@@ -2695,15 +2695,29 @@ static void gpu_row_norm_rope(CUdeviceptr x, int T, int n_heads, int dim, int no
            P64(gm.pos), P64(ring), PU32(ring_rows));
 }
 
-/* Feed the chunk's compressor projections kv, gate [T, parts*d] into compressor cache s,
+/* One compressor's part of a compressor_update launch (kernels.ptx, CA_* offsets): the chunk's
+   projections kv, gate [T, parts * d] and the compressor's weights and cache. */
+typedef struct {
+    uint64_t kv, gate, ape, norm, pending_kv, pending_gate, prev_kv, prev_gate, entries;
+    uint32_t parts, d;
+} CompressorArgs;
+_Static_assert(sizeof(CompressorArgs) == 80 && offsetof(CompressorArgs, norm) == 24 &&
+                   offsetof(CompressorArgs, entries) == 64 && offsetof(CompressorArgs, parts) == 72,
+               "CompressorArgs must match CA_* in kernels.ptx");
+
+static CompressorArgs compressor_args(CompressorCache *s, CUdeviceptr ape, CUdeviceptr norm, int parts, int d,
+                                      CUdeviceptr kv, CUdeviceptr gate) {
+    return (CompressorArgs){kv, gate, ape, norm, DEV(s->pending_kv), DEV(s->pending_gate), DEV(s->prev_kv),
+                            DEV(s->prev_gate), DEV(s->entries), (uint32_t)parts, (uint32_t)d};
+}
+
+/* Feed the chunk's projections into n (1 or 2) compressors of one ratio, one block each,
    emitting entries as windows close. Mirrors compressor_feed. */
-static void gpu_compressor(const Config *c, CompressorCache *s, CUdeviceptr ape, CUdeviceptr norm, int parts, int d,
-                           int ratio, CUdeviceptr kv, CUdeviceptr gate, int T) {
+static void gpu_compressors(const Config *c, const CompressorArgs *comp, int n, int ratio, int T) {
     const Rope *r = &gm.state.rope_compress;
-    LAUNCH(K_COMPRESSOR, 1, 1, 1, 256, 0, P64(kv), P64(gate), PU32(T), PU32(parts), PU32(d), PU32(ratio), P64(ape),
-           P64(norm), PF32(c->rms_eps), P64(DEV(s->pending_kv)), P64(DEV(s->pending_gate)), P64(DEV(s->prev_kv)),
-           P64(DEV(s->prev_gate)), P64(DEV(s->entries)), PU32(c->rope_dim), P64(DEV(r->inv_freq)), PF32(r->scale),
-           P64(gm.pos));
+    CompressorArgs table[2] = {comp[0], n > 1 ? comp[1] : comp[0]};
+    LAUNCH(K_COMPRESSOR, (unsigned)n, 1, 1, 256, 0, table, PU32(T), PU32(ratio), PF32(c->rms_eps), PU32(c->rope_dim),
+           P64(DEV(r->inv_freq)), PF32(r->scale), P64(gm.pos));
 }
 
 /* Bytes of the scales of `rows` rows of g in the GEMV layout (FP8: rows a multiple of 128). */
@@ -2775,15 +2789,20 @@ static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
     /* compressed entries; for CSA the indexer's keys, then its scores and top-k (prefill: the
        indexer's projections reuse the compressor's scratch once its entries are made) */
     if (T > 1 && ratio) gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, x, comp_kv, comp_gate, T);
-    if (ratio) gpu_compressor(c, &ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, ratio, comp_kv, comp_gate, T);
+    CompressorArgs comp[2] = {
+        compressor_args(&ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, comp_kv, comp_gate),
+        compressor_args(&ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, c->index_dim, index_kv, index_gate)};
+    if (ratio && (T > 1 || !csa)) gpu_compressors(c, comp, 1, ratio, T);
     if (csa) {
         int NI = c->index_heads, DI = c->index_dim;
-        if (T > 1) {
+        if (T > 1) {   /* the indexer's projections into the scratch the compressor has read */
             gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, x, index_kv, index_gate, T);
             gpu_linear(&g->index_weights_proj, x, index_w, T);
             gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
+            gpu_compressors(c, comp + 1, 1, ratio, T);
+        } else {   /* decode: both compressors in one launch */
+            gpu_compressors(c, comp, 2, ratio, T);
         }
-        gpu_compressor(c, &ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, DI, ratio, index_kv, index_gate, T);
         /* the scores, the kernel rotating the queries as it stages them */
         const Rope *r = &gm.state.rope_compress;
         unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;

@@ -2669,6 +2669,46 @@ static void test_gpu_stream_read(void) {
     free(h);
 }
 
+/* sample_token against the CPU's argmax() on fresh random logits: greedy and a tiny top-p
+   (which keeps only the most likely token) at V = 129280 (whole 512-id pieces and a tail) and
+   at an odd V read from an unaligned row (one id a thread), with the maximum planted twice (the
+   lower id must win: both in one thread's ids, 777 and 905 or 13 and 1037, and in different
+   threads), in the last piece and in the tail; a NaN logit must give token -1. */
+static void test_gpu_sample(void) {
+    const int big = 129280, odd = 3001;
+    float *h = xcalloc((size_t)big + 1, sizeof(float));
+    CUdeviceptr logits = gpu_alloc(((size_t)big + 1) * 4), probs = gpu_alloc((size_t)big * 4), rng = gpu_alloc(8),
+                token = gpu_alloc(4), tokens = gpu_alloc(4), pos = gpu_alloc(4);
+    struct { int V, offset, first, second, nan; } cases[] = {
+        {big, 0, 777, 905, -1},    {big, 0, 777, 100000, -1}, {big, 0, 128999, 129100, -1}, {big, 0, 129279, -1, -1},
+        {odd, 1, 13, 1037, -1},    {odd, 1, 3000, -1, -1},    {big, 0, 5, -1, 64000},        {odd, 1, 5, -1, 700}};
+    int wrong = 0, n = (int)(sizeof cases / sizeof cases[0]);
+    for (int k = 0; k < n; k++)
+        for (int mode = 0; mode < 2; mode++) {   /* greedy; temperature 1 with top-p 1e-6 */
+            int V = cases[k].V, got = 0, zero = 0;
+            uint64_t seed = 11;
+            for (int i = 0; i < V; i++) h[cases[k].offset + i] = 4 * random_float(&test_rng) - 2;
+            h[cases[k].offset + cases[k].first] = 3;
+            if (cases[k].second >= 0) h[cases[k].offset + cases[k].second] = 3;
+            if (cases[k].nan >= 0) h[cases[k].offset + cases[k].nan] = NAN;
+            int expected = cases[k].nan >= 0 ? -1 : argmax(h + cases[k].offset, V);
+            gpu_upload(logits, h, ((size_t)V + 1) * 4);
+            gpu_upload(rng, &seed, 8);
+            gpu_upload(pos, &zero, 4);
+            LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(logits + (size_t)cases[k].offset * 4), P64(probs), PU32(V),
+                   PF32(mode ? 1.0f : 0.0f), PF32(mode ? 1e-6f : 1.0f), P64(rng), P64(token), P64(tokens), P64(pos),
+                   PU32(0));
+            gpu_download(&got, token, 4);
+            wrong += got != expected;
+            CHECK(got == expected, "sample_token, V %d, %s: token %d, CPU argmax %d", V, mode ? "top-p 1e-6" : "greedy", got,
+                  expected);
+        }
+    printf("  GPU sample_token: %d cases (ties, tail, unaligned row, NaN), %d differ from the CPU's argmax\n", 2 * n, wrong);
+    CUdeviceptr bufs[] = {logits, probs, rng, token, tokens, pos};
+    for (int i = 0; i < 6; i++) gpu_free(bufs[i]);
+    free(h);
+}
+
 /* ---------------------------------------------------------------- GPU: the model, piece by piece */
 /* The GPU state is the CPU's plan over device memory, so a piece of the forward pass is checked
    by copying the CPU arena onto the GPU, running the piece on both, and comparing the arenas. */
@@ -3228,6 +3268,7 @@ static void test_gpu(double shipped_cpu_nll) {
           "footprint check: %s", why);
     CHECK(gpu_fits((size_t)1 << 20, why, sizeof why), "1 MiB must fit");
     test_gpu_stream_read();
+    test_gpu_sample();
     /* small odd shapes: padded rows and columns, partial row groups, a 128-row scale boundary */
     test_gpu_gemv(FMT_NVFP4, 37, 48, 0);
     test_gpu_gemv(FMT_NVFP4, 5, 1040, 0);

@@ -2300,6 +2300,8 @@ static struct {
     CUdeviceptr active_experts, active_count; /* int32 [X], [1] */
     CUdeviceptr slot_identity;             /* int32 [K]: slot k's output is row k (decode) */
     CUdeviceptr probs;                     /* [V] sampling scratch */
+    int attn_splits;                       /* Z: blocks a head's keys are split over in decode */
+    CUdeviceptr attn_partial, attn_counter; /* f32 [H, Z, D + 4] their partials; u32 [H] counts (0) */
     CUdeviceptr qr_kv;                     /* [Q + D] decode: wq_a_wkv's output, qr then kv */
     CUdeviceptr csa_out;                   /* [4D + 4DI + NI] decode: csa_stack's output, part by part */
     CUdeviceptr shared_act;                /* [2, I] decode: the shared expert's gate, then up */
@@ -2432,6 +2434,13 @@ static int layer_linears(const Layer *L, const Linear **list) {
     return n;
 }
 
+/* Blocks a head's keys are split over in decode (attention_decode's grid.z, at most 16): as
+   many as fill the SMs with the heads' blocks once. */
+static int attention_splits(const Config *c) {
+    int z = gpu.sm_count / c->n_heads;
+    return z < 1 ? 1 : z > 16 ? 16 : z;
+}
+
 /* Device bytes gpu_load_model allocates for model m with chunks of T and a context of C:
    weights in the kernels' layout, the state, the GPU's own scratch. */
 static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
@@ -2454,6 +2463,7 @@ static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
     total += (size_t)T * (24 + 1) * ((E + HC_SLICE - 1) / HC_SLICE) * sizeof(double);
     total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)(c->vocab_size + c->q_lora_rank + c->head_dim) * 4 + 4096;
     total += (size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads + 2 * c->moe_inter) * 4;   /* csa_out, shared_act */
+    total += (size_t)c->n_heads * (attention_splits(c) * (c->head_dim + 4) + 1) * 4;   /* attn_partial, attn_counter */
     return total + total / 16;   /* the GEMV layout pads rows to 512 bytes: a margin for small models */
 }
 
@@ -2591,6 +2601,10 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
     gm.slot_identity = gm_alloc((size_t)c->topk * sizeof(int32_t));
     gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
     gm.probs = gm_alloc((size_t)c->vocab_size * sizeof(float));
+    gm.attn_splits = attention_splits(c);
+    gm.attn_partial = gm_alloc((size_t)c->n_heads * gm.attn_splits * (c->head_dim + 4) * sizeof(float));
+    gm.attn_counter = gm_alloc((size_t)c->n_heads * sizeof(uint32_t));
+    CU_CHECK(cu.cuMemsetD8Async(gm.attn_counter, 0, (size_t)c->n_heads * sizeof(uint32_t), gpu.stream));
     gm.qr_kv = gm_alloc((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
     gm.shared_act = gm_alloc(2 * (size_t)c->moe_inter * sizeof(float));
     gm.csa_out = gm_alloc((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
@@ -2805,8 +2819,8 @@ static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
         }
         /* the scores, the kernel rotating the queries as it stages them */
         const Rope *r = &gm.state.rope_compress;
-        unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 7) / 8;
-        LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 64, smem, P64(gm.index_scores),
+        unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 31) / 32;
+        LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 256, smem, P64(gm.index_scores),
                PU32(gm.score_stride), P64(DEV(w->index_q)), P64(index_w), P64(DEV(ls->index_comp.entries)),
                PU32(NI), PU32(DI), PU32(ratio), P64(gm.pos), PU32(R), P64(DEV(r->inv_freq)), PF32(r->scale));
         LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, P64(gm.index_scores), PU32(gm.score_stride), P64(gm.selected),
@@ -2815,12 +2829,12 @@ static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
 
     /* each query (normalized and rotated by the kernel): the window and its compressed entries,
        with the sink; then wo_a by group, wo_b */
-    int mode = csa ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
-    LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, 1, 512, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
+    int mode = csa ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0, splits = T == 1 && mode ? gm.attn_splits : 1;
+    LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, (unsigned)splits, 512, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
            P64(g->attn_sink), P64(DEV(ls->keys)), PU32(rows), PU32(c->sliding_window), P64(DEV(ls->comp.entries)),
            PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
            P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos), PF32(c->rms_eps), P64(T == 1 ? kv : 0),
-           P64(g->kv_norm));
+           P64(g->kv_norm), P64(gm.attn_partial), P64(gm.attn_counter));
     int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
     if (T == 1 && G <= GEMV_MAX_SLOTS && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
         GpuLinear group = g->wo_a;

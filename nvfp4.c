@@ -3701,6 +3701,14 @@ static void head_call(void *arg, int i) {
     gpu_gemv_parts(&part, 1, &r->site);
 }
 
+/* One sample_token launch over the last logits (the position does not advance). */
+typedef struct { const Sampler *sampler; int V; } SampleRun;
+static void sample_call(void *arg, int i) {
+    (void)i;
+    SampleRun *r = arg;
+    gpu_sample(r->sampler, r->V, 0, 0);
+}
+
 /* The benchmark (see above). */
 static void bench(int layers, int position) {
     char why[512];
@@ -3740,6 +3748,9 @@ static void bench(int layers, int position) {
     float ms = bench_decode_ms(steps - 4);
     HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};
     double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
+    Sampler nucleus = {0.6f, 0.95f, 1, NULL};   /* the command line's default sampling */
+    SampleRun greedy_run = {&greedy, c->vocab_size}, nucleus_run = {&nucleus, c->vocab_size};
+    double greedy_us = gpu_median_us(sample_call, &greedy_run, 20), nucleus_us = gpu_median_us(sample_call, &nucleus_run, 20);
 
     /* the ceiling: a streaming read of 2 GiB, same card, same run */
     StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
@@ -3757,6 +3768,8 @@ static void bench(int layers, int position) {
     printf("bytes    per token: %.1f MB of weights + %.1f MB of cache\n", weights / 1e6, cache / 1e6);
     printf("speed    %.0f GB/s; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs, 100 * gbs / stream_gbs);
     printf("kernels  %ld per decode step, %.1f per layer\n", kernels, (double)(kernels - fixed) / layers);
+    printf("sampling %.0f us greedy (the step above), %.0f us at the default --temp 0.6 --top-p 0.95 (one launch each)\n",
+           greedy_us, nucleus_us);
     printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
            head_ms, layer_ms);
 

@@ -2709,6 +2709,66 @@ static void test_gpu_sample(void) {
     free(h);
 }
 
+/* sample_token's nucleus draws against the distribution sample() draws from: random logits
+   with 20 planted high ones (the set that reaches top-p 0.9 is some of those), temperature 0.8,
+   4000 draws on the GPU (the device RNG advancing): every token drawn must be in the CPU's kept
+   set, and each kept token's frequency within 0.025 of its renormalized probability (a standard
+   deviation is at most 0.008). V = 129280 (most tokens pass the cutoff: the bisection over
+   global memory) and an odd V in an unaligned row (fewer than 8192 pass: the shared-memory
+   list). */
+static void test_gpu_sample_distribution(void) {
+    const int big = 129280, draws = 4000, planted = 20;
+    const float temperature = 0.8f, top_p = 0.9f;
+    float *h = xcalloc((size_t)big + 1, sizeof(float)), *p = xcalloc((size_t)big, sizeof(float));
+    int *order = xcalloc((size_t)big, sizeof(int)), *counts = xcalloc((size_t)big, sizeof(int));
+    CUdeviceptr logits = gpu_alloc(((size_t)big + 1) * 4), probs = gpu_alloc((size_t)big * 4), rng = gpu_alloc(8),
+                token = gpu_alloc(4), tokens = gpu_alloc(4), pos = gpu_alloc(4);
+    struct { int V, offset; } cases[] = {{big, 0}, {3001, 1}};
+    for (int k = 0; k < 2; k++) {
+        int V = cases[k].V, zero = 0, outside = 0;
+        float *l = h + cases[k].offset;
+        for (int i = 0; i < V; i++) l[i] = 4 * random_float(&test_rng) - 2;
+        for (int j = 0; j < planted; j++) l[(int)(random_u32(&test_rng) % (unsigned)V)] = 9 + 0.1f * j;
+        /* the CPU's probabilities and kept set, as sample() makes them */
+        float mx = l[argmax(l, V)];
+        double sum = 0, kept = 0;
+        for (int i = 0; i < V; i++) sum += p[i] = expf((l[i] - mx) / temperature);
+        for (int i = 0; i < V; i++) p[i] = (float)(p[i] / sum), order[i] = i, counts[i] = 0;
+        sort_probs = p;
+        qsort(order, (size_t)V, sizeof(int), compare_prob_desc);
+        int n_kept = 0;
+        while (n_kept < V && kept < top_p) kept += p[order[n_kept++]];
+        uint64_t seed = 12345;
+        gpu_upload(logits, h, ((size_t)V + 1) * 4);
+        gpu_upload(rng, &seed, 8);
+        gpu_upload(pos, &zero, 4);
+        for (int d = 0; d < draws; d++) {
+            int got = -1;
+            LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(logits + (size_t)cases[k].offset * 4), P64(probs), PU32(V),
+                   PF32(temperature), PF32(top_p), P64(rng), P64(token), P64(tokens), P64(pos), PU32(0));
+            gpu_download(&got, token, 4);
+            if (got >= 0 && got < V) counts[got]++;
+            else outside++;
+        }
+        float worst = 0;
+        for (int r = 0; r < V; r++) {
+            int id = order[r];
+            if (r < n_kept) worst = fmaxf(worst, fabsf((float)counts[id] / draws - (float)(p[id] / kept)));
+            else outside += counts[id];
+        }
+        CHECK(outside == 0, "sample_token, V %d: %d of %d draws outside the top-p set", V, outside, draws);
+        CHECK(worst < 0.025f, "sample_token, V %d: a kept token's frequency is %.4f from its probability", V, worst);
+        printf("  GPU sample_token, V %6d: %d draws at temperature %.1f, top-p %.1f: all in the CPU's set of %d, "
+               "frequencies within %.4f\n", V, draws, temperature, top_p, n_kept, worst);
+    }
+    CUdeviceptr bufs[] = {logits, probs, rng, token, tokens, pos};
+    for (int i = 0; i < 6; i++) gpu_free(bufs[i]);
+    free(h);
+    free(p);
+    free(order);
+    free(counts);
+}
+
 /* ---------------------------------------------------------------- GPU: the model, piece by piece */
 /* The GPU state is the CPU's plan over device memory, so a piece of the forward pass is checked
    by copying the CPU arena onto the GPU, running the piece on both, and comparing the arenas. */
@@ -3269,6 +3329,7 @@ static void test_gpu(double shipped_cpu_nll) {
     CHECK(gpu_fits((size_t)1 << 20, why, sizeof why), "1 MiB must fit");
     test_gpu_stream_read();
     test_gpu_sample();
+    test_gpu_sample_distribution();
     /* small odd shapes: padded rows and columns, partial row groups, a 128-row scale boundary */
     test_gpu_gemv(FMT_NVFP4, 37, 48, 0);
     test_gpu_gemv(FMT_NVFP4, 5, 1040, 0);

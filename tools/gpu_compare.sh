@@ -35,7 +35,7 @@ run)
         for binary in build/nvfp4-* ./nvfp4; do
             case "$binary" in *sanitize*) continue ;; esac
             printf '%s %s: ' "$round" "$binary"
-            "$binary" --bench 2>&1 | grep -E "^decode|^speed|^kernels  [0-9]" | tr '\n' ' ' | sed 's/  */ /g'
+            "$binary" --bench 2>&1 | grep -E "^decode|^speed|^kernels  [0-9]|^sampling" | tr '\n' ' ' | sed 's/  */ /g'
             echo
         done
         round=$((round + 1))

@@ -2235,8 +2235,9 @@ static void gpu_bench_gemv(void) {
    addressing makes them ordinary 64-bit values), so every buffer has the same shape and meaning
    on both paths. Beside it the GPU keeps a few buffers the CPU does not need: the mHC partial
    sums, the indexer's scores, selection and count for every token of a chunk, the active expert
-   list, sampling probabilities, and the values a decode step reads and advances in device
-   memory: the position, the token and the sampler's RNG state.
+   list, sampling probabilities, decode attention's split-key partials and their counters, and
+   the values a decode step reads and advances in device memory: the position, the token and
+   the sampler's RNG state.
 
    The graph story: prefill runs chunk by chunk with ordinary launches (the host may wait between
    them, e.g. to size the MoE's expert launches). A decode step is captured once as a CUDA graph:
@@ -2247,8 +2248,10 @@ static void gpu_bench_gemv(void) {
    Decode launches fewer kernels than prefill: one gemv launch computes the GEMVs that need no
    result of one another (up to four matrices of any formats: gpu_gemv_parts), and the GEMVs
    that read a site's x make it from the mHC finish themselves (GemvHc), so the step has no
-   hc_finish launches; the norms, RoPE, SwiGLU and the new key are folded into the kernels
-   that read their results. 107 kernels for the 8-layer benchmark (README, Performance). */
+   hc_finish launches; the experts' w1/w3 launch routes the token itself (GemvRoute), so no
+   router launch either; a CSA layer's two compressors share one launch; the norms, RoPE,
+   SwiGLU and the new key are folded into the kernels that read their results. 96 kernels for
+   the 8-layer benchmark (README, Performance). */
 
 #define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gm.state */
 #define HC_SLICE 64                            /* columns of E per block of the mHC partial sums */

@@ -2584,7 +2584,6 @@ static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const
             gscales62[m] = g[p][m].gscale62;
         }
         for (int k = 0; k < sp->list_len; k++) chosen[p][k] = (int)(random_u32(&test_rng) % (X - (sp->count - 1) / sp->list_len));
-        for (int z = 0; z < sp->count && !sp->list_len; z++) chosen[p][z] = z;   /* the matrices in order */
         /* a slot's own x: slot z's input at z * 2 * cols, its up right after it (cols floats on) */
         size_t nx = (size_t)sp->count * 2 * sp->cols;
         x[p] = xcalloc(nx, sizeof(float)), y[p] = xcalloc((size_t)sp->count * sp->rows, sizeof(float));
@@ -2611,13 +2610,13 @@ static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const
     int bad = 0, first_bad = -1, first_part = -1;
     for (int p = 0; p < n; p++) {
         const GemvSpec *sp = &spec[p];
-        int cols = sp->cols, before = bad;
+        int cols = sp->cols, bad_before = bad, own = sp->mode == PLAN_SWIGLU || sp->mode == PLAN_NORM;
         float *in = xcalloc((size_t)cols, sizeof(float)), *expect = xcalloc((size_t)sp->rows, sizeof(float));
         float *row = xcalloc((size_t)cols, sizeof(float));
         gpu_download(y[p], dy[p], (size_t)sp->count * sp->rows * 4);
         for (int z = 0; z < sp->count; z++) {
             const Linear *W = &w[p][sp->list_len ? chosen[p][z % sp->list_len] + z / sp->list_len : z];
-            const float *xz = sp->mode == PLAN_SWIGLU || sp->mode == PLAN_NORM ? x[p] + (size_t)z * 2 * cols : shared;
+            const float *xz = own ? x[p] + (size_t)z * 2 * cols : shared;
             if (sp->mode == PLAN_NORM || sp->mode == PLAN_SHARED_NORM) rmsnorm(in, xz, weight, cols, 1e-6f);
             if (sp->mode == PLAN_SHARED_X) memcpy(in, xz, (size_t)cols * sizeof(float));
             for (int c = 0; c < cols && sp->mode == PLAN_SWIGLU; c++) {
@@ -2626,7 +2625,7 @@ static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const
             }
             bad += gemv_rows_off(W, in, y[p] + (size_t)z * sp->rows, expect, row, z * sp->rows, &first_bad, &worst);
         }
-        if (bad > before && first_part < 0) first_part = p;
+        if (bad > bad_before && first_part < 0) first_part = p;
         free(in), free(expect), free(row);
     }
     static const char *modes[] = {"SwiGLU", "RMSNorm", "shared", "shared RMSNorm"};
@@ -2669,6 +2668,27 @@ static void test_gpu_stream_read(void) {
     free(h);
 }
 
+/* Device buffers for sample_token launched on its own: a logits row of up to `V` floats at
+   `offset` floats (to test unaligned rows), its probabilities, the RNG state and the outputs. */
+typedef struct { CUdeviceptr logits, probs, rng, token, tokens, pos; } SampleRig;
+static SampleRig sample_rig(int V) {
+    return (SampleRig){gpu_alloc(((size_t)V + 1) * 4), gpu_alloc((size_t)V * 4), gpu_alloc(8), gpu_alloc(4), gpu_alloc(4),
+                       gpu_alloc(4)};
+}
+static void sample_rig_free(SampleRig *r) {
+    CUdeviceptr bufs[] = {r->logits, r->probs, r->rng, r->token, r->tokens, r->pos};
+    for (int i = 0; i < 6; i++) gpu_free(bufs[i]);
+}
+
+/* One sample_token launch over the row at `offset` floats of r->logits (the position stays). */
+static int sample_rig_draw(const SampleRig *r, int offset, int V, float temperature, float top_p) {
+    int token = -2;
+    LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(r->logits + (size_t)offset * 4), P64(r->probs), PU32(V), PF32(temperature),
+           PF32(top_p), P64(r->rng), P64(r->token), P64(r->tokens), P64(r->pos), PU32(0));
+    gpu_download(&token, r->token, 4);
+    return token;
+}
+
 /* sample_token against the CPU's argmax() on fresh random logits: greedy and a tiny top-p
    (which keeps only the most likely token) at V = 129280 (whole 512-id pieces and a tail) and
    at an odd V read from an unaligned row (one id a thread), with the maximum planted twice (the
@@ -2677,35 +2697,29 @@ static void test_gpu_stream_read(void) {
 static void test_gpu_sample(void) {
     const int big = 129280, odd = 3001;
     float *h = xcalloc((size_t)big + 1, sizeof(float));
-    CUdeviceptr logits = gpu_alloc(((size_t)big + 1) * 4), probs = gpu_alloc((size_t)big * 4), rng = gpu_alloc(8),
-                token = gpu_alloc(4), tokens = gpu_alloc(4), pos = gpu_alloc(4);
+    SampleRig rig = sample_rig(big);
     struct { int V, offset, first, second, nan; } cases[] = {
         {big, 0, 777, 905, -1},    {big, 0, 777, 100000, -1}, {big, 0, 128999, 129100, -1}, {big, 0, 129279, -1, -1},
         {odd, 1, 13, 1037, -1},    {odd, 1, 3000, -1, -1},    {big, 0, 5, -1, 64000},        {odd, 1, 5, -1, 700}};
     int wrong = 0, n = (int)(sizeof cases / sizeof cases[0]);
     for (int k = 0; k < n; k++)
         for (int mode = 0; mode < 2; mode++) {   /* greedy; temperature 1 with top-p 1e-6 */
-            int V = cases[k].V, got = 0, zero = 0;
+            int V = cases[k].V;
             uint64_t seed = 11;
-            for (int i = 0; i < V; i++) h[cases[k].offset + i] = 4 * random_float(&test_rng) - 2;
+            for (int i = 0; i < V; i++) h[cases[k].offset + i] = uniform(-2, 2);
             h[cases[k].offset + cases[k].first] = 3;
             if (cases[k].second >= 0) h[cases[k].offset + cases[k].second] = 3;
             if (cases[k].nan >= 0) h[cases[k].offset + cases[k].nan] = NAN;
             int expected = cases[k].nan >= 0 ? -1 : argmax(h + cases[k].offset, V);
-            gpu_upload(logits, h, ((size_t)V + 1) * 4);
-            gpu_upload(rng, &seed, 8);
-            gpu_upload(pos, &zero, 4);
-            LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(logits + (size_t)cases[k].offset * 4), P64(probs), PU32(V),
-                   PF32(mode ? 1.0f : 0.0f), PF32(mode ? 1e-6f : 1.0f), P64(rng), P64(token), P64(tokens), P64(pos),
-                   PU32(0));
-            gpu_download(&got, token, 4);
+            gpu_upload(rig.logits, h, ((size_t)V + 1) * 4);
+            gpu_upload(rig.rng, &seed, 8);
+            int got = sample_rig_draw(&rig, cases[k].offset, V, mode ? 1.0f : 0.0f, mode ? 1e-6f : 1.0f);
             wrong += got != expected;
             CHECK(got == expected, "sample_token, V %d, %s: token %d, CPU argmax %d", V, mode ? "top-p 1e-6" : "greedy", got,
                   expected);
         }
     printf("  GPU sample_token: %d cases (ties, tail, unaligned row, NaN), %d differ from the CPU's argmax\n", 2 * n, wrong);
-    CUdeviceptr bufs[] = {logits, probs, rng, token, tokens, pos};
-    for (int i = 0; i < 6; i++) gpu_free(bufs[i]);
+    sample_rig_free(&rig);
     free(h);
 }
 
@@ -2721,13 +2735,12 @@ static void test_gpu_sample_distribution(void) {
     const float temperature = 0.8f, top_p = 0.9f;
     float *h = xcalloc((size_t)big + 1, sizeof(float)), *p = xcalloc((size_t)big, sizeof(float));
     int *order = xcalloc((size_t)big, sizeof(int)), *counts = xcalloc((size_t)big, sizeof(int));
-    CUdeviceptr logits = gpu_alloc(((size_t)big + 1) * 4), probs = gpu_alloc((size_t)big * 4), rng = gpu_alloc(8),
-                token = gpu_alloc(4), tokens = gpu_alloc(4), pos = gpu_alloc(4);
+    SampleRig rig = sample_rig(big);
     struct { int V, offset; } cases[] = {{big, 0}, {3001, 1}};
     for (int k = 0; k < 2; k++) {
-        int V = cases[k].V, zero = 0, outside = 0;
+        int V = cases[k].V, outside = 0;
         float *l = h + cases[k].offset;
-        for (int i = 0; i < V; i++) l[i] = 4 * random_float(&test_rng) - 2;
+        for (int i = 0; i < V; i++) l[i] = uniform(-2, 2);
         for (int j = 0; j < planted; j++) l[(int)(random_u32(&test_rng) % (unsigned)V)] = 9 + 0.1f * j;
         /* the CPU's probabilities and kept set, as sample() makes them */
         float mx = l[argmax(l, V)];
@@ -2739,14 +2752,10 @@ static void test_gpu_sample_distribution(void) {
         int n_kept = 0;
         while (n_kept < V && kept < top_p) kept += p[order[n_kept++]];
         uint64_t seed = 12345;
-        gpu_upload(logits, h, ((size_t)V + 1) * 4);
-        gpu_upload(rng, &seed, 8);
-        gpu_upload(pos, &zero, 4);
+        gpu_upload(rig.logits, h, ((size_t)V + 1) * 4);
+        gpu_upload(rig.rng, &seed, 8);
         for (int d = 0; d < draws; d++) {
-            int got = -1;
-            LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(logits + (size_t)cases[k].offset * 4), P64(probs), PU32(V),
-                   PF32(temperature), PF32(top_p), P64(rng), P64(token), P64(tokens), P64(pos), PU32(0));
-            gpu_download(&got, token, 4);
+            int got = sample_rig_draw(&rig, cases[k].offset, V, temperature, top_p);
             if (got >= 0 && got < V) counts[got]++;
             else outside++;
         }
@@ -2761,8 +2770,7 @@ static void test_gpu_sample_distribution(void) {
         printf("  GPU sample_token, V %6d: %d draws at temperature %.1f, top-p %.1f: all in the CPU's set of %d, "
                "frequencies within %.4f\n", V, draws, temperature, top_p, n_kept, worst);
     }
-    CUdeviceptr bufs[] = {logits, probs, rng, token, tokens, pos};
-    for (int i = 0; i < 6; i++) gpu_free(bufs[i]);
+    sample_rig_free(&rig);
     free(h);
     free(p);
     free(order);

@@ -18,8 +18,13 @@ build)
     shift
     for rev in "$@"; do
         dir=$(mktemp -d)
-        git archive "$rev" | tar -x -C "$dir" && make -s -C "$dir" nvfp4 >/dev/null && cp "$dir/nvfp4" "build/nvfp4-$rev" &&
+        # a binary without kernels (no ptxas) would bench nothing: only one with the cubin counts
+        if git archive "$rev" | tar -x -C "$dir" && make -s -C "$dir" nvfp4 >/dev/null &&
+            [ -s "$dir/build/kernels_cubin.h" ] && cp "$dir/nvfp4" "build/nvfp4-$rev"; then
             echo "build/nvfp4-$rev: $(git rev-parse --short "$rev")"
+        else
+            echo "build/nvfp4-$rev: FAILED (build error, or no GPU kernels)" >&2
+        fi
         rm -rf "$dir"
     done ;;
 run)
@@ -28,6 +33,7 @@ run)
     make -s nvfp4 build/test build/deepseek-tokenizer.json || exit 1
     ./build/test > "$LOG/test.log" 2>&1
     status=$?
+    grep -m1 "^GPU tests" "$LOG/test.log"    # "GPU tests on ..." or "GPU tests skipped: why"
     tail -1 "$LOG/test.log"
     grep "^FAIL" "$LOG/test.log" | head -20
     round=1
@@ -41,6 +47,7 @@ run)
         round=$((round + 1))
     done
     if [ "$status" -eq 0 ]; then
+        rm -f build/sanitize-*.txt           # no summaries of an earlier run
         make gpu-sanitize > "$LOG/sanitize.log" 2>&1
         echo "gpu-sanitize: exit $?"
         grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY" build/sanitize-*.txt

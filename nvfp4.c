@@ -2411,7 +2411,7 @@ static int gm_linear_stack(GpuLinear *const *out, const Linear *const *in, int n
 
 /* Two linear layers that take the same input, uploaded side by side (b's codes and scales
    right after a's) when they share format and shape, so that one GEMV launch of two slots
-   computes both in decode (gpu_linear_pair); otherwise each in buffers of its own. Returns
+   computes both in decode (gemv_add_pair); otherwise each in buffers of its own. Returns
    whether they were paired. */
 static int gm_linear_pair(GpuLinear *ga, GpuLinear *gb, const Linear *a, const Linear *b, CUdeviceptr *gscales62) {
     if (a->format != b->format || a->rows != b->rows || a->cols != b->cols || a->scale_is_f32 != b->scale_is_f32) {
@@ -2691,12 +2691,6 @@ static int gemv_add_pair(GemvPart *parts, int n, GemvPlan *plan, const GpuLinear
     return n;
 }
 
-/* ya = A x and yb = B x on T rows of x (prefill: two GEMMs). Mirrors two calls of linear. */
-static void gpu_linear_pair(const GpuLinear *a, const GpuLinear *b, CUdeviceptr x, CUdeviceptr ya, CUdeviceptr yb, int T) {
-    gpu_linear_rows(a, 0, a->rows, x, a->cols, ya, a->rows, T);
-    gpu_linear_rows(b, 0, b->rows, x, b->cols, yb, b->rows, T);
-}
-
 /* y[T, rows] = x[T, cols] W^T. Mirrors linear. */
 static void gpu_linear(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, int T) {
     gpu_linear_rows(g, 0, g->rows, x, g->cols, y, g->rows, T);
@@ -2805,7 +2799,10 @@ static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
 
     /* compressed entries; for CSA the indexer's keys, then its scores and top-k (prefill: the
        indexer's projections reuse the compressor's scratch once its entries are made) */
-    if (T > 1 && ratio) gpu_linear_pair(&g->comp_wkv, &g->comp_wgate, x, comp_kv, comp_gate, T);
+    if (T > 1 && ratio) {
+        gpu_linear(&g->comp_wkv, x, comp_kv, T);
+        gpu_linear(&g->comp_wgate, x, comp_gate, T);
+    }
     CompressorArgs comp[2] = {
         compressor_args(&ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, comp_kv, comp_gate),
         compressor_args(&ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, c->index_dim, index_kv, index_gate)};
@@ -2813,7 +2810,8 @@ static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
     if (csa) {
         int NI = c->index_heads, DI = c->index_dim;
         if (T > 1) {   /* the indexer's projections into the scratch the compressor has read */
-            gpu_linear_pair(&g->index_comp_wkv, &g->index_comp_wgate, x, index_kv, index_gate, T);
+            gpu_linear(&g->index_comp_wkv, x, index_kv, T);
+            gpu_linear(&g->index_comp_wgate, x, index_gate, T);
             gpu_linear(&g->index_weights_proj, x, index_w, T);
             gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
             gpu_compressors(c, comp + 1, 1, ratio, T);
@@ -2904,7 +2902,8 @@ static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
         gpu_gemv_parts(&gate, 1, hc);
     } else {
         gpu_linear(&g->gate, x, DEV(w->router), T);
-        gpu_linear_pair(&g->shared_w1, &g->shared_w3, x, DEV(w->expert_gate), DEV(w->expert_up), T);
+        gpu_linear(&g->shared_w1, x, DEV(w->expert_gate), T);
+        gpu_linear(&g->shared_w3, x, DEV(w->expert_up), T);
         gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
         gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
         LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),

@@ -1436,11 +1436,8 @@ static int sample(Sampler *s, float *logits, int V) {
    where ptxas was missing has no kernels and says so. One context, one non-default stream;
    every driver call goes through CU_CHECK, which names the call, file:line and the driver's
    error. The types below are the driver's (cuda.h of CUDA 13.0), declared here so that the
-   build needs no CUDA headers. Until the command line wires --gpu (issue 7), only test.c calls
-   these functions: the pragma keeps -Wall quiet about that. */
+   build needs no CUDA headers. */
 #include <dlfcn.h>
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
 
 typedef int CUresult;                        /* 0 = CUDA_SUCCESS */
 typedef int CUdevice;
@@ -1898,22 +1895,6 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
     gpu_gemv_shape(g);
 }
 
-/* Upload W into buffers of its own (freed by gpu_free_linear); fatal ("needs X GiB, the GPU has
-   Y GiB free") when they do not fit. */
-static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
-    size_t scale_bytes = gpu_linear_scale_bytes(w);
-    char why[256];
-    if (!gpu_fits(gpu_linear_footprint(w), why, sizeof why)) fatal("a %d x %d linear layer %s", w->rows, w->cols, why);
-    gpu_place_linear(g, w, gpu_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gpu_alloc(scale_bytes) : 0);
-}
-
-/* Free what gpu_upload_linear allocated. */
-static void gpu_free_linear(GpuLinear *g) {
-    gpu_free(g->weight);
-    gpu_free(g->scale);
-    memset(g, 0, sizeof *g);
-}
-
 /* What one GEMV computes beyond y = W x (kernels.ptx, "GEMV: y = W x"), zero for
    nothing more:
    - several products of W's shape (count slots; 0 means 1): slot z reads x + z * x_stride
@@ -2087,146 +2068,6 @@ static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
     void *params[] = {&buf, &n16, &out};
     gpu_launch(K_STREAM_READ, (unsigned)(gpu.sm_count * 4), 256, 0, params);
 }
-
-/* ---------- benchmark ---------- */
-
-/* Milliseconds of `reps` runs of fn(arg, i) (i = 0..reps-1) on the stream, between two events. */
-static float gpu_time(void (*fn)(void *, int), void *arg, int reps) {
-    CUevent start, end;
-    float ms;
-    CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
-    CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
-    CU_CHECK(cu.cuEventRecord(start, gpu.stream));
-    for (int i = 0; i < reps; i++) fn(arg, i);
-    CU_CHECK(cu.cuEventRecord(end, gpu.stream));
-    CU_CHECK(cu.cuEventSynchronize(end));
-    CU_CHECK(cu.cuEventElapsedTime(&ms, start, end));
-    CU_CHECK(cu.cuEventDestroy(start));
-    CU_CHECK(cu.cuEventDestroy(end));
-    return ms;
-}
-
-/* qsort order of floats, ascending. */
-static int compare_float(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
-}
-
-#define BENCH_REPEATS 9   /* timed passes; the median is reported */
-
-/* Median over BENCH_REPEATS passes of the time per call of fn (each pass `calls` calls). */
-static double gpu_median_us(void (*fn)(void *, int), void *arg, int calls) {
-    float t[BENCH_REPEATS];
-    gpu_time(fn, arg, calls);   /* warm-up */
-    for (int i = 0; i < BENCH_REPEATS; i++) t[i] = gpu_time(fn, arg, calls) * 1000 / calls;
-    qsort(t, BENCH_REPEATS, sizeof *t, compare_float);
-    return t[BENCH_REPEATS / 2];
-}
-
-/* One stream_read over buf[bytes] (the call index is unused: the same buffer every time). */
-typedef struct { CUdeviceptr buf, out; size_t bytes; } StreamRun;
-static void stream_call(void *arg, int i) {
-    (void)i;
-    StreamRun *r = arg;
-    gpu_stream_read(r->buf, r->bytes, r->out);
-}
-
-/* Call i: the GEMV of weight copy i % n. */
-typedef struct { GpuLinear *copies; int n; CUdeviceptr x, y; } GemvRun;
-static void gemv_call(void *arg, int i) {
-    GemvRun *r = arg;
-    gpu_gemv(&r->copies[i % r->n], r->x, r->y);
-}
-
-/* stream_read over the codes of the same copies (sum into y[0]): the ceiling at this size. */
-static void gemv_stream_call(void *arg, int i) {
-    GemvRun *r = arg;
-    const GpuLinear *g = &r->copies[i % r->n];
-    gpu_stream_read(g->weight, (size_t)g->rows * g->row_bytes, r->y);
-}
-
-/* A random linear layer of V4-Flash's kinds, in host memory the caller frees (weight, scale):
-   random codes (no NaN encodings), scales in a realistic range. */
-static Linear gpu_bench_linear(WeightFormat format, int rows, int cols, int scale_is_f32, uint64_t *rng) {
-    Linear w = {format, rows, cols, NULL, NULL, scale_is_f32, 1};
-    size_t codes = (size_t)rows * linear_row_bytes(&w), scales = linear_scale_bytes(&w);
-    uint8_t *q = xcalloc(codes, 1), *s = xcalloc(scales ? scales : 1, 1);
-    for (size_t i = 0; i < codes; i++) {
-        uint8_t b = (uint8_t)random_u32(rng);
-        if (format == FMT_FP8 && (b & 0x7f) == 0x7f) b ^= 1;          /* not E4M3's NaN */
-        if (format == FMT_BF16 && i % 2) b = (uint8_t)(0x3c + b % 8 + (b & 0x80));   /* bf16 high byte: |w| ~ 2^-7..2 */
-        q[i] = b;
-    }
-    for (size_t i = 0; i < scales; i++) {
-        uint8_t b = (uint8_t)random_u32(rng);
-        s[i] = format == FMT_NVFP4 ? (uint8_t)(0x20 + b % 0x30)   /* e4m3 2^-3 .. 2^3 */
-             : format == FMT_MXFP4 ? (uint8_t)(120 + b % 10) : scale_is_f32 ? 0 : (uint8_t)(120 + b % 10);
-    }
-    if (format == FMT_FP8 && scale_is_f32)
-        for (size_t i = 0; i < scales / 4; i++) {
-            float v = 0.001f + random_float(rng) * 0.01f;
-            memcpy(s + 4 * i, &v, 4);
-        }
-    w.weight = q;
-    w.scale = s;
-    w.global_scale = format == FMT_NVFP4 ? 0.01f : 1;
-    return w;
-}
-
-/* Print, for each weight format at V4-Flash shapes, the median time of one GEMV, its GB/s and
-   the ratio to the streaming-read GB/s measured here, on this card. Each timed pass cycles
-   through copies of the weights totalling more than 400 MB, so the 50 MB L2 cannot serve them.
-   The last two columns time stream_read over the same copies' codes, call by call: what one
-   launch reading that many bytes gets at best (launch, ramp-up and tail included). */
-static void gpu_bench_gemv(void) {
-    static const struct { WeightFormat format; int rows, cols, scale_is_f32; const char *what; } shapes[] = {
-        {FMT_NVFP4, 2048, 4096, 0, "expert w1/w3"},
-        {FMT_NVFP4, 4096, 2048, 0, "expert w2"},
-        {FMT_NVFP4, 6 * 2 * 2048, 4096, 0, "6 x w1+w3"},   /* the bytes of a grouped top-6 launch */
-        {FMT_NVFP4, 6 * 4096, 2048, 0, "6 x w2"},
-        {FMT_MXFP4, 2048, 4096, 0, "expert w1/w3"},
-        {FMT_FP8, 32768, 1024, 0, "attn wq_b"},
-        {FMT_FP8, 4096, 8192, 0, "attn wo_b"},
-        {FMT_FP8, 1024, 4096, 1, "attn wq_a"},
-        {FMT_BF16, 129280, 4096, 0, "head"},
-        {FMT_BF16, 1024, 4096, 0, "compressor"},
-    };
-    uint64_t rng = 0x9e3779b97f4a7c15ull;
-    StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
-    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
-    double stream_us = gpu_median_us(stream_call, &sr, 3), stream_gbs = sr.bytes / stream_us * 1e-3;
-    gpu_free(sr.buf);
-    gpu_free(sr.out);
-    printf("GPU %s, %d SMs, driver %d.%d: streaming read %.0f GB/s (2 GiB, median of %d)\n", gpu.name, gpu.sm_count,
-           gpu.driver_version / 1000, gpu.driver_version % 1000 / 10, stream_gbs, BENCH_REPEATS);
-    printf("%-6s %-13s %13s %8s %7s %10s %8s %7s %12s %8s\n", "format", "matrix", "shape", "MB", "copies", "us/call",
-           "GB/s", "stream", "same-size", "of it");
-    for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
-        Linear w = gpu_bench_linear(shapes[i].format, shapes[i].rows, shapes[i].cols, shapes[i].scale_is_f32, &rng);
-        size_t bytes = (size_t)w.rows * linear_row_bytes(&w) + linear_scale_bytes(&w);
-        int n = (int)(((size_t)420 << 20) / bytes) + 1;   /* copies: > 400 MB in all */
-        GemvRun run = {xcalloc((size_t)n, sizeof(GpuLinear)), n, gpu_alloc((size_t)w.cols * 4), gpu_alloc((size_t)w.rows * 4)};
-        for (int c = 0; c < n; c++) gpu_upload_linear(&run.copies[c], &w);
-        float *x = xcalloc((size_t)w.cols, sizeof(float));
-        for (int c = 0; c < w.cols; c++) x[c] = random_float(&rng) * 2 - 1;
-        gpu_upload(run.x, x, (size_t)w.cols * 4);
-        double us = gpu_median_us(gemv_call, &run, n < 20 ? 20 : n), gbs = bytes / us * 1e-3;
-        double same_gbs = (double)w.rows * run.copies[0].row_bytes / gpu_median_us(gemv_stream_call, &run, n < 20 ? 20 : n) * 1e-3;
-        char shape[32];
-        snprintf(shape, sizeof shape, "%dx%d", w.rows, w.cols);
-        printf("%-6s %-13s %13s %8.1f %7d %10.2f %8.0f %6.0f%% %8.0f GB/s %7.0f%%\n", format_names[w.format],
-               shapes[i].what, shape, bytes / 1e6, n, us, gbs, 100 * gbs / stream_gbs, same_gbs, 100 * gbs / same_gbs);
-        for (int c = 0; c < n; c++) gpu_free_linear(&run.copies[c]);
-        gpu_free(run.x);
-        gpu_free(run.y);
-        free(run.copies);
-        free(x);
-        free((void *)w.weight);
-        free((void *)w.scale);
-    }
-}
-
-#pragma GCC diagnostic pop
 
 /* ======================================================================= GPU: forward pass */
 /* The model on the GPU mirrors the CPU forward pass kernel by kernel (each kernel's comment in
@@ -3545,6 +3386,47 @@ static void perplexity(const Model *m, State *s, const int *ids, int n, int bos,
    in chunks of 2048, then decodes with the CUDA graph and reports per token: time, bytes read,
    GB/s against a streaming read measured in the same run, kernels, and the projection to
    Flash's 43 layers. */
+
+/* Milliseconds of `reps` runs of fn(arg, i) (i = 0..reps-1) on the stream, between two events. */
+static float gpu_time(void (*fn)(void *, int), void *arg, int reps) {
+    CUevent start, end;
+    float ms;
+    CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
+    CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
+    CU_CHECK(cu.cuEventRecord(start, gpu.stream));
+    for (int i = 0; i < reps; i++) fn(arg, i);
+    CU_CHECK(cu.cuEventRecord(end, gpu.stream));
+    CU_CHECK(cu.cuEventSynchronize(end));
+    CU_CHECK(cu.cuEventElapsedTime(&ms, start, end));
+    CU_CHECK(cu.cuEventDestroy(start));
+    CU_CHECK(cu.cuEventDestroy(end));
+    return ms;
+}
+
+/* qsort order of floats, ascending. */
+static int compare_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
+#define BENCH_REPEATS 9   /* timed passes; the median is reported */
+
+/* Median over BENCH_REPEATS passes of the time per call of fn (each pass `calls` calls). */
+static double gpu_median_us(void (*fn)(void *, int), void *arg, int calls) {
+    float t[BENCH_REPEATS];
+    gpu_time(fn, arg, calls);   /* warm-up */
+    for (int i = 0; i < BENCH_REPEATS; i++) t[i] = gpu_time(fn, arg, calls) * 1000 / calls;
+    qsort(t, BENCH_REPEATS, sizeof *t, compare_float);
+    return t[BENCH_REPEATS / 2];
+}
+
+/* One stream_read over buf[bytes] (the call index is unused: the same buffer every time). */
+typedef struct { CUdeviceptr buf, out; size_t bytes; } StreamRun;
+static void stream_call(void *arg, int i) {
+    (void)i;
+    StreamRun *r = arg;
+    gpu_stream_read(r->buf, r->bytes, r->out);
+}
 
 /* V4-Flash's configuration (its config.json, read as parse_config reads it) cut to `layers`. */
 static void bench_config(Config *c, int layers) {

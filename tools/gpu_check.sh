@@ -17,10 +17,11 @@ for tool in memcheck racecheck; do
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|^FAIL" "$LOG/gpu-$tool.log"
 done
 echo "== mutant: E2M1 decode loses a magnitude bit (0x81C00000 -> 0x81800000); the FP4 tests must fail"
-cp kernels.ptx build/kernels.ptx.orig
-sed -i 's/0x81C00000/0x81800000/' kernels.ptx
-make -s build/test && NVFP4_GPU_QUICK=1 ./build/test > "$LOG/gpu-mutant.log" 2>&1
-cp build/kernels.ptx.orig kernels.ptx
+# the mutant is built in a copy of the tree: the working tree's kernels.ptx is never touched
+mutant=$(mktemp -d)
+cp -r Makefile nvfp4.c nvfp4.h kernels.ptx test.c testdata models "$mutant"/ 2>/dev/null
+sed -i 's/0x81C00000/0x81800000/' "$mutant/kernels.ptx"
+(cd "$mutant" && make -s build/test build/deepseek-tokenizer.json && NVFP4_GPU_QUICK=1 ./build/test) > "$LOG/gpu-mutant.log" 2>&1
+rm -rf "$mutant"
 grep -E "^FAIL.*GPU|passed" "$LOG/gpu-mutant.log"
-make -s build/test
 exit $status

@@ -2080,19 +2080,13 @@ static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
    the values a decode step reads and advances in device memory: the position, the token and
    the sampler's RNG state.
 
-   The graph story: prefill runs chunk by chunk with ordinary launches (the host may wait between
-   them, e.g. to size the MoE's expert launches). A decode step is captured once as a CUDA graph:
-   every kernel reads the position (*pos) and the token (tokens[0]) from device memory; the last
-   kernel, sample_token, writes the sampled token to tokens[0] and out_token and advances *pos.
-   Replaying the graph is the whole step; the host reads back 4 bytes (the token).
-
-   Decode launches fewer kernels than prefill: one gemv launch computes the GEMVs that need no
-   result of one another (up to four matrices of any formats: gpu_gemv_parts), and the GEMVs
-   that read a site's x make it from the mHC finish themselves (GemvHc), so the step has no
-   hc_finish launches; the experts' w1/w3 launch routes the token itself (GemvRoute), so no
-   router launch either; a CSA layer's two compressors share one launch; the norms, RoPE,
-   SwiGLU and the new key are folded into the kernels that read their results. 96 kernels for
-   the 8-layer benchmark (README, Performance). */
+   Three paths compute the same model: forward() on the CPU is the reference; gpu_prefill runs
+   a chunk of tokens section by section beside it (tensor-core GEMMs, ordinary launches: the
+   host may wait between them, e.g. to size the MoE's expert launches); gpu_decode runs one
+   token with decode's fusions and is what the CUDA graph captures (gpu_capture_decode):
+   replaying it is the whole step, and the host reads back 4 bytes (the token). The stages
+   both launch (embedding, indexer, the attention kernel, the output projection, the mHC
+   mixing) come first. */
 
 #define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gm.state */
 #define HC_SLICE 64                            /* columns of E per block of the mHC partial sums */
@@ -2153,6 +2147,7 @@ static struct {
     CUdeviceptr *allocations;              /* every cuMemAlloc of the model, for gpu_unload */
     size_t n_allocations, allocated_bytes;
     CUgraphExec decode_graph;              /* one decode step, captured by gpu_capture_decode */
+    float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
 } gm;
 
 /* The factor the GEMM multiplies its f32 sums by for W's layout: NVFP4's global scale, 2^-56 for
@@ -2456,6 +2451,7 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
     gm.tokens = gm_alloc((size_t)T * sizeof(int32_t));
     gm.rng = gm_alloc(sizeof(uint64_t));
     gm.out_token = gm_alloc(sizeof(int32_t));
+    gm.host_logits = xcalloc((size_t)(all_logits ? T : 1) * c->vocab_size, sizeof(float));
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
     return now_seconds() - start;
 }
@@ -2470,6 +2466,7 @@ static void gpu_unload(void) {
         free(gm.layers[l].w3.host_factors);
     }
     free(gm.allocations);
+    free(gm.host_logits);
     free(gm.state.layers);
     free(gm.layers);
     memset(&gm, 0, sizeof gm);
@@ -2579,110 +2576,72 @@ static size_t gpu_scale_rows_bytes(const GpuLinear *g, int rows) {
          : g->format == FMT_FP8 ? n / 128 * (row_bytes / 128) * 4 : 0;
 }
 
-/* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]; in decode
-   with hc, x is not in scratch but made by the GEMVs that read it from the site's mHC finish.
-   Mirrors attention(). */
-static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
-    const Config *c = &m->config;
+/* The RoPE of layer l's queries and keys: "main" for sliding-window layers, "compress" else. */
+static const Rope *gpu_layer_rope(const Config *c, int l) {
+    return c->attn_kind[l] == ATTN_SLIDING ? &gm.state.rope_main : &gm.state.rope_compress;
+}
+
+/* ------------------------------------------------------------- stages both paths launch */
+
+/* The embedding of tokens[0..T) into the streams h, and the first site's partial mixing sums.
+   Mirrors forward()'s embedding and the sums of hc_mix. */
+static void gpu_embed(const Config *c, int T) {
+    Scratch *w = &gm.state.scratch;
+    int E = c->hidden_size, mix = (2 + HC) * HC;
+    LAUNCH(K_EMBED, (unsigned)(E + 255) / 256, (unsigned)T, 1, 256, 0, P64(DEV(w->h)), P64(gm.embed), P64(gm.tokens),
+           PU32(E));
+    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, P64(gm.hc_partial),
+           P64(gm.hc_partial_ss), P64(DEV(w->h)), P64(gm.layers[0].hc_attn_fn), PU32(E), PU32(mix), PU32(HC_SLICE));
+}
+
+/* CSA: the indexer's scores of the compressed entries for each of the T queries (the kernel
+   rotates index_q as it stages it, weighs the heads by index_w [T, NI]), then each query's
+   top-k entries into selected / n_selected. Mirrors select_entries. */
+static void gpu_indexer(const Config *c, int l, int T, CUdeviceptr index_w) {
+    Scratch *w = &gm.state.scratch;
+    const LayerCache *ls = &gm.state.layers[l];
+    const Rope *r = &gm.state.rope_compress;
+    int NI = c->index_heads, DI = c->index_dim, R = c->rope_dim, ratio = c->compress_ratio[l];
+    unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 31) / 32;
+    LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 256, smem, P64(gm.index_scores),
+           PU32(gm.score_stride), P64(DEV(w->index_q)), P64(index_w), P64(DEV(ls->index_comp.entries)), PU32(NI), PU32(DI),
+           PU32(ratio), P64(gm.pos), PU32(R), P64(DEV(r->inv_freq)), PF32(r->scale));
+    LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, P64(gm.index_scores), PU32(gm.score_stride), P64(gm.selected),
+           PU32(c->index_topk), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio), P64(gm.pos));
+}
+
+/* Each of the T queries q [T, H, D] (normalized and rotated by the kernel) over its window and
+   compressed entries, with the sink, into attn [T, H, D]. `new_key` is decode's kv [D] (the
+   kernel normalizes, rotates and writes it into the ring first, and a head's keys are split
+   over gm.attn_splits blocks for CSA/HCA layers); 0 in prefill, where the ring holds the
+   chunk's keys already. Mirrors attention()'s loop over queries (attend). */
+static void gpu_attend(const Config *c, int l, int T, CUdeviceptr new_key) {
     const GpuLayer *g = &gm.layers[l];
     Scratch *w = &gm.state.scratch;
     LayerCache *ls = &gm.state.layers[l];
-    int H = c->n_heads, D = c->head_dim, R = c->rope_dim, Q = c->q_lora_rank, ratio = c->compress_ratio[l];
-    int rows = ring_rows(&gm.state, c), csa = c->attn_kind[l] == ATTN_CSA;
-    const Rope *rope_l = c->attn_kind[l] == ATTN_SLIDING ? &gm.state.rope_main : &gm.state.rope_compress;
-
-    /* the projections of x: the queries' low-rank input qr (their per-head RMSNorm and RoPE
-       happen in attention_decode), the shared latent kv (it joins the ring), the compressors'
-       inputs. Decode launches them together (gpu_gemv_parts): wq_a and wkv stacked (wq_a_wkv)
-       beside a CSA layer's five projections stacked (csa_stack) or an HCA layer's compressor
-       pair; then wq_b and the indexer's wq_b, which apply qr's RMSNorm as they stage it */
-    CUdeviceptr x = hc ? 0 : DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv);
-    CUdeviceptr comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate), index_kv = comp_kv, index_gate = comp_gate;
-    CUdeviceptr index_w = DEV(w->index_w);
-    if (T == 1) {
-        GemvPart parts[7];
-        GemvPlan plans[3];
-        int n = 0;
-        if (g->wq_a_wkv.rows) {
-            qr = gm.qr_kv, kv = gm.qr_kv + (size_t)Q * sizeof(float);
-            parts[n++] = (GemvPart){&g->wq_a_wkv, x, qr, NULL};
-        } else {
-            parts[n++] = (GemvPart){&g->wq_a, x, qr, NULL};
-            parts[n++] = (GemvPart){&g->wkv, x, kv, NULL};
-        }
-        if (csa) {   /* the five outputs side by side in csa_out, as the stack writes them */
-            comp_kv = gm.csa_out, comp_gate = comp_kv + (size_t)g->comp_wkv.rows * 4;
-            index_kv = comp_gate + (size_t)g->comp_wgate.rows * 4, index_gate = index_kv + (size_t)g->index_comp_wkv.rows * 4;
-            index_w = index_gate + (size_t)g->index_comp_wgate.rows * 4;
-        }
-        if (g->csa_stack.rows) {
-            parts[n++] = (GemvPart){&g->csa_stack, x, gm.csa_out, NULL};
-        } else if (ratio) {
-            n = gemv_add_pair(parts, n, &plans[0], &g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, x,
-                              comp_kv, comp_gate);
-            if (csa) {
-                n = gemv_add_pair(parts, n, &plans[1], &g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired,
-                                  g->index_comp_gscales62, x, index_kv, index_gate);
-                parts[n++] = (GemvPart){&g->index_weights_proj, x, index_w, NULL};
-            }
-        }
-        gpu_gemv_parts(parts, n, hc);
-        plans[2] = (GemvPlan){.norm_weight = g->q_norm, .eps = c->rms_eps};
-        GemvPart queries[2] = {{&g->wq_b, qr, DEV(w->q), &plans[2]}, {&g->index_wq_b, qr, DEV(w->index_q), &plans[2]}};
-        gpu_gemv_parts(queries, csa ? 2 : 1, NULL);
-    } else {   /* prefill: qr normalized in place; kv normalized, rotated and copied into the ring */
-        gpu_linear(&g->wq_a, x, qr, T);
-        gpu_linear(&g->wkv, x, kv, T);
-        gpu_row_norm_rope(qr, T, 1, Q, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
-        gpu_linear(&g->wq_b, qr, DEV(w->q), T);
-        gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, R, rope_l, DEV(ls->keys), rows);
-    }
-
-    /* compressed entries; for CSA the indexer's keys, then its scores and top-k (prefill: the
-       indexer's projections reuse the compressor's scratch once its entries are made) */
-    if (T > 1 && ratio) {
-        gpu_linear(&g->comp_wkv, x, comp_kv, T);
-        gpu_linear(&g->comp_wgate, x, comp_gate, T);
-    }
-    CompressorArgs comp[2] = {
-        compressor_args(&ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, comp_kv, comp_gate),
-        compressor_args(&ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, c->index_dim, index_kv, index_gate)};
-    if (ratio && (T > 1 || !csa)) gpu_compressors(c, comp, 1, ratio, T);
-    if (csa) {
-        int NI = c->index_heads, DI = c->index_dim;
-        if (T > 1) {   /* the indexer's projections into the scratch the compressor has read */
-            gpu_linear(&g->index_comp_wkv, x, index_kv, T);
-            gpu_linear(&g->index_comp_wgate, x, index_gate, T);
-            gpu_linear(&g->index_weights_proj, x, index_w, T);
-            gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
-            gpu_compressors(c, comp + 1, 1, ratio, T);
-        } else {   /* decode: both compressors in one launch */
-            gpu_compressors(c, comp, 2, ratio, T);
-        }
-        /* the scores, the kernel rotating the queries as it stages them */
-        const Rope *r = &gm.state.rope_compress;
-        unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 31) / 32;
-        LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 256, smem, P64(gm.index_scores),
-               PU32(gm.score_stride), P64(DEV(w->index_q)), P64(index_w), P64(DEV(ls->index_comp.entries)),
-               PU32(NI), PU32(DI), PU32(ratio), P64(gm.pos), PU32(R), P64(DEV(r->inv_freq)), PF32(r->scale));
-        LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, P64(gm.index_scores), PU32(gm.score_stride), P64(gm.selected),
-               PU32(c->index_topk), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio), P64(gm.pos));
-    }
-
-    /* each query (normalized and rotated by the kernel): the window and its compressed entries,
-       with the sink; then wo_a by group, wo_b */
-    int mode = csa ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0, splits = T == 1 && mode ? gm.attn_splits : 1;
+    const Rope *rope_l = gpu_layer_rope(c, l);
+    int H = c->n_heads, D = c->head_dim, ratio = c->compress_ratio[l];
+    int mode = c->attn_kind[l] == ATTN_CSA ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
+    int splits = new_key && mode ? gm.attn_splits : 1;
     LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, (unsigned)splits, 512, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
-           P64(g->attn_sink), P64(DEV(ls->keys)), PU32(rows), PU32(c->sliding_window), P64(DEV(ls->comp.entries)),
-           PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio ? ratio : 1), PU32(R),
-           P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos), PF32(c->rms_eps), P64(T == 1 ? kv : 0),
-           P64(g->kv_norm), P64(gm.attn_partial), P64(gm.attn_counter));
-    int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
-    if (T == 1 && G <= GEMV_MAX_SLOTS && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {   /* the groups as slots of one GEMV */
+           P64(g->attn_sink), P64(DEV(ls->keys)), PU32(ring_rows(&gm.state, c)), PU32(c->sliding_window),
+           P64(DEV(ls->comp.entries)), PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk),
+           PU32(ratio ? ratio : 1), PU32(c->rope_dim), P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos),
+           PF32(c->rms_eps), P64(new_key), P64(g->kv_norm), P64(gm.attn_partial), P64(gm.attn_counter));
+}
+
+/* The grouped output projection: attn [T, H * D] -> grouped [T, G * O] by wo_a, group by group
+   (one token: the groups as the slots of one GEMV where wo_a's layout allows), then wo_b ->
+   block_out [T, E]. Mirrors the end of attention(). */
+static void gpu_output_projection(const Config *c, int l, int T) {
+    const GpuLayer *g = &gm.layers[l];
+    Scratch *w = &gm.state.scratch;
+    int H = c->n_heads, D = c->head_dim, G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
+    if (T == 1 && G <= GEMV_MAX_SLOTS && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {
         GpuLinear group = g->wo_a;
         group.rows = O;
         GemvPlan slots = {.count = G, .x_stride = group_in, .y_stride = O, .stride_w = (size_t)O * g->wo_a.row_bytes,
-                           .stride_s = gpu_scale_rows_bytes(&g->wo_a, O), .list_len = G};
+                          .stride_s = gpu_scale_rows_bytes(&g->wo_a, O), .list_len = G};
         gpu_gemv_plan(&group, DEV(w->attn), DEV(w->grouped), &slots);
     } else {
         for (int grp = 0; grp < G; grp++)
@@ -2692,116 +2651,10 @@ static void gpu_attention(const Model *m, int l, int T, const GemvHc *hc) {
     gpu_linear(&g->wo_b, DEV(w->grouped), DEV(w->block_out), T);
 }
 
-/* The decode plan of an expert stack's matrix over K slots: expert chosen[k] (route_tokens'
-   choice) for slot k, input x + k * x_slot_stride floats (staged as SwiGLU(x, up) with up
-   up_offset bytes after x when up_offset is not 0), output row k. */
-static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit) {
-    return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm.state.scratch.chosen),
-                      .stride_w = g->weight_stride, .stride_s = g->scale_stride,
-                      .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
-                      .up_offset = up_offset, .limit = limit};
-}
-
-/* Prefill: one expert stack's matrix applied to the chunk's slots in expert order, x [T * K,
-   cols] -> y [T * K, rows]: per expert with slots, a GEMM over its rows (start[X + 1]: the
-   expert counts, which the host read). */
-static void gpu_expert_gemm(const GpuExperts *g, CUdeviceptr x, CUdeviceptr y, const int *start, int X) {
-    const GpuLinear *w = &g->one;
-    for (int e = 0; e < X; e++) {
-        int n = start[e + 1] - start[e];
-        if (!n) continue;
-        GpuLinear one = *w;
-        one.weight = g->weight + e * g->weight_stride;
-        one.scale = g->scale ? g->scale + e * g->scale_stride : 0;
-        gpu_gemm(&one, g->host_factors[e], 0, w->rows, x + (size_t)start[e] * w->cols * 4, w->cols,
-                 y + (size_t)start[e] * w->rows * 4, w->rows, n, NULL);
-    }
-}
-
 /* gate[n] = silu(min(gate, limit)) * clamp(up, -limit, limit). Mirrors expert_ffn's activation. */
 static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) {
     unsigned blocks = (unsigned)((n + 255) / 256), most = (unsigned)gpu.sm_count * 4;
     LAUNCH(K_SWIGLU, blocks < most ? blocks : most, 1, 1, 256, 0, P64(gate), P64(up), PU32(n), PF32(limit));
-}
-
-/* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E] holds the shared
-   expert's output and expert_out the routed experts' (rows by slot for decode, by the slot
-   order for prefill); hc_post_mix adds them, weighted. Mirrors moe() up to its combine. In
-   decode with hc, x is made by the GEMVs that read it (the router's and the experts' w1 and
-   w3) from the site's mHC finish. */
-static void gpu_moe(const Model *m, int l, int T, const GemvHc *hc) {
-    const Config *c = &m->config;
-    const GpuLayer *g = &gm.layers[l];
-    Scratch *w = &gm.state.scratch;
-    int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
-    CUdeviceptr x = hc ? 0 : DEV(w->x);
-    /* the router's logits (decode: its blocks also write the site's post and comb); prefill
-       runs the shared expert now, into block_out (the routed experts reuse its scratch), and
-       the routing; decode routes inside the experts' w1/w3 launch */
-    if (T == 1) {
-        GemvPart gate = {&g->gate, x, DEV(w->router), NULL};
-        gpu_gemv_parts(&gate, 1, hc);
-    } else {
-        gpu_linear(&g->gate, x, DEV(w->router), T);
-        gpu_linear(&g->shared_w1, x, DEV(w->expert_gate), T);
-        gpu_linear(&g->shared_w3, x, DEV(w->expert_up), T);
-        gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
-        gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
-        LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),
-               P64(DEV(w->chosen)), P64(DEV(w->route_weight)), P64(DEV(w->expert_start)), P64(DEV(w->slot_order)),
-               P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
-               PF32(c->routed_scaling));
-    }
-    if (T == 1) {
-        /* decode: two launches. First the shared expert's w1 and w3 (into shared_act: gate,
-           then up) beside the chosen experts' w1 and w3 (one part of 2K slots when the stacks
-           lie side by side: the w3 outputs go to rows K..2K-1 of expert_gate, which has room
-           for max_tokens * K rows). Every block of it routes the token first (route: block 0
-           writes chosen and route_weight); the shared expert comes first, so its weights
-           stream into the ring meanwhile. Then the w2 of both, each applying the activation
-           as it stages its input. */
-        CUdeviceptr shared_gate = gm.shared_act, shared_up = gm.shared_act + (size_t)I * sizeof(float);
-        CUdeviceptr up = DEV(w->expert_up);
-        GemvPart parts[4];
-        GemvPlan pair, routed13, routed1, routed3;
-        int n = gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x,
-                              shared_gate, shared_up);
-        if (g->w13_paired && gm.state.max_tokens >= 2) {
-            const GpuLinear *one = &g->w1.one;
-            routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
-                                  .stride_s = g->w1.scale_stride, .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
-                                  .list_len = K, .list_offset = X};
-            parts[n++] = (GemvPart){one, x, DEV(w->expert_gate), &routed13};
-            up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
-        } else {
-            routed1 = expert_plan(&g->w1, K, 0, 0, 0), routed3 = expert_plan(&g->w3, K, 0, 0, 0);
-            parts[n++] = (GemvPart){&g->w1.one, x, DEV(w->expert_gate), &routed1};
-            parts[n++] = (GemvPart){&g->w3.one, x, up, &routed3};
-        }
-        GemvHc again = hc ? *hc : (GemvHc){0};   /* x made again; post and comb are written already */
-        again.post = again.comb = 0;
-        GemvRoute route = {DEV(w->router), g->gate_bias, g->tid2eid, gm.tokens, DEV(w->chosen), DEV(w->route_weight),
-                           DEV(w->expert_start), DEV(w->slot_order), DEV(w->slot_row), gm.active_experts,
-                           gm.active_count, (uint32_t)X, (uint32_t)K, c->routed_scaling, 0};
-        gpu_gemv_launch(parts, n, hc ? &again : NULL, &route);
-        /* the w2 launch: the experts' list comes from the launch just before (read after the wait) */
-        GemvPlan shared = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
-        GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit);
-        GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared},
-                          {&g->w2.one, DEV(w->expert_gate), DEV(w->expert_out), &routed}};
-        gpu_gemv_parts(w2, 2, NULL);
-        return;
-    }
-    /* prefill: gather each slot's row in expert order; the host sizes the launches */
-    int *start = xcalloc((size_t)X + 1, sizeof(int));
-    gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
-    LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, P64(DEV(w->expert_x)), P64(x), P64(DEV(w->slot_order)), PU32(K),
-           PU32(E));
-    gpu_expert_gemm(&g->w1, DEV(w->expert_x), DEV(w->expert_gate), start, X);
-    gpu_expert_gemm(&g->w3, DEV(w->expert_x), DEV(w->expert_up), start, X);
-    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * K * I, c->swiglu_limit);
-    gpu_expert_gemm(&g->w2, DEV(w->expert_gate), DEV(w->expert_out), start, X);
-    free(start);
 }
 
 /* h' = hc_post of the current site (with the MoE combine when `moe`), then the next site's
@@ -2815,6 +2668,20 @@ static void gpu_hc_post_mix(int T, CUdeviceptr fn, int rows, int moe, int K, con
            P64(DEV(w->route_weight)), P64(T == 1 ? gm.slot_identity : DEV(w->slot_row)), PU32(K));
 }
 
+/* The mixing after layer l's attention (into the sums of its MoE site) or after its MoE (into
+   the next layer's attention site, or the head's after the last layer). */
+static void gpu_after_block(const Config *c, int l, int T, int moe) {
+    int mix = (2 + HC) * HC;
+    if (!moe) gpu_hc_post_mix(T, gm.layers[l].hc_ffn_fn, mix, 0, c->topk, c);
+    else if (l + 1 < c->n_layers) gpu_hc_post_mix(T, gm.layers[l + 1].hc_attn_fn, mix, 1, c->topk, c);
+    else gpu_hc_post_mix(T, gm.hc_head_fn, HC, 1, c->topk, c);
+}
+
+/* ===================================================================== GPU: prefill a chunk */
+/* A chunk of T > 1 tokens, section by section as forward() computes it: every linear layer a
+   tensor-core GEMM over the chunk's rows, each site's x made by an hc_finish launch, the MoE's
+   experts launched one by one over the slots the host reads back. */
+
 /* x[n, E] = RMSNorm(collapse of the streams) for n tokens from t0, with post and comb for a
    block site (rows 24) or the head's pre only (rows 4). Mirrors hc_pre / hc_head + rmsnorm. */
 static void gpu_hc_finish(const Config *c, int n, int t0, CUdeviceptr base, CUdeviceptr scale, CUdeviceptr norm, int rows) {
@@ -2824,6 +2691,130 @@ static void gpu_hc_finish(const Config *c, int n, int t0, CUdeviceptr base, CUde
            P64(scale), P64(norm), PU32(c->hidden_size), PU32(rows), PU32(gm.hc_slices), PU32(t0), PF32(c->hc_eps),
            PF32(c->rms_eps), PU32(c->sinkhorn_iters));
 }
+
+/* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. Mirrors
+   attention(): its projections (qr normalized in place; kv normalized, rotated and copied into
+   the ring; the queries' per-head norm and RoPE happen in attention_decode), compress_and_index
+   (the indexer's projections reuse the compressor's scratch once its entries are made), the
+   queries, the output projection. */
+static void gpu_attention_prefill(const Model *m, int l, int T) {
+    const Config *c = &m->config;
+    const GpuLayer *g = &gm.layers[l];
+    Scratch *w = &gm.state.scratch;
+    LayerCache *ls = &gm.state.layers[l];
+    int D = c->head_dim, ratio = c->compress_ratio[l], csa = c->attn_kind[l] == ATTN_CSA;
+    CUdeviceptr x = DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv), comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate);
+
+    gpu_linear(&g->wq_a, x, qr, T);
+    gpu_linear(&g->wkv, x, kv, T);
+    gpu_row_norm_rope(qr, T, 1, c->q_lora_rank, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
+    gpu_linear(&g->wq_b, qr, DEV(w->q), T);
+    gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, c->rope_dim, gpu_layer_rope(c, l), DEV(ls->keys),
+                      ring_rows(&gm.state, c));
+
+    if (ratio) {
+        gpu_linear(&g->comp_wkv, x, comp_kv, T);
+        gpu_linear(&g->comp_wgate, x, comp_gate, T);
+        CompressorArgs comp = compressor_args(&ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, D, comp_kv, comp_gate);
+        gpu_compressors(c, &comp, 1, ratio, T);
+    }
+    if (csa) {
+        gpu_linear(&g->index_comp_wkv, x, comp_kv, T);
+        gpu_linear(&g->index_comp_wgate, x, comp_gate, T);
+        gpu_linear(&g->index_weights_proj, x, DEV(w->index_w), T);
+        gpu_linear(&g->index_wq_b, qr, DEV(w->index_q), T);
+        CompressorArgs index = compressor_args(&ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, c->index_dim,
+                                               comp_kv, comp_gate);
+        gpu_compressors(c, &index, 1, ratio, T);
+        gpu_indexer(c, l, T, DEV(w->index_w));
+    }
+
+    gpu_attend(c, l, T, 0);
+    gpu_output_projection(c, l, T);
+}
+
+/* One expert stack's matrix applied to the chunk's slots in expert order, x [T * K, cols] ->
+   y [T * K, rows]: per expert with slots, a GEMM over its rows (start[X + 1]: the expert
+   counts, which the host read). */
+static void gpu_expert_gemm(const GpuExperts *g, CUdeviceptr x, CUdeviceptr y, const int *start, int X) {
+    const GpuLinear *w = &g->one;
+    for (int e = 0; e < X; e++) {
+        int n = start[e + 1] - start[e];
+        if (!n) continue;
+        GpuLinear one = *w;
+        one.weight = g->weight + e * g->weight_stride;
+        one.scale = g->scale ? g->scale + e * g->scale_stride : 0;
+        gpu_gemm(&one, g->host_factors[e], 0, w->rows, x + (size_t)start[e] * w->cols * 4, w->cols,
+                 y + (size_t)start[e] * w->rows * 4, w->rows, n, NULL);
+    }
+}
+
+/* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E] holds the shared
+   expert's output and expert_out [T * K, E] the routed experts' rows in slot order (slot_row);
+   hc_post_mix adds them, weighted. Mirrors moe() up to its combine: the router and the shared
+   expert first (the routed experts reuse the shared expert's scratch), the routing, then the
+   host reads the expert counts to size one GEMM per chosen expert. */
+static void gpu_moe_prefill(const Model *m, int l, int T) {
+    const Config *c = &m->config;
+    const GpuLayer *g = &gm.layers[l];
+    Scratch *w = &gm.state.scratch;
+    int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
+    CUdeviceptr x = DEV(w->x);
+    gpu_linear(&g->gate, x, DEV(w->router), T);
+    gpu_linear(&g->shared_w1, x, DEV(w->expert_gate), T);
+    gpu_linear(&g->shared_w3, x, DEV(w->expert_up), T);
+    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
+    gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),
+           P64(DEV(w->chosen)), P64(DEV(w->route_weight)), P64(DEV(w->expert_start)), P64(DEV(w->slot_order)),
+           P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
+           PF32(c->routed_scaling));
+    int *start = xcalloc((size_t)X + 1, sizeof(int));
+    gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
+    LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, P64(DEV(w->expert_x)), P64(x), P64(DEV(w->slot_order)), PU32(K),
+           PU32(E));
+    gpu_expert_gemm(&g->w1, DEV(w->expert_x), DEV(w->expert_gate), start, X);
+    gpu_expert_gemm(&g->w3, DEV(w->expert_x), DEV(w->expert_up), start, X);
+    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * K * I, c->swiglu_limit);
+    gpu_expert_gemm(&g->w2, DEV(w->expert_gate), DEV(w->expert_out), start, X);
+    free(start);
+}
+
+/* The chunk of T > 1 tokens at tokens[0..T) and position *pos through the model: logits of
+   every row [T, V] when all_logits, else of the last [1, V], into gm.state.scratch.logits. Does
+   not advance *pos. Mirrors forward(). */
+static void gpu_prefill(const Model *m, int T, int all_logits) {
+    const Config *c = &m->config;
+    Scratch *w = &gm.state.scratch;
+    int mix = (2 + HC) * HC;
+    gpu_embed(c, T);
+    for (int l = 0; l < c->n_layers; l++) {
+        const GpuLayer *g = &gm.layers[l];
+        gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
+        gpu_attention_prefill(m, l, T);
+        gpu_after_block(c, l, T, 0);
+        gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
+        gpu_moe_prefill(m, l, T);
+        gpu_after_block(c, l, T, 1);
+    }
+    int rows = all_logits ? T : 1;
+    gpu_hc_finish(c, rows, T - rows, gm.hc_head_base, gm.hc_head_scale, gm.norm, HC);
+    gpu_linear(&gm.head, DEV(w->x), DEV(w->logits), rows);
+}
+
+/* ====================================================================== GPU: the decode step */
+/* One token, the step the CUDA graph captures: the same sections as gpu_prefill with decode's
+   fusions, so that every weight byte is read once by a GEMV and few kernels run:
+   - one gemv launch computes the GEMVs that need no result of one another (up to four
+     matrices of any formats: gpu_gemv_parts), pairs and stacks uploaded side by side as one;
+   - the GEMVs that read a site's x make it from the mHC finish themselves (GemvHc): no
+     hc_finish launches;
+   - the experts' w1/w3 launch routes the token itself (GemvRoute): no router launch;
+   - a CSA layer's two compressors share one launch; the queries' RMSNorm is applied by wq_b
+     as it stages qr, SwiGLU by w2 as it stages its input, the new key's norm, RoPE and ring
+     write by attention_decode.
+   Every kernel reads the position (*pos) and the token (tokens[0]) from device memory; the
+   step's last kernel, sample_token, writes the next token and advances *pos. */
 
 /* Decode's mHC finish of the site before layer l's attention (attn 1) or MoE (attn 0), or of
    the head (l = n_layers): what the GEMVs that read that site's x make it with. */
@@ -2844,39 +2835,140 @@ static GemvHc gemv_hc_site(const Config *c, int l, int attn) {
     return hc;
 }
 
-/* The chunk of T tokens at tokens[0..T) and position *pos through the model on the GPU: logits
-   of every row [T, V] when all_logits, else of the last [1, V], into gm.state.scratch.logits.
-   Does not advance *pos (the caller, or the decode graph's sample_token, does). Mirrors
-   forward(). */
-static void gpu_forward(const Model *m, int T, int all_logits) {
+/* Attention sub-block of layer l for one token: block_out[E]. Its x is made from the site's
+   mHC finish by the GEMVs that read it (hc; NULL: x is in scratch, as the tests give it).
+   Mirrors attention(): one launch for every projection of x (wq_a and wkv stacked, beside a
+   CSA layer's five compressor and indexer projections stacked, or an HCA layer's compressor
+   pair), one for wq_b and the indexer's wq_b (which normalize qr as they stage it), the
+   compressors, the indexer, the queries (which write the new key into the ring first), the
+   output projection. */
+static void gpu_attention_decode(const Model *m, int l, const GemvHc *hc) {
     const Config *c = &m->config;
+    const GpuLayer *g = &gm.layers[l];
     Scratch *w = &gm.state.scratch;
-    int E = c->hidden_size, K = c->topk, L = c->n_layers, mix = (2 + HC) * HC;
-    LAUNCH(K_EMBED, (unsigned)(E + 255) / 256, (unsigned)T, 1, 256, 0, P64(DEV(w->h)), P64(gm.embed), P64(gm.tokens),
-           PU32(E));
-    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, P64(gm.hc_partial),
-           P64(gm.hc_partial_ss), P64(DEV(w->h)), P64(gm.layers[0].hc_attn_fn), PU32(E), PU32(mix), PU32(HC_SLICE));
-    /* each site's finish (x, post, comb): prefill launches hc_finish, decode's GEMVs make x */
-    for (int l = 0; l < L; l++) {
-        const GpuLayer *g = &gm.layers[l];
+    LayerCache *ls = &gm.state.layers[l];
+    int Q = c->q_lora_rank, ratio = c->compress_ratio[l], csa = c->attn_kind[l] == ATTN_CSA;
+    CUdeviceptr x = hc ? 0 : DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv);
+    CUdeviceptr comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate), index_kv = comp_kv, index_gate = comp_gate;
+    CUdeviceptr index_w = DEV(w->index_w);
+    GemvPart parts[7];
+    GemvPlan plans[3];
+    int n = 0;
+    if (g->wq_a_wkv.rows) {
+        qr = gm.qr_kv, kv = gm.qr_kv + (size_t)Q * sizeof(float);
+        parts[n++] = (GemvPart){&g->wq_a_wkv, x, qr, NULL};
+    } else {
+        parts[n++] = (GemvPart){&g->wq_a, x, qr, NULL};
+        parts[n++] = (GemvPart){&g->wkv, x, kv, NULL};
+    }
+    if (csa) {   /* the five outputs side by side in csa_out, as the stack writes them */
+        comp_kv = gm.csa_out, comp_gate = comp_kv + (size_t)g->comp_wkv.rows * 4;
+        index_kv = comp_gate + (size_t)g->comp_wgate.rows * 4, index_gate = index_kv + (size_t)g->index_comp_wkv.rows * 4;
+        index_w = index_gate + (size_t)g->index_comp_wgate.rows * 4;
+    }
+    if (g->csa_stack.rows) {
+        parts[n++] = (GemvPart){&g->csa_stack, x, gm.csa_out, NULL};
+    } else if (ratio) {
+        n = gemv_add_pair(parts, n, &plans[0], &g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, x,
+                          comp_kv, comp_gate);
+        if (csa) {
+            n = gemv_add_pair(parts, n, &plans[1], &g->index_comp_wkv, &g->index_comp_wgate, g->index_comp_paired,
+                              g->index_comp_gscales62, x, index_kv, index_gate);
+            parts[n++] = (GemvPart){&g->index_weights_proj, x, index_w, NULL};
+        }
+    }
+    gpu_gemv_parts(parts, n, hc);
+    plans[2] = (GemvPlan){.norm_weight = g->q_norm, .eps = c->rms_eps};
+    GemvPart queries[2] = {{&g->wq_b, qr, DEV(w->q), &plans[2]}, {&g->index_wq_b, qr, DEV(w->index_q), &plans[2]}};
+    gpu_gemv_parts(queries, csa ? 2 : 1, NULL);
+
+    CompressorArgs comp[2] = {
+        compressor_args(&ls->comp, g->comp_ape, g->comp_norm, csa ? 2 : 1, c->head_dim, comp_kv, comp_gate),
+        compressor_args(&ls->index_comp, g->index_comp_ape, g->index_comp_norm, 2, c->index_dim, index_kv, index_gate)};
+    if (ratio) gpu_compressors(c, comp, csa ? 2 : 1, ratio, 1);
+    if (csa) gpu_indexer(c, l, 1, index_w);
+
+    gpu_attend(c, l, 1, kv);
+    gpu_output_projection(c, l, 1);
+}
+
+/* The decode plan of an expert stack's matrix over K slots: expert chosen[k] (the routing's
+   choice) for slot k, input x + k * x_slot_stride floats (staged as SwiGLU(x, up) with up
+   up_offset bytes after x when up_offset is not 0), output row k. */
+static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit) {
+    return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm.state.scratch.chosen),
+                      .stride_w = g->weight_stride, .stride_s = g->scale_stride,
+                      .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
+                      .up_offset = up_offset, .limit = limit};
+}
+
+/* MoE sub-block of layer l for one token: block_out[E] holds the shared expert's output and
+   expert_out [K, E] the routed experts' (row k: slot k); hc_post_mix adds them, weighted.
+   Mirrors moe() up to its combine, in three launches: the router's logits (its blocks also
+   write the site's post and comb); the shared expert's w1 and w3 beside the chosen experts'
+   (every block routes the token first: block 0 writes chosen and route_weight; the shared
+   expert's weights stream into the ring meanwhile); the w2 of both, which apply the activation
+   as they stage their input. x is made from the site's mHC finish (hc; NULL: in scratch). */
+static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
+    const Config *c = &m->config;
+    const GpuLayer *g = &gm.layers[l];
+    Scratch *w = &gm.state.scratch;
+    int X = c->n_experts, K = c->topk, I = c->moe_inter;
+    CUdeviceptr x = hc ? 0 : DEV(w->x);
+    GemvPart gate = {&g->gate, x, DEV(w->router), NULL};
+    gpu_gemv_parts(&gate, 1, hc);
+
+    /* w1 and w3: one part of 2K slots when the stacks lie side by side (the w3 outputs go to
+       rows K..2K-1 of expert_gate, which has room for max_tokens * K rows) */
+    CUdeviceptr shared_gate = gm.shared_act, shared_up = gm.shared_act + (size_t)I * sizeof(float);
+    CUdeviceptr up = DEV(w->expert_up);
+    GemvPart parts[4];
+    GemvPlan pair, routed13, routed1, routed3;
+    int n = gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x,
+                          shared_gate, shared_up);
+    if (g->w13_paired && gm.state.max_tokens >= 2) {
+        const GpuLinear *one = &g->w1.one;
+        routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
+                              .stride_s = g->w1.scale_stride, .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
+                              .list_len = K, .list_offset = X};
+        parts[n++] = (GemvPart){one, x, DEV(w->expert_gate), &routed13};
+        up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
+    } else {
+        routed1 = expert_plan(&g->w1, K, 0, 0, 0), routed3 = expert_plan(&g->w3, K, 0, 0, 0);
+        parts[n++] = (GemvPart){&g->w1.one, x, DEV(w->expert_gate), &routed1};
+        parts[n++] = (GemvPart){&g->w3.one, x, up, &routed3};
+    }
+    GemvHc again = hc ? *hc : (GemvHc){0};   /* x made again; post and comb are written already */
+    again.post = again.comb = 0;
+    GemvRoute route = {DEV(w->router), g->gate_bias, g->tid2eid, gm.tokens, DEV(w->chosen), DEV(w->route_weight),
+                       DEV(w->expert_start), DEV(w->slot_order), DEV(w->slot_row), gm.active_experts,
+                       gm.active_count, (uint32_t)X, (uint32_t)K, c->routed_scaling, 0};
+    gpu_gemv_launch(parts, n, hc ? &again : NULL, &route);
+
+    /* w2: the experts' list comes from the launch just before (read after the wait) */
+    GemvPlan shared = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
+    GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit);
+    GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared},
+                      {&g->w2.one, DEV(w->expert_gate), DEV(w->expert_out), &routed}};
+    gpu_gemv_parts(w2, 2, NULL);
+}
+
+/* The token at tokens[0] and position *pos through the model: its logits [1, V] into
+   gm.state.scratch.logits. Does not advance *pos (sample_token does). Mirrors forward() for
+   T = 1. */
+static void gpu_decode(const Model *m) {
+    const Config *c = &m->config;
+    gpu_embed(c, 1);
+    for (int l = 0; l < c->n_layers; l++) {
         GemvHc attn = gemv_hc_site(c, l, 1), ffn = gemv_hc_site(c, l, 0);
-        if (T > 1) gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
-        gpu_attention(m, l, T, T == 1 ? &attn : NULL);
-        gpu_hc_post_mix(T, g->hc_ffn_fn, mix, 0, K, c);
-        if (T > 1) gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
-        gpu_moe(m, l, T, T == 1 ? &ffn : NULL);
-        if (l + 1 < L) gpu_hc_post_mix(T, gm.layers[l + 1].hc_attn_fn, mix, 1, K, c);
-        else gpu_hc_post_mix(T, gm.hc_head_fn, HC, 1, K, c);
+        gpu_attention_decode(m, l, &attn);
+        gpu_after_block(c, l, 1, 0);
+        gpu_moe_decode(m, l, &ffn);
+        gpu_after_block(c, l, 1, 1);
     }
-    if (T == 1) {
-        GemvHc head_site = gemv_hc_site(c, L, 0);
-        GemvPart head = {&gm.head, 0, DEV(w->logits), NULL};
-        gpu_gemv_parts(&head, 1, &head_site);
-        return;
-    }
-    int rows = all_logits ? T : 1;
-    gpu_hc_finish(c, rows, T - rows, gm.hc_head_base, gm.hc_head_scale, gm.norm, HC);
-    gpu_linear(&gm.head, DEV(w->x), DEV(w->logits), rows);
+    GemvHc head_site = gemv_hc_site(c, c->n_layers, 0);
+    GemvPart head = {&gm.head, 0, DEV(gm.state.scratch.logits), NULL};
+    gpu_gemv_parts(&head, 1, &head_site);
 }
 
 /* Sample the next token from the last logits row on the device: out_token and tokens[0]; *pos
@@ -2887,16 +2979,23 @@ static void gpu_sample(const Sampler *s, int V, int row, int advance) {
            P64(gm.rng), P64(gm.out_token), P64(gm.tokens), P64(gm.pos), PU32(advance));
 }
 
-/* Capture one decode step (forward of tokens[0] at *pos, then sampling, which advances *pos)
-   as a CUDA graph, once; every later step replays it. */
+/* Capture one decode step (gpu_decode of tokens[0] at *pos, then sampling, which advances
+   *pos) as a CUDA graph, once; every later step replays it. */
 static void gpu_capture_decode(const Model *m, const Sampler *s) {
     CUgraph graph;
     CU_CHECK(cu.cuStreamBeginCapture(gpu.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
-    gpu_forward(m, 1, 0);
+    gpu_decode(m);
     gpu_sample(s, m->config.vocab_size, 0, 1);
     CU_CHECK(cu.cuStreamEndCapture(gpu.stream, &graph));
     CU_CHECK(cu.cuGraphInstantiate(&gm.decode_graph, graph, 0));
     CU_CHECK(cu.cuGraphDestroy(graph));
+}
+
+/* A chunk of T tokens through the model on the GPU: the decode step's kernels for one token,
+   the prefill's for more (logits as gpu_prefill leaves them). */
+static void gpu_forward(const Model *m, int T, int all_logits) {
+    if (T == 1) gpu_decode(m);
+    else gpu_prefill(m, T, all_logits);
 }
 
 /* ============================================================================== generation */
@@ -3128,23 +3227,88 @@ static void install_signal_handlers(void) {
 
 /* ---------- Generating ---------- */
 
-/* ---------------------------------------------------------------- the path that runs the model */
-/* generate() and chat() run the model through these three calls, on the CPU (State in host
-   memory) or, when on_gpu, on the GPU (gm: the same state plan over device memory, the
-   sampler there too, each decode step one CUDA graph replay; only the sampled token id comes
-   back, and the logits only when --dump-logits or --perplexity asks for them). */
+/* ------------------------------------------------------------------------------ backends */
+/* generate(), chat() and perplexity() run the model through a Backend: the CPU's reference
+   forward pass, or the GPU (gm: the same state plan over device memory, the sampler there
+   too, each decode step one CUDA graph replay; only the sampled token id comes back, and the
+   logits only when --dump-logits or --perplexity asks for them). */
+typedef struct {
+    const char *name;   /* "cpu" or "gpu", for the stats line */
+    /* Lay out the state for chunks of T tokens, a context of C and (all_logits) every row's
+       logits kept, and load the model's weights where the backend reads them; the sampler's
+       RNG starts at rng. Fatal, naming the numbers, when they do not fit. Writes where the
+       model went (" onto <GPU> (<rate> upload)", or "") into where[n]. */
+    State *(*load)(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n);
+    /* Forward T tokens at s->pos (advancing it). Returns the host logits rows [T or 1, V] when
+       keep_all (--dump-logits, --perplexity; every row), else whatever the path has (the CPU's
+       last row, NULL on the GPU, whose sampler reads them there). */
+    const float *(*chunk)(const Model *m, State *s, const int *tokens, int T, int keep_all);
+    /* The next token from row `row` of the last chunk's logits (fatal when they are not finite). */
+    int (*sample)(const Model *m, State *s, Sampler *sampler, int row);
+    /* Feed `token` (the one just sampled) and return the next; *logits (when asked) points to
+       its host logits row. */
+    int (*step)(const Model *m, State *s, Sampler *sampler, int token, const float **logits);
+    /* Free what load allocated. */
+    void (*unload)(State *s);
+} Backend;
 
-static int on_gpu;                  /* main chose the GPU path */
-static float *gpu_host_logits;      /* [T, V] the GPU's logits, copied back for --dump-logits, --perplexity */
+/* The message every backend stops with when a row of logits is not finite. */
+static void refuse_logits(int pos) {
+    fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", pos);
+}
 
-/* Forward T tokens at s->pos (advancing it). Returns the host logits rows [T or 1, V] when
-   `keep_all` (--dump-logits, --perplexity; every row), else whatever the path has (the CPU's
-   last row, NULL on the GPU, whose sampler reads them there). */
-static const float *run_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
-    if (!on_gpu) {
-        forward(m, s, tokens, T, keep_all);
-        return s->scratch.logits;
-    }
+/* ---------- the CPU ---------- */
+
+static State *cpu_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
+    (void)rng;   /* the CPU's sampler keeps its own state */
+    const Config *c = &m->config;
+    size_t bytes = state_bytes(c, T, C, all_logits);
+    size_t physical = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE);
+    if (bytes == SIZE_MAX || bytes > physical)
+        fatal("the decoding state for --ctx %d and --chunk %d needs %.1f GiB, more than this machine's %.1f GiB", C, T,
+              bytes == SIZE_MAX ? INFINITY : bytes / 1073741824.0, physical / 1073741824.0);
+    State *s = xcalloc(1, sizeof *s);
+    alloc_state(s, c, T, C, all_logits);
+    snprintf(where, n, "%s", "");
+    return s;
+}
+
+static const float *cpu_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
+    forward(m, s, tokens, T, keep_all);
+    return s->scratch.logits;
+}
+
+static int cpu_sample(const Model *m, State *s, Sampler *sampler, int row) {
+    int V = m->config.vocab_size;
+    float *logits = s->scratch.logits + (size_t)row * V;
+    for (int v = 0; v < V; v++)
+        if (!isfinite(logits[v])) refuse_logits(s->pos - 1);
+    return sample(sampler, logits, V);
+}
+
+static int cpu_step(const Model *m, State *s, Sampler *sampler, int token, const float **logits) {
+    forward(m, s, &token, 1, 0);
+    if (logits) *logits = s->scratch.logits;
+    return cpu_sample(m, s, sampler, 0);
+}
+
+static void cpu_unload(State *s) {
+    free_state(s);
+    free(s);
+}
+
+static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_step, cpu_unload};
+
+/* ---------- the GPU ---------- */
+
+static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
+    double seconds = gpu_load_model(m, T, C, all_logits);
+    gpu_upload(gm.rng, &rng, sizeof rng);
+    snprintf(where, n, " onto %s (%.1f GB/s upload)", gpu.name, m->weight_bytes / seconds / 1e9);
+    return &gm.state;
+}
+
+static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
     int V = m->config.vocab_size, next = s->pos + T;
     gpu_upload(gm.pos, &s->pos, sizeof s->pos);
     gpu_upload(gm.tokens, tokens, (size_t)T * sizeof(int));
@@ -3152,50 +3316,42 @@ static const float *run_chunk(const Model *m, State *s, const int *tokens, int T
     gpu_upload(gm.pos, &next, sizeof next);   /* the first decode step's position */
     s->pos = next;
     if (!keep_all) return NULL;
-    gpu_download(gpu_host_logits, DEV(s->scratch.logits), (size_t)T * V * sizeof(float));
-    return gpu_host_logits;
+    gpu_download(gm.host_logits, DEV(s->scratch.logits), (size_t)T * V * sizeof(float));
+    return gm.host_logits;
 }
 
-/* The next token from row `row` of the last chunk's logits (fatal when they are not finite). */
-static int next_token(const Model *m, State *s, Sampler *sampler, int row) {
+static int gpu_next_token(const Model *m, State *s, Sampler *sampler, int row) {
     int V = m->config.vocab_size, token;
-    if (on_gpu) {
-        gpu_sample(sampler, V, row, 0);
-        gpu_download(&token, gm.out_token, sizeof token);
-        if (token < 0 || token >= V)
-            fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
-        return token;
-    }
-    float *logits = s->scratch.logits + (size_t)row * V;
-    for (int v = 0; v < V; v++)
-        if (!isfinite(logits[v]))
-            fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
-    return sample(sampler, logits, V);
+    gpu_sample(sampler, V, row, 0);
+    gpu_download(&token, gm.out_token, sizeof token);
+    if (token < 0 || token >= V) refuse_logits(s->pos - 1);   /* sample_token's answer to non-finite logits */
+    return token;
 }
 
-/* Feed `token` (the one just sampled) and return the next; *logits (when asked) points to its
-   host logits row. On the GPU this is one replay of the decode graph (captured at the first
-   step: the sampler's settings are fixed for the run), which reads the token and the position
-   from device memory and advances them. */
-static int decode_step(const Model *m, State *s, Sampler *sampler, int token, const float **logits) {
-    if (!on_gpu) {
-        forward(m, s, &token, 1, 0);
-        if (logits) *logits = s->scratch.logits;
-        return next_token(m, s, sampler, 0);
-    }
+/* One replay of the decode graph (captured at the first step: the sampler's settings are fixed
+   for the run), which reads the token and the position from device memory and advances them. */
+static int gpu_step(const Model *m, State *s, Sampler *sampler, int token, const float **logits) {
+    (void)token;   /* in device memory already: the last sample_token wrote it */
     int V = m->config.vocab_size, next;
     if (!gm.decode_graph) gpu_capture_decode(m, sampler);
     CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
     gpu_download(&next, gm.out_token, sizeof next);
     s->pos++;
     if (logits) {
-        gpu_download(gpu_host_logits, DEV(s->scratch.logits), (size_t)V * sizeof(float));
-        *logits = gpu_host_logits;
+        gpu_download(gm.host_logits, DEV(s->scratch.logits), (size_t)V * sizeof(float));
+        *logits = gm.host_logits;
     }
-    if (next < 0 || next >= V)
-        fatal("the logits at position %d are not finite: the checkpoint holds NaN or infinite weights", s->pos - 1);
+    if (next < 0 || next >= V) refuse_logits(s->pos - 1);
     return next;
 }
+
+static void gpu_backend_unload(State *s) {
+    (void)s;   /* gm.state */
+    gpu_unload();
+    gpu_close();
+}
+
+static const Backend gpu_backend = {"gpu", gpu_backend_load, gpu_chunk, gpu_next_token, gpu_step, gpu_backend_unload};
 
 enum { STOP_LIMIT, STOP_EOS, STOP_CONTEXT, STOP_INTERRUPT };   /* why a reply ended */
 
@@ -3214,7 +3370,7 @@ typedef struct {
    prefill time is that of every prompt chunk; decode time runs from the start of the forward pass
    whose logits give the first generated token (the last prompt chunk) to the end of the last
    token, so that a single generated token has a rate too. */
-static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
+static int generate(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
                     int n_generate, FILE *dump, Stats *st) {
     const Config *c = &m->config;
     if (s->pos + n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
@@ -3224,7 +3380,7 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
     for (int done = 0; done < n_prompt && !interrupted;) {
         int T = n_prompt - done < s->max_tokens ? n_prompt - done : s->max_tokens;
         last_chunk = now_seconds();
-        write_logits(dump, run_chunk(m, s, prompt + done, T, dump != NULL), (size_t)T, c->vocab_size);
+        write_logits(dump, run->chunk(m, s, prompt + done, T, dump != NULL), (size_t)T, c->vocab_size);
         last_row = dump ? T - 1 : 0;
         done += T;
         st->prompt_tokens += T;
@@ -3232,7 +3388,7 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
     st->prefill_s += now_seconds() - start;
     st->stop = STOP_LIMIT;
     Utf8Stream stream = {0};
-    int generated = 0, token = interrupted ? -1 : next_token(m, s, sampler, last_row);
+    int generated = 0, token = interrupted ? -1 : run->sample(m, s, sampler, last_row);
     while (!interrupted) {
         int eos = 0;
         for (int i = 0; i < c->n_eos; i++) eos |= token == c->eos_ids[i];
@@ -3248,7 +3404,7 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
             break;
         }
         const float *logits = NULL;
-        token = decode_step(m, s, sampler, token, dump ? &logits : NULL);
+        token = run->step(m, s, sampler, token, dump ? &logits : NULL);
         write_logits(dump, logits, 1, c->vocab_size);
     }
     generating = 0;
@@ -3263,11 +3419,11 @@ static int generate(const Model *m, State *s, const Tokenizer *t, Sampler *sampl
 
 /* The stats line on stderr: prompt tokens and prefill rate, printed tokens and decode rate (see
    generate), and how the last reply ended when -n did not end it. */
-static void print_stats(const Stats *st) {
+static void print_stats(const Stats *st, const char *backend) {
     static const char *ended[] = {"", "; ended at EOS", "; ended: the context is full", "; interrupted"};
     fprintf(stderr, "nvfp4: %d prompt tokens, prefill %.1f tok/s; %d generated, decode %.2f tok/s (%s)%s\n",
             st->prompt_tokens, st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0.0, st->generated,
-            st->decode_s > 0 ? st->generated / st->decode_s : 0.0, on_gpu ? "gpu" : "cpu", ended[st->stop]);
+            st->decode_s > 0 ? st->generated / st->decode_s : 0.0, backend, ended[st->stop]);
 }
 
 /* Interactive chat (-i), in DeepSeek V4's chat format over several turns:
@@ -3277,7 +3433,7 @@ static void print_stats(const Stats *st) {
    end of the previous reply (its last token when -n ended it, since that one was printed but not
    fed back, then the EOS), then the new user turn. EOF or a line "/exit" ends the conversation;
    so does SIGINT, and a turn or reply that fills the context (with a message). */
-static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const char *first, int n_generate,
+static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const char *first, int n_generate,
                  FILE *dump, Stats *st) {
     const Config *c = &m->config;
     int head[2] = {c->bos_id}, n_head = 1, terminal = isatty(0);
@@ -3305,7 +3461,7 @@ static void chat(const Model *m, State *s, const Tokenizer *t, Sampler *sampler,
             free(ids);
             break;
         }
-        int last = generate(m, s, t, sampler, ids, n, n_generate, dump, st);
+        int last = generate(run, m, s, t, sampler, ids, n, n_generate, dump, st);
         free(ids);
         if (st->stop == STOP_CONTEXT) fprintf(stderr, "nvfp4: the reply has filled the context (--ctx %d): the conversation ends\n", s->max_ctx);
         if (st->stop == STOP_CONTEXT || st->stop == STOP_INTERRUPT) break;
@@ -3342,7 +3498,7 @@ static double token_nll(const float *logits, int V, int id, int pos) {
    with a progress bar on a terminal. SIGINT stops it after the current chunk: it then says so on
    stderr and prints no perplexity. Adds to *st: the tokens run as prompt tokens, their time as
    prefill. */
-static void perplexity(const Model *m, State *s, const int *ids, int n, int bos, Stats *st) {
+static void perplexity(const Backend *run, const Model *m, State *s, const int *ids, int n, int bos, Stats *st) {
     int V = m->config.vocab_size, C = s->max_ctx, head = bos >= 0, windows = 0, predicted = 0, text_done = 0;
     int *window = xcalloc((size_t)C, sizeof(int));   /* [C] the ids run: BOS (with a head), then text */
     double nll = 0, start = now_seconds();
@@ -3354,7 +3510,7 @@ static void perplexity(const Model *m, State *s, const int *ids, int n, int bos,
         reset_state(s);
         for (int done = 0; done < length && !interrupted;) {
             int T = length - done < s->max_tokens ? length - done : s->max_tokens;
-            const float *logits = run_chunk(m, s, window + done, T, 1);
+            const float *logits = run->chunk(m, s, window + done, T, 1);
             for (int t = 0; t < T && done + t + 1 < length; t++, predicted++)
                 nll += token_nll(logits + (size_t)t * V, V, window[done + t + 1], done + t);
             done += T;
@@ -3597,7 +3753,6 @@ static void sample_call(void *arg, int i) {
 static void bench(int layers, int position) {
     char why[512];
     if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
-    on_gpu = 1;
     Model m;
     bench_model(&m, layers, 256, 129280);
     const Config *c = &m.config;
@@ -3616,7 +3771,7 @@ static void bench(int layers, int position) {
     while (s->pos < position) {
         int T = position - s->pos < chunk ? position - s->pos : chunk;
         for (int i = 0; i < T; i++) ids[i] = 2 + (int)(random_u32(&rng) % (unsigned)(c->vocab_size - 2));
-        run_chunk(&m, s, ids, T, 0);
+        gpu_chunk(&m, s, ids, T, 0);
     }
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
     double prefill_s = now_seconds() - start;
@@ -3624,7 +3779,7 @@ static void bench(int layers, int position) {
     /* decode: the graph, its kernels, its time */
     Sampler greedy = {0, 1, 1, NULL};
     gpu_upload(gm.rng, &rng, sizeof rng);
-    next_token(&m, s, &greedy, 0);
+    gpu_next_token(&m, s, &greedy, 0);
     long before = gpu_launches;
     gpu_capture_decode(&m, &greedy);
     long kernels = gpu_launches - before, fixed = 4;   /* embed, first mixes, head, sample */
@@ -3662,7 +3817,7 @@ static void bench(int layers, int position) {
     int order[K_COUNT], profiled = 8;
     gpu_kernel_ms = per_kernel;
     for (int i = 0; i < profiled; i++) {
-        gpu_forward(&m, 1, 0);
+        gpu_decode(&m);
         gpu_sample(&greedy, c->vocab_size, 0, 1);
     }
     gpu_kernel_ms = NULL;
@@ -5719,9 +5874,9 @@ int main(int argc, char **argv) {
         exit_done();
     }
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
-    on_gpu = !o.cpu && gpu_open(why, sizeof why);
-    if (o.gpu && !on_gpu) fatal("--gpu: %s", why);
-    if (!o.cpu && !on_gpu) fprintf(stderr, "nvfp4: running on the CPU: %s\n", why);
+    const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
+    if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
+    if (!o.cpu && run != &gpu_backend) fprintf(stderr, "nvfp4: running on the CPU: %s\n", why);
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
@@ -5739,11 +5894,6 @@ int main(int argc, char **argv) {
     if (n_ids > o.max_ctx && !o.perplexity) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
     int all_logits = o.dump_logits || o.perplexity;   /* every row's logits are read on the host */
-    size_t bytes = state_bytes(c, o.max_tokens, o.max_ctx, all_logits);
-    size_t physical = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE);
-    if (!on_gpu && (bytes == SIZE_MAX || bytes > physical))
-        fatal("the decoding state for --ctx %d and --chunk %d needs %.1f GiB, more than this machine's %.1f GiB",
-              o.max_ctx, o.max_tokens, bytes == SIZE_MAX ? INFINITY : bytes / 1073741824.0, physical / 1073741824.0);
     FILE *dump = NULL;
     if (o.dump_logits) {   /* every file this run reads, by path */
         static const char *names[] = {"config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"};
@@ -5757,41 +5907,25 @@ int main(int argc, char **argv) {
         free(read);
         dump = open_dump(o.dump_logits);
     }
-    State cpu_state, *state = &cpu_state;
     Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int))};
+    char where[384];
+    State *state = run->load(&model, o.max_tokens, o.max_ctx, all_logits, sampler.rng, where, sizeof where);
     int big = model.weight_bytes >= 1e9;
-    if (on_gpu) {
-        double upload = gpu_load_model(&model, o.max_tokens, o.max_ctx, all_logits);
-        state = &gm.state;
-        gpu_upload(gm.rng, &sampler.rng, sizeof sampler.rng);
-        gpu_host_logits = xcalloc((size_t)(all_logits ? o.max_tokens : 1) * c->vocab_size, sizeof(float));
-        fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) onto %s in %.2f s (%.1f GB/s upload)\n",
-                o.model_dir, c->n_layers, model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", gpu.name,
-                now_seconds() - t0, model.weight_bytes / upload / 1e9);
-    } else {
-        alloc_state(&cpu_state, c, o.max_tokens, o.max_ctx, all_logits);
-        fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights) in %.2f s\n", o.model_dir, c->n_layers,
-                model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", now_seconds() - t0);
-    }
+    fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights)%s in %.2f s\n", o.model_dir, c->n_layers,
+            model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", where, now_seconds() - t0);
     if (!o.seed_given && !o.perplexity) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
     Stats stats = {0};
-    if (o.perplexity) perplexity(&model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);
-    else if (o.interactive) chat(&model, state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
-    else generate(&model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
-    print_stats(&stats);
+    if (o.perplexity) perplexity(run, &model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);
+    else if (o.interactive) chat(run, &model, state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
+    else generate(run, &model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
+    print_stats(&stats, run->name);
     if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */
     if (dump) finish_dump(dump, o.dump_logits);
     write_stdout(NULL, 0, 1);
     free(sampler.order);
     free(ids);
     free(file_prompt);
-    if (on_gpu) {
-        gpu_unload();
-        gpu_close();
-        free(gpu_host_logits);
-    } else {
-        free_state(&cpu_state);
-    }
+    run->unload(state);
     tokenizer_free(&tokenizer);
     free_model(&model);
     return 0;

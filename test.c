@@ -2950,7 +2950,8 @@ static void test_gpu_pieces(const Model *m, State *s, const int *ids, int prefix
         for (int i = 0; i < T * E; i++) s->scratch.x[i] = uniform(-1, 1);
         gpu_state_in(s, tokens, T);
         attention(m, s, l, T, s->pos);
-        gpu_attention(m, l, T, NULL);
+        if (T == 1) gpu_attention_decode(m, l, NULL);
+        else gpu_attention_prefill(m, l, T);
         gpu_state_out(copy);
         float e1 = relative_error(IN_COPY(copy, s, s->scratch.block_out), s->scratch.block_out, (size_t)T * E);
         const LayerCache *ls = &s->layers[l];
@@ -2968,7 +2969,8 @@ static void test_gpu_pieces(const Model *m, State *s, const int *ids, int prefix
         for (int i = 0; i < T * E; i++) s->scratch.x[i] = uniform(-1, 1);
         gpu_state_in(s, tokens, T);
         moe(m, s, l, tokens, T);
-        gpu_moe(m, l, T, NULL);
+        if (T == 1) gpu_moe_decode(m, l, NULL);
+        else gpu_moe_prefill(m, l, T);
         gpu_state_out(copy);
         const int *chosen = (const int *)IN_COPY(copy, s, s->scratch.chosen);
         for (int i = 0; i < T * K; i++) flips += chosen[i] != s->scratch.chosen[i];
@@ -3057,7 +3059,7 @@ static void test_gpu_graph(const Model *m, const int *ids, int start) {
         if (pass == 1 && !gm.decode_graph) gpu_capture_decode(m, &greedy);
         for (int i = 0; i < n; i++) {
             if (pass == 0) {
-                gpu_forward(m, 1, 0);
+                gpu_decode(m);
                 gpu_sample(&greedy, V, 0, 1);
             } else {
                 CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));

@@ -1,5 +1,5 @@
 #!/bin/sh
-# tools/gpu_compare.sh: measure a change against other commits the way tools/gpu_notes.md does:
+# tools/gpu_compare.sh: measure a change against other commits the way docs/performance.md describes:
 # every binary benchmarked in ONE device call, alternating, on the same card.
 #
 #   sh tools/gpu_compare.sh build REV...   here (no GPU needed): build/nvfp4-REV for each git

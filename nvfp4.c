@@ -868,7 +868,7 @@ static void free_state(State *s) {
 /* ========================================================================= CPU forward pass */
 /* Plain C, float32 activations with double accumulators: the reference for every GPU kernel
    and the engine's own CPU path. It computes what transformers' DeepseekV4ForCausalLM computes
-   (docs: README.md, "What nvfp4 computes"), one chunk of T consecutive tokens at a time. */
+   (docs/model.md, "What nvfp4 computes"), one chunk of T consecutive tokens at a time. */
 
 /* y[t, r] = sum_c W[row0 + r, c] * x[t, c] for r < nrows, t < T; x rows are x_stride floats
    apart, y rows y_stride. `row` is scratch for one decoded weight row: each row of W is decoded
@@ -1805,9 +1805,6 @@ static size_t gpu_linear_scale_bytes(const Linear *w) {
          : w->format == FMT_FP8 ? (rows + 127) / 128 * (row_bytes / 128) * 4 : 0;
 }
 
-/* Device bytes gpu_upload_linear will allocate for W (for the footprint check). */
-static size_t gpu_linear_footprint(const Linear *w) { return gpu_linear_code_bytes(w) + gpu_linear_scale_bytes(w); }
-
 /* Copy rows [r0, r0 + n) of a [rows, src_bytes] byte matrix into dst as rows of dst_bytes,
    zero-padded. */
 static void pad_rows(uint8_t *dst, size_t dst_bytes, const uint8_t *src, size_t src_bytes, size_t r0, size_t n) {
@@ -1852,9 +1849,10 @@ static void gpu_gemv_shape(GpuLinear *g) {
 }
 
 /* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
-   `scale` [gpu_linear_scale_bytes] (0 for BF16), and choose its launch shape. A W without data
-   (weight NULL: the benchmark's model) gets random valid weights made on the GPU instead. Fatal when the
-   GPU has no kernel for W's format or W is too wide for one (the message names the limit). */
+   `scale` [gpu_linear_scale_bytes] (0 for BF16), and choose its launch shape; with weight 0 (a
+   plan being counted) only describe it. A W without data (w->weight NULL: the benchmark's
+   model) gets random valid weights made on the GPU instead. Fatal when the GPU has no kernel
+   for W's format or W is too wide for one (the message names the limit). */
 static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, CUdeviceptr scale) {
     if (w->format == FMT_F32) fatal("the GPU kernels have no F32 linear layer (%d x %d)", w->rows, w->cols);
     size_t src_bytes = linear_row_bytes(w), rows = (size_t)w->rows;
@@ -1868,16 +1866,18 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
     g->cols = w->cols;
     g->row_bytes = (unsigned)row_bytes;
     g->bytes = rows * src_bytes + linear_scale_bytes(w);
-    uint8_t *staging = xcalloc(GPU_STAGING, 1);
     g->weight = weight;
     g->scale = scale;
+    g->gscale62 = w->format == FMT_NVFP4 || w->format == FMT_MXFP4 ? ldexpf(w->global_scale, 62) : 0;
+    gpu_gemv_shape(g);
+    if (!weight) return;
+    uint8_t *staging = xcalloc(GPU_STAGING, 1);
     if (w->weight) upload_padded(weight, w->weight, rows, src_bytes, row_bytes, staging);
     else gpu_fill_random(weight, rows * row_bytes, w->format == FMT_BF16 ? FILL_BF16 : w->format == FMT_FP8 ? FILL_E4M3 : FILL_BYTES);
     if (w->format == FMT_NVFP4 || w->format == FMT_MXFP4) {
         int group = w->format == FMT_NVFP4 ? 16 : 32;   /* columns per scale; 8 or 16 code bytes */
         if (w->scale) upload_padded(scale, w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group, staging);
         else gpu_fill_random(scale, rows * (row_bytes * 2 / group), w->format == FMT_NVFP4 ? FILL_E4M3_SCALE : FILL_E8M0_SCALE);
-        g->gscale62 = ldexpf(w->global_scale, 62);
     } else if (w->format == FMT_FP8) {   /* small: [ceil(rows/128), ceil(cols/128)] -> f32 * 2^56 */
         size_t brows = (rows + 127) / 128, bcols = ((size_t)w->cols + 127) / 128, dcols = row_bytes / 128;
         float *s = xcalloc(brows * dcols, sizeof(float));
@@ -1892,7 +1892,6 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
         free(s);
     }
     free(staging);
-    gpu_gemv_shape(g);
 }
 
 /* What one GEMV computes beyond y = W x (kernels.ptx, "GEMV: y = W x"), zero for
@@ -2128,8 +2127,10 @@ static struct {
     GpuLinear head;
     CUdeviceptr embed;                     /* [V, E] bf16 */
     CUdeviceptr norm, hc_head_fn, hc_head_base, hc_head_scale;
-    State state;                           /* the CPU's plan over device memory */
-    CUdeviceptr arena;
+    StatePlan plan;                        /* the layout of everything below in `arena` (gpu_lay_out) */
+    CUdeviceptr arena;                     /* the model's one device allocation [arena_bytes] */
+    size_t arena_bytes;                    /* the plan's total rounded up to GPU_ALLOC_GRANULE */
+    State state;                           /* the CPU's plan over its part of the arena */
     int hc_slices;                         /* ceil(E / HC_SLICE) */
     CUdeviceptr hc_partial, hc_partial_ss; /* f64 [T, 24, hc_slices], [T, hc_slices] */
     int score_stride;                      /* C / (smallest compress ratio): indexer scores per token */
@@ -2144,8 +2145,6 @@ static struct {
     CUdeviceptr csa_out;                   /* [4D + 4DI + NI] decode: csa_stack's output, part by part */
     CUdeviceptr shared_act;                /* [2, I] decode: the shared expert's gate, then up */
     CUdeviceptr pos, tokens, rng, out_token; /* int32 [1], int32 [T], u64 [1], int32 [1] */
-    CUdeviceptr *allocations;              /* every cuMemAlloc of the model, for gpu_unload */
-    size_t n_allocations, allocated_bytes;
     CUgraphExec decode_graph;              /* one decode step, captured by gpu_capture_decode */
     float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
 } gm;
@@ -2158,18 +2157,25 @@ static float gpu_gemm_factor(const GpuLinear *w) {
 
 /* ---------------------------------------------------------------------------------- upload */
 
-/* Device memory of `bytes` owned by the model (freed by gpu_unload). */
-static CUdeviceptr gm_alloc(size_t bytes) {
-    gm.allocations = realloc(gm.allocations, (gm.n_allocations + 1) * sizeof *gm.allocations);
-    if (!gm.allocations) fatal("out of memory");
-    gm.allocated_bytes += bytes;
-    return gm.allocations[gm.n_allocations++] = gpu_alloc(bytes);
+/* The model's device memory is one allocation laid out by the planner of the CPU state
+   (reserve): gpu_lay_out runs twice over the same code, first counting (gm.plan.base NULL:
+   every address is 0 and nothing is uploaded), then, once the total is known to fit and is
+   allocated, placing and uploading. So the bytes the fit check names are the bytes allocated. */
+
+#define GPU_ALLOC_GRANULE ((size_t)2 << 20)   /* the driver hands out device memory in 2 MiB pages */
+
+/* The next `bytes` of the model's arena: their device address, or 0 while counting. */
+static CUdeviceptr gm_reserve(size_t bytes) {
+    return DEV(reserve(&gm.plan, bytes, 1));
 }
 
-/* A device copy of n floats. */
+/* The address `bytes` into a region of the arena at `base` (0 while counting). */
+static CUdeviceptr gm_offset(CUdeviceptr base, size_t bytes) { return base ? base + bytes : 0; }
+
+/* A device copy of n floats (uploaded when placing). */
 static CUdeviceptr gm_floats(const float *host, size_t n) {
-    CUdeviceptr d = gm_alloc(n * sizeof(float));
-    gpu_upload(d, host, n * sizeof(float));
+    CUdeviceptr d = gm_reserve(n * sizeof(float));
+    if (d) gpu_upload(d, host, n * sizeof(float));
     return d;
 }
 
@@ -2181,19 +2187,19 @@ static CUdeviceptr gm_floats(const float *host, size_t n) {
 static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int X) {
     Linear first = expert_matrix(stacks[0], 0);
     size_t weight_stride = gpu_linear_code_bytes(&first), scale_stride = gpu_linear_scale_bytes(&first);
-    CUdeviceptr weight = gm_alloc((size_t)n * X * weight_stride), scale = scale_stride ? gm_alloc((size_t)n * X * scale_stride) : 0;
+    CUdeviceptr weight = gm_reserve((size_t)n * X * weight_stride), scale = scale_stride ? gm_reserve((size_t)n * X * scale_stride) : 0;
     float *gscales62 = xcalloc((size_t)n * X, sizeof(float));
     for (int i = 0; i < n; i++) {
         GpuExperts *gi = &g[i];
         gi->weight_stride = weight_stride;
         gi->scale_stride = scale_stride;
-        gi->weight = weight + (size_t)i * X * weight_stride;
-        gi->scale = scale ? scale + (size_t)i * X * scale_stride : 0;
+        gi->weight = gm_offset(weight, (size_t)i * X * weight_stride);
+        gi->scale = gm_offset(scale, (size_t)i * X * scale_stride);
         gi->host_factors = xcalloc((size_t)X, sizeof(float));
         for (int e = 0; e < X; e++) {
             Linear one = expert_matrix(stacks[i], e);
             GpuLinear placed;
-            gpu_place_linear(&placed, &one, gi->weight + e * weight_stride, gi->scale ? gi->scale + e * scale_stride : 0);
+            gpu_place_linear(&placed, &one, gm_offset(gi->weight, e * weight_stride), gm_offset(gi->scale, e * scale_stride));
             gi->host_factors[e] = gpu_gemm_factor(&placed);
             gscales62[(size_t)i * X + e] = placed.gscale62;
             if (e == 0) gi->one = placed;
@@ -2201,14 +2207,14 @@ static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, 
         gi->factors = gm_floats(gi->host_factors, (size_t)X);
     }
     CUdeviceptr all = gm_floats(gscales62, (size_t)n * X);
-    for (int i = 0; i < n; i++) g[i].gscales62 = all + (size_t)i * X * sizeof(float);
+    for (int i = 0; i < n; i++) g[i].gscales62 = gm_offset(all, (size_t)i * X * sizeof(float));
     free(gscales62);
 }
 
 /* A device copy of a linear layer, owned by the model. */
 static void gm_linear(GpuLinear *g, const Linear *w) {
     size_t scale_bytes = gpu_linear_scale_bytes(w);
-    gpu_place_linear(g, w, gm_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gm_alloc(scale_bytes) : 0);
+    gpu_place_linear(g, w, gm_reserve(gpu_linear_code_bytes(w)), scale_bytes ? gm_reserve(scale_bytes) : 0);
 }
 
 /* Upload in[0..n) (same format and width) into one allocation, each one's codes right after
@@ -2217,11 +2223,11 @@ static void gm_linear(GpuLinear *g, const Linear *w) {
 static void gm_linear_adjacent(GpuLinear *const *out, const Linear *const *in, int n) {
     size_t code = 0, scale = 0;
     for (int i = 0; i < n; i++) code += gpu_linear_code_bytes(in[i]), scale += gpu_linear_scale_bytes(in[i]);
-    CUdeviceptr w = gm_alloc(code), sc = scale ? gm_alloc(scale) : 0;
+    CUdeviceptr w = gm_reserve(code), sc = scale ? gm_reserve(scale) : 0;
     for (int i = 0; i < n; i++) {
         gpu_place_linear(out[i], in[i], w, sc);
-        w += gpu_linear_code_bytes(in[i]);
-        if (sc) sc += gpu_linear_scale_bytes(in[i]);
+        w = gm_offset(w, gpu_linear_code_bytes(in[i]));
+        sc = gm_offset(sc, gpu_linear_scale_bytes(in[i]));
     }
 }
 
@@ -2280,32 +2286,6 @@ static int attention_splits(const Config *c) {
     return z < 1 ? 1 : z > 16 ? 16 : z;
 }
 
-/* Device bytes gpu_load_model allocates for model m with chunks of T and a context of C:
-   weights in the kernels' layout, the state, the GPU's own scratch. */
-static size_t gpu_model_bytes(const Model *m, int T, int C, int all_logits) {
-    const Config *c = &m->config;
-    size_t total = 0, E = c->hidden_size, mix = (2 + HC) * HC;
-    total += (size_t)c->vocab_size * E * 2 + gpu_linear_footprint(&m->head);
-    for (int l = 0; l < c->n_layers; l++) {
-        const Layer *L = &m->layers[l];
-        const Linear *list[16];
-        int n = layer_linears(L, list);
-        for (int i = 0; i < n; i++) total += gpu_linear_footprint(list[i]);
-        const ExpertStack *stacks[3] = {&L->w1, &L->w2, &L->w3};
-        for (int k = 0; k < 3; k++) {
-            Linear one = {stacks[k]->format, stacks[k]->rows, stacks[k]->cols, NULL, NULL, stacks[k]->scale_is_f32, 1};
-            total += (size_t)c->n_experts * gpu_linear_footprint(&one);
-        }
-        total += 2 * (mix * HC * E + mix + 3) * 4 + (size_t)c->vocab_size * c->topk * 4 + 65536;   /* small tensors */
-    }
-    total += state_bytes(c, T, C, all_logits);
-    total += (size_t)T * (24 + 1) * ((E + HC_SLICE - 1) / HC_SLICE) * sizeof(double);
-    total += (size_t)T * (C / 4 + c->index_topk + 1) * 4 + (size_t)(c->vocab_size + c->q_lora_rank + c->head_dim) * 4 + 4096;
-    total += (size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads + 2 * c->moe_inter) * 4;   /* csa_out, shared_act */
-    total += (size_t)c->n_heads * (attention_splits(c) * (c->head_dim + 4) + 1) * 4;   /* attn_partial, attn_counter */
-    return total + total / 16;   /* the GEMV layout pads rows to 512 bytes: a margin for small models */
-}
-
 /* Refuse, naming it, a size the GPU kernels cannot handle (kernels.ptx states each limit). */
 static void gpu_check_limits(const Config *c) {
     if (c->head_dim % 4 || c->head_dim > 512) fatal("the GPU path needs head_dim a multiple of 4 up to 512, not %d", c->head_dim);
@@ -2319,20 +2299,29 @@ static void gpu_check_limits(const Config *c) {
         if (inputs[i] % 4) fatal("the GPU path needs every linear layer's input a multiple of 4 wide, not %d", inputs[i]);
 }
 
-/* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU,
-   refusing, before allocating anything, a model that does not fit. A progress bar (tty) shows
-   the upload; returns the seconds it took. */
-static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
+/* Free gm's host memory (the layers' descriptions); the device arena is left alone. */
+static void gm_free_host(void) {
+    for (int l = 0; gm.layers && l < gm.n_layers; l++) {
+        free(gm.layers[l].w1.host_factors);
+        free(gm.layers[l].w2.host_factors);
+        free(gm.layers[l].w3.host_factors);
+    }
+    free(gm.layers);
+    free(gm.state.layers);
+    gm.layers = NULL;
+    gm.state.layers = NULL;
+}
+
+/* Lay out model m for chunks of T tokens and a context of C over gm.plan: the weights in the
+   kernels' layout, the state (plan_state over its own region), then the GPU's own scratch and
+   the values a decode step reads. While counting (gm.plan.base NULL) only the sizes and the
+   descriptions are made; while placing, everything is uploaded too (a progress bar on a tty). */
+static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     const Config *c = &m->config;
-    char why[256];
-    gpu_check_limits(c);
-    if (!gpu_fits(gpu_model_bytes(m, T, C, all_logits), why, sizeof why)) fatal("the model %s", why);
-    double start = now_seconds();
-    int E = c->hidden_size, X = c->n_experts, L = c->n_layers;
-    memset(&gm, 0, sizeof gm);
-    gm.embed = gm_alloc(m->embed.nbytes);
-    if (m->embed.data) gpu_upload(gm.embed, m->embed.data, m->embed.nbytes);
-    else gpu_fill_random(gm.embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
+    int E = c->hidden_size, X = c->n_experts, L = c->n_layers, placing = gm.plan.base != NULL;
+    gm.embed = gm_reserve(m->embed.nbytes);
+    if (placing && m->embed.data) gpu_upload(gm.embed, m->embed.data, m->embed.nbytes);
+    else if (placing) gpu_fill_random(gm.embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
     gm_linear(&gm.head, &m->head);
     gm.norm = gm_floats(m->norm, (size_t)E);
     gm.hc_head_fn = gm_floats(m->hc_head.fn, (size_t)HC * HC * E);
@@ -2392,8 +2381,8 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
         }
         if (is_hash_layer(c, l)) {
             size_t n = (size_t)c->vocab_size * c->topk;
-            g->tid2eid = gm_alloc(n * sizeof(int32_t));
-            gpu_upload(g->tid2eid, w->tid2eid, n * sizeof(int32_t));
+            g->tid2eid = gm_reserve(n * sizeof(int32_t));
+            if (placing) gpu_upload(g->tid2eid, w->tid2eid, n * sizeof(int32_t));
         } else {
             g->gate_bias = gm_floats(w->gate_bias, (size_t)X);
         }
@@ -2408,50 +2397,71 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
             gpu_upload_experts(&g->w3, (const ExpertStack *[]){&w->w3}, 1, X);
         }
         gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, X);
-        progress("uploading layers", l + 1, L);
+        if (placing) progress("uploading layers", l + 1, L);
     }
 
-    /* the state: the CPU's plan over one device allocation, then the GPU's own scratch */
-    size_t bytes = state_bytes(c, T, C, all_logits);
-    gm.arena = gm_alloc(bytes);
-    CU_CHECK(cu.cuMemsetD8Async(gm.arena, 0, bytes, gpu.stream));
+    /* the state: the CPU's plan over a region of the arena, then the GPU's own scratch */
+    char *state_arena = reserve(&gm.plan, state_bytes(c, T, C, all_logits), 1);
     gm.state.layers = xcalloc((size_t)L, sizeof(LayerCache));
-    plan_state(&gm.state, c, T, C, all_logits, (char *)(uintptr_t)gm.arena);
-    float *inv_freq = xcalloc((size_t)c->rope_dim / 2 + 1, sizeof(float));
-    rope_frequencies(c, 0, inv_freq);
-    gpu_upload(DEV(gm.state.rope_main.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
-    rope_frequencies(c, 1, inv_freq);
-    gpu_upload(DEV(gm.state.rope_compress.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
-    free(inv_freq);
+    plan_state(&gm.state, c, T, C, all_logits, state_arena);
+    if (placing) {
+        float *inv_freq = xcalloc((size_t)c->rope_dim / 2 + 1, sizeof(float));
+        rope_frequencies(c, 0, inv_freq);
+        gpu_upload(DEV(gm.state.rope_main.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+        rope_frequencies(c, 1, inv_freq);
+        gpu_upload(DEV(gm.state.rope_compress.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+        free(inv_freq);
+    }
     gm.hc_slices = (E + HC_SLICE - 1) / HC_SLICE;
-    gm.hc_partial = gm_alloc((size_t)T * mix * gm.hc_slices * sizeof(double));
-    gm.hc_partial_ss = gm_alloc((size_t)T * gm.hc_slices * sizeof(double));
+    gm.hc_partial = gm_reserve((size_t)T * mix * gm.hc_slices * sizeof(double));
+    gm.hc_partial_ss = gm_reserve((size_t)T * gm.hc_slices * sizeof(double));
     int min_ratio = 0;
     for (int l = 0; l < L; l++)
         if (c->attn_kind[l] == ATTN_CSA && (!min_ratio || c->compress_ratio[l] < min_ratio)) min_ratio = c->compress_ratio[l];
     gm.score_stride = min_ratio ? C / min_ratio : 1;
-    gm.index_scores = gm_alloc((size_t)T * gm.score_stride * sizeof(float));
-    gm.selected = gm_alloc((size_t)T * (c->index_topk ? c->index_topk : 1) * sizeof(int32_t));
-    gm.n_selected = gm_alloc((size_t)T * sizeof(int32_t));
-    gm.active_experts = gm_alloc((size_t)X * sizeof(int32_t));
-    gm.active_count = gm_alloc(sizeof(int32_t));
+    gm.index_scores = gm_reserve((size_t)T * gm.score_stride * sizeof(float));
+    gm.selected = gm_reserve((size_t)T * (c->index_topk ? c->index_topk : 1) * sizeof(int32_t));
+    gm.n_selected = gm_reserve((size_t)T * sizeof(int32_t));
+    gm.active_experts = gm_reserve((size_t)X * sizeof(int32_t));
+    gm.active_count = gm_reserve(sizeof(int32_t));
     int32_t identity[64];
     for (int k = 0; k < c->topk; k++) identity[k] = k;
-    gm.slot_identity = gm_alloc((size_t)c->topk * sizeof(int32_t));
-    gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
-    gm.probs = gm_alloc((size_t)c->vocab_size * sizeof(float));
+    gm.slot_identity = gm_reserve((size_t)c->topk * sizeof(int32_t));
+    if (placing) gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
+    gm.probs = gm_reserve((size_t)c->vocab_size * sizeof(float));
     gm.attn_splits = attention_splits(c);
-    gm.attn_partial = gm_alloc((size_t)c->n_heads * gm.attn_splits * (c->head_dim + 4) * sizeof(float));
-    gm.attn_counter = gm_alloc((size_t)c->n_heads * sizeof(uint32_t));
-    CU_CHECK(cu.cuMemsetD8Async(gm.attn_counter, 0, (size_t)c->n_heads * sizeof(uint32_t), gpu.stream));
-    gm.qr_kv = gm_alloc((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
-    gm.shared_act = gm_alloc(2 * (size_t)c->moe_inter * sizeof(float));
-    gm.csa_out = gm_alloc((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
-    gm.pos = gm_alloc(sizeof(int32_t));
-    gm.tokens = gm_alloc((size_t)T * sizeof(int32_t));
-    gm.rng = gm_alloc(sizeof(uint64_t));
-    gm.out_token = gm_alloc(sizeof(int32_t));
-    gm.host_logits = xcalloc((size_t)(all_logits ? T : 1) * c->vocab_size, sizeof(float));
+    gm.attn_partial = gm_reserve((size_t)c->n_heads * gm.attn_splits * (c->head_dim + 4) * sizeof(float));
+    gm.attn_counter = gm_reserve((size_t)c->n_heads * sizeof(uint32_t));
+    gm.qr_kv = gm_reserve((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
+    gm.shared_act = gm_reserve(2 * (size_t)c->moe_inter * sizeof(float));
+    gm.csa_out = gm_reserve((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
+    gm.pos = gm_reserve(sizeof(int32_t));
+    gm.tokens = gm_reserve((size_t)T * sizeof(int32_t));
+    gm.rng = gm_reserve(sizeof(uint64_t));
+    gm.out_token = gm_reserve(sizeof(int32_t));
+}
+
+/* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU:
+   gpu_lay_out counts the bytes, a model that does not fit is refused before anything is
+   allocated ("needs X GiB": the bytes then allocated), then one allocation, zeroed, is laid
+   out and filled. Returns the seconds the upload took. */
+static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
+    char why[256];
+    gpu_check_limits(&m->config);
+    memset(&gm, 0, sizeof gm);
+    gpu_lay_out(m, T, C, all_logits);
+    if (gm.plan.total == SIZE_MAX) fatal("the model's GPU layout for --ctx %d and --chunk %d is too large to address", C, T);
+    gm_free_host();
+    size_t bytes = (gm.plan.total + GPU_ALLOC_GRANULE - 1) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
+    if (!gpu_fits(bytes, why, sizeof why)) fatal("the model %s", why);
+    double start = now_seconds();
+    memset(&gm, 0, sizeof gm);
+    gm.arena = gpu_alloc(bytes);
+    gm.arena_bytes = bytes;
+    CU_CHECK(cu.cuMemsetD8Async(gm.arena, 0, bytes, gpu.stream));   /* the state at position 0, the counters 0 */
+    gm.plan.base = (char *)(uintptr_t)gm.arena;
+    gpu_lay_out(m, T, C, all_logits);
+    gm.host_logits = xcalloc((size_t)(all_logits ? T : 1) * m->config.vocab_size, sizeof(float));
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
     return now_seconds() - start;
 }
@@ -2459,16 +2469,9 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
 /* Free everything gpu_load_model allocated. */
 static void gpu_unload(void) {
     if (gm.decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm.decode_graph));
-    for (size_t i = 0; i < gm.n_allocations; i++) gpu_free(gm.allocations[i]);
-    for (int l = 0; gm.layers && l < gm.n_layers; l++) {
-        free(gm.layers[l].w1.host_factors);
-        free(gm.layers[l].w2.host_factors);
-        free(gm.layers[l].w3.host_factors);
-    }
-    free(gm.allocations);
+    gpu_free(gm.arena);
+    gm_free_host();
     free(gm.host_logits);
-    free(gm.state.layers);
-    free(gm.layers);
     memset(&gm, 0, sizeof gm);
 }
 
@@ -3760,7 +3763,7 @@ static void bench(int layers, int position) {
     double upload = gpu_load_model(&m, chunk, ctx, 0);
     printf("nvfp4 --bench on %s (%d SMs, driver %d.%d), commit %s: V4-Flash shapes, %d layers, random weights "
            "(made in %.1f s, %.1f GB on the GPU)\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000,
-           gpu.driver_version % 1000 / 10, NVFP4_COMMIT, layers, upload, gm.allocated_bytes / 1e9);
+           gpu.driver_version % 1000 / 10, NVFP4_COMMIT, layers, upload, gm.arena_bytes / 1e9);
 
     /* prefill: random tokens in chunks of 2048 */
     uint64_t rng = 99;

@@ -2456,7 +2456,7 @@ static void test_fuzz_corpus(void) {
 static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     size_t scale_bytes = gpu_linear_scale_bytes(w);
     char why[256];
-    if (!gpu_fits(gpu_linear_footprint(w), why, sizeof why)) fatal("a %d x %d linear layer %s", w->rows, w->cols, why);
+    if (!gpu_fits(gpu_linear_code_bytes(w) + scale_bytes, why, sizeof why)) fatal("a %d x %d linear layer %s", w->rows, w->cols, why);
     gpu_place_linear(g, w, gpu_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gpu_alloc(scale_bytes) : 0);
 }
 
@@ -2910,7 +2910,7 @@ static float relative_error(const float *a, const float *b, size_t n) {
 /* The CPU state, position and chunk tokens onto the GPU. */
 static void gpu_state_in(const State *s, const int *tokens, int T) {
     int pos = s->pos;
-    gpu_upload(gm.arena, s->arena, s->arena_bytes);
+    gpu_upload(DEV(gm.state.arena), s->arena, s->arena_bytes);
     gpu_upload(gm.pos, &pos, sizeof pos);
     gpu_upload(gm.tokens, tokens, (size_t)T * sizeof(int));
 }
@@ -2918,7 +2918,7 @@ static void gpu_state_in(const State *s, const int *tokens, int T) {
 /* The GPU arena into `copy` [arena_bytes]. */
 static void gpu_state_out(void *copy) {
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
-    gpu_download(copy, gm.arena, gm.state.arena_bytes);
+    gpu_download(copy, DEV(gm.state.arena), gm.state.arena_bytes);
 }
 
 /* Tolerances: the GEMV keeps x in f32 (about 1e-6 of sum |w x|); the tensor-core GEMM rounds x
@@ -3351,7 +3351,7 @@ static void test_gpu_model(const char *dir, int chunk) {
 /* ------------------------------------------------------------------------- the shipped model */
 /* models/v4-small (tools/train_model.py, 22.9M parameters trained on the public-domain corpus
    of tools/build_corpus.py, NVFP4 experts and FP8 attention by tools/export_model.py) must
-   keep doing what the README shows. */
+   keep doing what README.md and docs/v4-small.md show. */
 #define SHIPPED_MODEL "models/v4-small"
 /* its recorded greedy continuation (the CPU path, 24 tokens) of the README's prompt */
 #define SHIPPED_GREEDY_RUN SHIPPED_MODEL " \"It is a truth universally acknowledged\" -n 24 --temp 0"
@@ -3435,6 +3435,29 @@ static void test_gpu_shipped_model(double cpu_nll) {
    counted as passed). NVFP4_GPU_QUICK=1 keeps the small shapes and two V4 ones (for
    compute-sanitizer);
    NVFP4_GPU_BENCH=1 runs gpu_bench_gemv after the tests. */
+/* The model's device memory is one allocation of exactly the bytes its plan counted (the
+   bytes a "needs X GiB" refusal names): the GPU's free memory drops by gm.arena_bytes over the
+   load, and comes back at the unload. */
+static void test_gpu_memory_plan(const char *dir) {
+    Model m;
+    load_model(&m, dir);
+    size_t before, loaded, after, total;
+    CU_CHECK(cu.cuMemGetInfo(&before, &total));
+    gpu_load_model(&m, 16, 512, 1);
+    size_t planned = gm.plan.total, arena = gm.arena_bytes;
+    CU_CHECK(cu.cuMemGetInfo(&loaded, &total));
+    gpu_unload();
+    CU_CHECK(cu.cuMemGetInfo(&after, &total));
+    CHECK(arena % GPU_ALLOC_GRANULE == 0 && arena >= planned && arena - planned < GPU_ALLOC_GRANULE,
+          "%s: the arena (%zu bytes) is the plan's %zu bytes rounded up to 2 MiB", dir, arena, planned);
+    CHECK(before - loaded == arena, "%s: loading took %zu bytes of GPU memory, the plan counted %zu", dir, before - loaded,
+          arena);
+    CHECK(after == before, "%s: %zu bytes of GPU memory not returned by the unload", dir, before - after);
+    printf("  GPU memory plan of %s: %zu bytes planned, %zu allocated, %zu taken from the GPU\n", dir, planned, arena,
+           before - loaded);
+    free_model(&m);
+}
+
 static void test_gpu(double shipped_cpu_nll) {
     char why[512];
     unsetenv("CUDA_VISIBLE_DEVICES");   /* read by the driver once, at cuInit */
@@ -3508,6 +3531,7 @@ static void test_gpu(double shipped_cpu_nll) {
     test_gpu_model("testdata/tiny-b", 50);
     test_gpu_model("testdata/tiny-c", 13);
     test_gpu_model("testdata/tiny-d", 7);
+    test_gpu_memory_plan("testdata/tiny-d");
     test_gpu_flash_pieces();
     if (getenv("NVFP4_FLASH_DIR")) test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));
     else printf("  V4-Flash-shaped checkpoint skipped: NVFP4_FLASH_DIR names none (tools/gen_flash_checkpoint.py makes one)\n");

@@ -28,8 +28,8 @@ endif
 nvfp4: nvfp4.c nvfp4.h $(GPU_DEPS)
 	$(CC) $(CFLAGS) $(GPU_FLAGS) $(VERSION_FLAGS) -o $@ nvfp4.c $(LDLIBS)
 
-# the kernels: preprocess (macros stamp out repeated fragments), assemble, turn into a C array
-$(BUILD)/kernels.cubin: kernels.ptx | $(BUILD)
+# the kernels: preprocess (nvfp4.h's kernel ABI, the macros), assemble, turn into a C array
+$(BUILD)/kernels.cubin: kernels.ptx nvfp4.h | $(BUILD)
 	$(CC) -E -P -x c kernels.ptx -o $(BUILD)/kernels.i.ptx
 	$(PTXAS) -arch=sm_90a -o $@ $(BUILD)/kernels.i.ptx
 

@@ -1557,16 +1557,299 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
 #undef CU_SYMBOL
 };
 
-/* The kernels of kernels.ptx, by the name of their .entry. */
+/* The kernels of kernels.ptx: the name of their .entry and the size of their one parameter,
+   the argument struct of nvfp4.h ("the kernel ABI"). */
 typedef enum {
     K_STREAM_READ, K_GEMV, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
     K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
     K_SAMPLE, K_FILL, K_COUNT
 } Kernel;
-static const char *const kernel_names[K_COUNT] = {
-    "stream_read", "gemv", "gemm_prefill", "embed_streams",
-    "hc_mix_partial", "hc_post_mix", "hc_finish", "row_norm_rope", "compressor_update", "indexer_scores",
-    "top_k_select", "attention_decode", "route_tokens", "gather_rows", "swiglu", "sample_token", "fill_random"};
+static const struct { const char *name; size_t args_bytes; } kernel_info[K_COUNT] = {
+    [K_STREAM_READ] = {"stream_read", sizeof(StreamReadArgs)},
+    [K_GEMV] = {"gemv", sizeof(GemvArgs)},
+    [K_GEMM] = {"gemm_prefill", sizeof(GemmPrefillArgs)},
+    [K_EMBED] = {"embed_streams", sizeof(EmbedStreamsArgs)},
+    [K_HC_MIX] = {"hc_mix_partial", sizeof(HcMixPartialArgs)},
+    [K_HC_POST_MIX] = {"hc_post_mix", sizeof(HcPostMixArgs)},
+    [K_HC_FINISH] = {"hc_finish", sizeof(HcFinishArgs)},
+    [K_ROW_NORM_ROPE] = {"row_norm_rope", sizeof(RowNormRopeArgs)},
+    [K_COMPRESSOR] = {"compressor_update", sizeof(CompressorUpdateArgs)},
+    [K_INDEXER_SCORES] = {"indexer_scores", sizeof(IndexerScoresArgs)},
+    [K_TOP_K] = {"top_k_select", sizeof(TopKSelectArgs)},
+    [K_ATTENTION] = {"attention_decode", sizeof(AttentionDecodeArgs)},
+    [K_ROUTE] = {"route_tokens", sizeof(RouteTokensArgs)},
+    [K_GATHER] = {"gather_rows", sizeof(GatherRowsArgs)},
+    [K_SWIGLU] = {"swiglu", sizeof(SwigluArgs)},
+    [K_SAMPLE] = {"sample_token", sizeof(SampleTokenArgs)},
+    [K_FILL] = {"fill_random", sizeof(FillRandomArgs)},
+};
+
+/* The kernel ABI checked at compile time: every field of every argument struct (nvfp4.h) lies
+   at the byte offset kernels.ptx reads it from, and every struct has the size its .param
+   declares. */
+#define ABI_SIZE(type, bytes) _Static_assert(sizeof(type) == (bytes), #type " must be " #bytes " bytes")
+#define ABI_AT(type, field, offset) _Static_assert(offsetof(type, field) == (offset), #type "." #field " must be at " #offset)
+ABI_SIZE(GemvSeg, SEG_BYTES);
+ABI_AT(GemvSeg, w, SEG_W);
+ABI_AT(GemvSeg, s, SEG_S);
+ABI_AT(GemvSeg, x, SEG_X);
+ABI_AT(GemvSeg, y, SEG_Y);
+ABI_AT(GemvSeg, expert, SEG_EXPERT);
+ABI_AT(GemvSeg, stride_w, SEG_STRIDE_W);
+ABI_AT(GemvSeg, stride_s, SEG_STRIDE_S);
+ABI_AT(GemvSeg, gscales62, SEG_GSCALES);
+ABI_AT(GemvSeg, up_offset, SEG_UP_OFFSET);
+ABI_AT(GemvSeg, norm_weight, SEG_NORM_W);
+ABI_AT(GemvSeg, format, SEG_FORMAT);
+ABI_AT(GemvSeg, rows, SEG_ROWS);
+ABI_AT(GemvSeg, cols, SEG_COLS);
+ABI_AT(GemvSeg, row_bytes, SEG_ROW_BYTES);
+ABI_AT(GemvSeg, x_stride, SEG_X_STRIDE);
+ABI_AT(GemvSeg, y_stride, SEG_Y_STRIDE);
+ABI_AT(GemvSeg, list_len, SEG_LIST_LEN);
+ABI_AT(GemvSeg, list_offset, SEG_LIST_OFFSET);
+ABI_AT(GemvSeg, gscale62, SEG_GSCALE);
+ABI_AT(GemvSeg, limit, SEG_LIMIT);
+ABI_AT(GemvSeg, eps, SEG_EPS);
+ABI_AT(GemvSeg, first_item, SEG_FIRST_ITEM);
+ABI_AT(GemvSeg, first_slot, SEG_FIRST_SLOT);
+ABI_AT(GemvSeg, x_group, SEG_X_GROUP);
+ABI_AT(GemvSeg, row_blocks, SEG_ROW_BLOCKS);
+ABI_AT(GemvSeg, x_hc, SEG_X_HC);
+ABI_SIZE(GemvHc, HC_BYTES);
+ABI_AT(GemvHc, post, HC_POST);
+ABI_AT(GemvHc, comb, HC_COMB);
+ABI_AT(GemvHc, h, HC_H);
+ABI_AT(GemvHc, partial, HC_PARTIAL);
+ABI_AT(GemvHc, partial_ss, HC_PARTIAL_SS);
+ABI_AT(GemvHc, base, HC_BASE);
+ABI_AT(GemvHc, scale, HC_SCALE);
+ABI_AT(GemvHc, norm, HC_NORM);
+ABI_AT(GemvHc, rows, HC_ROWS);
+ABI_AT(GemvHc, slices, HC_SLICES);
+ABI_AT(GemvHc, iters, HC_ITERS);
+ABI_AT(GemvHc, hc_eps, HC_EPS);
+ABI_AT(GemvHc, rms_eps, HC_RMS_EPS);
+ABI_SIZE(GemvRoute, RT_BYTES);
+ABI_AT(GemvRoute, router, RT_ROUTER);
+ABI_AT(GemvRoute, bias, RT_BIAS);
+ABI_AT(GemvRoute, tid2eid, RT_TID2EID);
+ABI_AT(GemvRoute, tokens, RT_TOKENS);
+ABI_AT(GemvRoute, chosen, RT_CHOSEN);
+ABI_AT(GemvRoute, route_weight, RT_WEIGHT);
+ABI_AT(GemvRoute, expert_start, RT_START);
+ABI_AT(GemvRoute, slot_order, RT_ORDER);
+ABI_AT(GemvRoute, slot_row, RT_ROW);
+ABI_AT(GemvRoute, active_experts, RT_ACTIVE);
+ABI_AT(GemvRoute, active_count, RT_ACTIVE_COUNT);
+ABI_AT(GemvRoute, X, RT_X);
+ABI_AT(GemvRoute, K, RT_K);
+ABI_AT(GemvRoute, routed_scaling, RT_SCALING);
+ABI_SIZE(CompressorArgs, CA_BYTES);
+ABI_AT(CompressorArgs, kv, CA_KV_IN);
+ABI_AT(CompressorArgs, gate, CA_GATE_IN);
+ABI_AT(CompressorArgs, ape, CA_APE);
+ABI_AT(CompressorArgs, norm, CA_NORM);
+ABI_AT(CompressorArgs, pending_kv, CA_PENDING_KV);
+ABI_AT(CompressorArgs, pending_gate, CA_PENDING_GATE);
+ABI_AT(CompressorArgs, prev_kv, CA_PREV_KV);
+ABI_AT(CompressorArgs, prev_gate, CA_PREV_GATE);
+ABI_AT(CompressorArgs, entries, CA_ENTRIES);
+ABI_AT(CompressorArgs, parts, CA_PARTS);
+ABI_AT(CompressorArgs, d, CA_D);
+ABI_SIZE(StreamReadArgs, STREAM_READ_BYTES);
+ABI_AT(StreamReadArgs, buf, STREAM_READ_BUF);
+ABI_AT(StreamReadArgs, n16, STREAM_READ_N16);
+ABI_AT(StreamReadArgs, out, STREAM_READ_OUT);
+ABI_SIZE(GemvArgs, GEMV_BYTES);
+ABI_AT(GemvArgs, segs, GEMV_SEGS);
+ABI_AT(GemvArgs, items, GEMV_ITEMS);
+ABI_AT(GemvArgs, slots, GEMV_SLOTS);
+ABI_AT(GemvArgs, contiguous, GEMV_CONTIGUOUS);
+ABI_AT(GemvArgs, list_ready, GEMV_LIST_READY);
+ABI_AT(GemvArgs, xs_bytes, GEMV_XS_BYTES);
+ABI_AT(GemvArgs, hc, GEMV_HC);
+ABI_AT(GemvArgs, route, GEMV_ROUTE);
+ABI_SIZE(RowNormRopeArgs, ROW_NORM_ROPE_BYTES);
+ABI_AT(RowNormRopeArgs, x, ROW_NORM_ROPE_X);
+ABI_AT(RowNormRopeArgs, n_heads, ROW_NORM_ROPE_N_HEADS);
+ABI_AT(RowNormRopeArgs, dim, ROW_NORM_ROPE_DIM);
+ABI_AT(RowNormRopeArgs, do_norm, ROW_NORM_ROPE_DO_NORM);
+ABI_AT(RowNormRopeArgs, weight, ROW_NORM_ROPE_WEIGHT);
+ABI_AT(RowNormRopeArgs, eps, ROW_NORM_ROPE_EPS);
+ABI_AT(RowNormRopeArgs, rope_dim, ROW_NORM_ROPE_ROPE_DIM);
+ABI_AT(RowNormRopeArgs, inv_freq, ROW_NORM_ROPE_INV_FREQ);
+ABI_AT(RowNormRopeArgs, rope_scale, ROW_NORM_ROPE_ROPE_SCALE);
+ABI_AT(RowNormRopeArgs, pos0_ptr, ROW_NORM_ROPE_POS0_PTR);
+ABI_AT(RowNormRopeArgs, ring, ROW_NORM_ROPE_RING);
+ABI_AT(RowNormRopeArgs, ring_rows, ROW_NORM_ROPE_RING_ROWS);
+ABI_SIZE(CompressorUpdateArgs, COMPRESSOR_UPDATE_BYTES);
+ABI_AT(CompressorUpdateArgs, comp, COMPRESSOR_UPDATE_COMP);
+ABI_AT(CompressorUpdateArgs, T, COMPRESSOR_UPDATE_T);
+ABI_AT(CompressorUpdateArgs, ratio, COMPRESSOR_UPDATE_RATIO);
+ABI_AT(CompressorUpdateArgs, eps, COMPRESSOR_UPDATE_EPS);
+ABI_AT(CompressorUpdateArgs, rope_dim, COMPRESSOR_UPDATE_ROPE_DIM);
+ABI_AT(CompressorUpdateArgs, inv_freq, COMPRESSOR_UPDATE_INV_FREQ);
+ABI_AT(CompressorUpdateArgs, rope_scale, COMPRESSOR_UPDATE_ROPE_SCALE);
+ABI_AT(CompressorUpdateArgs, pos0_ptr, COMPRESSOR_UPDATE_POS0_PTR);
+ABI_SIZE(IndexerScoresArgs, INDEXER_SCORES_BYTES);
+ABI_AT(IndexerScoresArgs, scores, INDEXER_SCORES_SCORES);
+ABI_AT(IndexerScoresArgs, score_stride, INDEXER_SCORES_SCORE_STRIDE);
+ABI_AT(IndexerScoresArgs, index_q, INDEXER_SCORES_INDEX_Q);
+ABI_AT(IndexerScoresArgs, index_w, INDEXER_SCORES_INDEX_W);
+ABI_AT(IndexerScoresArgs, index_keys, INDEXER_SCORES_INDEX_KEYS);
+ABI_AT(IndexerScoresArgs, NI, INDEXER_SCORES_NI);
+ABI_AT(IndexerScoresArgs, DI, INDEXER_SCORES_DI);
+ABI_AT(IndexerScoresArgs, ratio, INDEXER_SCORES_RATIO);
+ABI_AT(IndexerScoresArgs, pos0_ptr, INDEXER_SCORES_POS0_PTR);
+ABI_AT(IndexerScoresArgs, rope_dim, INDEXER_SCORES_ROPE_DIM);
+ABI_AT(IndexerScoresArgs, inv_freq, INDEXER_SCORES_INV_FREQ);
+ABI_AT(IndexerScoresArgs, rope_scale, INDEXER_SCORES_ROPE_SCALE);
+ABI_SIZE(TopKSelectArgs, TOP_K_SELECT_BYTES);
+ABI_AT(TopKSelectArgs, scores, TOP_K_SELECT_SCORES);
+ABI_AT(TopKSelectArgs, score_stride, TOP_K_SELECT_SCORE_STRIDE);
+ABI_AT(TopKSelectArgs, selected, TOP_K_SELECT_SELECTED);
+ABI_AT(TopKSelectArgs, sel_stride, TOP_K_SELECT_SEL_STRIDE);
+ABI_AT(TopKSelectArgs, n_selected, TOP_K_SELECT_N_SELECTED);
+ABI_AT(TopKSelectArgs, k, TOP_K_SELECT_K);
+ABI_AT(TopKSelectArgs, ratio, TOP_K_SELECT_RATIO);
+ABI_AT(TopKSelectArgs, pos0_ptr, TOP_K_SELECT_POS0_PTR);
+ABI_SIZE(AttentionDecodeArgs, ATTENTION_DECODE_BYTES);
+ABI_AT(AttentionDecodeArgs, q, ATTENTION_DECODE_Q);
+ABI_AT(AttentionDecodeArgs, attn, ATTENTION_DECODE_ATTN);
+ABI_AT(AttentionDecodeArgs, H, ATTENTION_DECODE_H);
+ABI_AT(AttentionDecodeArgs, D, ATTENTION_DECODE_D);
+ABI_AT(AttentionDecodeArgs, sink, ATTENTION_DECODE_SINK);
+ABI_AT(AttentionDecodeArgs, ring, ATTENTION_DECODE_RING);
+ABI_AT(AttentionDecodeArgs, ring_rows, ATTENTION_DECODE_RING_ROWS);
+ABI_AT(AttentionDecodeArgs, window, ATTENTION_DECODE_WINDOW);
+ABI_AT(AttentionDecodeArgs, entries, ATTENTION_DECODE_ENTRIES);
+ABI_AT(AttentionDecodeArgs, comp_mode, ATTENTION_DECODE_COMP_MODE);
+ABI_AT(AttentionDecodeArgs, selected, ATTENTION_DECODE_SELECTED);
+ABI_AT(AttentionDecodeArgs, n_selected, ATTENTION_DECODE_N_SELECTED);
+ABI_AT(AttentionDecodeArgs, sel_stride, ATTENTION_DECODE_SEL_STRIDE);
+ABI_AT(AttentionDecodeArgs, ratio, ATTENTION_DECODE_RATIO);
+ABI_AT(AttentionDecodeArgs, rope_dim, ATTENTION_DECODE_ROPE_DIM);
+ABI_AT(AttentionDecodeArgs, inv_freq, ATTENTION_DECODE_INV_FREQ);
+ABI_AT(AttentionDecodeArgs, rope_scale, ATTENTION_DECODE_ROPE_SCALE);
+ABI_AT(AttentionDecodeArgs, pos0_ptr, ATTENTION_DECODE_POS0_PTR);
+ABI_AT(AttentionDecodeArgs, eps, ATTENTION_DECODE_EPS);
+ABI_AT(AttentionDecodeArgs, kv, ATTENTION_DECODE_KV);
+ABI_AT(AttentionDecodeArgs, kv_norm, ATTENTION_DECODE_KV_NORM);
+ABI_AT(AttentionDecodeArgs, partial, ATTENTION_DECODE_PARTIAL);
+ABI_AT(AttentionDecodeArgs, counter, ATTENTION_DECODE_COUNTER);
+ABI_SIZE(EmbedStreamsArgs, EMBED_STREAMS_BYTES);
+ABI_AT(EmbedStreamsArgs, h, EMBED_STREAMS_H);
+ABI_AT(EmbedStreamsArgs, embed, EMBED_STREAMS_EMBED);
+ABI_AT(EmbedStreamsArgs, tokens, EMBED_STREAMS_TOKENS);
+ABI_AT(EmbedStreamsArgs, E, EMBED_STREAMS_E);
+ABI_SIZE(SwigluArgs, SWIGLU_BYTES);
+ABI_AT(SwigluArgs, gate, SWIGLU_GATE);
+ABI_AT(SwigluArgs, up, SWIGLU_UP);
+ABI_AT(SwigluArgs, n, SWIGLU_N);
+ABI_AT(SwigluArgs, limit, SWIGLU_LIMIT);
+ABI_SIZE(HcMixPartialArgs, HC_MIX_PARTIAL_BYTES);
+ABI_AT(HcMixPartialArgs, partial, HC_MIX_PARTIAL_PARTIAL);
+ABI_AT(HcMixPartialArgs, partial_ss, HC_MIX_PARTIAL_PARTIAL_SS);
+ABI_AT(HcMixPartialArgs, h, HC_MIX_PARTIAL_H);
+ABI_AT(HcMixPartialArgs, fn, HC_MIX_PARTIAL_FN);
+ABI_AT(HcMixPartialArgs, E, HC_MIX_PARTIAL_E);
+ABI_AT(HcMixPartialArgs, rows, HC_MIX_PARTIAL_ROWS);
+ABI_AT(HcMixPartialArgs, slice, HC_MIX_PARTIAL_SLICE);
+ABI_SIZE(HcPostMixArgs, HC_POST_MIX_BYTES);
+ABI_AT(HcPostMixArgs, partial, HC_POST_MIX_PARTIAL);
+ABI_AT(HcPostMixArgs, partial_ss, HC_POST_MIX_PARTIAL_SS);
+ABI_AT(HcPostMixArgs, h, HC_POST_MIX_H);
+ABI_AT(HcPostMixArgs, fn, HC_POST_MIX_FN);
+ABI_AT(HcPostMixArgs, E, HC_POST_MIX_E);
+ABI_AT(HcPostMixArgs, rows, HC_POST_MIX_ROWS);
+ABI_AT(HcPostMixArgs, slice, HC_POST_MIX_SLICE);
+ABI_AT(HcPostMixArgs, block_out, HC_POST_MIX_BLOCK_OUT);
+ABI_AT(HcPostMixArgs, post, HC_POST_MIX_POST);
+ABI_AT(HcPostMixArgs, comb, HC_POST_MIX_COMB);
+ABI_AT(HcPostMixArgs, expert_out, HC_POST_MIX_EXPERT_OUT);
+ABI_AT(HcPostMixArgs, route_weight, HC_POST_MIX_ROUTE_WEIGHT);
+ABI_AT(HcPostMixArgs, slot_row, HC_POST_MIX_SLOT_ROW);
+ABI_AT(HcPostMixArgs, K, HC_POST_MIX_K);
+ABI_SIZE(HcFinishArgs, HC_FINISH_BYTES);
+ABI_AT(HcFinishArgs, x, HC_FINISH_X);
+ABI_AT(HcFinishArgs, post_out, HC_FINISH_POST_OUT);
+ABI_AT(HcFinishArgs, comb_out, HC_FINISH_COMB_OUT);
+ABI_AT(HcFinishArgs, h, HC_FINISH_H);
+ABI_AT(HcFinishArgs, partial, HC_FINISH_PARTIAL);
+ABI_AT(HcFinishArgs, partial_ss, HC_FINISH_PARTIAL_SS);
+ABI_AT(HcFinishArgs, base, HC_FINISH_BASE);
+ABI_AT(HcFinishArgs, scale, HC_FINISH_SCALE);
+ABI_AT(HcFinishArgs, norm_weight, HC_FINISH_NORM_WEIGHT);
+ABI_AT(HcFinishArgs, E, HC_FINISH_E);
+ABI_AT(HcFinishArgs, rows, HC_FINISH_ROWS);
+ABI_AT(HcFinishArgs, S, HC_FINISH_S);
+ABI_AT(HcFinishArgs, t0, HC_FINISH_T0);
+ABI_AT(HcFinishArgs, hc_eps, HC_FINISH_HC_EPS);
+ABI_AT(HcFinishArgs, rms_eps, HC_FINISH_RMS_EPS);
+ABI_AT(HcFinishArgs, sinkhorn_iters, HC_FINISH_SINKHORN_ITERS);
+ABI_SIZE(RouteTokensArgs, ROUTE_TOKENS_BYTES);
+ABI_AT(RouteTokensArgs, router, ROUTE_TOKENS_ROUTER);
+ABI_AT(RouteTokensArgs, bias, ROUTE_TOKENS_BIAS);
+ABI_AT(RouteTokensArgs, tid2eid, ROUTE_TOKENS_TID2EID);
+ABI_AT(RouteTokensArgs, tokens, ROUTE_TOKENS_TOKENS);
+ABI_AT(RouteTokensArgs, chosen, ROUTE_TOKENS_CHOSEN);
+ABI_AT(RouteTokensArgs, route_weight, ROUTE_TOKENS_ROUTE_WEIGHT);
+ABI_AT(RouteTokensArgs, expert_start, ROUTE_TOKENS_EXPERT_START);
+ABI_AT(RouteTokensArgs, slot_order, ROUTE_TOKENS_SLOT_ORDER);
+ABI_AT(RouteTokensArgs, slot_row, ROUTE_TOKENS_SLOT_ROW);
+ABI_AT(RouteTokensArgs, active_experts, ROUTE_TOKENS_ACTIVE_EXPERTS);
+ABI_AT(RouteTokensArgs, active_count, ROUTE_TOKENS_ACTIVE_COUNT);
+ABI_AT(RouteTokensArgs, T, ROUTE_TOKENS_T);
+ABI_AT(RouteTokensArgs, X, ROUTE_TOKENS_X);
+ABI_AT(RouteTokensArgs, K, ROUTE_TOKENS_K);
+ABI_AT(RouteTokensArgs, routed_scaling, ROUTE_TOKENS_ROUTED_SCALING);
+ABI_SIZE(SampleTokenArgs, SAMPLE_TOKEN_BYTES);
+ABI_AT(SampleTokenArgs, logits, SAMPLE_TOKEN_LOGITS);
+ABI_AT(SampleTokenArgs, probs, SAMPLE_TOKEN_PROBS);
+ABI_AT(SampleTokenArgs, V, SAMPLE_TOKEN_V);
+ABI_AT(SampleTokenArgs, temperature, SAMPLE_TOKEN_TEMPERATURE);
+ABI_AT(SampleTokenArgs, top_p, SAMPLE_TOKEN_TOP_P);
+ABI_AT(SampleTokenArgs, rng, SAMPLE_TOKEN_RNG);
+ABI_AT(SampleTokenArgs, out_token, SAMPLE_TOKEN_OUT_TOKEN);
+ABI_AT(SampleTokenArgs, tokens, SAMPLE_TOKEN_TOKENS);
+ABI_AT(SampleTokenArgs, pos0_ptr, SAMPLE_TOKEN_POS0_PTR);
+ABI_AT(SampleTokenArgs, advance, SAMPLE_TOKEN_ADVANCE);
+ABI_SIZE(GemmPrefillArgs, GEMM_PREFILL_BYTES);
+ABI_AT(GemmPrefillArgs, y, GEMM_PREFILL_Y);
+ABI_AT(GemmPrefillArgs, x, GEMM_PREFILL_X);
+ABI_AT(GemmPrefillArgs, weight, GEMM_PREFILL_WEIGHT);
+ABI_AT(GemmPrefillArgs, scale, GEMM_PREFILL_SCALE);
+ABI_AT(GemmPrefillArgs, global_scale, GEMM_PREFILL_GLOBAL_SCALE);
+ABI_AT(GemmPrefillArgs, format, GEMM_PREFILL_FORMAT);
+ABI_AT(GemmPrefillArgs, scale_is_f32, GEMM_PREFILL_SCALE_IS_F32);
+ABI_AT(GemmPrefillArgs, T, GEMM_PREFILL_T);
+ABI_AT(GemmPrefillArgs, cols, GEMM_PREFILL_COLS);
+ABI_AT(GemmPrefillArgs, row0, GEMM_PREFILL_ROW0);
+ABI_AT(GemmPrefillArgs, nrows, GEMM_PREFILL_NROWS);
+ABI_AT(GemmPrefillArgs, x_stride, GEMM_PREFILL_X_STRIDE);
+ABI_AT(GemmPrefillArgs, y_stride, GEMM_PREFILL_Y_STRIDE);
+ABI_AT(GemmPrefillArgs, accumulate, GEMM_PREFILL_ACCUMULATE);
+ABI_AT(GemmPrefillArgs, row_bytes, GEMM_PREFILL_ROW_BYTES);
+ABI_AT(GemmPrefillArgs, slot_expert, GEMM_PREFILL_SLOT_EXPERT);
+ABI_AT(GemmPrefillArgs, expert_stride_w, GEMM_PREFILL_EXPERT_STRIDE_W);
+ABI_AT(GemmPrefillArgs, expert_stride_s, GEMM_PREFILL_EXPERT_STRIDE_S);
+ABI_AT(GemmPrefillArgs, expert_factor, GEMM_PREFILL_EXPERT_FACTOR);
+ABI_AT(GemmPrefillArgs, x_slot_stride, GEMM_PREFILL_X_SLOT_STRIDE);
+ABI_AT(GemmPrefillArgs, y_slot_stride, GEMM_PREFILL_Y_SLOT_STRIDE);
+ABI_SIZE(GatherRowsArgs, GATHER_ROWS_BYTES);
+ABI_AT(GatherRowsArgs, dst, GATHER_ROWS_DST);
+ABI_AT(GatherRowsArgs, src, GATHER_ROWS_SRC);
+ABI_AT(GatherRowsArgs, slot_order, GATHER_ROWS_SLOT_ORDER);
+ABI_AT(GatherRowsArgs, K, GATHER_ROWS_K);
+ABI_AT(GatherRowsArgs, E, GATHER_ROWS_E);
+ABI_SIZE(FillRandomArgs, FILL_RANDOM_BYTES);
+ABI_AT(FillRandomArgs, dst, FILL_RANDOM_DST);
+ABI_AT(FillRandomArgs, n_words, FILL_RANDOM_N_WORDS);
+ABI_AT(FillRandomArgs, seed, FILL_RANDOM_SEED);
+ABI_AT(FillRandomArgs, kind, FILL_RANDOM_KIND);
+#undef ABI_SIZE
+#undef ABI_AT
 
 #define GPU_INDEXER_SMEM (64 * (512 + 4) * 4 + 64 * 4 + 512 * 4)   /* indexer_scores' shared memory at NI 64, DI 512 */
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
@@ -1654,7 +1937,7 @@ static int gpu_open(char *why, size_t n) {
     if ((r = cu.cuModuleLoadDataEx(&gpu.module, kernels_cubin, 4, options, values)))
         GPU_FAIL("the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
     for (int k = 0; k < K_COUNT; k++) {
-        CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_names[k]));
+        CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_info[k].name));
         if (k == K_GEMV)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
             CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            (int)gpu_gemv_smem(FMT_NVFP4, GPU_MAX_CHUNKS * GPU_CHUNK)));
@@ -1703,14 +1986,18 @@ static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
 }
 
-/* Launch kernel k on the stream: grid x block threads, smem bytes of dynamic shared memory. */
 static long gpu_launches;          /* kernels launched so far (the benchmark counts those of a decode step) */
 static double *gpu_kernel_ms;      /* [K_COUNT] when set (the benchmark's breakdown): each launch is
                                       timed, waited for, and its milliseconds added by kernel */
 
 /* Launch kernel k on the stream: a grid of gx x gy x gz blocks of `block` threads, smem bytes
-   of dynamic shared memory. */
-static void gpu_launch_grid(Kernel k, unsigned gx, unsigned gy, unsigned gz, unsigned block, unsigned smem, void **params) {
+   of dynamic shared memory, its one parameter the argument struct at args (args_bytes, which
+   must be its struct's size: LAUNCH passes sizeof). */
+static void gpu_launch(Kernel k, unsigned gx, unsigned gy, unsigned gz, unsigned block, unsigned smem, const void *args,
+                       size_t args_bytes) {
+    if (args_bytes != kernel_info[k].args_bytes)
+        fatal("internal error: %s launched with %zu bytes of arguments, not its %zu", kernel_info[k].name, args_bytes,
+              kernel_info[k].args_bytes);
     CUevent start = NULL, end = NULL;
     if (gpu_kernel_ms) {
         CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
@@ -1722,6 +2009,7 @@ static void gpu_launch_grid(Kernel k, unsigned gx, unsigned gy, unsigned gz, uns
        its griddepcontrol.wait (kernels.ptx) holds it until that one's writes are visible */
     CUlaunchAttribute pdl = {.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, .value.value = 1};
     CUlaunchConfig config = {gx, gy, gz, block, 1, 1, smem, gpu.stream, &pdl, 1};
+    void *params[] = {(void *)args};
     CU_CHECK(cu.cuLaunchKernelEx(&config, gpu.kernels[k], params, NULL));
     if (gpu_kernel_ms) {
         float ms;
@@ -1734,17 +2022,15 @@ static void gpu_launch_grid(Kernel k, unsigned gx, unsigned gy, unsigned gz, uns
     }
 }
 
-/* The same with a one-dimensional grid. */
-static void gpu_launch(Kernel k, unsigned grid, unsigned block, unsigned smem, void **params) {
-    gpu_launch_grid(k, grid, 1, 1, block, smem, params);
-}
+/* Launch kernel k with `args`, a variable of its argument struct (nvfp4.h). */
+#define LAUNCH(k, gx, gy, gz, block, smem, args) gpu_launch(k, gx, gy, gz, block, smem, &(args), sizeof(args))
 
 /* Blocks of `block` threads (and smem bytes of dynamic shared memory) of kernel k that fit on
    one SM at a time (fatal when none does: too many threads for the kernel's registers). */
 static int gpu_blocks_per_sm(Kernel k, int block, unsigned smem) {
     int blocks = 0;
     CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gpu.kernels[k], block, smem));
-    if (blocks < 1) fatal("kernel %s cannot run blocks of %d threads on %s", kernel_names[k], block, gpu.name);
+    if (blocks < 1) fatal("kernel %s cannot run blocks of %d threads on %s", kernel_info[k].name, block, gpu.name);
     return blocks;
 }
 
@@ -1831,10 +2117,8 @@ typedef enum { FILL_BYTES, FILL_E4M3, FILL_BF16, FILL_E4M3_SCALE, FILL_E8M0_SCAL
 /* bytes (a multiple of 4) of valid random weights of one kind at d, made on the GPU. */
 static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
     static unsigned seed = 1;
-    unsigned long long words = bytes / 4;
-    unsigned s = seed++, k = kind;
-    void *params[] = {&d, &words, &s, &k};
-    gpu_launch(K_FILL, (unsigned)gpu.sm_count * 8, 256, 0, params);
+    FillRandomArgs args = {.dst = d, .n_words = bytes / 4, .seed = seed++, .kind = kind};
+    LAUNCH(K_FILL, (unsigned)gpu.sm_count * 8, 1, 1, 256, 0, args);
 }
 
 /* Choose g's GEMV launch shape: blocks of ~16 warps (ksplit warps a row, nrg groups of 4 rows),
@@ -1918,62 +2202,10 @@ typedef struct {
     float eps;
 } GemvPlan;
 
-#define GEMV_MAX_SLOTS 64   /* the slot table of kernels.ptx holds 64 */
-#define GEMV_MAX_SEGS 4     /* segments of one gemv launch (kernels.ptx) */
 
-/* One segment of a gemv launch as kernels.ptx reads it (its SEG_* byte offsets): one GpuLinear
-   with its GemvPlan, where its items and slots start in the launch, and which x it stages. */
-typedef struct {
-    uint64_t w, s, x, y, expert, stride_w, stride_s, gscales62, up_offset, norm_weight;
-    uint32_t format, rows, cols, row_bytes, x_stride, y_stride, list_len, list_offset;
-    float gscale62, limit, eps;
-    uint32_t first_item, first_slot, x_group, row_blocks, x_hc;
-} GemvSeg;
-#define SEG_AT(field, offset) offsetof(GemvSeg, field) == offset
-_Static_assert(sizeof(GemvSeg) == 144 && SEG_AT(w, 0) && SEG_AT(s, 8) && SEG_AT(x, 16) && SEG_AT(y, 24) &&
-                   SEG_AT(expert, 32) && SEG_AT(stride_w, 40) && SEG_AT(stride_s, 48) && SEG_AT(gscales62, 56) &&
-                   SEG_AT(up_offset, 64) && SEG_AT(norm_weight, 72) && SEG_AT(format, 80) && SEG_AT(rows, 84) &&
-                   SEG_AT(cols, 88) && SEG_AT(row_bytes, 92) && SEG_AT(x_stride, 96) && SEG_AT(y_stride, 100) &&
-                   SEG_AT(list_len, 104) && SEG_AT(list_offset, 108) && SEG_AT(gscale62, 112) && SEG_AT(limit, 116) &&
-                   SEG_AT(eps, 120) && SEG_AT(first_item, 124) && SEG_AT(first_slot, 128) && SEG_AT(x_group, 132) &&
-                   SEG_AT(row_blocks, 136) && SEG_AT(x_hc, 140),
-               "GemvSeg must match SEG_* in kernels.ptx");
-#undef SEG_AT
-
-/* The format numbers of kernels.ptx (GEMV_NVFP4 ...). */
-static const uint32_t gemv_format[] = {[FMT_NVFP4] = 0, [FMT_MXFP4] = 1, [FMT_FP8] = 2, [FMT_BF16] = 3};
-
-/* The mHC finish a decode GEMV makes its x with (kernels.ptx, STAGE_HC; the HC_* offsets):
-   hc_finish's arguments for token 0. post and comb (0: not written) get the site's weights for
-   hc_post_mix; norm is the RMSNorm weight applied to the collapsed streams. */
-typedef struct {
-    uint64_t post, comb, h, partial, partial_ss, base, scale, norm;
-    uint32_t rows, slices, iters;
-    float hc_eps, rms_eps;
-    uint32_t unused;
-} GemvHc;
-#define HC_AT(field, offset) offsetof(GemvHc, field) == offset
-_Static_assert(sizeof(GemvHc) == 88 && HC_AT(post, 0) && HC_AT(comb, 8) && HC_AT(h, 16) && HC_AT(partial, 24) &&
-                   HC_AT(partial_ss, 32) && HC_AT(base, 40) && HC_AT(scale, 48) && HC_AT(norm, 56) && HC_AT(rows, 64) &&
-                   HC_AT(slices, 68) && HC_AT(iters, 72) && HC_AT(hc_eps, 76) && HC_AT(rms_eps, 80),
-               "GemvHc must match HC_* in kernels.ptx");
-#undef HC_AT
-
-/* The routing a decode GEMV launch does first (kernels.ptx, gemv; the RT_* offsets): every
-   block runs route_tokens' work for the token (route_block) on the router's logits for its own
-   slot table (parts whose expert list is `chosen` read it from there); block 0 writes chosen
-   and route_weight. */
-typedef struct {
-    uint64_t router, bias, tid2eid, tokens, chosen, route_weight, expert_start, slot_order, slot_row, active_experts,
-        active_count;
-    uint32_t X, K;
-    float routed_scaling;
-    uint32_t unused;
-} GemvRoute;
-_Static_assert(sizeof(GemvRoute) == 104 && offsetof(GemvRoute, chosen) == 32 && offsetof(GemvRoute, X) == 88 &&
-                   offsetof(GemvRoute, K) == 92 &&
-                   offsetof(GemvRoute, routed_scaling) == 96,
-               "GemvRoute must match RT_* in kernels.ptx");
+/* The format numbers of kernels.ptx (GemvSeg.format). */
+static const uint32_t gemv_format[] = {[FMT_NVFP4] = GEMV_NVFP4, [FMT_MXFP4] = GEMV_MXFP4, [FMT_FP8] = GEMV_FP8,
+                                       [FMT_BF16] = GEMV_BF16};
 
 /* One product of a GEMV launch: y = W x for W = *g, extended by *plan (NULL: nothing more);
    x = 0 takes x from the launch's mHC finish (gpu_gemv_parts). */
@@ -1995,9 +2227,10 @@ typedef struct {
 static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, const GemvRoute *route) {
     unsigned block = parts[0].g->block, nsegs = 1;
     while ((int)nsegs < n && nsegs < GEMV_MAX_SEGS && parts[nsegs].g->block == block) nsegs++;
-    GemvSeg segs[GEMV_MAX_SEGS];
+    GemvArgs args;
+    GemvSeg *segs = args.segs;
     unsigned xs_of[GEMV_MAX_SEGS];   /* bytes of each segment's staged x: 4 a padded column */
-    memset(segs, 0, sizeof segs);
+    memset(&args, 0, sizeof args);
     for (int i = 0; i < GEMV_MAX_SEGS; i++) segs[i].first_item = segs[i].first_slot = UINT32_MAX;
     unsigned items = 0, slots = 0, contiguous = 0, list_ready = 1, xs_bytes = 0, grid = UINT32_MAX;
     for (unsigned i = 0; i < nsegs; i++) {
@@ -2040,9 +2273,10 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
     if (own && (list_ready || xs_bytes < 8 * route->X))   /* routed after the wait; xs holds its 2X scratch words */
         fatal("internal error: a GEMV launch that routes needs its list read after the wait and %u bytes of x",
               8 * route->X);
-    GemvRoute routing = own ? *route : (GemvRoute){0};
-    void *params[] = {segs, &items, &slots, &contiguous, &list_ready, &xs_bytes, &site, &routing};
-    gpu_launch(K_GEMV, grid < items ? grid : items, block, xs_bytes + GPU_GEMV_RING, params);
+    args.items = items, args.slots = slots, args.contiguous = contiguous, args.list_ready = list_ready;
+    args.xs_bytes = xs_bytes, args.hc = site;
+    if (own) args.route = *route;
+    LAUNCH(K_GEMV, grid < items ? grid : items, 1, 1, block, xs_bytes + GPU_GEMV_RING, args);
     if ((int)nsegs < n) {   /* the rest, in launches that leave post and comb alone (written) */
         site.post = site.comb = 0;
         gpu_gemv_launch(parts + nsegs, n - (int)nsegs, hc ? &site : NULL, route);
@@ -2063,9 +2297,8 @@ static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) { gpu_gem
 
 /* Launch stream_read over buf[bytes] (bytes a multiple of 16), adding its uint32 sum to *out. */
 static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
-    uint64_t n16 = bytes / 16;
-    void *params[] = {&buf, &n16, &out};
-    gpu_launch(K_STREAM_READ, (unsigned)(gpu.sm_count * 4), 256, 0, params);
+    StreamReadArgs args = {.buf = buf, .n16 = bytes / 16, .out = out};
+    LAUNCH(K_STREAM_READ, (unsigned)(gpu.sm_count * 4), 1, 1, 256, 0, args);
 }
 
 /* ======================================================================= GPU: forward pass */
@@ -2476,13 +2709,6 @@ static void gpu_unload(void) {
 }
 
 /* -------------------------------------------------------------------------------- launches */
-/* Kernel parameters are passed by address: these make an address of a temporary of the type
-   the kernel's .param declares (u64 pointer, u32 integer, f32 float). */
-#define P64(v) &(CUdeviceptr){(v)}
-#define PU32(v) &(unsigned){(unsigned)(v)}
-#define PF32(v) &(float){(float)(v)}
-#define LAUNCH(k, gx, gy, gz, block, smem, ...) \
-    do { void *params_[] = {__VA_ARGS__}; gpu_launch_grid(k, gx, gy, gz, block, smem, params_); } while (0)
 
 /* Several products in one GEMM launch (grid.z = count): slot z reads x + z * x_stride floats,
    writes y + z * y_stride floats and, when `expert` is set, uses expert expert[z] of a stack. */
@@ -2500,11 +2726,14 @@ static void gpu_gemm(const GpuLinear *w, float factor, int row0, int nrows, CUde
     GemmSlots one = {1, 0, 0, 0, NULL};
     if (!slots) slots = &one;
     const GpuExperts *stack = slots->stack;
-    LAUNCH(K_GEMM, (unsigned)(nrows + 63) / 64, (unsigned)(T + 63) / 64, (unsigned)slots->count, 128, 0, P64(y), P64(x),
-           P64(w->weight), P64(w->scale), PF32(factor), PU32(w->format), PU32(w->format == FMT_FP8), PU32(T),
-           PU32(w->cols), PU32(row0), PU32(nrows), PU32(x_stride), PU32(y_stride), PU32(0), PU32(w->row_bytes),
-           P64(slots->expert), P64(stack ? stack->weight_stride : 0), P64(stack ? stack->scale_stride : 0),
-           P64(stack ? stack->factors : 0), PU32(slots->x_stride), PU32(slots->y_stride));
+    GemmPrefillArgs args = {
+        .y = y, .x = x, .weight = w->weight, .scale = w->scale, .global_scale = factor, .format = w->format,
+        .scale_is_f32 = w->format == FMT_FP8, .T = (uint32_t)T, .cols = (uint32_t)w->cols, .row0 = (uint32_t)row0,
+        .nrows = (uint32_t)nrows, .x_stride = (uint32_t)x_stride, .y_stride = (uint32_t)y_stride, .accumulate = 0,
+        .row_bytes = w->row_bytes, .slot_expert = slots->expert, .expert_stride_w = stack ? stack->weight_stride : 0,
+        .expert_stride_s = stack ? stack->scale_stride : 0, .expert_factor = stack ? stack->factors : 0,
+        .x_slot_stride = (uint32_t)slots->x_stride, .y_slot_stride = (uint32_t)slots->y_stride};
+    LAUNCH(K_GEMM, (unsigned)(nrows + 63) / 64, (unsigned)(T + 63) / 64, (unsigned)slots->count, 128, 0, args);
 }
 
 /* Rows row0 .. row0 + nrows of W applied to T rows of x: the GEMV for a whole matrix and one
@@ -2542,21 +2771,15 @@ static void gpu_linear(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y, int T) 
    at row (*pos + t) % ring_rows. Mirrors rmsnorm + rope. */
 static void gpu_row_norm_rope(CUdeviceptr x, int T, int n_heads, int dim, int norm, CUdeviceptr weight, float eps,
                               int rope_dim, const Rope *rope, CUdeviceptr ring, int ring_rows) {
-    LAUNCH(K_ROW_NORM_ROPE, (unsigned)n_heads, (unsigned)T, 1, 128, 0, P64(x), PU32(n_heads), PU32(dim), PU32(norm),
-           P64(weight), PF32(eps), PU32(rope_dim), P64(rope ? DEV(rope->inv_freq) : 0), PF32(rope ? rope->scale : 1),
-           P64(gm.pos), P64(ring), PU32(ring_rows));
+    RowNormRopeArgs args = {
+        .x = x, .n_heads = (uint32_t)n_heads, .dim = (uint32_t)dim, .do_norm = (uint32_t)norm, .weight = weight,
+        .eps = eps, .rope_dim = (uint32_t)rope_dim, .inv_freq = rope ? DEV(rope->inv_freq) : 0,
+        .rope_scale = rope ? rope->scale : 1, .pos0_ptr = gm.pos, .ring = ring, .ring_rows = (uint32_t)ring_rows};
+    LAUNCH(K_ROW_NORM_ROPE, (unsigned)n_heads, (unsigned)T, 1, 128, 0, args);
 }
 
-/* One compressor's part of a compressor_update launch (kernels.ptx, CA_* offsets): the chunk's
-   projections kv, gate [T, parts * d] and the compressor's weights and cache. */
-typedef struct {
-    uint64_t kv, gate, ape, norm, pending_kv, pending_gate, prev_kv, prev_gate, entries;
-    uint32_t parts, d;
-} CompressorArgs;
-_Static_assert(sizeof(CompressorArgs) == 80 && offsetof(CompressorArgs, norm) == 24 &&
-                   offsetof(CompressorArgs, entries) == 64 && offsetof(CompressorArgs, parts) == 72,
-               "CompressorArgs must match CA_* in kernels.ptx");
-
+/* One compressor's part of a compressor_update launch: the chunk's projections kv, gate and
+   the compressor's weights and cache. */
 static CompressorArgs compressor_args(CompressorCache *s, CUdeviceptr ape, CUdeviceptr norm, int parts, int d,
                                       CUdeviceptr kv, CUdeviceptr gate) {
     return (CompressorArgs){kv, gate, ape, norm, DEV(s->pending_kv), DEV(s->pending_gate), DEV(s->prev_kv),
@@ -2567,9 +2790,10 @@ static CompressorArgs compressor_args(CompressorCache *s, CUdeviceptr ape, CUdev
    emitting entries as windows close. Mirrors compressor_feed. */
 static void gpu_compressors(const Config *c, const CompressorArgs *comp, int n, int ratio, int T) {
     const Rope *r = &gm.state.rope_compress;
-    CompressorArgs table[2] = {comp[0], n > 1 ? comp[1] : comp[0]};
-    LAUNCH(K_COMPRESSOR, (unsigned)n, 1, 1, 256, 0, table, PU32(T), PU32(ratio), PF32(c->rms_eps), PU32(c->rope_dim),
-           P64(DEV(r->inv_freq)), PF32(r->scale), P64(gm.pos));
+    CompressorUpdateArgs args = {
+        .comp = {comp[0], n > 1 ? comp[1] : comp[0]}, .T = (uint32_t)T, .ratio = (uint32_t)ratio, .eps = c->rms_eps,
+        .rope_dim = (uint32_t)c->rope_dim, .inv_freq = DEV(r->inv_freq), .rope_scale = r->scale, .pos0_ptr = gm.pos};
+    LAUNCH(K_COMPRESSOR, (unsigned)n, 1, 1, 256, 0, args);
 }
 
 /* Bytes of the scales of `rows` rows of g in the GEMV layout (FP8: rows a multiple of 128). */
@@ -2591,10 +2815,11 @@ static const Rope *gpu_layer_rope(const Config *c, int l) {
 static void gpu_embed(const Config *c, int T) {
     Scratch *w = &gm.state.scratch;
     int E = c->hidden_size, mix = (2 + HC) * HC;
-    LAUNCH(K_EMBED, (unsigned)(E + 255) / 256, (unsigned)T, 1, 256, 0, P64(DEV(w->h)), P64(gm.embed), P64(gm.tokens),
-           PU32(E));
-    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, P64(gm.hc_partial),
-           P64(gm.hc_partial_ss), P64(DEV(w->h)), P64(gm.layers[0].hc_attn_fn), PU32(E), PU32(mix), PU32(HC_SLICE));
+    EmbedStreamsArgs embed = {.h = DEV(w->h), .embed = gm.embed, .tokens = gm.tokens, .E = (uint32_t)E};
+    LAUNCH(K_EMBED, (unsigned)(E + 255) / 256, (unsigned)T, 1, 256, 0, embed);
+    HcMixPartialArgs sums = {.partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .h = DEV(w->h),
+                             .fn = gm.layers[0].hc_attn_fn, .E = (uint32_t)E, .rows = (uint32_t)mix, .slice = HC_SLICE};
+    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, sums);
 }
 
 /* CSA: the indexer's scores of the compressed entries for each of the T queries (the kernel
@@ -2606,11 +2831,16 @@ static void gpu_indexer(const Config *c, int l, int T, CUdeviceptr index_w) {
     const Rope *r = &gm.state.rope_compress;
     int NI = c->index_heads, DI = c->index_dim, R = c->rope_dim, ratio = c->compress_ratio[l];
     unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 31) / 32;
-    LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 256, smem, P64(gm.index_scores),
-           PU32(gm.score_stride), P64(DEV(w->index_q)), P64(index_w), P64(DEV(ls->index_comp.entries)), PU32(NI), PU32(DI),
-           PU32(ratio), P64(gm.pos), PU32(R), P64(DEV(r->inv_freq)), PF32(r->scale));
-    LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, P64(gm.index_scores), PU32(gm.score_stride), P64(gm.selected),
-           PU32(c->index_topk), P64(gm.n_selected), PU32(c->index_topk), PU32(ratio), P64(gm.pos));
+    IndexerScoresArgs scores = {
+        .scores = gm.index_scores, .score_stride = (uint32_t)gm.score_stride, .index_q = DEV(w->index_q),
+        .index_w = index_w, .index_keys = DEV(ls->index_comp.entries), .NI = (uint32_t)NI, .DI = (uint32_t)DI,
+        .ratio = (uint32_t)ratio, .pos0_ptr = gm.pos, .rope_dim = (uint32_t)R, .inv_freq = DEV(r->inv_freq),
+        .rope_scale = r->scale};
+    LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 256, smem, scores);
+    TopKSelectArgs top = {.scores = gm.index_scores, .score_stride = (uint32_t)gm.score_stride, .selected = gm.selected,
+                          .sel_stride = (uint32_t)c->index_topk, .n_selected = gm.n_selected,
+                          .k = (uint32_t)c->index_topk, .ratio = (uint32_t)ratio, .pos0_ptr = gm.pos};
+    LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, top);
 }
 
 /* Each of the T queries q [T, H, D] (normalized and rotated by the kernel) over its window and
@@ -2626,11 +2856,15 @@ static void gpu_attend(const Config *c, int l, int T, CUdeviceptr new_key) {
     int H = c->n_heads, D = c->head_dim, ratio = c->compress_ratio[l];
     int mode = c->attn_kind[l] == ATTN_CSA ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
     int splits = new_key && mode ? gm.attn_splits : 1;
-    LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, (unsigned)splits, 512, 0, P64(DEV(w->q)), P64(DEV(w->attn)), PU32(H), PU32(D),
-           P64(g->attn_sink), P64(DEV(ls->keys)), PU32(ring_rows(&gm.state, c)), PU32(c->sliding_window),
-           P64(DEV(ls->comp.entries)), PU32(mode), P64(gm.selected), P64(gm.n_selected), PU32(c->index_topk),
-           PU32(ratio ? ratio : 1), PU32(c->rope_dim), P64(DEV(rope_l->inv_freq)), PF32(rope_l->scale), P64(gm.pos),
-           PF32(c->rms_eps), P64(new_key), P64(g->kv_norm), P64(gm.attn_partial), P64(gm.attn_counter));
+    AttentionDecodeArgs args = {
+        .q = DEV(w->q), .attn = DEV(w->attn), .H = (uint32_t)H, .D = (uint32_t)D, .sink = g->attn_sink,
+        .ring = DEV(ls->keys), .ring_rows = (uint32_t)ring_rows(&gm.state, c), .window = (uint32_t)c->sliding_window,
+        .entries = DEV(ls->comp.entries), .comp_mode = (uint32_t)mode, .selected = gm.selected,
+        .n_selected = gm.n_selected, .sel_stride = (uint32_t)c->index_topk, .ratio = (uint32_t)(ratio ? ratio : 1),
+        .rope_dim = (uint32_t)c->rope_dim, .inv_freq = DEV(rope_l->inv_freq), .rope_scale = rope_l->scale,
+        .pos0_ptr = gm.pos, .eps = c->rms_eps, .kv = new_key, .kv_norm = g->kv_norm, .partial = gm.attn_partial,
+        .counter = gm.attn_counter};
+    LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, (unsigned)splits, 512, 0, args);
 }
 
 /* The grouped output projection: attn [T, H * D] -> grouped [T, G * O] by wo_a, group by group
@@ -2657,7 +2891,8 @@ static void gpu_output_projection(const Config *c, int l, int T) {
 /* gate[n] = silu(min(gate, limit)) * clamp(up, -limit, limit). Mirrors expert_ffn's activation. */
 static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) {
     unsigned blocks = (unsigned)((n + 255) / 256), most = (unsigned)gpu.sm_count * 4;
-    LAUNCH(K_SWIGLU, blocks < most ? blocks : most, 1, 1, 256, 0, P64(gate), P64(up), PU32(n), PF32(limit));
+    SwigluArgs args = {.gate = gate, .up = up, .n = (uint32_t)n, .limit = limit};
+    LAUNCH(K_SWIGLU, blocks < most ? blocks : most, 1, 1, 256, 0, args);
 }
 
 /* h' = hc_post of the current site (with the MoE combine when `moe`), then the next site's
@@ -2665,10 +2900,12 @@ static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) 
    layer, or the head). Mirrors hc_post (+ moe's combine) and the sums of hc_mix. */
 static void gpu_hc_post_mix(int T, CUdeviceptr fn, int rows, int moe, int K, const Config *c) {
     Scratch *w = &gm.state.scratch;
-    LAUNCH(K_HC_POST_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * rows), 0, P64(gm.hc_partial),
-           P64(gm.hc_partial_ss), P64(DEV(w->h)), P64(fn), PU32(c->hidden_size), PU32(rows), PU32(HC_SLICE),
-           P64(DEV(w->block_out)), P64(DEV(w->post)), P64(DEV(w->comb)), P64(moe ? DEV(w->expert_out) : 0),
-           P64(DEV(w->route_weight)), P64(T == 1 ? gm.slot_identity : DEV(w->slot_row)), PU32(K));
+    HcPostMixArgs args = {
+        .partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .h = DEV(w->h), .fn = fn,
+        .E = (uint32_t)c->hidden_size, .rows = (uint32_t)rows, .slice = HC_SLICE, .block_out = DEV(w->block_out),
+        .post = DEV(w->post), .comb = DEV(w->comb), .expert_out = moe ? DEV(w->expert_out) : 0,
+        .route_weight = DEV(w->route_weight), .slot_row = T == 1 ? gm.slot_identity : DEV(w->slot_row), .K = (uint32_t)K};
+    LAUNCH(K_HC_POST_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * rows), 0, args);
 }
 
 /* The mixing after layer l's attention (into the sums of its MoE site) or after its MoE (into
@@ -2689,10 +2926,12 @@ static void gpu_after_block(const Config *c, int l, int T, int moe) {
    block site (rows 24) or the head's pre only (rows 4). Mirrors hc_pre / hc_head + rmsnorm. */
 static void gpu_hc_finish(const Config *c, int n, int t0, CUdeviceptr base, CUdeviceptr scale, CUdeviceptr norm, int rows) {
     Scratch *w = &gm.state.scratch;
-    LAUNCH(K_HC_FINISH, (unsigned)n, 1, 1, 1024, 0, P64(DEV(w->x)), P64(rows == 24 ? DEV(w->post) : 0),
-           P64(rows == 24 ? DEV(w->comb) : 0), P64(DEV(w->h)), P64(gm.hc_partial), P64(gm.hc_partial_ss), P64(base),
-           P64(scale), P64(norm), PU32(c->hidden_size), PU32(rows), PU32(gm.hc_slices), PU32(t0), PF32(c->hc_eps),
-           PF32(c->rms_eps), PU32(c->sinkhorn_iters));
+    HcFinishArgs args = {
+        .x = DEV(w->x), .post_out = rows == 24 ? DEV(w->post) : 0, .comb_out = rows == 24 ? DEV(w->comb) : 0,
+        .h = DEV(w->h), .partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .base = base, .scale = scale,
+        .norm_weight = norm, .E = (uint32_t)c->hidden_size, .rows = (uint32_t)rows, .S = (uint32_t)gm.hc_slices,
+        .t0 = (uint32_t)t0, .hc_eps = c->hc_eps, .rms_eps = c->rms_eps, .sinkhorn_iters = (uint32_t)c->sinkhorn_iters};
+    LAUNCH(K_HC_FINISH, (unsigned)n, 1, 1, 1024, 0, args);
 }
 
 /* Attention sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. Mirrors
@@ -2768,14 +3007,18 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
     gpu_linear(&g->shared_w3, x, DEV(w->expert_up), T);
     gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
     gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
-    LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, P64(DEV(w->router)), P64(g->gate_bias), P64(g->tid2eid), P64(gm.tokens),
-           P64(DEV(w->chosen)), P64(DEV(w->route_weight)), P64(DEV(w->expert_start)), P64(DEV(w->slot_order)),
-           P64(DEV(w->slot_row)), P64(gm.active_experts), P64(gm.active_count), PU32(T), PU32(X), PU32(K),
-           PF32(c->routed_scaling));
+    RouteTokensArgs route = {
+        .router = DEV(w->router), .bias = g->gate_bias, .tid2eid = g->tid2eid, .tokens = gm.tokens,
+        .chosen = DEV(w->chosen), .route_weight = DEV(w->route_weight), .expert_start = DEV(w->expert_start),
+        .slot_order = DEV(w->slot_order), .slot_row = DEV(w->slot_row), .active_experts = gm.active_experts,
+        .active_count = gm.active_count, .T = (uint32_t)T, .X = (uint32_t)X, .K = (uint32_t)K,
+        .routed_scaling = c->routed_scaling};
+    LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, route);
     int *start = xcalloc((size_t)X + 1, sizeof(int));
     gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
-    LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, P64(DEV(w->expert_x)), P64(x), P64(DEV(w->slot_order)), PU32(K),
-           PU32(E));
+    GatherRowsArgs gather = {.dst = DEV(w->expert_x), .src = x, .slot_order = DEV(w->slot_order), .K = (uint32_t)K,
+                             .E = (uint32_t)E};
+    LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, gather);
     gpu_expert_gemm(&g->w1, DEV(w->expert_x), DEV(w->expert_gate), start, X);
     gpu_expert_gemm(&g->w3, DEV(w->expert_x), DEV(w->expert_up), start, X);
     gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * K * I, c->swiglu_limit);
@@ -2978,8 +3221,10 @@ static void gpu_decode(const Model *m) {
    advances by one when `advance` (a decode step). Mirrors sample(). */
 static void gpu_sample(const Sampler *s, int V, int row, int advance) {
     CUdeviceptr logits = DEV(gm.state.scratch.logits) + (size_t)row * V * 4;
-    LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(logits), P64(gm.probs), PU32(V), PF32(s->temperature), PF32(s->top_p),
-           P64(gm.rng), P64(gm.out_token), P64(gm.tokens), P64(gm.pos), PU32(advance));
+    SampleTokenArgs args = {.logits = logits, .probs = gm.probs, .V = (uint32_t)V, .temperature = s->temperature,
+                            .top_p = s->top_p, .rng = gm.rng, .out_token = gm.out_token, .tokens = gm.tokens,
+                            .pos0_ptr = gm.pos, .advance = (uint32_t)advance};
+    LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
 }
 
 /* Capture one decode step (gpu_decode of tokens[0] at *pos, then sampling, which advances
@@ -3830,7 +4075,7 @@ static void bench(int layers, int position) {
             if (per_kernel[order[b]] > per_kernel[order[a]]) { int t = order[a]; order[a] = order[b]; order[b] = t; }
     printf("kernels  time of a step by kernel, each launched alone (adds launch gaps the graph hides):\n");
     for (int i = 0; i < K_COUNT && per_kernel[order[i]] > 0; i++)
-        printf("         %-18s %8.3f ms\n", kernel_names[order[i]], per_kernel[order[i]] / profiled);
+        printf("         %-18s %8.3f ms\n", kernel_info[order[i]].name, per_kernel[order[i]] / profiled);
     free(ids);
     gpu_unload();
     gpu_close();

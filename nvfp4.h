@@ -12,6 +12,7 @@
 #ifndef NVFP4_H
 #define NVFP4_H
 
+#ifndef NVFP4_PTX   /* kernels.ptx includes only the kernel ABI at the end */
 #include <stddef.h>
 #include <stdint.h>
 
@@ -282,5 +283,638 @@ typedef struct {
     uint64_t rng;
     int *order;           /* [V] scratch for top-p */
 } Sampler;
+#endif /* NVFP4_PTX */
+
+/* ======================================================================== the kernel ABI */
+/* Every kernel of kernels.ptx takes one parameter, a struct laid out as below (its .param is
+   `args`, a byte array of NAME_BYTES; the kernel reads field F with ld.param at args+NAME_F).
+   kernels.ptx includes this header with NVFP4_PTX defined, so it sees the #defines alone; the C
+   side fills the structs by field name, and static assertions in nvfp4.c check that every field
+   lies at its #define and every struct has its size. Device addresses are uint64_t; the comment
+   gives what they point to and its shape. */
+
+#define GEMV_MAX_SEGS 4     /* matrices (segments) of one gemv launch */
+#define GEMV_MAX_SLOTS 64   /* products of one gemv launch: the kernel's slot table holds 64 */
+#define GEMV_NVFP4 0        /* GemvSeg.format: the weight formats the GEMV decodes */
+#define GEMV_MXFP4 1
+#define GEMV_FP8 2
+#define GEMV_BF16 3
+
+/* One segment of a gemv launch (kernels.ptx, "A SEGMENT"): one matrix with what the launch
+   computes of it, where its items and slots start in the launch, and which x it stages. */
+#define SEG_W 0
+#define SEG_S 8
+#define SEG_X 16
+#define SEG_Y 24
+#define SEG_EXPERT 32
+#define SEG_STRIDE_W 40
+#define SEG_STRIDE_S 48
+#define SEG_GSCALES 56
+#define SEG_UP_OFFSET 64
+#define SEG_NORM_W 72
+#define SEG_FORMAT 80
+#define SEG_ROWS 84
+#define SEG_COLS 88
+#define SEG_ROW_BYTES 92
+#define SEG_X_STRIDE 96
+#define SEG_Y_STRIDE 100
+#define SEG_LIST_LEN 104
+#define SEG_LIST_OFFSET 108
+#define SEG_GSCALE 112
+#define SEG_LIMIT 116
+#define SEG_EPS 120
+#define SEG_FIRST_ITEM 124
+#define SEG_FIRST_SLOT 128
+#define SEG_X_GROUP 132
+#define SEG_ROW_BLOCKS 136
+#define SEG_X_HC 140
+#define SEG_BYTES 144
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t w;             /* weight codes [rows (x matrices), row_bytes], rows padded */
+    uint64_t s;             /* their scales in the GEMV layout (0: BF16) */
+    uint64_t x;             /* const float * [cols]: slot 0's input (0: made from the mHC site, x_hc) */
+    uint64_t y;             /* float * [rows]: slot 0's output */
+    uint64_t expert;        /* const int * [list_len]: each slot's matrix (0: slot z is matrix z) */
+    uint64_t stride_w;      /* bytes between matrices' codes */
+    uint64_t stride_s;      /* bytes between matrices' scales */
+    uint64_t gscales62;     /* const float * [matrices]: NVFP4 global scales x 2^62 (0: gscale62 for all) */
+    uint64_t up_offset;     /* != 0: x is staged as SwiGLU(x, up), up lying up_offset bytes after x */
+    uint64_t norm_weight;   /* const float * [cols]: x is staged as RMSNorm(x) * norm_weight (0: not) */
+    uint32_t format;        /* GEMV_NVFP4, GEMV_MXFP4, GEMV_FP8 or GEMV_BF16 */
+    uint32_t rows, cols;    /* the shape (cols before padding) */
+    uint32_t row_bytes;     /* padded bytes of a row: a multiple of 512 */
+    uint32_t x_stride;      /* floats between slots' inputs (0: one x for every slot) */
+    uint32_t y_stride;      /* floats between slots' outputs */
+    uint32_t list_len;      /* slot z takes matrix expert[z % list_len] + (z / list_len) * list_offset */
+    uint32_t list_offset;
+    float gscale62;         /* NVFP4: the global scale x 2^62 */
+    float limit;            /* SwiGLU's clamp */
+    float eps;              /* RMSNorm's epsilon */
+    uint32_t first_item;    /* where its items and slots start in the launch (unused: UINT32_MAX) */
+    uint32_t first_slot;
+    uint32_t x_group;       /* segments of one group stage one x (the same source and transform) */
+    uint32_t row_blocks;    /* items a slot: ceil(rows / rows an item) */
+    uint32_t x_hc;          /* 1: x is made from the launch's mHC site */
+} GemvSeg;
+#endif
+
+/* The mHC finish a decode GEMV makes its x with (kernels.ptx, gemv stage 6c): hc_finish's
+   arguments for token 0. post and comb (0: not written) get the site's weights for
+   hc_post_mix; norm is the RMSNorm weight applied to the collapsed streams. */
+#define HC_POST 0
+#define HC_COMB 8
+#define HC_H 16
+#define HC_PARTIAL 24
+#define HC_PARTIAL_SS 32
+#define HC_BASE 40
+#define HC_SCALE 48
+#define HC_NORM 56
+#define HC_ROWS 64
+#define HC_SLICES 68
+#define HC_ITERS 72
+#define HC_EPS 76
+#define HC_RMS_EPS 80
+#define HC_BYTES 88
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t post;          /* float * [HC]: written by block 0 (0: not written) */
+    uint64_t comb;          /* float * [HC, HC]: likewise */
+    uint64_t h;             /* const float * [HC, E]: the streams */
+    uint64_t partial;       /* const double * [rows, slices]: the site's mixing sums */
+    uint64_t partial_ss;    /* const double * [slices] */
+    uint64_t base;          /* const float * [rows] */
+    uint64_t scale;         /* const float * [3] (the head: [1]) */
+    uint64_t norm;          /* const float * [E]: the RMSNorm weight */
+    uint32_t rows;          /* mixing rows: 24 for a block site, HC for the head */
+    uint32_t slices;        /* slices of the sums */
+    uint32_t iters;         /* Sinkhorn iterations */
+    float hc_eps, rms_eps;
+    uint32_t unused;
+} GemvHc;
+#endif
+
+/* The routing a decode GEMV launch does first (kernels.ptx, gemv stage 3): every block runs
+   route_tokens' work for the token (route_block) on the router's logits for its own slot table
+   (parts whose expert list is `chosen` read it from there); block 0 writes chosen and
+   route_weight. Fields as RouteTokensArgs' (router 0: no routing). */
+#define RT_ROUTER 0
+#define RT_BIAS 8
+#define RT_TID2EID 16
+#define RT_TOKENS 24
+#define RT_CHOSEN 32
+#define RT_WEIGHT 40
+#define RT_START 48
+#define RT_ORDER 56
+#define RT_ROW 64
+#define RT_ACTIVE 72
+#define RT_ACTIVE_COUNT 80
+#define RT_X 88
+#define RT_K 92
+#define RT_SCALING 96
+#define RT_BYTES 104
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t router, bias, tid2eid, tokens, chosen, route_weight, expert_start, slot_order, slot_row, active_experts,
+        active_count;
+    uint32_t X, K;
+    float routed_scaling;
+    uint32_t unused;
+} GemvRoute;
+#endif
+
+/* One compressor of a compressor_update launch: the chunk's projections kv, gate [T, parts * d]
+   and the compressor's weights and cache (CompressorCache). */
+#define CA_KV_IN 0
+#define CA_GATE_IN 8
+#define CA_APE 16
+#define CA_NORM 24
+#define CA_PENDING_KV 32
+#define CA_PENDING_GATE 40
+#define CA_PREV_KV 48
+#define CA_PREV_GATE 56
+#define CA_ENTRIES 64
+#define CA_PARTS 72
+#define CA_D 76
+#define CA_BYTES 80
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t kv;            /* const float * [T, parts * d] */
+    uint64_t gate;          /* const float * [T, parts * d] */
+    uint64_t ape;           /* const float * [ratio, parts * d]: the position bias */
+    uint64_t norm;          /* const float * [d]: the entries' RMSNorm weight */
+    uint64_t pending_kv, pending_gate, prev_kv, prev_gate, entries;   /* CompressorCache's */
+    uint32_t parts, d;      /* 2 (CSA: overlapping windows) or 1 (HCA); entry dims */
+} CompressorArgs;
+#endif
+
+/* ------------------------------------------------------------------- one struct a kernel */
+
+/* stream_read: sum a buffer with 16-byte loads (the bandwidth ceiling). gpu_stream_read */
+#define STREAM_READ_BUF   0
+#define STREAM_READ_N16   8
+#define STREAM_READ_OUT   16
+#define STREAM_READ_BYTES 24
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t buf; /* const uint4 * [n16]: the buffer */
+    uint64_t n16; /* 16-byte words to read */
+    uint64_t out; /* uint32 * [1]: the sum is added here */
+} StreamReadArgs;
+#endif
+
+/* gemv: y = W x for up to GEMV_MAX_SEGS matrices of any format (decode). gpu_gemv_launch */
+#define GEMV_SEGS       0
+#define GEMV_ITEMS      576
+#define GEMV_SLOTS      580
+#define GEMV_CONTIGUOUS 584
+#define GEMV_LIST_READY 588
+#define GEMV_XS_BYTES   592
+#define GEMV_HC         600
+#define GEMV_ROUTE      688
+#define GEMV_BYTES      792
+#ifndef NVFP4_PTX
+typedef struct {
+    GemvSeg segs[4];     /* the segments (unused ones: first_item = first_slot = UINT32_MAX) */
+    uint32_t items;      /* items of all segments */
+    uint32_t slots;      /* slots of all segments (<= GEMV_MAX_SLOTS) */
+    uint32_t contiguous; /* 1: contiguous item ranges a block (some segment has x per slot) */
+    uint32_t list_ready; /* 1: the device-chosen expert lists may be read before the wait */
+    uint32_t xs_bytes;   /* bytes of staged x in shared memory (the ring follows) */
+    GemvHc hc;           /* the mHC site the x_hc segments make their x from */
+    GemvRoute route;     /* router != 0: every block routes the token first */
+} GemvArgs;
+#endif
+
+/* row_norm_rope: RMSNorm and/or RoPE of rows in place, and a copy into the key ring. gpu_row_norm_rope */
+#define ROW_NORM_ROPE_X          0
+#define ROW_NORM_ROPE_N_HEADS    8
+#define ROW_NORM_ROPE_DIM        12
+#define ROW_NORM_ROPE_DO_NORM    16
+#define ROW_NORM_ROPE_WEIGHT     24
+#define ROW_NORM_ROPE_EPS        32
+#define ROW_NORM_ROPE_ROPE_DIM   36
+#define ROW_NORM_ROPE_INV_FREQ   40
+#define ROW_NORM_ROPE_ROPE_SCALE 48
+#define ROW_NORM_ROPE_POS0_PTR   56
+#define ROW_NORM_ROPE_RING       64
+#define ROW_NORM_ROPE_RING_ROWS  72
+#define ROW_NORM_ROPE_BYTES      80
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t x;         /* float * [T, n_heads, dim], in place */
+    uint32_t n_heads;   /* rows a token */
+    uint32_t dim;       /* floats a row */
+    uint32_t do_norm;   /* 1: RMSNorm first */
+    uint64_t weight;    /* const float * [dim]: the norm weight (0: unweighted) */
+    float eps;          /* RMSNorm epsilon */
+    uint32_t rope_dim;  /* the last rope_dim dims are rotated (0: none) */
+    uint64_t inv_freq;  /* const float * [rope_dim / 2] */
+    float rope_scale;   /* the RoPE attention scale */
+    uint64_t pos0_ptr;  /* const int * [1]: the position of token 0 */
+    uint64_t ring;      /* float * [ring_rows, dim]: the key ring (0: no copy) */
+    uint32_t ring_rows; /* rows of the ring */
+} RowNormRopeArgs;
+#endif
+
+/* compressor_update: CSA/HCA compressors over a chunk, a block each. gpu_compressors */
+#define COMPRESSOR_UPDATE_COMP       0
+#define COMPRESSOR_UPDATE_T          160
+#define COMPRESSOR_UPDATE_RATIO      164
+#define COMPRESSOR_UPDATE_EPS        168
+#define COMPRESSOR_UPDATE_ROPE_DIM   172
+#define COMPRESSOR_UPDATE_INV_FREQ   176
+#define COMPRESSOR_UPDATE_ROPE_SCALE 184
+#define COMPRESSOR_UPDATE_POS0_PTR   192
+#define COMPRESSOR_UPDATE_BYTES      200
+#ifndef NVFP4_PTX
+typedef struct {
+    CompressorArgs comp[2]; /* block b runs comp[b] */
+    uint32_t T;             /* tokens in the chunk */
+    uint32_t ratio;         /* tokens per compressed entry */
+    float eps;              /* RMSNorm epsilon */
+    uint32_t rope_dim;      /* rotated dims of an entry */
+    uint64_t inv_freq;      /* const float * [rope_dim / 2]: the "compress" rope */
+    float rope_scale;       /* its attention scale */
+    uint64_t pos0_ptr;      /* const int * [1]: the position of token 0 */
+} CompressorUpdateArgs;
+#endif
+
+/* indexer_scores: the lightning indexer's score of every visible entry. gpu_indexer */
+#define INDEXER_SCORES_SCORES       0
+#define INDEXER_SCORES_SCORE_STRIDE 8
+#define INDEXER_SCORES_INDEX_Q      16
+#define INDEXER_SCORES_INDEX_W      24
+#define INDEXER_SCORES_INDEX_KEYS   32
+#define INDEXER_SCORES_NI           40
+#define INDEXER_SCORES_DI           44
+#define INDEXER_SCORES_RATIO        48
+#define INDEXER_SCORES_POS0_PTR     56
+#define INDEXER_SCORES_ROPE_DIM     64
+#define INDEXER_SCORES_INV_FREQ     72
+#define INDEXER_SCORES_ROPE_SCALE   80
+#define INDEXER_SCORES_BYTES        88
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t scores;       /* float * [T, score_stride] */
+    uint32_t score_stride; /* floats between tokens' scores */
+    uint64_t index_q;      /* const float * [T, NI, DI]: the queries (rotated here) */
+    uint64_t index_w;      /* const float * [T, NI]: the head weights */
+    uint64_t index_keys;   /* const float * [C / ratio, DI]: the indexer's entries */
+    uint32_t NI;           /* index heads */
+    uint32_t DI;           /* index head dim */
+    uint32_t ratio;        /* the layer's compress ratio */
+    uint64_t pos0_ptr;     /* const int * [1]: the position of token 0 */
+    uint32_t rope_dim;     /* rotated dims */
+    uint64_t inv_freq;     /* const float * [rope_dim / 2] */
+    float rope_scale;      /* the RoPE attention scale */
+} IndexerScoresArgs;
+#endif
+
+/* top_k_select: each query's top-k entries by indexer score. gpu_indexer */
+#define TOP_K_SELECT_SCORES       0
+#define TOP_K_SELECT_SCORE_STRIDE 8
+#define TOP_K_SELECT_SELECTED     16
+#define TOP_K_SELECT_SEL_STRIDE   24
+#define TOP_K_SELECT_N_SELECTED   32
+#define TOP_K_SELECT_K            40
+#define TOP_K_SELECT_RATIO        44
+#define TOP_K_SELECT_POS0_PTR     48
+#define TOP_K_SELECT_BYTES        56
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t scores;       /* const float * [T, score_stride] */
+    uint32_t score_stride; /* floats between tokens' scores */
+    uint64_t selected;     /* int * [T, sel_stride]: entry numbers */
+    uint32_t sel_stride;   /* ints between tokens' selections */
+    uint64_t n_selected;   /* int * [T]: entries selected */
+    uint32_t k;            /* index_topk */
+    uint32_t ratio;        /* the layer's compress ratio */
+    uint64_t pos0_ptr;     /* const int * [1]: the position of token 0 */
+} TopKSelectArgs;
+#endif
+
+/* attention_decode: one head of one query over its window and entries. gpu_attend */
+#define ATTENTION_DECODE_Q          0
+#define ATTENTION_DECODE_ATTN       8
+#define ATTENTION_DECODE_H          16
+#define ATTENTION_DECODE_D          20
+#define ATTENTION_DECODE_SINK       24
+#define ATTENTION_DECODE_RING       32
+#define ATTENTION_DECODE_RING_ROWS  40
+#define ATTENTION_DECODE_WINDOW     44
+#define ATTENTION_DECODE_ENTRIES    48
+#define ATTENTION_DECODE_COMP_MODE  56
+#define ATTENTION_DECODE_SELECTED   64
+#define ATTENTION_DECODE_N_SELECTED 72
+#define ATTENTION_DECODE_SEL_STRIDE 80
+#define ATTENTION_DECODE_RATIO      84
+#define ATTENTION_DECODE_ROPE_DIM   88
+#define ATTENTION_DECODE_INV_FREQ   96
+#define ATTENTION_DECODE_ROPE_SCALE 104
+#define ATTENTION_DECODE_POS0_PTR   112
+#define ATTENTION_DECODE_EPS        120
+#define ATTENTION_DECODE_KV         128
+#define ATTENTION_DECODE_KV_NORM    136
+#define ATTENTION_DECODE_PARTIAL    144
+#define ATTENTION_DECODE_COUNTER    152
+#define ATTENTION_DECODE_BYTES      160
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t q;          /* const float * [T, H, D]: queries as wq_b left them (normed, rotated here) */
+    uint64_t attn;       /* float * [T, H, D]: the heads' outputs */
+    uint32_t H;          /* heads */
+    uint32_t D;          /* head dim */
+    uint64_t sink;       /* const float * [H]: the attention sinks */
+    uint64_t ring;       /* float * [ring_rows, D]: the key ring */
+    uint32_t ring_rows;  /* rows of the ring */
+    uint32_t window;     /* sliding window */
+    uint64_t entries;    /* const float * [C / ratio, D]: compressed entries */
+    uint32_t comp_mode;  /* 0 sliding, 1 CSA (selected entries), 2 HCA (every entry) */
+    uint64_t selected;   /* const int * [T, sel_stride]: CSA's entries */
+    uint64_t n_selected; /* const int * [T] */
+    uint32_t sel_stride; /* ints between tokens' selections */
+    uint32_t ratio;      /* compress ratio (1 for sliding layers) */
+    uint32_t rope_dim;   /* rotated dims */
+    uint64_t inv_freq;   /* const float * [rope_dim / 2] */
+    float rope_scale;    /* the RoPE attention scale */
+    uint64_t pos0_ptr;   /* const int * [1]: the position of token 0 */
+    float eps;           /* RMSNorm epsilon */
+    uint64_t kv;         /* const float * [D]: decode's new latent, made a key and written to the ring here (0: prefill) */
+    uint64_t kv_norm;    /* const float * [D]: its norm weight */
+    uint64_t partial;    /* float * [H, Z, D + 4]: split-key partials (Z = gridDim.z) */
+    uint64_t counter;    /* uint32 * [H]: blocks of a head done (0 between launches) */
+} AttentionDecodeArgs;
+#endif
+
+/* embed_streams: token embeddings copied into the HC residual streams. gpu_embed */
+#define EMBED_STREAMS_H      0
+#define EMBED_STREAMS_EMBED  8
+#define EMBED_STREAMS_TOKENS 16
+#define EMBED_STREAMS_E      24
+#define EMBED_STREAMS_BYTES  32
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t h;      /* float * [T, HC, E]: the streams */
+    uint64_t embed;  /* const bf16 * [V, E] */
+    uint64_t tokens; /* const int * [T] */
+    uint32_t E;      /* hidden size */
+} EmbedStreamsArgs;
+#endif
+
+/* swiglu: gate = silu(min(gate, limit)) * clamp(up, -limit, limit), in place. gpu_swiglu */
+#define SWIGLU_GATE  0
+#define SWIGLU_UP    8
+#define SWIGLU_N     16
+#define SWIGLU_LIMIT 20
+#define SWIGLU_BYTES 24
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t gate; /* float * [n], in place */
+    uint64_t up;   /* const float * [n] */
+    uint32_t n;    /* elements */
+    float limit;   /* the clamp */
+} SwigluArgs;
+#endif
+
+/* hc_mix_partial: a site's mHC mixing sums over slices of the streams. gpu_embed */
+#define HC_MIX_PARTIAL_PARTIAL    0
+#define HC_MIX_PARTIAL_PARTIAL_SS 8
+#define HC_MIX_PARTIAL_H          16
+#define HC_MIX_PARTIAL_FN         24
+#define HC_MIX_PARTIAL_E          32
+#define HC_MIX_PARTIAL_ROWS       36
+#define HC_MIX_PARTIAL_SLICE      40
+#define HC_MIX_PARTIAL_BYTES      48
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t partial;    /* double * [T, rows, S]: partial sums (S = gridDim.x slices) */
+    uint64_t partial_ss; /* double * [T, S]: partial sums of squares */
+    uint64_t h;          /* const float * [T, HC, E]: the streams */
+    uint64_t fn;         /* const float * [rows, HC * E]: the site's mixing weights */
+    uint32_t E;          /* hidden size */
+    uint32_t rows;       /* mixing rows: (2 + HC) * HC for a block site, HC for the head */
+    uint32_t slice;      /* columns of E a block sums */
+} HcMixPartialArgs;
+#endif
+
+/* hc_post_mix: [MoE combine +] hc_post over a slice, then the next site's sums. gpu_hc_post_mix */
+#define HC_POST_MIX_PARTIAL      0
+#define HC_POST_MIX_PARTIAL_SS   8
+#define HC_POST_MIX_H            16
+#define HC_POST_MIX_FN           24
+#define HC_POST_MIX_E            32
+#define HC_POST_MIX_ROWS         36
+#define HC_POST_MIX_SLICE        40
+#define HC_POST_MIX_BLOCK_OUT    48
+#define HC_POST_MIX_POST         56
+#define HC_POST_MIX_COMB         64
+#define HC_POST_MIX_EXPERT_OUT   72
+#define HC_POST_MIX_ROUTE_WEIGHT 80
+#define HC_POST_MIX_SLOT_ROW     88
+#define HC_POST_MIX_K            96
+#define HC_POST_MIX_BYTES        104
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t partial;      /* double * [T, rows, S] */
+    uint64_t partial_ss;   /* double * [T, S] */
+    uint64_t h;            /* float * [T, HC, E]: the streams, updated */
+    uint64_t fn;           /* const float * [rows, HC * E]: the next site's mixing weights */
+    uint32_t E;            /* hidden size */
+    uint32_t rows;         /* the next site's mixing rows */
+    uint32_t slice;        /* columns of E a block takes */
+    uint64_t block_out;    /* const float * [T, E]: the sub-block's output */
+    uint64_t post;         /* const float * [T, HC] */
+    uint64_t comb;         /* const float * [T, HC, HC] */
+    uint64_t expert_out;   /* const float * [T * K, E]: routed outputs to combine (0: none) */
+    uint64_t route_weight; /* const float * [T, K] */
+    uint64_t slot_row;     /* const int * [T * K]: each slot's row of expert_out */
+    uint32_t K;            /* experts a token */
+} HcPostMixArgs;
+#endif
+
+/* hc_finish: mHC finish of a site: pre, post, Sinkhorn comb, collapse, RMSNorm. gpu_hc_finish */
+#define HC_FINISH_X              0
+#define HC_FINISH_POST_OUT       8
+#define HC_FINISH_COMB_OUT       16
+#define HC_FINISH_H              24
+#define HC_FINISH_PARTIAL        32
+#define HC_FINISH_PARTIAL_SS     40
+#define HC_FINISH_BASE           48
+#define HC_FINISH_SCALE          56
+#define HC_FINISH_NORM_WEIGHT    64
+#define HC_FINISH_E              72
+#define HC_FINISH_ROWS           76
+#define HC_FINISH_S              80
+#define HC_FINISH_T0             84
+#define HC_FINISH_HC_EPS         88
+#define HC_FINISH_RMS_EPS        92
+#define HC_FINISH_SINKHORN_ITERS 96
+#define HC_FINISH_BYTES          104
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t x;              /* float * [n, E]: the site's input, normed */
+    uint64_t post_out;       /* float * [n, HC] (0: the head) */
+    uint64_t comb_out;       /* float * [n, HC, HC] (0: the head) */
+    uint64_t h;              /* const float * [T, HC, E]: the streams */
+    uint64_t partial;        /* const double * [T, rows, S] */
+    uint64_t partial_ss;     /* const double * [T, S] */
+    uint64_t base;           /* const float * [rows] */
+    uint64_t scale;          /* const float * [3] (the head: [1]) */
+    uint64_t norm_weight;    /* const float * [E]: the RMSNorm weight */
+    uint32_t E;              /* hidden size */
+    uint32_t rows;           /* mixing rows */
+    uint32_t S;              /* slices of the sums */
+    uint32_t t0;             /* first token (block b finishes token t0 + b) */
+    float hc_eps;            /* mHC epsilon */
+    float rms_eps;           /* RMSNorm epsilon */
+    uint32_t sinkhorn_iters; /* Sinkhorn iterations */
+} HcFinishArgs;
+#endif
+
+/* route_tokens: the MoE router: scores, experts, weights, slots grouped by expert. gpu_moe_prefill */
+#define ROUTE_TOKENS_ROUTER         0
+#define ROUTE_TOKENS_BIAS           8
+#define ROUTE_TOKENS_TID2EID        16
+#define ROUTE_TOKENS_TOKENS         24
+#define ROUTE_TOKENS_CHOSEN         32
+#define ROUTE_TOKENS_ROUTE_WEIGHT   40
+#define ROUTE_TOKENS_EXPERT_START   48
+#define ROUTE_TOKENS_SLOT_ORDER     56
+#define ROUTE_TOKENS_SLOT_ROW       64
+#define ROUTE_TOKENS_ACTIVE_EXPERTS 72
+#define ROUTE_TOKENS_ACTIVE_COUNT   80
+#define ROUTE_TOKENS_T              88
+#define ROUTE_TOKENS_X              92
+#define ROUTE_TOKENS_K              96
+#define ROUTE_TOKENS_ROUTED_SCALING 100
+#define ROUTE_TOKENS_BYTES          104
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t router;         /* float * [T, X]: the gate's logits (scores written back) */
+    uint64_t bias;           /* const float * [X] (0: a hash layer) */
+    uint64_t tid2eid;        /* const int * [V, K]: a hash layer's table (0: routed) */
+    uint64_t tokens;         /* const int * [T] */
+    uint64_t chosen;         /* int * [T, K] */
+    uint64_t route_weight;   /* float * [T, K] */
+    uint64_t expert_start;   /* int * [X + 1]: first slot row of each expert */
+    uint64_t slot_order;     /* int * [T * K]: slots in expert order */
+    uint64_t slot_row;       /* int * [T * K]: its inverse */
+    uint64_t active_experts; /* int * [X]: experts with slots */
+    uint64_t active_count;   /* int * [1] */
+    uint32_t T;              /* tokens */
+    uint32_t X;              /* routed experts */
+    uint32_t K;              /* experts a token */
+    float routed_scaling;    /* routed_scaling_factor */
+} RouteTokensArgs;
+#endif
+
+/* sample_token: greedy or nucleus sampling on the device; advances the position. gpu_sample */
+#define SAMPLE_TOKEN_LOGITS      0
+#define SAMPLE_TOKEN_PROBS       8
+#define SAMPLE_TOKEN_V           16
+#define SAMPLE_TOKEN_TEMPERATURE 20
+#define SAMPLE_TOKEN_TOP_P       24
+#define SAMPLE_TOKEN_RNG         32
+#define SAMPLE_TOKEN_OUT_TOKEN   40
+#define SAMPLE_TOKEN_TOKENS      48
+#define SAMPLE_TOKEN_POS0_PTR    56
+#define SAMPLE_TOKEN_ADVANCE     64
+#define SAMPLE_TOKEN_BYTES       72
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t logits;    /* const float * [V]: the row sampled */
+    uint64_t probs;     /* float * [V]: scratch */
+    uint32_t V;         /* vocabulary size */
+    float temperature;  /* 0: greedy */
+    float top_p;        /* nucleus mass */
+    uint64_t rng;       /* uint64 * [1]: the sampler's state */
+    uint64_t out_token; /* int * [1]: the token */
+    uint64_t tokens;    /* int * [1]: the next step's input (the token again) */
+    uint64_t pos0_ptr;  /* int * [1]: the position, advanced when `advance` */
+    uint32_t advance;   /* 1: a decode step */
+} SampleTokenArgs;
+#endif
+
+/* gemm_prefill: y = x W^T on the tensor cores for prefill chunks. gpu_gemm */
+#define GEMM_PREFILL_Y               0
+#define GEMM_PREFILL_X               8
+#define GEMM_PREFILL_WEIGHT          16
+#define GEMM_PREFILL_SCALE           24
+#define GEMM_PREFILL_GLOBAL_SCALE    32
+#define GEMM_PREFILL_FORMAT          36
+#define GEMM_PREFILL_SCALE_IS_F32    40
+#define GEMM_PREFILL_T               44
+#define GEMM_PREFILL_COLS            48
+#define GEMM_PREFILL_ROW0            52
+#define GEMM_PREFILL_NROWS           56
+#define GEMM_PREFILL_X_STRIDE        60
+#define GEMM_PREFILL_Y_STRIDE        64
+#define GEMM_PREFILL_ACCUMULATE      68
+#define GEMM_PREFILL_ROW_BYTES       72
+#define GEMM_PREFILL_SLOT_EXPERT     80
+#define GEMM_PREFILL_EXPERT_STRIDE_W 88
+#define GEMM_PREFILL_EXPERT_STRIDE_S 96
+#define GEMM_PREFILL_EXPERT_FACTOR   104
+#define GEMM_PREFILL_X_SLOT_STRIDE   112
+#define GEMM_PREFILL_Y_SLOT_STRIDE   116
+#define GEMM_PREFILL_BYTES           120
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t y;               /* float *y            [T rows, y_stride floats apart] */
+    uint64_t x;               /* const float *x      [T rows, x_stride floats apart] */
+    uint64_t weight;          /* const void *weight  (codes / e4m3 / bf16, row-major) */
+    uint64_t scale;           /* const void *scale   (block scales; unused for BF16) */
+    float global_scale;       /* NVFP4 weight_scale_2 (ignored otherwise) */
+    uint32_t format;          /* WeightFormat: 0 BF16, 2 FP8, 3 MXFP4, 4 NVFP4 */
+    uint32_t scale_is_f32;    /* FP8 only: 1 = f32 block scales, 0 = e8m0 bytes */
+    uint32_t T;               /* tokens */
+    uint32_t cols;            /* inner dimension (W columns) */
+    uint32_t row0;            /* first W row */
+    uint32_t nrows;           /* W rows used = y columns written */
+    uint32_t x_stride;        /* floats between x rows */
+    uint32_t y_stride;        /* floats between y rows */
+    uint32_t accumulate;      /* 0: y = product; 1: y += product */
+    uint32_t row_bytes;       /* bytes between W rows (the GEMV's padded rows, see below) */
+    uint64_t slot_expert;     /* const int *: slot z's expert (0: no stacked experts) */
+    uint64_t expert_stride_w; /* bytes between experts' codes */
+    uint64_t expert_stride_s; /* bytes between experts' scales */
+    uint64_t expert_factor;   /* const float *: each expert's output factor (0: global_scale) */
+    uint32_t x_slot_stride;   /* floats between slots' inputs */
+    uint32_t y_slot_stride;   /* floats between slots' outputs */
+} GemmPrefillArgs;
+#endif
+
+/* gather_rows: the MoE slots' input rows in expert order. gpu_moe_prefill */
+#define GATHER_ROWS_DST        0
+#define GATHER_ROWS_SRC        8
+#define GATHER_ROWS_SLOT_ORDER 16
+#define GATHER_ROWS_K          24
+#define GATHER_ROWS_E          28
+#define GATHER_ROWS_BYTES      32
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t dst;        /* float * [T * K, E] */
+    uint64_t src;        /* const float * [T, E] */
+    uint64_t slot_order; /* const int * [T * K] */
+    uint32_t K;          /* experts a token */
+    uint32_t E;          /* hidden size */
+} GatherRowsArgs;
+#endif
+
+/* fill_random: valid random weights of one kind (the benchmark's model). gpu_fill_random */
+#define FILL_RANDOM_DST     0
+#define FILL_RANDOM_N_WORDS 8
+#define FILL_RANDOM_SEED    16
+#define FILL_RANDOM_KIND    20
+#define FILL_RANDOM_BYTES   24
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t dst;     /* uint32 * [n_words] */
+    uint64_t n_words; /* words to write */
+    uint32_t seed;    /* the hash's seed */
+    uint32_t kind;    /* FillKind */
+} FillRandomArgs;
+#endif
 
 #endif

@@ -2795,8 +2795,10 @@ static void sample_rig_free(SampleRig *r) {
 /* One sample_token launch over the row at `offset` floats of r->logits (the position stays). */
 static int sample_rig_draw(const SampleRig *r, int offset, int V, float temperature, float top_p) {
     int token = -2;
-    LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, P64(r->logits + (size_t)offset * 4), P64(r->probs), PU32(V), PF32(temperature),
-           PF32(top_p), P64(r->rng), P64(r->token), P64(r->tokens), P64(r->pos), PU32(0));
+    SampleTokenArgs args = {.logits = r->logits + (size_t)offset * 4, .probs = r->probs, .V = (uint32_t)V,
+                            .temperature = temperature, .top_p = top_p, .rng = r->rng, .out_token = r->token,
+                            .tokens = r->tokens, .pos0_ptr = r->pos, .advance = 0};
+    LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
     gpu_download(&token, r->token, 4);
     return token;
 }
@@ -3093,8 +3095,9 @@ static void test_gpu_hc(const Model *m, State *s, int T) {
     char *copy = xcalloc(s->arena_bytes, 1);
     for (int i = 0; i < T * HC * E; i++) w->h[i] = uniform(-2, 2);
     gpu_state_in(s, (const int[]){1}, 1);
-    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, P64(gm.hc_partial),
-           P64(gm.hc_partial_ss), P64(DEV(gm.state.scratch.h)), P64(g->hc_attn_fn), PU32(E), PU32(mix), PU32(HC_SLICE));
+    HcMixPartialArgs sums = {.partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .h = DEV(gm.state.scratch.h),
+                             .fn = g->hc_attn_fn, .E = (uint32_t)E, .rows = (uint32_t)mix, .slice = HC_SLICE};
+    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, sums);
     gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
     for (int t = 0; t < T; t++) {
         float *x = w->x + (size_t)t * E;

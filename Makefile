@@ -11,8 +11,9 @@ SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -
 LDLIBS = -lm -ldl
 BUILD = build
 FUZZ_SECONDS ?= 60
-# the commit --version prints ("unknown" outside a git checkout)
-COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# the commit --version and --bench print: this directory's own, "unknown" unless it is the top of
+# a git checkout (not a tree unpacked inside another repository, whose commit is not ours)
+COMMIT := $(shell test "$$(git rev-parse --show-toplevel 2>/dev/null)" = "$$(pwd -P)" && git rev-parse --short --verify -q HEAD || echo unknown)
 VERSION_FLAGS = -DNVFP4_COMMIT='"$(COMMIT)"'
 
 

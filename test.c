@@ -2040,6 +2040,32 @@ static int wait_for_text(const char *path, const char *text) {
     return 0;
 }
 
+/* The commit --version prints is the source directory's own: a tree inside another git
+   repository says "unknown" (the Makefile's command line, make -n, shows it without a build),
+   and its own commit once it is a repository itself. */
+static void test_build_commit(void) {
+    if (system("git --version > /dev/null 2>&1")) {
+        printf("  skipped: the commit of a build (no git here)\n");
+        return;
+    }
+    fresh_dir("outer");
+    const char *git = "unset GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE; git -c user.name=t -c user.email=t";
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd build/bad/outer && mkdir src && cp ../../../Makefile ../../../nvfp4.c ../../../nvfp4.h src/ && "
+             "%s init -q && %s add . && %s commit -qm outer && make -s -C src -nB nvfp4 PTXAS= > ../outer.txt 2>&1 && "
+             "cd src && %s init -q && %s add . && %s commit -qm src && git rev-parse --short HEAD > ../../src-head.txt && "
+             "make -s -nB nvfp4 PTXAS= > ../../src.txt 2>&1", git, git, git, git, git, git);
+    int status = system(cmd);
+    char *outer = file_text("build/bad/outer.txt"), *own = file_text("build/bad/src.txt"), *head = file_text("build/bad/src-head.txt");
+    char want[64];
+    snprintf(want, sizeof want, "-DNVFP4_COMMIT='\"%.*s\"'", (int)strcspn(head, "\n"), head);
+    CHECK(status == 0 && strstr(outer, "-DNVFP4_COMMIT='\"unknown\"'") && *head && strstr(own, want),
+          "the commit of a build: inside another repository \"%s\", its own repository (%s) \"%s\"", outer, head, own);
+    free(outer);
+    free(own);
+    free(head);
+}
+
 /* SIGINT stops generation after the current token with the text flushed, the stats line and
    status 130; a second SIGINT exits at once, as does one while the chat waits for a line; none
    leaves a logits file. SIGTERM leaves none either. */
@@ -3593,6 +3619,7 @@ int main(void) {
     test_prompt_sources();
     test_stdout_errors();
     test_version_and_stats();
+    test_build_commit();
     test_dump_logits();
     test_signals();
     test_perplexity();

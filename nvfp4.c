@@ -6094,8 +6094,17 @@ static char *read_text(const char *path, const char *what) {
     return text;
 }
 
+/* Open standard input, output and error on /dev/null where they are closed (`>&-`), so that no
+   file the run opens (the logits file) takes their number and gets the text meant for them. */
+static void open_standard_fds(void) {
+    for (int fd = 0; fd <= 2; fd++)   /* the lowest free number: fd itself, the ones below being open */
+        if (fcntl(fd, F_GETFD) < 0 && errno == EBADF && open("/dev/null", O_RDWR) < 0)
+            fatal("cannot open /dev/null for the closed descriptor %d: %s", fd, strerror(errno));
+}
+
 #ifndef TESTING
 int main(int argc, char **argv) {
+    open_standard_fds();
     Options o = parse_options(argc, argv);
     if (o.bench) {
         bench(o.bench_layers, o.bench_position);

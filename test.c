@@ -2001,6 +2001,29 @@ static void test_dump_logits(void) {
     ls = list_dir(d);
     CHECK(!*ls, "an error exit leaves no logits file: %s", ls);
     free(ls);
+    /* stdin, stdout or stderr closed: opened on /dev/null, so the logits file cannot take the
+       number and get the text or the stats line: each file equals the one of a run with all open */
+    d = fresh_dir("dump-fds");
+    status = system(NVFP4_BIN " testdata/tiny-a 'It was' -n 8 --temp 0 --dump-logits build/bad/dump-fds/all.bin > /dev/null 2>&1");
+    size_t all_size = 0, closed_size = 0;   /* 4 prompt rows and 7 fed back, 1024 floats each */
+    char *all = read_file("build/bad/dump-fds/all.bin", &all_size);
+    static const char *closed[] = {"<&- > /dev/null 2>&1", ">&- 2> /dev/null", "2>&- > /dev/null", "<&- >&- 2>&-"};
+    for (int i = 0; i < 4; i++) {
+        char cmd[512];
+        snprintf(cmd, sizeof cmd, NVFP4_BIN " testdata/tiny-a 'It was' -n 8 --temp 0 --dump-logits build/bad/dump-fds/l.bin %s",
+                 closed[i]);
+        int closed_status = system(cmd);
+        char *got = read_file("build/bad/dump-fds/l.bin", &closed_size);
+        ls = list_dir(d);
+        CHECK(status == 0 && all && all_size == 4 * 1024 * (size_t)(4 + 7) && closed_status == 0 && got && closed_size == all_size &&
+              !memcmp(got, all, all_size) && !strcmp(ls, "all.bin\nl.bin\n"),
+              "%s: status %d, a logits file of %zu bytes (%zu with all open), dump dir \"%s\"", closed[i], closed_status, closed_size,
+              all_size, ls);
+        free(got);
+        free(ls);
+        remove("build/bad/dump-fds/l.bin");
+    }
+    free(all);
 }
 
 /* Start "exec CMD" through sh in a child process, after removing the files it is watched

@@ -3457,6 +3457,14 @@ static void on_fatal_signal(int sig) {
     raise(sig);
 }
 
+/* Install `sa` for signal `sig`, unless it is ignored: a signal the parent ignores (nohup's
+   SIGHUP, `trap '' PIPE`, a background job's SIGINT) stays ignored. */
+static void catch_signal(int sig, const struct sigaction *sa) {
+    struct sigaction old;
+    if (sigaction(sig, NULL, &old) == 0 && old.sa_handler == SIG_IGN) return;
+    sigaction(sig, sa, NULL);
+}
+
 /* Install the handlers above, and remove the temporary logits file on any exit. */
 static void install_signal_handlers(void) {
     struct sigaction sa;
@@ -3464,12 +3472,12 @@ static void install_signal_handlers(void) {
     sigemptyset(&sa.sa_mask);
     sa.sa_handler = on_sigint;
     sa.sa_flags = SA_RESTART;
-    sigaction(SIGINT, &sa, NULL);
+    catch_signal(SIGINT, &sa);
     sa.sa_handler = on_fatal_signal;
     sa.sa_flags = SA_RESETHAND;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGHUP, &sa, NULL);
-    sigaction(SIGPIPE, &sa, NULL);
+    catch_signal(SIGTERM, &sa);
+    catch_signal(SIGHUP, &sa);
+    catch_signal(SIGPIPE, &sa);
     atexit(remove_dump_temp);
 }
 

@@ -2027,8 +2027,11 @@ static void test_dump_logits(void) {
 }
 
 /* Start "exec CMD" through sh in a child process, after removing the files it is watched
-   through; returns its pid (the engine's, after exec). */
-static pid_t spawn(const char *cmd) {
+   through, with SIGINT, SIGTERM, SIGHUP and SIGPIPE at their default action whatever this test
+   run inherited (`make test &` in a script ignores SIGINT), except those whose bit (1 << sig) is
+   set in `ignored`: those it inherits ignored, as from nohup. Returns its pid (the engine's,
+   after exec). */
+static pid_t spawn_ignoring(const char *cmd, unsigned ignored) {
     remove("build/bad/sig-out.txt");   /* the files the runs below are watched through */
     remove("build/bad/sig-err.txt");
     char line[4096];
@@ -2036,11 +2039,15 @@ static pid_t spawn(const char *cmd) {
     fflush(stdout);
     pid_t pid = fork();
     if (pid == 0) {
+        static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
+        for (int i = 0; i < 4; i++) signal(sigs[i], ignored >> sigs[i] & 1 ? SIG_IGN : SIG_DFL);
         execl("/bin/sh", "sh", "-c", line, (char *)NULL);
         _exit(127);
     }
     return pid;
 }
+
+static pid_t spawn(const char *cmd) { return spawn_ignoring(cmd, 0); }
 
 /* Wait up to `seconds` for pid; returns its wait status, or -1 (having killed it) on timeout. */
 static int wait_for(pid_t pid, double seconds) {
@@ -2155,6 +2162,28 @@ static void test_signals(void) {
     CHECK(started && status != -1 && WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM && !*ls, "SIGTERM: status %d, dump dir \"%s\"",
           status, ls);
     free(ls);
+    /* signals the parent ignores stay ignored (nohup's SIGHUP, `trap '' INT PIPE`): sent while the
+       chat waits for its second line (a caught one would end it there), they change nothing: the
+       second reply comes, and EOF ends the run with status 0 */
+    remove("build/bad/chat.fifo");
+    CHECK(mkfifo("build/bad/chat.fifo", 0600) == 0, "mkfifo");
+    pid = spawn_ignoring(NVFP4_BIN " testdata/tiny-a -i -n 3 --temp 0 < build/bad/chat.fifo > build/bad/sig-out.txt 2> /dev/null",
+                         1u << SIGHUP | 1u << SIGINT | 1u << SIGPIPE);
+    fifo = open("build/bad/chat.fifo", O_WRONLY);
+    started = fifo >= 0 && write(fifo, "It was\n", 7) == 7 && wait_for_text("build/bad/sig-out.txt", "\n");
+    kill(pid, SIGHUP);
+    kill(pid, SIGINT);
+    kill(pid, SIGPIPE);
+    void (*pipe_action)(int) = signal(SIGPIPE, SIG_IGN);   /* a reader gone is a failed check, not this test's death */
+    started = started && write(fifo, "of times\n", 9) == 9;
+    signal(SIGPIPE, pipe_action);
+    if (fifo >= 0) close(fifo);
+    status = wait_for(pid, 60);
+    out = file_text("build/bad/sig-out.txt");
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && strchr(out, '\n') &&
+          strchr(strchr(out, '\n') + 1, '\n'),
+          "SIGHUP, SIGINT and SIGPIPE inherited ignored stay ignored: status %d, stdout \"%s\"", status, out);
+    free(out);
 }
 
 /* ---------------------------------------------------------------------------- perplexity */

@@ -3465,7 +3465,9 @@ static void catch_signal(int sig, const struct sigaction *sa) {
     sigaction(sig, sa, NULL);
 }
 
-/* Install the handlers above, and remove the temporary logits file on any exit. */
+/* Install the handlers above, and remove the temporary logits file on any exit. SIGXFSZ is
+   ignored: a write beyond `ulimit -f` then fails with EFBIG and is reported like any write
+   error. */
 static void install_signal_handlers(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -3478,6 +3480,7 @@ static void install_signal_handlers(void) {
     catch_signal(SIGTERM, &sa);
     catch_signal(SIGHUP, &sa);
     catch_signal(SIGPIPE, &sa);
+    signal(SIGXFSZ, SIG_IGN);
     atexit(remove_dump_temp);
 }
 

@@ -2001,6 +2001,13 @@ static void test_dump_logits(void) {
     ls = list_dir(d);
     CHECK(!*ls, "an error exit leaves no logits file: %s", ls);
     free(ls);
+    /* a logits file beyond `ulimit -f` (some KiB; a row of tiny-a's is 4): the write fails with
+       EFBIG (no SIGXFSZ death), reported like any write error, and no temporary file is left */
+    expect_shell("ulimit -f 20; " NVFP4_BIN " testdata/tiny-a 'It was' -n 100 --temp 0 --dump-logits build/bad/dump-err/l.bin "
+                 "> /dev/null", 1, "nvfp4: error: cannot write the logits file: File too large");
+    ls = list_dir(d);
+    CHECK(!*ls, "a logits file beyond ulimit -f leaves no file: %s", ls);
+    free(ls);
     /* stdin, stdout or stderr closed: opened on /dev/null, so the logits file cannot take the
        number and get the text or the stats line: each file equals the one of a run with all open */
     d = fresh_dir("dump-fds");

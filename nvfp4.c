@@ -17,6 +17,7 @@
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -451,6 +452,11 @@ static Linear load_linear(const Model *m, const char *base, int rows, int cols) 
 /* Layers that pick their experts by token id (tid2eid) instead of by router scores. */
 static int is_hash_layer(const Config *c, int l) { return l < c->n_hash_layers; }
 
+/* The checkpoint files mapped now (a prefix of one model's files array, never reallocated), for
+   the SIGBUS handler to name the file a fault lies in: a file truncated under the run. */
+static const SafeFile *mapped_files;
+static volatile sig_atomic_t n_mapped;
+
 /* Map one safetensors file read-only and append its tensors to the model. */
 static void open_safetensors(Model *m, const char *path, size_t *cap) {
     int fd = open(path, O_RDONLY | O_NONBLOCK);   /* O_NONBLOCK: a FIFO must not hang the load */
@@ -465,6 +471,9 @@ static void open_safetensors(Model *m, const char *path, size_t *cap) {
     f->path = xstrdup(path);
     f->map = map;
     f->size = (size_t)st.st_size;
+    mapped_files = m->files;
+    atomic_signal_fence(memory_order_release);   /* the entry is complete before the handler sees it */
+    n_mapped = m->n_files + 1;                   /* from here on, before the parser first reads the map */
     char err[512];
     if (safetensors_parse(map, f->size, m->n_files, &m->tensors, &m->n_tensors, cap, err, sizeof err))
         fatal("%s: %s", path, err);
@@ -681,6 +690,7 @@ static void load_model(Model *m, const char *dir) {
 
 /* Unmap the checkpoint and free everything load_model allocated. */
 static void free_model(Model *m) {
+    n_mapped = 0;
     for (int i = 0; i < m->n_files; i++) {
         munmap(m->files[i].map, m->files[i].size);
         free(m->files[i].path);
@@ -3457,6 +3467,35 @@ static void on_fatal_signal(int sig) {
     raise(sig);
 }
 
+/* Write the string s to stderr from a signal handler (write(2) only), with `escape` its control
+   characters as \xHH: a shard's path comes from the index file. */
+static void write_stderr_raw(const char *s, int escape) {
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        char hex[4] = {'\\', 'x', "0123456789abcdef"[c >> 4], "0123456789abcdef"[c & 15]};
+        int plain = !escape || (c >= 0x20 && c != 0x7f);
+        if (write(2, plain ? s : hex, plain ? 1 : 4) < 0) return;
+    }
+}
+
+/* SIGBUS: a read of a mapped checkpoint file beyond its end, the file having been truncated or
+   overwritten (which truncates it first) during the run. When the fault address lies in one of
+   the mapped files, say which in one line, remove the temporary logits file and exit 1; any
+   other SIGBUS dies of the signal as usual. Async-signal-safe: write, unlink and _exit only. */
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    (void)context;
+    uintptr_t at = (uintptr_t)info->si_addr;
+    for (int i = 0; i < n_mapped; i++)
+        if (at - (uintptr_t)mapped_files[i].map < mapped_files[i].size) {
+            write_stderr_raw("nvfp4: error: ", 0);
+            write_stderr_raw(mapped_files[i].path, 1);
+            write_stderr_raw(" changed during the run (truncated or overwritten): its weights cannot be read\n", 0);
+            remove_dump_temp();
+            _exit(1);
+        }
+    on_fatal_signal(sig);
+}
+
 /* Install `sa` for signal `sig`, unless it is ignored: a signal the parent ignores (nohup's
    SIGHUP, `trap '' PIPE`, a background job's SIGINT) stays ignored. */
 static void catch_signal(int sig, const struct sigaction *sa) {
@@ -3465,9 +3504,9 @@ static void catch_signal(int sig, const struct sigaction *sa) {
     sigaction(sig, sa, NULL);
 }
 
-/* Install the handlers above, and remove the temporary logits file on any exit. SIGXFSZ is
-   ignored: a write beyond `ulimit -f` then fails with EFBIG and is reported like any write
-   error. */
+/* Install the handlers above, and remove the temporary logits file on any exit. SIGBUS is caught
+   even when ignored (a fault's SIGBUS cannot be), and SIGXFSZ is ignored: a write beyond
+   `ulimit -f` then fails with EFBIG and is reported like any write error. */
 static void install_signal_handlers(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -3480,6 +3519,9 @@ static void install_signal_handlers(void) {
     catch_signal(SIGTERM, &sa);
     catch_signal(SIGHUP, &sa);
     catch_signal(SIGPIPE, &sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sigaction(SIGBUS, &sa, NULL);
     signal(SIGXFSZ, SIG_IGN);
     atexit(remove_dump_temp);
 }

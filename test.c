@@ -2191,6 +2191,31 @@ static void test_signals(void) {
           strchr(strchr(out, '\n') + 1, '\n'),
           "SIGHUP, SIGINT and SIGPIPE inherited ignored stay ignored: status %d, stdout \"%s\"", status, out);
     free(out);
+    /* a checkpoint file truncated under the run (here the second of the shipped model's two
+       shards, between two chat turns, so that no timing matters): the fault is named in one
+       line, status 1, no temporary file. test_perplexity does the same during --perplexity. */
+    CHECK(system("rm -rf build/bad/trunc && cp -r models/v4-small build/bad/trunc") == 0, "copying models/v4-small");
+    remove("build/bad/chat.fifo");
+    CHECK(mkfifo("build/bad/chat.fifo", 0600) == 0, "mkfifo");
+    pid = spawn(NVFP4_BIN " build/bad/trunc -i -n 3 --temp 0 --dump-logits build/bad/sig/l.bin < build/bad/chat.fifo "
+                "> build/bad/sig-out.txt 2> build/bad/sig-err.txt");
+    fifo = open("build/bad/chat.fifo", O_WRONLY);
+    started = fifo >= 0 && write(fifo, "It was\n", 7) == 7 && wait_for_text("build/bad/sig-out.txt", "\n") &&
+              truncate("build/bad/trunc/model-00002-of-00002.safetensors", 4096) == 0;
+    pipe_action = signal(SIGPIPE, SIG_IGN);
+    started = started && write(fifo, "of times\n", 9) == 9;
+    signal(SIGPIPE, pipe_action);
+    status = wait_for(pid, 60);
+    if (fifo >= 0) close(fifo);
+    err = file_text("build/bad/sig-err.txt");
+    ls = list_dir(d);
+    const char *said =
+        strstr(err, "nvfp4: error: build/bad/trunc/model-00002-of-00002.safetensors changed during the run (truncated or overwritten)");
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 1 && said &&
+          !strcmp(strchr(said, ')'), "): its weights cannot be read\n") && !*ls,
+          "a checkpoint file truncated during the run: status %d, stderr %s, dump dir \"%s\"", status, err, ls);
+    free(err);
+    free(ls);
 }
 
 /* ---------------------------------------------------------------------------- perplexity */
@@ -2327,6 +2352,22 @@ static void test_perplexity(void) {
           (run + 1) % 16 == 0 &&
           strstr(err, ": no perplexity\n") && strstr(err, "; interrupted\n"),
           "SIGINT during --perplexity: status %d, stdout \"%s\", stderr %s", status, out, err);
+    free(out);
+    free(err);
+    /* the checkpoint file truncated during the run (seconds long): named in one line, status 1, its
+       path's control characters escaped (the directory's name holds an ESC) */
+    copy_model("tiny-a", "ppl\033trunc");
+    pid = spawn(NVFP4_BIN " 'build/bad/ppl\033trunc' --perplexity build/bad/ppl-long.txt --chunk 16 --ctx 8192 "
+                "> build/bad/sig-out.txt 2> build/bad/sig-err.txt");
+    started = wait_for_text("build/bad/sig-err.txt", "nvfp4: loaded") &&
+              truncate("build/bad/ppl\033trunc/model.safetensors", 4096) == 0;
+    status = wait_for(pid, 60);
+    out = file_text("build/bad/sig-out.txt");
+    err = file_text("build/bad/sig-err.txt");
+    said = strstr(err, "nvfp4: error: build/bad/ppl\\x1btrunc/model.safetensors changed during the run (truncated or overwritten)");
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 1 && !*out && said &&
+          !strcmp(strchr(said, ')'), "): its weights cannot be read\n"),
+          "a checkpoint file truncated during --perplexity: status %d, stdout \"%s\", stderr %s", status, out, err);
     free(out);
     free(err);
     free(again);

@@ -4142,10 +4142,15 @@ static void bench(int layers, int position) {
    128k-member object costs one allocation for the values and one per key string.
 
    Input is `n` bytes that need not be NUL-terminated.  Any malformed input yields NULL and a
-   message "line L, column C: what" -- never a crash, never a read past `n`.  Nesting deeper than
+   message "not valid JSON: line L, column C: what" -- never a crash, never a read past `n`.  Nesting deeper than
    JSON_MAX_DEPTH is refused so hostile input cannot exhaust the stack.  Strings decode \uXXXX
    escapes (surrogate pairs included, lone surrogates refused) to UTF-8; raw bytes >= 0x80 are
-   copied as they are, without UTF-8 validation. */
+   copied as they are, without UTF-8 validation.
+
+   A key repeated in one object, which RFC 8259 allows, is refused at any depth, naming its key
+   path ("rope_scaling.factor", "added_tokens[3].content"): Python keeps the last, json_get would
+   find the first, so the file would mean two things.  Each object's keys go through a hash, so
+   the check is linear in the size of the text. */
 
 #define JSON_MAX_DEPTH 64
 
@@ -4157,12 +4162,18 @@ typedef struct {
     char *err;            /* message buffer supplied by the caller */
     size_t errlen;
     int failed;           /* set once the first error has been recorded */
+    struct {              /* per open container, the member being read: for the key path */
+        const char *key;  /* its key, or NULL in an array */
+        size_t index;     /* its index in an array */
+    } at[JSON_MAX_DEPTH];
 } JsonParser;
 
-/* Records the first error as "line L, column C: message" for the current position (columns
-   count bytes, starting at 1).  Later errors are ignored so the root cause is reported.
-   Always returns 0 so callers can write `return json_fail(...)`. */
-static int json_fail(JsonParser *p, const char *fmt, ...) {
+/* Records the first error for the current position (columns count bytes, starting at 1):
+   "not valid JSON: line L, column C: message" when the text is malformed, "message (line L,
+   column C)" when it is refused (`refused`: valid JSON that json_parse does not take).  Later
+   errors are ignored so the root cause is reported.  Always returns 0 so callers can write
+   `return json_report(...)`. */
+static int json_report(JsonParser *p, int refused, const char *fmt, va_list args) {
     if (p->failed) return 0;
     p->failed = 1;
     if (!p->err || p->errlen == 0) return 0;
@@ -4170,14 +4181,45 @@ static int json_fail(JsonParser *p, const char *fmt, ...) {
     for (size_t i = 0; i < p->pos && i < p->n; i++) {
         if (p->text[i] == '\n') { line++; column = 1; } else column++;
     }
-    int used = snprintf(p->err, p->errlen, "line %zu, column %zu: ", line, column);
-    if (used >= 0 && (size_t)used < p->errlen) {
-        va_list args;
-        va_start(args, fmt);
-        vsnprintf(p->err + used, p->errlen - (size_t)used, fmt, args);
-        va_end(args);
-    }
+    char what[512];
+    vsnprintf(what, sizeof what, fmt, args);
+    if (refused) snprintf(p->err, p->errlen, "%s (line %zu, column %zu)", what, line, column);
+    else snprintf(p->err, p->errlen, "not valid JSON: line %zu, column %zu: %s", line, column, what);
     return 0;
+}
+
+/* json_report for malformed text. */
+static int json_fail(JsonParser *p, const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    json_report(p, 0, fmt, args);
+    va_end(args);
+    return 0;
+}
+
+/* json_report for valid JSON that is refused (a repeated key). */
+static int json_refuse(JsonParser *p, const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    json_report(p, 1, fmt, args);
+    va_end(args);
+    return 0;
+}
+
+/* The key path of what is read at nesting depth `levels` (the keys and array indices of the
+   members the open containers are reading, outermost first), then `last` when not NULL:
+   "rope_scaling.factor", "added_tokens[3].content".  Into out[n], cut to fit. */
+static void json_path(const JsonParser *p, int levels, const char *last, char *out, size_t n) {
+    size_t used = 0;
+    out[0] = '\0';
+    for (int d = 0; d <= levels && used < n; d++) {
+        const char *key = d < levels ? p->at[d].key : last;
+        int wrote;
+        if (d == levels && !last) break;
+        if (key) wrote = snprintf(out + used, n - used, "%s%s", used ? "." : "", key);
+        else wrote = snprintf(out + used, n - used, "[%zu]", p->at[d].index);
+        used = wrote < 0 ? n : used + (size_t)wrote;
+    }
 }
 
 /* Advances past JSON whitespace (space, tab, CR, LF). */
@@ -4359,6 +4401,36 @@ static int json_reserve(JsonParser *p, Json **items, char ***keys, size_t count,
     return 1;
 }
 
+/* Adds `key` (`length` bytes), the key of member `count` of an object whose earlier keys are
+   keys[0..count), to the object's hash *slots (member index + 1 by key hash, 0 = empty; *mask
+   + 1 slots, grown to stay at most half full).  Returns 1, or 0 with an error naming the key
+   path when an earlier key is the same. */
+static int json_add_key(JsonParser *p, char *const *keys, size_t count, const char *key, size_t length,
+                        size_t **slots, size_t *mask) {
+    if (!*slots || 2 * (count + 1) > *mask + 1) {
+        size_t size = *slots ? 2 * (*mask + 1) : 16;
+        size_t *grown = size <= SIZE_MAX / sizeof *grown ? calloc(size, sizeof *grown) : NULL;
+        if (!grown) return json_fail(p, "out of memory");
+        for (size_t i = 0; i < count; i++) {
+            size_t s = hash_bytes(keys[i], strlen(keys[i])) & (size - 1);
+            while (grown[s]) s = (s + 1) & (size - 1);
+            grown[s] = i + 1;
+        }
+        free(*slots);
+        *slots = grown;
+        *mask = size - 1;
+    }
+    size_t s = hash_bytes(key, length) & *mask;
+    for (; (*slots)[s]; s = (s + 1) & *mask)
+        if (!strcmp(keys[(*slots)[s] - 1], key)) {
+            char path[256];
+            json_path(p, p->depth - 1, key, path, sizeof path);
+            return json_refuse(p, "key \"%s\" appears twice", path);
+        }
+    (*slots)[s] = count + 1;
+    return 1;
+}
+
 /* Parses an array or object whose opening bracket is at the current position into *out.
    On error everything parsed so far is freed and 0 is returned. */
 static int json_parse_container(JsonParser *p, Json *out) {
@@ -4368,7 +4440,7 @@ static int json_parse_container(JsonParser *p, Json *out) {
     p->pos++;
     /* Build inside *out as we go so that one json_free_children cleans up any failure. */
     out->type = is_object ? JSON_OBJECT : JSON_ARRAY;
-    size_t capacity = 0;
+    size_t capacity = 0, *slots = NULL, mask = 0;   /* slots, mask: the hash of an object's keys */
     json_skip_space(p);
     if (p->pos < p->n && p->text[p->pos] == closer) {
         p->pos++;
@@ -4382,12 +4454,18 @@ static int json_parse_container(JsonParser *p, Json *out) {
         if (is_object) {
             json_skip_space(p);
             if (p->pos >= p->n || p->text[p->pos] != '"') { json_fail(p, "expected string key"); goto fail; }
-            size_t key_length;
+            size_t key_length, key_at = p->pos;
             if (!json_parse_string(p, &key, &key_length)) goto fail;
+            size_t after_key = p->pos;
+            p->pos = key_at;   /* a repeated key is reported where it starts */
+            if (!json_add_key(p, out->keys, out->length, key, key_length, &slots, &mask)) { free(key); goto fail; }
+            p->pos = after_key;
             json_skip_space(p);
             if (p->pos >= p->n || p->text[p->pos] != ':') { free(key); json_fail(p, "expected ':'"); goto fail; }
             p->pos++;
         }
+        p->at[p->depth - 1].key = key;
+        p->at[p->depth - 1].index = out->length;
         Json *item = &out->items[out->length];
         memset(item, 0, sizeof *item);
         if (!json_parse_value(p, item)) { free(key); goto fail; }
@@ -4400,9 +4478,11 @@ static int json_parse_container(JsonParser *p, Json *out) {
         if (c != ',') { json_fail(p, "expected ',' or '%c'", closer); goto fail; }
         p->pos++;
     }
+    free(slots);
     p->depth--;
     return 1;
 fail:
+    free(slots);
     json_free_children(out);
     memset(out, 0, sizeof *out);
     return 0;
@@ -4440,10 +4520,11 @@ static int json_parse_value(JsonParser *p, Json *out) {
 }
 
 /* Parses `n` bytes of JSON (not necessarily NUL-terminated).  Returns a tree owned by the
-   caller (free with json_free), or NULL with "line L, column C: what" in err[errlen] (err may
-   be NULL).  Anything but whitespace after the value is an error. */
+   caller (free with json_free), or NULL with "not valid JSON: line L, column C: what" or
+   "what (line L, column C)" (a repeated key) in err[errlen] (err may be NULL), for the caller
+   to print after the name of the file.  Anything but whitespace after the value is an error. */
 static Json *json_parse(const char *text, size_t n, char *err, size_t errlen) {
-    JsonParser parser = { text, n, 0, 0, err, errlen, 0 };
+    JsonParser parser = { .text = text, .n = n, .err = err, .errlen = errlen };
     if (err && errlen) err[0] = '\0';
     Json *root = calloc(1, sizeof *root);
     if (!root) { json_fail(&parser, "out of memory"); return NULL; }
@@ -4458,9 +4539,10 @@ static Json *json_parse(const char *text, size_t n, char *err, size_t errlen) {
     return root;
 }
 
-/* Returns member `key` of object `obj`, or NULL if absent or `obj` is NULL or not an object.
-   With duplicate keys the first one wins.  Linear search: meant for small config objects.
-   Keys are compared as C strings, so a key containing \u0000 only matches up to that byte. */
+/* Returns member `key` of object `obj`, or NULL if absent or `obj` is NULL or not an object
+   (json_parse refuses an object that repeats a key, so there is one at most).  Linear search:
+   meant for small config objects.  Keys are compared as C strings, so a key containing \u0000
+   only matches up to that byte. */
 static const Json *json_get(const Json *obj, const char *key) {
     if (!obj || obj->type != JSON_OBJECT) return NULL;
     for (size_t i = 0; i < obj->length; i++)
@@ -4473,10 +4555,10 @@ static Json *load_json_file(const char *path) {
     size_t size;
     char *text = read_file(path, &size);
     if (!text) fatal("cannot read %s: %s", path, errno == EINVAL ? "not a regular file" : strerror(errno));
-    char err[256];
+    char err[400];
     Json *root = json_parse(text, size, err, sizeof err);
     free(text);
-    if (!root) fatal("%s is not valid JSON: %s", path, err);
+    if (!root) fatal("%s: %s", path, err);
     return root;
 }
 
@@ -4508,9 +4590,9 @@ static const char *safetensors_parse(const uint8_t *map, size_t size, int file, 
                  (unsigned long long)header_len, size);
         return err;
     }
-    char jerr[200];
+    char jerr[400];
     Json *root = json_parse((const char *)map + 8, header_len, jerr, sizeof jerr);
-    if (!root) { snprintf(err, errlen, "header is not valid JSON: %s", jerr); return err; }
+    if (!root) { snprintf(err, errlen, "header: %s", jerr); return err; }
     if (root->type != JSON_OBJECT) { json_free(root); snprintf(err, errlen, "header is not a JSON object"); return err; }
     const uint8_t *data = map + 8 + header_len;
     size_t data_size = size - 8 - header_len;
@@ -4699,14 +4781,6 @@ static float config_positive(const Json *obj, const char *path, const char *key,
     float x = config_float(obj, path, key, fallback);
     if (!(x > 0)) fatal("%s: \"%s\" is %g, must be greater than 0", path, key, (double)x);
     return x;
-}
-
-/* Fatal when a JSON object names a key twice: Python keeps the last, json_get the first, so
-   such a file would mean different things to different readers. */
-static void refuse_duplicate_keys(const Json *obj, const char *path) {
-    for (size_t i = 0; obj && obj->type == JSON_OBJECT && i < obj->length; i++)
-        for (size_t j = i + 1; j < obj->length; j++)
-            if (!strcmp(obj->keys[i], obj->keys[j])) fatal("%s: key \"%s\" appears twice", path, obj->keys[i]);
 }
 
 /* The RoPE settings a rope dict describes: the bases of the main and compress ropes, and YaRN
@@ -4933,7 +5007,6 @@ static void parse_hash_layers(Config *c, const Json *root, const char *path) {
 static void parse_config(Config *c, const Json *root, const char *path) {
     memset(c, 0, sizeof *c);
     if (root->type != JSON_OBJECT) fatal("%s: not a JSON object", path);
-    refuse_duplicate_keys(root, path);
     const Json *type = json_get(root, "model_type");
     const char *model_type = type && type->type == JSON_STRING ? type->string : NULL;
     if (!model_type) fatal("%s: model_type is missing, expected \"deepseek_v4\"", path);
@@ -5693,7 +5766,7 @@ fail:
 /* Reads and loads the tokenizer.json at `path`.  Returns 0, or -1 with "path: what" in err. */
 static int tokenizer_load_file(Tokenizer *t, const char *path, char *err, size_t errlen) {
     memset(t, 0, sizeof *t);
-    char message[256];
+    char message[400];
     size_t size;
     char *data = read_file(path, &size);
     if (!data)

@@ -229,6 +229,43 @@ static void test_safetensors(void) {
     free(tensors);
 }
 
+/* ------------------------------------------------------------------------------------ JSON */
+
+/* What json_parse refuses in valid JSON, naming the key path and the place; what it takes. */
+static void test_json(void) {
+    static const struct { const char *text, *expected; } refused[] = {
+        {"{\"a\":1,\"a\":2}", "key \"a\" appears twice (line 1, column 8)"},
+        {"{\"a\":{\"b\":1,\n\"b\":2}}", "key \"a.b\" appears twice (line 2, column 1)"},
+        {"{\"a\":[0,{\"b\":1,\"b\":2}]}", "key \"a[1].b\" appears twice"},
+        {"[{\"x\":1},{\"y\":{},\"x\":1,\"y\":2}]", "key \"[1].y\" appears twice"},
+        {"{\"a\":{\"b\\u0062\":1,\"bb\":2}}", "key \"a.bb\" appears twice"},   /* compared decoded */
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        char err[256];
+        Json *root = json_parse(refused[i].text, strlen(refused[i].text), err, sizeof err);
+        CHECK(!root && strstr(err, refused[i].expected), "JSON %s: expected \"%s\", got \"%s\"", refused[i].text,
+              refused[i].expected, root ? "(accepted)" : err);
+        json_free(root);
+    }
+    /* one key in different objects; an object large enough to grow its key hash, then the same
+       with its first key repeated last */
+    char err[256], *big = xcalloc(20 * 5000 + 64, 1);
+    int at = sprintf(big, "{\"a\":{\"k\":1},\"b\":{\"k\":1},\"c\":{");
+    for (int i = 0; i < 5000; i++) at += sprintf(big + at, "%s\"k%d\":%d", i ? "," : "", i, i);
+    strcpy(big + at, "}}");
+    Json *root = json_parse(big, strlen(big), err, sizeof err);
+    const Json *c = json_get(root, "c");
+    CHECK(root && c && c->length == 5000 && json_get(c, "k4999") && json_get(c, "k4999")->number == 4999,
+          "JSON: one key in two objects, 5000 keys in one: %s", root ? "" : err);
+    json_free(root);
+    strcpy(big + at, ",\"k0\":0}}");
+    root = json_parse(big, strlen(big), err, sizeof err);
+    CHECK(!root && strstr(err, "key \"c.k0\" appears twice"), "JSON: 5000 keys, the first repeated last: %s",
+          root ? "(accepted)" : err);
+    json_free(root);
+    free(big);
+}
+
 /* ---------------------------------------------------------------------------------- config */
 
 static void test_config(void) {
@@ -1364,7 +1401,7 @@ static void test_bad_checkpoints(void) {
         {"tiny-a", "bad-json", "model.safetensors",
          "{\"embed.weight\"",
          "{\"embed.weight\"}",
-         "header is not valid JSON", "invalid JSON header"},
+         "header: not valid JSON", "invalid JSON header"},
         {"tiny-a", "dtype", "model.safetensors",
          "\"norm.weight\":{\"dtype\":\"BF16\"",
          "\"norm.weight\":{\"dtype\":\"BF17\"",
@@ -1388,7 +1425,16 @@ static void test_bad_checkpoints(void) {
         {"tiny-a", "duplicate", "model.safetensors",
          "\"hc_head_base\":",
          "\"norm.weight\":",
-         "tensor norm.weight appears twice", "duplicate names"},
+         "model.safetensors: header: key \"norm.weight\" appears twice", "duplicate names in one file"},
+        {"tiny-b", "duplicate-shards", "model-00002-of-00003.safetensors",
+         "\"hc_head_base\":",
+         "\"embed.weight\":",
+         "tensor embed.weight appears twice: in build/bad/duplicate-shards/model-00001-of-00003.safetensors and in "
+         "build/bad/duplicate-shards/model-00002-of-00003.safetensors", "duplicate names in two shards"},
+        {"tiny-a", "duplicate-dtype", "model.safetensors",
+         "\"norm.weight\":{\"dtype\":\"BF16\"",
+         "\"norm.weight\":{\"dtype\":\"BF16\",\"dtype\":\"F32\"",
+         "header: key \"norm.weight.dtype\" appears twice", "a tensor's dtype given twice"},
         {"tiny-a", "missing", "model.safetensors",
          "\"norm.weight\":",
          "\"norm.weigh_\":",
@@ -1413,6 +1459,10 @@ static void test_bad_checkpoints(void) {
          "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
          "\"embed.weight\": \"..\"",
          "weight_map[\"embed.weight\"] names shard \"..\", which is not a file name in the model directory", "shard named .."},
+        {"tiny-b", "index-twice", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\", \"embed.weight\": \"model-00002-of-00003.safetensors\"",
+         "model.safetensors.index.json: key \"weight_map.embed.weight\" appears twice", "index naming a tensor twice"},
         {"tiny-b", "index-slash", "model.safetensors.index.json",
          "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
          "\"embed.weight\": \"../tiny-b/model-00001-of-00003.safetensors\"",
@@ -1458,6 +1508,14 @@ static void test_bad_checkpoints(void) {
          "\"added_tokens\": [",
          "\"added_tokens\": [{\"id\": 1020, \"content\": \"xyzzy\"}, {\"id\": 1020, \"content\": \"plugh\"}, ",
          "added_tokens: id 1020 is given twice", "two added tokens with one id"},
+        {"tiny-a", "tok-vocab-twice", "tokenizer.json",
+         "\"vocab\": {\"<｜begin▁of▁sentence｜>\": 0,",
+         "\"vocab\": {\"<｜begin▁of▁sentence｜>\": 0, \"<｜begin▁of▁sentence｜>\": 5,",
+         "tokenizer.json: key \"model.vocab.<｜begin▁of▁sentence｜>\" appears twice", "a vocab spelling given twice"},
+        {"tiny-a", "tok-added-key-twice", "tokenizer.json",
+         "{\"id\": 1016, \"content\"",
+         "{\"id\": 1016, \"id\": 1015, \"content\"",
+         "tokenizer.json: key \"added_tokens[3].id\" appears twice", "an added token's id given twice"},
     };
     for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) expect_edit_fails(&edits[i]);
     const char *d;
@@ -1488,7 +1546,7 @@ static void test_bad_configs(void) {
         {"tiny-a", "config-json", "config.json",
          "\"vocab_size\": 1024,",
          "\"vocab_size\": 1024",
-         "config.json is not valid JSON: line 7", "config.json not JSON"},
+         "config.json: not valid JSON: line 7", "config.json not JSON"},
         {"tiny-a", "model-type", "config.json",
          "\"deepseek_v4\"",
          "\"deepseek_v3\"",
@@ -1520,7 +1578,11 @@ static void test_bad_configs(void) {
         {"tiny-a", "dup-key", "config.json",
          "\"vocab_size\": 1024",
          "\"vocab_size\": 1024, \"vocab_size\": 2048",
-         "key \"vocab_size\" appears twice", "duplicate config key"},
+         "config.json: key \"vocab_size\" appears twice (line 6, column 23)", "duplicate config key"},
+        {"tiny-a", "dup-nested", "config.json",
+         "\"factor\": 16",
+         "\"factor\": 16, \"factor\": 8",
+         "config.json: key \"rope_scaling.factor\" appears twice", "duplicate key in rope_scaling"},
         {"tiny-a", "bias", "config.json",
          "\"vocab_size\": 1024",
          "\"vocab_size\": 1024, \"attention_bias\": true",
@@ -1678,6 +1740,23 @@ static void test_bad_configs(void) {
     d = copy_model("tiny-a", "tok-vocab");
     edit_file(d, "config.json", "\"vocab_size\": 1024", "\"vocab_size\": 500");
     expect_cli("build/bad/tok-vocab hi --tokenize", 1, "but the model's vocab_size is 500");
+    const char *bos_twice = "{\"add_bos_token\": true, \"add_bos_token\": false}";   /* HF adds no BOS */
+    d = copy_model("tiny-a", "tok-config-twice");
+    write_bytes(d, "tokenizer_config.json", bos_twice, strlen(bos_twice));
+    expect_cli("build/bad/tok-config-twice hi --tokenize", 1, "tokenizer_config.json: key \"add_bos_token\" appears twice");
+    /* 100,000 keys, the first repeated last: refused in linear time (a check of every pair took
+       13 s) */
+    d = copy_model("tiny-a", "many-keys");
+    char *keys = xcalloc(100000 * 16 + 64, 1);
+    int at = sprintf(keys, "{");
+    for (int i = 0; i < 100000; i++) at += sprintf(keys + at, "\"k%d\": 0, ", i);
+    sprintf(keys + at, "\"k0\": 1, ");
+    edit_file(d, "config.json", "{", keys);
+    free(keys);
+    double start = now_seconds();
+    expect_cli("build/bad/many-keys hi --tokenize", 1, "config.json: key \"k0\" appears twice");
+    double took = now_seconds() - start;
+    CHECK(took < 5, "config.json with 100,000 keys refused in %.2f s (at most 5)", took);
 }
 
 /* A NaN weight must end in a message, not in garbage or a crash in the sampler. */
@@ -3687,6 +3766,7 @@ int main(void) {
     test_number_formats();
     test_unequal_global_scales();
     test_safetensors();
+    test_json();
     test_config();
     test_linear_against_naive();
     test_rope();

@@ -4150,7 +4150,10 @@ static void bench(int layers, int position) {
    A key repeated in one object, which RFC 8259 allows, is refused at any depth, naming its key
    path ("rope_scaling.factor", "added_tokens[3].content"): Python keeps the last, json_get would
    find the first, so the file would mean two things.  Each object's keys go through a hash, so
-   the check is linear in the size of the text. */
+   the check is linear in the size of the text.  So is \u0000 in a key or a string, naming the
+   same path: C strings end there ("BF16\u0000x" would read as the dtype "BF16", a tensor name
+   or key would match its prefix), and none of nvfp4's files holds one legitimately (a
+   byte-level BPE vocabulary spells byte 0 as U+0100). */
 
 #define JSON_MAX_DEPTH 64
 
@@ -4197,7 +4200,7 @@ static int json_fail(JsonParser *p, const char *fmt, ...) {
     return 0;
 }
 
-/* json_report for valid JSON that is refused (a repeated key). */
+/* json_report for valid JSON that is refused (a repeated key, \u0000). */
 static int json_refuse(JsonParser *p, const char *fmt, ...) {
     va_list args;
     va_start(args, fmt);
@@ -4271,11 +4274,12 @@ static int json_read_hex4(JsonParser *p, unsigned *value) {
 }
 
 
-/* Parses a string whose opening quote is at the current position.  On success stores a fresh
-   NUL-terminated buffer in *out and its byte length in *out_length and returns 1; on error
-   returns 0 with nothing allocated.  Decoding never grows the text (an escape of k bytes
-   yields at most k bytes), so one buffer of the raw span's size suffices. */
-static int json_parse_string(JsonParser *p, char **out, size_t *out_length) {
+/* Parses a string (an object's key when `is_key`) whose opening quote is at the current
+   position.  On success stores a fresh NUL-terminated buffer in *out and its byte length in
+   *out_length and returns 1; on error (\u0000 included) returns 0 with nothing allocated.
+   Decoding never grows the text (an escape of k bytes yields at most k bytes), so one buffer
+   of the raw span's size suffices. */
+static int json_parse_string(JsonParser *p, char **out, size_t *out_length, int is_key) {
     p->pos++; /* opening quote */
     size_t start = p->pos, end = start;
     while (end < p->n && p->text[end] != '"') {
@@ -4290,7 +4294,7 @@ static int json_parse_string(JsonParser *p, char **out, size_t *out_length) {
         unsigned char c = (unsigned char)p->text[p->pos];
         if (c < 0x20) { free(buffer); return json_fail(p, "control character in string"); }
         if (c != '\\') { buffer[length++] = (char)c; p->pos++; continue; }
-        p->pos++;
+        size_t escape_at = p->pos++;
         char escape = p->text[p->pos++]; /* exists: the scan above never ends on a backslash */
         switch (escape) {
         case '"': buffer[length++] = '"'; break;
@@ -4321,6 +4325,16 @@ static int json_parse_string(JsonParser *p, char **out, size_t *out_length) {
                     return json_fail(p, "high surrogate not followed by a low surrogate");
                 }
                 cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+            }
+            if (cp == 0) {   /* the path of a key ends with the part before the NUL */
+                char path[256];
+                buffer[length] = '\0';
+                json_path(p, is_key ? p->depth - 1 : p->depth, is_key ? buffer : NULL, path, sizeof path);
+                p->pos = escape_at;
+                if (is_key) json_refuse(p, "key \"%s\\u0000...\" holds a NUL character", path);
+                else json_refuse(p, "the value of \"%s\", \"%.60s\\u0000...\", holds a NUL character", path, buffer);
+                free(buffer);
+                return 0;
             }
             length += utf8_encode(buffer + length, cp);
             break;
@@ -4455,7 +4469,7 @@ static int json_parse_container(JsonParser *p, Json *out) {
             json_skip_space(p);
             if (p->pos >= p->n || p->text[p->pos] != '"') { json_fail(p, "expected string key"); goto fail; }
             size_t key_length, key_at = p->pos;
-            if (!json_parse_string(p, &key, &key_length)) goto fail;
+            if (!json_parse_string(p, &key, &key_length, 1)) goto fail;
             size_t after_key = p->pos;
             p->pos = key_at;   /* a repeated key is reported where it starts */
             if (!json_add_key(p, out->keys, out->length, key, key_length, &slots, &mask)) { free(key); goto fail; }
@@ -4499,7 +4513,7 @@ static int json_parse_value(JsonParser *p, Json *out) {
         return json_parse_container(p, out);
     case '"':
         out->type = JSON_STRING;
-        return json_parse_string(p, &out->string, &out->length);
+        return json_parse_string(p, &out->string, &out->length, 0);
     case 't':
         out->type = JSON_BOOL;
         out->number = 1;
@@ -4521,7 +4535,7 @@ static int json_parse_value(JsonParser *p, Json *out) {
 
 /* Parses `n` bytes of JSON (not necessarily NUL-terminated).  Returns a tree owned by the
    caller (free with json_free), or NULL with "not valid JSON: line L, column C: what" or
-   "what (line L, column C)" (a repeated key) in err[errlen] (err may be NULL), for the caller
+   "what (line L, column C)" (a repeated key, \u0000) in err[errlen] (err may be NULL), for the caller
    to print after the name of the file.  Anything but whitespace after the value is an error. */
 static Json *json_parse(const char *text, size_t n, char *err, size_t errlen) {
     JsonParser parser = { .text = text, .n = n, .err = err, .errlen = errlen };
@@ -4540,9 +4554,9 @@ static Json *json_parse(const char *text, size_t n, char *err, size_t errlen) {
 }
 
 /* Returns member `key` of object `obj`, or NULL if absent or `obj` is NULL or not an object
-   (json_parse refuses an object that repeats a key, so there is one at most).  Linear search:
-   meant for small config objects.  Keys are compared as C strings, so a key containing \u0000
-   only matches up to that byte. */
+   (json_parse refuses an object that repeats a key, so there is one at most, and a key that
+   holds \u0000, so C strings compare whole keys).  Linear search: meant for small config
+   objects. */
 static const Json *json_get(const Json *obj, const char *key) {
     if (!obj || obj->type != JSON_OBJECT) return NULL;
     for (size_t i = 0; i < obj->length; i++)

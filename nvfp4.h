@@ -22,7 +22,7 @@ typedef struct Json Json;
 struct Json {
     JsonType type;
     double number;  /* JSON_NUMBER; 1 or 0 for JSON_BOOL */
-    char *string;   /* JSON_STRING: UTF-8, NUL-terminated (use length: may hold \u0000) */
+    char *string;   /* JSON_STRING: UTF-8, NUL-terminated (json_parse refuses \u0000) */
     size_t length;  /* string bytes, or number of items of an array / object */
     Json *items;    /* JSON_ARRAY / JSON_OBJECT: `length` values */
     char **keys;    /* JSON_OBJECT: `length` keys, in file order */

@@ -239,6 +239,10 @@ static void test_json(void) {
         {"{\"a\":[0,{\"b\":1,\"b\":2}]}", "key \"a[1].b\" appears twice"},
         {"[{\"x\":1},{\"y\":{},\"x\":1,\"y\":2}]", "key \"[1].y\" appears twice"},
         {"{\"a\":{\"b\\u0062\":1,\"bb\":2}}", "key \"a.bb\" appears twice"},   /* compared decoded */
+        {"{\"a\\u0000b\":1}", "key \"a\\u0000...\" holds a NUL character (line 1, column 4)"},
+        {"{\"a\":[{\"b\\u0000\":1}]}", "key \"a[0].b\\u0000...\" holds a NUL character"},
+        {"{\"a\":{\"b\":\"c\\u0000d\"}}", "the value of \"a.b\", \"c\\u0000...\", holds a NUL character (line 1, column 13)"},
+        {"[\"x\",\"\\u0000\"]", "the value of \"[1]\", \"\\u0000...\", holds a NUL character"},
     };
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
         char err[256];
@@ -247,6 +251,10 @@ static void test_json(void) {
               refused[i].expected, root ? "(accepted)" : err);
         json_free(root);
     }
+    char one[8] = "";
+    Json *control = json_parse("\"\\u0001\"", 8, one, sizeof one);   /* other control characters stay */
+    CHECK(control && control->length == 1 && control->string[0] == 1, "JSON \"\\u0001\": %s", one);
+    json_free(control);
     /* one key in different objects; an object large enough to grow its key hash, then the same
        with its first key repeated last */
     char err[256], *big = xcalloc(20 * 5000 + 64, 1);
@@ -1431,6 +1439,15 @@ static void test_bad_checkpoints(void) {
          "\"embed.weight\":",
          "tensor embed.weight appears twice: in build/bad/duplicate-shards/model-00001-of-00003.safetensors and in "
          "build/bad/duplicate-shards/model-00002-of-00003.safetensors", "duplicate names in two shards"},
+        {"tiny-a", "nul-dtype", "model.safetensors",
+         "\"norm.weight\":{\"dtype\":\"BF16\"",
+         "\"norm.weight\":{\"dtype\":\"BF16\\u0000garbage\"",
+         "model.safetensors: header: the value of \"norm.weight.dtype\", \"BF16\\u0000...\", holds a NUL character",
+         "a dtype with \\u0000 (would read as BF16)"},
+        {"tiny-a", "nul-name", "model.safetensors",
+         "\"norm.weight\":",
+         "\"norm.weight\\u0000x\":",
+         "model.safetensors: header: key \"norm.weight\\u0000...\" holds a NUL character", "a tensor name with \\u0000"},
         {"tiny-a", "duplicate-dtype", "model.safetensors",
          "\"norm.weight\":{\"dtype\":\"BF16\"",
          "\"norm.weight\":{\"dtype\":\"BF16\",\"dtype\":\"F32\"",
@@ -1459,6 +1476,15 @@ static void test_bad_checkpoints(void) {
          "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
          "\"embed.weight\": \"..\"",
          "weight_map[\"embed.weight\"] names shard \"..\", which is not a file name in the model directory", "shard named .."},
+        {"tiny-b", "index-nul-key", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001",
+         "\"embed.weight\\u0000x\": \"model-00001",
+         "model.safetensors.index.json: key \"weight_map.embed.weight\\u0000...\" holds a NUL character", "an index key with \\u0000"},
+        {"tiny-b", "index-nul-shard", "model.safetensors.index.json",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\\u0000x\"",
+         "model.safetensors.index.json: the value of \"weight_map.embed.weight\", \"model-00001-of-00003.safetensors\\u0000...\", "
+         "holds a NUL character", "a shard name with \\u0000"},
         {"tiny-b", "index-twice", "model.safetensors.index.json",
          "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
          "\"embed.weight\": \"model-00001-of-00003.safetensors\", \"embed.weight\": \"model-00002-of-00003.safetensors\"",
@@ -1512,6 +1538,14 @@ static void test_bad_checkpoints(void) {
          "\"vocab\": {\"<｜begin▁of▁sentence｜>\": 0,",
          "\"vocab\": {\"<｜begin▁of▁sentence｜>\": 0, \"<｜begin▁of▁sentence｜>\": 5,",
          "tokenizer.json: key \"model.vocab.<｜begin▁of▁sentence｜>\" appears twice", "a vocab spelling given twice"},
+        {"tiny-a", "tok-nul-vocab", "tokenizer.json",
+         "\"vocab\": {\"<｜begin▁of▁sentence｜>\": 0,",
+         "\"vocab\": {\"<｜begin▁of▁sentence｜>\\u0000\": 0,",
+         "tokenizer.json: key \"model.vocab.<｜begin▁of▁sentence｜>\\u0000...\" holds a NUL character", "a vocab spelling with \\u0000"},
+        {"tiny-a", "tok-nul-type", "tokenizer.json",
+         "\"type\": \"BPE\"",
+         "\"type\": \"BPE\\u0000x\"",
+         "tokenizer.json: the value of \"model.type\", \"BPE\\u0000...\", holds a NUL character", "a model type with \\u0000"},
         {"tiny-a", "tok-added-key-twice", "tokenizer.json",
          "{\"id\": 1016, \"content\"",
          "{\"id\": 1016, \"id\": 1015, \"content\"",
@@ -1579,6 +1613,14 @@ static void test_bad_configs(void) {
          "\"vocab_size\": 1024",
          "\"vocab_size\": 1024, \"vocab_size\": 2048",
          "config.json: key \"vocab_size\" appears twice (line 6, column 23)", "duplicate config key"},
+        {"tiny-a", "nul-model-type", "config.json",
+         "\"deepseek_v4\"",
+         "\"deepseek_v4\\u0000x\"",
+         "config.json: the value of \"model_type\", \"deepseek_v4\\u0000...\", holds a NUL character", "model_type with \\u0000"},
+        {"tiny-a", "nul-key", "config.json",
+         "\"factor\": 16",
+         "\"factor\\u0000\": 16",
+         "config.json: key \"rope_scaling.factor\\u0000...\" holds a NUL character", "a rope_scaling key with \\u0000"},
         {"tiny-a", "dup-nested", "config.json",
          "\"factor\": 16",
          "\"factor\": 16, \"factor\": 8",
@@ -1744,6 +1786,10 @@ static void test_bad_configs(void) {
     d = copy_model("tiny-a", "tok-config-twice");
     write_bytes(d, "tokenizer_config.json", bos_twice, strlen(bos_twice));
     expect_cli("build/bad/tok-config-twice hi --tokenize", 1, "tokenizer_config.json: key \"add_bos_token\" appears twice");
+    const char *bos_nul = "{\"add_bos_token\": true, \"bos_token\": {\"content\": \"<s>\\u0000\"}}";
+    write_bytes(d, "tokenizer_config.json", bos_nul, strlen(bos_nul));
+    expect_cli("build/bad/tok-config-twice hi --tokenize", 1,
+               "tokenizer_config.json: the value of \"bos_token.content\", \"<s>\\u0000...\", holds a NUL character");
     /* 100,000 keys, the first repeated last: refused in linear time (a check of every pair took
        13 s) */
     d = copy_model("tiny-a", "many-keys");

@@ -492,6 +492,9 @@ static void open_checkpoint(Model *m, const char *dir) {
             fatal("%s: needs a non-empty \"weight_map\" object", index_path);
         const char **shards = xcalloc(map->length, sizeof *shards);
         int n_shards = 0;
+        size_t mask = 15;   /* the distinct shard names by hash (shard index + 1, 0 = empty): linear time */
+        while (mask / 2 < map->length) mask = mask * 2 + 1;
+        int *slots = xcalloc(mask + 1, sizeof *slots);
         for (size_t i = 0; i < map->length; i++) {
             const Json *v = &map->items[i];
             if (v->type != JSON_STRING)
@@ -500,10 +503,14 @@ static void open_checkpoint(Model *m, const char *dir) {
                 !strcmp(v->string, ".."))
                 fatal("%s: weight_map[\"%s\"] names shard \"%s\", which is not a file name in the model directory",
                       index_path, map->keys[i], v->string);
-            int seen = 0;
-            for (int s = 0; s < n_shards && !seen; s++) seen = !strcmp(shards[s], v->string);
-            if (!seen) shards[n_shards++] = v->string;
+            size_t s = hash_bytes(v->string, v->length) & mask;
+            while (slots[s] && strcmp(shards[slots[s] - 1], v->string)) s = (s + 1) & mask;
+            if (!slots[s]) {
+                shards[n_shards++] = v->string;
+                slots[s] = n_shards;
+            }
         }
+        free(slots);
         m->files = xcalloc((size_t)n_shards, sizeof(SafeFile));
         for (int s = 0; s < n_shards; s++) {
             char *path = path_join(dir, shards[s]);

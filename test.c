@@ -1568,6 +1568,18 @@ static void test_bad_checkpoints(void) {
     remove(shard);
     free(shard);
     expect_load_fails(d, "names shard model-00002-of-00003.safetensors, which is not in", "shard absent");
+    /* 100,000 shard names, the first absent: refused in linear time (comparing each name with
+       those before it took 12 s) */
+    d = copy_model("tiny-b", "many-shards");
+    char *names = xcalloc(100000 * 40 + 64, 1);
+    int at = sprintf(names, "\"weight_map\": {");
+    for (int i = 0; i < 100000; i++) at += sprintf(names + at, "\"x%d\": \"s%d.safetensors\", ", i, i);
+    edit_file(d, "model.safetensors.index.json", "\"weight_map\": {", names);
+    free(names);
+    double start = now_seconds();
+    expect_load_fails(d, "model.safetensors.index.json names shard s0.safetensors, which is not in", "100,000 shard names");
+    double took = now_seconds() - start;
+    CHECK(took < 5, "model.safetensors.index.json with 100,000 shard names refused in %.2f s (at most 5)", took);
     d = copy_model("tiny-a", "no-weights");
     shard = path_join(d, "model.safetensors");
     remove(shard);

@@ -73,6 +73,10 @@ static char *path_join(const char *dir, const char *name) {
 }
 
 #define MAX_TEXT_FILE ((size_t)1 << 30)   /* config, tokenizer and index files are far smaller */
+/* A prompt, a --perplexity text or a line of -i holds at most 16 MiB (about 4M tokens, more than
+   V4's 1M context), refused as it is read: an endless input must not fill the memory. */
+#define MAX_PROMPT_MIB 16
+#define MAX_PROMPT_BYTES ((size_t)MAX_PROMPT_MIB << 20)
 
 /* Read a whole regular file (at most MAX_TEXT_FILE bytes) into a NUL-terminated buffer; *size
    gets its length. Returns NULL with errno set when it cannot be opened or read, is not a
@@ -3295,6 +3299,28 @@ static void check_utf8(const char *text, size_t n, const char *what) {
     }
 }
 
+/* Like getline (the next line of f with its newline in *line, grown as needed; its length, or
+   -1 at the end of the input or on an error), but fatal as soon as the line passes
+   MAX_PROMPT_BYTES: an endless line (-i < /dev/zero) must not take all the memory. */
+static ssize_t read_line(char **line, size_t *capacity, FILE *f) {
+    size_t len = 0;
+    for (int c = 0; c != '\n' && (c = getc(f)) != EOF;) {
+        if (len == MAX_PROMPT_BYTES + (c == '\n'))
+            fatal("a line of standard input is larger than the limit of %d MiB", MAX_PROMPT_MIB);
+        if (len + 2 > *capacity) {   /* room for c and the NUL */
+            size_t grown = *capacity < 256 ? 256 : 2 * *capacity;
+            char *bigger = realloc(*line, grown);
+            if (!bigger) fatal("out of memory reading standard input");
+            *line = bigger;
+            *capacity = grown;
+        }
+        (*line)[len++] = (char)c;
+    }
+    if (!len) return -1;
+    (*line)[len] = '\0';
+    return (ssize_t)len;
+}
+
 /* One user turn in DeepSeek V4's chat format, as text:
      <｜User｜>{text}<｜Assistant｜></think>
    (</think> only when the tokenizer has it: V4's non-thinking chat mode). A new string. */
@@ -3750,7 +3776,7 @@ static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *
     for (const char *turn = first;; turn = NULL) {
         if (!turn) {
             if (terminal) fputs("> ", stderr);
-            ssize_t len = getline(&line, &capacity, stdin);
+            ssize_t len = read_line(&line, &capacity, stdin);
             if (len < 0 && ferror(stdin)) fatal("cannot read standard input: %s", strerror(errno));
             if (len < 0) {
                 if (terminal) fputc('\n', stderr);
@@ -6029,6 +6055,7 @@ static void usage(FILE *f) {
             "Runs a DeepSeek V4 checkpoint (BF16, FP8, MXFP4 and NVFP4 tensors) on a prompt.\n\n"
             "  -p, --prompt TEXT  the prompt (instead of the argument after MODEL_DIR)\n"
             "  -f, --file FILE    read the prompt from FILE, as it is; -f - reads standard input\n"
+            "                     (at most %d MiB, the limit of every prompt, --perplexity text and -i line)\n"
             "  -i, --interactive  chat: one user turn per line of standard input, until EOF or /exit\n"
             "  -n N               generate at most N tokens (default 256); stops earlier at EOS\n"
             "  --temp T           sampling temperature, 0 = greedy (default 0.6)\n"
@@ -6054,7 +6081,7 @@ static void usage(FILE *f) {
             "  --                 end of the options: what follows is MODEL_DIR and the prompt, even\n"
             "                     when it begins with '-'\n"
             "No option takes a negative number. Exit status: 0 done, 1 bad input (model, files, prompt),\n"
-            "2 bad command line, 130 interrupted (SIGINT).\n");
+            "2 bad command line, 130 interrupted (SIGINT).\n", MAX_PROMPT_MIB);
 }
 
 /* Print "nvfp4: error: ..." and exit with status 2: the command line itself is wrong. */
@@ -6212,32 +6239,35 @@ static Options parse_options(int argc, char **argv) {
 }
 
 /* The text in file `path`, or in stdin for "-", read to its end whatever the file is (a FIFO
-   or a pipe too) without a fixed buffer; fatal when it cannot be read, is larger than
-   MAX_TEXT_FILE or holds a NUL byte (`what` names the text in the messages: "the prompt"). */
+   or a pipe too) without a fixed buffer; fatal when it cannot be read, holds a NUL byte or is
+   larger than MAX_PROMPT_BYTES, both checked as it is read, so that an endless input (-f
+   /dev/zero, `yes |`) is refused at once (`what` names the text in the messages: "the
+   prompt"). */
 static char *read_text(const char *path, const char *what) {
     const char *name = strcmp(path, "-") ? path : "standard input";
     int fd = strcmp(path, "-") ? open(path, O_RDONLY) : 0;
     if (fd < 0) fatal("cannot open %s file %s: %s", what, path, strerror(errno));
-    size_t len = 0, capacity = 1 << 16;
+    size_t len = 0, capacity = 1 << 16;   /* grows to MAX_PROMPT_BYTES + 1: one byte too many is refused */
     char *text = xcalloc(capacity + 1, 1);
     for (;;) {
         if (len == capacity) {
-            if (capacity >= MAX_TEXT_FILE) fatal("%s in %s is larger than %zu bytes", what, name, (size_t)MAX_TEXT_FILE);
-            char *bigger = xcalloc(2 * capacity + 1, 1);
+            size_t grown = 2 * capacity < MAX_PROMPT_BYTES + 1 ? 2 * capacity : MAX_PROMPT_BYTES + 1;
+            char *bigger = xcalloc(grown + 1, 1);
             memcpy(bigger, text, len);
             free(text);
             text = bigger;
-            capacity *= 2;
+            capacity = grown;
         }
         ssize_t n = read(fd, text + len, capacity - len);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) fatal("cannot read %s from %s: %s", what, name, strerror(errno));
         if (n == 0) break;
+        const char *nul = memchr(text + len, 0, (size_t)n);
+        if (nul) fatal("%s in %s holds a NUL byte at offset %zu", what, name, (size_t)(nul - text));
         len += (size_t)n;
+        if (len > MAX_PROMPT_BYTES) fatal("%s in %s is larger than the limit of %d MiB", what, name, MAX_PROMPT_MIB);
     }
     if (fd) close(fd);
-    const char *nul = memchr(text, 0, len);
-    if (nul) fatal("%s in %s holds a NUL byte at offset %zu", what, name, (size_t)(nul - text));
     return text;
 }
 

@@ -2020,6 +2020,52 @@ static void test_prompt_sources(void) {
     free(c);
 }
 
+static void read_text_arg(const void *path) { read_text(path, "the prompt"); }
+
+static void read_line_arg(const void *path) {
+    FILE *f = fopen(path, "rb");
+    char *line = NULL;
+    size_t capacity = 0;
+    if (f) read_line(&line, &capacity, f);
+}
+
+/* A prompt, a --perplexity text and a line of -i hold at most MAX_PROMPT_BYTES, refused while
+   they are read so that an endless input stops at once; exactly the limit is taken. */
+static void test_prompt_limit(void) {
+    char *text = xcalloc(MAX_PROMPT_BYTES + 2, 1);
+    memset(text, 'a', MAX_PROMPT_BYTES + 1);
+    write_bytes("build/bad", "limit.txt", text, MAX_PROMPT_BYTES);
+    char *got = read_text("build/bad/limit.txt", "the prompt");
+    CHECK(strlen(got) == MAX_PROMPT_BYTES, "a prompt of exactly %d MiB is read whole: %zu bytes", MAX_PROMPT_MIB, strlen(got));
+    free(got);
+    text[MAX_PROMPT_BYTES] = '\n';
+    write_bytes("build/bad", "limit-line.txt", text, MAX_PROMPT_BYTES + 1);
+    FILE *f = fopen("build/bad/limit-line.txt", "rb");
+    char *line = NULL;
+    size_t capacity = 0;
+    ssize_t len = f ? read_line(&line, &capacity, f) : -1;
+    CHECK(len == (ssize_t)MAX_PROMPT_BYTES + 1 && line[len - 1] == '\n' && read_line(&line, &capacity, f) == -1,
+          "a line of exactly %d MiB and its newline is read whole: %zd bytes", MAX_PROMPT_MIB, len);
+    if (f) fclose(f);
+    free(line);
+    text[MAX_PROMPT_BYTES] = 'a';
+    write_bytes("build/bad", "over.txt", text, MAX_PROMPT_BYTES + 1);
+    free(text);
+    expect_fatal(read_text_arg, "build/bad/over.txt", "the prompt in build/bad/over.txt is larger than the limit of 16 MiB",
+                 "a prompt one byte over the limit");
+    expect_fatal(read_line_arg, "build/bad/over.txt", "a line of standard input is larger than the limit of 16 MiB",
+                 "a line one byte over the limit");
+    /* endless inputs, cut at 20 MB and ended by a byte that is not UTF-8, so that a limit
+       applied only after reading fails at once instead of evaluating the text */
+    expect_cli("testdata/tiny-a --tokenize -f /dev/zero", 1, "the prompt in /dev/zero holds a NUL byte at offset 0");
+    expect_shell("(yes | head -c 20000000; printf '\\377') | " NVFP4_BIN " testdata/tiny-a --tokenize -f - > /dev/null", 1,
+                 "the prompt in standard input is larger than the limit of 16 MiB");
+    expect_shell("(yes | head -c 20000000; printf '\\377') | " NVFP4_BIN " testdata/tiny-a --perplexity - > /dev/null", 1,
+                 "the text in standard input is larger than the limit of 16 MiB");
+    expect_shell("head -c 20000000 /dev/zero | " NVFP4_BIN " testdata/tiny-a -i > /dev/null", 1,
+                 "a line of standard input is larger than the limit of 16 MiB");
+}
+
 /* A write error on stdout (a full disk) is an error, whatever wrote the output. */
 static void test_stdout_errors(void) {
     if (access("/dev/full", W_OK)) {
@@ -3855,6 +3901,7 @@ int main(void) {
     test_bad_options();
     test_nan_weights();
     test_prompt_sources();
+    test_prompt_limit();
     test_stdout_errors();
     test_version_and_stats();
     test_build_commit();

@@ -35,17 +35,65 @@
 
 /* =========================================================================== errors, helpers */
 
+static size_t utf8_decode(const unsigned char *s, size_t n, uint32_t *cp);
+
+/* Write "nvfp4: " `kind` and the message to stderr as one line, in one write when it is short.
+   Every message passes here, and most quote what a file or the command line holds (a shard
+   name, a regex, a key, a path), so each control character in the message is written as an
+   escape: \n, \r and \t, \xHH for the other C0 controls and DEL, \u00HH for the C1 controls
+   (U+0080..U+009F, which terminals obey too), and \xHH for each byte of invalid UTF-8 (a C1
+   control to a Latin-1 terminal). A crafted file can then neither break the line nor send the
+   terminal an escape sequence. */
+static void vmessage(const char *kind, const char *fmt, va_list ap) {
+    char small[1024], *text = small, out[4096];
+    va_list again;
+    va_copy(again, ap);
+    int length = vsnprintf(small, sizeof small, fmt, ap);
+    if (length < 0) length = 0;
+    if ((size_t)length >= sizeof small) {   /* a long one: whole when memory allows, else cut */
+        text = malloc((size_t)length + 1);
+        if (text) vsnprintf(text, (size_t)length + 1, fmt, again);
+        else text = small, length = (int)sizeof small - 1;
+    }
+    va_end(again);
+    size_t used = (size_t)snprintf(out, sizeof out, "nvfp4: %s", kind);
+    for (size_t i = 0; i < (size_t)length;) {
+        if (used > sizeof out - 16) {
+            fwrite(out, 1, used, stderr);
+            used = 0;
+        }
+        uint32_t cp;
+        size_t n = utf8_decode((const unsigned char *)text + i, (size_t)length - i, &cp);
+        const char *named = cp == '\n' ? "\\n" : cp == '\r' ? "\\r" : cp == '\t' ? "\\t" : NULL;
+        if (named) used += (size_t)sprintf(out + used, "%s", named);
+        else if (cp < 0x20 || cp == 0x7f || cp > 0x10FFFF) used += (size_t)sprintf(out + used, "\\x%02x", (unsigned char)text[i]);
+        else if (cp >= 0x80 && cp < 0xa0) used += (size_t)sprintf(out + used, "\\u%04x", (unsigned)cp);
+        else memcpy(out + used, text + i, n), used += n;
+        i += n;
+    }
+    out[used++] = '\n';
+    fwrite(out, 1, used, stderr);
+    if (text != small) free(text);
+}
+
+/* Print "nvfp4: ..." on stderr (a note: what the run does, what it replaced). */
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vmessage("", fmt, ap);
+    va_end(ap);
+}
+
 /* Print "nvfp4: error: ..." and exit with status 1. Every bad input ends here, with a message
    that names what is wrong and where. */
 static void fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static void fatal(const char *fmt, ...) {
     va_list ap;
     fflush(stdout);
-    fputs("nvfp4: error: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vmessage("error: ", fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
     exit(1);
 }
 
@@ -3469,7 +3517,7 @@ static void finish_dump(FILE *f, const char *path) {
     if (fflush(f) || fsync(fileno(f)) || fclose(f)) fatal("cannot write the logits file %s: %s", dump_temp, strerror(errno));
     if (rename(dump_temp, path)) fatal("cannot rename %s to %s: %s", dump_temp, path, strerror(errno));
     dump_temp[0] = 0;
-    if (existed) fprintf(stderr, "nvfp4: replaced %s\n", path);
+    if (existed) say("replaced %s", path);
 }
 
 /* ---------- Signals ---------- */
@@ -6088,11 +6136,9 @@ static void usage(FILE *f) {
 static void usage_error(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 static void usage_error(const char *fmt, ...) {
     va_list ap;
-    fputs("nvfp4: error: ", stderr);
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    vmessage("error: ", fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
     exit(2);
 }
 
@@ -6310,7 +6356,7 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
-    if (!o.cpu && run != &gpu_backend) fprintf(stderr, "nvfp4: running on the CPU: %s\n", why);
+    if (!o.cpu && run != &gpu_backend) say("running on the CPU: %s", why);
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
@@ -6345,8 +6391,8 @@ int main(int argc, char **argv) {
     char where[384];
     State *state = run->load(&model, o.max_tokens, o.max_ctx, all_logits, sampler.rng, where, sizeof where);
     int big = model.weight_bytes >= 1e9;
-    fprintf(stderr, "nvfp4: loaded %s (%d layers, %.2f %s of weights)%s in %.2f s\n", o.model_dir, c->n_layers,
-            model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", where, now_seconds() - t0);
+    say("loaded %s (%d layers, %.2f %s of weights)%s in %.2f s", o.model_dir, c->n_layers,
+        model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", where, now_seconds() - t0);
     if (!o.seed_given && !o.perplexity) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
     Stats stats = {0};
     if (o.perplexity) perplexity(run, &model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);

@@ -30,8 +30,16 @@ static int passed, failed;
 static uint64_t test_rng = 42;
 static float uniform(float lo, float hi) { return lo + (hi - lo) * random_float(&test_rng); }
 
+/* Whether stderr text `err` ends in exactly one "nvfp4: error: " line: a refusal is one line,
+   whatever the strings it quotes hold (their control characters are escaped). */
+static int one_error_line(const char *err) {
+    const char *at = strstr(err, "nvfp4: error: ");
+    return at && !strstr(at + 1, "nvfp4: error: ") && strchr(at, '\n') == err + strlen(err) - 1;
+}
+
 /* Run fn(arg) in a child process; check that it exits with status 1 and that its stderr
-   contains `expected` (every bad input must end in one clear message, never a crash). */
+   contains `expected` in one line (every bad input must end in one clear message, never a
+   crash). */
 static void expect_fatal(void (*fn)(const void *), const void *arg, const char *expected, const char *what) {
     int fds[2];
     if (pipe(fds)) { CHECK(0, "pipe failed"); return; }
@@ -51,8 +59,8 @@ static void expect_fatal(void (*fn)(const void *), const void *arg, const char *
     close(fds[0]);
     int status;
     waitpid(pid, &status, 0);
-    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(msg, expected),
-          "%s: expected exit 1 and a message with \"%s\", got status %d and: %s", what, expected, status, msg);
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(msg, expected) && one_error_line(msg),
+          "%s: expected exit 1 and a one-line message with \"%s\", got status %d and: %s", what, expected, status, msg);
 }
 
 /* ---------------------------------------------------------------------------- number formats */
@@ -1323,8 +1331,8 @@ static int run_cli(const char *args, char **err) {
 static void expect_cli(const char *args, int want_status, const char *expected) {
     char *err;
     int status = run_cli(args, &err);
-    CHECK(status == want_status && strstr(err, expected), "nvfp4 %s: expected status %d and \"%s\", got %d: %s", args,
-          want_status, expected, status, err);
+    CHECK(status == want_status && strstr(err, expected) && (want_status == 0 || !strncmp(err, "usage:", 6) || one_error_line(err)),
+          "nvfp4 %s: expected status %d and \"%s\" (an error in one line), got %d: %s", args, want_status, expected, status, err);
     free(err);
 }
 
@@ -1489,6 +1497,10 @@ static void test_bad_checkpoints(void) {
          "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
          "\"embed.weight\": \"model-00001-of-00003.safetensors\", \"embed.weight\": \"model-00002-of-00003.safetensors\"",
          "model.safetensors.index.json: key \"weight_map.embed.weight\" appears twice", "index naming a tensor twice"},
+        {"tiny-b", "index-escape", "model.safetensors.index.json",   /* control characters reach the terminal escaped */
+         "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
+         "\"embed.weight\": \"model\\r\\n\\u001b[2J\\u009b31m.safetensors\"",
+         "names shard model\\r\\n\\x1b[2J\\u009b31m", "shard name with CR, LF, ESC and C1 CSI"},
         {"tiny-b", "index-slash", "model.safetensors.index.json",
          "\"embed.weight\": \"model-00001-of-00003.safetensors\"",
          "\"embed.weight\": \"../tiny-b/model-00001-of-00003.safetensors\"",
@@ -1589,6 +1601,10 @@ static void test_bad_checkpoints(void) {
 
 static void test_bad_configs(void) {
     static const Edit edits[] = {
+        {"tiny-a", "model-type-escape", "config.json",
+         "\"model_type\": \"deepseek_v4\"",
+         "\"model_type\": \"deepseek_v4\\n\\u001b]0;owned\\u0007\\t\\u0085\"",
+         "model_type is \"deepseek_v4\\n\\x1b]0;owned\\x07\\t\\u0085\", expected \"deepseek_v4\"", "model_type with LF, ESC, BEL, TAB, NEL"},
         {"tiny-a", "config-json", "config.json",
          "\"vocab_size\": 1024,",
          "\"vocab_size\": 1024",
@@ -1788,6 +1804,9 @@ static void test_bad_configs(void) {
     d = copy_model("tiny-a", "tok-model");
     edit_file(d, "tokenizer.json", "\"type\": \"BPE\"", "\"type\": \"WordPiece\"");
     expect_cli("build/bad/tok-model hi --tokenize", 1, "tokenizer.json");
+    d = copy_model("tiny-a", "tok-escape");
+    edit_file(d, "tokenizer.json", "\"Regex\": \"\\\\p{N}{1,3}\"", "\"Regex\": \"\\\\p{N}{1,3}\\r\\n\\u001b[8m\\u007f\"");
+    expect_cli("build/bad/tok-escape hi --tokenize", 1, "unsupported regex '\\p{N}{1,3}\\r\\n\\x1b[8m\\x7f'");
     d = copy_model("tiny-a", "tok-pre");
     edit_file(d, "tokenizer.json", "\\\\p{N}{1,3}", "\\\\p{N}{1,4}");
     expect_cli("build/bad/tok-pre hi --tokenize", 1, "tokenizer.json");

@@ -85,6 +85,16 @@ static void say(const char *fmt, ...) {
     va_end(ap);
 }
 
+/* Print "nvfp4: warning: ..." on stderr: something the run goes on without, but that the user
+   most likely did not mean. */
+static void warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void warn(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vmessage("warning: ", fmt, ap);
+    va_end(ap);
+}
+
 /* Print "nvfp4: error: ..." and exit with status 1. Every bad input ends here, with a message
    that names what is wrong and where. */
 static void fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
@@ -381,6 +391,7 @@ static const Tensor *find_tensor(const Model *m, const char *fmt, ...) __attribu
 static void expect_shape(const Model *m, const Tensor *t, int ndim, const int64_t *shape);
 static void expect_dtype(const Model *m, const Tensor *t, int n_allowed, const DType *allowed);
 static void parse_config(Config *c, const Json *root, const char *path);
+static void warn_misspelled_keys(const Json *obj, const char *where, const char *const *known, const char *const *ignored);
 static int tokenizer_load_file(Tokenizer *t, const char *path, char *err, size_t errlen);
 static int tokenizer_encode(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids);
 static int tokenizer_find(const Tokenizer *t, const char *token);
@@ -3329,6 +3340,8 @@ static void load_tokenizer(Tokenizer *t, int *add_bos, const char *dir, const Co
     path = path_join(dir, "tokenizer_config.json");
     if (access(path, F_OK) == 0) {
         Json *tc = load_json_file(path);
+        static const char *const known[] = {"add_bos_token", NULL}, *const ignored[] = {"add_eos_token", NULL};
+        warn_misspelled_keys(tc, path, known, ignored);
         const Json *bos = json_get(tc, "add_bos_token");
         if (bos && bos->type == JSON_BOOL) *add_bos = bos->number != 0;
         json_free(tc);
@@ -4878,6 +4891,72 @@ static float config_positive(const Json *obj, const char *path, const char *key,
     return x;
 }
 
+/* Key `s` as compared for a misspelling: its ASCII letters lowercased and its digits, every
+   other byte dropped ("Rope_Scal[[[[ing" and "rope-scaling" -> "ropescaling"), into out[64].
+   Returns the length, 64 when it is longer than any key nvfp4 knows. */
+static size_t key_folded(const char *s, char *out) {
+    size_t n = 0;
+    for (; *s && n < 64; s++) {
+        char ch = *s >= 'A' && *s <= 'Z' ? (char)(*s + 32) : *s;
+        if ((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9')) out[n++] = ch;
+    }
+    return n;
+}
+
+/* Whether a[la] and b[lb] are at most one edit apart: one character inserted, deleted or
+   replaced, or two adjacent ones swapped. */
+static int one_edit_apart(const char *a, size_t la, const char *b, size_t lb) {
+    if (la < lb) return one_edit_apart(b, lb, a, la);
+    if (la - lb > 1) return 0;
+    size_t i = 0;
+    while (i < lb && a[i] == b[i]) i++;
+    if (i == lb) return 1;
+    if (la > lb) return !memcmp(a + i + 1, b + i, lb - i);   /* a has one more character */
+    if (!memcmp(a + i + 1, b + i + 1, la - i - 1)) return 1;  /* one replaced */
+    return i + 1 < la && a[i] == b[i + 1] && a[i + 1] == b[i] && !memcmp(a + i + 2, b + i + 2, la - i - 2);
+}
+
+/* Warn about each key of object `obj` (named by `where` in the message) that is neither one
+   nvfp4 reads (`known`) nor one it leaves alone on purpose (`ignored`, may be NULL; both lists
+   NULL-terminated) but that is one edit from a key it reads, letters' case, '_' and stray
+   punctuation aside: a misspelled "rope_scaling" would otherwise silently drop YaRN. Other
+   unknown keys are left alone, as transformers leaves them. */
+static void warn_misspelled_keys(const Json *obj, const char *where, const char *const *known, const char *const *ignored) {
+    for (size_t i = 0; obj && obj->type == JSON_OBJECT && i < obj->length; i++) {
+        const char *key = obj->keys[i];
+        int listed = 0;
+        for (const char *const *k = known; *k && !listed; k++) listed = !strcmp(key, *k);
+        for (const char *const *k = ignored; k && *k && !listed; k++) listed = !strcmp(key, *k);
+        char folded[64], other[64];
+        size_t n = key_folded(key, folded);
+        for (const char *const *k = known; *k && !listed && n < 64; k++)
+            if (one_edit_apart(folded, n, other, key_folded(*k, other))) {
+                warn("%s: unknown key \"%s\" is ignored; did you mean \"%s\"?", where, key, *k);
+                break;
+            }
+    }
+}
+
+/* The keys of config.json that nvfp4 reads: at the top level, in a rope dict (rope_scaling,
+   rope_parameters and its main and compress sides) and in compress_rates. */
+static const char *const config_keys[] = {
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim", "q_lora_rank",
+    "o_groups", "o_lora_rank", "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "hc_sinkhorn_iters", "sliding_window", "index_n_heads", "index_head_dim", "index_topk", "bos_token_id", "eos_token_id",
+    "hc_eps", "rms_norm_eps", "routed_scaling_factor", "swiglu_limit", "rope_theta", "compress_rope_theta", "scoring_func",
+    "hidden_act", "attention_bias", "mlp_bias", "norm_topk_prob", "tie_word_embeddings", "num_key_value_heads", "hc_mult",
+    "qk_rope_head_dim", "partial_rotary_factor", "rope_parameters", "rope_scaling", "max_position_embeddings",
+    "compress_rates", "compress_rate_csa", "compress_rate_hca", "layer_types", "compress_ratios",
+    "num_nextn_predict_layers", "num_hash_layers", "mlp_layer_types", NULL};
+static const char *const config_ignored[] = {   /* transformers' and V3's keys that change nothing here */
+    "architectures", "torch_dtype", "dtype", "transformers_version", "quantization_config", "initializer_range", "use_cache",
+    "pad_token_id", "attention_dropout", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+    "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", NULL};
+static const char *const rope_keys[] = {
+    "rope_type", "type", "main", "compress", "rope_theta", "partial_rotary_factor", "factor", "beta_fast", "beta_slow",
+    "original_max_position_embeddings", "attention_factor", "mscale", "mscale_all_dim", "truncate", NULL};
+static const char *const compress_rate_keys[] = {"compressed_sparse_attention", "heavily_compressed_attention", NULL};
+
 /* The RoPE settings a rope dict describes: the bases of the main and compress ropes, and YaRN
    on the compress rope. */
 typedef struct {
@@ -4911,6 +4990,7 @@ static RopeSettings parse_rope(const Config *c, const Json *root, const Json *ro
     const char *where = whole;       /* the dict being read, for messages */
     snprintf(whole, sizeof whole, "%s: %s", path, key);
     if (rope->type != JSON_OBJECT) fatal("%s must be an object", where);
+    warn_misspelled_keys(rope, where, rope_keys, NULL);
     const Json *sides[2] = {json_get(rope, "main"), json_get(rope, "compress")};
     int nested = sides[0] || sides[1];
     if (nested) {
@@ -4920,6 +5000,7 @@ static RopeSettings parse_rope(const Config *c, const Json *root, const Json *ro
         float *theta[2] = {&r.theta, &r.compress_theta};
         for (int i = 0; i < 2; i++) {   /* transformers reads the rope dims of each side from it */
             snprintf(side[i], sizeof side[i], "%s.%s", where, names[i]);
+            warn_misspelled_keys(sides[i], side[i], rope_keys, NULL);
             const Json *f = json_get(sides[i], "partial_rotary_factor");
             if (!f || f->type != JSON_NUMBER || (int)(c->head_dim * f->number) != c->rope_dim)
                 fatal("%s needs partial_rotary_factor %g (rope dims %d of head_dim %d)", side[i],
@@ -5021,6 +5102,9 @@ static void parse_attention_layers(Config *c, const Json *root, const char *path
     static const char *legacy_rates[3] = {NULL, "compress_rate_csa", "compress_rate_hca"};
     const Json *rates = json_get(root, "compress_rates");
     if (config_has(root, "compress_rates") && rates->type != JSON_OBJECT) fatal("%s: compress_rates must be an object", path);
+    char where[PATH_MAX + 32];
+    snprintf(where, sizeof where, "%s: compress_rates", path);
+    warn_misspelled_keys(rates, where, compress_rate_keys, NULL);
     int rate[3] = {0, 4, 128};
     const char *rate_key[3] = {NULL, "compress_rates", "compress_rates"};
     for (int k = 1; k < 3; k++) {
@@ -5102,6 +5186,7 @@ static void parse_hash_layers(Config *c, const Json *root, const char *path) {
 static void parse_config(Config *c, const Json *root, const char *path) {
     memset(c, 0, sizeof *c);
     if (root->type != JSON_OBJECT) fatal("%s: not a JSON object", path);
+    warn_misspelled_keys(root, path, config_keys, config_ignored);
     const Json *type = json_get(root, "model_type");
     const char *model_type = type && type->type == JSON_STRING ? type->string : NULL;
     if (!model_type) fatal("%s: model_type is missing, expected \"deepseek_v4\"", path);

@@ -1836,6 +1836,49 @@ static void test_bad_configs(void) {
     CHECK(took < 5, "config.json with 100,000 keys refused in %.2f s (at most 5)", took);
 }
 
+/* A key of config.json or tokenizer_config.json that nvfp4 does not know but that is one edit
+   from one it reads (letters' case, '_' and stray punctuation aside) is most likely a
+   misspelling that would silently change the model: one warning line names the file, the key
+   and the key it resembles, and the run goes on. The shipped configs give no warning. */
+static void test_misspelled_keys(void) {
+    static const Edit edits[] = {
+        {"tiny-a", "key-rope", "config.json", "\"rope_scaling\"", "\"rope_scal[[[[ing\"",
+         "unknown key \"rope_scal[[[[ing\" is ignored; did you mean \"rope_scaling\"?\n"},
+        {"tiny-a", "key-vocab", "config.json", "\"vocab_size\": 1024,", "\"vocab_size\": 1024, \"Vocab-Size\": 2048,",
+         "unknown key \"Vocab-Size\" is ignored; did you mean \"vocab_size\"?\n"},
+        {"tiny-c", "key-beta", "config.json", "\"beta_fast\"", "\"beta_fats\"",
+         "rope_parameters.compress: unknown key \"beta_fats\" is ignored; did you mean \"beta_fast\"?\n"},
+        {"tiny-c", "key-rates", "config.json", "\"heavily_compressed_attention\": 16", "\"heavily-compressed-attention\": 16",
+         "compress_rates: unknown key \"heavily-compressed-attention\" is ignored; did you mean "
+         "\"heavily_compressed_attention\"?\n"},
+        {"tiny-a", "key-bos", "tokenizer_config.json", "", "",
+         "unknown key \"add_bos_tokn\" is ignored; did you mean \"add_bos_token\"?\n"},
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) {
+        const Edit *e = &edits[i];
+        const char *d = copy_model(e->model, e->copy);
+        if (*e->from) edit_file(d, e->file, e->from, e->to);
+        else write_bytes(d, e->file, "{\"add_bos_tokn\": false, \"add_eos_token\": false}", 47);
+        char args[512], want[512], *err;
+        snprintf(args, sizeof args, "%s hi --tokenize", d);
+        snprintf(want, sizeof want, "nvfp4: warning: %s/%s: %s", d, e->file, e->expected);
+        int status = run_cli(args, &err);
+        CHECK(status == 0 && !strcmp(err, want), "%s: expected status 0 and the one line %s, got %d: %s", d, want, status, err);
+        free(err);
+    }
+    CHECK(one_edit_apart("abcd", 4, "abxd", 4) && one_edit_apart("abcd", 4, "abdc", 4) && one_edit_apart("abcd", 4, "abd", 3) &&
+          one_edit_apart("abc", 3, "xabc", 4) && !one_edit_apart("abcd", 4, "badc", 4) && !one_edit_apart("abcd", 4, "ab", 2) &&
+          !one_edit_apart("abcd", 4, "axcy", 4), "one_edit_apart: one insertion, deletion, replacement or swap, no more");
+    static const char *shipped[] = {"testdata/tiny-a", "testdata/tiny-b", "testdata/tiny-c", "testdata/tiny-d", "models/v4-small"};
+    for (int i = 0; i < 5; i++) {
+        char args[256], *err;
+        snprintf(args, sizeof args, "%s hi --tokenize", shipped[i]);
+        int status = run_cli(args, &err);
+        CHECK(status == 0 && !*err, "%s: no warning: status %d, %s", shipped[i], status, err);
+        free(err);
+    }
+}
+
 /* A NaN weight must end in a message, not in garbage or a crash in the sampler. */
 static void test_nan_weights(void) {
     const char *d = copy_model("tiny-a", "nan");
@@ -3917,6 +3960,7 @@ int main(void) {
     test_cli();
     test_bad_checkpoints();
     test_bad_configs();
+    test_misspelled_keys();
     test_bad_options();
     test_nan_weights();
     test_prompt_sources();

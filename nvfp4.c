@@ -3472,13 +3472,16 @@ static void split_path(const char *path, char **dir, char **base) {
 /* Refuse --dump-logits `path` where writing it could harm what the run reads: inside the model
    directory (at any depth: each directory above the target, symbolic links resolved, is compared
    with it by device and inode), the same file as one of the n files in `read` or as stdin,
-   stdout or stderr (device and inode: hard and symbolic links included), or an existing path that
-   is not a regular file (a device, a directory). */
+   stdout or stderr (device and inode: hard and symbolic links included), an existing path that
+   is not a regular file (a device, a directory), or a symbolic link that leads nowhere (the
+   rename would replace the link itself, not create what it names). */
 static void check_dump_target(const char *path, const char *model_dir, const char *const *read, int n) {
     struct stat target, other, model;
     char *dir, *base;
     split_path(path, &dir, &base);
     if (!*base) fatal("--dump-logits: %s names a directory, not a file", path);
+    if (lstat(path, &other) == 0 && S_ISLNK(other.st_mode) && stat(path, &target))
+        fatal("--dump-logits: %s is a symbolic link that leads nowhere (%s)", path, strerror(errno));
     if (stat(path, &target) == 0) {
         if (!S_ISREG(target.st_mode)) fatal("--dump-logits: %s exists and is not a regular file", path);
         for (int i = 0; i < n; i++)
@@ -6300,6 +6303,42 @@ static void check_ids(const int *ids, int n, int vocab) {
         if (ids[i] >= vocab) fatal("--ids: token id %d is outside the vocabulary (0..%d)", ids[i], vocab - 1);
 }
 
+/* The kinds of run, and the options that have an effect in some of them only: given in another
+   kind of run, such an option would be silently ignored, so it is refused (exit 2). `valued`
+   options take a value, and are refused when given twice (one value would be dropped). */
+enum { RUN_TEXT = 1, RUN_CHAT = 2, RUN_TOKENIZE = 4, RUN_PERPLEXITY = 8, RUN_BENCH = 16 };
+static const struct { const char *name, *alias; int runs, valued; } scoped_options[] = {
+    {"-n", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--temp", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--top-p", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--seed", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--ctx", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
+    {"--chunk", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
+    {"--dump-logits", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--perplexity", NULL, RUN_PERPLEXITY, 1},
+    {"--chat", NULL, RUN_TEXT | RUN_CHAT | RUN_TOKENIZE, 0},
+    {"-i", "--interactive", RUN_CHAT, 0},
+    {"--tokenize", NULL, RUN_TOKENIZE, 0},
+    {"--cpu", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 0},
+    {"--gpu", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 0},
+    {"--layers", NULL, RUN_BENCH, 1},
+    {"--position", NULL, RUN_BENCH, 1},
+};
+
+/* Refuse each option of scoped_options given (bit k of `given`) for a kind of run it has no
+   effect in (`run`, RUN_*). */
+static void check_scoped_options(unsigned given, int run) {
+    for (size_t k = 0; k < sizeof scoped_options / sizeof *scoped_options; k++) {
+        if (!(given >> k & 1) || scoped_options[k].runs & run) continue;
+        const char *why = scoped_options[k].runs == RUN_BENCH ? "without --bench"
+                        : run == RUN_BENCH      ? "with --bench, which makes its own model and tokens on the GPU"
+                        : run == RUN_PERPLEXITY ? "with --perplexity, which scores its text and generates nothing"
+                        : run == RUN_TOKENIZE   ? "with --tokenize, which only prints the prompt's ids"
+                                                : "with -i";
+        usage_error("%s does nothing %s", scoped_options[k].name, why);
+    }
+}
+
 /* The command line as Options; usage_error (exit 2) on anything malformed. */
 static Options parse_options(int argc, char **argv) {
     Options o = {0};
@@ -6312,6 +6351,7 @@ static Options parse_options(int argc, char **argv) {
     o.bench_layers = 8;
     o.bench_position = 4096;
     int n_positional = 0, n_prompts = 0, options_ended = 0;
+    unsigned given = 0;   /* bit k: scoped_options[k] was given */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (options_ended || a[0] != '-' || !a[1]) {   /* MODEL_DIR, then the prompt ("-" alone is one) */
@@ -6322,6 +6362,11 @@ static Options parse_options(int argc, char **argv) {
             n_positional++;
             continue;
         }
+        for (size_t k = 0; k < sizeof scoped_options / sizeof *scoped_options; k++)
+            if (!strcmp(a, scoped_options[k].name) || (scoped_options[k].alias && !strcmp(a, scoped_options[k].alias))) {
+                if (given >> k & 1 && scoped_options[k].valued) usage_error("%s is given twice: give it once", a);
+                given |= 1u << k;
+            }
         if (!strcmp(a, "--")) options_ended = 1;
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit_done(); }
         else if (!strcmp(a, "--version")) { printf("nvfp4 %s (commit %s)\n", NVFP4_VERSION, NVFP4_COMMIT); exit_done(); }
@@ -6350,8 +6395,10 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
         else usage_error("unknown option %s (see nvfp4 -h)", a);
     }
+    int run = o.bench ? RUN_BENCH : o.perplexity ? RUN_PERPLEXITY : o.tokenize_only ? RUN_TOKENIZE : o.interactive ? RUN_CHAT : RUN_TEXT;
     if (o.bench) {
         if (o.model_dir || n_prompts || o.cpu) usage_error("--bench takes no model, prompt or --cpu: it makes its own model on the GPU");
+        check_scoped_options(given, run);
         return o;
     }
     if (!o.model_dir) { usage(stderr); exit(2); }
@@ -6366,6 +6413,8 @@ static Options parse_options(int argc, char **argv) {
         usage_error("-i reads the conversation from standard input: -f - cannot read the prompt from it too");
     if (!n_prompts && !o.interactive && !o.perplexity) usage_error("no prompt given (nvfp4 MODEL_DIR \"prompt\", -p, -f, --ids or -i)");
     if (o.tokenize_only && o.dump_logits) usage_error("--tokenize evaluates nothing: --dump-logits would have nothing to write");
+    if (o.ids && o.chat) usage_error("--ids feeds its ids as they are: --chat cannot wrap them in the chat format");
+    check_scoped_options(given, run);
     return o;
 }
 

@@ -1950,6 +1950,21 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a -i --ids 1,2", 2, "-i chats in text: it takes neither --ids nor --tokenize");
     expect_cli("testdata/tiny-a -i -f -", 2, "-i reads the conversation from standard input");
     expect_cli("testdata/tiny-a hi --tokenize --dump-logits build/bad/t.bin", 2, "--tokenize evaluates nothing");
+    /* an option that would be silently ignored: by another one, or by the kind of run */
+    expect_cli("testdata/tiny-a --ids 1,2 --chat", 2, "--ids feeds its ids as they are: --chat cannot wrap them in the chat format");
+    expect_cli("testdata/tiny-a hi -n 3 -n 4", 2, "-n is given twice: give it once");
+    expect_cli("testdata/tiny-a hi --dump-logits build/bad/a.bin --dump-logits build/bad/b.bin", 2, "--dump-logits is given twice");
+    expect_cli("testdata/tiny-a hi --tokenize -n 5", 2, "-n does nothing with --tokenize, which only prints the prompt's ids");
+    expect_cli("testdata/tiny-a hi --tokenize --cpu", 2, "--cpu does nothing with --tokenize");
+    expect_cli("testdata/tiny-a hi --tokenize --ctx 64", 2, "--ctx does nothing with --tokenize");
+    expect_cli("testdata/tiny-a --perplexity testdata/heldout.txt --temp 0", 2,
+               "--temp does nothing with --perplexity, which scores its text and generates nothing");
+    expect_cli("testdata/tiny-a --perplexity testdata/heldout.txt --seed 1", 2, "--seed does nothing with --perplexity");
+    expect_cli("--bench --ctx 100", 2, "--ctx does nothing with --bench, which makes its own model and tokens on the GPU");
+    expect_cli("--bench -i", 2, "-i does nothing with --bench");
+    expect_cli("--bench --perplexity testdata/heldout.txt", 2, "--perplexity does nothing with --bench");
+    expect_cli("testdata/tiny-a hi --layers 3", 2, "--layers does nothing without --bench");
+    expect_cli("testdata/tiny-a -i --position 5", 2, "--position does nothing without --bench");
     /* bad input: exit status 1 */
     expect_cli("testdata/tiny-a --ids 1,2,99999", 1, "--ids: token id 99999 is outside the vocabulary (0..1023)");
     expect_cli("testdata/tiny-a -f build/bad/no-such-prompt", 1, "cannot open the prompt file build/bad/no-such-prompt");
@@ -2185,7 +2200,8 @@ static void test_version_and_stats(void) {
 static void test_dump_logits(void) {
     const char *d = copy_model("tiny-a", "dump-model");
     if (system("mkdir -p build/bad/dump-model/sub && ln -f build/bad/dump-model/model.safetensors build/bad/dump-hardlink && "
-               "ln -sf dump-model/config.json build/bad/dump-symlink && rm -rf build/bad/no-dir"))
+               "ln -sf dump-model/config.json build/bad/dump-symlink && rm -rf build/bad/no-dir && "
+               "ln -sfn no-such-file build/bad/dump-dangling && rm -f build/bad/no-such-file build/bad/.dump-dangling.*"))
         CHECK(0, "links");
     write_bytes("build/bad", "dump-prompt.txt", "It was", 6);
     size_t size, config_size;
@@ -2210,8 +2226,13 @@ static void test_dump_logits(void) {
         {"build/bad/dump-model hi --dump-logits build/bad/dump-model/sub", "exists and is not a regular file"},
         {"build/bad/dump-model hi --dump-logits build/bad/", "--dump-logits: build/bad/ names a directory, not a file"},
         {"build/bad/dump-model hi --dump-logits build/bad/no-dir/l.bin", "--dump-logits: cannot write in build/bad/no-dir"},
+        {"build/bad/dump-model hi --dump-logits build/bad/dump-dangling",
+         "--dump-logits: build/bad/dump-dangling is a symbolic link that leads nowhere (No such file or directory)"},
     };
     for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) expect_cli(refused[i].args, 1, refused[i].expected);
+    struct stat link;
+    CHECK(lstat("build/bad/dump-dangling", &link) == 0 && S_ISLNK(link.st_mode) && access("build/bad/no-such-file", F_OK) &&
+          system("ls -A build/bad | grep -q '^\\.dump-dangling'"), "a dangling symbolic link target is left as it was, nothing written");
     size_t after_size, after_config_size;
     char *weights_after = read_file("build/bad/dump-model/model.safetensors", &after_size);
     char *config_after = read_file("build/bad/dump-model/config.json", &after_config_size);

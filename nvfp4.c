@@ -394,6 +394,7 @@ static void parse_config(Config *c, const Json *root, const char *path);
 static void warn_misspelled_keys(const Json *obj, const char *where, const char *const *known, const char *const *ignored);
 static int tokenizer_load_file(Tokenizer *t, const char *path, char *err, size_t errlen);
 static int tokenizer_encode(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids);
+static int tokenizer_encode_plain(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids);
 static int tokenizer_find(const Tokenizer *t, const char *token);
 static const char *tokenizer_token_bytes(const Tokenizer *t, int id, size_t *len);
 
@@ -3349,15 +3350,15 @@ static void load_tokenizer(Tokenizer *t, int *add_bos, const char *dir, const Co
     free(path);
 }
 
-/* Check that text[n] is valid UTF-8; fatal naming the first bad byte otherwise. */
-static void check_utf8(const char *text, size_t n, const char *what) {
+/* The offset of the first byte of text[n] that is not part of valid UTF-8, or n. */
+static size_t utf8_invalid_at(const char *text, size_t n) {
     for (size_t i = 0; i < n;) {
         uint32_t cp;
         size_t length = utf8_decode((const unsigned char *)text + i, n - i, &cp);
-        if (cp == INVALID_CHAR)
-            fatal("%s is not valid UTF-8 (bad byte 0x%02x at offset %zu)", what, (unsigned char)text[i], i);
+        if (cp == INVALID_CHAR) return i;
         i += length;
     }
+    return n;
 }
 
 /* Like getline (the next line of f with its newline in *line, grown as needed; its length, or
@@ -3382,41 +3383,50 @@ static ssize_t read_line(char **line, size_t *capacity, FILE *f) {
     return (ssize_t)len;
 }
 
-/* One user turn in DeepSeek V4's chat format, as text:
-     <｜User｜>{text}<｜Assistant｜></think>
-   (</think> only when the tokenizer has it: V4's non-thinking chat mode). A new string. */
-static char *chat_turn(const Tokenizer *t, const char *text) {
-    const char *close = tokenizer_find(t, "</think>") >= 0 ? "</think>" : "";
-    size_t len = strlen(text) + 64;
-    char *turn = xcalloc(len, 1);
-    snprintf(turn, len, "<｜User｜>%s<｜Assistant｜>%s", text, close);
-    return turn;
+/* Check that text[n] is valid UTF-8; fatal naming the first bad byte otherwise. */
+static void check_utf8(const char *text, size_t n, const char *what) {
+    size_t at = utf8_invalid_at(text, n);
+    if (at < n) fatal("%s is not valid UTF-8 (bad byte 0x%02x at offset %zu)", what, (unsigned char)text[at], at);
 }
 
-/* The ids of head[n_head], then those of the text: the prompt, or with chat the prompt as one
-   user turn (chat_turn). The prompt must be non-empty valid UTF-8 (`what` names it in the
-   messages: "the prompt"). Returns the count; *ids is allocated. */
-static int text_ids(const Tokenizer *t, const int *head, int n_head, const char *prompt, int chat, const char *what, int **ids) {
+/* How text_ids encodes a text: TEXT_CHAT as one user turn of the chat format; TEXT_SPECIAL with
+   the added tokens typed in it (<｜User｜>, </think>) taken as those tokens (--special), else as
+   plain text (tokenizer_encode_plain). */
+enum { TEXT_CHAT = 1, TEXT_SPECIAL = 2 };
+
+/* The ids of head[n_head], then those of the prompt: as it is, or with TEXT_CHAT as one user
+   turn in DeepSeek V4's chat format,
+     <｜User｜>{prompt}<｜Assistant｜></think>
+   (</think> only when the tokenizer has it: V4's non-thinking chat mode), the format's own
+   tokens always as control tokens, the prompt's as `how` says. Each part is encoded on its
+   own, as the library encodes the text between added tokens. The prompt must be non-empty
+   valid UTF-8 (`what` names it in the messages: "the prompt"). Returns the count; *ids is
+   allocated. */
+static int text_ids(const Tokenizer *t, const int *head, int n_head, const char *prompt, int how, const char *what, int **ids) {
     size_t n = strlen(prompt);
     if (n == 0) fatal("%s is empty", what);
     check_utf8(prompt, n, what);
-    char *text = chat ? chat_turn(t, prompt) : (char *)prompt;
-    n = strlen(text);
-    int count = tokenizer_encode(t, text, n, NULL, 0);
-    if (count < 0 || count > INT_MAX - n_head) fatal("%s (%zu bytes) is too long to tokenize", what, n);
-    *ids = xcalloc((size_t)count + (size_t)n_head + 1, sizeof(int));
+    int chat = how & TEXT_CHAT;
+    const char *open = chat ? "<｜User｜>" : "";
+    const char *close = !chat ? "" : tokenizer_find(t, "</think>") >= 0 ? "<｜Assistant｜></think>" : "<｜Assistant｜>";
+    int (*encode)(const Tokenizer *, const char *, size_t, int *, int) = how & TEXT_SPECIAL ? tokenizer_encode
+                                                                                           : tokenizer_encode_plain;
+    int n_open = tokenizer_encode(t, open, strlen(open), NULL, 0), n_close = tokenizer_encode(t, close, strlen(close), NULL, 0);
+    int count = encode(t, prompt, n, NULL, 0);
+    if (count < 0 || count > INT_MAX - n_head - n_open - n_close) fatal("%s (%zu bytes) is too long to tokenize", what, n);
+    *ids = xcalloc((size_t)n_head + (size_t)n_open + (size_t)count + (size_t)n_close + 1, sizeof(int));
     if (n_head) memcpy(*ids, head, (size_t)n_head * sizeof(int));
-    int at = n_head + tokenizer_encode(t, text, n, *ids + n_head, count);
-    if (text != prompt) free(text);
-    return at;
+    int at = n_head + tokenizer_encode(t, open, strlen(open), *ids + n_head, n_open);
+    at += encode(t, prompt, n, *ids + at, count);
+    return at + tokenizer_encode(t, close, strlen(close), *ids + at, n_close);
 }
 
 /* The ids fed to the model for a one-shot prompt: BOS (when the tokenizer asks for it), then
-   the text, wrapped in DeepSeek V4's chat format with --chat:
+   the text (`how`: TEXT_*), wrapped in DeepSeek V4's chat format with TEXT_CHAT (--chat):
      <｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜></think>
    Returns the count; *ids is allocated. */
-static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *prompt, int chat, int **ids) {
-    return text_ids(t, &bos_id, add_bos || chat, prompt, chat, "the prompt", ids);
+static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *prompt, int how, int **ids) {
+    return text_ids(t, &bos_id, add_bos || (how & TEXT_CHAT), prompt, how, "the prompt", ids);
 }
 
 /* Write n bytes to stdout, and with `flush` push everything out; fatal on a write error (a full
@@ -3827,12 +3837,14 @@ static void print_stats(const Stats *st, const char *backend) {
 /* Interactive chat (-i), in DeepSeek V4's chat format over several turns:
      <｜begin▁of▁sentence｜><｜User｜>turn 1<｜Assistant｜></think>reply 1<｜end▁of▁sentence｜><｜User｜>turn 2...
    The user turns are `first` (when not NULL), then the lines of stdin ("> " on stderr when it is
-   a terminal). The state is kept between turns, so that each turn prefills only its own ids: the
-   end of the previous reply (its last token when -n ended it, since that one was printed but not
-   fed back, then the EOS), then the new user turn. EOF or a line "/exit" ends the conversation;
+   a terminal), each encoded as text_ids does with TEXT_CHAT and `special` (TEXT_SPECIAL or 0).
+   The state is kept between turns, so that each turn prefills only its own ids: the end of the
+   previous reply (its last token when -n ended it, since that one was printed but not fed back,
+   then the EOS), then the new user turn. A line that holds a NUL byte or is not valid UTF-8 is
+   skipped with a message, and the next line read. EOF or a line "/exit" ends the conversation;
    so does SIGINT, and a turn or reply that fills the context (with a message). */
-static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const char *first, int n_generate,
-                 FILE *dump, Stats *st) {
+static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const char *first, int special,
+                 int n_generate, FILE *dump, Stats *st) {
     const Config *c = &m->config;
     int head[2] = {c->bos_id}, n_head = 1, terminal = isatty(0);
     char *line = NULL;
@@ -3847,12 +3859,16 @@ static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *
                 break;
             }
             while (len && (line[len - 1] == '\n' || line[len - 1] == '\r')) line[--len] = 0;
-            if ((size_t)len != strlen(line)) fatal("a line of standard input holds a NUL byte");
+            size_t bad = utf8_invalid_at(line, (size_t)len);
+            if ((size_t)len != strlen(line)) say("this line holds a NUL byte (offset %zu): skipped", strlen(line));
+            else if (bad < (size_t)len)
+                say("this line is not valid UTF-8 (bad byte 0x%02x at offset %zu): skipped", (unsigned char)line[bad], bad);
+            if ((size_t)len != strlen(line) || bad < (size_t)len) continue;
             if (!strcmp(line, "/exit")) break;
             if (!len) continue;
             turn = line;
         }
-        int *ids, n = text_ids(t, head, n_head, turn, 1, "the prompt", &ids);
+        int *ids, n = text_ids(t, head, n_head, turn, TEXT_CHAT | special, "the prompt", &ids);
         if (s->pos + n > s->max_ctx) {
             fprintf(stderr, "nvfp4: this turn (%d tokens) does not fit in the rest of the context (--ctx %d): the conversation ends\n",
                     n, s->max_ctx);
@@ -5290,6 +5306,7 @@ static void parse_config(Config *c, const Json *root, const char *path) {
      int  tokenizer_load_file(Tokenizer *t, const char *path, char *err, size_t errlen);
      void tokenizer_free(Tokenizer *t);
      int  tokenizer_encode(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids);
+     int  tokenizer_encode_plain(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids);
      const char *tokenizer_token_bytes(const Tokenizer *t, int id, size_t *len);
      int  tokenizer_find(const Tokenizer *t, const char *token);
      size_t utf8_stream_push(Utf8Stream *s, const char *bytes, size_t n, char *out);
@@ -6121,23 +6138,37 @@ static void split_added(Encoder *e, int pass, const unsigned char *s, size_t n) 
     split_added(e, pass + 1, s + gap, n - gap);
 }
 
-/* Encodes n bytes of text (any bytes; no BOS is added).  Writes up to max_ids ids and returns
-   how many the text needs, which may exceed max_ids (call again with a bigger array); ids may
-   be NULL when max_ids is 0.  Returns -1 if the text is longer than INT_MAX bytes or memory
-   runs out. */
-static int tokenizer_encode(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids) {
+/* Encodes n bytes of text from pass `pass` of split_added on: 0 matches the added tokens, 2
+   none of them.  Writes up to max_ids ids and returns how many the text needs (see
+   tokenizer_encode). */
+static int encode_from(const Tokenizer *t, int pass, const char *text, size_t n, int *ids, int max_ids) {
     if (n > INT32_MAX) return -1;
     Encoder e = { 0 };
     e.t = t;
     e.ids = ids;
     e.max_ids = max_ids > 0 ? (size_t)max_ids : 0;
-    if (n) split_added(&e, 0, (const unsigned char *)text, n);
+    if (n) split_added(&e, pass, (const unsigned char *)text, n);
     free(e.symbol_ids);
     free(e.next);
     free(e.prev);
     free(e.heap);
     free(e.spelling);
     return e.failed ? -1 : (int)e.count;
+}
+
+/* Encodes n bytes of text (any bytes; no BOS is added), as the library does.  Writes up to
+   max_ids ids and returns how many the text needs, which may exceed max_ids (call again with a
+   bigger array); ids may be NULL when max_ids is 0.  Returns -1 if the text is longer than
+   INT_MAX bytes or memory runs out. */
+static int tokenizer_encode(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids) {
+    return encode_from(t, 0, text, n, ids, max_ids);
+}
+
+/* tokenizer_encode with no added token matched: "<｜User｜>" in the text is encoded as the
+   characters it is made of, like any other text, never as the control token (what a user
+   types must not be able to open a turn of another role). */
+static int tokenizer_encode_plain(const Tokenizer *t, const char *text, size_t n, int *ids, int max_ids) {
+    return encode_from(t, 2, text, n, ids, max_ids);
 }
 
 /* ---------- Decoding ---------- */
@@ -6178,6 +6209,7 @@ typedef struct {
     const char *perplexity;                                       /* --perplexity FILE, NULL when absent */
     int *ids, n_ids;                                              /* --ids (ids NULL when absent) */
     int n_generate, max_ctx, max_tokens, chat, interactive, tokenize_only, seed_given;
+    int special;                                                  /* --special: TEXT_SPECIAL or 0 */
     int cpu, gpu;                                                 /* --cpu, --gpu */
     int bench, bench_layers, bench_position;                      /* --bench, --layers, --position */
     float temperature, top_p;
@@ -6201,6 +6233,8 @@ static void usage(FILE *f) {
             "  --ctx C            maximum context in tokens, prompt included (default 4096)\n"
             "  --chunk T          prefill chunk size: at most T tokens per forward pass (default 128)\n"
             "  --chat             wrap the prompt in DeepSeek V4's chat format\n"
+            "  --special          read special tokens typed in the text (prompt, -f, -i, --perplexity),\n"
+            "                     e.g. <｜User｜>, as those tokens; by default they are plain text\n"
             "  --ids 0,17,42      feed exactly these token ids (nothing prepended) instead of a prompt\n"
             "  --tokenize         print the prompt's ids as they would be fed, comma-separated, and exit\n"
             "  --dump-logits FILE write float32 logits, one row of vocab_size per evaluated position\n"
@@ -6317,6 +6351,7 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"--dump-logits", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--perplexity", NULL, RUN_PERPLEXITY, 1},
     {"--chat", NULL, RUN_TEXT | RUN_CHAT | RUN_TOKENIZE, 0},
+    {"--special", NULL, RUN_TEXT | RUN_CHAT | RUN_TOKENIZE | RUN_PERPLEXITY, 0},
     {"-i", "--interactive", RUN_CHAT, 0},
     {"--tokenize", NULL, RUN_TOKENIZE, 0},
     {"--cpu", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 0},
@@ -6387,6 +6422,7 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--perplexity")) { o.perplexity = option_value(a, v); i++; }
         else if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) o.interactive = 1;
         else if (!strcmp(a, "--chat")) o.chat = 1;
+        else if (!strcmp(a, "--special")) o.special = TEXT_SPECIAL;
         else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
         else if (!strcmp(a, "--cpu")) o.cpu = 1;
         else if (!strcmp(a, "--gpu")) o.gpu = 1;
@@ -6414,6 +6450,7 @@ static Options parse_options(int argc, char **argv) {
     if (!n_prompts && !o.interactive && !o.perplexity) usage_error("no prompt given (nvfp4 MODEL_DIR \"prompt\", -p, -f, --ids or -i)");
     if (o.tokenize_only && o.dump_logits) usage_error("--tokenize evaluates nothing: --dump-logits would have nothing to write");
     if (o.ids && o.chat) usage_error("--ids feeds its ids as they are: --chat cannot wrap them in the chat format");
+    if (o.ids && o.special) usage_error("--ids feeds its ids as they are: --special has no text to read special tokens in");
     check_scoped_options(given, run);
     return o;
 }
@@ -6479,7 +6516,7 @@ int main(int argc, char **argv) {
         load_config(&config, o.model_dir);
         load_tokenizer(&tokenizer, &add_bos, o.model_dir, &config);
         if (o.ids) check_ids(o.ids, o.n_ids, config.vocab_size);
-        n_ids = o.ids ? o.n_ids : prompt_ids(&tokenizer, add_bos, config.bos_id, prompt, o.chat, &ids);
+        n_ids = o.ids ? o.n_ids : prompt_ids(&tokenizer, add_bos, config.bos_id, prompt, (o.chat ? TEXT_CHAT : 0) | o.special, &ids);
         for (int i = 0; i < n_ids; i++) {
             char number[16];
             write_stdout(number, (size_t)snprintf(number, sizeof number, "%s%d", i ? "," : "", o.ids ? o.ids[i] : ids[i]), 0);
@@ -6502,9 +6539,9 @@ int main(int argc, char **argv) {
     } else if (o.perplexity) {   /* the text alone: perplexity() puts a BOS before each window */
         char what[PATH_MAX + 32];
         snprintf(what, sizeof what, "the text in %s", strcmp(o.perplexity, "-") ? o.perplexity : "standard input");
-        n_ids = text_ids(&tokenizer, NULL, 0, prompt, 0, what, &ids);
+        n_ids = text_ids(&tokenizer, NULL, 0, prompt, o.special, what, &ids);
         if (n_ids < 2 - add_bos) fatal("%s has %d token: the perplexity needs at least %d", what, n_ids, 2 - add_bos);
-    } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, o.chat, &ids);
+    } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, (o.chat ? TEXT_CHAT : 0) | o.special, &ids);
     if (n_ids > o.max_ctx && !o.perplexity) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
     int all_logits = o.dump_logits || o.perplexity;   /* every row's logits are read on the host */
@@ -6530,7 +6567,7 @@ int main(int argc, char **argv) {
     if (!o.seed_given && !o.perplexity) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
     Stats stats = {0};
     if (o.perplexity) perplexity(run, &model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);
-    else if (o.interactive) chat(run, &model, state, &tokenizer, &sampler, prompt, o.n_generate, dump, &stats);
+    else if (o.interactive) chat(run, &model, state, &tokenizer, &sampler, prompt, o.special, o.n_generate, dump, &stats);
     else generate(run, &model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
     print_stats(&stats, run->name);
     if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */

@@ -167,7 +167,7 @@ static char *read_file(const char *path, size_t *size) {
     return buf;
 }
 
-/* Monotonic time in seconds, for the stats line. */
+/* Monotonic time in seconds, for the stats. */
 static double now_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -242,11 +242,15 @@ static size_t utf8_encode(char *out, uint32_t cp) {
 
 /* Decoded tokens can end in the middle of a character. A Utf8Stream holds back an incomplete
    character until its last byte arrives, so output only ever contains whole characters; bytes
-   that can never become part of a valid character are passed through at once. */
+   that can never become part of a valid character are written as U+FFFD, one for each maximal
+   ill-formed subsequence (a lead byte and the continuation bytes that fitted it, or a lone bad
+   byte), as HF tokenizers' decode (Rust's from_utf8_lossy, Python's errors='replace') does. */
 
-/* Feeds n bytes into the stream and writes to `out` everything that is now complete: whole
-   characters, plus bytes that cannot be part of a valid character. `out` needs room for
-   n + 3 bytes. Returns the number of bytes written. */
+static const char replacement_char[] = "\xef\xbf\xbd";   /* U+FFFD */
+
+/* Feeds n bytes into the stream and writes to `out` everything that is now settled: whole
+   characters, and U+FFFD for bytes that cannot become one. `out` needs room for 3 * (n + 3)
+   bytes. Returns the number of bytes written. */
 static size_t utf8_stream_push(Utf8Stream *s, const char *bytes, size_t n, char *out) {
     size_t written = 0;
     for (size_t i = 0; i < n; i++) {
@@ -263,24 +267,28 @@ static size_t utf8_stream_push(Utf8Stream *s, const char *bytes, size_t n, char 
                 }
                 continue;
             }
-            /* The held-back bytes will never complete: let them out as they are. */
-            memcpy(out + written, s->pending, (size_t)s->npending);
-            written += (size_t)s->npending;
+            /* The held-back bytes will never complete: one U+FFFD for them, and b starts afresh. */
+            memcpy(out + written, replacement_char, 3);
+            written += 3;
             s->npending = 0;
         }
-        if (b >= 0x80 && utf8_prefix(&b, 1)) s->pending[s->npending++] = b;   /* a lead byte */
-        else out[written++] = (char)b;
+        if (b < 0x80) out[written++] = (char)b;
+        else if (utf8_prefix(&b, 1)) s->pending[s->npending++] = b;   /* a lead byte */
+        else {   /* a byte no character starts with */
+            memcpy(out + written, replacement_char, 3);
+            written += 3;
+        }
     }
     return written;
 }
 
-/* Writes the held-back bytes of an unfinished character (at most 3) to `out` and empties the
-   stream. Returns the number of bytes written. */
+/* Writes U+FFFD for the held-back bytes of an unfinished character, if any, to `out` (room for 3
+   bytes) and empties the stream. Returns the number of bytes written. */
 static size_t utf8_stream_flush(Utf8Stream *s, char *out) {
-    size_t written = (size_t)s->npending;
-    memcpy(out, s->pending, written);
+    if (!s->npending) return 0;
     s->npending = 0;
-    return written;
+    memcpy(out, replacement_char, 3);
+    return 3;
 }
 
 /* 64-bit FNV-1a hash of n bytes: tensor names, vocabulary spellings, merge pairs. */
@@ -3436,18 +3444,74 @@ static void write_stdout(const void *bytes, size_t n, int flush) {
         fatal("cannot write the output: %s", strerror(errno));
 }
 
-/* Write a token's text to stdout, holding back an incomplete UTF-8 character. */
-static void print_token(const Tokenizer *t, Utf8Stream *stream, int id) {
+/* --stop STRING: generation ends when the reply's text holds one of these (set by main). */
+#define MAX_STOPS 8          /* --stop given at most this often */
+#define MAX_STOP_BYTES 256   /* and each string at most this long */
+static const char *stop_strings[MAX_STOPS];
+static int n_stop_strings;
+
+/* A reply's text on its way to stdout: the token bytes go through `utf8` (whole characters,
+   U+FFFD for bytes that cannot form one), then wait in held[n_held] as long as they may be the
+   start of a stop string: what is written is never part of one. */
+typedef struct {
+    Utf8Stream utf8;
+    char held[MAX_STOP_BYTES + 3 * (4096 + 3)];   /* a stop string's prefix + one piece of print_token */
+    size_t n_held;
+} ReplyText;
+
+/* Add the n settled bytes at text (n <= 3 * (4096 + 3)) to the reply and write to stdout what
+   can no longer be part of a stop string. Returns 1 when the text now holds a stop string: the
+   text before its first one is written, the rest dropped. */
+static int reply_write(ReplyText *r, const char *text, size_t n) {
+    memcpy(r->held + r->n_held, text, n);
+    r->n_held += n;
+    size_t cut = r->n_held;   /* where the first stop string starts, if any */
+    for (int k = 0; k < n_stop_strings; k++) {
+        size_t len = strlen(stop_strings[k]);
+        for (size_t at = 0; at + len <= r->n_held && at < cut; at++)
+            if (!memcmp(r->held + at, stop_strings[k], len)) cut = at;
+    }
+    if (cut < r->n_held) {
+        write_stdout(r->held, cut, 1);
+        r->n_held = 0;
+        return 1;
+    }
+    size_t keep = 0;   /* the longest end of the text that begins a stop string */
+    for (int k = 0; k < n_stop_strings; k++)
+        for (size_t len = strlen(stop_strings[k]) - 1; len > keep; len--)
+            if (len <= r->n_held && !memcmp(r->held + r->n_held - len, stop_strings[k], len)) {
+                keep = len;
+                break;
+            }
+    write_stdout(r->held, r->n_held - keep, 0);
+    memmove(r->held, r->held + r->n_held - keep, keep);
+    r->n_held = keep;
+    return 0;
+}
+
+/* Write a token's text to stdout, holding back an incomplete UTF-8 character and what may begin
+   a stop string. Returns 1 when the text now holds a stop string (see reply_write). */
+static int print_token(const Tokenizer *t, ReplyText *r, int id) {
     size_t len = 0;
     const char *bytes = id < t->n_ids ? tokenizer_token_bytes(t, id, &len) : NULL;
-    char out[4096 + 4];
+    char out[3 * (4096 + 3)];
     while (bytes && len) {
         size_t piece = len > 4096 ? 4096 : len;
-        write_stdout(out, utf8_stream_push(stream, bytes, piece, out), 0);
+        if (reply_write(r, out, utf8_stream_push(&r->utf8, bytes, piece, out))) return 1;
         bytes += piece;
         len -= piece;
     }
     write_stdout(NULL, 0, 1);
+    return 0;
+}
+
+/* End the reply's text: U+FFFD for an unfinished character, then whatever was held back (unless
+   that completes a stop string), then a newline. */
+static void reply_end(ReplyText *r) {
+    char tail[3];
+    if (!reply_write(r, tail, utf8_stream_flush(&r->utf8, tail))) write_stdout(r->held, r->n_held, 0);
+    r->n_held = 0;
+    write_stdout("\n", 1, 1);
 }
 
 /* ---------- Logits file ----------
@@ -3552,7 +3616,7 @@ static volatile sig_atomic_t generating;    /* generate() or perplexity() runs: 
 static volatile sig_atomic_t interrupted;   /* a SIGINT came while generating */
 
 /* SIGINT: the first one during generation asks it to stop after the current token (the run then
-   flushes its text, prints the stats line and exits 130; --perplexity stops after the current
+   flushes its text, prints the stats and exits 130; --perplexity stops after the current
    chunk, printing no perplexity); a second one, or one while nothing is
    being generated (loading, reading the prompt, the chat waiting for a line), exits at once with
    130. The temporary logits file is removed either way. */
@@ -3641,7 +3705,7 @@ static void install_signal_handlers(void) {
    too, each decode step one CUDA graph replay; only the sampled token id comes back, and the
    logits only when --dump-logits or --perplexity asks for them). */
 typedef struct {
-    const char *name;   /* "cpu" or "gpu", for the stats line */
+    const char *name;   /* "cpu" or "gpu", for the stats */
     /* Lay out the state for chunks of T tokens, a context of C and (all_logits) every row's
        logits kept, and load the model's weights where the backend reads them; the sampler's
        RNG starts at rng. Fatal, naming the numbers, when they do not fit. Writes where the
@@ -3658,6 +3722,9 @@ typedef struct {
     int (*step)(const Model *m, State *s, Sampler *sampler, int token, const float **logits);
     /* Free what load allocated. */
     void (*unload)(State *s);
+    /* Wait for the work queued so far to finish (the GPU's stream; the CPU's is done), so that
+       the stats can time the prefill apart from the first sampling. */
+    void (*wait)(void);
 } Backend;
 
 /* The message every backend stops with when a row of logits is not finite. */
@@ -3705,7 +3772,9 @@ static void cpu_unload(State *s) {
     free(s);
 }
 
-static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_step, cpu_unload};
+static void cpu_wait(void) {}
+
+static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_step, cpu_unload, cpu_wait};
 
 /* ---------- the GPU ---------- */
 
@@ -3759,43 +3828,52 @@ static void gpu_backend_unload(State *s) {
     gpu_close();
 }
 
-static const Backend gpu_backend = {"gpu", gpu_backend_load, gpu_chunk, gpu_next_token, gpu_step, gpu_backend_unload};
+static void gpu_wait(void) {
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+}
 
-enum { STOP_LIMIT, STOP_EOS, STOP_CONTEXT, STOP_INTERRUPT };   /* why a reply ended */
+static const Backend gpu_backend = {"gpu", gpu_backend_load, gpu_chunk, gpu_next_token, gpu_step, gpu_backend_unload, gpu_wait};
 
-/* What the stats line reports, summed over the turns of a run. */
+enum { STOP_LIMIT, STOP_EOS, STOP_CONTEXT, STOP_INTERRUPT, STOP_STRING };   /* why a reply ended */
+
+/* What the stats lines report, summed over the turns of a run. */
 typedef struct {
-    int prompt_tokens, generated;   /* tokens prefilled; tokens printed (an EOS is not) */
+    int prompt_tokens, generated;   /* tokens prefilled; tokens generated (an EOS is not one) */
+    int steps;                      /* decode steps: the generated tokens after each reply's first */
     double prefill_s, decode_s;     /* see generate() */
+    double load_s, total_s;         /* the model's load; the whole run (set by main) */
     int stop;                       /* why the last reply ended: STOP_* */
+    int windows;                    /* --perplexity: windows run (-1 in other runs) */
 } Stats;
 
 /* Prefill prompt[n_prompt] in chunks of at most s->max_tokens, then sample up to n_generate
    tokens, streaming their text to stdout, and end the text with a newline. Every evaluated
    position's logits row goes to dump (when not NULL). Stops at an EOS id (not printed), after
    n_generate tokens, when the context is full, or on SIGINT after the current chunk or token.
+   Ends too when the text holds a --stop string (the string and what follows are not printed).
    Returns the last token sampled, which is not in the state yet (-1 when none was). Adds to *st:
-   prefill time is that of every prompt chunk; decode time runs from the start of the forward pass
-   whose logits give the first generated token (the last prompt chunk) to the end of the last
-   token, so that a single generated token has a rate too. */
+   prefill time is that of every prompt chunk; decode time runs from the first generated token's
+   sampling to the end of the last token, so that --chunk does not change it: the first token's
+   logits come from the last prompt chunk, and each later one from a decode step. */
 static int generate(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
                     int n_generate, FILE *dump, Stats *st) {
     const Config *c = &m->config;
     if (s->pos + n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
-    double start = now_seconds(), last_chunk = start;
+    double start = now_seconds();
     int last_row = 0;   /* the row of the last chunk's logits that gives the next token */
     generating = 1;
     for (int done = 0; done < n_prompt && !interrupted;) {
         int T = n_prompt - done < s->max_tokens ? n_prompt - done : s->max_tokens;
-        last_chunk = now_seconds();
         write_logits(dump, run->chunk(m, s, prompt + done, T, dump != NULL), (size_t)T, c->vocab_size);
         last_row = dump ? T - 1 : 0;
         done += T;
         st->prompt_tokens += T;
     }
-    st->prefill_s += now_seconds() - start;
+    run->wait();
+    double prefilled = now_seconds();
+    st->prefill_s += prefilled - start;
     st->stop = STOP_LIMIT;
-    Utf8Stream stream = {0};
+    ReplyText reply = {0};
     int generated = 0, token = interrupted ? -1 : run->sample(m, s, sampler, last_row);
     while (!interrupted) {
         int eos = 0;
@@ -3804,8 +3882,12 @@ static int generate(const Backend *run, const Model *m, State *s, const Tokenize
             st->stop = STOP_EOS;
             break;
         }
-        print_token(t, &stream, token);
-        if (++generated >= n_generate || interrupted) break;
+        generated++;
+        if (print_token(t, &reply, token)) {
+            st->stop = STOP_STRING;
+            break;
+        }
+        if (generated >= n_generate || interrupted) break;
         if (s->pos >= s->max_ctx) {
             fprintf(stderr, "\nnvfp4: the context is full (--ctx %d): stopping\n", s->max_ctx);
             st->stop = STOP_CONTEXT;
@@ -3817,21 +3899,34 @@ static int generate(const Backend *run, const Model *m, State *s, const Tokenize
     }
     generating = 0;
     if (interrupted) st->stop = STOP_INTERRUPT;
-    char tail[8];
-    write_stdout(tail, utf8_stream_flush(&stream, tail), 0);
-    write_stdout("\n", 1, 1);
-    if (generated) st->decode_s += now_seconds() - last_chunk;
+    if (generated) st->decode_s += now_seconds() - prefilled;
+    reply_end(&reply);
     st->generated += generated;
+    st->steps += generated ? generated - 1 : 0;
     return token;
 }
 
-/* The stats line on stderr: prompt tokens and prefill rate, printed tokens and decode rate (see
-   generate), and how the last reply ended when -n did not end it. */
+/* The stats on stderr, like llama.cpp's: the load time; the prompt's tokens, time and rate (or
+   --perplexity's tokens, windows, time and rate); the generated tokens, their time (see
+   generate) and the rate of the decode steps in it (none for a reply of one token, whose logits
+   came from the prompt); how the last reply ended when -n did not end it; the total time. */
 static void print_stats(const Stats *st, const char *backend) {
-    static const char *ended[] = {"", "; ended at EOS", "; ended: the context is full", "; interrupted"};
-    fprintf(stderr, "nvfp4: %d prompt tokens, prefill %.1f tok/s; %d generated, decode %.2f tok/s (%s)%s\n",
-            st->prompt_tokens, st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0.0, st->generated,
-            st->decode_s > 0 ? st->generated / st->decode_s : 0.0, backend, ended[st->stop]);
+    static const char *ended[] = {"", "; ended at EOS", "; ended: the context is full", "; interrupted", "; ended at a stop string"};
+    fprintf(stderr, "nvfp4: load %.2f ms\n", st->load_s * 1e3);
+    if (st->windows >= 0)
+        fprintf(stderr, "nvfp4: perplexity %d tokens, %d window%s, %.2f ms, %.2f tok/s%s\n", st->prompt_tokens, st->windows,
+                st->windows == 1 ? "" : "s", st->prefill_s * 1e3, st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0.0,
+                ended[st->stop]);
+    else {
+        fprintf(stderr, "nvfp4: prompt %d tokens, %.2f ms, %.2f tok/s\n", st->prompt_tokens, st->prefill_s * 1e3,
+                st->prefill_s > 0 ? st->prompt_tokens / st->prefill_s : 0.0);
+        fprintf(stderr, "nvfp4: generation %d token%s, %.2f ms, %d step%s", st->generated, st->generated == 1 ? "" : "s",
+                st->decode_s * 1e3, st->steps, st->steps == 1 ? "" : "s");
+        if (st->steps > 0 && st->decode_s > 0)
+            fprintf(stderr, ", %.2f ms/token, %.2f tok/s", st->decode_s * 1e3 / st->steps, st->steps / st->decode_s);
+        fprintf(stderr, "%s\n", ended[st->stop]);
+    }
+    fprintf(stderr, "nvfp4: total %.2f ms (%s)\n", st->total_s * 1e3, backend);
 }
 
 /* Interactive chat (-i), in DeepSeek V4's chat format over several turns:
@@ -3880,7 +3975,7 @@ static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *
         if (st->stop == STOP_CONTEXT) fprintf(stderr, "nvfp4: the reply has filled the context (--ctx %d): the conversation ends\n", s->max_ctx);
         if (st->stop == STOP_CONTEXT || st->stop == STOP_INTERRUPT) break;
         n_head = 0;
-        if (st->stop == STOP_LIMIT) head[n_head++] = last;
+        if (st->stop == STOP_LIMIT || st->stop == STOP_STRING) head[n_head++] = last;
         head[n_head++] = st->stop == STOP_EOS ? last : c->eos_ids[0];
     }
     free(line);
@@ -3936,6 +4031,7 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
     generating = 0;
     free(window);
     st->prefill_s += now_seconds() - start;
+    st->windows = windows;
     if (interrupted) {
         st->stop = STOP_INTERRUPT;
         fprintf(stderr, "%snvfp4: interrupted after %d of %d tokens: no perplexity\n", isatty(2) ? "\r\033[K" : "",
@@ -6212,6 +6308,8 @@ typedef struct {
     int special;                                                  /* --special: TEXT_SPECIAL or 0 */
     int cpu, gpu;                                                 /* --cpu, --gpu */
     int bench, bench_layers, bench_position;                      /* --bench, --layers, --position */
+    const char *stops[MAX_STOPS];                                 /* --stop, n_stops of them */
+    int n_stops;
     float temperature, top_p;
     uint64_t seed;
 } Options;
@@ -6225,7 +6323,10 @@ static void usage(FILE *f) {
             "  -f, --file FILE    read the prompt from FILE, as it is; -f - reads standard input\n"
             "                     (at most %d MiB, the limit of every prompt, --perplexity text and -i line)\n"
             "  -i, --interactive  chat: one user turn per line of standard input, until EOF or /exit\n"
-            "  -n N               generate at most N tokens (default 256); stops earlier at EOS\n"
+            "  -n N               generate at most N tokens (default 256), -1: until EOS or a full\n"
+            "                     context; stops earlier at EOS\n"
+            "  --stop STRING      end generation when the text holds STRING (not printed); up to %d\n"
+            "                     of them, each at most %d bytes\n"
             "  --temp T           sampling temperature, 0 = greedy (default 0.6)\n"
             "  --top-p P          nucleus sampling: keep the most likely tokens up to P (default 0.95)\n"
             "  --seed S           random seed for sampling, 0 to 18446744073709551615 (default: from\n"
@@ -6250,8 +6351,8 @@ static void usage(FILE *f) {
             "  -h, --help         show this help\n"
             "  --                 end of the options: what follows is MODEL_DIR and the prompt, even\n"
             "                     when it begins with '-'\n"
-            "No option takes a negative number. Exit status: 0 done, 1 bad input (model, files, prompt),\n"
-            "2 bad command line, 130 interrupted (SIGINT).\n", MAX_PROMPT_MIB);
+            "No option takes a negative number but -n -1. Exit status: 0 done, 1 bad input (model, files, prompt),\n"
+            "2 bad command line, 130 interrupted (SIGINT).\n", MAX_PROMPT_MIB, MAX_STOPS, MAX_STOP_BYTES);
 }
 
 /* Print "nvfp4: error: ..." and exit with status 2: the command line itself is wrong. */
@@ -6346,6 +6447,7 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"--temp", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--top-p", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--seed", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--stop", NULL, RUN_TEXT | RUN_CHAT, 0},
     {"--ctx", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
     {"--chunk", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
     {"--dump-logits", NULL, RUN_TEXT | RUN_CHAT, 1},
@@ -6405,7 +6507,15 @@ static Options parse_options(int argc, char **argv) {
         if (!strcmp(a, "--")) options_ended = 1;
         else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit_done(); }
         else if (!strcmp(a, "--version")) { printf("nvfp4 %s (commit %s)\n", NVFP4_VERSION, NVFP4_COMMIT); exit_done(); }
-        else if (!strcmp(a, "-n")) { o.n_generate = (int)whole_arg(a, v, 1, 1 << 30); i++; }
+        else if (!strcmp(a, "-n")) { o.n_generate = v && !strcmp(v, "-1") ? INT_MAX : (int)whole_arg(a, v, 1, 1 << 30); i++; }
+        else if (!strcmp(a, "--stop")) {
+            const char *stop = option_value(a, v);
+            if (o.n_stops == MAX_STOPS) usage_error("--stop is given more than %d times", MAX_STOPS);
+            if (!*stop || strlen(stop) > MAX_STOP_BYTES || utf8_invalid_at(stop, strlen(stop)) < strlen(stop))
+                usage_error("--stop: \"%s\" is not 1 to %d bytes of UTF-8 text", stop, MAX_STOP_BYTES);
+            o.stops[o.n_stops++] = stop;
+            i++;
+        }
         else if (!strcmp(a, "--temp")) { o.temperature = (float)number_arg(a, v, 0, 100); i++; }
         else if (!strcmp(a, "--top-p")) {
             o.top_p = (float)number_arg(a, v, 0, 1);
@@ -6498,6 +6608,7 @@ static void open_standard_fds(void) {
 
 #ifndef TESTING
 int main(int argc, char **argv) {
+    double started = now_seconds();
     open_standard_fds();
     Options o = parse_options(argc, argv);
     if (o.bench) {
@@ -6561,14 +6672,17 @@ int main(int argc, char **argv) {
     Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int))};
     char where[384];
     State *state = run->load(&model, o.max_tokens, o.max_ctx, all_logits, sampler.rng, where, sizeof where);
+    Stats stats = {.load_s = now_seconds() - t0, .windows = -1};
     int big = model.weight_bytes >= 1e9;
     say("loaded %s (%d layers, %.2f %s of weights)%s in %.2f s", o.model_dir, c->n_layers,
-        model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", where, now_seconds() - t0);
+        model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", where, stats.load_s);
     if (!o.seed_given && !o.perplexity) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
-    Stats stats = {0};
+    memcpy(stop_strings, o.stops, sizeof o.stops);
+    n_stop_strings = o.n_stops;
     if (o.perplexity) perplexity(run, &model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);
     else if (o.interactive) chat(run, &model, state, &tokenizer, &sampler, prompt, o.special, o.n_generate, dump, &stats);
     else generate(run, &model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
+    stats.total_s = now_seconds() - started;
     print_stats(&stats, run->name);
     if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */
     if (dump) finish_dump(dump, o.dump_logits);

@@ -1094,6 +1094,28 @@ static void test_tokenizer(void) {
     size_t a = utf8_stream_push(&stream, euro, 1, out), b = utf8_stream_push(&stream, euro + 1, 1, out);
     size_t c = utf8_stream_push(&stream, euro + 2, 1, out);
     CHECK(a == 0 && b == 0 && c == 3 && !memcmp(out, euro, 3), "streaming UTF-8: %zu %zu %zu", a, b, c);
+    /* bytes that cannot become UTF-8 are U+FFFD, one per maximal ill-formed subsequence, as
+       Python's bytes.decode('utf-8', errors='replace') gives (the expected texts are its output),
+       fed one byte at a time and flushed at the end */
+    static const struct { const char *in, *want; } lossy[] = {
+        {"\xe2\x82" "A", "\xef\xbf\xbd" "A"},
+        {"\xff", "\xef\xbf\xbd"},
+        {"\x80", "\xef\xbf\xbd"},
+        {"\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd"},
+        {"\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"},
+        {"\xf0\x9f\x98", "\xef\xbf\xbd"},
+        {"a\xf4\x90\x80\x80" "b", "a\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd" "b"},
+        {"\xe2\x82\xac", "\xe2\x82\xac"},
+    };
+    for (size_t k = 0; k < sizeof lossy / sizeof *lossy; k++) {
+        char got[64];
+        size_t n_got = 0;
+        Utf8Stream s = {0};
+        for (const char *p = lossy[k].in; *p; p++) n_got += utf8_stream_push(&s, p, 1, got + n_got);
+        n_got += utf8_stream_flush(&s, got + n_got);
+        CHECK(n_got == strlen(lossy[k].want) && !memcmp(got, lossy[k].want, n_got), "streaming UTF-8, lossy case %zu: %zu bytes",
+              k, n_got);
+    }
     tokenizer_free(&t);
 
     /* the test models' small tokenizers encode their prompt as transformers did */
@@ -1281,7 +1303,7 @@ static void test_cli_dump(const char *env, const char *path_option, float tolera
           "CLI %s --dump-logits: status %d, %zu bytes, worst %g", path_option, status, got_size, worst);
     free(got);
     char *err = read_file("build/cli.err", &got_size);
-    CHECK(err && strstr(err, "prompt tokens, prefill") && strstr(err, "decode"), "CLI %s prints the stats line: %s", path_option,
+    CHECK(err && strstr(err, "nvfp4: prompt ") && strstr(err, "nvfp4: generation "), "CLI %s prints the stats: %s", path_option,
           err ? err : "");
     printf("  the command line %s on tiny-b: worst relative logits error %.2e\n", path_option, worst);
     free(err);
@@ -1309,7 +1331,7 @@ static void test_cli(void) {
     status = system(cmd);
     err = read_file("build/cli.err", &got_size);
     char *text = read_file("build/cli.txt", &got_size);
-    CHECK(status == 0 && head_c[3 + head_c[0] + 3] == 1 && err && strstr(err, "; 3 generated") &&
+    CHECK(status == 0 && head_c[3 + head_c[0] + 3] == 1 && err && strstr(err, "nvfp4: generation 3 tokens") &&
           strstr(err, "ended at EOS\n") && text && !strstr(text, "end▁of▁sentence"),
           "generation stops at EOS, which is neither printed nor counted: %s", err ? err : "");
     free(text);
@@ -1936,6 +1958,13 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a hi --top-p 2", 2, "--top-p: \"2\" is not a number from 0 to 1");
     expect_cli("testdata/tiny-a hi --top-p 0", 2, "--top-p: \"0\" is not a number greater than 0 and at most 1");
     expect_cli("testdata/tiny-a hi -n -5", 2, "-n needs a value, not \"-5\"");
+    expect_cli("testdata/tiny-a hi --stop ''", 2, "--stop: \"\" is not 1 to 256 bytes of UTF-8 text");
+    expect_cli("testdata/tiny-a hi --stop \"$(printf 'a\\377')\"", 2, "is not 1 to 256 bytes of UTF-8 text");
+    expect_cli("testdata/tiny-a hi --stop \"$(printf '%0257d' 0)\"", 2, "is not 1 to 256 bytes of UTF-8 text");
+    expect_cli("testdata/tiny-a hi --stop a --stop b --stop c --stop d --stop e --stop f --stop g --stop h --stop i", 2,
+               "--stop is given more than 8 times");
+    expect_cli("testdata/tiny-a --perplexity testdata/tiny-a/prompt.txt --stop a", 2, "--stop does nothing with --perplexity");
+    expect_cli("testdata/tiny-a hi --stop", 2, "--stop needs a value");
     expect_cli("testdata/tiny-a hi -n 0", 2, "-n: \"0\" is not a whole number from 1 to 1073741824");
     expect_cli("testdata/tiny-a hi -n 1.5", 2, "-n: \"1.5\" is not a whole number from 1 to 1073741824");
     expect_cli("testdata/tiny-a hi -n 1e3", 2, "-n: \"1e3\" is not a whole number");
@@ -2181,7 +2210,71 @@ static void test_stdout_errors(void) {
     free(ls);
 }
 
-/* --version; the stats line: -n 1 has a decode rate, the seed is printed and repeats the run. */
+/* The stats lines of a run, read back from its stderr (found: how many of the four lines were). */
+typedef struct {
+    int found, prompt_tokens, generated, steps;
+    double load_ms, prompt_ms, prompt_rate, gen_ms, ms_per_token, gen_rate, total_ms;
+} RunStats;
+
+static RunStats read_stats(const char *err) {
+    RunStats r = {0};
+    const char *at;
+    if ((at = strstr(err, "nvfp4: load ")) && sscanf(at, "nvfp4: load %lf ms\n", &r.load_ms) == 1) r.found++;
+    if ((at = strstr(err, "nvfp4: prompt ")) &&
+        sscanf(at, "nvfp4: prompt %d tokens, %lf ms, %lf tok/s\n", &r.prompt_tokens, &r.prompt_ms, &r.prompt_rate) == 3)
+        r.found++;
+    const char *rest;   /* after "N token(s)" */
+    if ((at = strstr(err, "nvfp4: generation ")) && sscanf(at, "nvfp4: generation %d token", &r.generated) == 1 &&
+        (rest = strchr(at, ',')) && sscanf(rest, ", %lf ms, %d step", &r.gen_ms, &r.steps) == 2) {
+        r.found++;
+        const char *rate = strstr(rest, " step");
+        rate += strcspn(rate, ",\n");
+        if (*rate == ',') sscanf(rate, ", %lf ms/token, %lf tok/s", &r.ms_per_token, &r.gen_rate);
+    }
+    if ((at = strstr(err, "nvfp4: total ")) && sscanf(at, "nvfp4: total %lf ms (", &r.total_ms) == 1) r.found++;
+    return r;
+}
+
+/* Whether a and b agree to 1% (plus the rounding of two decimals). */
+static int near(double a, double b) {
+    return fabs(a - b) <= 0.01 * fabs(b) + 0.01;
+}
+
+/* The stats lines (load; prompt tokens, ms, tok/s; generation tokens, ms, steps, ms/token, tok/s;
+   total) parse and agree: the prompt tokens are those --tokenize prints, the generated ones -n,
+   the steps one fewer, the rates those of the counts and times. The generation is timed from the
+   first token's sampling on, so its counts are the same for every --chunk, and a reply of 3
+   tokens after a 300-token prompt in one chunk takes less time than that chunk (it used to hold
+   the chunk); -n 1 has no decode step and no rate. */
+static void test_stats(void) {
+    char cmd[512], *err;
+    int status = run_shell(NVFP4_BIN " testdata/tiny-a -f testdata/tiny-a/prompt.txt --tokenize > build/bad/out.txt", &err);
+    char *ids = file_text("build/bad/out.txt");
+    int n_prompt = 1;
+    for (char *p = ids; *p; p++) n_prompt += *p == ',';
+    free(ids);
+    free(err);
+    static const int chunks[] = {512, 64, 7};
+    for (int k = 0; k < 3; k++) {
+        snprintf(cmd, sizeof cmd, NVFP4_BIN " testdata/tiny-a -f testdata/tiny-a/prompt.txt -n 3 --temp 0 --chunk %d > /dev/null",
+                 chunks[k]);
+        status |= run_shell(cmd, &err);
+        RunStats r = read_stats(err);
+        CHECK(status == 0 && r.found == 4 && r.prompt_tokens == n_prompt && near(r.prompt_rate, r.prompt_tokens / r.prompt_ms * 1e3) &&
+              r.generated == 3 && r.steps == 2 && near(r.ms_per_token * r.steps, r.gen_ms) && near(r.gen_rate, 1e3 / r.ms_per_token) &&
+              r.total_ms + 0.02 >= r.load_ms + r.prompt_ms + r.gen_ms && (chunks[k] < n_prompt || r.gen_ms < r.prompt_ms),
+              "--chunk %d: %d prompt tokens (%d), 3 generated in 2 steps, the rates of the counts: %s", chunks[k], r.prompt_tokens,
+              n_prompt, err);
+        free(err);
+    }
+    status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 1 --temp 0 > /dev/null", &err);
+    RunStats r = read_stats(err);
+    CHECK(status == 0 && r.found == 4 && r.generated == 1 && r.steps == 0 && !strstr(err, "ms/token"),
+          "-n 1: one token, no decode step, no rate: %s", err);
+    free(err);
+}
+
+/* --version; the stats; the seed is printed and repeats the run. */
 static void test_version_and_stats(void) {
     char *err;
     int status = run_shell(NVFP4_BIN " --version > build/bad/out.txt", &err);
@@ -2191,16 +2284,9 @@ static void test_version_and_stats(void) {
           "--version: %s", out);
     free(out);
     free(err);
-    status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 1 --temp 0 > /dev/null", &err);
-    /* one prompt chunk, then one token, whose logits that chunk gave: decode time includes the
-       chunk, so the rate is above 0 and below the prefill rate of 4 tokens */
-    const char *at = strstr(err, "; 1 generated, decode "), *prefill = strstr(err, "prompt tokens, prefill ");
-    double rate = at ? atof(at + strlen("; 1 generated, decode ")) : 0;
-    double prefill_rate = prefill ? atof(prefill + strlen("prompt tokens, prefill ")) : 0;
-    CHECK(status == 0 && rate > 0 && rate < prefill_rate, "-n 1 has a decode rate: %s", err);
-    free(err);
+    test_stats();
     status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 12 --temp 0.9 > build/bad/a.txt", &err);
-    at = strstr(err, "nvfp4: seed ");
+    const char *at = strstr(err, "nvfp4: seed ");
     unsigned long long seed = 0;
     int found = at && sscanf(at, "nvfp4: seed %llu", &seed) == 1;
     free(err);
@@ -2213,6 +2299,63 @@ static void test_version_and_stats(void) {
     free(a);
     free(b);
     free(err);
+}
+
+/* --stop with the shipped model's greedy continuation of `prompt` (its text `full` without
+   --stop): the output is `full` cut before the first stop string that occurs; generation ends
+   there. Stop strings that begin and end inside tokens ("ord. Th" spans " Lord", ".", " The") are
+   held back until they cannot be one, and text held back for a stop string that does not come
+   is printed. -n -1 runs to EOS or a full context. */
+static void test_stops(void) {
+    const char *prompt = "'It is a truth universally acknowledged' -n 40 --temp 0";
+    char cmd[1024], *err;
+    snprintf(cmd, sizeof cmd, NVFP4_BIN " models/v4-small %s > build/bad/full.txt", prompt);
+    int status = run_shell(cmd, &err);
+    char *full = file_text("build/bad/full.txt");
+    free(err);
+    static const struct { const char *stops, *cut; } cases[] = {
+        {"--stop 'ord. Th'", "ord. Th"},
+        {"--stop zzz --stop 'n, and the G' --stop 'd of my s'", "d of my s"},   /* the first to occur wins */
+        {"--stop 'Lord.X' --stop ' salvation!'", NULL},                        /* held back, then printed */
+        {"--stop 'is\n'", NULL},                                                 /* the newline after the text is not its */
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof *cases; k++) {
+        snprintf(cmd, sizeof cmd, NVFP4_BIN " models/v4-small %s %s > build/bad/out.txt", prompt, cases[k].stops);
+        status = run_shell(cmd, &err);
+        char *out = file_text("build/bad/out.txt"), *want = xstrdup(full);
+        const char *at = cases[k].cut ? strstr(want, cases[k].cut) : NULL;
+        if (at) strcpy(want + (at - want), "\n");
+        RunStats r = read_stats(err);
+        CHECK(status == 0 && (!cases[k].cut || at) && !strcmp(out, want) &&
+                  (at ? strstr(err, "; ended at a stop string\n") && r.generated < 40 : r.generated == 40),
+              "%s: \"%s\" (the text without it: \"%s\"): %s", cases[k].stops, out, full, err);
+        free(want);
+        free(out);
+        free(err);
+    }
+    free(full);
+    expect_cli("testdata/tiny-c 'x' -n -1 --temp 0", 0, "ended at EOS");
+    expect_cli("testdata/tiny-a 'It was' -n -1 --temp 0 --ctx 40", 0, "nvfp4: generation 37 tokens, ");
+}
+
+/* High-temperature output (--temp 5 --top-p 1: nearly any token, so byte tokens that do not make
+   characters) is valid UTF-8 for every seed: bytes that cannot become a character are U+FFFD. */
+static void test_valid_utf8_out(void) {
+    static const char *models[] = {"testdata/tiny-a", "models/v4-small"};
+    int bad = 0, replaced = 0, runs = 0;
+    for (int m = 0; m < 2; m++)
+        for (int seed = 1; seed <= 6; seed++, runs++) {
+            char cmd[512], *err;
+            snprintf(cmd, sizeof cmd, NVFP4_BIN " %s 'It was' --temp 5 --top-p 1 -n 48 --seed %d > build/bad/out.txt", models[m], seed);
+            int status = run_shell(cmd, &err);
+            size_t n;
+            char *out = read_file("build/bad/out.txt", &n);
+            bad += status != 0 || !out || utf8_invalid_at(out, n) < n;
+            replaced += out && strstr(out, "\xef\xbf\xbd");
+            free(out);
+            free(err);
+        }
+    CHECK(bad == 0, "--temp 5 --top-p 1: %d of %d runs print invalid UTF-8 (%d hold U+FFFD)", bad, runs, replaced);
 }
 
 /* --dump-logits never writes into the model directory or over a file the run reads, and leaves
@@ -2402,7 +2545,7 @@ static void test_signals(void) {
     int status = wait_for(pid, 60);
     char *out = file_text("build/bad/sig-out.txt"), *err = file_text("build/bad/sig-err.txt"), *ls = list_dir(d);
     size_t len = strlen(out);
-    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && strstr(err, "generated, decode") &&
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && strstr(err, "nvfp4: generation ") &&
           strstr(err, "; interrupted\n") && len && out[len - 1] == '\n' && !*ls,
           "SIGINT during generation: status %d, stderr %s, dump dir \"%s\"", status, err, ls);
     free(out);
@@ -2514,6 +2657,20 @@ static double expected_nll(const float *row, int V, int id) {
     return (double)(logl(sum) + largest - row[id]);
 }
 
+/* Whether stderr `err` has --perplexity's stats line for `predicted` tokens in `windows` windows
+   (each window runs one token more than it predicts: its BOS, or its first id) and no line of
+   a generating run. */
+static int perplexity_stats(const char *err, int predicted, int windows) {
+    const char *at = strstr(err, "nvfp4: perplexity ");
+    int tokens = 0, run_windows = 0;
+    double ms = 0, rate = 0;
+    const char *rest = at ? strchr(strchr(at, ',') + 1, ',') : NULL;   /* after "N window(s)" */
+    return at && sscanf(at, "nvfp4: perplexity %d tokens, %d window", &tokens, &run_windows) == 2 &&
+           sscanf(rest, ", %lf ms, %lf tok/s", &ms, &rate) == 2 && near(rate, tokens / ms * 1e3) &&
+           tokens == predicted + windows && run_windows == windows && !strstr(err, "nvfp4: prompt ") &&
+           !strstr(err, "nvfp4: generation ") && !strstr(err, "decode");
+}
+
 /* Run "nvfp4 MODEL --perplexity FILE ARGS" and read its line back: returns the exit
    status; *nll, *tokens and *windows from "perplexity: P (mean NLL N nats over K tokens, W
    window(s) of up to C)" (zeros when it is missing or P is not exp(N)). */
@@ -2525,7 +2682,7 @@ static int cli_perplexity(const char *model, const char *file, const char *args,
     double p = 0;
     *nll = 0, *tokens = *windows = 0;
     if (sscanf(out, "perplexity: %lf (mean NLL %lf nats over %d tokens, %d window", &p, nll, tokens, windows) != 4 ||
-        fabs(p - exp(*nll)) > 1e-4 * p || !strstr(err, "prompt tokens, prefill"))
+        fabs(p - exp(*nll)) > 1e-4 * p || !perplexity_stats(err, *tokens, *windows))
         *nll = 0, *tokens = *windows = 0;
     free(out);
     free(err);
@@ -2717,7 +2874,7 @@ static void check_two_turns(const char *dir, const char *first, const char *seco
     char *chat_text = file_text("build/bad/chat.txt"), *one_text = file_text("build/bad/oneshot.txt");
     size_t chat_len = strlen(chat_text), one_len = strlen(one_text);
     char prompt_tokens[64];
-    snprintf(prompt_tokens, sizeof prompt_tokens, "nvfp4: %d prompt tokens", n_conv - fed);
+    snprintf(prompt_tokens, sizeof prompt_tokens, "nvfp4: prompt %d tokens", n_conv - fed);
     CHECK(status == 0 && one_status == 0 && ok && ended_at_eos == eos && (eos || printed == n) && one && one_size == size &&
           worst < 1e-5f && chat_len > one_len && !strcmp(chat_text + chat_len - one_len, one_text) &&
           strstr(err, prompt_tokens) && !strstr(err, "> "),
@@ -2736,11 +2893,11 @@ static void check_two_turns(const char *dir, const char *first, const char *seco
     tokenizer_free(&t);
 }
 
-/* The prompt tokens a run's stats line on stderr `err` counts, or -1. */
+/* The prompt tokens a run's stats on stderr `err` counts, or -1. */
 static int stats_prompt_tokens(const char *err) {
     for (const char *line = err; line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
         int n;
-        if (sscanf(line, "nvfp4: %d prompt tokens", &n) == 1) return n;
+        if (sscanf(line, "nvfp4: prompt %d tokens", &n) == 1) return n;
     }
     return -1;
 }
@@ -2780,7 +2937,7 @@ static void test_chat(void) {
     char *text = file_text("build/bad/chat.txt");
     int lines = 0;
     for (char *p = text; *p; p++) lines += *p == '\n';
-    CHECK(status == 0 && lines == 1 && strstr(err, "nvfp4: 6 prompt tokens"),   /* the first turn's ids only */
+    CHECK(status == 0 && lines == 1 && strstr(err, "nvfp4: prompt 6 tokens"),   /* the first turn's ids only */
           "/exit ends the chat: %d replies, %s", lines, err);
     free(text);
     free(err);
@@ -2790,7 +2947,7 @@ static void test_chat(void) {
         status = system("printf 'It was\\n/exit\\n' | script -qfec '" NVFP4_BIN " testdata/tiny-a -i -n 2 --temp 0 2>&1 > /dev/null' "
                         "/dev/null > build/bad/tty.txt");
         text = file_text("build/bad/tty.txt");
-        CHECK(status == 0 && strstr(text, "> ") && strstr(text, "prompt tokens"), "the chat prompt on a terminal: %s", text);
+        CHECK(status == 0 && strstr(text, "> ") && strstr(text, "nvfp4: prompt "), "the chat prompt on a terminal: %s", text);
         free(text);
     }
     expect_shell("printf 'It was the best\\nof times\\nit was\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 4 --ctx 20 > /dev/null",
@@ -4070,6 +4227,8 @@ int main(void) {
     test_prompt_limit();
     test_stdout_errors();
     test_version_and_stats();
+    test_stops();
+    test_valid_utf8_out();
     test_build_commit();
     test_dump_logits();
     test_signals();

@@ -15,6 +15,7 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -3349,13 +3350,29 @@ static void load_tokenizer(Tokenizer *t, int *add_bos, const char *dir, const Co
     path = path_join(dir, "tokenizer_config.json");
     if (access(path, F_OK) == 0) {
         Json *tc = load_json_file(path);
-        static const char *const known[] = {"add_bos_token", NULL}, *const ignored[] = {"add_eos_token", NULL};
+        static const char *const known[] = {"add_bos_token", "chat_template", NULL}, *const ignored[] = {"add_eos_token", NULL};
         warn_misspelled_keys(tc, path, known, ignored);
         const Json *bos = json_get(tc, "add_bos_token");
         if (bos && bos->type == JSON_BOOL) *add_bos = bos->number != 0;
         json_free(tc);
     }
     free(path);
+}
+
+/* Whether the model directory's tokenizer_config.json has a chat template ("chat_template": a
+   non-empty string, or a non-empty list of named ones): -i then chats in DeepSeek V4's format
+   rather than continuing plain text. The template itself is not run: the format is V4's. */
+static int has_chat_template(const char *dir) {
+    char *path = path_join(dir, "tokenizer_config.json");
+    int found = 0;
+    if (access(path, F_OK) == 0) {
+        Json *tc = load_json_file(path);
+        const Json *template = json_get(tc, "chat_template");
+        found = template && (template->type == JSON_STRING || template->type == JSON_ARRAY) && template->length > 0;
+        json_free(tc);
+    }
+    free(path);
+    return found;
 }
 
 /* The offset of the first byte of text[n] that is not part of valid UTF-8, or n. */
@@ -3435,6 +3452,25 @@ static int text_ids(const Tokenizer *t, const int *head, int n_head, const char 
    Returns the count; *ids is allocated. */
 static int prompt_ids(const Tokenizer *t, int add_bos, int bos_id, const char *prompt, int how, int **ids) {
     return text_ids(t, &bos_id, add_bos || (how & TEXT_CHAT), prompt, how, "the prompt", ids);
+}
+
+/* The head of every chat-format context: BOS, then the system prompt (--system; none when
+   NULL) as text, encoded as `special` says (TEXT_SPECIAL or 0), as DeepSeek V4's template puts
+   it: <｜begin▁of▁sentence｜>{system}<｜User｜>... Returns the count; *ids is allocated. */
+static int chat_head(const Tokenizer *t, int bos_id, const char *system, int special, int **ids) {
+    if (system) return text_ids(t, &bos_id, 1, system, special, "the system prompt", ids);
+    *ids = xcalloc(1, sizeof(int));
+    **ids = bos_id;
+    return 1;
+}
+
+/* prompt_ids with a system prompt (`system`, NULL for none) after BOS in the chat format. */
+static int prompt_ids_system(const Tokenizer *t, int add_bos, int bos_id, const char *system, const char *prompt, int how, int **ids) {
+    if (!system || !(how & TEXT_CHAT)) return prompt_ids(t, add_bos, bos_id, prompt, how, ids);
+    int *head, n_head = chat_head(t, bos_id, system, how & TEXT_SPECIAL, &head);
+    int n = text_ids(t, head, n_head, prompt, how, "the prompt", ids);
+    free(head);
+    return n;
 }
 
 /* Write n bytes to stdout, and with `flush` push everything out; fatal on a write error (a full
@@ -3614,15 +3650,17 @@ static void finish_dump(FILE *f, const char *path) {
 
 static volatile sig_atomic_t generating;    /* generate() or perplexity() runs: a SIGINT stops it after the current step */
 static volatile sig_atomic_t interrupted;   /* a SIGINT came while generating */
+static volatile sig_atomic_t chatting;      /* chat() runs: a SIGINT ends a reply, or at the prompt the conversation */
 
 /* SIGINT: the first one during generation asks it to stop after the current token (the run then
    flushes its text, prints the stats and exits 130; --perplexity stops after the current
    chunk, printing no perplexity); a second one, or one while nothing is
-   being generated (loading, reading the prompt, the chat waiting for a line), exits at once with
-   130. The temporary logits file is removed either way. */
+   being generated (loading, reading the prompt), exits at once with 130. In a chat (-i) the first
+   one only sets `interrupted` too, which chat() reads: a reply stops and the prompt comes back;
+   at the prompt the conversation ends. The temporary logits file is removed either way. */
 static void on_sigint(int sig) {
     (void)sig;
-    if (generating && !interrupted) {
+    if ((generating || chatting) && !interrupted) {
         interrupted = 1;
         return;
     }
@@ -3851,12 +3889,13 @@ typedef struct {
    position's logits row goes to dump (when not NULL). Stops at an EOS id (not printed), after
    n_generate tokens, when the context is full, or on SIGINT after the current chunk or token.
    Ends too when the text holds a --stop string (the string and what follows are not printed).
-   Returns the last token sampled, which is not in the state yet (-1 when none was). Adds to *st:
-   prefill time is that of every prompt chunk; decode time runs from the first generated token's
-   sampling to the end of the last token, so that --chunk does not change it: the first token's
-   logits come from the last prompt chunk, and each later one from a decode step. */
+   Returns the last token sampled, which is not in the state yet (-1 when none was); the i-th
+   token printed goes to record[i] when record is not NULL. Adds to *st: prefill time is that of
+   every prompt chunk; decode time runs from the first generated token's sampling to the end of
+   the last token, so that --chunk does not change it: the first token's logits come from the
+   last prompt chunk, and each later one from a decode step. */
 static int generate(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const int *prompt, int n_prompt,
-                    int n_generate, FILE *dump, Stats *st) {
+                    int n_generate, FILE *dump, Stats *st, int *record) {
     const Config *c = &m->config;
     if (s->pos + n_prompt > s->max_ctx) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_prompt, s->max_ctx);
     double start = now_seconds();
@@ -3882,6 +3921,7 @@ static int generate(const Backend *run, const Model *m, State *s, const Tokenize
             st->stop = STOP_EOS;
             break;
         }
+        if (record) record[generated] = token;
         generated++;
         if (print_token(t, &reply, token)) {
             st->stop = STOP_STRING;
@@ -3929,27 +3969,66 @@ static void print_stats(const Stats *st, const char *backend) {
     fprintf(stderr, "nvfp4: total %.2f ms (%s)\n", st->total_s * 1e3, backend);
 }
 
-/* Interactive chat (-i), in DeepSeek V4's chat format over several turns:
-     <｜begin▁of▁sentence｜><｜User｜>turn 1<｜Assistant｜></think>reply 1<｜end▁of▁sentence｜><｜User｜>turn 2...
-   The user turns are `first` (when not NULL), then the lines of stdin ("> " on stderr when it is
-   a terminal), each encoded as text_ids does with TEXT_CHAT and `special` (TEXT_SPECIAL or 0).
-   The state is kept between turns, so that each turn prefills only its own ids: the end of the
-   previous reply (its last token when -n ended it, since that one was printed but not fed back,
-   then the EOS), then the new user turn. A line that holds a NUL byte or is not valid UTF-8 is
-   skipped with a message, and the next line read. EOF or a line "/exit" ends the conversation;
-   so does SIGINT, and a turn or reply that fills the context (with a message). */
-static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const char *first, int special,
-                 int n_generate, FILE *dump, Stats *st) {
+/* The read function of the chat's standard input (fopencookie): it waits in ppoll with SIGINT
+   unblocked there only, so that a SIGINT at the prompt, even one that comes just before the
+   wait, makes the read fail with EINTR (interrupted set) rather than block. */
+static ssize_t read_stdin_interruptible(void *cookie, char *buf, size_t size) {
+    (void)cookie;
+    sigset_t sigint, old;
+    sigemptyset(&sigint);
+    sigaddset(&sigint, SIGINT);
+    sigprocmask(SIG_BLOCK, &sigint, &old);
+    struct pollfd in = {0, POLLIN, 0};
+    int ready = -1;
+    while (!interrupted && (ready = ppoll(&in, 1, NULL, &old)) < 0 && errno == EINTR) {}
+    ssize_t n = interrupted || ready < 0 ? -1 : read(0, buf, size);
+    int error = interrupted ? EINTR : errno;
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    errno = error;
+    return n;
+}
+
+/* Interactive mode (-i). The turns are `first` (when not NULL), then the lines of stdin ("> " on
+   stderr when it is a terminal), each followed by the model's reply, in one of two forms:
+   - plain text (`how` without TEXT_CHAT; a base model): BOS (add_bos), then the turns and
+     replies as one text that the model continues, each turn after the first on a line of its
+     own ("\n" + the line), or right after the EOS when the reply ended at one;
+   - TEXT_CHAT, DeepSeek V4's chat format, with the system prompt (`system`, NULL for none):
+       <｜begin▁of▁sentence｜>{system}<｜User｜>turn 1<｜Assistant｜></think>reply 1<｜end▁of▁sentence｜><｜User｜>turn 2...
+   A turn is encoded as text_ids does with `how` (TEXT_CHAT, TEXT_SPECIAL). The state is kept
+   between turns, so that each turn prefills only its own ids: the end of the previous reply (its
+   last token when it did not end at EOS, since that one was printed but not fed back; then, in
+   the chat format, the EOS), then the new turn. A line that holds a NUL byte or is not valid
+   UTF-8 is skipped with a message. SIGINT during a reply stops it and the prompt comes back, the
+   tokens so far staying in the context (one during the prefill leaves the part prefilled); at
+   the prompt it ends the conversation with st->stop STOP_INTERRUPT, as EOF and a line "/exit" end
+   it. When a turn and room for its reply (-n tokens, at most half the context) do not fit in the
+   rest of the context, the oldest turns are dropped, said in one line, BOS and the system prompt
+   kept, and what is kept is prefilled again from position 0 (llama.cpp's context shift); a turn
+   too long for the context even alone is skipped with a message. With `shift` 0 (--no-shift), a
+   turn that does not fit or a reply that fills the context ends the conversation instead. */
+static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *t, Sampler *sampler, const char *first, int how,
+                 const char *system, int add_bos, int shift, int n_generate, FILE *dump, Stats *st) {
     const Config *c = &m->config;
-    int head[2] = {c->bos_id}, n_head = 1, terminal = isatty(0);
-    char *line = NULL;
+    int C = s->max_ctx, chat_format = how & TEXT_CHAT, terminal = isatty(0);
+    int *head, n_head = chat_format ? chat_head(t, c->bos_id, system, how & TEXT_SPECIAL, &head) : add_bos;
+    if (!chat_format) *(head = xcalloc(1, sizeof(int))) = c->bos_id;
+    if (n_head > C) fatal("the system prompt has %d tokens with BOS, more than the context (--ctx %d)", n_head, C);
+    int *context = xcalloc((size_t)C + 1, sizeof(int));   /* the ids in the state, then a printed token not fed back yet */
+    int *starts = xcalloc((size_t)C + 1, sizeof(int));    /* [n_turns] where each turn kept begins in context */
+    int n_turns = 0, pending[2], n_pending = 0, ended_at_eos = 0;
+    char *line = NULL, *text = NULL;
     size_t capacity = 0;
+    FILE *in = fopencookie(NULL, "r", (cookie_io_functions_t){.read = read_stdin_interruptible});
+    if (!in) fatal("cannot read standard input: %s", strerror(errno));
+    chatting = 1;
     for (const char *turn = first;; turn = NULL) {
         if (!turn) {
             if (terminal) fputs("> ", stderr);
-            ssize_t len = read_line(&line, &capacity, stdin);
-            if (len < 0 && ferror(stdin)) fatal("cannot read standard input: %s", strerror(errno));
-            if (len < 0) {
+            ssize_t len = read_line(&line, &capacity, in);
+            if (interrupted) st->stop = STOP_INTERRUPT;
+            else if (len < 0 && ferror(in)) fatal("cannot read standard input: %s", strerror(errno));
+            if (interrupted || len < 0) {
                 if (terminal) fputc('\n', stderr);
                 break;
             }
@@ -3963,22 +4042,77 @@ static void chat(const Backend *run, const Model *m, State *s, const Tokenizer *
             if (!len) continue;
             turn = line;
         }
-        int *ids, n = text_ids(t, head, n_head, turn, TEXT_CHAT | special, "the prompt", &ids);
-        if (s->pos + n > s->max_ctx) {
-            fprintf(stderr, "nvfp4: this turn (%d tokens) does not fit in the rest of the context (--ctx %d): the conversation ends\n",
-                    n, s->max_ctx);
-            free(ids);
+        if (s->pos <= n_head) {   /* nothing but (part of) the head in the state: start afresh */
+            reset_state(s);
+            n_turns = n_pending = 0;
+        }
+        int started = s->pos > 0;
+        free(text);
+        text = NULL;
+        if (!chat_format && started && !ended_at_eos) {
+            text = xcalloc(strlen(turn) + 2, 1);
+            text[0] = '\n';
+            strcpy(text + 1, turn);
+            turn = text;
+        }
+        /* ids: what comes before the turn (the head, or the end of the last reply), then the turn */
+        int *ids, lead = started ? n_pending : n_head, n = text_ids(t, started ? pending : head, lead, turn, how, "the prompt", &ids);
+        int n_context = s->pos, skip = 0, room = n_generate < C / 2 ? n_generate : C / 2;
+        if (s->pos + n > C || (shift && n_turns && s->pos + n + room > C)) {
+            if (!shift) {
+                fprintf(stderr, "nvfp4: this turn (%d tokens) does not fit in the rest of the context (--ctx %d): the conversation ends\n",
+                        n, C);
+                free(ids);
+                break;
+            }
+            if (n_head + n - lead > C) {
+                say("this turn (%d tokens) does not fit in the context (--ctx %d) even alone: skipped", n - lead, C);
+                free(ids);
+                continue;
+            }
+            int k = n_turns > 0;   /* drop the k oldest turns: as few as leave room for the reply, else all */
+            while (k < n_turns && n_head + (s->pos - starts[k]) + n + room > C) k++;
+            int from = k < n_turns ? starts[k] : s->pos, dropped = from - n_head;
+            memmove(context + n_head, context + from, (size_t)(s->pos - from) * sizeof(int));
+            for (int i = k; i < n_turns; i++) starts[i - k] = starts[i] - dropped;
+            n_turns -= k;
+            skip = n_turns ? 0 : lead;   /* the end of a dropped reply goes with it */
+            n_context = s->pos - dropped;
+            say("the context is full: dropped the oldest %d tokens (%d turn%s); %d kept, prefilled again", dropped, k,
+                k == 1 ? "" : "s", n_context);
+            reset_state(s);
+        }
+        int prompt_end = n_context + n - skip, start = s->pos;
+        memcpy(context + n_context, ids + skip, (size_t)(n - skip) * sizeof(int));
+        free(ids);
+        starts[n_turns++] = n_context + lead - skip;
+        for (int i = prompt_end; i <= C; i++) context[i] = -1;   /* generate writes the printed tokens here */
+        int last = generate(run, m, s, t, sampler, context + start, prompt_end - start, n_generate, dump, st, context + prompt_end);
+        n_pending = 0;
+        if (s->pos < prompt_end) {   /* the prefill was interrupted: the part prefilled stays */
+            if (starts[n_turns - 1] >= s->pos) n_turns--;
+        } else if (st->stop == STOP_EOS) pending[n_pending++] = last;
+        else {
+            if (context[s->pos] >= 0) pending[n_pending++] = context[s->pos];   /* printed, not fed back */
+            if (chat_format) pending[n_pending++] = c->eos_ids[0];
+        }
+        ended_at_eos = st->stop == STOP_EOS;
+        if (st->stop == STOP_INTERRUPT) {   /* the reply ends here; the conversation goes on */
+            interrupted = 0;
+            st->stop = STOP_LIMIT;
+        }
+        if (st->stop == STOP_CONTEXT && !shift) {
+            fprintf(stderr, "nvfp4: the reply has filled the context (--ctx %d): the conversation ends\n", C);
             break;
         }
-        int last = generate(run, m, s, t, sampler, ids, n, n_generate, dump, st);
-        free(ids);
-        if (st->stop == STOP_CONTEXT) fprintf(stderr, "nvfp4: the reply has filled the context (--ctx %d): the conversation ends\n", s->max_ctx);
-        if (st->stop == STOP_CONTEXT || st->stop == STOP_INTERRUPT) break;
-        n_head = 0;
-        if (st->stop == STOP_LIMIT || st->stop == STOP_STRING) head[n_head++] = last;
-        head[n_head++] = st->stop == STOP_EOS ? last : c->eos_ids[0];
     }
+    chatting = 0;
+    fclose(in);
     free(line);
+    free(text);
+    free(head);
+    free(context);
+    free(starts);
 }
 
 /* ---------- Perplexity ---------- */
@@ -6312,6 +6446,8 @@ typedef struct {
     int n_stops;
     float temperature, top_p;
     uint64_t seed;
+    const char *system;                                           /* --system TEXT, NULL when absent */
+    int no_shift;                                                 /* --no-shift */
 } Options;
 
 /* The -h text. */
@@ -6322,7 +6458,9 @@ static void usage(FILE *f) {
             "  -p, --prompt TEXT  the prompt (instead of the argument after MODEL_DIR)\n"
             "  -f, --file FILE    read the prompt from FILE, as it is; -f - reads standard input\n"
             "                     (at most %d MiB, the limit of every prompt, --perplexity text and -i line)\n"
-            "  -i, --interactive  chat: one user turn per line of standard input, until EOF or /exit\n"
+            "  -i, --interactive  one turn per line of standard input, until EOF, /exit or Ctrl-C at the\n"
+            "                     prompt: plain text the model continues, or with a chat template\n"
+            "                     (tokenizer_config.json) or --chat, DeepSeek V4's chat format\n"
             "  -n N               generate at most N tokens (default 256), -1: until EOS or a full\n"
             "                     context; stops earlier at EOS\n"
             "  --stop STRING      end generation when the text holds STRING (not printed); up to %d\n"
@@ -6333,7 +6471,10 @@ static void usage(FILE *f) {
             "                     the clock, printed)\n"
             "  --ctx C            maximum context in tokens, prompt included (default 4096)\n"
             "  --chunk T          prefill chunk size: at most T tokens per forward pass (default 128)\n"
-            "  --chat             wrap the prompt in DeepSeek V4's chat format\n"
+            "  --chat             wrap the prompt (-i: every line) in DeepSeek V4's chat format\n"
+            "  --system TEXT      the system prompt of the chat format, after BOS\n"
+            "  --no-shift         -i: end the conversation when the context is full, instead of\n"
+            "                     dropping the oldest turns\n"
             "  --special          read special tokens typed in the text (prompt, -f, -i, --perplexity),\n"
             "                     e.g. <｜User｜>, as those tokens; by default they are plain text\n"
             "  --ids 0,17,42      feed exactly these token ids (nothing prepended) instead of a prompt\n"
@@ -6460,6 +6601,8 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"--gpu", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 0},
     {"--layers", NULL, RUN_BENCH, 1},
     {"--position", NULL, RUN_BENCH, 1},
+    {"--system", NULL, RUN_TEXT | RUN_CHAT | RUN_TOKENIZE, 1},
+    {"--no-shift", NULL, RUN_CHAT, 0},
 };
 
 /* Refuse each option of scoped_options given (bit k of `given`) for a kind of run it has no
@@ -6469,6 +6612,7 @@ static void check_scoped_options(unsigned given, int run) {
         if (!(given >> k & 1) || scoped_options[k].runs & run) continue;
         const char *why = scoped_options[k].runs == RUN_BENCH ? "without --bench"
                         : run == RUN_BENCH      ? "with --bench, which makes its own model and tokens on the GPU"
+                        : scoped_options[k].runs == RUN_CHAT ? "without -i"
                         : run == RUN_PERPLEXITY ? "with --perplexity, which scores its text and generates nothing"
                         : run == RUN_TOKENIZE   ? "with --tokenize, which only prints the prompt's ids"
                                                 : "with -i";
@@ -6539,6 +6683,8 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--bench")) o.bench = 1;
         else if (!strcmp(a, "--layers")) { o.bench_layers = (int)whole_arg(a, v, 1, MAX_LAYERS); i++; }
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
+        else if (!strcmp(a, "--system")) { o.system = option_value(a, v); i++; }
+        else if (!strcmp(a, "--no-shift")) o.no_shift = 1;
         else usage_error("unknown option %s (see nvfp4 -h)", a);
     }
     int run = o.bench ? RUN_BENCH : o.perplexity ? RUN_PERPLEXITY : o.tokenize_only ? RUN_TOKENIZE : o.interactive ? RUN_CHAT : RUN_TEXT;
@@ -6562,6 +6708,8 @@ static Options parse_options(int argc, char **argv) {
     if (o.ids && o.chat) usage_error("--ids feeds its ids as they are: --chat cannot wrap them in the chat format");
     if (o.ids && o.special) usage_error("--ids feeds its ids as they are: --special has no text to read special tokens in");
     check_scoped_options(given, run);
+    if (o.system && !o.chat && !o.interactive)
+        usage_error("--system is a system prompt of the chat format: give --chat too (or -i with a model that has a chat template)");
     return o;
 }
 
@@ -6627,7 +6775,7 @@ int main(int argc, char **argv) {
         load_config(&config, o.model_dir);
         load_tokenizer(&tokenizer, &add_bos, o.model_dir, &config);
         if (o.ids) check_ids(o.ids, o.n_ids, config.vocab_size);
-        n_ids = o.ids ? o.n_ids : prompt_ids(&tokenizer, add_bos, config.bos_id, prompt, (o.chat ? TEXT_CHAT : 0) | o.special, &ids);
+        n_ids = o.ids ? o.n_ids : prompt_ids_system(&tokenizer, add_bos, config.bos_id, o.system, prompt, (o.chat ? TEXT_CHAT : 0) | o.special, &ids);
         for (int i = 0; i < n_ids; i++) {
             char number[16];
             write_stdout(number, (size_t)snprintf(number, sizeof number, "%s%d", i ? "," : "", o.ids ? o.ids[i] : ids[i]), 0);
@@ -6635,6 +6783,9 @@ int main(int argc, char **argv) {
         write_stdout("\n", 1, 1);
         exit_done();
     }
+    int chat_format = o.chat || (o.interactive && has_chat_template(o.model_dir));   /* -i: plain text, or V4's chat format */
+    if (o.system && !chat_format)
+        usage_error("--system is a system prompt of the chat format, and %s has no chat template: give --chat too", o.model_dir);
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
@@ -6652,7 +6803,9 @@ int main(int argc, char **argv) {
         snprintf(what, sizeof what, "the text in %s", strcmp(o.perplexity, "-") ? o.perplexity : "standard input");
         n_ids = text_ids(&tokenizer, NULL, 0, prompt, o.special, what, &ids);
         if (n_ids < 2 - add_bos) fatal("%s has %d token: the perplexity needs at least %d", what, n_ids, 2 - add_bos);
-    } else if (!o.interactive) n_ids = prompt_ids(&tokenizer, add_bos, c->bos_id, prompt, (o.chat ? TEXT_CHAT : 0) | o.special, &ids);
+    } else if (!o.interactive)
+        n_ids = prompt_ids_system(&tokenizer, add_bos, c->bos_id, o.system, prompt, (o.chat ? TEXT_CHAT : 0) | o.special, &ids);
+
     if (n_ids > o.max_ctx && !o.perplexity) fatal("the prompt has %d tokens, more than the context (--ctx %d)", n_ids, o.max_ctx);
     if (o.max_tokens > o.max_ctx) o.max_tokens = o.max_ctx;
     int all_logits = o.dump_logits || o.perplexity;   /* every row's logits are read on the host */
@@ -6680,8 +6833,10 @@ int main(int argc, char **argv) {
     memcpy(stop_strings, o.stops, sizeof o.stops);
     n_stop_strings = o.n_stops;
     if (o.perplexity) perplexity(run, &model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);
-    else if (o.interactive) chat(run, &model, state, &tokenizer, &sampler, prompt, o.special, o.n_generate, dump, &stats);
-    else generate(run, &model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats);
+    else if (o.interactive)
+        chat(run, &model, state, &tokenizer, &sampler, prompt, (chat_format ? TEXT_CHAT : 0) | o.special, o.system, add_bos,
+             !o.no_shift, o.n_generate, dump, &stats);
+    else generate(run, &model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats, NULL);
     stats.total_s = now_seconds() - started;
     print_stats(&stats, run->name);
     if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */

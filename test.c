@@ -7,6 +7,7 @@
 #define TESTING
 #include "nvfp4.c"
 
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -2014,6 +2015,13 @@ static void test_bad_options(void) {
     expect_cli("--bench --perplexity testdata/heldout.txt", 2, "--perplexity does nothing with --bench");
     expect_cli("testdata/tiny-a hi --layers 3", 2, "--layers does nothing without --bench");
     expect_cli("testdata/tiny-a -i --position 5", 2, "--position does nothing without --bench");
+    expect_cli("testdata/tiny-a hi --no-shift", 2, "--no-shift does nothing without -i");
+    expect_cli("testdata/tiny-a --perplexity testdata/heldout.txt --system x", 2, "--system does nothing with --perplexity");
+    expect_cli("testdata/tiny-a hi --system x", 2, "--system is a system prompt of the chat format: give --chat too");
+    expect_cli("testdata/tiny-a hi --tokenize --system x", 2, "--system is a system prompt of the chat format: give --chat too");
+    expect_cli("testdata/tiny-a -i --system x < /dev/null", 2, "--system is a system prompt of the chat format, and testdata/tiny-a "
+               "has no chat template: give --chat too");
+    expect_cli("testdata/tiny-a -i --chat --system x --system y", 2, "--system is given twice");
     /* bad input: exit status 1 */
     expect_cli("testdata/tiny-a --ids 1,2,99999", 1, "--ids: token id 99999 is outside the vocabulary (0..1023)");
     expect_cli("testdata/tiny-a -f build/bad/no-such-prompt", 1, "cannot open the prompt file build/bad/no-such-prompt");
@@ -2533,8 +2541,9 @@ static void test_build_commit(void) {
 }
 
 /* SIGINT stops generation after the current token with the text flushed, the stats line and
-   status 130; a second SIGINT exits at once, as does one while the chat waits for a line; none
-   leaves a logits file. SIGTERM leaves none either. */
+   status 130; a second SIGINT exits at once; one while the chat waits for a line ends it with the
+   stats line (test_chat_modes drives a terminal); none leaves a logits file. SIGTERM leaves none
+   either. */
 static void test_signals(void) {
     /* greedy tiny-a runs ~970 tokens before EOS: time enough to be interrupted */
     const char *d = fresh_dir("sig");
@@ -2574,7 +2583,8 @@ static void test_signals(void) {
           !*ls, "a second SIGINT exits at once: status %d after %.2f s, stderr %s, dump dir \"%s\"", status, took, err, ls);
     free(err);
     free(ls);
-    /* the chat waiting for its next line (stdin a FIFO held open): SIGINT exits at once */
+    /* the chat waiting for its next line (stdin a FIFO held open): SIGINT ends the conversation,
+       with the stats line and status 130 */
     remove("build/bad/chat.fifo");
     CHECK(mkfifo("build/bad/chat.fifo", 0600) == 0, "mkfifo");
     pid = spawn(NVFP4_BIN " testdata/tiny-a -i -n 3 --temp 0 < build/bad/chat.fifo > build/bad/sig-out.txt 2> build/bad/sig-err.txt");
@@ -2585,8 +2595,8 @@ static void test_signals(void) {
     status = wait_for(pid, 10);
     if (fifo >= 0) close(fifo);
     err = file_text("build/bad/sig-err.txt");
-    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && !strstr(err, "prompt tokens"),
-          "SIGINT while the chat waits for a line: status %d, stderr %s", status, err);
+    CHECK(started && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && strstr(err, "prompt tokens") &&
+          strstr(err, "; interrupted\n"), "SIGINT while the chat waits for a line: status %d, stderr %s", status, err);
     free(err);
     /* SIGTERM: the usual death by the signal, and no temporary file */
     pid = spawn(NVFP4_BIN " testdata/tiny-a 'It was' -n 100000 --ctx 8192 --temp 0 --dump-logits build/bad/sig/l.bin "
@@ -2821,14 +2831,16 @@ static void test_perplexity(void) {
 }
 
 /* Chat with model `dir` through a pipe: turns one and two, replies of at most n tokens, greedy,
-   with --dump-logits; then one --ids run over the whole conversation's ids (the first reply read
-   back from the logits rows, closed by EOS) to the end of turn two, -n n. Every logits row and
+   with --dump-logits, in the chat format (`chat`, --chat) or as plain text; then one --ids run
+   over the whole conversation's ids (the first reply read back from the logits rows, closed by
+   EOS in the chat format; in plain text the second turn on a line of its own after it, or right
+   after the EOS) to the end of turn two, -n n. Every logits row and
    the second reply's text must be the same; the chat must have prefilled only each new turn; the
    first reply must end at EOS when `eos`, at -n otherwise. */
-static void check_two_turns(const char *dir, const char *first, const char *second, int n, int eos) {
-    char cmd[8192], *err;
-    snprintf(cmd, sizeof cmd, "printf '%%s\\n%%s\\n' '%s' '%s' | " NVFP4_BIN " %s -i --temp 0 -n %d "
-             "--dump-logits build/bad/chat.bin > build/bad/chat.txt", first, second, dir, n);
+static void check_two_turns(const char *dir, const char *first, const char *second, int n, int eos, int chat) {
+    char cmd[8192], *err, line[256];
+    snprintf(cmd, sizeof cmd, "printf '%%s\\n%%s\\n' '%s' '%s' | " NVFP4_BIN " %s -i %s --temp 0 -n %d "
+             "--dump-logits build/bad/chat.bin > build/bad/chat.txt", first, second, dir, chat ? "--chat" : "", n);
     int status = run_shell(cmd, &err);
     Config cfg;
     Tokenizer t;
@@ -2838,7 +2850,8 @@ static void check_two_turns(const char *dir, const char *first, const char *seco
     const int V = cfg.vocab_size;
     size_t size;
     float *rows = (float *)read_file("build/bad/chat.bin", &size);
-    int *turn, n_turn = text_ids(&t, &cfg.bos_id, 1, first, TEXT_CHAT, "the prompt", &turn), n_conv = n_turn, fed = 0, printed = 0, ended_at_eos = 0;
+    int how = chat ? TEXT_CHAT : 0, *turn, n_turn = text_ids(&t, &cfg.bos_id, 1, first, how, "the prompt", &turn), n_conv = n_turn;
+    int fed = 0, printed = 0, ended_at_eos = 0;
     int *conv = xcalloc((size_t)n_turn + (size_t)n + 1, sizeof(int)), ok = rows != NULL;
     memcpy(conv, turn, sizeof(int) * (size_t)n_turn);
     free(turn);
@@ -2849,9 +2862,10 @@ static void check_two_turns(const char *dir, const char *first, const char *seco
         if ((ended_at_eos = token == cfg.eos_ids[0])) break;
         printed++;
         if (k < n - 1) fed++;
-        else conv[n_conv++] = cfg.eos_ids[0];
+        else if (chat) conv[n_conv++] = cfg.eos_ids[0];
     }
-    n_turn = text_ids(&t, NULL, 0, second, TEXT_CHAT, "the prompt", &turn);
+    snprintf(line, sizeof line, "%s%s", chat || ended_at_eos ? "" : "\n", second);
+    n_turn = text_ids(&t, NULL, 0, line, how, "the prompt", &turn);
     int *whole = xcalloc((size_t)(n_conv + n_turn), sizeof(int));
     memcpy(whole, conv, sizeof(int) * (size_t)n_conv);
     memcpy(whole + n_conv, turn, sizeof(int) * (size_t)n_turn);
@@ -2878,10 +2892,11 @@ static void check_two_turns(const char *dir, const char *first, const char *seco
     CHECK(status == 0 && one_status == 0 && ok && ended_at_eos == eos && (eos || printed == n) && one && one_size == size &&
           worst < 1e-5f && chat_len > one_len && !strcmp(chat_text + chat_len - one_len, one_text) &&
           strstr(err, prompt_tokens) && !strstr(err, "> "),
-          "%s: chat of two turns vs one --ids run: status %d/%d, %zu vs %zu bytes of logits, worst %.2e, first reply %d "
-          "tokens%s, %s", dir, status, one_status, size, one_size, worst, printed, ended_at_eos ? " and EOS" : "", err);
-    printf("  %s: chat of two turns (first reply %d tokens%s) = one run over %d ids: worst relative logits difference %.2e\n",
-           dir, printed, ended_at_eos ? " and EOS" : "", n_conv, worst);
+          "%s: %s of two turns vs one --ids run: status %d/%d, %zu vs %zu bytes of logits, worst %.2e, first reply %d "
+          "tokens%s, %s", dir, chat ? "chat" : "plain text", status, one_status, size, one_size, worst, printed,
+          ended_at_eos ? " and EOS" : "", err);
+    printf("  %s: %s of two turns (first reply %d tokens%s) = one run over %d ids: worst relative logits difference %.2e\n",
+           dir, chat ? "chat" : "plain text", printed, ended_at_eos ? " and EOS" : "", n_conv, worst);
     free(one);
     free(rows);
     free(conv);
@@ -2929,11 +2944,13 @@ static void test_chat(void) {
         tokenizer_free(&t);
     } else CHECK(0, "%s", err_text);
 
-    check_two_turns("testdata/tiny-a", "It was the best", "of times", 4, 0);   /* the first reply ends at -n */
-    check_two_turns("testdata/tiny-c", "times", "of", 60, 1);                 /* the first reply ends at EOS */
+    check_two_turns("testdata/tiny-a", "It was the best", "of times", 4, 0, 1);   /* the first reply ends at -n */
+    check_two_turns("testdata/tiny-c", "times", "of", 60, 1, 1);                 /* the first reply ends at EOS */
+    check_two_turns("testdata/tiny-a", "It was the best", "of times", 4, 0, 0);   /* the same as plain text */
+    check_two_turns("testdata/tiny-c", "it", "of", 60, 1, 0);
     /* /exit ends the conversation; so does a context that fills */
     char *err;
-    int status = run_shell("printf 'It was\\n\\n/exit\\nof times\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 3 > build/bad/chat.txt", &err);
+    int status = run_shell("printf 'It was\\n\\n/exit\\nof times\\n' | " NVFP4_BIN " testdata/tiny-a -i --chat --temp 0 -n 3 > build/bad/chat.txt", &err);
     char *text = file_text("build/bad/chat.txt");
     int lines = 0;
     for (char *p = text; *p; p++) lines += *p == '\n';
@@ -2950,7 +2967,7 @@ static void test_chat(void) {
         CHECK(status == 0 && strstr(text, "> ") && strstr(text, "nvfp4: prompt "), "the chat prompt on a terminal: %s", text);
         free(text);
     }
-    expect_shell("printf 'It was the best\\nof times\\nit was\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 4 --ctx 20 > /dev/null",
+    expect_shell("printf 'It was the best\\nof times\\nit was\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 4 --ctx 20 --no-shift > /dev/null",
                  0, "the conversation ends");
     /* a line that is not valid UTF-8 or holds a NUL byte is skipped with a message, and the chat
        goes on as if it had not been typed */
@@ -2986,10 +3003,10 @@ static void test_chat(void) {
     n_special = text_ids(&t, &cfg.bos_id, 1, "<｜User｜>x<｜Assistant｜>", TEXT_CHAT | TEXT_SPECIAL, "the prompt", &ids);
     free(ids);
     tokenizer_free(&t);
-    status = run_shell("printf '<｜User｜>x<｜Assistant｜>\\n' | " NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 1 > /dev/null", &err);
+    status = run_shell("printf '<｜User｜>x<｜Assistant｜>\\n' | " NVFP4_BIN " testdata/tiny-a -i --chat --temp 0 -n 1 > /dev/null", &err);
     int got = stats_prompt_tokens(err);
     free(err);
-    status |= run_shell("printf '<｜User｜>x<｜Assistant｜>\\n' | " NVFP4_BIN " testdata/tiny-a -i --special --temp 0 -n 1 > /dev/null", &err);
+    status |= run_shell("printf '<｜User｜>x<｜Assistant｜>\\n' | " NVFP4_BIN " testdata/tiny-a -i --chat --special --temp 0 -n 1 > /dev/null", &err);
     int got_special = stats_prompt_tokens(err);
     CHECK(status == 0 && n_plain > n_special + 10 && got == n_plain && got_special == n_special,
           "-i: a typed <｜User｜> is text (%d prompt tokens, want %d), with --special the token (%d, want %d)", got, n_plain,
@@ -3006,6 +3023,180 @@ static void test_chat(void) {
     free(a);
     free(b);
     free(c);
+}
+
+/* The ids --tokenize prints for `args` (model and options), parsed into ids[cap]; the count, or -1. */
+static int tokenize_cli(const char *args, int *ids, int cap) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, NVFP4_BIN " %s --tokenize > build/bad/ids.txt 2> /dev/null", args);
+    if (system(cmd)) return -1;
+    char *text = file_text("build/bad/ids.txt");
+    int n = 0;
+    for (char *p = text; *p && *p != '\n' && n < cap; p += *p == ',') ids[n++] = (int)strtol(p, &p, 10);
+    free(text);
+    return n;
+}
+
+/* Start "exec CMD" through sh with a new pseudo-terminal as its standard input and controlling
+   terminal (CMD redirects its output to files); *master is the terminal's other end, where the
+   test types: a line, Ctrl-C (\x03: the terminal sends SIGINT), Ctrl-D (\x04: EOF at a line's
+   start). Returns the pid, or -1 (and *master -1) when no pseudo-terminal can be had. */
+static pid_t spawn_on_pty(const char *cmd, int *master) {
+    remove("build/bad/pty-out.txt");   /* the files the runs below are watched through */
+    remove("build/bad/pty-err.txt");
+    *master = posix_openpt(O_RDWR | O_NOCTTY);
+    if (*master < 0 || grantpt(*master) || unlockpt(*master) || !ptsname(*master)) {
+        if (*master >= 0) close(*master);
+        return *master = -1;
+    }
+    char slave[256], line[4096];
+    snprintf(slave, sizeof slave, "%s", ptsname(*master));
+    snprintf(line, sizeof line, "exec %s", cmd);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = setsid() < 0 ? -1 : open(slave, O_RDWR);   /* the session's controlling terminal */
+        if (fd < 0) _exit(127);
+        dup2(fd, 0);
+        close(*master);
+        signal(SIGINT, SIG_DFL);
+        execl("/bin/sh", "sh", "-c", line, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* Read what the pseudo-terminal echoes (the test does not check it), so that it never fills. */
+static void drain_pty(int master) {
+    char buf[4096];
+    struct pollfd p = {master, POLLIN, 0};
+    while (poll(&p, 1, 0) > 0 && read(master, buf, sizeof buf) > 0) {}
+}
+
+/* Wait up to 60 s until file `path` holds `text`, draining the pseudo-terminal meanwhile. */
+static int wait_on_pty(int master, const char *path, const char *text) {
+    for (double start = now_seconds(); now_seconds() - start < 60; usleep(5000)) {
+        drain_pty(master);
+        char *got = file_text(path);
+        int found = text ? strstr(got, text) != NULL : *got != 0;
+        free(got);
+        if (found) return 1;
+    }
+    return 0;
+}
+
+/* -i that behaves: plain text for a model without a chat template (the shipped one too), the chat
+   format with one or --chat, --system after BOS; the context shift keeps BOS and the system
+   prompt; Ctrl-C on a terminal stops a reply and the conversation goes on, at the prompt it ends
+   the conversation cleanly (status 130), as EOF does (status 0). */
+static void test_chat_modes(void) {
+    /* plain text for tiny-a and models/v4-small (no chat template), the chat format with one */
+    int want[64], n_plain = tokenize_cli("testdata/tiny-a 'It was'", want, 64);
+    int n_chat = tokenize_cli("testdata/tiny-a 'It was' --chat", want, 64);
+    int n_small = tokenize_cli("models/v4-small 'It was'", want, 64);
+    const char *d = copy_model("tiny-a", "template");
+    write_bytes(d, "tokenizer_config.json", "{\"chat_template\": \"{{ messages }}\"}", 35);
+    char *err;
+    int status = run_shell("echo 'It was' | " NVFP4_BIN " testdata/tiny-a -i -n 1 > /dev/null", &err);
+    int got_plain = stats_prompt_tokens(err);
+    free(err);
+    status |= run_shell("echo 'It was' | " NVFP4_BIN " build/bad/template -i -n 1 > /dev/null", &err);
+    int got_template = stats_prompt_tokens(err);
+    free(err);
+    status |= run_shell("echo 'It was' | " NVFP4_BIN " models/v4-small -i -n 1 > /dev/null", &err);
+    int got_small = stats_prompt_tokens(err);
+    free(err);
+    CHECK(status == 0 && n_plain > 1 && n_chat > n_plain && got_plain == n_plain && got_template == n_chat && got_small == n_small,
+          "-i: plain text without a chat template (%d prompt tokens, want %d; v4-small %d, want %d), the chat format with one "
+          "(%d, want %d)", got_plain, n_plain, got_small, n_small, got_template, n_chat);
+    /* --system: right after BOS, before <｜User｜>; with -i too */
+    int with[128], sys[64], *head;
+    int n_with = tokenize_cli("testdata/tiny-a 'It was' --chat --system 'Be brief.'", with, 128);
+    Config cfg;
+    Tokenizer t;
+    int add_bos;
+    load_config(&cfg, "testdata/tiny-a");
+    load_tokenizer(&t, &add_bos, "testdata/tiny-a", &cfg);
+    int n_sys = tokenizer_encode_plain(&t, "Be brief.", 9, sys, 64), n_head = chat_head(&t, cfg.bos_id, "Be brief.", 0, &head);
+    int n_next = tokenizer_encode_plain(&t, "\nof times", 9, NULL, 0);   /* a plain-text turn after the first */
+    free(head);
+    tokenizer_free(&t);
+    int same = n_with == n_chat + n_sys && with[0] == cfg.bos_id && !memcmp(with + 1, sys, sizeof(int) * (size_t)n_sys) &&
+               !memcmp(with + 1 + n_sys, want + 0, 0);
+    n_chat = tokenize_cli("testdata/tiny-a 'It was' --chat", want, 64);
+    same = same && !memcmp(with + 1 + n_sys, want + 1, sizeof(int) * (size_t)(n_chat - 1));
+    status = run_shell("echo 'It was' | " NVFP4_BIN " build/bad/template -i --system 'Be brief.' -n 1 > /dev/null", &err);
+    CHECK(status == 0 && same && n_head == 1 + n_sys && stats_prompt_tokens(err) == n_with,
+          "--system after BOS: %d ids (want %d + %d), -i %d prompt tokens, %s", n_with, n_chat, n_sys, stats_prompt_tokens(err), err);
+    free(err);
+    /* a full context: the oldest turns are dropped (one line each time) and the conversation goes
+       on; what is kept is prefilled again from position 0, BOS and the system prompt first, so
+       that the rows of logits there equal the conversation's first rows */
+    status = run_shell("printf 'It was the best\\nof times\\nit was\\nthe worst\\n' | " NVFP4_BIN " testdata/tiny-a -i --chat "
+                       "--system 'Be brief.' --temp 0 -n 4 --ctx 32 --dump-logits build/bad/shift.bin > build/bad/shift.txt", &err);
+    char *out = file_text("build/bad/shift.txt");
+    size_t size;
+    float *rows = (float *)read_file("build/bad/shift.bin", &size);
+    const char *said = strstr(err, "nvfp4: the context is full: dropped the oldest ");
+    int dropped = 0, turns = 0, kept = 0, lines = 0, rows_same = rows != NULL;
+    if (said) sscanf(said, "nvfp4: the context is full: dropped the oldest %d tokens (%d turn%*[s]); %d kept", &dropped, &turns, &kept);
+    if (said && !kept) sscanf(said, "nvfp4: the context is full: dropped the oldest %d tokens (%d turn); %d kept", &dropped, &turns, &kept);
+    for (char *p = out; *p; p++) lines += *p == '\n';
+    size_t at = (size_t)(dropped + kept) * 1024;   /* the first row prefilled again (tiny-a: 1024 logits a row) */
+    for (int r = 0; rows_same && r < n_head; r++)
+        rows_same = (at + (size_t)(r + 1) * 1024) * 4 <= size && !memcmp(rows + (size_t)r * 1024, rows + at + (size_t)r * 1024, 4096);
+    CHECK(status == 0 && said && dropped > 0 && turns > 0 && kept > n_head && lines >= 4 && rows_same && !strstr(err, "conversation ends"),
+          "the context shift: status %d, %d replies, dropped %d tokens (%d turns), %d kept, BOS and system rows again %s; %s", status,
+          lines, dropped, turns, kept, rows_same ? "the same" : "different", err);
+    printf("  the context shift: dropped %d tokens (%d turns), kept %d, BOS + system prompt (%d ids) prefilled again bit for bit\n",
+           dropped, turns, kept, n_head);
+    free(rows);
+    free(out);
+    free(err);
+    /* a line too long for the context even alone is skipped, and the conversation goes on */
+    expect_shell("printf 'It was the best of times, it was the worst of times\\nof\\n' | " NVFP4_BIN " testdata/tiny-a -i -n 2 --ctx 8 "
+                 "> /dev/null", 0, "does not fit in the context (--ctx 8) even alone: skipped");
+    /* Ctrl-C on a terminal during a reply (greedy tiny-a runs ~970 tokens before EOS): the reply
+       stops and the prompt comes back; the next turn prefills the reply's last token when it was
+       printed but not yet fed (it depends on when the signal comes), then its own ids; Ctrl-D at the prompt then ends it: a newline, the stats, status 0 */
+    status = system(NVFP4_BIN " testdata/tiny-a 'It was' --temp 0 -n 100000 --ctx 8192 > build/bad/full.txt 2> /dev/null");
+    char *full = file_text("build/bad/full.txt");
+    int master;
+    pid_t pid = spawn_on_pty(NVFP4_BIN " testdata/tiny-a -i --temp 0 -n 100000 --ctx 8192 > build/bad/pty-out.txt "
+                             "2> build/bad/pty-err.txt", &master);
+    if (pid < 0) {
+        printf("  skipped: Ctrl-C on a terminal (no pseudo-terminal)\n");
+        return;
+    }
+    int steps = wait_on_pty(master, "build/bad/pty-err.txt", "> ") && write(master, "It was\n", 7) == 7 &&
+                wait_on_pty(master, "build/bad/pty-out.txt", NULL) && write(master, "\x03", 1) == 1 &&
+                wait_on_pty(master, "build/bad/pty-err.txt", "> > ") && write(master, "of times\n", 9) == 9 &&
+                wait_on_pty(master, "build/bad/pty-err.txt", "> > > ") && write(master, "\x04", 1) == 1;
+    status = wait_for(pid, 60);
+    drain_pty(master);
+    err = file_text("build/bad/pty-err.txt");
+    out = file_text("build/bad/pty-out.txt");
+    lines = 0;
+    for (char *p = out; *p; p++) lines += *p == '\n';
+    size_t cut = strcspn(out, "\n");
+    int prompt = stats_prompt_tokens(err);   /* + 1: the reply's last token printed before the step that would feed it */
+    CHECK(steps && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0 && strstr(err, "> > > \nnvfp4: ") && lines >= 2 &&
+          cut + 100 < strlen(full) && !strncmp(out, full, cut) && prompt - n_plain - n_next >= 0 && prompt - n_plain - n_next <= 1,
+          "Ctrl-C during a reply, then a turn, then Ctrl-D: steps %d, status %d, first reply %zu of %zu bytes, %d prompt tokens "
+          "(want %d + 0 or 1 + %d), stderr %s", steps, status, cut, strlen(full), prompt, n_plain, n_next, err);
+    free(err);
+    free(full);
+    free(out);
+    close(master);
+    /* Ctrl-C at the prompt: a newline, the stats line, status 130 */
+    pid = spawn_on_pty(NVFP4_BIN " testdata/tiny-a -i -n 3 > build/bad/pty-out.txt 2> build/bad/pty-err.txt", &master);
+    steps = wait_on_pty(master, "build/bad/pty-err.txt", "> ") && write(master, "\x03", 1) == 1;
+    status = wait_for(pid, 60);
+    err = file_text("build/bad/pty-err.txt");
+    CHECK(steps && status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 130 && strstr(err, "> \nnvfp4: 0 prompt tokens") &&
+          strstr(err, "; interrupted\n"), "Ctrl-C at the prompt: status %d, stderr %s", status, err);
+    free(err);
+    close(master);
 }
 
 /* ---------------------------------------------------------------------------------- fuzzing */
@@ -4235,6 +4426,7 @@ int main(void) {
     test_perplexity();
     double shipped_nll = test_shipped_model();
     test_chat();
+    test_chat_modes();
     test_fuzz_corpus();
     test_gpu(shipped_nll);
     printf("%.1f s\n%d passed, %d failed\n", now_seconds() - start, passed, failed);

@@ -343,7 +343,11 @@ def main():
     if not os.path.exists(tc):
         tc = os.path.join(HERE, "..", "testdata", "tokenizer_config.json")
     if os.path.abspath(tc) != os.path.abspath(os.path.join(args.out, "tokenizer_config.json")):
-        shutil.copy(tc, os.path.join(args.out, "tokenizer_config.json"))
+        with open(tc) as f:
+            config = json.load(f)
+        config.pop("chat_template", None)   # trained on plain text, no chat turns: nvfp4 -i then continues text
+        with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
+            f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     t0 = time.time()
     train_ids = cached_ids(tok, args.tokenizer, args.train, os.path.join(args.out, "train_ids.npy"))

@@ -77,9 +77,13 @@ static void vmessage(const char *kind, const char *fmt, va_list ap) {
     if (text != small) free(text);
 }
 
-/* Print "nvfp4: ..." on stderr (a note: what the run does, what it replaced). */
+/* -q: notes, progress bars and the stats line are not printed; warnings and errors are. */
+static int quiet;
+
+/* Print "nvfp4: ..." on stderr (a note: what the run does, what it replaced), unless -q. */
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
+    if (quiet) return;
     va_list ap;
     va_start(ap, fmt);
     vmessage("", fmt, ap);
@@ -695,7 +699,7 @@ static int32_t *load_tid2eid(Model *m, int l) {
 /* A progress bar on stderr (loading, --perplexity), drawn only when stderr is a terminal; erased
    once done == total. */
 static void progress(const char *what, int done, int total) {
-    if (!isatty(2)) return;
+    if (!isatty(2) || quiet) return;
     int width = 40, filled = total ? done * width / total : width;
     fprintf(stderr, "\r%s [%.*s%*s] %d/%d", what, filled, "########################################", width - filled, "",
             done, total);
@@ -3949,9 +3953,11 @@ static int generate(const Backend *run, const Model *m, State *s, const Tokenize
 /* The stats on stderr, like llama.cpp's: the load time; the prompt's tokens, time and rate (or
    --perplexity's tokens, windows, time and rate); the generated tokens, their time (see
    generate) and the rate of the decode steps in it (none for a reply of one token, whose logits
-   came from the prompt); how the last reply ended when -n did not end it; the total time. */
+   came from the prompt); how the last reply ended when -n did not end it; the total time.
+   Not printed under -q. */
 static void print_stats(const Stats *st, const char *backend) {
     static const char *ended[] = {"", "; ended at EOS", "; ended: the context is full", "; interrupted", "; ended at a stop string"};
+    if (quiet) return;
     fprintf(stderr, "nvfp4: load %.2f ms\n", st->load_s * 1e3);
     if (st->windows >= 0)
         fprintf(stderr, "nvfp4: perplexity %d tokens, %d window%s, %.2f ms, %.2f tok/s%s\n", st->prompt_tokens, st->windows,
@@ -6466,10 +6472,11 @@ static void usage(FILE *f) {
             "  --stop STRING      end generation when the text holds STRING (not printed); up to %d\n"
             "                     of them, each at most %d bytes\n"
             "  --temp T           sampling temperature, 0 = greedy (default 0.6)\n"
-            "  --top-p P          nucleus sampling: keep the most likely tokens up to P (default 0.95)\n"
-            "  --seed S           random seed for sampling, 0 to 18446744073709551615 (default: from\n"
-            "                     the clock, printed)\n"
-            "  --ctx C            maximum context in tokens, prompt included (default 4096)\n"
+            "  --top-p P          nucleus sampling: keep the most likely tokens up to P, 0 < P <= 1\n"
+            "                     (default 0.95)\n"
+            "  -s, --seed S       random seed for sampling, 0 to 18446744073709551615 (default: from\n"
+            "                     the clock, printed when sampling)\n"
+            "  -c, --ctx C        maximum context in tokens, prompt included (default 4096)\n"
             "  --chunk T          prefill chunk size: at most T tokens per forward pass (default 128)\n"
             "  --chat             wrap the prompt (-i: every line) in DeepSeek V4's chat format\n"
             "  --system TEXT      the system prompt of the chat format, after BOS\n"
@@ -6488,10 +6495,13 @@ static void usage(FILE *f) {
             "  --bench            time the GPU path on V4-Flash's shapes with random weights (no MODEL_DIR)\n"
             "  --layers N         --bench: layers of Flash's pattern (default 8)\n"
             "  --position P       --bench: decode after a prefill of P tokens (default 4096)\n"
+            "  -q, --quiet        print no notes (running on the CPU, loaded, seed, replaced FILE), no\n"
+            "                     progress bar and no stats line; warnings and errors are printed\n"
             "  --version          print the version and the git commit it was built from\n"
             "  -h, --help         show this help\n"
             "  --                 end of the options: what follows is MODEL_DIR and the prompt, even\n"
             "                     when it begins with '-'\n"
+            "An option's value may follow it (--ctx 512) or be joined with '=' (--ctx=512, -n=8).\n"
             "No option takes a negative number but -n -1. Exit status: 0 done, 1 bad input (model, files, prompt),\n"
             "2 bad command line, 130 interrupted (SIGINT).\n", MAX_PROMPT_MIB, MAX_STOPS, MAX_STOP_BYTES);
 }
@@ -6512,12 +6522,16 @@ static void exit_done(void) {
     exit(0);
 }
 
-/* The value of `option` (the next argument): refused when absent or when it begins with '-'
-   (no option takes a negative number; -f and --perplexity take "-" for standard input). */
+/* 1 while parse_options reads an option given as --opt=value: its value cannot be an option. */
+static int value_joined;
+
+/* The value of `option` (the next argument, or what follows '=' in --opt=value): refused when
+   absent, or when it is a separate argument that begins with '-' (no option takes a negative
+   number; -f and --perplexity take "-" for standard input). */
 static const char *option_value(const char *option, const char *value) {
     if (!value) usage_error("%s needs a value", option);
     int stdin_ok = !strcmp(option, "-f") || !strcmp(option, "--file") || !strcmp(option, "--perplexity");
-    if (value[0] == '-' && (value[1] || !stdin_ok))
+    if (value[0] == '-' && (value[1] || !stdin_ok) && !value_joined)
         usage_error("%s needs a value, not \"%s\" (a prompt that begins with '-' goes after --, a file as ./%s)", option,
                     value, value);
     return value;
@@ -6545,15 +6559,23 @@ static uint64_t whole_arg(const char *option, const char *value, uint64_t lo, ui
     return v;
 }
 
-/* A real-number option within [lo, hi], in plain decimal notation (digits, a point, an
-   exponent: no sign, space, hex, inf or nan). */
-static double number_arg(const char *option, const char *value, double lo, double hi) {
+/* A real-number option within [lo, hi] (within (lo, hi] when `above`: lo itself refused), in
+   plain decimal notation (digits, a point, an exponent: no sign, space, hex, inf or nan). The
+   message states the range as it is accepted. */
+static double real_arg(const char *option, const char *value, double lo, double hi, int above) {
     option_value(option, value);
     char *end;
     double v = strtod(value, &end);
     int plain = ((value[0] >= '0' && value[0] <= '9') || value[0] == '.') && strspn(value, "0123456789.eE+-") == strlen(value);
-    if (!plain || *end || !(v >= lo && v <= hi)) usage_error("%s: \"%s\" is not a number from %g to %g", option, value, lo, hi);
+    if (!plain || *end || !(v >= lo && v <= hi) || (above && v == lo))
+        usage_error(above ? "%s: \"%s\" is not a number greater than %g and at most %g" : "%s: \"%s\" is not a number from %g to %g",
+                    option, value, lo, hi);
     return v;
+}
+
+/* A real-number option within [lo, hi] (real_arg). */
+static double number_arg(const char *option, const char *value, double lo, double hi) {
+    return real_arg(option, value, lo, hi, 0);
 }
 
 /* Parse "--ids 0,17,42": comma-separated decimal ids. Returns the count; *ids is allocated.
@@ -6587,9 +6609,9 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"-n", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--temp", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--top-p", NULL, RUN_TEXT | RUN_CHAT, 1},
-    {"--seed", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--seed", "-s", RUN_TEXT | RUN_CHAT, 1},
     {"--stop", NULL, RUN_TEXT | RUN_CHAT, 0},
-    {"--ctx", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
+    {"--ctx", "-c", RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
     {"--chunk", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
     {"--dump-logits", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--perplexity", NULL, RUN_PERPLEXITY, 1},
@@ -6643,14 +6665,28 @@ static Options parse_options(int argc, char **argv) {
             n_positional++;
             continue;
         }
+        /* --opt=value (and -n=8): split into the option's name and its value, which the branches
+           below then read as if it were the next argument; their i++ is undone after them */
+        char name[64];
+        const char *equals = strchr(a, '=');
+        value_joined = equals && (size_t)(equals - a) < sizeof name;
+        if (value_joined) {
+            memcpy(name, a, (size_t)(equals - a));
+            name[equals - a] = 0;
+            a = name, v = equals + 1;
+        }
+        int at = i;
         for (size_t k = 0; k < sizeof scoped_options / sizeof *scoped_options; k++)
             if (!strcmp(a, scoped_options[k].name) || (scoped_options[k].alias && !strcmp(a, scoped_options[k].alias))) {
                 if (given >> k & 1 && scoped_options[k].valued) usage_error("%s is given twice: give it once", a);
                 given |= 1u << k;
             }
         if (!strcmp(a, "--")) options_ended = 1;
-        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit_done(); }
-        else if (!strcmp(a, "--version")) { printf("nvfp4 %s (commit %s)\n", NVFP4_VERSION, NVFP4_COMMIT); exit_done(); }
+        else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            if (!value_joined) { usage(stdout); exit_done(); }
+        } else if (!strcmp(a, "--version")) {
+            if (!value_joined) { printf("nvfp4 %s (commit %s)\n", NVFP4_VERSION, NVFP4_COMMIT); exit_done(); }
+        }
         else if (!strcmp(a, "-n")) { o.n_generate = v && !strcmp(v, "-1") ? INT_MAX : (int)whole_arg(a, v, 1, 1 << 30); i++; }
         else if (!strcmp(a, "--stop")) {
             const char *stop = option_value(a, v);
@@ -6661,13 +6697,9 @@ static Options parse_options(int argc, char **argv) {
             i++;
         }
         else if (!strcmp(a, "--temp")) { o.temperature = (float)number_arg(a, v, 0, 100); i++; }
-        else if (!strcmp(a, "--top-p")) {
-            o.top_p = (float)number_arg(a, v, 0, 1);
-            if (o.top_p <= 0) usage_error("--top-p: \"%s\" is not a number greater than 0 and at most 1", v);
-            i++;
-        }
-        else if (!strcmp(a, "--seed")) { o.seed = whole_arg(a, v, 0, UINT64_MAX); o.seed_given = 1; i++; }
-        else if (!strcmp(a, "--ctx")) { o.max_ctx = (int)whole_arg(a, v, 1, 1 << 30); i++; }
+        else if (!strcmp(a, "--top-p")) { o.top_p = (float)real_arg(a, v, 0, 1, 1); i++; }
+        else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { o.seed = whole_arg(a, v, 0, UINT64_MAX); o.seed_given = 1; i++; }
+        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) { o.max_ctx = (int)whole_arg(a, v, 1, 1 << 30); i++; }
         else if (!strcmp(a, "--chunk")) { o.max_tokens = (int)whole_arg(a, v, 1, 1 << 20); i++; }
         else if (!strcmp(a, "--ids")) { free(o.ids); o.n_ids = ids_arg(option_value(a, v), &o.ids); n_prompts++; i++; }
         else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) { o.prompt = option_value(a, v); n_prompts++; i++; }
@@ -6685,8 +6717,12 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
         else if (!strcmp(a, "--system")) { o.system = option_value(a, v); i++; }
         else if (!strcmp(a, "--no-shift")) o.no_shift = 1;
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
         else usage_error("unknown option %s (see nvfp4 -h)", a);
+        if (value_joined && i == at) usage_error("%s takes no value: give %s, not %s", a, a, argv[at]);
+        if (value_joined) i = at;   /* the value was joined: the next argument is not the value */
     }
+    value_joined = 0;
     int run = o.bench ? RUN_BENCH : o.perplexity ? RUN_PERPLEXITY : o.tokenize_only ? RUN_TOKENIZE : o.interactive ? RUN_CHAT : RUN_TEXT;
     if (o.bench) {
         if (o.model_dir || n_prompts || o.cpu) usage_error("--bench takes no model, prompt or --cpu: it makes its own model on the GPU");
@@ -6789,7 +6825,6 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
-    if (!o.cpu && run != &gpu_backend) say("running on the CPU: %s", why);
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
@@ -6826,10 +6861,12 @@ int main(int argc, char **argv) {
     char where[384];
     State *state = run->load(&model, o.max_tokens, o.max_ctx, all_logits, sampler.rng, where, sizeof where);
     Stats stats = {.load_s = now_seconds() - t0, .windows = -1};
+    if (!o.cpu && run != &gpu_backend) say("running on the CPU: %s", why);   /* once the run is accepted */
     int big = model.weight_bytes >= 1e9;
     say("loaded %s (%d layers, %.2f %s of weights)%s in %.2f s", o.model_dir, c->n_layers,
         model.weight_bytes / (big ? 1e9 : 1e6), big ? "GB" : "MB", where, stats.load_s);
-    if (!o.seed_given && !o.perplexity) fprintf(stderr, "nvfp4: seed %llu (--seed %llu repeats this run)\n", (unsigned long long)o.seed, (unsigned long long)o.seed);
+    if (!o.seed_given && !o.perplexity && o.temperature > 0)   /* greedy decoding draws nothing */
+        say("seed %llu (--seed %llu repeats this run)", (unsigned long long)o.seed, (unsigned long long)o.seed);
     memcpy(stop_strings, o.stops, sizeof o.stops);
     n_stop_strings = o.n_stops;
     if (o.perplexity) perplexity(run, &model, state, ids, n_ids, add_bos ? c->bos_id : -1, &stats);

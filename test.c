@@ -1956,7 +1956,7 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a hi --temp nan", 2, "--temp: \"nan\" is not a number");
     expect_cli("testdata/tiny-a hi --temp ' 1'", 2, "--temp: \" 1\" is not a number");
     expect_cli("testdata/tiny-a hi --temp 1e3", 2, "--temp: \"1e3\" is not a number from 0 to 100");
-    expect_cli("testdata/tiny-a hi --top-p 2", 2, "--top-p: \"2\" is not a number from 0 to 1");
+    expect_cli("testdata/tiny-a hi --top-p 2", 2, "--top-p: \"2\" is not a number greater than 0 and at most 1");
     expect_cli("testdata/tiny-a hi --top-p 0", 2, "--top-p: \"0\" is not a number greater than 0 and at most 1");
     expect_cli("testdata/tiny-a hi -n -5", 2, "-n needs a value, not \"-5\"");
     expect_cli("testdata/tiny-a hi --stop ''", 2, "--stop: \"\" is not 1 to 256 bytes of UTF-8 text");
@@ -2022,6 +2022,24 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a -i --system x < /dev/null", 2, "--system is a system prompt of the chat format, and testdata/tiny-a "
                "has no chat template: give --chat too");
     expect_cli("testdata/tiny-a -i --chat --system x --system y", 2, "--system is given twice");
+    /* --opt=value, -c and -s: the same checks as --opt value; a flag takes no value */
+    expect_cli("testdata/tiny-a hi --cpu=1", 2, "--cpu takes no value: give --cpu, not --cpu=1");
+    expect_cli("testdata/tiny-a hi --help=1", 2, "--help takes no value: give --help, not --help=1");
+    expect_cli("testdata/tiny-a hi -q=yes", 2, "-q takes no value: give -q, not -q=yes");
+    expect_cli("testdata/tiny-a hi --frobnicate=3", 2, "unknown option --frobnicate");
+    expect_cli("testdata/tiny-a hi --top-p=0", 2, "--top-p: \"0\" is not a number greater than 0 and at most 1");
+    expect_cli("testdata/tiny-a hi --temp=", 2, "--temp: \"\" is not a number from 0 to 100");
+    expect_cli("testdata/tiny-a hi -n=-5", 2, "-n: \"-5\" is not a whole number from 1 to 1073741824");
+    expect_cli("testdata/tiny-a hi --ctx=0", 2, "--ctx: \"0\" is not a whole number from 1 to 1073741824");
+    expect_cli("testdata/tiny-a hi -c 0", 2, "-c: \"0\" is not a whole number from 1 to 1073741824");
+    expect_cli("testdata/tiny-a hi -c", 2, "-c needs a value");
+    expect_cli("testdata/tiny-a hi -s x", 2, "-s: \"x\" is not a whole number from 0 to 18446744073709551615");
+    expect_cli("testdata/tiny-a hi -s 1 --seed=2", 2, "--seed is given twice: give it once");
+    expect_cli("testdata/tiny-a hi --ctx=8 -c 9", 2, "-c is given twice: give it once");
+    expect_cli("testdata/tiny-a --perplexity=testdata/heldout.txt -s 1", 2, "--seed does nothing with --perplexity");
+    expect_cli("testdata/tiny-a --tokenize hi -c 64", 2, "--ctx does nothing with --tokenize");
+    expect_cli("testdata/tiny-a hi --layers=3", 2, "--layers does nothing without --bench");
+    expect_cli("testdata/tiny-a hi --dump-logits=build/bad/a.bin --dump-logits=build/bad/b.bin", 2, "--dump-logits is given twice");
     /* bad input: exit status 1 */
     expect_cli("testdata/tiny-a --ids 1,2,99999", 1, "--ids: token id 99999 is outside the vocabulary (0..1023)");
     expect_cli("testdata/tiny-a -f build/bad/no-such-prompt", 1, "cannot open the prompt file build/bad/no-such-prompt");
@@ -2364,6 +2382,69 @@ static void test_valid_utf8_out(void) {
             free(err);
         }
     CHECK(bad == 0, "--temp 5 --top-p 1: %d of %d runs print invalid UTF-8 (%d hold U+FFFD)", bad, runs, replaced);
+}
+
+/* Count the occurrences of `needle` in `text`. */
+static int count_of(const char *text, const char *needle) {
+    int n = 0;
+    for (const char *at = strstr(text, needle); at; at = strstr(at + 1, needle)) n++;
+    return n;
+}
+
+/* The habits of the command line: --opt=value and -c/-s read as --opt value (a joined value
+   never takes the next argument); -q prints no notes or stats but warnings and errors; the
+   "running on the CPU" note comes once, after the arguments are accepted; no seed line when
+   decoding is greedy. (The refusals are in test_bad_options.) */
+static void test_option_habits(void) {
+    char *err, *a, *b;
+    int status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 6 --temp 0.9 --seed 7 --top-p 0.9 --ctx 64 --chunk 2 "
+                           "> build/bad/a.txt", &err);
+    free(err);
+    status |= run_shell(NVFP4_BIN " -n=6 --temp=0.9 -s=7 --top-p=0.9 -c=64 --chunk=2 testdata/tiny-a 'It was' > build/bad/b.txt", &err);
+    a = file_text("build/bad/a.txt"), b = file_text("build/bad/b.txt");
+    CHECK(status == 0 && *a && !strcmp(a, b), "--opt=value, -s and -c sample as --opt value does: \"%s\" vs \"%s\": %s", a, b, err);
+    free(a);
+    free(b);
+    free(err);
+    status = system(NVFP4_BIN " testdata/tiny-a --tokenize -- '-x y' > build/bad/a.txt") |
+             system(NVFP4_BIN " testdata/tiny-a --tokenize --prompt=-x\\ y > build/bad/b.txt");
+    a = file_text("build/bad/a.txt"), b = file_text("build/bad/b.txt");
+    CHECK(status == 0 && *a && !strcmp(a, b), "--prompt=-x takes the value, dash and all: %s vs %s", a, b);
+    free(a);
+    free(b);
+    /* -q: nothing on stderr for a run that goes well (the GPU is hidden: the CPU note is one of
+       those silenced), a warning and an error all the same */
+    status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 4 -q > build/bad/a.txt", &err);
+    a = file_text("build/bad/a.txt");
+    CHECK(status == 0 && *a && !*err, "-q: text on stdout, nothing on stderr: %d, \"%s\", stderr \"%s\"", status, a, err);
+    free(a);
+    free(err);
+    status = run_shell(NVFP4_BIN " --quiet testdata/tiny-a --perplexity testdata/tiny-a/prompt.txt > build/bad/a.txt", &err);
+    a = file_text("build/bad/a.txt");
+    CHECK(status == 0 && !strncmp(a, "perplexity: ", 12) && !*err, "--quiet --perplexity: %d, \"%s\", stderr \"%s\"", status, a, err);
+    free(a);
+    free(err);
+    const char *d = copy_model("tiny-a", "quiet");
+    edit_file(d, "config.json", "\"rope_scaling\"", "\"rope_scal[[[[ing\"");
+    status = run_shell(NVFP4_BIN " build/bad/quiet 'It was' -n 2 -q > /dev/null", &err);
+    CHECK(status == 0 && count_of(err, "\n") == 1 && !strncmp(err, "nvfp4: warning: build/bad/quiet/config.json: unknown key", 56),
+          "-q keeps a warning, and only it: %d, %s", status, err);
+    free(err);
+    expect_cli("-q testdata/tiny-a --ids 1,99999", 1, "--ids: token id 99999 is outside the vocabulary");
+    /* the CPU note: once in a run that goes ahead; not before an error about the arguments */
+    status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 2 --temp 0 > /dev/null", &err);
+    CHECK(status == 0 && count_of(err, "nvfp4: running on the CPU: ") == 1 && !strstr(err, "nvfp4: seed"),
+          "a greedy run: the CPU note once, no seed line: %s", err);
+    free(err);
+    static const char *refused[] = {"--ids 1,99999", "hi --ctx 1000000000", "-f build/bad/no-such-prompt", "hi -n 0"};
+    for (int i = 0; i < 4; i++) {
+        char args[256];
+        snprintf(args, sizeof args, "testdata/tiny-a %s", refused[i]);
+        status = run_cli(args, &err);
+        CHECK(status != 0 && one_error_line(err) && !strstr(err, "running on the CPU"),
+              "nvfp4 %s: the error alone, no CPU note before it: %d, %s", args, status, err);
+        free(err);
+    }
 }
 
 /* --dump-logits never writes into the model directory or over a file the run reads, and leaves
@@ -4420,6 +4501,7 @@ int main(void) {
     test_version_and_stats();
     test_stops();
     test_valid_utf8_out();
+    test_option_habits();
     test_build_commit();
     test_dump_logits();
     test_signals();

@@ -2431,6 +2431,7 @@ static void test_option_habits(void) {
           "-q keeps a warning, and only it: %d, %s", status, err);
     free(err);
     expect_cli("-q testdata/tiny-a --ids 1,99999", 1, "--ids: token id 99999 is outside the vocabulary");
+    expect_cli("testdata/tiny-a hi --tokenize -q", 0, "");   /* -q goes with any run */
     /* the CPU note: once in a run that goes ahead; not before an error about the arguments */
     status = run_shell(NVFP4_BIN " testdata/tiny-a 'It was' -n 2 --temp 0 > /dev/null", &err);
     CHECK(status == 0 && count_of(err, "nvfp4: running on the CPU: ") == 1 && !strstr(err, "nvfp4: seed"),

@@ -8,7 +8,7 @@
 CC ?= cc
 CFLAGS ?= -O2 -g -Wall -Wextra
 SANITIZE = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
-LDLIBS = -lm -ldl
+LDLIBS = -lm -ldl -lpthread
 BUILD = build
 FUZZ_SECONDS ?= 60
 # the commit --version and --bench print: this directory's own, "unknown" unless it is the top of

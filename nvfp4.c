@@ -16,6 +16,8 @@
 #include <limits.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -789,6 +791,121 @@ static void free_model(Model *m) {
     memset(m, 0, sizeof *m);
 }
 
+/* ============================================================================== CPU threads */
+/* The CPU forward pass splits its two heavy loops across a pool of threads made once
+   (pool_start): the rows of each linear layer (linear) and the routed experts of a chunk (moe).
+   parallel_for(count, fn, arg) cuts [0, count) into one contiguous block per thread, runs
+   fn(arg, thread, begin, end) on each (block 0 on the calling thread) and returns when all are
+   done. A block only ever holds whole output elements (rows, experts), each computed by one
+   thread in the order one thread would use, never a dot product split: the results are
+   bit-identical for any number of threads. A parallel_for called from inside a block (a linear
+   inside an expert) runs its whole range on the calling thread. */
+typedef void (*BlockFn)(void *arg, int thread, int begin, int end);
+
+static struct {
+    int n;                      /* threads, the caller included (1: no workers) */
+    pthread_t *workers;         /* [n - 1]: worker i runs block i + 1 */
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;  /* workers wait on wake for a job; the caller on done for its end */
+    BlockFn fn;                 /* the job: fn over [0, count) */
+    void *arg;
+    int count;
+    unsigned job;               /* jobs started: a worker tells a new job from a spurious wake-up */
+    int running;                /* workers still in the job */
+    int quit;
+} pool = {1, NULL, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0, 0, 0, 0};
+static _Thread_local int pool_thread = -1;   /* the block this thread runs now, -1 outside a job */
+
+/* Run block `thread` of the current job. */
+static void pool_block(int thread, BlockFn fn, void *arg, int count) {
+    int n = pool.n;
+    pool_thread = thread;
+    fn(arg, thread, (int)((long long)count * thread / n), (int)((long long)count * (thread + 1) / n));
+    pool_thread = -1;
+}
+
+static void *pool_worker(void *arg) {
+    int thread = (int)(intptr_t)arg;
+    unsigned seen = 0;   /* pool_start makes the workers before job 1 */
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.job == seen && !pool.quit) pthread_cond_wait(&pool.wake, &pool.lock);
+        if (pool.quit) break;
+        seen = pool.job;
+        BlockFn fn = pool.fn;
+        void *job_arg = pool.arg;
+        int count = pool.count;
+        pthread_mutex_unlock(&pool.lock);
+        pool_block(thread, fn, job_arg, count);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.running == 0) pthread_cond_signal(&pool.done);
+    }
+    pthread_mutex_unlock(&pool.lock);
+    return NULL;
+}
+
+/* fn over [0, count), in one block per thread (see above). */
+static void parallel_for(int count, BlockFn fn, void *arg) {
+    if (pool.n == 1 || pool_thread >= 0) {   /* no workers, or inside a block: all here */
+        fn(arg, pool_thread >= 0 ? pool_thread : 0, 0, count);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.count = count;
+    pool.running = pool.n - 1;
+    pool.job++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    pool_block(0, fn, arg, count);
+    pthread_mutex_lock(&pool.lock);
+    while (pool.running) pthread_cond_wait(&pool.done, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* End the workers: one thread (the caller) from now on. */
+static void pool_stop(void) {
+    pthread_mutex_lock(&pool.lock);
+    pool.quit = 1;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    for (int i = 0; i < pool.n - 1; i++) pthread_join(pool.workers[i], NULL);
+    free(pool.workers);
+    pool.workers = NULL;
+    pool.n = 1;
+    pool.quit = 0;
+    pool.job = 0;
+}
+
+/* Run the CPU forward pass on n threads, the caller included (ends any earlier workers). A state
+   must be allocated after this call: its scratch has a weight row per thread. The workers take
+   no asynchronous signal (SIGINT and the others reach the main thread, whose handlers expect
+   them); the synchronous ones (SIGBUS of a shrunk checkpoint) stay with the thread that faults. */
+static void pool_start(int n) {
+    pool_stop();
+    if (n <= 1) return;
+    pool.workers = xcalloc((size_t)n - 1, sizeof *pool.workers);
+    sigset_t all, old;
+    sigfillset(&all);
+    int synchronous[] = {SIGBUS, SIGSEGV, SIGFPE, SIGILL};
+    for (int i = 0; i < 4; i++) sigdelset(&all, synchronous[i]);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (int i = 0; i < n - 1; i++, pool.n++) {
+        int err = pthread_create(&pool.workers[i], NULL, pool_worker, (void *)(intptr_t)(i + 1));
+        if (err) fatal("cannot start thread %d of %d: %s", i + 2, n, strerror(err));
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* The cores this process may run on (its affinity mask; the online cores when that is unknown). */
+static int usable_cores(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
 /* =========================================================================== decoding state */
 /* Everything the forward pass writes lives in one arena, laid out by plan_state from the chunk
    size T (max_tokens), the context C (max_ctx) and whether every row's logits are kept:
@@ -840,7 +957,8 @@ static int ring_rows(const State *s, const Config *c) { return c->sliding_window
 
 /* Lay the state for chunks of up to T tokens and a context of C tokens over `arena` (NULL:
    count only). s->layers must hold n_layers entries when laying out (it is left alone when
-   counting). Returns the arena's size in bytes (SIZE_MAX when that overflows). */
+   counting). The scratch has a weight row for each of the pool's threads (pool_start comes
+   first). Returns the arena's size in bytes (SIZE_MAX when that overflows). */
 static size_t plan_state(State *s, const Config *c, int T, int C, int all_logits, char *arena) {
     StatePlan p = {0, arena};
     size_t E = c->hidden_size, H = c->n_heads, D = c->head_dim, DI = c->index_dim, NI = c->index_heads;
@@ -849,6 +967,7 @@ static size_t plan_state(State *s, const Config *c, int T, int C, int all_logits
     s->max_tokens = T;
     s->max_ctx = C;
     s->all_logits = all_logits;
+    s->threads = pool.n;
     s->arena = arena;
 
     /* the cache */
@@ -885,7 +1004,8 @@ static size_t plan_state(State *s, const Config *c, int T, int C, int all_logits
     w->index_w = reserve(&p, n * NI, sizeof(float));
     w->scores = reserve(&p, W + (size_t)C, sizeof(float));
     w->values = reserve(&p, D, sizeof(double));
-    w->weight_row = reserve(&p, max_cols, sizeof(float));
+    w->weight_row = reserve(&p, (size_t)s->threads * max_cols, sizeof(float));
+    w->weight_row_floats = max_cols;
     w->selected = reserve(&p, (size_t)C, sizeof(int));
     w->entry = reserve(&p, widest_entry, sizeof(float));
     w->router = reserve(&p, n * X, sizeof(float));
@@ -997,9 +1117,34 @@ static void linear_rows(const Linear *w, int row0, int nrows, const float *x, si
     }
 }
 
-/* y[T, rows] = x[T, cols] W^T. */
-static void linear(const Linear *w, const float *x, float *y, int T, float *row) {
-    linear_rows(w, 0, w->rows, x, (size_t)w->cols, y, (size_t)w->rows, T, row);
+/* linear_rows with the rows split across the pool's threads, each decoding into its own row of
+   the scratch's weight_row. */
+typedef struct {
+    const Linear *w;
+    int row0;
+    const float *x;
+    size_t x_stride;
+    float *y;
+    size_t y_stride;
+    int T;
+    const Scratch *scratch;
+} LinearJob;
+
+static void linear_block(void *arg, int thread, int begin, int end) {
+    const LinearJob *j = arg;
+    float *row = j->scratch->weight_row + (size_t)thread * j->scratch->weight_row_floats;
+    linear_rows(j->w, j->row0 + begin, end - begin, j->x, j->x_stride, j->y + begin, j->y_stride, j->T, row);
+}
+
+static void parallel_linear_rows(const Linear *w, int row0, int nrows, const float *x, size_t x_stride, float *y,
+                                 size_t y_stride, int T, const Scratch *scratch) {
+    LinearJob job = {w, row0, x, x_stride, y, y_stride, T, scratch};
+    parallel_for(nrows, linear_block, &job);
+}
+
+/* y[T, rows] = x[T, cols] W^T, the rows split across the pool's threads. */
+static void linear(const Linear *w, const float *x, float *y, int T, const Scratch *scratch) {
+    parallel_linear_rows(w, 0, w->rows, x, (size_t)w->cols, y, (size_t)w->rows, T, scratch);
 }
 
 /* out[n] = x * rsqrt(mean(x^2) + eps) * weight (weight NULL: unweighted). out may be x. */
@@ -1258,10 +1403,10 @@ static void attend(const Config *c, const float *q, float sink, const KeySet *ke
 /* Queries q[T, H, D] (normed, rotated) and the shared latent kv[T, D] of the chunk. */
 static void attention_projections(const Config *c, const Layer *L, Scratch *w, int T, int pos0, const Rope *rope_l) {
     int H = c->n_heads, D = c->head_dim, R = c->rope_dim, Q = c->q_lora_rank;
-    linear(&L->wq_a, w->x, w->qr, T, w->weight_row);
+    linear(&L->wq_a, w->x, w->qr, T, w);
     for (int t = 0; t < T; t++) rmsnorm(w->qr + (size_t)t * Q, w->qr + (size_t)t * Q, L->q_norm, Q, c->rms_eps);
-    linear(&L->wq_b, w->qr, w->q, T, w->weight_row);
-    linear(&L->wkv, w->x, w->kv, T, w->weight_row);
+    linear(&L->wq_b, w->qr, w->q, T, w);
+    linear(&L->wkv, w->x, w->kv, T, w);
     for (int t = 0; t < T; t++) {
         for (int h = 0; h < H; h++) {
             float *q = w->q + ((size_t)t * H + h) * D;
@@ -1280,18 +1425,18 @@ static void compress_and_index(const Config *c, const Layer *L, State *s, int l,
     Scratch *w = &s->scratch;
     LayerCache *ls = &s->layers[l];
     int ratio = c->compress_ratio[l], csa = c->attn_kind[l] == ATTN_CSA;
-    linear(&L->compressor.wkv, w->x, w->comp_kv, T, w->weight_row);
-    linear(&L->compressor.wgate, w->x, w->comp_gate, T, w->weight_row);
+    linear(&L->compressor.wkv, w->x, w->comp_kv, T, w);
+    linear(&L->compressor.wgate, w->x, w->comp_gate, T, w);
     compressor_feed(c, &L->compressor, &ls->comp, csa ? 2 : 1, c->head_dim, ratio, w->comp_kv, w->comp_gate, T, pos0,
                     &s->rope_compress, w->entry);
     if (!csa) return;
     int NI = c->index_heads, DI = c->index_dim, R = c->rope_dim;
-    linear(&L->index_compressor.wkv, w->x, w->comp_kv, T, w->weight_row);
-    linear(&L->index_compressor.wgate, w->x, w->comp_gate, T, w->weight_row);
+    linear(&L->index_compressor.wkv, w->x, w->comp_kv, T, w);
+    linear(&L->index_compressor.wgate, w->x, w->comp_gate, T, w);
     compressor_feed(c, &L->index_compressor, &ls->index_comp, 2, DI, ratio, w->comp_kv, w->comp_gate, T, pos0,
                     &s->rope_compress, w->entry);
-    linear(&L->index_wq_b, w->qr, w->index_q, T, w->weight_row);
-    linear(&L->index_weights_proj, w->x, w->index_w, T, w->weight_row);
+    linear(&L->index_wq_b, w->qr, w->index_q, T, w);
+    linear(&L->index_weights_proj, w->x, w->index_w, T, w);
     for (int t = 0; t < T; t++)
         for (int h = 0; h < NI; h++) rope(w->index_q + ((size_t)t * NI + h) * DI + DI - R, R, pos0 + t, &s->rope_compress, 1);
 }
@@ -1323,9 +1468,9 @@ static void attention(const Model *m, State *s, int l, int T, int pos0) {
     /* grouped output projection: group g's heads -> O dims each, then wo_b mixes the groups */
     int G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
     for (int g = 0; g < G; g++)
-        linear_rows(&L->wo_a, g * O, O, w->attn + (size_t)g * group_in, (size_t)H * D, w->grouped + (size_t)g * O,
-                    (size_t)G * O, T, w->weight_row);
-    linear(&L->wo_b, w->grouped, w->block_out, T, w->weight_row);
+        parallel_linear_rows(&L->wo_a, g * O, O, w->attn + (size_t)g * group_in, (size_t)H * D,
+                             w->grouped + (size_t)g * O, (size_t)G * O, T, w);
+    linear(&L->wo_b, w->grouped, w->block_out, T, w);
 }
 
 /* ------------------------------------------------------------------------------------ MoE */
@@ -1343,7 +1488,7 @@ static void route(const Model *m, State *s, int l, const int *tokens, int T) {
     const Layer *L = &m->layers[l];
     Scratch *w = &s->scratch;
     int X = c->n_experts, K = c->topk;
-    linear(&L->gate, w->x, w->router, T, w->weight_row);
+    linear(&L->gate, w->x, w->router, T, w);
     for (int t = 0; t < T; t++) {
         float *score = w->router + (size_t)t * X;
         int *chosen = w->chosen + (size_t)t * K;
@@ -1379,18 +1524,43 @@ static void group_slots(Scratch *w, int X, int n_slots) {
 }
 
 /* One expert (or the shared expert) on n rows: out[n, E] = w2(silu(min(w1 x, limit)) *
-   clamp(w3 x, -limit, limit)) for x[n, E]. */
-static void expert_ffn(const Config *c, Scratch *w, const Linear *w1, const Linear *w2, const Linear *w3,
-                       const float *x, int n, float *out) {
+   clamp(w3 x, -limit, limit)) for x[n, E]; gate and up [n, I] hold w1's and w3's outputs. */
+static void expert_ffn(const Config *c, const Scratch *w, const Linear *w1, const Linear *w2, const Linear *w3,
+                       const float *x, int n, float *gate, float *up, float *out) {
     int I = c->moe_inter;
     float limit = c->swiglu_limit;
-    linear(w1, x, w->expert_gate, n, w->weight_row);
-    linear(w3, x, w->expert_up, n, w->weight_row);
+    linear(w1, x, gate, n, w);
+    linear(w3, x, up, n, w);
     for (size_t i = 0; i < (size_t)n * I; i++) {
-        float g = fminf(w->expert_gate[i], limit), u = fmaxf(fminf(w->expert_up[i], limit), -limit);
-        w->expert_gate[i] = g / (1.0f + expf(-g)) * u;
+        float g = fminf(gate[i], limit), u = fmaxf(fminf(up[i], limit), -limit);
+        gate[i] = g / (1.0f + expf(-g)) * u;
     }
-    linear(w2, w->expert_gate, out, n, w->weight_row);
+    linear(w2, gate, out, n, w);
+}
+
+/* The routed experts of layer l whose first slot (expert_start[e]) lies in [begin, end): a
+   block of slots, so that threads share the rows to compute rather than the experts. Each
+   expert works in its own rows of expert_gate and expert_up. */
+typedef struct {
+    const Model *m;
+    const Scratch *w;
+    int l;
+} ExpertsJob;
+
+static void experts_block(void *arg, int thread, int begin, int end) {
+    (void)thread;
+    const ExpertsJob *j = arg;
+    const Config *c = &j->m->config;
+    const Layer *L = &j->m->layers[j->l];
+    const Scratch *w = j->w;
+    size_t E = c->hidden_size, I = c->moe_inter;
+    for (int e = 0; e < c->n_experts; e++) {
+        int start = w->expert_start[e], n = w->expert_start[e + 1] - start;
+        if (!n || start < begin || start >= end) continue;
+        Linear w1 = expert_matrix(&L->w1, e), w2 = expert_matrix(&L->w2, e), w3 = expert_matrix(&L->w3, e);
+        expert_ffn(c, w, &w1, &w2, &w3, w->expert_x + start * E, n, w->expert_gate + start * I, w->expert_up + start * I,
+                   w->expert_out + start * E);
+    }
 }
 
 /* MoE sub-block of layer l for the chunk: x[T, E] (normed) -> block_out[T, E]. */
@@ -1403,13 +1573,9 @@ static void moe(const Model *m, State *s, int l, const int *tokens, int T) {
     group_slots(w, X, n_slots);
     for (int row = 0; row < n_slots; row++)   /* gather each slot's input row, in expert order */
         memcpy(w->expert_x + (size_t)row * E, w->x + (size_t)(w->slot_order[row] / K) * E, E * sizeof(float));
-    for (int e = 0; e < X; e++) {
-        int start = w->expert_start[e], n = w->expert_start[e + 1] - start;
-        if (!n) continue;
-        Linear w1 = expert_matrix(&L->w1, e), w2 = expert_matrix(&L->w2, e), w3 = expert_matrix(&L->w3, e);
-        expert_ffn(c, w, &w1, &w2, &w3, w->expert_x + (size_t)start * E, n, w->expert_out + (size_t)start * E);
-    }
-    expert_ffn(c, w, &L->shared_w1, &L->shared_w2, &L->shared_w3, w->x, T, w->block_out);
+    ExpertsJob job = {m, w, l};
+    parallel_for(n_slots, experts_block, &job);   /* the routed experts, split across the threads */
+    expert_ffn(c, w, &L->shared_w1, &L->shared_w2, &L->shared_w3, w->x, T, w->expert_gate, w->expert_up, w->block_out);
     for (int t = 0; t < T; t++) {   /* combine: the shared expert's output plus each slot, weighted */
         float *out = w->block_out + (size_t)t * E;
         for (int k = 0; k < K; k++) {
@@ -1432,6 +1598,7 @@ static void forward(const Model *m, State *s, const int *tokens, int T, int all_
     if (T < 1 || T > s->max_tokens) fatal("forward: a chunk of %d tokens (the state holds 1 to %d)", T, s->max_tokens);
     if (T > s->max_ctx - pos0) fatal("forward: positions %d..%d pass the context of %d", pos0, pos0 + T - 1, s->max_ctx);
     if (all_logits && !s->all_logits) fatal("forward: every row's logits asked of a state laid out for the last row only");
+    if (pool.n > s->threads) fatal("forward: %d threads run, the state was laid out for %d (pool_start comes first)", pool.n, s->threads);
     for (int t = 0; t < T; t++) {   /* embedding, copied into the HC residual streams */
         for (int e = 0; e < E; e++) {
             float v = tensor_float(&m->embed, (size_t)tokens[t] * E + e);
@@ -1460,7 +1627,7 @@ static void forward(const Model *m, State *s, const int *tokens, int T, int all_
         hc_head(m, w->h + (size_t)t * HC * E, x);
         rmsnorm(x, x, m->norm, E, c->rms_eps);
     }
-    linear(&m->head, w->x, w->logits, T - first, w->weight_row);
+    linear(&m->head, w->x, w->logits, T - first, w);
     s->pos += T;
 }
 
@@ -3697,6 +3864,9 @@ static void write_stderr_raw(const char *s, int escape) {
    other SIGBUS dies of the signal as usual. Async-signal-safe: write, unlink and _exit only. */
 static void on_sigbus(int sig, siginfo_t *info, void *context) {
     (void)context;
+    static atomic_int taken;   /* the CPU's threads fault together: the first reports, the rest wait for its exit */
+    if (atomic_exchange(&taken, 1))
+        for (;;) pause();
     uintptr_t at = (uintptr_t)info->si_addr;
     for (int i = 0; i < n_mapped; i++)
         if (at - (uintptr_t)mapped_files[i].map < mapped_files[i].size) {
@@ -3706,6 +3876,8 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
             remove_dump_temp();
             _exit(1);
         }
+    struct sigaction dfl = {.sa_handler = SIG_DFL};
+    sigaction(sig, &dfl, NULL);   /* not SA_RESETHAND: a second thread's fault must not kill the first's report */
     on_fatal_signal(sig);
 }
 
@@ -3733,7 +3905,7 @@ static void install_signal_handlers(void) {
     catch_signal(SIGHUP, &sa);
     catch_signal(SIGPIPE, &sa);
     sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sa.sa_flags = SA_SIGINFO;   /* on_sigbus resets it itself */
     sigaction(SIGBUS, &sa, NULL);
     signal(SIGXFSZ, SIG_IGN);
     atexit(remove_dump_temp);
@@ -6447,6 +6619,7 @@ typedef struct {
     int n_generate, max_ctx, max_tokens, chat, interactive, tokenize_only, seed_given;
     int special;                                                  /* --special: TEXT_SPECIAL or 0 */
     int cpu, gpu;                                                 /* --cpu, --gpu */
+    int threads;                                                  /* -t: CPU threads, 0: the usable cores */
     int bench, bench_layers, bench_position;                      /* --bench, --layers, --position */
     const char *stops[MAX_STOPS];                                 /* --stop, n_stops of them */
     int n_stops;
@@ -6490,6 +6663,8 @@ static void usage(FILE *f) {
             "  --perplexity FILE  print the perplexity of the text in FILE (- reads standard input), in\n"
             "                     windows of --ctx tokens, instead of generating\n"
             "  --cpu              run on the CPU even when a GPU is usable\n"
+            "  -t, --threads N    CPU threads, 1 to 1024 (default: the cores this process may use);\n"
+            "                     the output is the same for every N\n"
             "  --gpu              run on the GPU, or stop with the reason when none is usable\n"
             "                     (default: the GPU when one is usable, else the CPU)\n"
             "  --bench            time the GPU path on V4-Flash's shapes with random weights (no MODEL_DIR)\n"
@@ -6621,6 +6796,7 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"--tokenize", NULL, RUN_TOKENIZE, 0},
     {"--cpu", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 0},
     {"--gpu", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 0},
+    {"-t", "--threads", RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
     {"--layers", NULL, RUN_BENCH, 1},
     {"--position", NULL, RUN_BENCH, 1},
     {"--system", NULL, RUN_TEXT | RUN_CHAT | RUN_TOKENIZE, 1},
@@ -6712,6 +6888,7 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--tokenize")) o.tokenize_only = 1;
         else if (!strcmp(a, "--cpu")) o.cpu = 1;
         else if (!strcmp(a, "--gpu")) o.gpu = 1;
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { o.threads = (int)whole_arg(a, v, 1, 1024); i++; }
         else if (!strcmp(a, "--bench")) o.bench = 1;
         else if (!strcmp(a, "--layers")) { o.bench_layers = (int)whole_arg(a, v, 1, MAX_LAYERS); i++; }
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
@@ -6732,6 +6909,7 @@ static Options parse_options(int argc, char **argv) {
     if (!o.model_dir) { usage(stderr); exit(2); }
     if (n_prompts > 1) usage_error("give one prompt: an argument, -p, -f or --ids");
     if (o.cpu && o.gpu) usage_error("--cpu and --gpu contradict each other");
+    if (o.gpu && o.threads) usage_error("-t sets the CPU's threads: it does nothing with --gpu");
     if (o.perplexity && (n_prompts || o.interactive || o.tokenize_only || o.dump_logits || o.chat))
         usage_error("--perplexity evaluates the text of its file: it takes no prompt, -i, --ids, --tokenize, --dump-logits or --chat");
     if (o.perplexity && o.max_ctx < 2) usage_error("--perplexity needs --ctx 2 or more (a window predicts its tokens from those before)");
@@ -6825,6 +7003,7 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
+    if (run == &cpu_backend) pool_start(o.threads ? o.threads : usable_cores());
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
@@ -6883,6 +7062,7 @@ int main(int argc, char **argv) {
     free(ids);
     free(file_prompt);
     run->unload(state);
+    pool_stop();
     tokenizer_free(&tokenizer);
     free_model(&model);
     return 0;

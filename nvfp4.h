@@ -193,7 +193,8 @@ typedef struct {
     float *index_w;       /* [T, NI] */
     float *scores;        /* [W + C]: attention scores of one query, or indexer scores */
     double *values;       /* [D]: the attention output of one head being summed */
-    float *weight_row;    /* [largest linear input]: one decoded weight row */
+    float *weight_row;    /* [N, weight_row_floats]: a decoded weight row per thread (N: State's threads) */
+    size_t weight_row_floats;         /* the largest input of any linear layer */
     int *selected;        /* [C]: compressed entries a query attends to */
     float *entry;         /* [max(D, DI)]: one compressed entry being built */
     /* MoE, routed by slot: slot t*K + k is token t's k-th expert */
@@ -213,6 +214,7 @@ typedef struct {
 typedef struct {
     int max_tokens, max_ctx;          /* chunk size T and context C, fixed at allocation */
     int all_logits;                   /* logits kept for every row of a chunk, not only the last */
+    int threads;                      /* N: the CPU threads the scratch is laid out for (the pool's) */
     int pos;                          /* tokens already in the state */
     void *arena;                      /* the one allocation every buffer below points into */
     size_t cache_bytes, arena_bytes;  /* the cache is arena[0, cache_bytes), the scratch the rest */

@@ -150,11 +150,10 @@ static void test_unequal_global_scales(void) {
     w3.global_scale = 0.125f;
     Scratch w = {0};
     float x[32], out[32], row[32], gate[16], up[16], act[16], expect[32], wrong[32];
-    w.expert_gate = gate;
-    w.expert_up = up;
     w.weight_row = row;
+    w.weight_row_floats = 32;
     for (int i = 0; i < 32; i++) x[i] = uniform(-1, 1);
-    expert_ffn(&c, &w, &w1, &w2, &w3, x, 1, out);
+    expert_ffn(&c, &w, &w1, &w2, &w3, x, 1, gate, up, out);
     for (int pass = 0; pass < 2; pass++) {   /* pass 1: the bug of applying w1's scale to w3 */
         for (int r = 0; r < 16; r++) {
             double g = 0, u = 0;
@@ -366,9 +365,10 @@ static void test_config(void) {
 static void test_linear_against_naive(void) {
     static uint8_t codes[24 * 32], scales[24 * 4];
     float x[3 * 64], y[3 * 24], row[64];
+    Scratch scratch = {.weight_row = row, .weight_row_floats = 64};   /* one thread's row */
     for (int i = 0; i < 3 * 64; i++) x[i] = uniform(-1, 1);
     Linear w = random_nvfp4(24, 64, 0.01f, codes, scales);
-    linear(&w, x, y, 3, row);
+    linear(&w, x, y, 3, &scratch);
     float err = 0;
     for (int t = 0; t < 3; t++)
         for (int r = 0; r < 24; r++) {   /* naive: decode each weight on its own */
@@ -384,8 +384,8 @@ static void test_linear_against_naive(void) {
     /* a chunk of 7 rows (four at a time, then three alone) gives the same bits as 7 chunks of 1 */
     float x7[7 * 64], y7[7 * 24], y1[7 * 24];
     for (int i = 0; i < 7 * 64; i++) x7[i] = uniform(-1, 1);
-    linear(&w, x7, y7, 7, row);
-    for (int t = 0; t < 7; t++) linear(&w, x7 + t * 64, y1 + t * 24, 1, row);
+    linear(&w, x7, y7, 7, &scratch);
+    for (int t = 0; t < 7; t++) linear(&w, x7 + t * 64, y1 + t * 24, 1, &scratch);
     CHECK(!memcmp(y7, y1, sizeof y7), "linear over 7 rows at once differs from 7 rows one by one");
 }
 
@@ -809,21 +809,21 @@ static void test_attention_whole(void) {
         naive_entries(&c, &L->compressor, l ? 2 : 1, D, 4, x, P, rp, entries);
         if (l) naive_entries(&c, &L->index_compressor, 2, DI, 4, x, P, rp, index_keys);
         for (int p = 0; p < P; p++) {   /* every position's latent, for the windows */
-            linear(&L->wkv, x + p * E, kv + p * D, 1, s.scratch.weight_row);
+            linear(&L->wkv, x + p * E, kv + p * D, 1, &s.scratch);
             rmsnorm(kv + p * D, kv + p * D, L->kv_norm, D, c.rms_eps);
             rope(kv + p * D + D - R, R, p, rp, 1);
         }
         float err = 0;
         for (int p = 0; p < P; p++) {
             const float *xp = x + p * E;
-            linear(&L->wq_a, xp, qr, 1, s.scratch.weight_row);
+            linear(&L->wq_a, xp, qr, 1, &s.scratch);
             rmsnorm(qr, qr, L->q_norm, Q, c.rms_eps);
-            linear(&L->wq_b, qr, q, 1, s.scratch.weight_row);
+            linear(&L->wq_b, qr, q, 1, &s.scratch);
             int visible = (p + 1) / 4, chosen[8], n_chosen = visible;
             for (int e = 0; e < visible; e++) chosen[e] = e;
             if (l) {   /* the indexer: top 2 visible entries by sum_h relu(q_h . k) * w_h, scaled */
-                linear(&L->index_wq_b, qr, iq, 1, s.scratch.weight_row);
-                linear(&L->index_weights_proj, xp, iw, 1, s.scratch.weight_row);
+                linear(&L->index_wq_b, qr, iq, 1, &s.scratch);
+                linear(&L->index_weights_proj, xp, iw, 1, &s.scratch);
                 double score[8];
                 for (int h = 0; h < NI; h++) rope(iq + h * DI + DI - R, R, p, rp, 1);
                 for (int e = 0; e < visible; e++) {
@@ -868,7 +868,7 @@ static void test_attention_whole(void) {
             }
             for (int g = 0; g < G; g++)   /* group g: heads' outputs h*D/G .. -> O dims */
                 linear_rows(&L->wo_a, g * O, O, attn + g * (H * D / G), 0, grouped + g * O, 0, 1, s.scratch.weight_row);
-            linear(&L->wo_b, grouped, want, 1, s.scratch.weight_row);
+            linear(&L->wo_b, grouped, want, 1, &s.scratch);
             for (int e = 0; e < E; e++) err = fmaxf(err, fabsf(want[e] - got[p * E + e]));
         }
         CHECK(err < 2e-5f, "attention() layer %d (%s) over 23 positions in chunks of 5 vs naive: %g", l, l ? "CSA" : "HCA", err);
@@ -1274,6 +1274,59 @@ static void test_against_transformers(const char *dir, int chunk) {
     free_state(&s);
     free_reference(&ref);
     free_model(&m);
+}
+
+/* The CPU threads change nothing: every fixture's reference prompt (prefill chunks of 7, then
+   its greedy tokens one at a time) gives bit-identical logits, every row, on 1, 2, 3 and 7
+   threads (7: more threads than some linears' rows per block, and than a chunk's experts); so
+   does the command line with -t 1 and -t 3 (--dump-logits and the text). */
+static void test_threads(void) {
+    static const char *dirs[] = {"testdata/tiny-a", "testdata/tiny-b", "testdata/tiny-c", "testdata/tiny-d"};
+    static const int counts[] = {1, 2, 3, 7};
+    for (int d = 0; d < 4; d++) {
+        Model m;
+        load_model(&m, dirs[d]);
+        Reference ref = load_reference(dirs[d]);
+        int rows = ref.n_prompt + ref.n_steps, V = m.config.vocab_size, chunk = 7, differ = 0;
+        float *one = xcalloc((size_t)rows * V, sizeof(float)), *got = xcalloc((size_t)rows * V, sizeof(float));
+        for (int k = 0; k < 4; k++) {
+            pool_start(counts[k]);
+            State s;
+            alloc_state(&s, &m.config, chunk, 1024, 1);
+            for (int p = 0; p < rows;) {
+                int T = p < ref.n_prompt ? (ref.n_prompt - p < chunk ? ref.n_prompt - p : chunk) : 1;
+                forward(&m, &s, ref.ids + p, T, 1);
+                memcpy((k ? got : one) + (size_t)p * V, s.scratch.logits, (size_t)T * V * sizeof(float));
+                p += T;
+            }
+            free_state(&s);
+            if (k && memcmp(one, got, (size_t)rows * V * sizeof(float))) differ++;
+            CHECK(k == 0 || !memcmp(one, got, (size_t)rows * V * sizeof(float)),
+                  "%s: %d threads give the logits of 1 thread, bit for bit (%d rows)", dirs[d], counts[k], rows);
+        }
+        pool_start(1);
+        if (!differ) printf("  %s: logits bit-identical on 1, 2, 3 and 7 threads (%d rows)\n", dirs[d], rows);
+        free(one);
+        free(got);
+        free_reference(&ref);
+        free_model(&m);
+    }
+    char cmd[512];
+    size_t n1, n3, t1, t3;
+    for (int k = 0; k < 2; k++) {
+        snprintf(cmd, sizeof cmd, NVFP4_BIN " --cpu -t %d testdata/tiny-d -f testdata/tiny-d/prompt.txt -n 12 --temp 0 "
+                 "--chunk 16 --dump-logits build/threads-%d.bin > build/threads-%d.txt 2> /dev/null", k ? 3 : 1, k, k);
+        CHECK(system(cmd) == 0, "%s", cmd);
+    }
+    char *logits1 = read_file("build/threads-0.bin", &n1), *logits3 = read_file("build/threads-1.bin", &n3);
+    char *text1 = read_file("build/threads-0.txt", &t1), *text3 = read_file("build/threads-1.txt", &t3);
+    CHECK(logits1 && logits3 && n1 == n3 && n1 > 0 && !memcmp(logits1, logits3, n1) && text1 && text3 && t1 == t3 && t1 > 0 &&
+              !memcmp(text1, text3, t1),
+          "the command line with -t 1 and -t 3: the same --dump-logits (%zu and %zu bytes) and text", n1, n3);
+    free(logits1);
+    free(logits3);
+    free(text1);
+    free(text3);
 }
 
 /* tiny-b's reference prompt through the command line, `path` ("--cpu" or "--gpu", run with
@@ -2014,6 +2067,12 @@ static void test_bad_options(void) {
     expect_cli("--bench -i", 2, "-i does nothing with --bench");
     expect_cli("--bench --perplexity testdata/heldout.txt", 2, "--perplexity does nothing with --bench");
     expect_cli("testdata/tiny-a hi --layers 3", 2, "--layers does nothing without --bench");
+    expect_cli("testdata/tiny-a hi -t 0", 2, "-t: \"0\" is not a whole number from 1 to 1024");
+    expect_cli("testdata/tiny-a hi --threads 1025", 2, "--threads: \"1025\" is not a whole number from 1 to 1024");
+    expect_cli("testdata/tiny-a hi -t 2 --threads 3", 2, "--threads is given twice: give it once");
+    expect_cli("testdata/tiny-a hi --tokenize -t 2", 2, "-t does nothing with --tokenize");
+    expect_cli("--bench -t 2", 2, "-t does nothing with --bench");
+    expect_cli("testdata/tiny-a hi --gpu -t 2", 2, "-t sets the CPU's threads: it does nothing with --gpu");
     expect_cli("testdata/tiny-a -i --position 5", 2, "--position does nothing without --bench");
     expect_cli("testdata/tiny-a hi --no-shift", 2, "--no-shift does nothing without -i");
     expect_cli("testdata/tiny-a --perplexity testdata/heldout.txt --system x", 2, "--system does nothing with --perplexity");
@@ -3501,7 +3560,8 @@ static Linear gpu_random_linear(WeightFormat format, int rows, int cols, int sca
 static int gemv_rows_off(const Linear *w, const float *x, const float *y, float *expect, float *row, int first_base,
                          int *first_bad, double *worst) {
     int bad = 0;
-    linear(w, x, expect, 1, row);
+    Scratch one = {.weight_row = row, .weight_row_floats = (size_t)w->cols};   /* one thread's row */
+    linear(w, x, expect, 1, &one);
     for (int r = 0; r < w->rows; r++) {
         linear_row(w, r, row);
         double magnitude = 0;
@@ -4016,7 +4076,8 @@ static void test_gpu_hc(const Model *m, State *s, int T) {
     if (T == 1) {   /* decode: a GEMV makes x itself (STAGE_HC) and writes post and comb: the router's gate */
         int X = c->n_experts;
         float *router = xcalloc((size_t)X, sizeof(float)), *row = xcalloc((size_t)E, sizeof(float));
-        linear(&L->gate, w->x, router, 1, row);
+        Scratch one = {.weight_row = row, .weight_row_floats = (size_t)E};   /* one thread's row */
+        linear(&L->gate, w->x, router, 1, &one);
         CU_CHECK(cu.cuMemsetD8Async(DEV(gm.state.scratch.post), 0xff, HC * sizeof(float), gpu.stream));   /* NaN */
         CU_CHECK(cu.cuMemsetD8Async(DEV(gm.state.scratch.comb), 0xff, HC * HC * sizeof(float), gpu.stream));
         GemvHc site = gemv_hc_site(c, 0, 1);
@@ -4490,6 +4551,7 @@ int main(void) {
     test_against_transformers("testdata/tiny-d", 157);
     test_against_transformers("testdata/tiny-d", 7);
     test_against_transformers("testdata/tiny-d", 1);
+    test_threads();
     test_cli();
     test_bad_checkpoints();
     test_bad_configs();

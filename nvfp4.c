@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -1734,6 +1735,8 @@ enum {   /* the few enum values of cuda.h that nvfp4 passes */
     CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1,
     CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6,
     CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8,
+    CU_MEMHOSTALLOC_PORTABLE = 1,    /* page-locked for every context */
+    CU_MEMHOSTALLOC_DEVICEMAP = 2,   /* and mapped into the GPU's address space */
 };
 
 /* The driver entry points nvfp4 uses, filled by dlsym. Where cuda.h maps a name to a
@@ -1763,6 +1766,9 @@ static struct {
     CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr dst, const void *src, size_t bytes, CUstream stream);
     CUresult (*cuMemcpyDtoHAsync)(void *dst, CUdeviceptr src, size_t bytes, CUstream stream);
     CUresult (*cuMemsetD8Async)(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream);
+    CUresult (*cuMemHostAlloc)(void **p, size_t bytes, unsigned flags);
+    CUresult (*cuMemFreeHost)(void *p);
+    CUresult (*cuMemHostGetDevicePointer)(CUdeviceptr *d, void *p, unsigned flags);
     CUresult (*cuLaunchKernelEx)(const CUlaunchConfig *config, CUfunction f, void **params, void **extra);
     CUresult (*cuEventCreate)(CUevent *event, unsigned flags);
     CUresult (*cuEventDestroy)(CUevent event);
@@ -1802,6 +1808,9 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2"),
     CU_SYMBOL(cuMemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2"),
     CU_SYMBOL(cuMemsetD8Async, "cuMemsetD8Async"),
+    CU_SYMBOL(cuMemHostAlloc, "cuMemHostAlloc"),
+    CU_SYMBOL(cuMemFreeHost, "cuMemFreeHost"),
+    CU_SYMBOL(cuMemHostGetDevicePointer, "cuMemHostGetDevicePointer_v2"),
     CU_SYMBOL(cuLaunchKernelEx, "cuLaunchKernelEx"),
     CU_SYMBOL(cuEventCreate, "cuEventCreate"),
     CU_SYMBOL(cuEventDestroy, "cuEventDestroy_v2"),
@@ -1876,6 +1885,7 @@ ABI_AT(GemvSeg, first_slot, SEG_FIRST_SLOT);
 ABI_AT(GemvSeg, x_group, SEG_X_GROUP);
 ABI_AT(GemvSeg, row_blocks, SEG_ROW_BLOCKS);
 ABI_AT(GemvSeg, x_hc, SEG_X_HC);
+ABI_AT(GemvSeg, table, SEG_TABLE);
 ABI_SIZE(GemvHc, HC_BYTES);
 ABI_AT(GemvHc, post, HC_POST);
 ABI_AT(GemvHc, comb, HC_COMB);
@@ -1905,6 +1915,7 @@ ABI_AT(GemvRoute, active_count, RT_ACTIVE_COUNT);
 ABI_AT(GemvRoute, X, RT_X);
 ABI_AT(GemvRoute, K, RT_K);
 ABI_AT(GemvRoute, routed_scaling, RT_SCALING);
+ABI_AT(GemvRoute, hits, RT_HITS);
 ABI_SIZE(CompressorArgs, CA_BYTES);
 ABI_AT(CompressorArgs, kv, CA_KV_IN);
 ABI_AT(CompressorArgs, gate, CA_GATE_IN);
@@ -2351,24 +2362,106 @@ static size_t gpu_linear_scale_bytes(const Linear *w) {
          : w->format == FMT_FP8 ? (rows + 127) / 128 * (row_bytes / 128) * 4 : 0;
 }
 
-/* Copy rows [r0, r0 + n) of a [rows, src_bytes] byte matrix into dst as rows of dst_bytes,
-   zero-padded. */
-static void pad_rows(uint8_t *dst, size_t dst_bytes, const uint8_t *src, size_t src_bytes, size_t r0, size_t n) {
-    for (size_t r = 0; r < n; r++) {
-        memcpy(dst + r * dst_bytes, src + (r0 + r) * src_bytes, src_bytes);
-        memset(dst + r * dst_bytes + src_bytes, 0, dst_bytes - src_bytes);
+/* ------------------------------------------------------------------------------ writing */
+/* Everything a load writes goes through gm_write and upload_padded. A destination is either
+   device memory, reached through two page-locked staging buffers of GPU_STAGING bytes (the host
+   fills one, by all the CPU threads, while the copy engine moves the other: the copies are
+   asynchronous, and gpu_staging_close waits for the last), or the page-locked host memory of
+   the experts placed on the host (host_map), written in place with no copy at all. */
+
+static struct {
+    uint8_t *buf[2];     /* [GPU_STAGING] each, page-locked */
+    CUevent sent[2];     /* recorded after the copy out of buf[i] */
+    int next;            /* the buffer to fill next */
+} staging;
+
+/* The page-locked, mapped host memory of the experts placed on the host: [bytes] at base on the
+   host, at dev in the GPU's address space (empty when everything fits the GPU). */
+static struct {
+    char *base;
+    CUdeviceptr dev;
+    size_t bytes;
+} host_map;
+
+/* The host address of device address d when it lies in host_map, else NULL. */
+static void *host_address(CUdeviceptr d) {
+    return host_map.bytes && d >= host_map.dev && d - host_map.dev < host_map.bytes ? host_map.base + (d - host_map.dev) : NULL;
+}
+
+static void gpu_staging_open(void) {
+    for (int i = 0; i < 2; i++) {
+        CU_CHECK(cu.cuMemHostAlloc((void **)&staging.buf[i], GPU_STAGING, 0));
+        CU_CHECK(cu.cuEventCreate(&staging.sent[i], CU_EVENT_DEFAULT));
+    }
+    staging.next = 0;
+}
+
+/* Wait for the copies in flight and free the staging buffers. */
+static void gpu_staging_close(void) {
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    for (int i = 0; i < 2; i++) {
+        CU_CHECK(cu.cuMemFreeHost(staging.buf[i]));
+        CU_CHECK(cu.cuEventDestroy(staging.sent[i]));
+    }
+    memset(&staging, 0, sizeof staging);
+}
+
+/* The staging buffer to fill next, once the copy out of it has finished. */
+static uint8_t *staging_buffer(void) {
+    CU_CHECK(cu.cuEventSynchronize(staging.sent[staging.next]));   /* never recorded: returns at once */
+    return staging.buf[staging.next];
+}
+
+/* Copy the first `bytes` of the buffer staging_buffer gave to device address d (asynchronous). */
+static void staging_send(CUdeviceptr d, size_t bytes) {
+    CU_CHECK(cu.cuMemcpyHtoDAsync(d, staging.buf[staging.next], bytes, gpu.stream));
+    CU_CHECK(cu.cuEventRecord(staging.sent[staging.next], gpu.stream));
+    staging.next ^= 1;
+}
+
+/* Rows r0 .. r0 + n of src [rows, src_bytes] into dst as rows of dst_bytes, zero-padded. */
+typedef struct {
+    uint8_t *dst;
+    const uint8_t *src;
+    size_t dst_bytes, src_bytes, r0;
+} PadRows;
+
+static void pad_block(void *arg, int thread, int begin, int end) {
+    (void)thread;
+    const PadRows *p = arg;
+    for (size_t r = (size_t)begin; r < (size_t)end; r++) {
+        memcpy(p->dst + r * p->dst_bytes, p->src + (p->r0 + r) * p->src_bytes, p->src_bytes);
+        memset(p->dst + r * p->dst_bytes + p->src_bytes, 0, p->dst_bytes - p->src_bytes);
     }
 }
 
-/* Upload the byte matrix src [rows, src_bytes] into the device buffer d as rows padded to
-   dst_bytes, through `staging` (GPU_STAGING bytes): the whole tensor is never copied on the host. */
-static void upload_padded(CUdeviceptr d, const void *src, size_t rows, size_t src_bytes, size_t dst_bytes, uint8_t *staging) {
+/* The same on every CPU thread (the pages of an mmapped checkpoint are read here). */
+static void pad_rows(uint8_t *dst, size_t dst_bytes, const uint8_t *src, size_t src_bytes, size_t r0, size_t n) {
+    PadRows job = {dst, src, dst_bytes, src_bytes, r0};
+    parallel_for((int)n, pad_block, &job);
+}
+
+/* Write the byte matrix src [rows, src_bytes] to d (device or host_map) as rows padded to
+   dst_bytes: in place on the host, else a staging buffer at a time. */
+static void upload_padded(CUdeviceptr d, const void *src, size_t rows, size_t src_bytes, size_t dst_bytes) {
+    uint8_t *host = host_address(d);
+    if (host) {
+        pad_rows(host, dst_bytes, src, src_bytes, 0, rows);
+        return;
+    }
     size_t per_piece = GPU_STAGING / dst_bytes ? GPU_STAGING / dst_bytes : 1;
     for (size_t r0 = 0; r0 < rows; r0 += per_piece) {
         size_t n = rows - r0 < per_piece ? rows - r0 : per_piece;
-        pad_rows(staging, dst_bytes, src, src_bytes, r0, n);
-        gpu_upload(d + r0 * dst_bytes, staging, n * dst_bytes);
+        pad_rows(staging_buffer(), dst_bytes, src, src_bytes, r0, n);
+        staging_send(d + r0 * dst_bytes, n * dst_bytes);
     }
+}
+
+/* Write `bytes` from src to d (device or host_map), in rows of 1 MiB (the CPU threads share them). */
+static void gm_write(CUdeviceptr d, const void *src, size_t bytes) {
+    size_t row = (size_t)1 << 20, rows = bytes / row, tail = bytes - rows * row;
+    if (rows) upload_padded(d, src, rows, row, row);
+    if (tail) upload_padded(d + rows * row, (const uint8_t *)src + rows * row, 1, tail, tail);
 }
 
 /* What fill_random (kernels.ptx) writes. */
@@ -2415,12 +2508,11 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
     g->gscale62 = w->format == FMT_NVFP4 || w->format == FMT_MXFP4 ? ldexpf(w->global_scale, 62) : 0;
     gpu_gemv_shape(g);
     if (!weight) return;
-    uint8_t *staging = xcalloc(GPU_STAGING, 1);
-    if (w->weight) upload_padded(weight, w->weight, rows, src_bytes, row_bytes, staging);
+    if (w->weight) upload_padded(weight, w->weight, rows, src_bytes, row_bytes);
     else gpu_fill_random(weight, rows * row_bytes, w->format == FMT_BF16 ? FILL_BF16 : w->format == FMT_FP8 ? FILL_E4M3 : FILL_BYTES);
     if (w->format == FMT_NVFP4 || w->format == FMT_MXFP4) {
         int group = w->format == FMT_NVFP4 ? 16 : 32;   /* columns per scale; 8 or 16 code bytes */
-        if (w->scale) upload_padded(scale, w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group, staging);
+        if (w->scale) upload_padded(scale, w->scale, rows, (size_t)w->cols / group, row_bytes * 2 / group);
         else gpu_fill_random(scale, rows * (row_bytes * 2 / group), w->format == FMT_NVFP4 ? FILL_E4M3_SCALE : FILL_E8M0_SCALE);
     } else if (w->format == FMT_FP8) {   /* small: [ceil(rows/128), ceil(cols/128)] -> f32 * 2^56 */
         size_t brows = (rows + 127) / 128, bcols = ((size_t)w->cols + 127) / 128, dcols = row_bytes / 128;
@@ -2432,10 +2524,9 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
                                           : e8m0_to_float(((const uint8_t *)w->scale)[i * bcols + j]);
                 s[i * dcols + j] = ldexpf(v, 56);
             }
-        gpu_upload(scale, s, brows * dcols * sizeof(float));
+        gm_write(scale, s, brows * dcols * sizeof(float));
         free(s);
     }
-    free(staging);
 }
 
 /* What one GEMV computes beyond y = W x (kernels.ptx, "GEMV: y = W x"), zero for
@@ -2443,8 +2534,9 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
    - several products of W's shape (count slots; 0 means 1): slot z reads x + z * x_stride
      floats and writes y + z * y_stride floats with matrix m = z (expert 0) or, for experts
      chosen on the GPU (an int32 device array), m = expert[z % list_len] + (z / list_len) *
-     list_offset; its codes and scales lie m * stride_w and m * stride_s bytes after W's, and an
-     NVFP4 stack of matrices with global scales of their own gives them (times 2^62) in gscales62;
+     list_offset; its codes and scales lie m * stride_w and m * stride_s bytes after W's, or at
+     table[2m] and table[2m + 1] (a device array: routed experts), and an NVFP4 stack of matrices
+     with global scales of their own gives them (times 2^62) in gscales62;
      expert_ready says the list was written before the previous kernel (the GEMV may then read
      it before its griddepcontrol.wait: kernels.ptx, "the kernel");
    - x staged as SwiGLU(x, up) with up lying up_offset bytes after x (an expert's w2), or as
@@ -2454,6 +2546,7 @@ typedef struct {
     CUdeviceptr expert;
     int expert_ready;
     size_t stride_w, stride_s;
+    CUdeviceptr table;
     CUdeviceptr gscales62;
     int list_len, list_offset;
     size_t up_offset;
@@ -2500,7 +2593,8 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
         unsigned count = p->count ? (unsigned)p->count : 1, rows_iter = 4 * (block / 32 / (g->row_bytes / GPU_CHUNK));
         segs[i] = (GemvSeg){
             .w = g->weight, .s = g->scale, .x = parts[i].x, .y = parts[i].y, .expert = p->expert,
-            .stride_w = p->stride_w, .stride_s = p->stride_s, .gscales62 = p->gscales62, .up_offset = p->up_offset,
+            .stride_w = p->stride_w, .stride_s = p->stride_s, .table = p->table, .gscales62 = p->gscales62,
+            .up_offset = p->up_offset,
             .norm_weight = p->norm_weight, .format = gemv_format[g->format], .rows = (uint32_t)g->rows,
             .cols = (uint32_t)g->cols, .row_bytes = g->row_bytes, .x_stride = (uint32_t)p->x_stride,
             .y_stride = (uint32_t)p->y_stride, .list_len = p->list_len ? (uint32_t)p->list_len : count,
@@ -2583,15 +2677,14 @@ static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
 #define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gm.state */
 #define HC_SLICE 64                            /* columns of E per block of the mHC partial sums */
 
-/* A layer's routed experts on the GPU: expert e's matrix is the GpuLinear `one` with its
-   weight at weight + e * weight_stride, its scales at scale + e * scale_stride and its output
-   factor (gpu_gemm_factor) factors[e]. */
+/* One matrix (w1, w2 or w3) of a layer's routed experts on the GPU: expert e's is the GpuLinear
+   `one` with its codes and scales wherever the placement put them (device memory, or mapped
+   host memory: gpu_upload_experts), at the addresses table[2e] and table[2e + 1]. */
 typedef struct {
     GpuLinear one;               /* format, shape and padded row bytes of one expert */
-    CUdeviceptr weight, scale;   /* [X, rows, row_bytes], [X, scale bytes of one expert] */
-    size_t weight_stride, scale_stride;
-    CUdeviceptr factors;         /* [X] f32: the GEMM's output factors (gpu_gemm_factor) */
-    float *host_factors;         /* [X] the same, for per-expert prefill launches */
+    CUdeviceptr table;           /* u64 [X, 2]: expert e's codes and scales addresses (the GEMV's SEG_TABLE) */
+    CUdeviceptr *host_table;     /* [X, 2] the same, for per-expert prefill launches */
+    float *host_factors;         /* [X] the GEMM's output factors (gpu_gemm_factor) */
     CUdeviceptr gscales62;       /* [X] f32: NVFP4 global scales times 2^62, for the GEMV */
 } GpuExperts;
 
@@ -2638,6 +2731,11 @@ static struct {
     CUdeviceptr csa_out;                   /* [4D + 4DI + NI] decode: csa_stack's output, part by part */
     CUdeviceptr shared_act;                /* [2, I] decode: the shared expert's gate, then up */
     CUdeviceptr pos, tokens, rng, out_token; /* int32 [1], int32 [T], u64 [1], int32 [1] */
+    CUdeviceptr hits;                      /* uint32 [L, X]: decode's expert choices (gemv's routing counts them) */
+    uint64_t *prefill_hits;                /* [L, X] prefill's, counted on the host (gpu_moe_prefill) */
+    const uint8_t *on_device;              /* [L, X]: 1 where expert e of layer l is in device memory;
+                                              NULL: every expert is (place_experts) */
+    StatePlan host_plan;                   /* the layout of the host-placed experts in host_map */
     CUgraphExec decode_graph;              /* one decode step, captured by gpu_capture_decode */
     float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
 } gm;
@@ -2656,6 +2754,8 @@ static float gpu_gemm_factor(const GpuLinear *w) {
    allocated, placing and uploading. So the bytes the fit check names are the bytes allocated. */
 
 #define GPU_ALLOC_GRANULE ((size_t)2 << 20)   /* the driver hands out device memory in 2 MiB pages */
+#define GPU_HEADROOM ((size_t)512 << 20)      /* device memory a load leaves free (the decode graph, the
+                                                 driver's launch resources) */
 
 /* The next `bytes` of the model's arena: their device address, or 0 while counting. */
 static CUdeviceptr gm_reserve(size_t bytes) {
@@ -2668,39 +2768,51 @@ static CUdeviceptr gm_offset(CUdeviceptr base, size_t bytes) { return base ? bas
 /* A device copy of n floats (uploaded when placing). */
 static CUdeviceptr gm_floats(const float *host, size_t n) {
     CUdeviceptr d = gm_reserve(n * sizeof(float));
-    if (d) gpu_upload(d, host, n * sizeof(float));
+    if (d) gm_write(d, host, n * sizeof(float));
     return d;
 }
 
-/* Upload stacks[0..n) (n = 1, or 2 for w1 and w3 of one format) of a layer's X experts, side by
-   side in one allocation for the codes and one for the scales, each expert in the GEMV layout
-   placed straight into its slot: stack i's expert e is matrix i * X + e of the allocation, so
-   that one launch can reach both stacks (gpu_moe). The NVFP4 global scales of all n * X
-   matrices are one device array (stack i's at gscales62 + i * X). */
-static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int X) {
-    Linear first = expert_matrix(stacks[0], 0);
-    size_t weight_stride = gpu_linear_code_bytes(&first), scale_stride = gpu_linear_scale_bytes(&first);
-    CUdeviceptr weight = gm_reserve((size_t)n * X * weight_stride), scale = scale_stride ? gm_reserve((size_t)n * X * scale_stride) : 0;
+/* The next `bytes` of the host-placed experts' region: their device address (in host_map), or
+   0 while counting. */
+static CUdeviceptr gm_reserve_host(size_t bytes) {
+    char *p = reserve(&gm.host_plan, bytes, 1);
+    return p ? host_map.dev + (CUdeviceptr)(p - host_map.base) : 0;
+}
+
+/* Upload stacks[0..n) (n = 1, or 2 for w1 and w3 of one format) of layer l's X experts in the
+   GEMV layout, each expert's matrices in device memory or in the host region as gm.on_device
+   says, and describe them in g[0..n): one address table for all n * X matrices (stack i's
+   expert e is its entry i * X + e, so that one launch can reach both stacks: gpu_moe_decode)
+   and one device array of their NVFP4 global scales (times 2^62). */
+static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int l, int X) {
+    CUdeviceptr *table = xcalloc((size_t)n * X * 2, sizeof(CUdeviceptr));
     float *gscales62 = xcalloc((size_t)n * X, sizeof(float));
-    for (int i = 0; i < n; i++) {
-        GpuExperts *gi = &g[i];
-        gi->weight_stride = weight_stride;
-        gi->scale_stride = scale_stride;
-        gi->weight = gm_offset(weight, (size_t)i * X * weight_stride);
-        gi->scale = gm_offset(scale, (size_t)i * X * scale_stride);
-        gi->host_factors = xcalloc((size_t)X, sizeof(float));
-        for (int e = 0; e < X; e++) {
+    for (int e = 0; e < X; e++) {
+        int device = !gm.on_device || gm.on_device[(size_t)l * X + e];
+        for (int i = 0; i < n; i++) {
             Linear one = expert_matrix(stacks[i], e);
+            size_t code = gpu_linear_code_bytes(&one), scale = gpu_linear_scale_bytes(&one);
+            CUdeviceptr *at = &table[((size_t)i * X + e) * 2];
+            at[0] = device ? gm_reserve(code) : gm_reserve_host(code);
+            at[1] = !scale ? 0 : device ? gm_reserve(scale) : gm_reserve_host(scale);
             GpuLinear placed;
-            gpu_place_linear(&placed, &one, gm_offset(gi->weight, e * weight_stride), gm_offset(gi->scale, e * scale_stride));
-            gi->host_factors[e] = gpu_gemm_factor(&placed);
+            gpu_place_linear(&placed, &one, at[0], at[1]);
             gscales62[(size_t)i * X + e] = placed.gscale62;
-            if (e == 0) gi->one = placed;
+            if (e == 0) g[i].one = placed;
+            if (e == 0) g[i].host_factors = xcalloc((size_t)X, sizeof(float));
+            g[i].host_factors[e] = gpu_gemm_factor(&placed);
         }
-        gi->factors = gm_floats(gi->host_factors, (size_t)X);
     }
-    CUdeviceptr all = gm_floats(gscales62, (size_t)n * X);
-    for (int i = 0; i < n; i++) g[i].gscales62 = gm_offset(all, (size_t)i * X * sizeof(float));
+    CUdeviceptr all_table = gm_reserve((size_t)n * X * 2 * sizeof(CUdeviceptr));
+    if (all_table) gm_write(all_table, table, (size_t)n * X * 2 * sizeof(CUdeviceptr));
+    CUdeviceptr all_gscales = gm_floats(gscales62, (size_t)n * X);
+    for (int i = 0; i < n; i++) {
+        g[i].table = gm_offset(all_table, (size_t)i * X * 2 * sizeof(CUdeviceptr));
+        g[i].host_table = xcalloc((size_t)X * 2, sizeof(CUdeviceptr));
+        memcpy(g[i].host_table, &table[(size_t)i * X * 2], (size_t)X * 2 * sizeof(CUdeviceptr));
+        g[i].gscales62 = gm_offset(all_gscales, (size_t)i * X * sizeof(float));
+    }
+    free(table);
     free(gscales62);
 }
 
@@ -2795,14 +2907,143 @@ static void gpu_check_limits(const Config *c) {
 /* Free gm's host memory (the layers' descriptions); the device arena is left alone. */
 static void gm_free_host(void) {
     for (int l = 0; gm.layers && l < gm.n_layers; l++) {
-        free(gm.layers[l].w1.host_factors);
-        free(gm.layers[l].w2.host_factors);
-        free(gm.layers[l].w3.host_factors);
+        GpuExperts *stacks[3] = {&gm.layers[l].w1, &gm.layers[l].w2, &gm.layers[l].w3};
+        for (int i = 0; i < 3; i++) {
+            free(stacks[i]->host_factors);
+            free(stacks[i]->host_table);
+        }
     }
     free(gm.layers);
     free(gm.state.layers);
     gm.layers = NULL;
     gm.state.layers = NULL;
+}
+
+/* ------------------------------------------------------------------------ expert placement */
+/* When the model does not fit the GPU (or --gpu-mem), the routed experts that do not fit stay in
+   page-locked host memory mapped into the GPU's address space, and the kernels read them over
+   PCIe where they lie (zero-copy): everything else, and as many experts as fit, is in device
+   memory. Which experts get the device: the most used first, by the counts of an
+   --expert-profile (hits [L, X]: how often earlier runs chose expert e of layer l); ties, and
+   every expert without a profile (all counts 0), in the order expert 0 of every layer, expert 1
+   of every layer, ...: each layer gets the same number of device experts, the first layers one
+   more while the budget lasts. */
+
+typedef struct { uint64_t hits; int layer, expert; } ExpertRank;
+
+/* qsort order: more hits first, then the lower expert number, then the lower layer. */
+static int compare_expert_rank(const void *a, const void *b) {
+    const ExpertRank *x = a, *y = b;
+    if (x->hits != y->hits) return x->hits > y->hits ? -1 : 1;
+    if (x->expert != y->expert) return x->expert < y->expert ? -1 : 1;
+    return (x->layer > y->layer) - (x->layer < y->layer);
+}
+
+/* Choose on_device [L, X] (1: device memory, 0: host) for experts taking expert_bytes[l] bytes
+   of device memory each (layer l's w1, w2 and w3 as gpu_upload_experts lays them out), within
+   `budget` bytes, in the order above (hits NULL: no profile). Returns the bytes placed on the
+   device. */
+static size_t place_experts(int L, int X, const size_t *expert_bytes, const uint64_t *hits, size_t budget,
+                            uint8_t *on_device) {
+    size_t n = (size_t)L * X, used = 0;
+    ExpertRank *order = xcalloc(n, sizeof *order);
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < X; e++) order[(size_t)l * X + e] = (ExpertRank){hits ? hits[(size_t)l * X + e] : 0, l, e};
+    qsort(order, n, sizeof *order, compare_expert_rank);
+    memset(on_device, 0, n);
+    for (size_t i = 0; i < n; i++) {
+        size_t bytes = expert_bytes[order[i].layer];
+        if (bytes > budget - used) continue;
+        on_device[(size_t)order[i].layer * X + order[i].expert] = 1;
+        used += bytes;
+    }
+    free(order);
+    return used;
+}
+
+/* Bytes a decode step is expected to read from host memory: in layer l, K experts of read_bytes[l]
+   (their codes and scales) each, on the host with the probability the profile gives them (their
+   share of the layer's hits) or, without a profile or hits in that layer, uniformly. */
+static double host_bytes_per_token(int L, int X, int K, const size_t *read_bytes, const uint64_t *hits,
+                                   const uint8_t *on_device) {
+    double bytes = 0;
+    for (int l = 0; l < L; l++) {
+        double total = 0, on_host = 0, host_experts = 0;
+        for (int e = 0; e < X; e++) {
+            size_t i = (size_t)l * X + e;
+            total += hits ? (double)hits[i] : 0;
+            on_host += !on_device[i] && hits ? (double)hits[i] : 0;
+            host_experts += !on_device[i];
+        }
+        bytes += K * (double)read_bytes[l] * (total > 0 ? on_host / total : host_experts / X);
+    }
+    return bytes;
+}
+
+/* Device bytes of one of layer l's experts as gpu_upload_experts lays it out (*device, each
+   buffer rounded as reserve rounds it) and bytes its GEMVs read (*read: the codes and scales). */
+static void expert_bytes(const Layer *w, size_t *device, size_t *read) {
+    const ExpertStack *stacks[3] = {&w->w1, &w->w2, &w->w3};
+    *device = *read = 0;
+    for (int i = 0; i < 3; i++) {
+        Linear one = expert_matrix(stacks[i], 0);
+        size_t code = gpu_linear_code_bytes(&one), scale = gpu_linear_scale_bytes(&one);
+        *device += (code + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN + (scale + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
+        *read += (size_t)one.rows * linear_row_bytes(&one) + linear_scale_bytes(&one);
+    }
+}
+
+/* --expert-profile FILE: the experts' hits of earlier runs, as text: the line "nvfp4 expert
+   profile: L layers, X experts", then a line of X counts for each layer. */
+#define PROFILE_HEADER "nvfp4 expert profile: %d layers, %d experts\n"
+
+/* The counts [L, X] in `path`, or NULL when there is no such file (the first run writes it);
+   fatal, naming the file, when it is not such a profile or is one of another model's shape. */
+static uint64_t *read_expert_profile(const char *path, int L, int X) {
+    size_t size;
+    char *text = read_file(path, &size);
+    if (!text && errno == ENOENT) return NULL;
+    if (!text) fatal("--expert-profile: cannot read %s: %s", path, strerror(errno));
+    int file_l, file_x, at = 0;
+    if (sscanf(text, "nvfp4 expert profile: %d layers, %d experts\n%n", &file_l, &file_x, &at) != 2 || !at)
+        fatal("--expert-profile: %s is not an expert profile (it does not begin with \"nvfp4 expert profile:\")", path);
+    if (file_l != L || file_x != X)
+        fatal("--expert-profile: %s counts %d layers of %d experts, the model has %d layers of %d experts", path, file_l,
+              file_x, L, X);
+    uint64_t *hits = xcalloc((size_t)L * X, sizeof *hits);
+    const char *p = text + at;
+    for (size_t i = 0; i < (size_t)L * X; i++) {
+        char *end;
+        while (*p == ' ' || *p == '\n') p++;
+        errno = 0;
+        hits[i] = strtoull(p, &end, 10);
+        if (end == p || *p == '-' || errno)
+            fatal("--expert-profile: %s: count %zu of layer %zu is missing or not a count", path, i % X, i / X);
+        p = end;
+    }
+    while (*p == ' ' || *p == '\n') p++;
+    if (*p) fatal("--expert-profile: %s has more than %d layers of %d counts", path, L, X);
+    free(text);
+    return hits;
+}
+
+/* Write the counts [L, X] to `path` through a temporary file renamed over it (the old profile
+   stays whole until the new one is complete); fatal, naming the file, when it cannot. */
+static void write_expert_profile(const char *path, int L, int X, const uint64_t *hits) {
+    char *temp = xcalloc(strlen(path) + 16, 1);
+    sprintf(temp, "%s.tmp%d", path, (int)getpid());
+    FILE *f = fopen(temp, "w");
+    if (!f) fatal("--expert-profile: cannot write %s: %s", temp, strerror(errno));
+    fprintf(f, PROFILE_HEADER, L, X);
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < X; e++) fprintf(f, "%llu%c", (unsigned long long)hits[(size_t)l * X + e], e + 1 < X ? ' ' : '\n');
+    int failed = ferror(f) | fclose(f);
+    if (failed || rename(temp, path)) {
+        int error = errno;
+        unlink(temp);
+        fatal("--expert-profile: cannot write %s: %s", path, strerror(error));
+    }
+    free(temp);
 }
 
 /* Lay out model m for chunks of T tokens and a context of C over gm.plan: the weights in the
@@ -2813,7 +3054,7 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     const Config *c = &m->config;
     int E = c->hidden_size, X = c->n_experts, L = c->n_layers, placing = gm.plan.base != NULL;
     gm.embed = gm_reserve(m->embed.nbytes);
-    if (placing && m->embed.data) gpu_upload(gm.embed, m->embed.data, m->embed.nbytes);
+    if (placing && m->embed.data) gm_write(gm.embed, m->embed.data, m->embed.nbytes);
     if (placing && !m->embed.data) gpu_fill_random(gm.embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
     gm_linear(&gm.head, &m->head);
     gm.norm = gm_floats(m->norm, (size_t)E);
@@ -2875,21 +3116,21 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
         if (is_hash_layer(c, l)) {
             size_t n = (size_t)c->vocab_size * c->topk;
             g->tid2eid = gm_reserve(n * sizeof(int32_t));
-            if (placing) gpu_upload(g->tid2eid, w->tid2eid, n * sizeof(int32_t));
+            if (placing) gm_write(g->tid2eid, w->tid2eid, n * sizeof(int32_t));
         } else {
             g->gate_bias = gm_floats(w->gate_bias, (size_t)X);
         }
         g->w13_paired = w->w1.format == w->w3.format && w->w1.scale_is_f32 == w->w3.scale_is_f32;
         GpuExperts w13[2];
         if (g->w13_paired) {
-            gpu_upload_experts(w13, (const ExpertStack *[]){&w->w1, &w->w3}, 2, X);
+            gpu_upload_experts(w13, (const ExpertStack *[]){&w->w1, &w->w3}, 2, l, X);
             g->w1 = w13[0];
             g->w3 = w13[1];
         } else {
-            gpu_upload_experts(&g->w1, (const ExpertStack *[]){&w->w1}, 1, X);
-            gpu_upload_experts(&g->w3, (const ExpertStack *[]){&w->w3}, 1, X);
+            gpu_upload_experts(&g->w1, (const ExpertStack *[]){&w->w1}, 1, l, X);
+            gpu_upload_experts(&g->w3, (const ExpertStack *[]){&w->w3}, 1, l, X);
         }
-        gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, X);
+        gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, l, X);
         if (placing) progress("uploading layers", l + 1, L);
     }
 
@@ -2900,9 +3141,9 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     if (placing) {
         float *inv_freq = xcalloc((size_t)c->rope_dim / 2 + 1, sizeof(float));
         rope_frequencies(c, 0, inv_freq);
-        gpu_upload(DEV(gm.state.rope_main.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+        gm_write(DEV(gm.state.rope_main.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
         rope_frequencies(c, 1, inv_freq);
-        gpu_upload(DEV(gm.state.rope_compress.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+        gm_write(DEV(gm.state.rope_compress.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
         free(inv_freq);
     }
     gm.hc_slices = (E + HC_SLICE - 1) / HC_SLICE;
@@ -2920,7 +3161,7 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     int32_t identity[64];
     for (int k = 0; k < c->topk; k++) identity[k] = k;
     gm.slot_identity = gm_reserve((size_t)c->topk * sizeof(int32_t));
-    if (placing) gpu_upload(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
+    if (placing) gm_write(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
     gm.probs = gm_reserve((size_t)c->vocab_size * sizeof(float));
     gm.attn_splits = attention_splits(c);
     gm.attn_partial = gm_reserve((size_t)c->n_heads * gm.attn_splits * (c->head_dim + 4) * sizeof(float));
@@ -2932,68 +3173,177 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     gm.tokens = gm_reserve((size_t)T * sizeof(int32_t));
     gm.rng = gm_reserve(sizeof(uint64_t));
     gm.out_token = gm_reserve(sizeof(int32_t));
+    gm.hits = gm_reserve((size_t)L * X * sizeof(uint32_t));
 }
 
-/* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU:
-   gpu_lay_out counts the bytes, a model that does not fit is refused before anything is
-   allocated ("needs X GiB": the bytes then allocated), then one allocation, zeroed, is laid
-   out and filled. Returns the seconds the upload took. */
-static double gpu_load_model(const Model *m, int T, int C, int all_logits) {
+/* What a load may take, and what is known of the experts' use. */
+typedef struct {
+    size_t device_cap;         /* --gpu-mem: bytes of device memory the model may take (0: what the GPU has free) */
+    const uint64_t *profile;   /* [L, X]: --expert-profile's counts, or NULL */
+} GpuBudget;
+
+/* The budget of the command line's load (main sets it: --gpu-mem, --expert-profile). */
+static GpuBudget gpu_budget;
+
+/* Where a load put the model (the load line: gpu_placement_line). */
+static struct {
+    int host_experts, experts;   /* routed experts in host memory, of all L * X */
+    double pcie_per_token;       /* bytes a decode step is expected to read from host memory */
+} placed;
+
+/* Bytes the kernel reports MemAvailable (/proc/meminfo), or SIZE_MAX when it cannot be read. */
+static size_t host_memory_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    char line[256];
+    unsigned long long kib;
+    size_t bytes = SIZE_MAX;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %llu kB", &kib) == 1) bytes = (size_t)kib << 10;
+    if (f) fclose(f);
+    return bytes;
+}
+
+/* The limits on locking host memory, in words: RLIMIT_MEMLOCK and the cgroup's memory.max. */
+static void host_lock_limits(char *out, size_t n) {
+    struct rlimit r;
+    char rlimit[64] = "unknown", cgroup[64] = "none";
+    if (!getrlimit(RLIMIT_MEMLOCK, &r))
+        snprintf(rlimit, sizeof rlimit, r.rlim_cur == RLIM_INFINITY ? "unlimited" : "%.1f GiB", r.rlim_cur / 1073741824.0);
+    size_t size;
+    char *max = read_file("/sys/fs/cgroup/memory.max", &size);
+    if (max) snprintf(cgroup, sizeof cgroup, "%s", strncmp(max, "max", 3) ? "" : "unlimited");
+    if (max && !cgroup[0]) snprintf(cgroup, sizeof cgroup, "%.1f GiB", strtod(max, NULL) / 1073741824.0);
+    free(max);
+    snprintf(out, n, "RLIMIT_MEMLOCK %s, cgroup memory.max %s", rlimit, cgroup);
+}
+
+/* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU,
+   within `budget` (NULL: all the free device memory, no profile). gpu_lay_out counts the bytes
+   with every expert on the device; when they do not fit, the experts that do not are placed in
+   host memory (place_experts) and the layout is counted again. Refused before anything is
+   allocated, naming the numbers: a non-expert part that alone does not fit, host memory that
+   is not there or cannot be locked. Then one device allocation, zeroed, and (if any) one host
+   allocation, page-locked and mapped, are laid out and filled. Returns the seconds the upload
+   took. */
+static double gpu_load_model(const Model *m, int T, int C, int all_logits, const GpuBudget *budget) {
+    const Config *c = &m->config;
+    int L = c->n_layers, X = c->n_experts;
     char why[256];
-    gpu_check_limits(&m->config);
+    gpu_check_limits(c);
     memset(&gm, 0, sizeof gm);
+    memset(&placed, 0, sizeof placed);
     gpu_lay_out(m, T, C, all_logits);
     if (gm.plan.total == SIZE_MAX) fatal("the model's GPU layout for --ctx %d and --chunk %d is too large to address", C, T);
+    size_t all_device = gm.plan.total, free_bytes, total_bytes;
     gm_free_host();
+    CU_CHECK(cu.cuMemGetInfo(&free_bytes, &total_bytes));
+    size_t cap = budget && budget->device_cap ? budget->device_cap : SIZE_MAX;
+    size_t usable = free_bytes > GPU_HEADROOM ? free_bytes - GPU_HEADROOM : 0;
+    size_t room = (cap < usable ? cap : usable) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
+    uint8_t *on_device = NULL;
+    size_t *device_bytes = xcalloc((size_t)L, sizeof(size_t)), *read_bytes = xcalloc((size_t)L, sizeof(size_t));
+    for (int l = 0; l < L; l++) expert_bytes(&m->layers[l], &device_bytes[l], &read_bytes[l]);
+    if (all_device > room) {
+        size_t experts = 0;
+        for (int l = 0; l < L; l++) experts += (size_t)X * device_bytes[l];
+        size_t rest = all_device - experts;
+        if (rest > room)
+            fatal("the model's part other than its routed experts (the state for --ctx %d and --chunk %d included) needs "
+                  "%.2f GiB of GPU memory, and %s %.2f GiB", C, T, rest / 1073741824.0,
+                  cap < free_bytes ? "--gpu-mem allows" : "the GPU has free", room / 1073741824.0);
+        on_device = xcalloc((size_t)L * X, 1);
+        place_experts(L, X, device_bytes, budget ? budget->profile : NULL, room - rest, on_device);
+        for (size_t i = 0; i < (size_t)L * X; i++) placed.host_experts += !on_device[i];
+        placed.pcie_per_token = host_bytes_per_token(L, X, c->topk, read_bytes, budget ? budget->profile : NULL, on_device);
+        memset(&gm, 0, sizeof gm);   /* counted again, the placed experts on the host */
+        gm.on_device = on_device;
+        gpu_lay_out(m, T, C, all_logits);
+        gm_free_host();
+    }
+    placed.experts = L * X;
+    free(device_bytes);
+    free(read_bytes);
     size_t bytes = (gm.plan.total + GPU_ALLOC_GRANULE - 1) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
+    size_t host_bytes = gm.host_plan.total;
     if (!gpu_fits(bytes, why, sizeof why)) fatal("the model %s", why);
     double start = now_seconds();
     memset(&gm, 0, sizeof gm);
+    gm.on_device = on_device;
+    if (host_bytes) {
+        size_t available = host_memory_available();
+        if (host_bytes > available)
+            fatal("the %d routed experts that do not fit the GPU need %.2f GiB of host memory, and the host has %.2f GiB "
+                  "available (MemAvailable)", placed.host_experts, host_bytes / 1073741824.0, available / 1073741824.0);
+        CUresult r = cu.cuMemHostAlloc((void **)&host_map.base, host_bytes, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
+        if (r) {
+            char limits[160];
+            host_lock_limits(limits, sizeof limits);
+            fatal("cannot lock %.2f GiB of host memory for the %d routed experts that do not fit the GPU (%s; driver "
+                  "error %d)", host_bytes / 1073741824.0, placed.host_experts, limits, r);
+        }
+        CU_CHECK(cu.cuMemHostGetDevicePointer(&host_map.dev, host_map.base, 0));
+        host_map.bytes = host_bytes;
+        gm.host_plan.base = host_map.base;
+    }
     gm.arena = gpu_alloc(bytes);
     gm.arena_bytes = bytes;
     CU_CHECK(cu.cuMemsetD8Async(gm.arena, 0, bytes, gpu.stream));   /* the state at position 0, the counters 0 */
     gm.plan.base = (char *)(uintptr_t)gm.arena;
+    gpu_staging_open();
     gpu_lay_out(m, T, C, all_logits);
+    gpu_staging_close();
     gm.host_logits = xcalloc((size_t)(all_logits ? T : 1) * m->config.vocab_size, sizeof(float));
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    gm.prefill_hits = xcalloc((size_t)L * X, sizeof(uint64_t));
     return now_seconds() - start;
+}
+
+/* Where the last load put the model, in one line: device GiB, host GiB and which experts, the
+   bytes a token is expected to read over PCIe. */
+static void gpu_placement_line(char *out, size_t n) {
+    if (!host_map.bytes) {
+        snprintf(out, n, "%.2f GiB on the GPU (everything)", gm.arena_bytes / 1073741824.0);
+        return;
+    }
+    snprintf(out, n, "%.2f GiB on the GPU (everything but %d of the %d routed experts), %.2f GiB of those %d in "
+             "page-locked host memory: %.2f GB a token over PCIe expected", gm.arena_bytes / 1073741824.0,
+             placed.host_experts, placed.experts, host_map.bytes / 1073741824.0, placed.host_experts,
+             placed.pcie_per_token / 1e9);
+}
+
+/* The experts' hits [L, X] of this load so far: decode's (counted on the GPU) and prefill's. */
+static void gpu_expert_hits(uint64_t *hits, int L, int X) {
+    size_t n = (size_t)L * X;
+    uint32_t *decode = xcalloc(n, sizeof *decode);
+    gpu_download(decode, gm.hits, n * sizeof *decode);
+    for (size_t i = 0; i < n; i++) hits[i] = gm.prefill_hits[i] + decode[i];
+    free(decode);
 }
 
 /* Free everything gpu_load_model allocated. */
 static void gpu_unload(void) {
     if (gm.decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm.decode_graph));
     gpu_free(gm.arena);
+    if (host_map.base) CU_CHECK(cu.cuMemFreeHost(host_map.base));
+    memset(&host_map, 0, sizeof host_map);
     gm_free_host();
     free(gm.host_logits);
+    free(gm.prefill_hits);
+    free((void *)gm.on_device);
     memset(&gm, 0, sizeof gm);
 }
 
 /* -------------------------------------------------------------------------------- launches */
 
-/* Several products in one GEMM launch (grid.z = count): slot z reads x + z * x_stride floats,
-   writes y + z * y_stride floats and, when `expert` is set, uses expert expert[z] of a stack. */
-typedef struct {
-    int count, x_stride, y_stride;
-    CUdeviceptr expert;              /* int32 [count] device array, or 0 */
-    const GpuExperts *stack;         /* the experts `expert` indexes */
-} GemmSlots;
-
 /* y[t*y_stride + r] = factor * sum_c W[row0 + r, c] x[t*x_stride + c] for r < nrows, t < T, on
-   the tensor cores (kernels.ptx gemm_prefill), W in the GEMV layout; per slot when `slots`.
-   Mirrors linear_rows. */
+   the tensor cores (kernels.ptx gemm_prefill), W in the GEMV layout. Mirrors linear_rows. */
 static void gpu_gemm(const GpuLinear *w, float factor, int row0, int nrows, CUdeviceptr x, int x_stride, CUdeviceptr y,
-                     int y_stride, int T, const GemmSlots *slots) {
-    GemmSlots one = {1, 0, 0, 0, NULL};
-    if (!slots) slots = &one;
-    const GpuExperts *stack = slots->stack;
+                     int y_stride, int T) {
     GemmPrefillArgs args = {
         .y = y, .x = x, .weight = w->weight, .scale = w->scale, .global_scale = factor, .format = w->format,
         .scale_is_f32 = w->format == FMT_FP8, .T = (uint32_t)T, .cols = (uint32_t)w->cols, .row0 = (uint32_t)row0,
         .nrows = (uint32_t)nrows, .x_stride = (uint32_t)x_stride, .y_stride = (uint32_t)y_stride, .accumulate = 0,
-        .row_bytes = w->row_bytes, .slot_expert = slots->expert, .expert_stride_w = stack ? stack->weight_stride : 0,
-        .expert_stride_s = stack ? stack->scale_stride : 0, .expert_factor = stack ? stack->factors : 0,
-        .x_slot_stride = (uint32_t)slots->x_stride, .y_slot_stride = (uint32_t)slots->y_stride};
-    LAUNCH(K_GEMM, (unsigned)(nrows + 63) / 64, (unsigned)(T + 63) / 64, (unsigned)slots->count, 128, 0, args);
+        .row_bytes = w->row_bytes};
+    LAUNCH(K_GEMM, (unsigned)(nrows + 63) / 64, (unsigned)(T + 63) / 64, 1, 128, 0, args);
 }
 
 /* Rows row0 .. row0 + nrows of W applied to T rows of x: the GEMV for a whole matrix and one
@@ -3001,7 +3351,7 @@ static void gpu_gemm(const GpuLinear *w, float factor, int row0, int nrows, CUde
 static void gpu_linear_rows(const GpuLinear *g, int row0, int nrows, CUdeviceptr x, int x_stride, CUdeviceptr y,
                             int y_stride, int T) {
     if (T == 1 && row0 == 0 && nrows == g->rows) gpu_gemv(g, x, y);
-    else gpu_gemm(g, gpu_gemm_factor(g), row0, nrows, x, x_stride, y, y_stride, T, NULL);
+    else gpu_gemm(g, gpu_gemm_factor(g), row0, nrows, x, x_stride, y, y_stride, T);
 }
 
 /* Append ya = A x and yb = B x (one token) to parts[n]: one part of two slots for a pair
@@ -3244,10 +3594,10 @@ static void gpu_expert_gemm(const GpuExperts *g, CUdeviceptr x, CUdeviceptr y, c
         int n = start[e + 1] - start[e];
         if (!n) continue;
         GpuLinear one = *w;
-        one.weight = g->weight + e * g->weight_stride;
-        one.scale = g->scale ? g->scale + e * g->scale_stride : 0;
+        one.weight = g->host_table[2 * e];
+        one.scale = g->host_table[2 * e + 1];
         gpu_gemm(&one, g->host_factors[e], 0, w->rows, x + (size_t)start[e] * w->cols * 4, w->cols,
-                 y + (size_t)start[e] * w->rows * 4, w->rows, n, NULL);
+                 y + (size_t)start[e] * w->rows * 4, w->rows, n);
     }
 }
 
@@ -3276,6 +3626,7 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
     LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, route);
     int *start = xcalloc((size_t)X + 1, sizeof(int));
     gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
+    for (int e = 0; e < X; e++) gm.prefill_hits[(size_t)l * X + e] += (uint64_t)(start[e + 1] - start[e]);
     GatherRowsArgs gather = {.dst = DEV(w->expert_x), .src = x, .slot_order = DEV(w->slot_order), .K = (uint32_t)K,
                              .E = (uint32_t)E};
     LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, gather);
@@ -3403,8 +3754,7 @@ static void gpu_attention_decode(const Model *m, int l, const GemvHc *hc) {
    up_offset bytes after x when up_offset is not 0), output row k. */
 static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit) {
     return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm.state.scratch.chosen),
-                      .stride_w = g->weight_stride, .stride_s = g->scale_stride,
-                      .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
+                      .table = g->table, .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
                       .up_offset = up_offset, .limit = limit};
 }
 
@@ -3434,8 +3784,8 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
                           shared_gate, shared_up);
     if (g->w13_paired && gm.state.max_tokens >= 2) {
         const GpuLinear *one = &g->w1.one;
-        routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.weight_stride,
-                              .stride_s = g->w1.scale_stride, .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
+        routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .table = g->w1.table,
+                              .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
                               .list_len = K, .list_offset = X};
         parts[n++] = (GemvPart){one, x, DEV(w->expert_gate), &routed13};
         up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
@@ -3448,7 +3798,8 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     again.post = again.comb = 0;
     GemvRoute route = {DEV(w->router), g->gate_bias, g->tid2eid, gm.tokens, DEV(w->chosen), DEV(w->route_weight),
                        DEV(w->expert_start), DEV(w->slot_order), DEV(w->slot_row), gm.active_experts,
-                       gm.active_count, (uint32_t)X, (uint32_t)K, c->routed_scaling, 0};
+                       gm.active_count, (uint32_t)X, (uint32_t)K, c->routed_scaling, 0,
+                       gm.hits + (size_t)l * X * sizeof(uint32_t)};
     gpu_gemv_launch(parts, n, hc ? &again : NULL, &route);
 
     /* w2: the experts' list comes from the launch just before (read after the wait) */
@@ -3992,9 +4343,11 @@ static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_
 /* ---------- the GPU ---------- */
 
 static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
-    double seconds = gpu_load_model(m, T, C, all_logits);
+    double seconds = gpu_load_model(m, T, C, all_logits, &gpu_budget);
     gpu_upload(gm.rng, &rng, sizeof rng);
-    snprintf(where, n, " onto %s (%.1f GB/s upload)", gpu.name, m->weight_bytes / seconds / 1e9);
+    char line[320];
+    gpu_placement_line(line, sizeof line);
+    snprintf(where, n, " onto %s, %.1f GB/s: %s,", gpu.name, m->weight_bytes / seconds / 1e9, line);
     return &gm.state;
 }
 
@@ -4405,6 +4758,14 @@ static void stream_call(void *arg, int i) {
     gpu_stream_read(r->buf, r->bytes, r->out);
 }
 
+/* One copy of bytes from page-locked host memory to the device (the copy engine's rate). */
+typedef struct { CUdeviceptr dst; const void *src; size_t bytes; } CopyRun;
+static void copy_call(void *arg, int i) {
+    (void)i;
+    CopyRun *r = arg;
+    CU_CHECK(cu.cuMemcpyHtoDAsync(r->dst, r->src, r->bytes, gpu.stream));
+}
+
 /* V4-Flash's configuration (its config.json, read as parse_config reads it) cut to `layers`. */
 static void bench_config(Config *c, int layers) {
     memset(c, 0, sizeof *c);
@@ -4570,18 +4931,56 @@ static void sample_call(void *arg, int i) {
     gpu_sample(r->sampler, r->V, 0, 0);
 }
 
-/* The benchmark (see above). */
-static void bench(int layers, int position) {
-    char why[512];
+/* Bytes of routed experts in host memory that the decode steps between two hit counts read
+   (before, after [L, X]: gpu_expert_hits). */
+static double bench_host_bytes(const Model *m, const uint64_t *before, const uint64_t *after) {
+    const Config *c = &m->config;
+    double bytes = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        size_t device, read;
+        expert_bytes(&m->layers[l], &device, &read);
+        for (int e = 0; e < c->n_experts; e++) {
+            size_t i = (size_t)l * c->n_experts + e;
+            if (gm.on_device && !gm.on_device[i]) bytes += (double)(after[i] - before[i]) * read;
+        }
+    }
+    return bytes;
+}
+
+/* The benchmark (see above), the model within gpu_mem bytes of device memory (0: all it can). */
+static void bench(int layers, int position, size_t gpu_mem) {
+    char why[512], line[320];
     if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
+    pool_start(usable_cores());
+    /* the ceilings, same card, same run (before the model takes the memory): a streaming read of
+       2 GiB of device memory, */
+    StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
+    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
+    double stream_gbs = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;
+    gpu_free(sr.buf);
+    /* the SMs reading 2 GiB of mapped page-locked host memory the way the kernels read
+       host-placed experts (PCIe), and the copy engine moving it to the device */
+    void *host;
+    CU_CHECK(cu.cuMemHostAlloc(&host, sr.bytes, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP));
+    memset(host, 0x5a, sr.bytes);
+    CU_CHECK(cu.cuMemHostGetDevicePointer(&sr.buf, host, 0));
+    double pcie_gbs = sr.bytes / gpu_median_us(stream_call, &sr, 1) * 1e-3;
+    CopyRun copy = {gpu_alloc(sr.bytes), host, sr.bytes};
+    double copy_gbs = sr.bytes / gpu_median_us(copy_call, &copy, 1) * 1e-3;
+    gpu_free(copy.dst);
+    CU_CHECK(cu.cuMemFreeHost(host));
+    gpu_free(sr.out);
+
     Model m;
     bench_model(&m, layers, 256, 129280);
     const Config *c = &m.config;
     int chunk = 2048, steps = 48, ctx = position + steps + 16;
-    double upload = gpu_load_model(&m, chunk, ctx, 0);
+    GpuBudget budget = {gpu_mem, NULL};
+    double upload = gpu_load_model(&m, chunk, ctx, 0, &budget);
+    gpu_placement_line(line, sizeof line);
     printf("nvfp4 --bench on %s (%d SMs, driver %d.%d), commit %s: V4-Flash shapes, %d layers, random weights "
-           "(made in %.1f s, %.1f GB on the GPU)\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000,
-           gpu.driver_version % 1000 / 10, NVFP4_COMMIT, layers, upload, gm.arena_bytes / 1e9);
+           "made in %.1f s: %s\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000, gpu.driver_version % 1000 / 10,
+           NVFP4_COMMIT, layers, upload, line);
 
     /* prefill: random tokens in chunks of 2048 */
     uint64_t rng = 99;
@@ -4605,33 +5004,39 @@ static void bench(int layers, int position) {
     gpu_capture_decode(&m, &greedy);
     long kernels = gpu_launches - before, fixed = 4;   /* embed, first mixes, head, sample */
     for (int i = 0; i < 4; i++) CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));   /* warm-up */
+    size_t n_hits = (size_t)layers * c->n_experts;
+    uint64_t *hits_before = xcalloc(n_hits, sizeof(uint64_t)), *hits_after = xcalloc(n_hits, sizeof(uint64_t));
+    gpu_expert_hits(hits_before, layers, c->n_experts);
     float ms = bench_decode_ms(steps - 4);
+    gpu_expert_hits(hits_after, layers, c->n_experts);
+    double host_bytes = bench_host_bytes(&m, hits_before, hits_after) / (steps - 4);
+    free(hits_before);
+    free(hits_after);
     HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};
     double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
     Sampler nucleus = {0.6f, 0.95f, 1, NULL};   /* the command line's default sampling */
     SampleRun greedy_run = {&greedy, c->vocab_size}, nucleus_run = {&nucleus, c->vocab_size};
     double greedy_us = gpu_median_us(sample_call, &greedy_run, 20), nucleus_us = gpu_median_us(sample_call, &nucleus_run, 20);
 
-    /* the ceiling: a streaming read of 2 GiB, same card, same run */
-    StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
-    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
-    double stream_gbs = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;
-    gpu_free(sr.buf);
-    gpu_free(sr.out);
-
     double weights, cache;
     bench_bytes(&m, position, &weights, &cache);
-    double gbs = (weights + cache) / (ms * 1e-3) / 1e9, layer_ms = (ms - head_ms) / layers;
+    double device_bytes = weights + cache - host_bytes, layer_ms = (ms - head_ms) / layers;
+    double gbs = device_bytes / (ms * 1e-3) / 1e9, host_gbs = host_bytes / (ms * 1e-3) / 1e9;
     printf("prefill  %d tokens in chunks of %d: %.0f tok/s\n", position, chunk, position / prefill_s);
     printf("decode   at position %d: %.3f ms/token, %.1f tok/s (median of %d graph replays)\n", position, ms, 1000 / ms,
            steps - 4);
-    printf("bytes    per token: %.1f MB of weights + %.1f MB of cache\n", weights / 1e6, cache / 1e6);
-    printf("speed    %.0f GB/s; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs, 100 * gbs / stream_gbs);
+    printf("bytes    per token: %.1f MB of weights + %.1f MB of cache; %.1f MB of it from device memory, %.1f MB of "
+           "routed experts from host memory (counted)\n", weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
+    printf("speed    %.0f GB/s from device memory; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs,
+           100 * gbs / stream_gbs);
+    printf("pcie     %.1f GB/s from host memory; SMs reading mapped host memory %.1f GB/s: %.0f%% of it (copy engine "
+           "%.1f GB/s)\n", host_gbs, pcie_gbs, 100 * host_gbs / pcie_gbs, copy_gbs);
     printf("kernels  %ld per decode step, %.1f per layer\n", kernels, (double)(kernels - fixed) / layers);
     printf("sampling %.0f us greedy (the step above), %.0f us at the default --temp 0.6 --top-p 0.95 (one launch each)\n",
            greedy_us, nucleus_us);
-    printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
-           head_ms, layer_ms);
+    if (layers < 43)
+        printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
+               head_ms, layer_ms);
 
     /* where a step's time goes: 8 steps launched one kernel at a time, each timed on its own */
     double per_kernel[K_COUNT] = {0};
@@ -6624,6 +7029,8 @@ typedef struct {
     uint64_t seed;
     const char *system;                                           /* --system TEXT, NULL when absent */
     int no_shift;                                                 /* --no-shift */
+    size_t gpu_mem;                                               /* --gpu-mem in bytes, 0 when absent */
+    const char *expert_profile;                                   /* --expert-profile FILE, NULL when absent */
 } Options;
 
 /* The -h text. */
@@ -6667,6 +7074,10 @@ static void usage(FILE *f) {
             "  --bench            time the GPU path on V4-Flash's shapes with random weights (no MODEL_DIR)\n"
             "  --layers N         --bench: layers of Flash's pattern (default 8)\n"
             "  --position P       --bench: decode after a prefill of P tokens (default 4096)\n"
+            "  --gpu-mem GIB      GPU memory the model may take, in GiB (default: all that is free); the\n"
+            "                     routed experts that do not fit are read from page-locked host memory\n"
+            "  --expert-profile FILE  place the most used experts on the GPU by FILE's counts, and add\n"
+            "                     this run's to it at the end (made when missing)\n"
             "  -q, --quiet        print no notes (running on the CPU, loaded, seed, replaced FILE), no\n"
             "                     progress bar and no stats line; warnings and errors are printed\n"
             "  --version          print the version and the git commit it was built from\n"
@@ -6798,6 +7209,8 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"--position", NULL, RUN_BENCH, 1},
     {"--system", NULL, RUN_TEXT | RUN_CHAT | RUN_TOKENIZE, 1},
     {"--no-shift", NULL, RUN_CHAT, 0},
+    {"--gpu-mem", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 1},
+    {"--expert-profile", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
 };
 
 /* Refuse each option of scoped_options given (bit k of `given`) for a kind of run it has no
@@ -6891,6 +7304,8 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
         else if (!strcmp(a, "--system")) { o.system = option_value(a, v); i++; }
         else if (!strcmp(a, "--no-shift")) o.no_shift = 1;
+        else if (!strcmp(a, "--gpu-mem")) { o.gpu_mem = (size_t)(real_arg(a, v, 0, 1 << 20, 1) * 1073741824.0); i++; }
+        else if (!strcmp(a, "--expert-profile")) { o.expert_profile = option_value(a, v); i++; }
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
         else usage_error("unknown option %s (see nvfp4 -h)", a);
         if (value_joined && i == at) usage_error("%s takes no value: give %s, not %s", a, a, argv[at]);
@@ -6971,7 +7386,7 @@ int main(int argc, char **argv) {
     open_standard_fds();
     Options o = parse_options(argc, argv);
     if (o.bench) {
-        bench(o.bench_layers, o.bench_position);
+        bench(o.bench_layers, o.bench_position, o.gpu_mem);
         exit_done();
     }
     install_signal_handlers();
@@ -7000,7 +7415,10 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
-    if (run == &cpu_backend) pool_start(o.threads ? o.threads : usable_cores());
+    if ((o.gpu_mem || o.expert_profile) && run != &gpu_backend)
+        fatal("%s places the model on the GPU, and %s", o.gpu_mem ? "--gpu-mem" : "--expert-profile",
+              o.cpu ? "--cpu runs on the CPU" : why);
+    pool_start(o.threads ? o.threads : usable_cores());   /* the CPU path's threads; the GPU's load copies on them */
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
     const Config *c = &model.config;
@@ -7034,7 +7452,10 @@ int main(int argc, char **argv) {
         dump = open_dump(o.dump_logits);
     }
     Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int))};
-    char where[384];
+    char where[512];
+    gpu_budget.device_cap = o.gpu_mem;
+    uint64_t *profile = o.expert_profile ? read_expert_profile(o.expert_profile, c->n_layers, c->n_experts) : NULL;
+    gpu_budget.profile = profile;
     State *state = run->load(&model, o.max_tokens, o.max_ctx, all_logits, sampler.rng, where, sizeof where);
     Stats stats = {.load_s = now_seconds() - t0, .windows = -1};
     if (!o.cpu && run != &gpu_backend) say("running on the CPU: %s", why);   /* once the run is accepted */
@@ -7052,6 +7473,15 @@ int main(int argc, char **argv) {
     else generate(run, &model, state, &tokenizer, &sampler, ids, n_ids, o.n_generate, dump, &stats, NULL);
     stats.total_s = now_seconds() - started;
     print_stats(&stats, run->name);
+    if (o.expert_profile) {   /* the earlier runs' counts and this one's */
+        size_t n = (size_t)c->n_layers * c->n_experts;
+        uint64_t *hits = xcalloc(n, sizeof *hits);
+        gpu_expert_hits(hits, c->n_layers, c->n_experts);
+        for (size_t i = 0; profile && i < n; i++) hits[i] += profile[i];
+        write_expert_profile(o.expert_profile, c->n_layers, c->n_experts, hits);
+        free(hits);
+    }
+    free(profile);
     if (stats.stop == STOP_INTERRUPT) exit(130);   /* atexit removes the temporary logits file */
     if (dump) finish_dump(dump, o.dump_logits);
     write_stdout(NULL, 0, 1);

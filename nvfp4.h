@@ -330,7 +330,8 @@ typedef struct {
 #define SEG_X_GROUP 132
 #define SEG_ROW_BLOCKS 136
 #define SEG_X_HC 140
-#define SEG_BYTES 144
+#define SEG_TABLE 144
+#define SEG_BYTES 152
 #ifndef NVFP4_PTX
 typedef struct {
     uint64_t w;             /* weight codes [rows (x matrices), row_bytes], rows padded */
@@ -358,6 +359,9 @@ typedef struct {
     uint32_t x_group;       /* segments of one group stage one x (the same source and transform) */
     uint32_t row_blocks;    /* items a slot: ceil(rows / rows an item) */
     uint32_t x_hc;          /* 1: x is made from the launch's mHC site */
+    uint64_t table;         /* const uint64 * [matrices, 2]: matrix m's codes at table[2m], its scales at
+                               table[2m + 1] (routed experts, wherever each lives); 0: w + m * stride_w,
+                               s + m * stride_s */
 } GemvSeg;
 #endif
 
@@ -414,7 +418,8 @@ typedef struct {
 #define RT_X 88
 #define RT_K 92
 #define RT_SCALING 96
-#define RT_BYTES 104
+#define RT_HITS 104
+#define RT_BYTES 112
 #ifndef NVFP4_PTX
 typedef struct {
     uint64_t router, bias, tid2eid, tokens, chosen, route_weight, expert_start, slot_order, slot_row, active_experts,
@@ -422,6 +427,7 @@ typedef struct {
     uint32_t X, K;
     float routed_scaling;
     uint32_t unused;
+    uint64_t hits;          /* uint32 * [X]: block 0 adds 1 for each chosen expert (0: not counted) */
 } GemvRoute;
 #endif
 
@@ -467,14 +473,14 @@ typedef struct {
 
 /* gemv: y = W x for up to GEMV_MAX_SEGS matrices of any format (decode). gpu_gemv_launch */
 #define GEMV_SEGS       0
-#define GEMV_ITEMS      576
-#define GEMV_SLOTS      580
-#define GEMV_CONTIGUOUS 584
-#define GEMV_LIST_READY 588
-#define GEMV_XS_BYTES   592
-#define GEMV_HC         600
-#define GEMV_ROUTE      688
-#define GEMV_BYTES      792
+#define GEMV_ITEMS      608
+#define GEMV_SLOTS      612
+#define GEMV_CONTIGUOUS 616
+#define GEMV_LIST_READY 620
+#define GEMV_XS_BYTES   624
+#define GEMV_HC         632
+#define GEMV_ROUTE      720
+#define GEMV_BYTES      832
 #ifndef NVFP4_PTX
 typedef struct {
     GemvSeg segs[4];     /* the segments (unused ones: first_item = first_slot = UINT32_MAX) */

@@ -1276,6 +1276,79 @@ static void test_against_transformers(const char *dir, int chunk) {
     free_model(&m);
 }
 
+/* ------------------------------------------------------------------------ expert placement */
+
+/* read_expert_profile on the file named by arg, for a model of 2 layers of 3 experts. */
+static void read_profile_arg(const void *arg) { free(read_expert_profile(arg, 2, 3)); }
+
+/* place_experts and host_bytes_per_token exactly, on hand-worked cases; the profile file written
+   and read back, and its refusals. */
+static void test_expert_placement(void) {
+    uint8_t on[12];
+    size_t ten[3] = {10, 10, 10};
+    /* no profile: expert 0 of every layer, then expert 1 of every layer, ... */
+    size_t used = place_experts(3, 4, ten, NULL, 55, on);
+    CHECK(used == 50 && !memcmp(on, (uint8_t[]){1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0}, 12),
+          "placement without a profile: %zu bytes, %d%d%d%d %d%d%d%d %d%d%d%d", used, on[0], on[1], on[2], on[3], on[4],
+          on[5], on[6], on[7], on[8], on[9], on[10], on[11]);
+    /* a profile: the most hits first; ties by expert, then layer */
+    uint64_t hits[12] = {0, 5, 0, 1, 3, 3, 3, 3, 9, 0, 0, 0};
+    used = place_experts(3, 4, ten, hits, 40, on);
+    CHECK(used == 40 && !memcmp(on, (uint8_t[]){0, 1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0}, 12),
+          "placement by a profile: %zu bytes, %d%d%d%d %d%d%d%d %d%d%d%d", used, on[0], on[1], on[2], on[3], on[4], on[5],
+          on[6], on[7], on[8], on[9], on[10], on[11]);
+    /* experts of another size where another layer's do not fit: those are skipped, not the rest */
+    size_t mixed[3] = {10, 30, 10};
+    used = place_experts(3, 4, mixed, NULL, 35, on);
+    CHECK(used == 30 && !memcmp(on, (uint8_t[]){1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0}, 12),
+          "placement of mixed sizes: %zu bytes", used);
+    CHECK(place_experts(3, 4, ten, hits, 0, on) == 0 && !memchr(on, 1, 12), "placement with no budget: all on the host");
+    CHECK(place_experts(3, 4, ten, hits, (size_t)-1, on) == 120 && !memchr(on, 0, 12), "placement with room: all on the GPU");
+    /* bytes over PCIe: 2 of 4 on the host in layer 0, none in layer 1: uniform 2 x 100 x 1/2 */
+    size_t read[2] = {100, 100};
+    uint8_t half[8] = {1, 1, 0, 0, 1, 1, 1, 1};
+    uint64_t cold[8] = {10, 10, 0, 0, 0, 0, 0, 0}, even[8] = {1, 1, 1, 1, 0, 0, 0, 0}, skewed[8] = {1, 1, 3, 5, 0, 0, 0, 0};
+    double expected[4] = {host_bytes_per_token(2, 4, 2, read, NULL, half), host_bytes_per_token(2, 4, 2, read, cold, half),
+                          host_bytes_per_token(2, 4, 2, read, even, half), host_bytes_per_token(2, 4, 2, read, skewed, half)};
+    CHECK(expected[0] == 100 && expected[1] == 0 && expected[2] == 100 && expected[3] == 160,
+          "bytes over PCIe a token: %g (uniform), %g (host experts never hit), %g (even hits), %g (8 of 10 hits on the host)",
+          expected[0], expected[1], expected[2], expected[3]);
+    /* the profile file: written, read back, added to; refused when it is something else */
+    const char *path = "build/test-profile.txt";
+    unlink(path);
+    CHECK(read_expert_profile(path, 2, 3) == NULL, "a missing profile reads as none (the run makes it)");
+    uint64_t counts[6] = {0, 7, 18446744073709551615ull, 3, 0, 12};
+    write_expert_profile(path, 2, 3, counts);
+    uint64_t *back = read_expert_profile(path, 2, 3);
+    CHECK(back && !memcmp(back, counts, sizeof counts), "a profile reads back as written");
+    free(back);
+    size_t n;
+    char *text = read_file(path, &n);
+    CHECK(text && !strcmp(text, "nvfp4 expert profile: 2 layers, 3 experts\n0 7 18446744073709551615\n3 0 12\n"),
+          "the profile's text: %s", text ? text : "(none)");
+    free(text);
+    expect_fatal(read_profile_arg, "testdata/tiny-a/config.json", "is not an expert profile", "a profile that is not one");
+    FILE *f = fopen("build/test-profile-bad.txt", "w");
+    fputs("nvfp4 expert profile: 2 layers, 3 experts\n1 2 3\n4 x 6\n", f);
+    fclose(f);
+    expect_fatal(read_profile_arg, "build/test-profile-bad.txt", "count 1 of layer 1 is missing or not a count", "a bad count");
+    f = fopen("build/test-profile-bad.txt", "w");
+    fputs("nvfp4 expert profile: 2 layers, 3 experts\n1 2 3\n4 -5 6\n", f);
+    fclose(f);
+    expect_fatal(read_profile_arg, "build/test-profile-bad.txt", "count 1 of layer 1 is missing or not a count", "a negative count");
+    f = fopen("build/test-profile-bad.txt", "w");
+    fputs("nvfp4 expert profile: 2 layers, 3 experts\n1 2 3\n4 5 6 7\n", f);
+    fclose(f);
+    expect_fatal(read_profile_arg, "build/test-profile-bad.txt", "has more than 2 layers of 3 counts", "extra counts");
+    f = fopen("build/test-profile-bad.txt", "w");
+    fputs("nvfp4 expert profile: 3 layers, 3 experts\n1 2 3\n4 5 6\n7 8 9\n", f);
+    fclose(f);
+    expect_fatal(read_profile_arg, "build/test-profile-bad.txt", "counts 3 layers of 3 experts, the model has 2 layers of 3",
+                 "a profile of another model");
+    unlink("build/test-profile-bad.txt");
+    unlink(path);
+}
+
 /* The CPU threads change nothing: every fixture's reference prompt (prefill chunks of 7, then
    its greedy tokens one at a time) gives bit-identical logits, every row, on 1, 2, 3 and 7
    threads (7: more threads than some linears' rows per block, and than a chunk's experts); so
@@ -2067,6 +2140,12 @@ static void test_bad_options(void) {
     expect_cli("--bench -i", 2, "-i does nothing with --bench");
     expect_cli("--bench --perplexity testdata/heldout.txt", 2, "--perplexity does nothing with --bench");
     expect_cli("testdata/tiny-a hi --layers 3", 2, "--layers does nothing without --bench");
+    expect_cli("testdata/tiny-a hi --gpu-mem 0", 2, "--gpu-mem: \"0\" is not a number greater than 0");
+    expect_cli("testdata/tiny-a hi --gpu-mem 8 --cpu", 1, "--gpu-mem places the model on the GPU, and --cpu runs on the CPU");
+    expect_cli("testdata/tiny-a hi --expert-profile build/p.txt --cpu", 1,
+               "--expert-profile places the model on the GPU, and --cpu runs on the CPU");
+    expect_cli("testdata/tiny-a --tokenize hi --gpu-mem 8", 2, "--gpu-mem does nothing with --tokenize");
+    expect_cli("--bench --expert-profile build/p.txt", 2, "--expert-profile does nothing with --bench");
     expect_cli("testdata/tiny-a hi -t 0", 2, "-t: \"0\" is not a whole number from 1 to 1024");
     expect_cli("testdata/tiny-a hi --threads 1025", 2, "--threads: \"1025\" is not a whole number from 1 to 1024");
     expect_cli("testdata/tiny-a hi -t 2 --threads 3", 2, "--threads is given twice: give it once");
@@ -3420,7 +3499,9 @@ static void gpu_upload_linear(GpuLinear *g, const Linear *w) {
     size_t scale_bytes = gpu_linear_scale_bytes(w);
     char why[256];
     if (!gpu_fits(gpu_linear_code_bytes(w) + scale_bytes, why, sizeof why)) fatal("a %d x %d linear layer %s", w->rows, w->cols, why);
+    gpu_staging_open();
     gpu_place_linear(g, w, gpu_alloc(gpu_linear_code_bytes(w)), scale_bytes ? gpu_alloc(scale_bytes) : 0);
+    gpu_staging_close();
 }
 
 /* Free what gpu_upload_linear allocated. */
@@ -3655,10 +3736,12 @@ static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const
         for (int m = 0; m < X; m++) w[p][m] = gpu_random_linear(sp->format, sp->rows, sp->cols, 0);
         size_t stride_w = gpu_linear_code_bytes(&w[p][0]), stride_s = gpu_linear_scale_bytes(&w[p][0]);
         dw[p] = gpu_alloc(stride_w * X), ds[p] = stride_s ? gpu_alloc(stride_s * X) : 0;
+        gpu_staging_open();
         for (int m = 0; m < X; m++) {
             gpu_place_linear(&g[p][m], &w[p][m], dw[p] + m * stride_w, ds[p] ? ds[p] + m * stride_s : 0);
             gscales62[m] = g[p][m].gscale62;
         }
+        gpu_staging_close();
         for (int k = 0; k < sp->list_len; k++) chosen[p][k] = (int)(random_u32(&test_rng) % (X - (sp->count - 1) / sp->list_len));
         /* a slot's own x: slot z's input at z * 2 * cols, its up right after it (cols floats on) */
         size_t nx = (size_t)sp->count * 2 * sp->cols;
@@ -4183,7 +4266,7 @@ static void test_gpu_flash_pieces(void) {
     }
     State s;
     alloc_state(&s, c, 8, 4096, 0);
-    gpu_load_model(&m, 8, 4096, 0);
+    gpu_load_model(&m, 8, 4096, 0, NULL);
     s.pos = 2400;
     for (int l = 0; l < c->n_layers; l++) {   /* a random cache: ring, windows, overlap, entries */
         LayerCache *ls = &s.layers[l];
@@ -4224,7 +4307,7 @@ static void test_gpu_checkpoint(const char *dir) {
     for (int i = 0; i < T; i++) ids[i] = 2 + (int)(random_u32(&test_rng) % (unsigned)(V - 2));
     State s;
     alloc_state(&s, c, T, 64, 1);
-    gpu_load_model(&m, T, 64, 1);
+    gpu_load_model(&m, T, 64, 1, NULL);
     float *logits = xcalloc((size_t)T * V, sizeof(float)), worst = 0, worst_margin = 0;
     for (int step = 0; step < 2; step++) {   /* the prompt, then one decode step */
         int n = step ? 1 : T, *tokens = step ? &ids[T - 1] : ids;
@@ -4298,7 +4381,7 @@ static void test_gpu_model(const char *dir, int chunk) {
     int *ref = (int *)read_file(path, &size);
     State s;
     alloc_state(&s, &m.config, 16, 512, 1);
-    gpu_load_model(&m, 16, 512, 1);
+    gpu_load_model(&m, 16, 512, 1, NULL);
     test_gpu_hc(&m, &s, 1);
     test_gpu_hc(&m, &s, 13);
     test_gpu_pieces(&m, &s, ref + 3, 37, 1);
@@ -4307,7 +4390,7 @@ static void test_gpu_model(const char *dir, int chunk) {
     test_gpu_pieces(&m, &s, ref + 3, 37, 13);
     free_state(&s);
     gpu_unload();
-    gpu_load_model(&m, chunk, 1024, 1);
+    gpu_load_model(&m, chunk, 1024, 1, NULL);
     test_gpu_against_transformers(&m, dir, chunk);
     test_gpu_graph(&m, ref + 3, 70);
     gpu_unload();
@@ -4399,10 +4482,6 @@ static void test_gpu_shipped_model(double cpu_nll) {
     free(err);
 }
 
-/* Every GPU test, when a usable GPU is present; otherwise one line saying why not (never
-   counted as passed). NVFP4_GPU_QUICK=1 keeps the small shapes and two V4 ones (for
-   compute-sanitizer);
-   NVFP4_GPU_BENCH=1 runs gpu_bench_gemv after the tests. */
 /* The model's device memory is one allocation of exactly the bytes its plan counted (the
    bytes a "needs X GiB" refusal names): the GPU's free memory drops by gm.arena_bytes over the
    load, and comes back at the unload. */
@@ -4411,7 +4490,7 @@ static void test_gpu_memory_plan(const char *dir) {
     load_model(&m, dir);
     size_t before, loaded, after, total;
     CU_CHECK(cu.cuMemGetInfo(&before, &total));
-    gpu_load_model(&m, 16, 512, 1);
+    gpu_load_model(&m, 16, 512, 1, NULL);
     size_t planned = gm.plan.total, arena = gm.arena_bytes;
     CU_CHECK(cu.cuMemGetInfo(&loaded, &total));
     gpu_unload();
@@ -4426,6 +4505,92 @@ static void test_gpu_memory_plan(const char *dir) {
     free_model(&m);
 }
 
+/* The loaded model over ids[0..n_prompt) in chunks (every row's logits kept), then `steps`
+   greedy decode steps through the graph: logits [n_prompt + steps, V] and the steps' tokens. */
+static void gpu_run_logits(const Model *m, const int *ids, int n_prompt, int steps, float *logits, int *tokens) {
+    int V = m->config.vocab_size;
+    Sampler greedy = {0, 1, 1, NULL};
+    int T = 0;
+    for (int p = 0; p < n_prompt; p += T) {
+        T = n_prompt - p < gm.state.max_tokens ? n_prompt - p : gm.state.max_tokens;
+        gpu_upload(gm.pos, &p, sizeof p);
+        gpu_upload(gm.tokens, ids + p, (size_t)T * sizeof(int));
+        gpu_forward(m, T, 1);
+        gpu_download(logits + (size_t)p * V, DEV(gm.state.scratch.logits), (size_t)T * V * sizeof(float));
+    }
+    gpu_sample(&greedy, V, T - 1, 0);   /* the prompt's next token, from the last chunk's last row */
+    gpu_upload(gm.pos, &n_prompt, sizeof n_prompt);
+    gpu_capture_decode(m, &greedy);
+    for (int i = 0; i < steps; i++) {
+        CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
+        gpu_download(&tokens[i], gm.out_token, sizeof tokens[i]);
+        gpu_download(logits + (size_t)(n_prompt + i) * V, DEV(gm.state.scratch.logits), (size_t)V * sizeof(float));
+    }
+}
+
+/* Routed experts in host memory (zero-copy) give the logits of the all-device run bit for bit
+   and the same greedy tokens: with half the experts' bytes allowed on the device (--gpu-mem's
+   budget), and again with the first run's hit counts as the profile, which must put the most
+   used experts on the device and expect fewer bytes over PCIe. The hits themselves: every
+   layer's sum is K a token, prefill and decode. */
+static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int steps) {
+    Model m;
+    load_model(&m, dir);
+    const Config *c = &m.config;
+    int V = c->vocab_size, L = c->n_layers, X = c->n_experts, K = c->topk;
+    int *ids = xcalloc((size_t)n_prompt, sizeof(int)), tokens[3][64];
+    for (int i = 0; i < n_prompt; i++) ids[i] = 2 + (int)(random_u32(&test_rng) % (unsigned)(V - 2));
+    size_t rows = (size_t)n_prompt + steps, n = (size_t)L * X;
+    float *logits[3];
+    uint64_t *hits = xcalloc(n, sizeof *hits);
+    double pcie[3] = {0};
+    int host_experts[3] = {0}, hits_right = 1, hot_on_device = 1;
+    size_t cap = 0;
+    for (int run = 0; run < 3; run++) {   /* all on the device; half by the default order; half by the profile */
+        GpuBudget budget = {cap, run == 2 ? hits : NULL};
+        gpu_load_model(&m, T, n_prompt + steps + 8, 1, run ? &budget : NULL);
+        logits[run] = xcalloc(rows * V, sizeof(float));
+        gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
+        host_experts[run] = placed.host_experts;
+        pcie[run] = placed.pcie_per_token;
+        if (run == 0) {   /* the budget of the next runs: everything but half the experts' bytes */
+            gpu_expert_hits(hits, L, X);
+            size_t experts = 0, device, read;
+            for (int l = 0; l < L; l++) {
+                uint64_t sum = 0;
+                for (int e = 0; e < X; e++) sum += hits[(size_t)l * X + e];
+                hits_right &= sum == (uint64_t)rows * K;
+                expert_bytes(&m.layers[l], &device, &read);
+                experts += (size_t)X * device;
+            }
+            cap = gm.plan.total - experts / 2;
+        }
+        if (run == 2)   /* every device expert was hit at least as often as every host expert */
+            for (size_t i = 0; i < n; i++)
+                for (size_t j = 0; j < n; j++)
+                    if (gm.on_device[i] && !gm.on_device[j] && hits[i] < hits[j]) hot_on_device = 0;
+        gpu_unload();
+    }
+    CHECK(hits_right, "%s: the expert hits of each layer sum to K = %d a token over %zu tokens", dir, K, rows);
+    for (int run = 1; run < 3; run++)
+        CHECK(host_experts[run] > 0 && host_experts[run] < L * X && !memcmp(logits[run], logits[0], rows * V * sizeof(float)) &&
+              !memcmp(tokens[run], tokens[0], (size_t)steps * sizeof(int)),
+              "%s with %d of %d routed experts in host memory (%s): logits bit-identical to the all-device run and "
+              "the same greedy tokens", dir, host_experts[run], L * X, run == 2 ? "by the profile" : "default order");
+    CHECK(hot_on_device && pcie[2] < pcie[1], "%s: the profile puts the most used experts on the GPU: %.0f bytes a token "
+          "over PCIe expected, %.0f without it", dir, pcie[2], pcie[1]);
+    printf("  %s: %d, then %d (profile) of %d routed experts in host memory: logits bit-identical, %.0f and %.0f bytes "
+           "a token over PCIe expected\n", dir, host_experts[1], host_experts[2], L * X, pcie[1], pcie[2]);
+    for (int run = 0; run < 3; run++) free(logits[run]);
+    free(hits);
+    free(ids);
+    free_model(&m);
+}
+
+/* Every GPU test, when a usable GPU is present; otherwise one line saying why not (never
+   counted as passed). NVFP4_GPU_QUICK=1 keeps the small shapes and two V4 ones (for
+   compute-sanitizer);
+   NVFP4_GPU_BENCH=1 runs gpu_bench_gemv after the tests. */
 static void test_gpu(double shipped_cpu_nll) {
     char why[512];
     unsetenv("CUDA_VISIBLE_DEVICES");   /* read by the driver once, at cuInit */
@@ -4500,8 +4665,10 @@ static void test_gpu(double shipped_cpu_nll) {
     test_gpu_model("testdata/tiny-c", 13);
     test_gpu_model("testdata/tiny-d", 7);
     test_gpu_memory_plan("testdata/tiny-d");
+    test_gpu_host_experts(SHIPPED_MODEL, 16, 40, 16);
     test_gpu_flash_pieces();
     if (getenv("NVFP4_FLASH_DIR")) test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));
+    if (getenv("NVFP4_FLASH_DIR")) test_gpu_host_experts(getenv("NVFP4_FLASH_DIR"), 8, 12, 4);
     else printf("  V4-Flash-shaped checkpoint skipped: NVFP4_FLASH_DIR names none (tools/gen_flash_checkpoint.py makes one)\n");
     /* the whole V4-Flash (43 layers, about 160 GB) does not fit one card: refused before
        anything is allocated, with what it needs and what the GPU has */
@@ -4552,6 +4719,7 @@ int main(void) {
     test_against_transformers("testdata/tiny-d", 7);
     test_against_transformers("testdata/tiny-d", 1);
     test_threads();
+    test_expert_placement();
     test_cli();
     test_bad_checkpoints();
     test_bad_configs();

@@ -2633,7 +2633,9 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
     LAUNCH(K_GEMV, grid < items ? grid : items, 1, 1, block, xs_bytes + GPU_GEMV_RING, args);
     if ((int)nsegs < n) {   /* the rest, in launches that leave post and comb alone (written) */
         site.post = site.comb = 0;
-        gpu_gemv_launch(parts + nsegs, n - (int)nsegs, hc ? &site : NULL, route);
+        GemvRoute again = route ? *route : (GemvRoute){0};
+        if (own) again.hits = 0;   /* this launch counted the token's experts: the next ones route without counting */
+        gpu_gemv_launch(parts + nsegs, n - (int)nsegs, hc ? &site : NULL, route ? &again : NULL);
     }
 }
 
@@ -4947,6 +4949,40 @@ static double bench_host_bytes(const Model *m, const uint64_t *before, const uin
     return bytes;
 }
 
+/* Decode again with skewed routing, as a profile would place the experts: the router's bias of
+   every routed layer raised by `lift` for the experts in device memory (the 3 hash layers keep
+   their uniform tables), for two lifts; prints the share of choices that fell on device
+   experts, the speed and the bytes over PCIe; the uniform biases are restored. */
+static void bench_skewed(const Model *m, int steps) {
+    const Config *c = &m->config;
+    int L = c->n_layers, X = c->n_experts;
+    size_t n = (size_t)L * X;
+    float lifts[2] = {0.05f, 0.2f}, *bias = xcalloc((size_t)X, sizeof(float));
+    uint64_t *before = xcalloc(n, sizeof(uint64_t)), *after = xcalloc(n, sizeof(uint64_t));
+    for (int pass = 0; pass <= 2; pass++) {   /* two lifts, then the uniform biases back */
+        for (int l = c->n_hash_layers; l < L; l++) {
+            for (int e = 0; e < X; e++)
+                bias[e] = m->layers[l].gate_bias[e] + (pass < 2 && gm.on_device[(size_t)l * X + e] ? lifts[pass] : 0);
+            gpu_upload(gm.layers[l].gate_bias, bias, (size_t)X * sizeof(float));
+        }
+        if (pass == 2) break;
+        gpu_expert_hits(before, L, X);
+        float ms = bench_decode_ms(steps);
+        gpu_expert_hits(after, L, X);
+        double chosen = 0, on_gpu = 0;
+        for (size_t i = 0; i < n; i++) {
+            chosen += (double)(after[i] - before[i]);
+            on_gpu += gm.on_device[i] ? (double)(after[i] - before[i]) : 0;
+        }
+        printf("skewed   router bias +%.2f for the experts on the GPU (not the hash layers): %.0f%% of the choices on "
+               "the GPU; %.3f ms/token, %.1f tok/s, %.1f MB a token from host memory\n", lifts[pass], 100 * on_gpu / chosen,
+               ms, 1000 / ms, bench_host_bytes(m, before, after) / steps / 1e6);
+    }
+    free(bias);
+    free(before);
+    free(after);
+}
+
 /* The benchmark (see above), the model within gpu_mem bytes of device memory (0: all it can). */
 static void bench(int layers, int position, size_t gpu_mem) {
     char why[512], line[320];
@@ -4974,7 +5010,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     Model m;
     bench_model(&m, layers, 256, 129280);
     const Config *c = &m.config;
-    int chunk = 2048, steps = 48, ctx = position + steps + 16;
+    int chunk = 2048, steps = 48, ctx = position + 4 * steps + 16;   /* the steps of bench_skewed too */
     GpuBudget budget = {gpu_mem, NULL};
     double upload = gpu_load_model(&m, chunk, ctx, 0, &budget);
     gpu_placement_line(line, sizeof line);
@@ -5034,6 +5070,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     printf("kernels  %ld per decode step, %.1f per layer\n", kernels, (double)(kernels - fixed) / layers);
     printf("sampling %.0f us greedy (the step above), %.0f us at the default --temp 0.6 --top-p 0.95 (one launch each)\n",
            greedy_us, nucleus_us);
+    if (gm.on_device) bench_skewed(&m, steps - 4);
     if (layers < 43)
         printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
                head_ms, layer_ms);

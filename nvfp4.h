@@ -860,13 +860,7 @@ typedef struct {
 #define GEMM_PREFILL_Y_STRIDE        64
 #define GEMM_PREFILL_ACCUMULATE      68
 #define GEMM_PREFILL_ROW_BYTES       72
-#define GEMM_PREFILL_SLOT_EXPERT     80
-#define GEMM_PREFILL_EXPERT_STRIDE_W 88
-#define GEMM_PREFILL_EXPERT_STRIDE_S 96
-#define GEMM_PREFILL_EXPERT_FACTOR   104
-#define GEMM_PREFILL_X_SLOT_STRIDE   112
-#define GEMM_PREFILL_Y_SLOT_STRIDE   116
-#define GEMM_PREFILL_BYTES           120
+#define GEMM_PREFILL_BYTES           80
 #ifndef NVFP4_PTX
 typedef struct {
     uint64_t y;               /* float *y            [T rows, y_stride floats apart] */
@@ -884,12 +878,6 @@ typedef struct {
     uint32_t y_stride;        /* floats between y rows */
     uint32_t accumulate;      /* 0: y = product; 1: y += product */
     uint32_t row_bytes;       /* bytes between W rows (the GEMV's padded rows, see below) */
-    uint64_t slot_expert;     /* const int *: slot z's expert (0: no stacked experts) */
-    uint64_t expert_stride_w; /* bytes between experts' codes */
-    uint64_t expert_stride_s; /* bytes between experts' scales */
-    uint64_t expert_factor;   /* const float *: each expert's output factor (0: global_scale) */
-    uint32_t x_slot_stride;   /* floats between slots' inputs */
-    uint32_t y_slot_stride;   /* floats between slots' outputs */
 } GemmPrefillArgs;
 #endif
 

@@ -1659,14 +1659,14 @@ static int compare_prob_desc(const void *a, const void *b) {
     return x < y ? 1 : x > y ? -1 : (i > j) - (i < j);   /* equal probabilities: the lower id first */
 }
 
-/* Pick the next token from logits[V] (overwritten): greedy when temperature is 0, otherwise a
-   draw from softmax(logits / temperature) restricted to the smallest set of most likely tokens
-   whose probability reaches top_p. */
-static int sample(Sampler *s, float *logits, int V) {
-    if (s->temperature <= 0) return argmax(logits, V);
-    float mx = logits[argmax(logits, V)];
+/* Pick the next token from logits[V] (left as they are: --dump-logits writes them after): greedy
+   when temperature is 0, otherwise a draw from softmax(logits / temperature) restricted to the
+   smallest set of most likely tokens whose probability reaches top_p. */
+static int sample(Sampler *s, const float *logits_in, int V) {
+    if (s->temperature <= 0) return argmax(logits_in, V);
+    float mx = logits_in[argmax(logits_in, V)], *logits = s->probs;
     double sum = 0;
-    for (int i = 0; i < V; i++) sum += logits[i] = expf((logits[i] - mx) / s->temperature);
+    for (int i = 0; i < V; i++) sum += logits[i] = expf((logits_in[i] - mx) / s->temperature);
     for (int i = 0; i < V; i++) logits[i] = (float)(logits[i] / sum);
     int n = 0;
     float cutoff = s->top_p < 1 ? (1 - s->top_p) / (V > 1 ? V - 1 : 1) : 0;   /* can never be in the set */
@@ -5027,7 +5027,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     double prefill_s = now_seconds() - start;
 
     /* decode: the graph, its kernels, its time */
-    Sampler greedy = {0, 1, 1, NULL};
+    Sampler greedy = {0, 1, 1, NULL, NULL};
     gpu_upload(gm.rng, &rng, sizeof rng);
     gpu_next_token(&m, s, &greedy, 0);
     long before = gpu_launches;
@@ -5044,7 +5044,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     free(hits_after);
     HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};
     double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
-    Sampler nucleus = {0.6f, 0.95f, 1, NULL};   /* the command line's default sampling */
+    Sampler nucleus = {0.6f, 0.95f, 1, NULL, NULL};   /* the command line's default sampling */
     SampleRun greedy_run = {&greedy, c->vocab_size}, nucleus_run = {&nucleus, c->vocab_size};
     double greedy_us = gpu_median_us(sample_call, &greedy_run, 20), nucleus_us = gpu_median_us(sample_call, &nucleus_run, 20);
 
@@ -7482,7 +7482,8 @@ int main(int argc, char **argv) {
         free(read);
         dump = open_dump(o.dump_logits);
     }
-    Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int))};
+    Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int)),
+                       xcalloc((size_t)c->vocab_size, sizeof(float))};
     char where[512];
     gpu_budget.device_cap = o.gpu_mem;
     uint64_t *profile = o.expert_profile ? read_expert_profile(o.expert_profile, c->n_layers, c->n_experts) : NULL;
@@ -7517,6 +7518,7 @@ int main(int argc, char **argv) {
     if (dump) finish_dump(dump, o.dump_logits);
     write_stdout(NULL, 0, 1);
     free(sampler.order);
+    free(sampler.probs);
     free(ids);
     free(file_prompt);
     run->unload(state);

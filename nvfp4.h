@@ -284,6 +284,7 @@ typedef struct {
     float temperature, top_p;
     uint64_t rng;
     int *order;           /* [V] scratch for top-p */
+    float *probs;         /* [V] scratch: the probabilities (sample leaves the logits as they are) */
 } Sampler;
 #endif /* NVFP4_PTX */
 

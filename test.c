@@ -1150,10 +1150,11 @@ static void test_sampler(void) {
     enum { V = 6 };
     float logits[V] = {1.0f, 3.0f, 2.5f, -1.0f, 0.0f, 2.9f}, work[V];
     int order[V];
-    Sampler greedy = {0, 0.9f, 1, order};
+    float probs[V];
+    Sampler greedy = {0, 0.9f, 1, order, probs};
     memcpy(work, logits, sizeof work);
     CHECK(sample(&greedy, work, V) == 1, "temperature 0 is argmax");
-    Sampler narrow = {1.0f, 1e-6f, 7, order};
+    Sampler narrow = {1.0f, 1e-6f, 7, order, probs};
     int always = 1;
     for (int i = 0; i < 100; i++) {
         memcpy(work, logits, sizeof work);
@@ -1164,7 +1165,7 @@ static void test_sampler(void) {
     int id = sample(&narrow, flat, V);
     CHECK(id == 0, "a flat distribution under a tiny top-p gives its lowest id (ties go to the lower id): %d", id);
     /* temperature 1, top-p 1: frequencies follow softmax(logits) */
-    Sampler full = {1.0f, 1.0f, 12345, order};
+    Sampler full = {1.0f, 1.0f, 12345, order, probs};
     int counts[V] = {0};
     enum { DRAWS = 60000 };
     for (int i = 0; i < DRAWS; i++) {
@@ -1176,7 +1177,7 @@ static void test_sampler(void) {
     for (int i = 0; i < V; i++) worst = fmax(worst, fabs(counts[i] / (double)DRAWS - exp(logits[i]) / z));
     CHECK(worst < 0.01, "sampled frequencies match softmax (worst deviation %.4f)", worst);
     /* top-p 0.5: only tokens 1 and 5 (the smallest set reaching 0.5) are ever drawn */
-    Sampler half = {1.0f, 0.5f, 99, order};
+    Sampler half = {1.0f, 0.5f, 99, order, probs};
     int outside = 0;
     for (int i = 0; i < 2000; i++) {
         memcpy(work, logits, sizeof work);
@@ -1185,7 +1186,7 @@ static void test_sampler(void) {
     }
     CHECK(outside == 0, "top-p 0.5 draws only from its nucleus (%d outside)", outside);
     /* the same seed gives the same draws */
-    Sampler s1 = {0.8f, 0.95f, 5, order}, s2 = s1;
+    Sampler s1 = {0.8f, 0.95f, 5, order, probs}, s2 = s1;
     int same = 1;
     for (int i = 0; i < 50; i++) {
         memcpy(work, logits, sizeof work);
@@ -1194,6 +1195,30 @@ static void test_sampler(void) {
         same &= a == sample(&s2, work, V);
     }
     CHECK(same, "seeded sampling is reproducible");
+    memcpy(work, logits, sizeof work);
+    sample(&full, work, V);
+    CHECK(!memcmp(work, logits, sizeof work), "sample() leaves the logits as they are (--dump-logits writes them after)");
+}
+
+/* The logits --dump-logits writes while sampling are the logits, not the sampler's
+   probabilities: a tiny top-p at temperature 1 draws the greedy tokens, so its file must equal
+   the greedy run's bit for bit. */
+static void test_dump_while_sampling(void) {
+    const char *run = NVFP4_BIN " --cpu -q testdata/tiny-a \"It was the best\" -n 6 --seed 3";
+    char cmd[512];
+    size_t n[2];
+    char *dump[2];
+    const char *options[2] = {"--temp 0", "--temp 1 --top-p 1e-6"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(cmd, sizeof cmd, "%s %s --dump-logits build/sampled%d.bin > /dev/null", run, options[i], i);
+        CHECK(system(cmd) == 0, "%s", cmd);
+        snprintf(cmd, sizeof cmd, "build/sampled%d.bin", i);
+        dump[i] = read_file(cmd, &n[i]);
+    }
+    CHECK(dump[0] && dump[1] && n[0] == n[1] && n[0] > 4096 && !memcmp(dump[0], dump[1], n[0]),
+          "--dump-logits while sampling: the same logits as the greedy run (%zu and %zu bytes)", n[0], n[1]);
+    free(dump[0]);
+    free(dump[1]);
 }
 
 /* --------------------------------------------------------------- whole models vs transformers */
@@ -4089,7 +4114,7 @@ static void test_gpu_against_transformers(const Model *m, const char *dir, int c
 static void test_gpu_graph(const Model *m, const int *ids, int start) {
     const Config *c = &m->config;
     int V = c->vocab_size, n = 64, same_tokens = 1, same_logits = 1;
-    Sampler greedy = {0, 1, 1, NULL};
+    Sampler greedy = {0, 1, 1, NULL, NULL};
     float *eager = xcalloc((size_t)n * V, sizeof(float)), *replay = xcalloc(V, sizeof(float));
     int *eager_tokens = xcalloc((size_t)n, sizeof(int));
     uint64_t seed = 7;
@@ -4509,7 +4534,7 @@ static void test_gpu_memory_plan(const char *dir) {
    greedy decode steps through the graph: logits [n_prompt + steps, V] and the steps' tokens. */
 static void gpu_run_logits(const Model *m, const int *ids, int n_prompt, int steps, float *logits, int *tokens) {
     int V = m->config.vocab_size;
-    Sampler greedy = {0, 1, 1, NULL};
+    Sampler greedy = {0, 1, 1, NULL, NULL};
     int T = 0;
     for (int p = 0; p < n_prompt; p += T) {
         T = n_prompt - p < gm.state.max_tokens ? n_prompt - p : gm.state.max_tokens;
@@ -4723,6 +4748,7 @@ int main(void) {
     test_against_transformers("testdata/tiny-d", 7);
     test_against_transformers("testdata/tiny-d", 1);
     test_threads();
+    test_dump_while_sampling();
     test_expert_placement();
     test_cli();
     test_bad_checkpoints();

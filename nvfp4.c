@@ -1659,19 +1659,54 @@ static int compare_prob_desc(const void *a, const void *b) {
     return x < y ? 1 : x > y ? -1 : (i > j) - (i < j);   /* equal probabilities: the lower id first */
 }
 
-/* Pick the next token from logits[V] (left as they are: --dump-logits writes them after): greedy
-   when temperature is 0, otherwise a draw from softmax(logits / temperature) restricted to the
-   smallest set of most likely tokens whose probability reaches top_p. */
+/* Remember the tokens ids[0..n) as fed to the model (the prompt, then each sampled token), for
+   the repeat penalty. */
+static void sampler_feed(Sampler *s, const int *ids, int n) {
+    for (int i = 0; s->repeat_last_n && i < n; i++, s->n_fed++) s->recent[s->n_fed % s->repeat_last_n] = ids[i];
+}
+
+/* Pick the next token from logits[V] (left as they are: --dump-logits writes them after). In
+   order (llama.cpp's, but for top-p, see docs/usage.md):
+   1. repeat penalty: each distinct token among the last repeat_last_n fed has its logit divided
+      by repeat_penalty (multiplied, when the logit is negative);
+   2. greedy when temperature is 0: the largest (penalized) logit;
+   3. top-k: only the top_k largest logits stay (ties: the lower id);
+   4. min-p: only the logits within log(min_p) of the largest stay (probability at least min_p
+      times the most likely token's, at temperature 1);
+   5. softmax(logits / temperature) over those, then top-p: the smallest set of most likely
+      tokens whose probability reaches top_p; a draw from it. */
 static int sample(Sampler *s, const float *logits_in, int V) {
+    int penalize = s->repeat_penalty != 1 && s->repeat_last_n && s->n_fed;
+    int masked = (s->top_k > 0 && s->top_k < V) || s->min_p > 0;
+    float *logits = s->probs;
+    if (penalize || (masked && s->temperature > 0)) {
+        memcpy(logits, logits_in, (size_t)V * sizeof(float));
+        int n_recent = s->n_fed < s->repeat_last_n ? s->n_fed : s->repeat_last_n;
+        for (int i = 0; penalize && i < n_recent; i++) {
+            int id = s->recent[i], seen = 0;
+            for (int j = 0; j < i; j++) seen |= s->recent[j] == id;
+            if (!seen && id >= 0 && id < V) logits[id] = logits[id] > 0 ? logits[id] / s->repeat_penalty : logits[id] * s->repeat_penalty;
+        }
+        logits_in = logits;
+    }
     if (s->temperature <= 0) return argmax(logits_in, V);
-    float mx = logits_in[argmax(logits_in, V)], *logits = s->probs;
+    float mx = logits_in[argmax(logits_in, V)];
+    if (s->top_k > 0 && s->top_k < V) {
+        for (int i = 0; i < V; i++) s->order[i] = i;
+        sort_probs = logits;   /* the logits, largest first, the lower id first among equals */
+        qsort(s->order, (size_t)V, sizeof(int), compare_prob_desc);
+        for (int i = s->top_k; i < V; i++) logits[s->order[i]] = -INFINITY;
+    }
+    float floor = s->min_p > 0 ? mx + logf(s->min_p) : -INFINITY;
+    for (int i = 0; s->min_p > 0 && i < V; i++)
+        if (logits[i] < floor) logits[i] = -INFINITY;
     double sum = 0;
     for (int i = 0; i < V; i++) sum += logits[i] = expf((logits_in[i] - mx) / s->temperature);
     for (int i = 0; i < V; i++) logits[i] = (float)(logits[i] / sum);
     int n = 0;
     float cutoff = s->top_p < 1 ? (1 - s->top_p) / (V > 1 ? V - 1 : 1) : 0;   /* can never be in the set */
     for (int i = 0; i < V; i++)
-        if (logits[i] >= cutoff) s->order[n++] = i;
+        if (logits[i] >= cutoff && logits[i] > 0) s->order[n++] = i;   /* masked tokens have 0 */
     if (n == 0) return argmax(logits, V);   /* a flat distribution under a tiny top_p */
     sort_probs = logits;
     qsort(s->order, (size_t)n, sizeof(int), compare_prob_desc);
@@ -3993,7 +4028,7 @@ static int prompt_ids_system(const Tokenizer *t, int add_bos, int bos_id, const 
 /* Write n bytes to stdout, and with `flush` push everything out; fatal on a write error (a full
    disk, an I/O error), so that no output is lost without a word. */
 static void write_stdout(const void *bytes, size_t n, int flush) {
-    if ((n && fwrite(bytes, 1, n, stdout) != n) || (flush && fflush(stdout)))
+    if ((n && fwrite(bytes, 1, n, stdout) != n) || (flush && (fflush(stdout) || ferror(stdout))))   /* ferror: a fprintf's */
         fatal("cannot write the output: %s", strerror(errno));
 }
 
@@ -4437,6 +4472,7 @@ static int generate(const Backend *run, const Model *m, State *s, const Tokenize
     st->prefill_s += prefilled - start;
     st->stop = STOP_LIMIT;
     ReplyText reply = {0};
+    sampler_feed(sampler, prompt, n_prompt);
     int generated = 0, token = interrupted ? -1 : run->sample(m, s, sampler, last_row);
     while (!interrupted) {
         int eos = 0;
@@ -4458,6 +4494,7 @@ static int generate(const Backend *run, const Model *m, State *s, const Tokenize
             break;
         }
         const float *logits = NULL;
+        sampler_feed(sampler, &token, 1);
         token = run->step(m, s, sampler, token, dump ? &logits : NULL);
         write_logits(dump, logits, 1, c->vocab_size);
     }
@@ -5027,7 +5064,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     double prefill_s = now_seconds() - start;
 
     /* decode: the graph, its kernels, its time */
-    Sampler greedy = {0, 1, 1, NULL, NULL};
+    Sampler greedy = {.temperature = 0, .top_p = 1, .rng = 1};
     gpu_upload(gm.rng, &rng, sizeof rng);
     gpu_next_token(&m, s, &greedy, 0);
     long before = gpu_launches;
@@ -5044,7 +5081,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     free(hits_after);
     HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};
     double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
-    Sampler nucleus = {0.6f, 0.95f, 1, NULL, NULL};   /* the command line's default sampling */
+    Sampler nucleus = {.temperature = 0.6f, .top_p = 0.95f, .rng = 1};   /* the command line's default sampling */
     SampleRun greedy_run = {&greedy, c->vocab_size}, nucleus_run = {&nucleus, c->vocab_size};
     double greedy_us = gpu_median_us(sample_call, &greedy_run, 20), nucleus_us = gpu_median_us(sample_call, &nucleus_run, 20);
 
@@ -7061,6 +7098,8 @@ typedef struct {
     const char *system;                                           /* --system TEXT, NULL when absent */
     int no_shift;                                                 /* --no-shift */
     size_t gpu_mem;                                               /* --gpu-mem in bytes, 0 when absent */
+    int top_k, repeat_last_n;                                     /* --top-k (0: off), --repeat-last-n */
+    float min_p, repeat_penalty;                                  /* --min-p (0: off), --repeat-penalty (1: off) */
     const char *expert_profile;                                   /* --expert-profile FILE, NULL when absent */
 } Options;
 
@@ -7082,6 +7121,13 @@ static void usage(FILE *f) {
             "  --temp T           sampling temperature, 0 = greedy (default 0.6)\n"
             "  --top-p P          nucleus sampling: keep the most likely tokens up to P, 0 < P <= 1\n"
             "                     (default 0.95)\n"
+            "  --top-k K          keep only the K most likely tokens (default 0: all)\n"
+            "  --min-p P          keep only tokens at least P times as likely as the most likely,\n"
+            "                     0 to 1 (default 0: all)\n"
+            "  --repeat-penalty R make the last --repeat-last-n tokens less likely: their logits\n"
+            "                     divided by R > 0 (multiplied when negative; default 1: off)\n"
+            "  --repeat-last-n N  the tokens --repeat-penalty looks back on (default 64, 0: none);\n"
+            "                     these three run on the CPU path only so far\n"
             "  -s, --seed S       random seed for sampling, 0 to 18446744073709551615 (default: from\n"
             "                     the clock, printed when sampling)\n"
             "  -c, --ctx C        maximum context in tokens, prompt included (default 4096)\n"
@@ -7223,6 +7269,10 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"-n", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--temp", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--top-p", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--top-k", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--min-p", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--repeat-penalty", NULL, RUN_TEXT | RUN_CHAT, 1},
+    {"--repeat-last-n", NULL, RUN_TEXT | RUN_CHAT, 1},
     {"--seed", "-s", RUN_TEXT | RUN_CHAT, 1},
     {"--stop", NULL, RUN_TEXT | RUN_CHAT, 0},
     {"--ctx", "-c", RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
@@ -7267,6 +7317,8 @@ static Options parse_options(int argc, char **argv) {
     o.max_tokens = 128;
     o.temperature = 0.6f;
     o.top_p = 0.95f;
+    o.repeat_penalty = 1;
+    o.repeat_last_n = 64;
     o.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     o.bench_layers = 8;
     o.bench_position = 4096;
@@ -7315,6 +7367,10 @@ static Options parse_options(int argc, char **argv) {
         }
         else if (!strcmp(a, "--temp")) { o.temperature = (float)number_arg(a, v, 0, 100); i++; }
         else if (!strcmp(a, "--top-p")) { o.top_p = (float)real_arg(a, v, 0, 1, 1); i++; }
+        else if (!strcmp(a, "--top-k")) { o.top_k = (int)whole_arg(a, v, 0, 1 << 30); i++; }
+        else if (!strcmp(a, "--min-p")) { o.min_p = (float)number_arg(a, v, 0, 1); i++; }
+        else if (!strcmp(a, "--repeat-penalty")) { o.repeat_penalty = (float)real_arg(a, v, 0, 100, 1); i++; }
+        else if (!strcmp(a, "--repeat-last-n")) { o.repeat_last_n = (int)whole_arg(a, v, 0, 1 << 20); i++; }
         else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { o.seed = whole_arg(a, v, 0, UINT64_MAX); o.seed_given = 1; i++; }
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) { o.max_ctx = (int)whole_arg(a, v, 1, 1 << 30); i++; }
         else if (!strcmp(a, "--chunk")) { o.max_tokens = (int)whole_arg(a, v, 1, 1 << 20); i++; }
@@ -7446,6 +7502,8 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
+    if (run == &gpu_backend && (o.top_k || o.min_p > 0 || o.repeat_penalty != 1))
+        fatal("--top-k, --min-p and --repeat-penalty are not in the GPU's sampling kernel yet: give --cpu to use them");
     if ((o.gpu_mem || o.expert_profile) && run != &gpu_backend)
         fatal("%s places the model on the GPU, and %s", o.gpu_mem ? "--gpu-mem" : "--expert-profile",
               o.cpu ? "--cpu runs on the CPU" : why);
@@ -7482,8 +7540,10 @@ int main(int argc, char **argv) {
         free(read);
         dump = open_dump(o.dump_logits);
     }
-    Sampler sampler = {o.temperature, o.top_p, o.seed ? o.seed : 0x9E3779B97F4A7C15ull, xcalloc((size_t)c->vocab_size, sizeof(int)),
-                       xcalloc((size_t)c->vocab_size, sizeof(float))};
+    Sampler sampler = {.temperature = o.temperature, .top_p = o.top_p, .rng = o.seed ? o.seed : 0x9E3779B97F4A7C15ull,
+                       .order = xcalloc((size_t)c->vocab_size, sizeof(int)), .probs = xcalloc((size_t)c->vocab_size, sizeof(float)),
+                       .top_k = o.top_k, .min_p = o.min_p, .repeat_penalty = o.repeat_penalty,
+                       .repeat_last_n = o.repeat_last_n, .recent = xcalloc((size_t)o.repeat_last_n + 1, sizeof(int))};
     char where[512];
     gpu_budget.device_cap = o.gpu_mem;
     uint64_t *profile = o.expert_profile ? read_expert_profile(o.expert_profile, c->n_layers, c->n_experts) : NULL;
@@ -7519,6 +7579,7 @@ int main(int argc, char **argv) {
     write_stdout(NULL, 0, 1);
     free(sampler.order);
     free(sampler.probs);
+    free(sampler.recent);
     free(ids);
     free(file_prompt);
     run->unload(state);

@@ -283,8 +283,14 @@ typedef struct { unsigned char pending[4]; int npending; } Utf8Stream;
 typedef struct {
     float temperature, top_p;
     uint64_t rng;
-    int *order;           /* [V] scratch for top-p */
+    int *order;           /* [V] scratch for top-p and top-k */
     float *probs;         /* [V] scratch: the probabilities (sample leaves the logits as they are) */
+    int top_k;            /* keep the top_k most likely tokens (0: all) */
+    float min_p;          /* keep tokens at least min_p times as likely as the most likely (0: all) */
+    float repeat_penalty; /* divide (multiply, when negative) the logits of recent tokens by it (1: off) */
+    int repeat_last_n;    /* how many of the last tokens are recent (0: none) */
+    int *recent;          /* [repeat_last_n] ring of the last tokens fed (sampler_feed) */
+    int n_fed;            /* tokens fed so far */
 } Sampler;
 #endif /* NVFP4_PTX */
 

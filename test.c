@@ -1151,10 +1151,10 @@ static void test_sampler(void) {
     float logits[V] = {1.0f, 3.0f, 2.5f, -1.0f, 0.0f, 2.9f}, work[V];
     int order[V];
     float probs[V];
-    Sampler greedy = {0, 0.9f, 1, order, probs};
+    Sampler greedy = {.temperature = 0, .top_p = 0.9f, .rng = 1, .order = order, .probs = probs};
     memcpy(work, logits, sizeof work);
     CHECK(sample(&greedy, work, V) == 1, "temperature 0 is argmax");
-    Sampler narrow = {1.0f, 1e-6f, 7, order, probs};
+    Sampler narrow = {.temperature = 1.0f, .top_p = 1e-6f, .rng = 7, .order = order, .probs = probs};
     int always = 1;
     for (int i = 0; i < 100; i++) {
         memcpy(work, logits, sizeof work);
@@ -1165,7 +1165,7 @@ static void test_sampler(void) {
     int id = sample(&narrow, flat, V);
     CHECK(id == 0, "a flat distribution under a tiny top-p gives its lowest id (ties go to the lower id): %d", id);
     /* temperature 1, top-p 1: frequencies follow softmax(logits) */
-    Sampler full = {1.0f, 1.0f, 12345, order, probs};
+    Sampler full = {.temperature = 1.0f, .top_p = 1.0f, .rng = 12345, .order = order, .probs = probs};
     int counts[V] = {0};
     enum { DRAWS = 60000 };
     for (int i = 0; i < DRAWS; i++) {
@@ -1177,7 +1177,7 @@ static void test_sampler(void) {
     for (int i = 0; i < V; i++) worst = fmax(worst, fabs(counts[i] / (double)DRAWS - exp(logits[i]) / z));
     CHECK(worst < 0.01, "sampled frequencies match softmax (worst deviation %.4f)", worst);
     /* top-p 0.5: only tokens 1 and 5 (the smallest set reaching 0.5) are ever drawn */
-    Sampler half = {1.0f, 0.5f, 99, order, probs};
+    Sampler half = {.temperature = 1.0f, .top_p = 0.5f, .rng = 99, .order = order, .probs = probs};
     int outside = 0;
     for (int i = 0; i < 2000; i++) {
         memcpy(work, logits, sizeof work);
@@ -1186,7 +1186,7 @@ static void test_sampler(void) {
     }
     CHECK(outside == 0, "top-p 0.5 draws only from its nucleus (%d outside)", outside);
     /* the same seed gives the same draws */
-    Sampler s1 = {0.8f, 0.95f, 5, order, probs}, s2 = s1;
+    Sampler s1 = {.temperature = 0.8f, .top_p = 0.95f, .rng = 5, .order = order, .probs = probs}, s2 = s1;
     int same = 1;
     for (int i = 0; i < 50; i++) {
         memcpy(work, logits, sizeof work);
@@ -1198,6 +1198,44 @@ static void test_sampler(void) {
     memcpy(work, logits, sizeof work);
     sample(&full, work, V);
     CHECK(!memcmp(work, logits, sizeof work), "sample() leaves the logits as they are (--dump-logits writes them after)");
+
+    /* the repeat penalty, greedy: token 1 (3.0) against token 5 (2.6): divided by 1.1 once it
+       stays first (2.73), twice it would not (2.48): a token fed twice is penalized once */
+    float close[V] = {1.0f, 3.0f, 2.5f, -1.0f, 0.0f, 2.6f};
+    int recent[4];
+    Sampler penalized = {.temperature = 0, .top_p = 1, .rng = 1, .order = order, .probs = probs, .repeat_penalty = 1.1f,
+                         .repeat_last_n = 2, .recent = recent};
+    sampler_feed(&penalized, (int[]){1, 1}, 2);
+    id = sample(&penalized, close, V);
+    CHECK(id == 1, "a token fed twice is penalized once: greedy %d, not 1", id);
+    penalized.repeat_penalty = 1.2f;   /* 3.0 / 1.2 = 2.5: token 2 (2.5, lower id) ties and wins, token 5 (2.6) first */
+    id = sample(&penalized, close, V);
+    CHECK(id == 5, "the penalty divides a recent token's logit: greedy %d, not 5", id);
+    sampler_feed(&penalized, (int[]){0, 4}, 2);   /* the last 2 fed: 0 and 4; token 1 no longer recent */
+    id = sample(&penalized, close, V);
+    CHECK(id == 1, "only the last --repeat-last-n tokens are penalized: greedy %d, not 1", id);
+    float negative[V] = {-3.0f, -1.0f, -1.05f, -5.0f, -4.0f, -6.0f};
+    penalized.n_fed = 0;
+    sampler_feed(&penalized, (int[]){1}, 1);
+    id = sample(&penalized, negative, V);   /* -1.0 * 1.2 = -1.2 < -1.05 */
+    CHECK(id == 2, "a negative logit is multiplied by the penalty: greedy %d, not 2", id);
+    CHECK(!memcmp(close, (float[]){1.0f, 3.0f, 2.5f, -1.0f, 0.0f, 2.6f}, sizeof close), "the penalty leaves the logits as they are");
+
+    /* top-k and min-p at temperature 1: what they keep, and nothing else is drawn */
+    Sampler kept = {.temperature = 1, .top_p = 1, .rng = 11, .order = order, .probs = probs, .repeat_penalty = 1, .top_k = 2};
+    int hits[V] = {0};
+    for (int i = 0; i < 3000; i++) hits[sample(&kept, logits, V)]++;
+    CHECK(hits[1] && hits[5] && hits[1] + hits[5] == 3000, "top-k 2 draws only tokens 1 and 5 (%d and %d of 3000)", hits[1], hits[5]);
+    float ties[V] = {1, 2, 2, 2, 0, -1};
+    memset(hits, 0, sizeof hits);
+    for (int i = 0; i < 3000; i++) hits[sample(&kept, ties, V)]++;
+    CHECK(hits[1] && hits[2] && hits[1] + hits[2] == 3000, "top-k 2 among equal logits keeps the lower ids (%d, %d, %d)", hits[1],
+          hits[2], hits[3]);
+    kept.top_k = 0, kept.min_p = 0.5f;   /* keeps logits >= 3.0 + ln 0.5 = 2.31: tokens 1, 2, 5 */
+    memset(hits, 0, sizeof hits);
+    for (int i = 0; i < 3000; i++) hits[sample(&kept, logits, V)]++;
+    CHECK(hits[1] && hits[2] && hits[5] && hits[1] + hits[2] + hits[5] == 3000, "min-p 0.5 draws only tokens 1, 2 and 5 (%d %d %d)",
+          hits[1], hits[2], hits[5]);
 }
 
 /* The logits --dump-logits writes while sampling are the logits, not the sampler's
@@ -1219,6 +1257,22 @@ static void test_dump_while_sampling(void) {
           "--dump-logits while sampling: the same logits as the greedy run (%zu and %zu bytes)", n[0], n[1]);
     free(dump[0]);
     free(dump[1]);
+    /* the shipped model's greedy text loops ("The Sperm Whale is a great slave." again and
+       again): the repeat penalty breaks the loop, the same way every run */
+    char *text[3];
+    const char *runs[3] = {"", "--repeat-penalty 1.3", "--repeat-penalty 1.3"};
+    for (int i = 0; i < 3; i++) {
+        snprintf(cmd, sizeof cmd, NVFP4_BIN " --cpu -q models/v4-small \"Call me Ishmael.\" -n 32 --temp 0 %s > build/penalty%d.txt",
+                 runs[i], i);
+        CHECK(system(cmd) == 0, "%s", cmd);
+        snprintf(cmd, sizeof cmd, "build/penalty%d.txt", i);
+        text[i] = read_file(cmd, &n[0]);
+    }
+    CHECK(text[0] && text[1] && text[2] && strstr(strstr(text[0], "great slave.") + 1, "great slave.") &&
+          !strstr(strstr(text[1], "great slave") + 1, "great slave") && !strcmp(text[1], text[2]),
+          "--repeat-penalty 1.3 breaks the greedy loop, repeatably: \"%s\" against \"%s\"", text[1] ? text[1] : "",
+          text[0] ? text[0] : "");
+    for (int i = 0; i < 3; i++) free(text[i]);
 }
 
 /* --------------------------------------------------------------- whole models vs transformers */
@@ -2109,6 +2163,11 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a hi --temp 1e3", 2, "--temp: \"1e3\" is not a number from 0 to 100");
     expect_cli("testdata/tiny-a hi --top-p 2", 2, "--top-p: \"2\" is not a number greater than 0 and at most 1");
     expect_cli("testdata/tiny-a hi --top-p 0", 2, "--top-p: \"0\" is not a number greater than 0 and at most 1");
+    expect_cli("testdata/tiny-a hi --top-k 1.5", 2, "--top-k: \"1.5\" is not a whole number from 0 to 1073741824");
+    expect_cli("testdata/tiny-a hi --min-p 2", 2, "--min-p: \"2\" is not a number from 0 to 1");
+    expect_cli("testdata/tiny-a hi --repeat-penalty 0", 2, "--repeat-penalty: \"0\" is not a number greater than 0 and at most 100");
+    expect_cli("testdata/tiny-a hi --repeat-last-n x", 2, "--repeat-last-n: \"x\" is not a whole number");
+    expect_cli("testdata/tiny-a --tokenize hi --top-k 5", 2, "--top-k does nothing with --tokenize");
     expect_cli("testdata/tiny-a hi -n -5", 2, "-n needs a value, not \"-5\"");
     expect_cli("testdata/tiny-a hi --stop ''", 2, "--stop: \"\" is not 1 to 256 bytes of UTF-8 text");
     expect_cli("testdata/tiny-a hi --stop \"$(printf 'a\\377')\"", 2, "is not 1 to 256 bytes of UTF-8 text");
@@ -4114,7 +4173,7 @@ static void test_gpu_against_transformers(const Model *m, const char *dir, int c
 static void test_gpu_graph(const Model *m, const int *ids, int start) {
     const Config *c = &m->config;
     int V = c->vocab_size, n = 64, same_tokens = 1, same_logits = 1;
-    Sampler greedy = {0, 1, 1, NULL, NULL};
+    Sampler greedy = {.temperature = 0, .top_p = 1, .rng = 1};
     float *eager = xcalloc((size_t)n * V, sizeof(float)), *replay = xcalloc(V, sizeof(float));
     int *eager_tokens = xcalloc((size_t)n, sizeof(int));
     uint64_t seed = 7;
@@ -4534,7 +4593,7 @@ static void test_gpu_memory_plan(const char *dir) {
    greedy decode steps through the graph: logits [n_prompt + steps, V] and the steps' tokens. */
 static void gpu_run_logits(const Model *m, const int *ids, int n_prompt, int steps, float *logits, int *tokens) {
     int V = m->config.vocab_size;
-    Sampler greedy = {0, 1, 1, NULL, NULL};
+    Sampler greedy = {.temperature = 0, .top_p = 1, .rng = 1};
     int T = 0;
     for (int p = 0; p < n_prompt; p += T) {
         T = n_prompt - p < gm.state.max_tokens ? n_prompt - p : gm.state.max_tokens;

@@ -4759,6 +4759,8 @@ static void test_gpu(double shipped_cpu_nll) {
     }
     /* the whole V4-Flash within 4 GiB of the GPU: its part other than the routed experts alone
        does not fit, refused before anything is allocated, with what it needs and what it has */
+    expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --gpu testdata/tiny-a hi --top-k 5", 1,
+                 "--top-k, --min-p and --repeat-penalty are not in the GPU's sampling kernel yet: give --cpu");
     expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --bench --layers 43 --gpu-mem 4", 1,
                  "the model's part other than its routed experts (the state for --ctx");
     test_gpu_cli_repeatable();

@@ -2089,16 +2089,16 @@ static void test_bad_configs(void) {
 static void test_misspelled_keys(void) {
     static const Edit edits[] = {
         {"tiny-a", "key-rope", "config.json", "\"rope_scaling\"", "\"rope_scal[[[[ing\"",
-         "unknown key \"rope_scal[[[[ing\" is ignored; did you mean \"rope_scaling\"?\n"},
+         "unknown key \"rope_scal[[[[ing\" is ignored; did you mean \"rope_scaling\"?\n", NULL},
         {"tiny-a", "key-vocab", "config.json", "\"vocab_size\": 1024,", "\"vocab_size\": 1024, \"Vocab-Size\": 2048,",
-         "unknown key \"Vocab-Size\" is ignored; did you mean \"vocab_size\"?\n"},
+         "unknown key \"Vocab-Size\" is ignored; did you mean \"vocab_size\"?\n", NULL},
         {"tiny-c", "key-beta", "config.json", "\"beta_fast\"", "\"beta_fats\"",
-         "rope_parameters.compress: unknown key \"beta_fats\" is ignored; did you mean \"beta_fast\"?\n"},
+         "rope_parameters.compress: unknown key \"beta_fats\" is ignored; did you mean \"beta_fast\"?\n", NULL},
         {"tiny-c", "key-rates", "config.json", "\"heavily_compressed_attention\": 16", "\"heavily-compressed-attention\": 16",
          "compress_rates: unknown key \"heavily-compressed-attention\" is ignored; did you mean "
-         "\"heavily_compressed_attention\"?\n"},
+         "\"heavily_compressed_attention\"?\n", NULL},
         {"tiny-a", "key-bos", "tokenizer_config.json", "", "",
-         "unknown key \"add_bos_tokn\" is ignored; did you mean \"add_bos_token\"?\n"},
+         "unknown key \"add_bos_tokn\" is ignored; did you mean \"add_bos_token\"?\n", NULL},
     };
     for (size_t i = 0; i < sizeof edits / sizeof *edits; i++) {
         const Edit *e = &edits[i];

@@ -2829,8 +2829,10 @@ static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, 
             GpuLinear placed;
             gpu_place_linear(&placed, &one, at[0], at[1]);
             gscales62[(size_t)i * X + e] = placed.gscale62;
-            if (e == 0) g[i].one = placed;
-            if (e == 0) g[i].host_factors = xcalloc((size_t)X, sizeof(float));
+            if (e == 0) {
+                g[i].one = placed;
+                g[i].host_factors = xcalloc((size_t)X, sizeof(float));
+            }
             g[i].host_factors[e] = gpu_gemm_factor(&placed);
         }
     }
@@ -3036,7 +3038,7 @@ static uint64_t *read_expert_profile(const char *path, int L, int X) {
     if (!text && errno == ENOENT) return NULL;
     if (!text) fatal("--expert-profile: cannot read %s: %s", path, strerror(errno));
     int file_l, file_x, at = 0;
-    if (sscanf(text, "nvfp4 expert profile: %d layers, %d experts\n%n", &file_l, &file_x, &at) != 2 || !at)
+    if (sscanf(text, PROFILE_HEADER "%n", &file_l, &file_x, &at) != 2 || !at)
         fatal("--expert-profile: %s is not an expert profile (it does not begin with \"nvfp4 expert profile:\")", path);
     if (file_l != L || file_x != X)
         fatal("--expert-profile: %s counts %d layers of %d experts, the model has %d layers of %d experts", path, file_l,
@@ -3242,8 +3244,7 @@ static void host_lock_limits(char *out, size_t n) {
         snprintf(rlimit, sizeof rlimit, r.rlim_cur == RLIM_INFINITY ? "unlimited" : "%.1f GiB", r.rlim_cur / 1073741824.0);
     size_t size;
     char *max = read_file("/sys/fs/cgroup/memory.max", &size);
-    if (max) snprintf(cgroup, sizeof cgroup, "%s", strncmp(max, "max", 3) ? "" : "unlimited");
-    if (max && !cgroup[0]) snprintf(cgroup, sizeof cgroup, "%.1f GiB", strtod(max, NULL) / 1073741824.0);
+    if (max) snprintf(cgroup, sizeof cgroup, strncmp(max, "max", 3) ? "%.1f GiB" : "unlimited", strtod(max, NULL) / 1073741824.0);
     free(max);
     snprintf(out, n, "RLIMIT_MEMLOCK %s, cgroup memory.max %s", rlimit, cgroup);
 }

@@ -1665,8 +1665,8 @@ static void sampler_feed(Sampler *s, const int *ids, int n) {
     for (int i = 0; s->repeat_last_n && i < n; i++, s->n_fed++) s->recent[s->n_fed % s->repeat_last_n] = ids[i];
 }
 
-/* Pick the next token from logits[V] (left as they are: --dump-logits writes them after). In
-   order (llama.cpp's, but for top-p, see docs/usage.md):
+/* The distribution sample() draws from, for logits[V] (left as they are: --dump-logits writes
+   them after). In order (llama.cpp's, but for top-p, see docs/usage.md):
    1. repeat penalty: each distinct token among the last repeat_last_n fed has its logit divided
       by repeat_penalty (multiplied, when the logit is negative);
    2. greedy when temperature is 0: the largest (penalized) logit;
@@ -1674,8 +1674,11 @@ static void sampler_feed(Sampler *s, const int *ids, int n) {
    4. min-p: only the logits within log(min_p) of the largest stay (probability at least min_p
       times the most likely token's, at temperature 1);
    5. softmax(logits / temperature) over those, then top-p: the smallest set of most likely
-      tokens whose probability reaches top_p; a draw from it. */
-static int sample(Sampler *s, const float *logits_in, int V) {
+      tokens whose probability reaches top_p.
+   Returns n, the tokens kept: s->order[0..n) (most likely first, the lower id first among
+   equals), their probabilities in s->probs[id], the sum of those in *kept; or 0 when there is
+   nothing to draw: *token is then the choice (greedy, or no token reaching top-p's cutoff). */
+static int sample_kept(Sampler *s, const float *logits_in, int V, int *token, double *kept) {
     int penalize = s->repeat_penalty != 1 && s->repeat_last_n && s->n_fed;
     int masked = (s->top_k > 0 && s->top_k < V) || s->min_p > 0;
     float *logits = s->probs;
@@ -1689,8 +1692,9 @@ static int sample(Sampler *s, const float *logits_in, int V) {
         }
         logits_in = logits;
     }
-    if (s->temperature <= 0) return argmax(logits_in, V);
-    float mx = logits_in[argmax(logits_in, V)];
+    *token = argmax(logits_in, V);
+    if (s->temperature <= 0) return 0;
+    float mx = logits_in[*token];
     if (s->top_k > 0 && s->top_k < V) {
         for (int i = 0; i < V; i++) s->order[i] = i;
         sort_probs = logits;   /* the logits, largest first, the lower id first among equals */
@@ -1707,21 +1711,32 @@ static int sample(Sampler *s, const float *logits_in, int V) {
     float cutoff = s->top_p < 1 ? (1 - s->top_p) / (V > 1 ? V - 1 : 1) : 0;   /* can never be in the set */
     for (int i = 0; i < V; i++)
         if (logits[i] >= cutoff && logits[i] > 0) s->order[n++] = i;   /* masked tokens have 0 */
-    if (n == 0) return argmax(logits, V);   /* a flat distribution under a tiny top_p */
+    if (n == 0) {   /* a flat distribution under a tiny top_p */
+        *token = argmax(logits, V);
+        return 0;
+    }
     sort_probs = logits;
     qsort(s->order, (size_t)n, sizeof(int), compare_prob_desc);
-    double kept = 0;
-    int last = n - 1;
+    *kept = 0;
     for (int i = 0; i < n; i++) {
-        kept += logits[s->order[i]];
-        if (kept >= s->top_p) { last = i; break; }
+        *kept += logits[s->order[i]];
+        if (*kept >= s->top_p) return i + 1;
     }
+    return n;
+}
+
+/* Pick the next token from logits[V]: a draw from sample_kept's distribution (r uniform in the
+   kept mass, the tokens walked most likely first). */
+static int sample(Sampler *s, const float *logits, int V) {
+    int token, n;
+    double kept = 0;
+    if (!(n = sample_kept(s, logits, V, &token, &kept))) return token;
     double r = random_float(&s->rng) * kept, acc = 0;
-    for (int i = 0; i <= last; i++) {
-        acc += logits[s->order[i]];
+    for (int i = 0; i < n; i++) {
+        acc += s->probs[s->order[i]];
         if (r < acc) return s->order[i];
     }
-    return s->order[last];
+    return s->order[n - 1];
 }
 
 /* ========================================================================= GPU: driver API */
@@ -2121,6 +2136,12 @@ ABI_AT(SampleTokenArgs, out_token, SAMPLE_TOKEN_OUT_TOKEN);
 ABI_AT(SampleTokenArgs, tokens, SAMPLE_TOKEN_TOKENS);
 ABI_AT(SampleTokenArgs, pos0_ptr, SAMPLE_TOKEN_POS0_PTR);
 ABI_AT(SampleTokenArgs, advance, SAMPLE_TOKEN_ADVANCE);
+ABI_AT(SampleTokenArgs, top_k, SAMPLE_TOKEN_TOP_K);
+ABI_AT(SampleTokenArgs, log_min_p, SAMPLE_TOKEN_LOG_MIN_P);
+ABI_AT(SampleTokenArgs, penalty, SAMPLE_TOKEN_PENALTY);
+ABI_AT(SampleTokenArgs, recent, SAMPLE_TOKEN_RECENT);
+ABI_AT(SampleTokenArgs, n_fed, SAMPLE_TOKEN_N_FED);
+ABI_AT(SampleTokenArgs, last_n, SAMPLE_TOKEN_LAST_N);
 ABI_SIZE(GemmPrefillArgs, GEMM_PREFILL_BYTES);
 ABI_AT(GemmPrefillArgs, y, GEMM_PREFILL_Y);
 ABI_AT(GemmPrefillArgs, x, GEMM_PREFILL_X);
@@ -2762,6 +2783,8 @@ static struct {
     CUdeviceptr csa_out;                   /* [4D + 4DI + NI] decode: csa_stack's output, part by part */
     CUdeviceptr shared_act;                /* [2, I] decode: the shared expert's gate, then up */
     CUdeviceptr pos, tokens, rng, out_token; /* int32 [1], int32 [T], u64 [1], int32 [1] */
+    CUdeviceptr recent, n_fed;             /* int32 [REPEAT_LAST_N_MAX], uint32 [1]: the sampler's ring
+                                              of tokens fed (the repeat penalty's), its write count */
     CUdeviceptr hits;                      /* uint32 [L, X]: decode's expert choices (gemv's routing counts them) */
     uint64_t *prefill_hits;                /* [L, X] prefill's, counted on the host (gpu_moe_prefill) */
     const uint8_t *on_device;              /* [L, X]: 1 where expert e of layer l is in device memory;
@@ -3206,6 +3229,8 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     gm.tokens = gm_reserve((size_t)T * sizeof(int32_t));
     gm.rng = gm_reserve(sizeof(uint64_t));
     gm.out_token = gm_reserve(sizeof(int32_t));
+    gm.recent = gm_reserve(REPEAT_LAST_N_MAX * sizeof(int32_t));
+    gm.n_fed = gm_reserve(sizeof(uint32_t));
     gm.hits = gm_reserve((size_t)L * X * sizeof(uint32_t));
 }
 
@@ -3860,13 +3885,16 @@ static void gpu_decode(const Model *m) {
     gpu_gemv_parts(&head, 1, &head_site);
 }
 
-/* Sample the next token from the last logits row on the device: out_token and tokens[0]; *pos
+/* Sample the next token from the last logits row on the device: out_token and tokens[0], the
+   token appended to the device's ring of recent tokens (gm.recent, when s->repeat_last_n); *pos
    advances by one when `advance` (a decode step). Mirrors sample(). */
 static void gpu_sample(const Sampler *s, int V, int row, int advance) {
     CUdeviceptr logits = DEV(gm.state.scratch.logits) + (size_t)row * V * 4;
     SampleTokenArgs args = {.logits = logits, .probs = gm.probs, .V = (uint32_t)V, .temperature = s->temperature,
                             .top_p = s->top_p, .rng = gm.rng, .out_token = gm.out_token, .tokens = gm.tokens,
-                            .pos0_ptr = gm.pos, .advance = (uint32_t)advance};
+                            .pos0_ptr = gm.pos, .advance = (uint32_t)advance, .top_k = (uint32_t)s->top_k,
+                            .log_min_p = s->min_p > 0 ? logf(s->min_p) : -INFINITY, .penalty = s->repeat_penalty,
+                            .recent = gm.recent, .n_fed = gm.n_fed, .last_n = (uint32_t)s->repeat_last_n};
     LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
 }
 
@@ -4395,8 +4423,15 @@ static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T
     return gm.host_logits;
 }
 
+/* The first token after a prefill: the device's ring of recent tokens is made the host's (the
+   sampler fed the prompt there), then sample_token draws and appends, as every decode step does. */
 static int gpu_next_token(const Model *m, State *s, Sampler *sampler, int row) {
     int V = m->config.vocab_size, token;
+    if (sampler->repeat_last_n) {
+        uint32_t n_fed = (uint32_t)sampler->n_fed;
+        gpu_upload(gm.recent, sampler->recent, (size_t)sampler->repeat_last_n * sizeof(int));
+        gpu_upload(gm.n_fed, &n_fed, sizeof n_fed);
+    }
     gpu_sample(sampler, V, row, 0);
     gpu_download(&token, gm.out_token, sizeof token);
     if (token < 0 || token >= V) refuse_logits(s->pos - 1);   /* sample_token's answer to non-finite logits */
@@ -7371,7 +7406,7 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--top-k")) { o.top_k = (int)whole_arg(a, v, 0, 1 << 30); i++; }
         else if (!strcmp(a, "--min-p")) { o.min_p = (float)number_arg(a, v, 0, 1); i++; }
         else if (!strcmp(a, "--repeat-penalty")) { o.repeat_penalty = (float)real_arg(a, v, 0, 100, 1); i++; }
-        else if (!strcmp(a, "--repeat-last-n")) { o.repeat_last_n = (int)whole_arg(a, v, 0, 1 << 20); i++; }
+        else if (!strcmp(a, "--repeat-last-n")) { o.repeat_last_n = (int)whole_arg(a, v, 0, REPEAT_LAST_N_MAX); i++; }
         else if (!strcmp(a, "-s") || !strcmp(a, "--seed")) { o.seed = whole_arg(a, v, 0, UINT64_MAX); o.seed_given = 1; i++; }
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) { o.max_ctx = (int)whole_arg(a, v, 1, 1 << 30); i++; }
         else if (!strcmp(a, "--chunk")) { o.max_tokens = (int)whole_arg(a, v, 1, 1 << 20); i++; }
@@ -7503,8 +7538,6 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
-    if (run == &gpu_backend && (o.top_k || o.min_p > 0 || o.repeat_penalty != 1))
-        fatal("--top-k, --min-p and --repeat-penalty are not in the GPU's sampling kernel yet: give --cpu to use them");
     if ((o.gpu_mem || o.expert_profile) && run != &gpu_backend)
         fatal("%s places the model on the GPU, and %s", o.gpu_mem ? "--gpu-mem" : "--expert-profile",
               o.cpu ? "--cpu runs on the CPU" : why);

@@ -280,6 +280,7 @@ typedef struct {
 typedef struct { unsigned char pending[4]; int npending; } Utf8Stream;
 
 /* ---------------------------------------------------------------------------- sampler */
+#define REPEAT_LAST_N_MAX (1 << 20)   /* the longest --repeat-last-n (the GPU keeps a ring this long) */
 typedef struct {
     float temperature, top_p;
     uint64_t rng;
@@ -824,7 +825,8 @@ typedef struct {
 } RouteTokensArgs;
 #endif
 
-/* sample_token: greedy or nucleus sampling on the device; advances the position. gpu_sample */
+/* sample_token: repeat penalty, greedy, top-k, min-p, nucleus sampling on the device; advances
+   the position. gpu_sample */
 #define SAMPLE_TOKEN_LOGITS      0
 #define SAMPLE_TOKEN_PROBS       8
 #define SAMPLE_TOKEN_V           16
@@ -835,7 +837,13 @@ typedef struct {
 #define SAMPLE_TOKEN_TOKENS      48
 #define SAMPLE_TOKEN_POS0_PTR    56
 #define SAMPLE_TOKEN_ADVANCE     64
-#define SAMPLE_TOKEN_BYTES       72
+#define SAMPLE_TOKEN_TOP_K       68
+#define SAMPLE_TOKEN_LOG_MIN_P   72
+#define SAMPLE_TOKEN_PENALTY     76
+#define SAMPLE_TOKEN_RECENT      80
+#define SAMPLE_TOKEN_N_FED       88
+#define SAMPLE_TOKEN_LAST_N      96
+#define SAMPLE_TOKEN_BYTES       104
 #ifndef NVFP4_PTX
 typedef struct {
     uint64_t logits;    /* const float * [V]: the row sampled */
@@ -848,6 +856,12 @@ typedef struct {
     uint64_t tokens;    /* int * [1]: the next step's input (the token again) */
     uint64_t pos0_ptr;  /* int * [1]: the position, advanced when `advance` */
     uint32_t advance;   /* 1: a decode step */
+    uint32_t top_k;     /* keep the top_k largest logits (0: all) */
+    float log_min_p;    /* logf(min_p): drop logits below max + log_min_p (-inf: off) */
+    float penalty;      /* repeat penalty (1: off) */
+    uint64_t recent;    /* int * [last_n]: ring of the tokens fed, the sampled one appended */
+    uint64_t n_fed;     /* uint32 * [1]: tokens fed so far (the ring's write position) */
+    uint32_t last_n;    /* the ring's size (0: no penalty, nothing appended) */
 } SampleTokenArgs;
 #endif
 

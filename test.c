@@ -3913,22 +3913,31 @@ static void test_gpu_stream_read(void) {
 
 /* Device buffers for sample_token launched on its own: a logits row of up to `V` floats at
    `offset` floats (to test unaligned rows), its probabilities, the RNG state and the outputs. */
-typedef struct { CUdeviceptr logits, probs, rng, token, tokens, pos; } SampleRig;
+typedef struct { CUdeviceptr logits, probs, rng, token, tokens, pos, recent, n_fed; } SampleRig;
 static SampleRig sample_rig(int V) {
     return (SampleRig){gpu_alloc(((size_t)V + 1) * 4), gpu_alloc((size_t)V * 4), gpu_alloc(8), gpu_alloc(4), gpu_alloc(4),
-                       gpu_alloc(4)};
+                       gpu_alloc(4), gpu_alloc(REPEAT_LAST_N_MAX * 4), gpu_alloc(4)};
 }
 static void sample_rig_free(SampleRig *r) {
-    CUdeviceptr bufs[] = {r->logits, r->probs, r->rng, r->token, r->tokens, r->pos};
-    for (int i = 0; i < 6; i++) gpu_free(bufs[i]);
+    CUdeviceptr bufs[] = {r->logits, r->probs, r->rng, r->token, r->tokens, r->pos, r->recent, r->n_fed};
+    for (int i = 0; i < 8; i++) gpu_free(bufs[i]);
 }
 
-/* One sample_token launch over the row at `offset` floats of r->logits (the position stays). */
-static int sample_rig_draw(const SampleRig *r, int offset, int V, float temperature, float top_p) {
+/* One sample_token launch over the row at `offset` floats of r->logits with the settings of s
+   (its ring of recent tokens uploaded first; the kernel appends the token to the device's copy;
+   the position stays). */
+static int sample_rig_draw(const SampleRig *r, int offset, int V, const Sampler *s) {
     int token = -2;
+    uint32_t n_fed = (uint32_t)s->n_fed;
+    if (s->repeat_last_n) {
+        gpu_upload(r->recent, s->recent, (size_t)s->repeat_last_n * 4);
+        gpu_upload(r->n_fed, &n_fed, 4);
+    }
     SampleTokenArgs args = {.logits = r->logits + (size_t)offset * 4, .probs = r->probs, .V = (uint32_t)V,
-                            .temperature = temperature, .top_p = top_p, .rng = r->rng, .out_token = r->token,
-                            .tokens = r->tokens, .pos0_ptr = r->pos, .advance = 0};
+                            .temperature = s->temperature, .top_p = s->top_p, .rng = r->rng, .out_token = r->token,
+                            .tokens = r->tokens, .pos0_ptr = r->pos, .advance = 0, .top_k = (uint32_t)s->top_k,
+                            .log_min_p = s->min_p > 0 ? logf(s->min_p) : -INFINITY, .penalty = s->repeat_penalty,
+                            .recent = r->recent, .n_fed = r->n_fed, .last_n = (uint32_t)s->repeat_last_n};
     LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
     gpu_download(&token, r->token, 4);
     return token;
@@ -3958,7 +3967,8 @@ static void test_gpu_sample(void) {
             int expected = cases[k].nan >= 0 ? -1 : argmax(h + cases[k].offset, V);
             gpu_upload(rig.logits, h, ((size_t)V + 1) * 4);
             gpu_upload(rig.rng, &seed, 8);
-            int got = sample_rig_draw(&rig, cases[k].offset, V, mode ? 1.0f : 0.0f, mode ? 1e-6f : 1.0f);
+            Sampler plain = {.temperature = mode ? 1.0f : 0.0f, .top_p = mode ? 1e-6f : 1.0f, .repeat_penalty = 1};
+            int got = sample_rig_draw(&rig, cases[k].offset, V, &plain);
             wrong += got != expected;
             CHECK(got == expected, "sample_token, V %d, %s: token %d, CPU argmax %d", V, mode ? "top-p 1e-6" : "greedy", got,
                   expected);
@@ -3968,56 +3978,97 @@ static void test_gpu_sample(void) {
     free(h);
 }
 
-/* sample_token's nucleus draws against the distribution sample() draws from: random logits
-   with 20 planted high ones (the set that reaches top-p 0.9 is some of those), temperature 0.8,
-   4000 draws on the GPU (the device RNG advancing): every token drawn must be in the CPU's kept
-   set, and each kept token's frequency within 0.025 of its renormalized probability (a standard
-   deviation is at most 0.008). V = 129280 (most tokens pass the cutoff: the bisection over
-   global memory) and an odd V in an unaligned row (fewer than 8192 pass: the shared-memory
-   list). */
+/* sample_token's draws against sample_kept(), the distribution the CPU draws from: random
+   logits in [-2, 2] with planted high ones (30 of distinct values, or 20 above 30 equal ones
+   that the top-k boundary splits: the lower ids kept), 4000 GPU draws a case (the ring of recent
+   tokens uploaded before each, so that every draw sees the same ring): every token drawn must be
+   in the CPU's kept set, and each kept token's frequency within 0.025 of its renormalized
+   probability (a standard deviation is at most 0.008). Nucleus alone at V = 129280 (most
+   tokens pass the cutoff: the bisection over global memory) and at an odd V in an unaligned row
+   (fewer than 8192 pass: the shared-memory list); then top-k, min-p and the repeat penalty,
+   whose ring holds planted tokens, negative-logit tokens, repeats and ids outside the
+   vocabulary. Last, greedy with a penalty that takes the lead from the argmax, and the device's
+   ring after a draw: the token appended at n_fed % last_n, n_fed advanced. */
 static void test_gpu_sample_distribution(void) {
-    const int big = 129280, draws = 4000, planted = 20;
-    const float temperature = 0.8f, top_p = 0.9f;
-    float *h = xcalloc((size_t)big + 1, sizeof(float)), *p = xcalloc((size_t)big, sizeof(float));
-    int *order = xcalloc((size_t)big, sizeof(int)), *counts = xcalloc((size_t)big, sizeof(int));
+    enum { RING = 64 };
+    const int big = 129280, draws = 4000;
+    float *h = xcalloc((size_t)big + 1, sizeof(float)), *probs = xcalloc((size_t)big, sizeof(float));
+    int *order = xcalloc((size_t)big, sizeof(int)), *counts = xcalloc((size_t)big, sizeof(int)), recent[RING];
     SampleRig rig = sample_rig(big);
-    struct { int V, offset; } cases[] = {{big, 0}, {3001, 1}};
-    for (int k = 0; k < 2; k++) {
-        int V = cases[k].V, outside = 0;
+    struct { const char *what; int V, offset, top_k; float min_p, penalty, temperature, top_p; int ties; } cases[] = {
+        {"top-p 0.9, temperature 0.8", big, 0, 0, 0, 1, 0.8f, 0.9f, 0},
+        {"top-p 0.9, temperature 0.8, unaligned row", 3001, 1, 0, 0, 1, 0.8f, 0.9f, 0},
+        {"top-k 40", big, 0, 40, 0, 1, 1.0f, 1.0f, 0},
+        {"min-p 0.05, top-p 0.95, temperature 0.8", big, 0, 0, 0.05f, 1, 0.8f, 0.95f, 0},
+        {"penalty 1.5, top-k 50, top-p 0.9", big, 0, 50, 0, 1.5f, 1.0f, 0.9f, 0},
+        {"top-k 35 across 30 equal logits", big, 0, 35, 0, 1, 1.0f, 1.0f, 1},
+        {"top-k 12, min-p 0.2, temperature 1.2, unaligned row", 3001, 1, 12, 0.2f, 1, 1.2f, 1.0f, 0},
+        {"penalty 1.3, top-k 27, min-p 0.01, ties, unaligned row", 3001, 1, 27, 0.01f, 1.3f, 1.0f, 1.0f, 1},
+    };
+    for (int k = 0; k < (int)(sizeof cases / sizeof cases[0]); k++) {
+        int V = cases[k].V, outside = 0, token;
         float *l = h + cases[k].offset;
         for (int i = 0; i < V; i++) l[i] = uniform(-2, 2);
-        for (int j = 0; j < planted; j++) l[(int)(random_u32(&test_rng) % (unsigned)V)] = 9 + 0.1f * j;
-        /* the CPU's probabilities and kept set, as sample() makes them */
-        float mx = l[argmax(l, V)];
-        double sum = 0, kept = 0;
-        for (int i = 0; i < V; i++) sum += p[i] = expf((l[i] - mx) / temperature);
-        for (int i = 0; i < V; i++) p[i] = (float)(p[i] / sum), order[i] = i, counts[i] = 0;
-        sort_probs = p;
-        qsort(order, (size_t)V, sizeof(int), compare_prob_desc);
-        int n_kept = 0;
-        while (n_kept < V && kept < top_p) kept += p[order[n_kept++]];
-        uint64_t seed = 12345;
+        for (int j = 0; j < 50; j++) {
+            int id = (int)(random_u32(&test_rng) % (unsigned)V);
+            if (cases[k].ties) l[id] = j < 20 ? 7 + 0.1f * j : 6;
+            else if (j < 30) l[id] = 6 + 0.1f * j;
+            if (j < 20) recent[j] = id;   /* planted tokens in the ring */
+        }
+        for (int j = 20; j < RING; j++) {   /* repeats, any tokens (negative logits too), ids outside */
+            int any = (int)(random_u32(&test_rng) % (unsigned)V);
+            recent[j] = j % 9 == 0 ? recent[j % 20] : j % 13 == 0 ? (j % 2 ? -1 : V + j) : any;
+        }
+        int penalized = cases[k].penalty != 1;
+        Sampler cpu = {.temperature = cases[k].temperature, .top_p = cases[k].top_p, .order = order, .probs = probs,
+                       .top_k = cases[k].top_k, .min_p = cases[k].min_p, .repeat_penalty = cases[k].penalty,
+                       .repeat_last_n = penalized ? RING : 0, .recent = recent, .n_fed = penalized ? 100 : 0};
+        double kept = 0;
+        int n_kept = sample_kept(&cpu, l, V, &token, &kept);
+        CHECK(n_kept > 1, "sample_kept keeps %d tokens: the case draws nothing", n_kept);
+        Sampler gpu_sampler = cpu;
+        uint64_t seed = 4242;
         gpu_upload(rig.logits, h, ((size_t)V + 1) * 4);
         gpu_upload(rig.rng, &seed, 8);
+        memset(counts, 0, (size_t)V * sizeof(int));
         for (int d = 0; d < draws; d++) {
-            int got = sample_rig_draw(&rig, cases[k].offset, V, temperature, top_p);
+            int got = sample_rig_draw(&rig, cases[k].offset, V, &gpu_sampler);
             if (got >= 0 && got < V) counts[got]++;
             else outside++;
         }
         float worst = 0;
-        for (int r = 0; r < V; r++) {
+        for (int r = 0; r < n_kept; r++) {
             int id = order[r];
-            if (r < n_kept) worst = fmaxf(worst, fabsf((float)counts[id] / draws - (float)(p[id] / kept)));
-            else outside += counts[id];
+            worst = fmaxf(worst, fabsf((float)counts[id] / draws - (float)(probs[id] / kept)));
+            counts[id] = 0;
         }
-        CHECK(outside == 0, "sample_token, V %d: %d of %d draws outside the top-p set", V, outside, draws);
-        CHECK(worst < 0.025f, "sample_token, V %d: a kept token's frequency is %.4f from its probability", V, worst);
-        printf("  GPU sample_token, V %6d: %d draws at temperature %.1f, top-p %.1f: all in the CPU's set of %d, "
-               "frequencies within %.4f\n", V, draws, temperature, top_p, n_kept, worst);
+        for (int i = 0; i < V; i++) outside += counts[i];
+        CHECK(outside == 0, "sample_token, %s: %d of %d draws outside the CPU's kept set", cases[k].what, outside, draws);
+        CHECK(worst < 0.025f, "sample_token, %s: a kept token's frequency is %.4f from its probability", cases[k].what, worst);
+        printf("  GPU sample_token, V %6d, %s: %d draws, all in the CPU's set of %d, frequencies within %.4f\n", V,
+               cases[k].what, draws, n_kept, worst);
     }
+    /* greedy: the penalty takes the lead from the argmax (token 7: 5.0 -> 3.33 below token 9's 4.0) */
+    for (int i = 0; i < 1000; i++) h[i] = uniform(-2, 2);
+    h[7] = 5, h[9] = 4;
+    int ring[3] = {7, 7, 500}, appended = -1;
+    uint32_t n_fed = 0;
+    Sampler greedy = {.temperature = 0, .top_p = 1, .order = order, .probs = probs, .repeat_penalty = 1.5f,
+                      .repeat_last_n = 3, .recent = ring, .n_fed = 3};
+    int expected, got;
+    double unused;
+    sample_kept(&greedy, h, 1000, &expected, &unused);
+    gpu_upload(rig.logits, h, 1000 * 4);
+    got = sample_rig_draw(&rig, 0, 1000, &greedy);
+    gpu_download(&appended, rig.recent + (3 % 3) * 4, 4);
+    gpu_download(&n_fed, rig.n_fed, 4);
+    CHECK(expected == 9 && got == expected, "greedy with a repeat penalty: GPU %d, CPU %d (9 expected)", got, expected);
+    CHECK(appended == got && n_fed == 4, "the device's ring after a draw: %d at slot 0 (token %d), n_fed %u (4 expected)",
+          appended, got, n_fed);
+    printf("  GPU sample_token, greedy with a repeat penalty: token %d as the CPU's; the ring holds it after\n", got);
     sample_rig_free(&rig);
     free(h);
-    free(p);
+    free(probs);
     free(order);
     free(counts);
 }
@@ -4759,8 +4810,6 @@ static void test_gpu(double shipped_cpu_nll) {
     }
     /* the whole V4-Flash within 4 GiB of the GPU: its part other than the routed experts alone
        does not fit, refused before anything is allocated, with what it needs and what it has */
-    expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --gpu testdata/tiny-a hi --top-k 5", 1,
-                 "--top-k, --min-p and --repeat-penalty are not in the GPU's sampling kernel yet: give --cpu");
     expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --bench --layers 43 --gpu-mem 4", 1,
                  "the model's part other than its routed experts (the state for --ctx");
     test_gpu_cli_repeatable();

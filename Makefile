@@ -71,13 +71,14 @@ bench-gpu: nvfp4 $(BUILD)/test $(BUILD)/deepseek-tokenizer.json
 	NVFP4_GPU_BENCH=1 ./$(BUILD)/test
 
 # on a GPU machine: compute-sanitizer's memcheck, racecheck and initcheck over a fixture run that
-# prefills in chunks (tensor-core GEMM) and decodes with the CUDA graph, and memcheck over a
+# prefills in chunks (tensor-core GEMM) and decodes with the CUDA graph, sampling with every
+# filter (repeat penalty, top-k, min-p, top-p), and memcheck over a
 # small benchmark run (V4-Flash's shapes) whose --gpu-mem leaves about half the routed experts
 # in host memory; each must report no error
 gpu-sanitize: nvfp4
 	for tool in memcheck racecheck initcheck; do \
 	    compute-sanitizer --tool $$tool --error-exitcode 1 ./nvfp4 --gpu testdata/tiny-d "$$(cat testdata/tiny-d/prompt.txt)" \
-	        -n 24 --temp 0 --chunk 64 > $(BUILD)/sanitize-$$tool.txt || exit 1; \
+	        -n 24 --temp 0.8 --top-k 5 --min-p 0.05 --repeat-penalty 1.3 --seed 1 --chunk 64 > $(BUILD)/sanitize-$$tool.txt || exit 1; \
 	done
 	compute-sanitizer --tool memcheck --error-exitcode 1 ./nvfp4 --bench --layers 3 --position 300 --gpu-mem 6 > $(BUILD)/sanitize-bench.txt
 

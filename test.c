@@ -3981,9 +3981,10 @@ static void test_gpu_sample(void) {
 /* sample_token's draws against sample_kept(), the distribution the CPU draws from: random
    logits in [-2, 2] with planted high ones (30 of distinct values, or 20 above 30 equal ones
    that the top-k boundary splits: the lower ids kept), 4000 GPU draws a case (the ring of recent
-   tokens uploaded before each, so that every draw sees the same ring): every token drawn must be
-   in the CPU's kept set, and each kept token's frequency within 0.025 of its renormalized
-   probability (a standard deviation is at most 0.008). Nucleus alone at V = 129280 (most
+   tokens uploaded before each, so that every draw sees the same ring): the tokens with
+   probability > 0 exactly the CPU's, every token drawn in the CPU's kept set, and each kept
+   token's frequency within 0.025 of its renormalized probability (a standard deviation is at
+   most 0.008). Nucleus alone at V = 129280 (most
    tokens pass the cutoff: the bisection over global memory) and at an odd V in an unaligned row
    (fewer than 8192 pass: the shared-memory list); then top-k, min-p and the repeat penalty,
    whose ring holds planted tokens, negative-logit tokens, repeats and ids outside the
@@ -4036,6 +4037,14 @@ static void test_gpu_sample_distribution(void) {
             if (got >= 0 && got < V) counts[got]++;
             else outside++;
         }
+        /* the tokens top-k, min-p and the penalty leave: probability > 0 in the GPU's probs
+           exactly where it is in the CPU's (a draw's frequencies alone would miss a wrong
+           token of tiny probability at the boundary) */
+        float *gpu_probs = xcalloc((size_t)V, sizeof(float));
+        gpu_download(gpu_probs, rig.probs, (size_t)V * sizeof(float));
+        int differ = 0;
+        for (int i = 0; i < V; i++) differ += (gpu_probs[i] > 0) != (probs[i] > 0);
+        free(gpu_probs);
         float worst = 0;
         for (int r = 0; r < n_kept; r++) {
             int id = order[r];
@@ -4043,6 +4052,7 @@ static void test_gpu_sample_distribution(void) {
             counts[id] = 0;
         }
         for (int i = 0; i < V; i++) outside += counts[i];
+        CHECK(differ == 0, "sample_token, %s: %d tokens kept by one of the GPU and the CPU only", cases[k].what, differ);
         CHECK(outside == 0, "sample_token, %s: %d of %d draws outside the CPU's kept set", cases[k].what, outside, draws);
         CHECK(worst < 0.025f, "sample_token, %s: a kept token's frequency is %.4f from its probability", cases[k].what, worst);
         printf("  GPU sample_token, V %6d, %s: %d draws, all in the CPU's set of %d, frequencies within %.4f\n", V,

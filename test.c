@@ -4482,17 +4482,20 @@ static void test_gpu_checkpoint(const char *dir) {
     free_model(&m);
 }
 
-/* The GPU path from the command line, run twice with the same seed and sampling options: the
-   same text and bit-identical logits (no order-dependent float atomics); another seed gives
-   other text; a tiny top-p samples what greedy picks. */
+/* The GPU path from the command line, run twice with the same seed and sampling options (every
+   filter: top-p, top-k, min-p, the repeat penalty's device ring): the same text and
+   bit-identical logits (no order-dependent float atomics); another seed gives other text; a
+   tiny top-p and top-k 1 sample what greedy picks. */
 static void test_gpu_cli_repeatable(void) {
     const char *run = "env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --gpu testdata/tiny-c \"It was the best of times\" -n 24";
     char cmd[1024];
     size_t n1, n2;
-    char *text[4], *logits[2];
-    const char *options[4] = {"--temp 0.9 --top-p 0.9 --seed 7", "--temp 0.9 --top-p 0.9 --seed 7",
-                              "--temp 0.9 --top-p 0.9 --seed 8", "--temp 1 --top-p 1e-6 --seed 9"};
-    for (int i = 0; i < 4; i++) {
+    char *text[5], *logits[2];
+    const char *options[5] = {"--temp 0.9 --top-p 0.9 --top-k 20 --min-p 0.02 --repeat-penalty 1.2 --seed 7",
+                              "--temp 0.9 --top-p 0.9 --top-k 20 --min-p 0.02 --repeat-penalty 1.2 --seed 7",
+                              "--temp 0.9 --top-p 0.9 --top-k 20 --min-p 0.02 --repeat-penalty 1.2 --seed 8",
+                              "--temp 1 --top-p 1e-6 --seed 9", "--temp 1 --top-k 1 --seed 9"};
+    for (int i = 0; i < 5; i++) {
         snprintf(cmd, sizeof cmd, "%s %s --dump-logits build/gpu-run%d.bin > build/gpu-run%d.txt 2> build/gpu-run.err", run,
                  options[i], i, i);
         int status = system(cmd);
@@ -4511,7 +4514,8 @@ static void test_gpu_cli_repeatable(void) {
           "GPU runs with the same seed: the same text and bit-identical logits");
     CHECK(text[2] && strcmp(text[0], text[2]), "GPU runs with another seed sample other text");
     CHECK(text[3] && greedy && !strcmp(text[3], greedy), "GPU: a tiny top-p samples the greedy text");
-    for (int i = 0; i < 4; i++) free(text[i]);
+    CHECK(text[4] && greedy && !strcmp(text[4], greedy), "GPU: top-k 1 samples the greedy text");
+    for (int i = 0; i < 5; i++) free(text[i]);
     free(logits[0]);
     free(logits[1]);
     free(greedy);

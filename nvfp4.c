@@ -2731,14 +2731,10 @@ static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
 
 /* One matrix (w1, w2 or w3) of a layer's routed experts on the GPU: expert e's is the GpuLinear
    `one` with its codes and scales wherever the placement put them (device memory, or mapped
-   host memory: gpu_upload_experts), at the addresses table[2e] and table[2e + 1]. When all of
-   them lie in device memory evenly spaced, expert m's are also m * stride_w and m * stride_s
-   bytes after expert 0's: the GEMV then computes the addresses rather than load them from the
-   table after routing (one dependent load less in each expert launch). */
+   host memory: gpu_upload_experts), at the addresses table[2e] and table[2e + 1]. */
 typedef struct {
     GpuLinear one;               /* format, shape and padded row bytes of one expert */
     CUdeviceptr table;           /* u64 [X, 2]: expert e's codes and scales addresses (the GEMV's SEG_TABLE) */
-    size_t stride_w, stride_s;   /* the even spacing of the experts' codes and scales, or 0: use the table */
     CUdeviceptr *host_table;     /* [X, 2] the same, for per-expert prefill launches */
     float *host_factors;         /* [X] the GEMM's output factors (gpu_gemm_factor) */
     CUdeviceptr gscales62;       /* [X] f32: NVFP4 global scales times 2^62, for the GEMV */
@@ -2841,17 +2837,13 @@ static CUdeviceptr gm_reserve_host(size_t bytes) {
    GEMV layout, each expert's matrices in device memory or in the host region as gm.on_device
    says, and describe them in g[0..n): one address table for all n * X matrices (stack i's
    expert e is its entry i * X + e, so that one launch can reach both stacks: gpu_moe_decode)
-   and one device array of their NVFP4 global scales (times 2^62). Stack after stack, expert
-   after expert, so that with every expert in device memory the n * X matrices lie evenly
-   spaced (g[i].stride_w, stride_s: entry j at j strides after entry 0, across the stacks too). */
+   and one device array of their NVFP4 global scales (times 2^62). */
 static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int l, int X) {
     CUdeviceptr *table = xcalloc((size_t)n * X * 2, sizeof(CUdeviceptr));
     float *gscales62 = xcalloc((size_t)n * X, sizeof(float));
-    int all_device = 1;
-    for (int i = 0; i < n; i++) {
-        for (int e = 0; e < X; e++) {
-            int device = !gm.on_device || gm.on_device[(size_t)l * X + e];
-            all_device &= device;
+    for (int e = 0; e < X; e++) {
+        int device = !gm.on_device || gm.on_device[(size_t)l * X + e];
+        for (int i = 0; i < n; i++) {
             Linear one = expert_matrix(stacks[i], e);
             size_t code = gpu_linear_code_bytes(&one), scale = gpu_linear_scale_bytes(&one);
             CUdeviceptr *at = &table[((size_t)i * X + e) * 2];
@@ -2867,11 +2859,6 @@ static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, 
             g[i].host_factors[e] = gpu_gemm_factor(&placed);
         }
     }
-    /* even spacing over all n * X matrices (entry j = i * X + e): the GEMV's stride addressing */
-    size_t stride_w = n * X > 1 ? table[2] - table[0] : 0, stride_s = n * X > 1 ? table[3] - table[1] : 0;
-    int even = all_device && table[0] && stride_w;
-    for (size_t j = 0; even && j < (size_t)n * X; j++)
-        even = table[2 * j] == table[0] + j * stride_w && table[2 * j + 1] == table[1] + j * stride_s;
     CUdeviceptr all_table = gm_reserve((size_t)n * X * 2 * sizeof(CUdeviceptr));
     if (all_table) gm_write(all_table, table, (size_t)n * X * 2 * sizeof(CUdeviceptr));
     CUdeviceptr all_gscales = gm_floats(gscales62, (size_t)n * X);
@@ -2880,8 +2867,6 @@ static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, 
         g[i].host_table = xcalloc((size_t)X * 2, sizeof(CUdeviceptr));
         memcpy(g[i].host_table, &table[(size_t)i * X * 2], (size_t)X * 2 * sizeof(CUdeviceptr));
         g[i].gscales62 = gm_offset(all_gscales, (size_t)i * X * sizeof(float));
-        g[i].stride_w = even ? stride_w : 0;
-        g[i].stride_s = even ? stride_s : 0;
     }
     free(table);
     free(gscales62);
@@ -3826,7 +3811,7 @@ static void gpu_attention_decode(const Model *m, int l, const GemvHc *hc) {
    up_offset bytes after x when up_offset is not 0), output row k. */
 static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit) {
     return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm.state.scratch.chosen),
-                      .stride_w = g->stride_w, .stride_s = g->stride_s, .table = g->stride_w ? 0 : g->table, .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
+                      .table = g->table, .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
                       .up_offset = up_offset, .limit = limit};
 }
 
@@ -3856,8 +3841,7 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
                           shared_gate, shared_up);
     if (g->w13_paired && gm.state.max_tokens >= 2) {
         const GpuLinear *one = &g->w1.one;
-        routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .stride_w = g->w1.stride_w,
-                              .stride_s = g->w1.stride_s, .table = g->w1.stride_w ? 0 : g->w1.table,
+        routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .table = g->w1.table,
                               .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
                               .list_len = K, .list_offset = X};
         parts[n++] = (GemvPart){one, x, DEV(w->expert_gate), &routed13};

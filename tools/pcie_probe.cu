@@ -1,0 +1,235 @@
+// tools/pcie_probe.cu: how fast the GPU can read host memory, the measurements behind
+// docs/performance.md's table "How the GPU can read host memory" (a tool outside the engine,
+// written with the CUDA runtime for brevity). On a GPU machine:
+//
+//   nvcc -O2 -std=c++17 -arch=sm_90a -rdc=true -o pcie_probe tools/pcie_probe.cu -lcudadevrt
+//   ./pcie_probe
+//
+// It reads 2 GiB of page-locked, mapped host memory (and, for reference, of device memory) with
+// SM loads (ld_stride, ld_warp_span) and with cp.async.bulk rings (bulk_ring: the GEMV's way),
+// by blocks per SM, loads or stages in flight and chunk size; then ordinary memory in huge
+// pages and a file's mmapped pages, each registered read-only in place; the copy engine; and a
+// graph of switch nodes (43 layers x 6 slots, 140 host-to-device copies each) whose values a
+// kernel sets (cudaGraphSetConditional): the copy engine driven from the GPU. Every time is the
+// median of 3 runs after a warm-up.
+#include <cuda_runtime.h>
+#include <cstdio>
+#include <cstdint>
+#include <vector>
+#include <algorithm>
+#include <functional>
+#include <sys/mman.h>
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
+
+__device__ __forceinline__ unsigned sm(const void *p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+// grid-stride 16-byte loads, U in flight per thread
+template <int U> __global__ void ld_stride(const uint4 *buf, size_t n16, unsigned *out) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    unsigned s = 0;
+    for (; i + (U - 1) * stride < n16; i += U * stride) {
+        uint4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) v[u] = __ldg(buf + i + u * stride);
+#pragma unroll
+        for (int u = 0; u < U; u++) s += v[u].x + v[u].y + v[u].z + v[u].w;
+    }
+    atomicAdd(out, s);
+}
+// each warp a contiguous span of span16 vectors, U loads in flight a lane
+template <int U> __global__ void ld_warp_span(const uint4 *buf, size_t n16, size_t span16, unsigned *out) {
+    size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32, nwarps = (size_t)gridDim.x * blockDim.x / 32;
+    unsigned lane = threadIdx.x % 32, s = 0;
+    for (size_t base = warp * span16; base < n16; base += nwarps * span16)
+        for (size_t j = lane; j + 32 * (U - 1) < span16; j += 32 * U) {
+            uint4 v[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) v[u] = __ldg(buf + base + j + 32 * u);
+#pragma unroll
+            for (int u = 0; u < U; u++) s += v[u].x + v[u].y + v[u].z + v[u].w;
+        }
+    atomicAdd(out, s);
+}
+// cp.async.bulk ring: thread 0 of each block keeps `stages` chunks of `chunk` bytes in flight
+__global__ void bulk_ring(const char *src, size_t bytes, unsigned chunk, int stages, int contiguous, unsigned *out) {
+    extern __shared__ __align__(128) char ring[];
+    __shared__ __align__(8) uint64_t bar[8];
+    if (threadIdx.x != 0) return;
+    size_t n = bytes / chunk, first, step, count;
+    if (contiguous) { first = n * blockIdx.x / gridDim.x; count = n * (blockIdx.x + 1) / gridDim.x - first; step = 1; }
+    else { first = blockIdx.x; step = gridDim.x; count = n > first ? (n - first + step - 1) / step : 0; }
+    for (int s = 0; s < stages; s++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sm(&bar[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;");
+    unsigned sum = 0;
+    auto issue = [&](size_t k) {
+        int s = k % stages;
+        const char *p = src + (first + k * step) * chunk;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm(&bar[s])), "r"(chunk));
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(sm(ring + (size_t)s * chunk)), "l"(p), "r"(chunk), "r"(sm(&bar[s])) : "memory");
+    };
+    for (size_t k = 0; k < count && k < (size_t)stages; k++) issue(k);
+    for (size_t k = 0; k < count; k++) {
+        int s = k % stages;
+        unsigned ph = (k / stages) & 1;
+        asm volatile("{ .reg .pred p; W%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1; @!p bra W%=; }" ::"r"(sm(&bar[s])), "r"(ph));
+        sum += *(volatile unsigned *)(ring + (size_t)s * chunk);
+        if (k + stages < count) issue(k + stages);
+    }
+    atomicAdd(out, sum);
+}
+__global__ void set_switches(cudaGraphConditionalHandle *h, const unsigned *values, int n) {
+    if (threadIdx.x < n) cudaGraphSetConditional(h[threadIdx.x], values[threadIdx.x]);
+}
+
+static float time_ms(cudaStream_t st, const std::function<void()> &f, int reps = 3) {
+    std::vector<float> t;
+    cudaEvent_t a, b;
+    cudaEventCreate(&a); cudaEventCreate(&b);
+    f();   // warm-up
+    for (int r = 0; r < reps; r++) {
+        cudaEventRecord(a, st); f(); cudaEventRecord(b, st); CK(cudaEventSynchronize(b));
+        float ms; cudaEventElapsedTime(&ms, a, b); t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+int main() {
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    int sms; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    size_t bytes = (size_t)2 << 30;
+    char *host, *hdev, *dev, *dst;
+    CK(cudaHostAlloc(&host, bytes, cudaHostAllocPortable | cudaHostAllocMapped));
+    memset(host, 0x5a, bytes);
+    CK(cudaHostGetDevicePointer((void **)&hdev, host, 0));
+    CK(cudaMalloc(&dev, bytes)); CK(cudaMemset(dev, 0x5a, bytes));
+    CK(cudaMalloc(&dst, bytes));
+    unsigned *out; CK(cudaMalloc(&out, 4));
+    CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    const char *names[2] = {"host", "device"};
+    char *bufs[2] = {hdev, dev};
+    for (int m = 0; m < 2; m++) {
+        const uint4 *b = (const uint4 *)bufs[m];
+        size_t n16 = bytes / 16;
+        for (int bps : {1, 2, 4, 8, 16}) {
+            float ms4 = time_ms(st, [&] { ld_stride<4><<<sms * bps, 256, 0, st>>>(b, n16, out); });
+            float ms8 = time_ms(st, [&] { ld_stride<8><<<sms * bps, 256, 0, st>>>(b, n16, out); });
+            printf("%s ld_stride blocks/SM %2d: U4 %.1f GB/s  U8 %.1f GB/s\n", names[m], bps, bytes / ms4 / 1e6, bytes / ms8 / 1e6);
+        }
+        for (size_t span : {(size_t)4096, (size_t)32768, (size_t)262144}) {
+            float ms = time_ms(st, [&] { ld_warp_span<8><<<sms * 4, 256, 0, st>>>(b, n16, span / 16, out); });
+            printf("%s ld_warp_span %6zu B (4 blocks/SM, U8): %.1f GB/s\n", names[m], span, bytes / ms / 1e6);
+        }
+        for (unsigned chunk : {4096u, 16384u, 32768u}) for (int stages : {2, 4, 6}) for (int bps : {1, 2}) for (int contig : {0, 1}) {
+            size_t smem = (size_t)chunk * stages;
+            if (smem * bps > 220 * 1024) continue;
+            float ms = time_ms(st, [&] { bulk_ring<<<sms * bps, 32, smem, st>>>(bufs[m], bytes, chunk, stages, contig, out); });
+            printf("%s bulk chunk %5u stages %d blocks/SM %d %s: %.1f GB/s\n", names[m], chunk, stages, bps, contig ? "contiguous" : "interleaved", bytes / ms / 1e6);
+        }
+    }
+    // ordinary memory in transparent huge pages, registered read-only and mapped
+    {
+        char *anon = (char *)mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        int adv = madvise(anon, bytes, MADV_HUGEPAGE);
+        memset(anon, 0x5a, bytes);
+        cudaError_t re = cudaHostRegister(anon, bytes, cudaHostRegisterMapped | cudaHostRegisterReadOnly);
+        printf("THP region (madvise %d) registered: %s\n", adv, cudaGetErrorString(re));
+        if (re == cudaSuccess) {
+            char *ad; CK(cudaHostGetDevicePointer((void **)&ad, anon, 0));
+            size_t n16 = bytes / 16;
+            for (int bps : {1, 2, 4}) {
+                float ms = time_ms(st, [&] { ld_stride<4><<<sms * bps, 256, 0, st>>>((const uint4 *)ad, n16, out); });
+                printf("THP ld_stride blocks/SM %d U4: %.1f GB/s\n", bps, bytes / ms / 1e6);
+            }
+            for (unsigned chunk : {16384u, 32768u}) for (int contig : {0, 1}) {
+                float ms = time_ms(st, [&] { bulk_ring<<<sms, 32, chunk * 4, st>>>(ad, bytes, chunk, 4, contig, out); });
+                printf("THP bulk chunk %5u stages 4 %s: %.1f GB/s\n", chunk, contig ? "contiguous" : "interleaved", bytes / ms / 1e6);
+            }
+            float cm = time_ms(st, [&] { CK(cudaMemcpyAsync(dst, anon, bytes, cudaMemcpyHostToDevice, st)); });
+            printf("THP copy engine: %.1f GB/s\n", bytes / cm / 1e6);
+            CK(cudaHostUnregister(anon));
+        }
+        munmap(anon, bytes);
+    }
+    // a file's pages (the page cache), mmapped read-only and registered in place
+    {
+        size_t fbytes = (size_t)1 << 30;
+        int fd = open("/tmp/probe-file.bin", O_RDWR | O_CREAT | O_TRUNC, 0600);
+        std::vector<char> block(1 << 20, 0x5a);
+        for (size_t done = 0; done < fbytes; done += block.size()) if (write(fd, block.data(), block.size()) < 0) break;
+        char *fm = (char *)mmap(nullptr, fbytes, PROT_READ, MAP_SHARED, fd, 0);
+        cudaError_t re = cudaHostRegister(fm, fbytes, cudaHostRegisterMapped | cudaHostRegisterReadOnly);
+        printf("file mmap registered read-only: %s\n", cudaGetErrorString(re));
+        if (re == cudaSuccess) {
+            char *fdp; CK(cudaHostGetDevicePointer((void **)&fdp, fm, 0));
+            float ms = time_ms(st, [&] { ld_stride<4><<<sms * 4, 256, 0, st>>>((const uint4 *)fdp, fbytes / 16, out); });
+            printf("file ld_stride 4/SM: %.1f GB/s\n", fbytes / ms / 1e6);
+            ms = time_ms(st, [&] { bulk_ring<<<sms, 32, 32768 * 4, st>>>(fdp, fbytes, 32768, 4, 0, out); });
+            printf("file bulk 32K interleaved: %.1f GB/s\n", fbytes / ms / 1e6);
+            CK(cudaHostUnregister(fm));
+        } else cudaGetLastError();
+        munmap(fm, fbytes); close(fd); unlink("/tmp/probe-file.bin");
+    }
+    float ce = time_ms(st, [&] { CK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, st)); });
+    printf("copy engine H2D 2 GiB: %.1f GB/s\n", bytes / ce / 1e6);
+    size_t ex = 14u << 20;
+    float ce14 = time_ms(st, [&] { for (int i = 0; i < 140; i++) CK(cudaMemcpyAsync(dst + (i % 6) * ex, host + (i * 7919 % 140) * ex, ex, cudaMemcpyHostToDevice, st)); });
+    printf("copy engine H2D 140 x 14 MiB: %.1f GB/s\n", 140.0 * ex / ce14 / 1e6);
+
+    // switch nodes: 43 layers x 6 slots, each a switch over 140 host experts' copies (14 MiB)
+    int layers = 43, slots = 6, branches = 140;
+    cudaGraph_t g; CK(cudaGraphCreate(&g, 0));
+    std::vector<cudaGraphConditionalHandle> handles(layers * slots);
+    cudaGraphConditionalHandle *dh; unsigned *dvals;
+    CK(cudaMalloc(&dh, sizeof(cudaGraphConditionalHandle) * layers * slots));
+    CK(cudaMalloc(&dvals, 4 * layers * slots));
+    cudaGraphNode_t prev = nullptr;
+    for (int l = 0; l < layers; l++) {
+        for (int s = 0; s < slots; s++) CK(cudaGraphConditionalHandleCreate(&handles[l * slots + s], g, 0, 0));
+    }
+    CK(cudaMemcpy(dh, handles.data(), sizeof(cudaGraphConditionalHandle) * handles.size(), cudaMemcpyHostToDevice));
+    for (int l = 0; l < layers; l++) {
+        cudaGraphNode_t setk;
+        cudaKernelNodeParams kp = {};
+        cudaGraphConditionalHandle *hl = dh + l * slots; const unsigned *vl = dvals + l * slots; int n = slots;
+        void *args[] = {&hl, &vl, &n};
+        kp.func = (void *)set_switches; kp.gridDim = dim3(1); kp.blockDim = dim3(32); kp.kernelParams = args;
+        CK(cudaGraphAddKernelNode(&setk, g, prev ? &prev : nullptr, prev ? 1 : 0, &kp));
+        std::vector<cudaGraphNode_t> sw(slots);
+        for (int s = 0; s < slots; s++) {
+            cudaGraphNodeParams np = {};
+            np.type = cudaGraphNodeTypeConditional;
+            np.conditional.handle = handles[l * slots + s];
+            np.conditional.type = cudaGraphCondTypeSwitch;
+            np.conditional.size = branches;
+            CK(cudaGraphAddNode(&sw[s], g, &setk, nullptr, 1, &np));
+            for (int b = 0; b < branches; b++) {
+                cudaGraphNode_t c;
+                CK(cudaGraphAddMemcpyNode1D(&c, np.conditional.phGraph_out[b], nullptr, 0, dst + s * ex, host + (size_t)(b % 140) * ex % (bytes - ex), ex, cudaMemcpyHostToDevice));
+            }
+        }
+        cudaGraphNode_t join; CK(cudaGraphAddEmptyNode(&join, g, sw.data(), slots));
+        prev = join;
+    }
+    cudaGraphExec_t ge;
+    cudaError_t ie = cudaGraphInstantiate(&ge, g, 0);
+    printf("switch graph instantiate: %s\n", cudaGetErrorString(ie));
+    if (ie == cudaSuccess) {
+        for (int active : {0, 1, 3, 6}) {
+            std::vector<unsigned> v(layers * slots);
+            for (int i = 0; i < layers * slots; i++) v[i] = (i % slots) < active ? (i * 37) % branches : branches;
+            CK(cudaMemcpy(dvals, v.data(), 4 * v.size(), cudaMemcpyHostToDevice));
+            float ms = time_ms(st, [&] { CK(cudaGraphLaunch(ge, st)); });
+            double moved = (double)layers * active * ex;
+            printf("switch graph, %d copies a layer: %.2f ms, %.1f GB/s\n", active, ms, moved / ms / 1e6);
+        }
+    }
+    CK(cudaStreamSynchronize(st));
+    printf("probe done\n");
+    return 0;
+}

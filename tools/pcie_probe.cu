@@ -6,7 +6,8 @@
 //   ./pcie_probe
 //
 // It reads 2 GiB of page-locked, mapped host memory (and, for reference, of device memory) with
-// SM loads (ld_stride, ld_warp_span) and with cp.async.bulk rings (bulk_ring: the GEMV's way),
+// SM loads (ld_stride, ld_warp_span), per-thread asynchronous copies (cpasync_ring: not measured
+// yet) and with cp.async.bulk rings (bulk_ring: the GEMV's way),
 // by blocks per SM, loads or stages in flight and chunk size; then ordinary memory in huge
 // pages and a file's mmapped pages, each registered read-only in place; the copy engine; and a
 // graph of switch nodes (43 layers x 6 slots, 140 host-to-device copies each) whose values a
@@ -81,6 +82,32 @@ __global__ void bulk_ring(const char *src, size_t bytes, unsigned chunk, int sta
     }
     atomicAdd(out, sum);
 }
+// cp.async ring (LDGSTS: every thread copies 16 bytes at a time into shared memory, the SMs'
+// load path, asynchronous): S stages of `chunk` bytes, chunks interleaved over the blocks
+template <int S> __global__ void cpasync_ring(const char *src, size_t bytes, unsigned chunk, unsigned *out) {
+    extern __shared__ __align__(128) char ring[];
+    size_t n = bytes / chunk, first = blockIdx.x, step = gridDim.x;
+    size_t count = n > first ? (n - first + step - 1) / step : 0;
+    auto issue = [&](size_t k) {
+        if (k < count) {
+            const char *p = src + (first + k * step) * chunk;
+            char *d = ring + (k % S) * chunk;
+            for (unsigned o = threadIdx.x * 16; o < chunk; o += blockDim.x * 16)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sm(d + o)), "l"(p + o) : "memory");
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+    for (int s = 0; s < S - 1; s++) issue(s);
+    unsigned sum = 0;
+    for (size_t k = 0; k < count; k++) {
+        issue(k + S - 1);
+        asm volatile("cp.async.wait_group %0;" ::"n"(S - 1));
+        __syncthreads();
+        sum += *(volatile unsigned *)(ring + (k % S) * chunk + threadIdx.x * 4);
+        __syncthreads();
+    }
+    atomicAdd(out, sum);
+}
 __global__ void set_switches(cudaGraphConditionalHandle *h, const unsigned *values, int n) {
     if (threadIdx.x < n) cudaGraphSetConditional(h[threadIdx.x], values[threadIdx.x]);
 }
@@ -111,6 +138,8 @@ int main() {
     CK(cudaMalloc(&dst, bytes));
     unsigned *out; CK(cudaMalloc(&out, 4));
     CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaFuncSetAttribute(cpasync_ring<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaFuncSetAttribute(cpasync_ring<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     const char *names[2] = {"host", "device"};
     char *bufs[2] = {hdev, dev};
     for (int m = 0; m < 2; m++) {
@@ -124,6 +153,12 @@ int main() {
         for (size_t span : {(size_t)4096, (size_t)32768, (size_t)262144}) {
             float ms = time_ms(st, [&] { ld_warp_span<8><<<sms * 4, 256, 0, st>>>(b, n16, span / 16, out); });
             printf("%s ld_warp_span %6zu B (4 blocks/SM, U8): %.1f GB/s\n", names[m], span, bytes / ms / 1e6);
+        }
+        for (unsigned chunk : {16384u, 32768u}) {
+            float ms2 = time_ms(st, [&] { cpasync_ring<2><<<sms, 512, chunk * 2, st>>>(bufs[m], bytes, chunk, out); });
+            float ms4 = time_ms(st, [&] { cpasync_ring<4><<<sms, 512, chunk * 4, st>>>(bufs[m], bytes, chunk, out); });
+            printf("%s cp.async chunk %5u (512 threads, 1 block/SM): 2 stages %.1f GB/s, 4 stages %.1f GB/s\n", names[m],
+                   chunk, bytes / ms2 / 1e6, bytes / ms4 / 1e6);
         }
         for (unsigned chunk : {4096u, 16384u, 32768u}) for (int stages : {2, 4, 6}) for (int bps : {1, 2}) for (int contig : {0, 1}) {
             size_t smem = (size_t)chunk * stages;

@@ -1685,10 +1685,10 @@ static int sample_kept(Sampler *s, const float *logits_in, int V, int *token, do
     if (penalize || (masked && s->temperature > 0)) {
         memcpy(logits, logits_in, (size_t)V * sizeof(float));
         int n_recent = s->n_fed < s->repeat_last_n ? s->n_fed : s->repeat_last_n;
-        for (int i = 0; penalize && i < n_recent; i++) {
-            int id = s->recent[i], seen = 0;
-            for (int j = 0; j < i; j++) seen |= s->recent[j] == id;
-            if (!seen && id >= 0 && id < V) logits[id] = logits[id] > 0 ? logits[id] / s->repeat_penalty : logits[id] * s->repeat_penalty;
+        for (int i = 0; penalize && i < n_recent; i++) {   /* from the unpenalized logit: a repeat rewrites the same value */
+            int id = s->recent[i];
+            if (id >= 0 && id < V)
+                logits[id] = logits_in[id] > 0 ? logits_in[id] / s->repeat_penalty : logits_in[id] * s->repeat_penalty;
         }
         logits_in = logits;
     }
@@ -3885,16 +3885,34 @@ static void gpu_decode(const Model *m) {
     gpu_gemv_parts(&head, 1, &head_site);
 }
 
+/* The sampler's settings into sample_token's arguments (the buffers are the caller's). */
+static void sample_token_settings(SampleTokenArgs *args, const Sampler *s) {
+    args->temperature = s->temperature;
+    args->top_p = s->top_p;
+    args->top_k = (uint32_t)s->top_k;
+    args->log_min_p = s->min_p > 0 ? logf(s->min_p) : -INFINITY;   /* the CPU's logf: the same floor */
+    args->penalty = s->repeat_penalty;
+    args->last_n = (uint32_t)s->repeat_last_n;
+}
+
+/* The sampler's ring of recent tokens and its count into the device's recent [last_n] and
+   n_fed [1] (nothing without a ring). */
+static void gpu_upload_ring(const Sampler *s, CUdeviceptr recent, CUdeviceptr n_fed) {
+    uint32_t count = (uint32_t)s->n_fed;
+    if (!s->repeat_last_n) return;
+    gpu_upload(recent, s->recent, (size_t)s->repeat_last_n * sizeof(int));
+    gpu_upload(n_fed, &count, sizeof count);
+}
+
 /* Sample the next token from the last logits row on the device: out_token and tokens[0], the
    token appended to the device's ring of recent tokens (gm.recent, when s->repeat_last_n); *pos
    advances by one when `advance` (a decode step). Mirrors sample(). */
 static void gpu_sample(const Sampler *s, int V, int row, int advance) {
     CUdeviceptr logits = DEV(gm.state.scratch.logits) + (size_t)row * V * 4;
-    SampleTokenArgs args = {.logits = logits, .probs = gm.probs, .V = (uint32_t)V, .temperature = s->temperature,
-                            .top_p = s->top_p, .rng = gm.rng, .out_token = gm.out_token, .tokens = gm.tokens,
-                            .pos0_ptr = gm.pos, .advance = (uint32_t)advance, .top_k = (uint32_t)s->top_k,
-                            .log_min_p = s->min_p > 0 ? logf(s->min_p) : -INFINITY, .penalty = s->repeat_penalty,
-                            .recent = gm.recent, .n_fed = gm.n_fed, .last_n = (uint32_t)s->repeat_last_n};
+    SampleTokenArgs args = {.logits = logits, .probs = gm.probs, .V = (uint32_t)V, .rng = gm.rng,
+                            .out_token = gm.out_token, .tokens = gm.tokens, .pos0_ptr = gm.pos,
+                            .advance = (uint32_t)advance, .recent = gm.recent, .n_fed = gm.n_fed};
+    sample_token_settings(&args, s);
     LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
 }
 
@@ -4427,11 +4445,7 @@ static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T
    sampler fed the prompt there), then sample_token draws and appends, as every decode step does. */
 static int gpu_next_token(const Model *m, State *s, Sampler *sampler, int row) {
     int V = m->config.vocab_size, token;
-    if (sampler->repeat_last_n) {
-        uint32_t n_fed = (uint32_t)sampler->n_fed;
-        gpu_upload(gm.recent, sampler->recent, (size_t)sampler->repeat_last_n * sizeof(int));
-        gpu_upload(gm.n_fed, &n_fed, sizeof n_fed);
-    }
+    gpu_upload_ring(sampler, gm.recent, gm.n_fed);
     gpu_sample(sampler, V, row, 0);
     gpu_download(&token, gm.out_token, sizeof token);
     if (token < 0 || token >= V) refuse_logits(s->pos - 1);   /* sample_token's answer to non-finite logits */

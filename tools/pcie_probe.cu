@@ -3,16 +3,16 @@
 // written with the CUDA runtime for brevity). On a GPU machine:
 //
 //   nvcc -O2 -std=c++17 -arch=sm_90a -rdc=true -o pcie_probe tools/pcie_probe.cu -lcudadevrt
-//   ./pcie_probe
+//   ./pcie_probe            (everything below but the large region)
+//   ./pcie_probe large 48   (SM scaling and a 48 GiB region: see large_region)
 //
 // It reads 2 GiB of page-locked, mapped host memory (and, for reference, of device memory) with
-// SM loads (ld_stride, ld_warp_span), per-thread asynchronous copies (cpasync_ring: not measured
-// yet) and with cp.async.bulk rings (bulk_ring: the GEMV's way),
-// by blocks per SM, loads or stages in flight and chunk size; then ordinary memory in huge
-// pages and a file's mmapped pages, each registered read-only in place; the copy engine; and a
-// graph of switch nodes (43 layers x 6 slots, 140 host-to-device copies each) whose values a
-// kernel sets (cudaGraphSetConditional): the copy engine driven from the GPU. Every time is the
-// median of 3 runs after a warm-up.
+// SM loads (ld_stride, ld_warp_span), per-thread asynchronous copies (cpasync_ring) and
+// cp.async.bulk rings (bulk_ring: the GEMV's way), by blocks per SM, loads or stages in flight
+// and chunk size; then ordinary memory in huge pages and a file's mmapped pages, each registered
+// read-only in place; the copy engine; and a graph of switch nodes (43 layers x 6 slots, 140
+// host-to-device copies each) whose values a kernel sets (cudaGraphSetConditional): the copy
+// engine driven from the GPU. Every time is the median of 3 runs after a warm-up.
 #include <cuda_runtime.h>
 #include <cstdio>
 #include <cstdint>
@@ -21,6 +21,7 @@
 #include <functional>
 #include <sys/mman.h>
 #include <cstring>
+#include <cstdlib>
 #include <fcntl.h>
 #include <unistd.h>
 #define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); exit(1); } } while (0)
@@ -125,7 +126,39 @@ static float time_ms(cudaStream_t st, const std::function<void()> &f, int reps =
     return t[t.size() / 2];
 }
 
-int main() {
+// `./pcie_probe large GIB`: how the reads scale with the SMs that issue them, and whether a
+// region as large as the host-placed experts (GIB GiB, page-locked, mapped) reads as fast as
+// 2 GiB do: its first and last 2 GiB and the whole of it, with SM loads and bulk rings (a
+// two-socket host, or page-table walks that leave the GPU's caches, would show here).
+static void large_region(cudaStream_t st, int sms, size_t gib, unsigned *out) {
+    size_t bytes = gib << 30, window = (size_t)2 << 30;
+    char *host, *hdev;
+    CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaHostAlloc(&host, bytes, cudaHostAllocPortable | cudaHostAllocMapped));
+    memset(host, 0x5a, bytes);
+    CK(cudaHostGetDevicePointer((void **)&hdev, host, 0));
+    for (int blocks : {8, 16, 33, 66, sms}) {
+        float ms = time_ms(st, [&] { bulk_ring<<<blocks, 32, 32768 * 4, st>>>(hdev, window, 32768, 4, 1, out); });
+        float ml = time_ms(st, [&] { ld_stride<8><<<blocks * 4, 256, 0, st>>>((const uint4 *)hdev, window / 16, out); });
+        printf("%3d SMs: bulk 32K x 4 contiguous %.1f GB/s, ld_stride U8 (4 blocks an SM) %.1f GB/s\n", blocks,
+               window / ms / 1e6, window / ml / 1e6);
+    }
+    const char *where[3] = {"first 2 GiB", "last 2 GiB", "all"};
+    for (int w = 0; w < 3; w++) {
+        const char *b = w == 1 ? hdev + bytes - window : hdev;
+        size_t n = w == 2 ? bytes : window;
+        float ms = time_ms(st, [&] { bulk_ring<<<sms, 32, 32768 * 4, st>>>(b, n, 32768, 4, 0, out); }, 1);
+        float ml = time_ms(st, [&] { ld_stride<4><<<sms * 4, 256, 0, st>>>((const uint4 *)b, n / 16, out); }, 1);
+        float mc = time_ms(st, [&] { cpasync_ring<4><<<sms, 512, 32768 * 4, st>>>(b, n, 32768, out); }, 1);
+        float mw = time_ms(st, [&] { cpasync_ring<4><<<sms, 32, 32768 * 4, st>>>(b, n, 32768, out); }, 1);
+        printf("%zu GiB region, %s: bulk 32K interleaved %.1f GB/s, ld_stride U4 %.1f GB/s, cp.async 32K x 4 by 512 "
+               "threads %.1f GB/s, by one warp %.1f GB/s\n", gib, where[w], n / ms / 1e6, n / ml / 1e6, n / mc / 1e6,
+               n / mw / 1e6);
+    }
+    CK(cudaFreeHost(host));
+}
+
+int main(int argc, char **argv) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     int sms; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -137,9 +170,14 @@ int main() {
     CK(cudaMalloc(&dev, bytes)); CK(cudaMemset(dev, 0x5a, bytes));
     CK(cudaMalloc(&dst, bytes));
     unsigned *out; CK(cudaMalloc(&out, 4));
+    CK(cudaFuncSetAttribute(cpasync_ring<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    if (argc == 3 && !strcmp(argv[1], "large")) {
+        CK(cudaFree(dev)); CK(cudaFree(dst)); CK(cudaFreeHost(host));
+        large_region(st, sms, (size_t)atol(argv[2]), out);
+        return 0;
+    }
     CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     CK(cudaFuncSetAttribute(cpasync_ring<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-    CK(cudaFuncSetAttribute(cpasync_ring<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     const char *names[2] = {"host", "device"};
     char *bufs[2] = {hdev, dev};
     for (int m = 0; m < 2; m++) {

@@ -9,6 +9,8 @@
 #                                          then ROUNDS (default 3) rounds of `--bench`, each
 #                                          round every build/nvfp4-* binary and then ./nvfp4;
 #                                          then `make gpu-sanitize` when the tests passed.
+#                                          BENCH_ARGS adds options to every `--bench`, e.g.
+#                                          BENCH_ARGS="--layers 8 --gpu-mem 18" (host experts).
 # Logs go to $OUT (or build/): test.log, sanitize.log.
 set -u
 LOG=${OUT:-build}
@@ -41,7 +43,9 @@ run)
         for binary in build/nvfp4-* ./nvfp4; do
             case "$binary" in *sanitize*) continue ;; esac
             printf '%s %s: ' "$round" "$binary"
-            "$binary" --bench 2>&1 | grep -E "^decode|^speed|^kernels  [0-9]|^sampling" | tr '\n' ' ' | sed 's/  */ /g'
+            # BENCH_ARGS unquoted: a list of options
+            "$binary" --bench ${BENCH_ARGS:-} 2>&1 | grep -E "^decode|^speed|^pcie|^kernels  [0-9]|^sampling" |
+                tr '\n' ' ' | sed 's/  */ /g'
             echo
         done
         round=$((round + 1))

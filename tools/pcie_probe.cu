@@ -128,12 +128,11 @@ static float time_ms(cudaStream_t st, const std::function<void()> &f, int reps =
 
 // `./pcie_probe large GIB`: how the reads scale with the SMs that issue them, and whether a
 // region as large as the host-placed experts (GIB GiB, page-locked, mapped) reads as fast as
-// 2 GiB do: its first and last 2 GiB and the whole of it, with SM loads and bulk rings (a
-// two-socket host, or page-table walks that leave the GPU's caches, would show here).
+// 2 GiB do: its first and last 2 GiB and the whole of it, with SM loads, bulk rings and cp.async
+// rings (a two-socket host, or page-table walks that leave the GPU's caches, would show here).
 static void large_region(cudaStream_t st, int sms, size_t gib, unsigned *out) {
     size_t bytes = gib << 30, window = (size_t)2 << 30;
     char *host, *hdev;
-    CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     CK(cudaHostAlloc(&host, bytes, cudaHostAllocPortable | cudaHostAllocMapped));
     memset(host, 0x5a, bytes);
     CK(cudaHostGetDevicePointer((void **)&hdev, host, 0));
@@ -162,6 +161,14 @@ int main(int argc, char **argv) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     int sms; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    unsigned *out; CK(cudaMalloc(&out, 4));
+    CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaFuncSetAttribute(cpasync_ring<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaFuncSetAttribute(cpasync_ring<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    if (argc == 3 && !strcmp(argv[1], "large")) {
+        large_region(st, sms, (size_t)atol(argv[2]), out);
+        return 0;
+    }
     size_t bytes = (size_t)2 << 30;
     char *host, *hdev, *dev, *dst;
     CK(cudaHostAlloc(&host, bytes, cudaHostAllocPortable | cudaHostAllocMapped));
@@ -169,15 +176,6 @@ int main(int argc, char **argv) {
     CK(cudaHostGetDevicePointer((void **)&hdev, host, 0));
     CK(cudaMalloc(&dev, bytes)); CK(cudaMemset(dev, 0x5a, bytes));
     CK(cudaMalloc(&dst, bytes));
-    unsigned *out; CK(cudaMalloc(&out, 4));
-    CK(cudaFuncSetAttribute(cpasync_ring<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-    if (argc == 3 && !strcmp(argv[1], "large")) {
-        CK(cudaFree(dev)); CK(cudaFree(dst)); CK(cudaFreeHost(host));
-        large_region(st, sms, (size_t)atol(argv[2]), out);
-        return 0;
-    }
-    CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-    CK(cudaFuncSetAttribute(cpasync_ring<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     const char *names[2] = {"host", "device"};
     char *bufs[2] = {hdev, dev};
     for (int m = 0; m < 2; m++) {

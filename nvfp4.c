@@ -2763,7 +2763,8 @@ static struct {
     GpuLayer *layers;
     int n_layers;
     GpuLinear head;
-    CUdeviceptr embed;                     /* [V, E] bf16 */
+    CUdeviceptr embed;                     /* [V, E] bf16; in the host region when experts are (one
+                                              row a token: gpu_lay_out) */
     CUdeviceptr norm, hc_head_fn, hc_head_base, hc_head_scale;
     StatePlan plan;                        /* the layout of everything below in `arena` (gpu_lay_out) */
     CUdeviceptr arena;                     /* the model's one device allocation [arena_bytes] */
@@ -3109,7 +3110,9 @@ static void write_expert_profile(const char *path, int L, int X, const uint64_t 
 static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     const Config *c = &m->config;
     int E = c->hidden_size, X = c->n_experts, L = c->n_layers, placing = gm.plan.base != NULL;
-    gm.embed = gm_reserve(m->embed.nbytes);
+    /* with experts in host memory, the embedding table goes there too: a token reads one row
+       of it (E * 2 bytes over PCIe), and its device memory holds more experts instead */
+    gm.embed = gm.on_device ? gm_reserve_host(m->embed.nbytes) : gm_reserve(m->embed.nbytes);
     if (placing && m->embed.data) gm_write(gm.embed, m->embed.data, m->embed.nbytes);
     if (placing && !m->embed.data) gpu_fill_random(gm.embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
     gm_linear(&gm.head, &m->head);
@@ -3276,10 +3279,11 @@ static void host_lock_limits(char *out, size_t n) {
 
 /* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU,
    within `budget` (NULL: all the free device memory, no profile). gpu_lay_out counts the bytes
-   with every expert on the device; when they do not fit, the experts that do not are placed in
-   host memory (place_experts) and the layout is counted again. Refused before anything is
-   allocated, naming the numbers: a non-expert part that alone does not fit, host memory that
-   is not there or cannot be locked. Then one device allocation, zeroed, and (if any) one host
+   with everything on the device; when they do not fit, the embedding table and the experts
+   that do not fit beside the rest are placed in host memory (place_experts) and the layout is
+   counted again. Refused before anything is allocated, naming the numbers: a part other than
+   the experts and the embedding table that alone does not fit, host memory that is not there
+   or cannot be locked. Then one device allocation, zeroed, and (if any) one host
    allocation, page-locked and mapped, are laid out and filled. Returns the seconds the upload
    took. */
 static double gpu_load_model(const Model *m, int T, int C, int all_logits, const GpuBudget *budget) {
@@ -3301,18 +3305,19 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
     size_t *device_bytes = xcalloc((size_t)L, sizeof(size_t)), *read_bytes = xcalloc((size_t)L, sizeof(size_t));
     for (int l = 0; l < L; l++) expert_bytes(&m->layers[l], &device_bytes[l], &read_bytes[l]);
     if (all_device > room) {
-        size_t experts = 0;
+        size_t experts = 0, embed = (m->embed.nbytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
         for (int l = 0; l < L; l++) experts += (size_t)X * device_bytes[l];
-        size_t rest = all_device - experts;
+        size_t rest = all_device - experts - embed;
         if (rest > room)
-            fatal("the model's part other than its routed experts (the state for --ctx %d and --chunk %d included) needs "
-                  "%.2f GiB of GPU memory, and %s %.2f GiB", C, T, rest / 1073741824.0,
+            fatal("the model's part other than its routed experts and its embedding table (the state for --ctx %d and "
+                  "--chunk %d included) needs %.2f GiB of GPU memory, and %s %.2f GiB", C, T, rest / 1073741824.0,
                   cap < free_bytes ? "--gpu-mem allows" : "the GPU has free", room / 1073741824.0);
         on_device = xcalloc((size_t)L * X, 1);
         place_experts(L, X, device_bytes, budget ? budget->profile : NULL, room - rest, on_device);
         for (size_t i = 0; i < (size_t)L * X; i++) placed.host_experts += !on_device[i];
-        placed.pcie_per_token = host_bytes_per_token(L, X, c->topk, read_bytes, budget ? budget->profile : NULL, on_device);
-        memset(&gm, 0, sizeof gm);   /* counted again, the placed experts on the host */
+        placed.pcie_per_token = host_bytes_per_token(L, X, c->topk, read_bytes, budget ? budget->profile : NULL, on_device) +
+                                m->embed.nbytes / (size_t)c->vocab_size;   /* and the token's embedding row */
+        memset(&gm, 0, sizeof gm);   /* counted again, the placed experts and the embedding on the host */
         gm.on_device = on_device;
         gpu_lay_out(m, T, C, all_logits);
         gm_free_host();
@@ -3329,14 +3334,14 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
     if (host_bytes) {
         size_t available = host_memory_available();
         if (host_bytes > available)
-            fatal("the %d routed experts that do not fit the GPU need %.2f GiB of host memory, and the host has %.2f GiB "
-                  "available (MemAvailable)", placed.host_experts, host_bytes / 1073741824.0, available / 1073741824.0);
+            fatal("the embedding table and the %d routed experts that do not fit the GPU need %.2f GiB of host memory, "
+                  "and the host has %.2f GiB available (MemAvailable)", placed.host_experts, host_bytes / 1073741824.0, available / 1073741824.0);
         CUresult r = cu.cuMemHostAlloc((void **)&host_map.base, host_bytes, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP);
         if (r) {
             char limits[160];
             host_lock_limits(limits, sizeof limits);
-            fatal("cannot lock %.2f GiB of host memory for the %d routed experts that do not fit the GPU (%s; driver "
-                  "error %d)", host_bytes / 1073741824.0, placed.host_experts, limits, r);
+            fatal("cannot lock %.2f GiB of host memory for the embedding table and the %d routed experts that do not "
+                  "fit the GPU (%s; driver error %d)", host_bytes / 1073741824.0, placed.host_experts, limits, r);
         }
         CU_CHECK(cu.cuMemHostGetDevicePointer(&host_map.dev, host_map.base, 0));
         host_map.bytes = host_bytes;
@@ -3361,9 +3366,9 @@ static void gpu_placement_line(char *out, size_t n) {
         snprintf(out, n, "%.2f GiB on the GPU (everything)", gm.arena_bytes / 1073741824.0);
         return;
     }
-    snprintf(out, n, "%.2f GiB on the GPU (everything but %d of the %d routed experts), %.2f GiB of those %d in "
-             "page-locked host memory: %.2f GB a token over PCIe expected", gm.arena_bytes / 1073741824.0,
-             placed.host_experts, placed.experts, host_map.bytes / 1073741824.0, placed.host_experts,
+    snprintf(out, n, "%.2f GiB on the GPU (everything but the embedding table and %d of the %d routed experts), "
+             "%.2f GiB of those in page-locked host memory: %.2f GB a token over PCIe expected",
+             gm.arena_bytes / 1073741824.0, placed.host_experts, placed.experts, host_map.bytes / 1073741824.0,
              placed.pcie_per_token / 1e9);
 }
 
@@ -4945,13 +4950,14 @@ static void bench_model(Model *m, int layers, int experts, int vocab) {
     }
 }
 
-/* Bytes one decode step at `pos` reads: every weight it uses (the non-expert linears, K routed
-   experts and the shared one per layer, the mHC matrices, the head) and the cache its queries
-   read (window keys, selected or all compressed entries, the indexer's keys). */
+/* Bytes one decode step at `pos` reads: every weight it uses (the token's embedding row, the
+   non-expert linears, K routed experts and the shared one per layer, the mHC matrices, the
+   head) and the cache its queries read (window keys, selected or all compressed entries, the
+   indexer's keys). */
 static void bench_bytes(const Model *m, int pos, double *weights, double *cache) {
     const Config *c = &m->config;
     int D = c->head_dim, W = c->sliding_window, window = pos + 1 < W ? pos + 1 : W;
-    *weights = (double)m->head.rows * linear_row_bytes(&m->head);
+    *weights = (double)(m->embed.nbytes / (size_t)c->vocab_size) + (double)m->head.rows * linear_row_bytes(&m->head);
     *cache = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->layers[l];
@@ -5014,11 +5020,12 @@ static void sample_call(void *arg, int i) {
     gpu_sample(r->sampler, r->V, 0, 0);
 }
 
-/* Bytes of routed experts in host memory that the decode steps between two hit counts read
-   (before, after [L, X]: gpu_expert_hits). */
-static double bench_host_bytes(const Model *m, const uint64_t *before, const uint64_t *after) {
+/* Bytes a decode step read from host memory, on average over the steps between two hit
+   counts (before, after [L, X]: gpu_expert_hits): the routed experts in host memory that were
+   chosen, and the token's embedding row when the table is there too (gpu_lay_out). */
+static double bench_host_bytes(const Model *m, const uint64_t *before, const uint64_t *after, int steps) {
     const Config *c = &m->config;
-    double bytes = 0;
+    double bytes = gm.on_device ? (double)steps * (m->embed.nbytes / (size_t)c->vocab_size) : 0;
     for (int l = 0; l < c->n_layers; l++) {
         size_t device, read;
         expert_bytes(&m->layers[l], &device, &read);
@@ -5057,7 +5064,7 @@ static void bench_skewed(const Model *m, int steps) {
         }
         printf("skewed   router bias +%.2f for the experts on the GPU (not the hash layers): %.0f%% of the choices on "
                "the GPU; %.3f ms/token, %.1f tok/s, %.1f MB a token from host memory\n", lifts[pass], 100 * on_gpu / chosen,
-               ms, 1000 / ms, bench_host_bytes(m, before, after) / steps / 1e6);
+               ms, 1000 / ms, bench_host_bytes(m, before, after, steps) / steps / 1e6);
     }
     free(bias);
     free(before);
@@ -5126,7 +5133,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     gpu_expert_hits(hits_before, layers, c->n_experts);
     float ms = bench_decode_ms(steps - 4);
     gpu_expert_hits(hits_after, layers, c->n_experts);
-    double host_bytes = bench_host_bytes(&m, hits_before, hits_after) / (steps - 4);
+    double host_bytes = bench_host_bytes(&m, hits_before, hits_after, steps - 4) / (steps - 4);
     free(hits_before);
     free(hits_after);
     HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};
@@ -5143,7 +5150,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     printf("decode   at position %d: %.3f ms/token, %.1f tok/s (median of %d graph replays)\n", position, ms, 1000 / ms,
            steps - 4);
     printf("bytes    per token: %.1f MB of weights + %.1f MB of cache; %.1f MB of it from device memory, %.1f MB of "
-           "routed experts from host memory (counted)\n", weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
+           "routed experts and embeddings from host memory (counted)\n", weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
     printf("speed    %.0f GB/s from device memory; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs,
            100 * gbs / stream_gbs);
     printf("pcie     %.1f GB/s from host memory; SMs reading mapped host memory %.1f GB/s: %.0f%% of it (copy engine "

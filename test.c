@@ -4687,7 +4687,7 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
     float *logits[3];
     uint64_t *hits = xcalloc(n, sizeof *hits);
     double pcie[3] = {0};
-    int host_experts[3] = {0}, hits_right = 1, hot_on_device = 1;
+    int host_experts[3] = {0}, hits_right = 1, hot_on_device = 1, embed_on_host = 1;
     size_t cap = 0;
     for (int run = 0; run < 3; run++) {   /* all on the device; half by the default order; half by the profile */
         GpuBudget budget = {cap, run == 2 ? hits : NULL};
@@ -4696,6 +4696,8 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
         gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
         host_experts[run] = placed.host_experts;
         pcie[run] = placed.pcie_per_token;
+        if (run)   /* the embedding table moved to the host region with the experts */
+            embed_on_host &= gm.embed >= host_map.dev && gm.embed + m.embed.nbytes <= host_map.dev + host_map.bytes;
         if (run == 0) {   /* the budget of the next runs: everything but half the experts' bytes */
             gpu_expert_hits(hits, L, X);
             size_t experts = 0, device, read;
@@ -4720,6 +4722,7 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
               !memcmp(tokens[run], tokens[0], (size_t)steps * sizeof(int)),
               "%s with %d of %d routed experts in host memory (%s): logits bit-identical to the all-device run and "
               "the same greedy tokens", dir, host_experts[run], L * X, run == 2 ? "by the profile" : "default order");
+    CHECK(embed_on_host, "%s: with experts in host memory, the embedding table is there too", dir);
     CHECK(hot_on_device && pcie[2] < pcie[1], "%s: the profile puts the most used experts on the GPU: %.0f bytes a token "
           "over PCIe expected, %.0f without it", dir, pcie[2], pcie[1]);
     printf("  %s: %d, then %d (profile) of %d routed experts in host memory: logits bit-identical, %.0f and %.0f bytes "
@@ -4819,7 +4822,7 @@ static void test_gpu(double shipped_cpu_nll) {
     /* the whole V4-Flash within 4 GiB of the GPU: its part other than the routed experts alone
        does not fit, refused before anything is allocated, with what it needs and what it has */
     expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --bench --layers 43 --gpu-mem 4", 1,
-                 "the model's part other than its routed experts (the state for --ctx");
+                 "the model's part other than its routed experts and its embedding table (the state for --ctx");
     test_gpu_cli_repeatable();
     test_cli_dump("env -u CUDA_VISIBLE_DEVICES", "--gpu", 2e-2f);
     test_gpu_shipped_model(shipped_cpu_nll);

@@ -2525,14 +2525,17 @@ static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
 }
 
 /* Choose g's GEMV launch shape: blocks of ~16 warps (ksplit warps a row, nrg groups of 4 rows),
-   as many blocks as fit on the GPU at once (a launch uses at most one per item: gpu_gemv_parts). */
+   as many blocks as fit on the GPU at once (a launch uses at most one per item: gpu_gemv_parts).
+   That grid asks the driver about the loaded kernel: without one (a placement planned on a
+   machine without a GPU: gpu_plan_placement) it stays 0. */
 static void gpu_gemv_shape(GpuLinear *g) {
     unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
     g->block = 32 * ksplit * nrg;
     /* an item (4 * nrg rows) and its scales fit a stage of the ring (kernels.ptx, "the ring") */
     if (4 * nrg * g->row_bytes > 32768)   /* then its scales fit the 4 KB beside it too */
         fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * g->row_bytes);
-    g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(K_GEMV, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
+    if (gpu.kernels[K_GEMV])
+        g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(K_GEMV, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
 }
 
 /* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
@@ -3246,10 +3249,12 @@ typedef struct {
 /* The budget of the command line's load (main sets it: --gpu-mem, --expert-profile). */
 static GpuBudget gpu_budget;
 
-/* Where a load put the model (the load line: gpu_placement_line). */
+/* Where a load puts the model (gpu_plan_placement; the load line: gpu_placement_line). */
 static struct {
     int host_experts, experts;   /* routed experts in host memory, of all L * X */
     double pcie_per_token;       /* bytes a decode step is expected to read from host memory */
+    size_t device_bytes;         /* the device allocation: the layout's total in GPU_ALLOC_GRANULE pages */
+    size_t host_bytes;           /* the page-locked host region: the embedding table and the host experts (0: none) */
 } placed;
 
 /* Bytes the kernel reports MemAvailable (/proc/meminfo), or SIZE_MAX when it cannot be read. */
@@ -3277,56 +3282,82 @@ static void host_lock_limits(char *out, size_t n) {
     snprintf(out, n, "RLIMIT_MEMLOCK %s, cgroup memory.max %s", rlimit, cgroup);
 }
 
-/* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU,
-   within `budget` (NULL: all the free device memory, no profile). gpu_lay_out counts the bytes
-   with everything on the device; when they do not fit, the embedding table and the experts
-   that do not fit beside the rest are placed in host memory (place_experts) and the layout is
-   counted again. Refused before anything is allocated, naming the numbers: a part other than
-   the experts and the embedding table that alone does not fit, host memory that is not there
-   or cannot be locked. Then one device allocation, zeroed, and (if any) one host
-   allocation, page-locked and mapped, are laid out and filled. Returns the seconds the upload
-   took. */
-static double gpu_load_model(const Model *m, int T, int C, int all_logits, const GpuBudget *budget) {
+/* Plan where model m goes for chunks of T tokens and a context of C, with free_bytes of device
+   memory free and `budget` (NULL: no cap, no profile); touches no GPU (the layout is only
+   counted), so it is tested on any machine. gpu_lay_out counts the bytes with everything on
+   the device; when they do not fit the room (the free memory less GPU_HEADROOM, or the cap,
+   in GPU_ALLOC_GRANULE pages), the embedding table and the experts that do not fit beside the
+   rest go to host memory (place_experts) and the layout is counted again. Sets `placed` and
+   gm.on_device ([L, X], NULL when everything fits on the device; the caller frees it).
+   Returns 0 with the refusal, naming the numbers, in why[n] when the part other than the
+   experts and the embedding table alone does not fit. */
+static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size_t free_bytes, const GpuBudget *budget,
+                              char *why, size_t n) {
     const Config *c = &m->config;
     int L = c->n_layers, X = c->n_experts;
-    char why[256];
-    gpu_check_limits(c);
     memset(&gm, 0, sizeof gm);
     memset(&placed, 0, sizeof placed);
     gpu_lay_out(m, T, C, all_logits);
-    if (gm.plan.total == SIZE_MAX) fatal("the model's GPU layout for --ctx %d and --chunk %d is too large to address", C, T);
-    size_t all_device = gm.plan.total, free_bytes, total_bytes;
     gm_free_host();
-    CU_CHECK(cu.cuMemGetInfo(&free_bytes, &total_bytes));
-    size_t cap = budget && budget->device_cap ? budget->device_cap : SIZE_MAX;
+    if (gm.plan.total == SIZE_MAX) {
+        snprintf(why, n, "the model's GPU layout for --ctx %d and --chunk %d is too large to address", C, T);
+        return 0;
+    }
+    size_t all_device = gm.plan.total, cap = budget && budget->device_cap ? budget->device_cap : SIZE_MAX;
     size_t usable = free_bytes > GPU_HEADROOM ? free_bytes - GPU_HEADROOM : 0;
     size_t room = (cap < usable ? cap : usable) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
+    const uint64_t *profile = budget ? budget->profile : NULL;
     uint8_t *on_device = NULL;
-    size_t *device_bytes = xcalloc((size_t)L, sizeof(size_t)), *read_bytes = xcalloc((size_t)L, sizeof(size_t));
-    for (int l = 0; l < L; l++) expert_bytes(&m->layers[l], &device_bytes[l], &read_bytes[l]);
+    placed.experts = L * X;
     if (all_device > room) {
+        size_t *device_bytes = xcalloc((size_t)L, sizeof(size_t)), *read_bytes = xcalloc((size_t)L, sizeof(size_t));
         size_t experts = 0, embed = (m->embed.nbytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
-        for (int l = 0; l < L; l++) experts += (size_t)X * device_bytes[l];
+        for (int l = 0; l < L; l++) {
+            expert_bytes(&m->layers[l], &device_bytes[l], &read_bytes[l]);
+            experts += (size_t)X * device_bytes[l];
+        }
         size_t rest = all_device - experts - embed;
-        if (rest > room)
-            fatal("the model's part other than its routed experts and its embedding table (the state for --ctx %d and "
-                  "--chunk %d included) needs %.2f GiB of GPU memory, and %s %.2f GiB", C, T, rest / 1073741824.0,
-                  cap < free_bytes ? "--gpu-mem allows" : "the GPU has free", room / 1073741824.0);
+        if (rest > room) {
+            snprintf(why, n, "the model's part other than its routed experts and its embedding table (the state for "
+                     "--ctx %d and --chunk %d included) needs %.2f GiB of GPU memory, and %s %.2f GiB", C, T,
+                     rest / 1073741824.0, cap < free_bytes ? "--gpu-mem allows" : "the GPU has free", room / 1073741824.0);
+            free(device_bytes);
+            free(read_bytes);
+            return 0;
+        }
         on_device = xcalloc((size_t)L * X, 1);
-        place_experts(L, X, device_bytes, budget ? budget->profile : NULL, room - rest, on_device);
+        place_experts(L, X, device_bytes, profile, room - rest, on_device);
         for (size_t i = 0; i < (size_t)L * X; i++) placed.host_experts += !on_device[i];
-        placed.pcie_per_token = host_bytes_per_token(L, X, c->topk, read_bytes, budget ? budget->profile : NULL, on_device) +
+        placed.pcie_per_token = host_bytes_per_token(L, X, c->topk, read_bytes, profile, on_device) +
                                 m->embed.nbytes / (size_t)c->vocab_size;   /* and the token's embedding row */
+        free(device_bytes);
+        free(read_bytes);
         memset(&gm, 0, sizeof gm);   /* counted again, the placed experts and the embedding on the host */
         gm.on_device = on_device;
         gpu_lay_out(m, T, C, all_logits);
         gm_free_host();
     }
-    placed.experts = L * X;
-    free(device_bytes);
-    free(read_bytes);
-    size_t bytes = (gm.plan.total + GPU_ALLOC_GRANULE - 1) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
-    size_t host_bytes = gm.host_plan.total;
+    placed.device_bytes = (gm.plan.total + GPU_ALLOC_GRANULE - 1) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
+    placed.host_bytes = gm.host_plan.total;
+    return 1;
+}
+
+/* Upload model m and lay out the state for chunks of T tokens and a context of C on the GPU,
+   within `budget` (NULL: all the free device memory, no profile), where gpu_plan_placement
+   says. Refused before anything is allocated, naming the numbers: what gpu_plan_placement
+   refuses, host memory that is not there or cannot be locked. Then one device allocation,
+   zeroed, and (if any) one host allocation, page-locked and mapped, are laid out and filled.
+   Returns the seconds the upload took. */
+static double gpu_load_model(const Model *m, int T, int C, int all_logits, const GpuBudget *budget) {
+    const Config *c = &m->config;
+    int L = c->n_layers, X = c->n_experts;
+    char why[256];
+    size_t free_bytes, total_bytes;
+    gpu_check_limits(c);
+    CU_CHECK(cu.cuMemGetInfo(&free_bytes, &total_bytes));
+    if (!gpu_plan_placement(m, T, C, all_logits, free_bytes, budget, why, sizeof why)) fatal("%s", why);
+    const uint8_t *on_device = gm.on_device;
+    size_t bytes = placed.device_bytes, host_bytes = placed.host_bytes;
     if (!gpu_fits(bytes, why, sizeof why)) fatal("the model %s", why);
     double start = now_seconds();
     memset(&gm, 0, sizeof gm);

@@ -1428,6 +1428,84 @@ static void test_expert_placement(void) {
     unlink(path);
 }
 
+/* gpu_plan_placement on the whole V4-Flash shape (the benchmark's model, 43 layers of 256
+   experts; counted, nothing allocated), exactly: with A its all-device bytes, E its embedding
+   table's, B an expert's and R = A - 11008 B - E the rest, a cap of at least A keeps everything
+   on the device; one page less moves the embedding table alone to the host; R plus room for
+   k experts keeps the k first experts of the default order (or the profile's hottest) and the
+   bytes of the two sides add up to A; less than R is refused with both numbers. */
+static void test_placement_plan(void) {
+    Model m;
+    bench_model(&m, 43, 256, 129280);
+    int L = 43, X = 256, T = 2048, C = 4096 + 208, K = m.config.topk;
+    size_t many = SIZE_MAX / 2, granule = GPU_ALLOC_GRANULE, B, read;
+    char why[256] = "";
+    expert_bytes(&m.layers[0], &B, &read);
+    GpuBudget budget = {0, NULL};
+    int ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
+    size_t A = gm.plan.total, E = (m.embed.nbytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN, R = A - (size_t)L * X * B - E;
+    CHECK(ok && !gm.on_device && placed.host_bytes == 0 && placed.host_experts == 0 &&
+          placed.device_bytes == (A + granule - 1) / granule * granule,
+          "V4-Flash placement with room: everything on the device (%zu bytes: %.2f GiB)", A, A / 1073741824.0);
+
+    budget.device_cap = placed.device_bytes - granule;   /* one page short: the embedding table goes */
+    ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
+    CHECK(ok && gm.on_device && !memchr(gm.on_device, 0, (size_t)L * X) && placed.host_experts == 0 &&
+          placed.host_bytes == E && gm.plan.total == A - E,
+          "V4-Flash placement one page short: the embedding table alone in host memory (%zu bytes)", placed.host_bytes);
+    free((void *)gm.on_device);
+
+    for (int profiled = 0; profiled < 2; profiled++) {   /* R and room for 5000 experts (and a bit) */
+        uint64_t *hits = xcalloc((size_t)L * X, sizeof *hits);
+        for (int l = 0; l < L; l++)
+            for (int e = 0; e < X; e++) hits[(size_t)l * X + e] = (uint64_t)e;   /* the higher numbers hotter */
+        budget.profile = profiled ? hits : NULL;
+        budget.device_cap = R + 5000 * B + B / 2;
+        size_t room = budget.device_cap / granule * granule, kept = (room - R) / B;
+        ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
+        int right = ok && gm.on_device && placed.host_experts == L * X - (int)kept;
+        double pcie = (double)m.embed.nbytes / 129280;
+        for (int l = 0; right && l < L; l++) {
+            int on_host = 0;
+            for (int e = 0; e < X; e++) {
+                /* kept = q L + r: experts below q of every layer, and q of the first r layers
+                   (profile: the same counted from the hottest, expert X - 1) */
+                int rank = profiled ? X - 1 - e : e, q = (int)(kept / L), r = (int)(kept % L);
+                right &= gm.on_device[(size_t)l * X + e] == (rank < q || (rank == q && l < r));
+                on_host += !gm.on_device[(size_t)l * X + e];
+            }
+            if (profiled) {   /* the host experts' share of this layer's hits */
+                double total = 0, host = 0;
+                for (int e = 0; e < X; e++) total += e, host += gm.on_device[(size_t)l * X + e] ? 0 : e;
+                pcie += K * (double)read * host / total;
+            } else {
+                pcie += K * (double)read * on_host / X;
+            }
+        }
+        CHECK(right && gm.plan.total + placed.host_bytes == A && gm.plan.total <= room && room - gm.plan.total < B &&
+              fabs(placed.pcie_per_token - pcie) <= 1e-9 * pcie,
+              "V4-Flash placement in %.2f GiB%s: %zu experts kept, %d on the host, %.1f + %.1f GiB, %.0f bytes a token "
+              "over PCIe (%.0f by hand)", room / 1073741824.0, profiled ? " by a profile" : "", kept, placed.host_experts,
+              gm.plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, placed.pcie_per_token, pcie);
+        free((void *)gm.on_device);
+        free(hits);
+    }
+
+    budget = (GpuBudget){R - 1, NULL};   /* the rest alone does not fit: refused, naming both */
+    char expected[256];
+    snprintf(expected, sizeof expected, "needs %.2f GiB of GPU memory, and --gpu-mem allows %.2f GiB", R / 1073741824.0,
+             (R - 1) / granule * granule / 1073741824.0);
+    ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
+    CHECK(!ok && strstr(why, "the model's part other than its routed experts and its embedding table") && strstr(why, expected),
+          "V4-Flash placement below its rest: %s", why);
+    budget.device_cap = 0;   /* the same by the GPU's free memory */
+    snprintf(expected, sizeof expected, "and the GPU has free %.2f GiB", 4.0);
+    ok = gpu_plan_placement(&m, T, C, 0, ((size_t)4 << 30) + GPU_HEADROOM, &budget, why, sizeof why);
+    CHECK(!ok && strstr(why, expected), "V4-Flash placement on a 4 GiB GPU: %s", why);
+    memset(&gm, 0, sizeof gm);
+    free_model(&m);
+}
+
 /* The CPU threads change nothing: every fixture's reference prompt (prefill chunks of 7, then
    its greedy tokens one at a time) gives bit-identical logits, every row, on 1, 2, 3 and 7
    threads (7: more threads than some linears' rows per block, and than a chunk's experts); so
@@ -4871,6 +4949,7 @@ int main(void) {
     test_threads();
     test_dump_while_sampling();
     test_expert_placement();
+    test_placement_plan();
     test_cli();
     test_bad_checkpoints();
     test_bad_configs();

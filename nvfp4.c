@@ -2417,7 +2417,7 @@ static size_t gpu_linear_scale_bytes(const Linear *w) {
    device memory, reached through two page-locked staging buffers of GPU_STAGING bytes (the host
    fills one, by all the CPU threads, while the copy engine moves the other: the copies are
    asynchronous, and gpu_staging_close waits for the last), or the page-locked host memory of
-   the experts placed on the host (host_map), written in place with no copy at all. */
+   what was placed on the host (host_map), written in place with no copy at all. */
 
 static struct {
     uint8_t *buf[2];     /* [GPU_STAGING] each, page-locked */
@@ -2425,8 +2425,9 @@ static struct {
     int next;            /* the buffer to fill next */
 } staging;
 
-/* The page-locked, mapped host memory of the experts placed on the host: [bytes] at base on the
-   host, at dev in the GPU's address space (empty when everything fits the GPU). */
+/* The page-locked, mapped host memory of what was placed on the host (the embedding table and
+   the routed experts that do not fit the GPU: gpu_plan_placement): [bytes] at base on the host,
+   at dev in the GPU's address space (empty when everything fits the GPU). */
 static struct {
     char *base;
     CUdeviceptr dev;
@@ -2766,8 +2767,8 @@ static struct {
     GpuLayer *layers;
     int n_layers;
     GpuLinear head;
-    CUdeviceptr embed;                     /* [V, E] bf16; in the host region when experts are (one
-                                              row a token: gpu_lay_out) */
+    CUdeviceptr embed;                     /* [V, E] bf16; in the host region whenever anything is
+                                              (a token reads one row: gpu_lay_out) */
     CUdeviceptr norm, hc_head_fn, hc_head_base, hc_head_scale;
     StatePlan plan;                        /* the layout of everything below in `arena` (gpu_lay_out) */
     CUdeviceptr arena;                     /* the model's one device allocation [arena_bytes] */
@@ -2792,8 +2793,10 @@ static struct {
     CUdeviceptr hits;                      /* uint32 [L, X]: decode's expert choices (gemv's routing counts them) */
     uint64_t *prefill_hits;                /* [L, X] prefill's, counted on the host (gpu_moe_prefill) */
     const uint8_t *on_device;              /* [L, X]: 1 where expert e of layer l is in device memory;
-                                              NULL: every expert is (place_experts) */
-    StatePlan host_plan;                   /* the layout of the host-placed experts in host_map */
+                                              NULL: everything is (set: the embedding table is on
+                                              the host, perhaps alone: gpu_plan_placement) */
+    StatePlan host_plan;                   /* the layout of the host region (host_map): the embedding
+                                              table, then the host-placed experts */
     CUgraphExec decode_graph;              /* one decode step, captured by gpu_capture_decode */
     float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
 } gm;
@@ -2830,8 +2833,8 @@ static CUdeviceptr gm_floats(const float *host, size_t n) {
     return d;
 }
 
-/* The next `bytes` of the host-placed experts' region: their device address (in host_map), or
-   0 while counting. */
+/* The next `bytes` of the host region (the embedding table, the host-placed experts): their
+   device address (in host_map), or 0 while counting. */
 static CUdeviceptr gm_reserve_host(size_t bytes) {
     char *p = reserve(&gm.host_plan, bytes, 1);
     return p ? host_map.dev + (CUdeviceptr)(p - host_map.base) : 0;
@@ -2980,10 +2983,10 @@ static void gm_free_host(void) {
 }
 
 /* ------------------------------------------------------------------------ expert placement */
-/* When the model does not fit the GPU (or --gpu-mem), the routed experts that do not fit stay in
-   page-locked host memory mapped into the GPU's address space, and the kernels read them over
-   PCIe where they lie (zero-copy): everything else, and as many experts as fit, is in device
-   memory. Which experts get the device: the most used first, by the counts of an
+/* When the model does not fit the GPU (or --gpu-mem), the embedding table and the routed experts
+   that do not fit stay in page-locked host memory mapped into the GPU's address space, and the
+   kernels read them over PCIe where they lie (zero-copy): everything else, and as many experts
+   as fit, is in device memory. Which experts get the device: the most used first, by the counts of an
    --expert-profile (hits [L, X]: how often earlier runs chose expert e of layer l); ties, and
    every expert without a profile (all counts 0), in the order expert 0 of every layer, expert 1
    of every layer, ...: each layer gets the same number of device experts, the first layers one
@@ -3039,6 +3042,9 @@ static double host_bytes_per_token(int L, int X, int K, const size_t *read_bytes
     }
     return bytes;
 }
+
+/* Bytes of one row of the embedding table: what a token reads of it. */
+static size_t embed_row_bytes(const Model *m) { return m->embed.nbytes / (size_t)m->config.vocab_size; }
 
 /* Device bytes of one of layer l's experts as gpu_upload_experts lays it out (*device, each
    buffer rounded as reserve rounds it) and bytes its GEMVs read (*read: the codes and scales). */
@@ -3283,14 +3289,16 @@ static void host_lock_limits(char *out, size_t n) {
 }
 
 /* Plan where model m goes for chunks of T tokens and a context of C, with free_bytes of device
-   memory free and `budget` (NULL: no cap, no profile); touches no GPU (the layout is only
-   counted), so it is tested on any machine. gpu_lay_out counts the bytes with everything on
-   the device; when they do not fit the room (the free memory less GPU_HEADROOM, or the cap,
-   in GPU_ALLOC_GRANULE pages), the embedding table and the experts that do not fit beside the
-   rest go to host memory (place_experts) and the layout is counted again. Sets `placed` and
-   gm.on_device ([L, X], NULL when everything fits on the device; the caller frees it).
-   Returns 0 with the refusal, naming the numbers, in why[n] when the part other than the
-   experts and the embedding table alone does not fit. */
+   memory free and `budget` (NULL: no cap, no profile). It allocates and launches nothing (the
+   layout is only counted), so it runs on any machine; gm must hold no loaded model. (The
+   layout depends on the GPU a little: the decode attention's splits follow gpu.sm_count.)
+   gpu_lay_out counts the bytes with everything on the device; when they do not fit the room
+   (the free memory less GPU_HEADROOM, or the cap, in GPU_ALLOC_GRANULE pages), the embedding
+   table and the experts that do not fit beside the rest go to host memory (place_experts) and
+   the layout is counted again. Sets `placed` and gm.on_device ([L, X], NULL when everything
+   fits on the device; the caller frees it); the rest of gm is left counted. Returns 0 with the
+   refusal, naming the numbers, in why[n] when the layout is too large to address or the part
+   other than the experts and the embedding table alone does not fit. */
 static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size_t free_bytes, const GpuBudget *budget,
                               char *why, size_t n) {
     const Config *c = &m->config;
@@ -3329,7 +3337,7 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
         place_experts(L, X, device_bytes, profile, room - rest, on_device);
         for (size_t i = 0; i < (size_t)L * X; i++) placed.host_experts += !on_device[i];
         placed.pcie_per_token = host_bytes_per_token(L, X, c->topk, read_bytes, profile, on_device) +
-                                m->embed.nbytes / (size_t)c->vocab_size;   /* and the token's embedding row */
+                                embed_row_bytes(m);   /* and the token's embedding row */
         free(device_bytes);
         free(read_bytes);
         memset(&gm, 0, sizeof gm);   /* counted again, the placed experts and the embedding on the host */
@@ -3397,10 +3405,11 @@ static void gpu_placement_line(char *out, size_t n) {
         snprintf(out, n, "%.2f GiB on the GPU (everything)", gm.arena_bytes / 1073741824.0);
         return;
     }
-    snprintf(out, n, "%.2f GiB on the GPU (everything but the embedding table and %d of the %d routed experts), "
-             "%.2f GiB of those in page-locked host memory: %.2f GB a token over PCIe expected",
-             gm.arena_bytes / 1073741824.0, placed.host_experts, placed.experts, host_map.bytes / 1073741824.0,
-             placed.pcie_per_token / 1e9);
+    char experts[64] = "";
+    if (placed.host_experts) snprintf(experts, sizeof experts, " and %d of the %d routed experts", placed.host_experts, placed.experts);
+    snprintf(out, n, "%.2f GiB on the GPU (everything but the embedding table%s), %.2f GiB of %s in page-locked host "
+             "memory: %.2f GB a token over PCIe expected", gm.arena_bytes / 1073741824.0, experts,
+             host_map.bytes / 1073741824.0, placed.host_experts ? "those" : "it", placed.pcie_per_token / 1e9);
 }
 
 /* The experts' hits [L, X] of this load so far: decode's (counted on the GPU) and prefill's. */
@@ -4988,7 +4997,7 @@ static void bench_model(Model *m, int layers, int experts, int vocab) {
 static void bench_bytes(const Model *m, int pos, double *weights, double *cache) {
     const Config *c = &m->config;
     int D = c->head_dim, W = c->sliding_window, window = pos + 1 < W ? pos + 1 : W;
-    *weights = (double)(m->embed.nbytes / (size_t)c->vocab_size) + (double)m->head.rows * linear_row_bytes(&m->head);
+    *weights = (double)embed_row_bytes(m) + (double)m->head.rows * linear_row_bytes(&m->head);
     *cache = 0;
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *L = &m->layers[l];
@@ -5051,12 +5060,12 @@ static void sample_call(void *arg, int i) {
     gpu_sample(r->sampler, r->V, 0, 0);
 }
 
-/* Bytes a decode step read from host memory, on average over the steps between two hit
-   counts (before, after [L, X]: gpu_expert_hits): the routed experts in host memory that were
-   chosen, and the token's embedding row when the table is there too (gpu_lay_out). */
+/* Bytes the `steps` decode steps between two hit counts (before, after [L, X]:
+   gpu_expert_hits) read from host memory: the chosen routed experts that are there (counted
+   by the hits), and one embedding row a step when the table is there (gpu_lay_out). */
 static double bench_host_bytes(const Model *m, const uint64_t *before, const uint64_t *after, int steps) {
     const Config *c = &m->config;
-    double bytes = gm.on_device ? (double)steps * (m->embed.nbytes / (size_t)c->vocab_size) : 0;
+    double bytes = host_address(gm.embed) ? (double)steps * embed_row_bytes(m) : 0;
     for (int l = 0; l < c->n_layers; l++) {
         size_t device, read;
         expert_bytes(&m->layers[l], &device, &read);
@@ -5181,7 +5190,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     printf("decode   at position %d: %.3f ms/token, %.1f tok/s (median of %d graph replays)\n", position, ms, 1000 / ms,
            steps - 4);
     printf("bytes    per token: %.1f MB of weights + %.1f MB of cache; %.1f MB of it from device memory, %.1f MB of "
-           "routed experts and embeddings from host memory (counted)\n", weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
+           "routed experts (counted) and embedding rows from host memory\n", weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
     printf("speed    %.0f GB/s from device memory; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs,
            100 * gbs / stream_gbs);
     printf("pcie     %.1f GB/s from host memory; SMs reading mapped host memory %.1f GB/s: %.0f%% of it (copy engine "
@@ -5189,7 +5198,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     printf("kernels  %ld per decode step, %.1f per layer\n", kernels, (double)(kernels - fixed) / layers);
     printf("sampling %.0f us greedy (the step above), %.0f us at the default --temp 0.6 --top-p 0.95 (one launch each)\n",
            greedy_us, nucleus_us);
-    if (gm.on_device) bench_skewed(&m, steps - 4);
+    if (placed.host_experts) bench_skewed(&m, steps - 4);
     if (layers < 43)
         printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
                head_ms, layer_ms);

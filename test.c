@@ -1431,9 +1431,10 @@ static void test_expert_placement(void) {
 /* gpu_plan_placement on the whole V4-Flash shape (the benchmark's model, 43 layers of 256
    experts; counted, nothing allocated), exactly: with A its all-device bytes, E its embedding
    table's, B an expert's and R = A - 11008 B - E the rest, a cap of at least A keeps everything
-   on the device; one page less moves the embedding table alone to the host; R plus room for
-   k experts keeps the k first experts of the default order (or the profile's hottest) and the
-   bytes of the two sides add up to A; less than R is refused with both numbers. */
+   on the device; one page less moves the embedding table alone to the host; the least room
+   for R and 5000 experts keeps exactly the 5000 first experts of the default order (or the
+   profile's hottest), one page less 4999, and the bytes of the two sides add up to A; less
+   than R is refused with both numbers. */
 static void test_placement_plan(void) {
     Model m;
     bench_model(&m, 43, 256, 129280);
@@ -1455,16 +1456,17 @@ static void test_placement_plan(void) {
           "V4-Flash placement one page short: the embedding table alone in host memory (%zu bytes)", placed.host_bytes);
     free((void *)gm.on_device);
 
-    for (int profiled = 0; profiled < 2; profiled++) {   /* R and room for 5000 experts (and a bit) */
+    size_t least = (R + 5000 * B + granule - 1) / granule * granule;   /* the least room for R and 5000 experts */
+    for (int profiled = 0; profiled < 2; profiled++) {
         uint64_t *hits = xcalloc((size_t)L * X, sizeof *hits);
         for (int l = 0; l < L; l++)
             for (int e = 0; e < X; e++) hits[(size_t)l * X + e] = (uint64_t)e;   /* the higher numbers hotter */
         budget.profile = profiled ? hits : NULL;
-        budget.device_cap = R + 5000 * B + B / 2;
-        size_t room = budget.device_cap / granule * granule, kept = (room - R) / B;
+        budget.device_cap = least;
+        size_t room = least, kept = 5000;
         ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
         int right = ok && gm.on_device && placed.host_experts == L * X - (int)kept;
-        double pcie = (double)m.embed.nbytes / 129280;
+        double pcie = (double)embed_row_bytes(&m);
         for (int l = 0; right && l < L; l++) {
             int on_host = 0;
             for (int e = 0; e < X; e++) {
@@ -1482,7 +1484,7 @@ static void test_placement_plan(void) {
                 pcie += K * (double)read * on_host / X;
             }
         }
-        CHECK(right && gm.plan.total + placed.host_bytes == A && gm.plan.total <= room && room - gm.plan.total < B &&
+        CHECK(right && gm.plan.total == R + kept * B && gm.plan.total + placed.host_bytes == A &&
               fabs(placed.pcie_per_token - pcie) <= 1e-9 * pcie,
               "V4-Flash placement in %.2f GiB%s: %zu experts kept, %d on the host, %.1f + %.1f GiB, %.0f bytes a token "
               "over PCIe (%.0f by hand)", room / 1073741824.0, profiled ? " by a profile" : "", kept, placed.host_experts,
@@ -1490,6 +1492,11 @@ static void test_placement_plan(void) {
         free((void *)gm.on_device);
         free(hits);
     }
+    budget = (GpuBudget){least - granule, NULL};   /* one page less: one expert less */
+    ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
+    CHECK(ok && placed.host_experts == L * X - 4999, "V4-Flash placement one page below room for 5000 experts: %d on the "
+          "host (expected %d)", placed.host_experts, L * X - 4999);
+    free((void *)gm.on_device);
 
     budget = (GpuBudget){R - 1, NULL};   /* the rest alone does not fit: refused, naming both */
     char expected[256];

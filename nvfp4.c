@@ -929,6 +929,9 @@ typedef struct {
     char *base;     /* the arena, or NULL to count only */
 } StatePlan;
 
+/* `bytes` rounded up to STATE_ALIGN: what one reservation of them takes in a plan. */
+static size_t state_aligned(size_t bytes) { return (bytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN; }
+
 /* Reserve `count` items of `size` bytes in the plan; returns their address in the arena, or
    NULL when only counting. */
 static void *reserve(StatePlan *p, size_t count, size_t size) {
@@ -937,7 +940,7 @@ static void *reserve(StatePlan *p, size_t count, size_t size) {
         p->total = SIZE_MAX;
         return NULL;
     }
-    p->total = (start + bytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
+    p->total = state_aligned(start + bytes);
     return p->base ? p->base + start : NULL;
 }
 
@@ -3054,7 +3057,7 @@ static void expert_bytes(const Layer *w, size_t *device, size_t *read) {
     for (int i = 0; i < 3; i++) {
         Linear one = expert_matrix(stacks[i], 0);
         size_t code = gpu_linear_code_bytes(&one), scale = gpu_linear_scale_bytes(&one);
-        *device += (code + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN + (scale + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
+        *device += state_aligned(code) + state_aligned(scale);
         *read += (size_t)one.rows * linear_row_bytes(&one) + linear_scale_bytes(&one);
     }
 }
@@ -3319,7 +3322,7 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
     placed.experts = L * X;
     if (all_device > room) {
         size_t *device_bytes = xcalloc((size_t)L, sizeof(size_t)), *read_bytes = xcalloc((size_t)L, sizeof(size_t));
-        size_t experts = 0, embed = (m->embed.nbytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN;
+        size_t experts = 0, embed = state_aligned(m->embed.nbytes);
         for (int l = 0; l < L; l++) {
             expert_bytes(&m->layers[l], &device_bytes[l], &read_bytes[l]);
             experts += (size_t)X * device_bytes[l];
@@ -5060,9 +5063,9 @@ static void sample_call(void *arg, int i) {
     gpu_sample(r->sampler, r->V, 0, 0);
 }
 
-/* Bytes the `steps` decode steps between two hit counts (before, after [L, X]:
-   gpu_expert_hits) read from host memory: the chosen routed experts that are there (counted
-   by the hits), and one embedding row a step when the table is there (gpu_lay_out). */
+/* Bytes a decode step read from host memory, on average over the `steps` steps between two
+   hit counts (before, after [L, X]: gpu_expert_hits): the chosen routed experts that are there
+   (counted by the hits), and one embedding row when the table is there (gpu_lay_out). */
 static double bench_host_bytes(const Model *m, const uint64_t *before, const uint64_t *after, int steps) {
     const Config *c = &m->config;
     double bytes = host_address(gm.embed) ? (double)steps * embed_row_bytes(m) : 0;
@@ -5074,7 +5077,7 @@ static double bench_host_bytes(const Model *m, const uint64_t *before, const uin
             if (gm.on_device && !gm.on_device[i]) bytes += (double)(after[i] - before[i]) * read;
         }
     }
-    return bytes;
+    return bytes / steps;
 }
 
 /* Decode again with skewed routing, as a profile would place the experts: the router's bias of
@@ -5104,7 +5107,7 @@ static void bench_skewed(const Model *m, int steps) {
         }
         printf("skewed   router bias +%.2f for the experts on the GPU (not the hash layers): %.0f%% of the choices on "
                "the GPU; %.3f ms/token, %.1f tok/s, %.1f MB a token from host memory\n", lifts[pass], 100 * on_gpu / chosen,
-               ms, 1000 / ms, bench_host_bytes(m, before, after, steps) / steps / 1e6);
+               ms, 1000 / ms, bench_host_bytes(m, before, after, steps) / 1e6);
     }
     free(bias);
     free(before);
@@ -5173,7 +5176,7 @@ static void bench(int layers, int position, size_t gpu_mem) {
     gpu_expert_hits(hits_before, layers, c->n_experts);
     float ms = bench_decode_ms(steps - 4);
     gpu_expert_hits(hits_after, layers, c->n_experts);
-    double host_bytes = bench_host_bytes(&m, hits_before, hits_after, steps - 4) / (steps - 4);
+    double host_bytes = bench_host_bytes(&m, hits_before, hits_after, steps - 4);
     free(hits_before);
     free(hits_after);
     HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};

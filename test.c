@@ -1444,7 +1444,7 @@ static void test_placement_plan(void) {
     expert_bytes(&m.layers[0], &B, &read);
     GpuBudget budget = {0, NULL};
     int ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
-    size_t A = gm.plan.total, E = (m.embed.nbytes + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN, R = A - (size_t)L * X * B - E;
+    size_t A = gm.plan.total, E = state_aligned(m.embed.nbytes), R = A - (size_t)L * X * B - E;
     CHECK(ok && !gm.on_device && placed.host_bytes == 0 && placed.host_experts == 0 &&
           placed.device_bytes == (A + granule - 1) / granule * granule,
           "V4-Flash placement with room: everything on the device (%zu bytes: %.2f GiB)", A, A / 1073741824.0);
@@ -4782,7 +4782,7 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
         host_experts[run] = placed.host_experts;
         pcie[run] = placed.pcie_per_token;
         if (run)   /* the embedding table moved to the host region with the experts */
-            embed_on_host &= gm.embed >= host_map.dev && gm.embed + m.embed.nbytes <= host_map.dev + host_map.bytes;
+            embed_on_host &= host_address(gm.embed) && host_address(gm.embed + m.embed.nbytes - 1);
         if (run == 0) {   /* the budget of the next runs: everything but half the experts' bytes */
             gpu_expert_hits(hits, L, X);
             size_t experts = 0, device, read;

@@ -1238,6 +1238,13 @@ static void test_sampler(void) {
           hits[1], hits[2], hits[5]);
 }
 
+/* Count the occurrences of `needle` in `text`. */
+static int count_of(const char *text, const char *needle) {
+    int n = 0;
+    for (const char *at = strstr(text, needle); at; at = strstr(at + 1, needle)) n++;
+    return n;
+}
+
 /* The logits --dump-logits writes while sampling are the logits, not the sampler's
    probabilities: a tiny top-p at temperature 1 draws the greedy tokens, so its file must equal
    the greedy run's bit for bit. */
@@ -1268,8 +1275,8 @@ static void test_dump_while_sampling(void) {
         snprintf(cmd, sizeof cmd, "build/penalty%d.txt", i);
         text[i] = read_file(cmd, &n[0]);
     }
-    CHECK(text[0] && text[1] && text[2] && strstr(strstr(text[0], "great slave.") + 1, "great slave.") &&
-          !strstr(strstr(text[1], "great slave") + 1, "great slave") && !strcmp(text[1], text[2]),
+    CHECK(text[0] && text[1] && text[2] && count_of(text[0], "great slave.") >= 2 &&
+          count_of(text[1], "great slave") <= 1 && !strcmp(text[1], text[2]),
           "--repeat-penalty 1.3 breaks the greedy loop, repeatably: \"%s\" against \"%s\"", text[1] ? text[1] : "",
           text[0] ? text[0] : "");
     for (int i = 0; i < 3; i++) free(text[i]);
@@ -2692,12 +2699,6 @@ static void test_valid_utf8_out(void) {
     CHECK(bad == 0, "--temp 5 --top-p 1: %d of %d runs print invalid UTF-8 (%d hold U+FFFD)", bad, runs, replaced);
 }
 
-/* Count the occurrences of `needle` in `text`. */
-static int count_of(const char *text, const char *needle) {
-    int n = 0;
-    for (const char *at = strstr(text, needle); at; at = strstr(at + 1, needle)) n++;
-    return n;
-}
 
 /* The habits of the command line: --opt=value and -c/-s read as --opt value (a joined value
    never takes the next argument); -q prints no notes or stats but warnings and errors; the

@@ -5,6 +5,7 @@
 //   nvcc -O2 -std=c++17 -arch=sm_90a -rdc=true -o pcie_probe tools/pcie_probe.cu -lcudadevrt
 //   ./pcie_probe            (everything below but the large region)
 //   ./pcie_probe large 48   (SM scaling and a 48 GiB region: see large_region)
+//   ./pcie_probe gemv 76    (the GEMV's access pattern in a 76 GiB region: see gemv_pattern)
 //
 // It reads 2 GiB of page-locked, mapped host memory (and, for reference, of device memory) with
 // SM loads (ld_stride, ld_warp_span), per-thread asynchronous copies (cpasync_ring) and
@@ -109,6 +110,61 @@ template <int S> __global__ void cpasync_ring(const char *src, size_t bytes, uns
     }
     atomicAdd(out, sum);
 }
+// the GEMV's access pattern: items of `cbytes` codes (+ `sbytes` scales from elsewhere, 0: none)
+// at the offsets of `items` (code offset, scale offset), item k to block k % gridDim.x, a ring of
+// 4 stages a block; by the bulk engine (thread 0) or by the block's threads' 16-byte cp.async
+__global__ void gather_ring(const char *src, const ulonglong2 *items, size_t n, unsigned cbytes, unsigned sbytes,
+                            int bulk, unsigned *out) {
+    extern __shared__ __align__(128) char ring[];
+    __shared__ __align__(8) uint64_t bar[4];
+    const unsigned stage = 36864;
+    size_t count = n > blockIdx.x ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    if (bulk) {
+        if (threadIdx.x != 0) return;
+        for (int s = 0; s < 4; s++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sm(&bar[s])));
+        asm volatile("fence.mbarrier_init.release.cluster;");
+    }
+    auto issue = [&](size_t k) {
+        if (k < count) {
+            ulonglong2 it = items[blockIdx.x + k * gridDim.x];
+            char *d = ring + (k % 4) * stage;
+            if (bulk) {
+                asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm(&bar[k % 4])), "r"(cbytes + sbytes));
+                asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                             ::"r"(sm(d)), "l"(src + it.x), "r"(cbytes), "r"(sm(&bar[k % 4])) : "memory");
+                if (sbytes)
+                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                                 ::"r"(sm(d + 32768)), "l"(src + it.y), "r"(sbytes), "r"(sm(&bar[k % 4])) : "memory");
+            } else {
+                for (unsigned o = threadIdx.x * 16; o < cbytes; o += blockDim.x * 16)
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sm(d + o)), "l"(src + it.x + o) : "memory");
+                for (unsigned o = threadIdx.x * 16; o < sbytes; o += blockDim.x * 16)
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sm(d + 32768 + o)), "l"(src + it.y + o) : "memory");
+            }
+        }
+        if (!bulk) asm volatile("cp.async.commit_group;");
+    };
+    unsigned sum = 0;
+    if (bulk) {
+        for (size_t k = 0; k < 4; k++) issue(k);
+        for (size_t k = 0; k < count; k++) {
+            unsigned ph = (k / 4) & 1;
+            asm volatile("{ .reg .pred p; W%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1; @!p bra W%=; }" ::"r"(sm(&bar[k % 4])), "r"(ph));
+            sum += *(volatile unsigned *)(ring + (k % 4) * stage);
+            issue(k + 4);
+        }
+    } else {
+        for (int s = 0; s < 3; s++) issue(s);
+        for (size_t k = 0; k < count; k++) {
+            issue(k + 3);
+            asm volatile("cp.async.wait_group 3;");
+            __syncthreads();
+            sum += *(volatile unsigned *)(ring + (k % 4) * stage + threadIdx.x * 4);
+            __syncthreads();
+        }
+    }
+    atomicAdd(out, sum);
+}
 __global__ void set_switches(cudaGraphConditionalHandle *h, const unsigned *values, int n) {
     if (threadIdx.x < n) cudaGraphSetConditional(h[threadIdx.x], values[threadIdx.x]);
 }
@@ -157,6 +213,56 @@ static void large_region(cudaStream_t st, int sms, size_t gib, unsigned *out) {
     CK(cudaFreeHost(host));
 }
 
+// `./pcie_probe gemv GIB`: the GEMV's pattern in a GIB GiB region of 14.16 MB experts (w1, w3, w2:
+// 4 MiB of codes then 512 KiB of scales each), a launch reading 6 experts' w1 and w3 (256 items of
+// 32 KB codes + 4 KB scales each): random experts against the region read in order, with and
+// without the scales, by the bulk engine and by cp.async
+static void gemv_pattern(cudaStream_t st, int sms, size_t gib, unsigned *out) {
+    size_t bytes = gib << 30, mat = (4u << 20) + (512u << 10), expert = 3 * mat, n_experts = bytes / expert;
+    char *host, *hdev;
+    CK(cudaHostAlloc(&host, bytes, cudaHostAllocPortable | cudaHostAllocMapped));
+    memset(host, 0x5a, bytes);
+    CK(cudaHostGetDevicePointer((void **)&hdev, host, 0));
+    const int launches = 40, per = 6 * 256;
+    std::vector<ulonglong2> seq((size_t)launches * per), rnd((size_t)launches * per);
+    uint64_t r = 12345;
+    for (int l = 0; l < launches; l++)
+        for (int e = 0; e < 6; e++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            size_t pick = (r >> 33) % n_experts, in_order = (size_t)l * 6 + e;
+            for (int m = 0; m < 2; m++)
+                for (int i = 0; i < 128; i++) {
+                    size_t k = (size_t)l * per + e * 256 + m * 128 + i;
+                    for (int v = 0; v < 2; v++) {
+                        size_t base = (v ? pick : in_order) * expert + m * mat;
+                        (v ? rnd : seq)[k] = make_ulonglong2(base + (size_t)i * 32768, base + (4u << 20) + (size_t)i * 4096);
+                    }
+                }
+        }
+    ulonglong2 *d_items;
+    CK(cudaMalloc(&d_items, seq.size() * sizeof(ulonglong2)));
+    for (int v = 0; v < 2; v++) {
+        CK(cudaMemcpy(d_items, (v ? rnd : seq).data(), seq.size() * sizeof(ulonglong2), cudaMemcpyHostToDevice));
+        for (unsigned sbytes : {0u, 4096u})
+            for (int bulk : {1, 0}) {
+                float ms = time_ms(st, [&] {
+                    for (int l = 0; l < launches; l++)
+                        gather_ring<<<sms, bulk ? 32 : 512, 4 * 36864, st>>>(hdev, d_items + (size_t)l * per, per, 32768, sbytes, bulk, out);
+                });
+                double moved = (double)launches * per * (32768 + sbytes);
+                printf("gemv pattern, %s experts, %s, %s: %.1f GB/s (%.1f us an expert's w1+w3)\n", v ? "random" : "in-order",
+                       sbytes ? "32 KB codes + 4 KB scales an item" : "codes only", bulk ? "bulk" : "cp.async 512 threads",
+                       moved / ms / 1e6, ms * 1000 / (launches * 6));
+            }
+    }
+    // the same 40 launches' items in one launch (random experts, codes and scales, cp.async)
+    float one = time_ms(st, [&] { gather_ring<<<sms, 512, 4 * 36864, st>>>(hdev, d_items, rnd.size(), 32768, 4096, 0, out); });
+    printf("gemv pattern, random experts, codes + scales, cp.async 512 threads, one launch of %zu items: %.1f GB/s\n",
+           rnd.size(), (double)rnd.size() * 36864 / one / 1e6);
+    CK(cudaFree(d_items));
+    CK(cudaFreeHost(host));
+}
+
 int main(int argc, char **argv) {
     cudaStream_t st;
     CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -165,6 +271,11 @@ int main(int argc, char **argv) {
     CK(cudaFuncSetAttribute(bulk_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     CK(cudaFuncSetAttribute(cpasync_ring<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     CK(cudaFuncSetAttribute(cpasync_ring<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    CK(cudaFuncSetAttribute(gather_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    if (argc == 3 && !strcmp(argv[1], "gemv")) {
+        gemv_pattern(st, sms, (size_t)atol(argv[2]), out);
+        return 0;
+    }
     if (argc == 3 && !strcmp(argv[1], "large")) {
         large_region(st, sms, (size_t)atol(argv[2]), out);
         return 0;

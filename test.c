@@ -333,6 +333,39 @@ static void test_config(void) {
        (activations, MoE slots, one logits row) is 94,887,680 B. */
     CHECK(bytes == 185569536 && flash_state.cache_bytes == 90681856,
           "V4-Flash decoding state at --ctx 4096 --chunk 128: %zu bytes, cache %zu", bytes, flash_state.cache_bytes);
+    /* DeepSeek V4-Pro as released: the other layer schedule (HCA first, no sliding-only layer),
+       128 heads, 16 output groups, 384 experts. Its cache at --ctx 4096, by the same hand count:
+       512 + 30 CSA layers x 3,207,168 + 31 HCA layers x 1,114,112 = 130,753,024 B. */
+    char pro[2048];
+    at = snprintf(pro, sizeof pro,
+                  "{\"model_type\":\"deepseek_v4\",\"vocab_size\":129280,\"hidden_size\":7168,\"num_hidden_layers\":61,"
+                  "\"num_attention_heads\":128,\"num_key_value_heads\":1,\"head_dim\":512,\"qk_rope_head_dim\":64,"
+                  "\"q_lora_rank\":1536,\"o_groups\":16,\"o_lora_rank\":1024,\"sliding_window\":128,\"index_n_heads\":64,"
+                  "\"index_head_dim\":128,\"index_topk\":1024,\"rope_theta\":10000,\"compress_rope_theta\":160000,"
+                  "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":16,\"original_max_position_embeddings\":65536,"
+                  "\"beta_fast\":32,\"beta_slow\":1},\"n_routed_experts\":384,\"n_shared_experts\":1,"
+                  "\"num_experts_per_tok\":6,\"moe_intermediate_size\":3072,\"routed_scaling_factor\":2.5,"
+                  "\"scoring_func\":\"sqrtsoftplus\",\"num_hash_layers\":3,\"swiglu_limit\":10.0,\"hc_mult\":4,"
+                  "\"hc_sinkhorn_iters\":20,\"hc_eps\":1e-6,\"rms_norm_eps\":1e-6,\"max_position_embeddings\":1048576,"
+                  "\"bos_token_id\":0,\"eos_token_id\":1,\"num_nextn_predict_layers\":1,\"compress_ratios\":[128,128");
+    for (int i = 0; i < 29; i++) at += snprintf(pro + at, sizeof pro - (size_t)at, ",4,128");
+    snprintf(pro + at, sizeof pro - (size_t)at, ",4]}");
+    Json *pro_root = json_parse(pro, strlen(pro), err, sizeof err);
+    CHECK(pro_root != NULL, "V4-Pro config is JSON: %s", err);
+    parse_config(&c, pro_root, "V4-Pro");
+    json_free(pro_root);
+    csa = hca = 0;
+    for (int l = 0; l < c.n_layers; l++) {
+        csa += c.attn_kind[l] == ATTN_CSA;
+        hca += c.attn_kind[l] == ATTN_HCA;
+    }
+    State pro_state = {0};
+    plan_state(&pro_state, &c, 128, 4096, 0, NULL);
+    CHECK(c.n_layers == 61 && c.hidden_size == 7168 && c.n_heads == 128 && c.o_groups == 16 && c.n_experts == 384 &&
+          c.moe_inter == 3072 && c.index_topk == 1024 && c.routed_scaling == 2.5f && csa == 30 && hca == 31 &&
+          c.attn_kind[0] == ATTN_HCA && c.attn_kind[60] == ATTN_CSA && pro_state.cache_bytes == 130753024,
+          "V4-Pro: %d layers, %d CSA and %d HCA, %d experts, cache %zu bytes at --ctx 4096", c.n_layers, csa, hca,
+          c.n_experts, pro_state.cache_bytes);
     /* qk_rope_head_dim beside partial_rotary_factor: accepted when they agree (the bad-input
        table has them disagree) */
     const char *both = "{\"model_type\":\"deepseek_v4\",\"vocab_size\":10,\"hidden_size\":8,\"num_hidden_layers\":1,"

@@ -284,6 +284,45 @@ static void test_json(void) {
 
 /* ---------------------------------------------------------------------------------- config */
 
+/* What differs between the released V4 models' config.json files (the rest they share). */
+typedef struct {
+    int hidden, layers, heads, q_lora, o_groups, index_topk, experts, moe_inter;
+    const char *routed_scaling;   /* as written in the file */
+    int first_ratio, pairs;       /* compress_ratios: [first, first] + [4, 128] x pairs + [4] */
+} ReleasedShape;
+
+/* Parse into c the config.json of a released model of shape r (as its repository ships it,
+   with the legacy keys); `name` names it in messages. */
+static void released_config(Config *c, const ReleasedShape *r, const char *name) {
+    char json[2048], err[128];
+    int at = snprintf(json, sizeof json,
+                      "{\"model_type\":\"deepseek_v4\",\"vocab_size\":129280,\"hidden_size\":%d,\"num_hidden_layers\":%d,"
+                      "\"num_attention_heads\":%d,\"num_key_value_heads\":1,\"head_dim\":512,\"qk_rope_head_dim\":64,"
+                      "\"q_lora_rank\":%d,\"o_groups\":%d,\"o_lora_rank\":1024,\"sliding_window\":128,\"index_n_heads\":64,"
+                      "\"index_head_dim\":128,\"index_topk\":%d,\"rope_theta\":10000,\"compress_rope_theta\":160000,"
+                      "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":16,\"original_max_position_embeddings\":65536,"
+                      "\"beta_fast\":32,\"beta_slow\":1},\"n_routed_experts\":%d,\"n_shared_experts\":1,"
+                      "\"num_experts_per_tok\":6,\"moe_intermediate_size\":%d,\"routed_scaling_factor\":%s,"
+                      "\"scoring_func\":\"sqrtsoftplus\",\"num_hash_layers\":3,\"swiglu_limit\":10.0,\"hc_mult\":4,"
+                      "\"hc_sinkhorn_iters\":20,\"hc_eps\":1e-6,\"rms_norm_eps\":1e-6,\"max_position_embeddings\":1048576,"
+                      "\"bos_token_id\":0,\"eos_token_id\":1,\"num_nextn_predict_layers\":1,\"compress_ratios\":[%d,%d",
+                      r->hidden, r->layers, r->heads, r->q_lora, r->o_groups, r->index_topk, r->experts, r->moe_inter,
+                      r->routed_scaling, r->first_ratio, r->first_ratio);
+    for (int i = 0; i < r->pairs; i++) at += snprintf(json + at, sizeof json - (size_t)at, ",4,128");
+    snprintf(json + at, sizeof json - (size_t)at, ",4]}");
+    Json *root = json_parse(json, strlen(json), err, sizeof err);
+    CHECK(root != NULL, "%s config is JSON: %s", name, err);
+    if (root) parse_config(c, root, name);
+    json_free(root);
+}
+
+/* How many of c's layers attend the `kind` way. */
+static int count_layers(const Config *c, AttnKind kind) {
+    int n = 0;
+    for (int l = 0; l < c->n_layers; l++) n += c->attn_kind[l] == kind;
+    return n;
+}
+
 static void test_config(void) {
     Config c;
     char err[128];
@@ -297,29 +336,9 @@ static void test_config(void) {
           c.compress_rope_theta == 160000, "rope_scaling (YaRN)");
     /* DeepSeek V4-Flash as released (its config.json): the layer schedule, rope and the
        size of its decoding state at the default --ctx and --chunk */
-    char flash[2048];
-    int at = snprintf(flash, sizeof flash,
-                      "{\"model_type\":\"deepseek_v4\",\"vocab_size\":129280,\"hidden_size\":4096,\"num_hidden_layers\":43,"
-                      "\"num_attention_heads\":64,\"num_key_value_heads\":1,\"head_dim\":512,\"qk_rope_head_dim\":64,"
-                      "\"q_lora_rank\":1024,\"o_groups\":8,\"o_lora_rank\":1024,\"sliding_window\":128,\"index_n_heads\":64,"
-                      "\"index_head_dim\":128,\"index_topk\":512,\"rope_theta\":10000,\"compress_rope_theta\":160000,"
-                      "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":16,\"original_max_position_embeddings\":65536,"
-                      "\"beta_fast\":32,\"beta_slow\":1},\"n_routed_experts\":256,\"n_shared_experts\":1,"
-                      "\"num_experts_per_tok\":6,\"moe_intermediate_size\":2048,\"routed_scaling_factor\":1.5,"
-                      "\"scoring_func\":\"sqrtsoftplus\",\"num_hash_layers\":3,\"swiglu_limit\":10.0,\"hc_mult\":4,"
-                      "\"hc_sinkhorn_iters\":20,\"hc_eps\":1e-6,\"rms_norm_eps\":1e-6,\"max_position_embeddings\":1048576,"
-                      "\"bos_token_id\":0,\"eos_token_id\":1,\"num_nextn_predict_layers\":1,\"compress_ratios\":[0,0");
-    for (int i = 0; i < 20; i++) at += snprintf(flash + at, sizeof flash - (size_t)at, ",4,128");
-    snprintf(flash + at, sizeof flash - (size_t)at, ",4]}");
-    Json *flash_root = json_parse(flash, strlen(flash), err, sizeof err);
-    CHECK(flash_root != NULL, "V4-Flash config is JSON: %s", err);
-    parse_config(&c, flash_root, "V4-Flash");
-    json_free(flash_root);
-    int csa = 0, hca = 0;
-    for (int l = 0; l < c.n_layers; l++) {
-        csa += c.attn_kind[l] == ATTN_CSA;
-        hca += c.attn_kind[l] == ATTN_HCA;
-    }
+    const ReleasedShape flash = {4096, 43, 64, 1024, 8, 512, 256, 2048, "1.5", 0, 20};
+    released_config(&c, &flash, "V4-Flash");
+    int csa = count_layers(&c, ATTN_CSA), hca = count_layers(&c, ATTN_HCA);
     State flash_state = {0};
     size_t bytes = plan_state(&flash_state, &c, 128, 4096, 0, NULL);
     CHECK(c.n_layers == 43 && c.attn_kind[0] == ATTN_SLIDING && c.attn_kind[1] == ATTN_SLIDING && csa == 21 && hca == 20 &&
@@ -336,29 +355,9 @@ static void test_config(void) {
     /* DeepSeek V4-Pro as released: the other layer schedule (HCA first, no sliding-only layer),
        128 heads, 16 output groups, 384 experts. Its cache at --ctx 4096, by the same hand count:
        512 + 30 CSA layers x 3,207,168 + 31 HCA layers x 1,114,112 = 130,753,024 B. */
-    char pro[2048];
-    at = snprintf(pro, sizeof pro,
-                  "{\"model_type\":\"deepseek_v4\",\"vocab_size\":129280,\"hidden_size\":7168,\"num_hidden_layers\":61,"
-                  "\"num_attention_heads\":128,\"num_key_value_heads\":1,\"head_dim\":512,\"qk_rope_head_dim\":64,"
-                  "\"q_lora_rank\":1536,\"o_groups\":16,\"o_lora_rank\":1024,\"sliding_window\":128,\"index_n_heads\":64,"
-                  "\"index_head_dim\":128,\"index_topk\":1024,\"rope_theta\":10000,\"compress_rope_theta\":160000,"
-                  "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":16,\"original_max_position_embeddings\":65536,"
-                  "\"beta_fast\":32,\"beta_slow\":1},\"n_routed_experts\":384,\"n_shared_experts\":1,"
-                  "\"num_experts_per_tok\":6,\"moe_intermediate_size\":3072,\"routed_scaling_factor\":2.5,"
-                  "\"scoring_func\":\"sqrtsoftplus\",\"num_hash_layers\":3,\"swiglu_limit\":10.0,\"hc_mult\":4,"
-                  "\"hc_sinkhorn_iters\":20,\"hc_eps\":1e-6,\"rms_norm_eps\":1e-6,\"max_position_embeddings\":1048576,"
-                  "\"bos_token_id\":0,\"eos_token_id\":1,\"num_nextn_predict_layers\":1,\"compress_ratios\":[128,128");
-    for (int i = 0; i < 29; i++) at += snprintf(pro + at, sizeof pro - (size_t)at, ",4,128");
-    snprintf(pro + at, sizeof pro - (size_t)at, ",4]}");
-    Json *pro_root = json_parse(pro, strlen(pro), err, sizeof err);
-    CHECK(pro_root != NULL, "V4-Pro config is JSON: %s", err);
-    parse_config(&c, pro_root, "V4-Pro");
-    json_free(pro_root);
-    csa = hca = 0;
-    for (int l = 0; l < c.n_layers; l++) {
-        csa += c.attn_kind[l] == ATTN_CSA;
-        hca += c.attn_kind[l] == ATTN_HCA;
-    }
+    const ReleasedShape pro = {7168, 61, 128, 1536, 16, 1024, 384, 3072, "2.5", 128, 29};
+    released_config(&c, &pro, "V4-Pro");
+    csa = count_layers(&c, ATTN_CSA), hca = count_layers(&c, ATTN_HCA);
     State pro_state = {0};
     plan_state(&pro_state, &c, 128, 4096, 0, NULL);
     CHECK(c.n_layers == 61 && c.hidden_size == 7168 && c.n_heads == 128 && c.o_groups == 16 && c.n_experts == 384 &&

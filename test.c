@@ -1502,7 +1502,7 @@ static void test_placement_plan(void) {
             for (int e = 0; e < X; e++) hits[(size_t)l * X + e] = (uint64_t)e;   /* the higher numbers hotter */
         budget.profile = profiled ? hits : NULL;
         budget.device_cap = least;
-        size_t room = least, kept = 5000;
+        size_t kept = 5000;
         ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
         int right = ok && gm.on_device && placed.host_experts == L * X - (int)kept;
         double pcie = (double)embed_row_bytes(&m);
@@ -1526,7 +1526,7 @@ static void test_placement_plan(void) {
         CHECK(right && gm.plan.total == R + kept * B && gm.plan.total + placed.host_bytes == A &&
               fabs(placed.pcie_per_token - pcie) <= 1e-9 * pcie,
               "V4-Flash placement in %.2f GiB%s: %zu experts kept, %d on the host, %.1f + %.1f GiB, %.0f bytes a token "
-              "over PCIe (%.0f by hand)", room / 1073741824.0, profiled ? " by a profile" : "", kept, placed.host_experts,
+              "over PCIe (%.0f by hand)", least / 1073741824.0, profiled ? " by a profile" : "", kept, placed.host_experts,
               gm.plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, placed.pcie_per_token, pcie);
         free((void *)gm.on_device);
         free(hits);
@@ -2730,7 +2730,6 @@ static void test_valid_utf8_out(void) {
         }
     CHECK(bad == 0, "--temp 5 --top-p 1: %d of %d runs print invalid UTF-8 (%d hold U+FFFD)", bad, runs, replaced);
 }
-
 
 /* The habits of the command line: --opt=value and -c/-s read as --opt value (a joined value
    never takes the next argument); -q prints no notes or stats but warnings and errors; the

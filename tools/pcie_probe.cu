@@ -2,10 +2,11 @@
 // docs/performance.md's table "How the GPU can read host memory" (a tool outside the engine,
 // written with the CUDA runtime for brevity). On a GPU machine:
 //
-//   nvcc -O2 -std=c++17 -arch=sm_90a -rdc=true -o pcie_probe tools/pcie_probe.cu -lcudadevrt
+//   nvcc -O2 -std=c++17 -arch=sm_90a -rdc=true -o pcie_probe tools/pcie_probe.cu -lcudadevrt -lcuda
 //   ./pcie_probe            (everything below but the large region)
 //   ./pcie_probe large 48   (SM scaling and a 48 GiB region: see large_region)
 //   ./pcie_probe gemv 76    (the GEMV's access pattern in a 76 GiB region: see gemv_pattern)
+//   ./pcie_probe stream 12  (experts copied by a host thread's copy engine: see stream_experiment)
 //
 // It reads 2 GiB of page-locked, mapped host memory (and, for reference, of device memory) with
 // SM loads (ld_stride, ld_warp_span), per-thread asynchronous copies (cpasync_ring) and
@@ -14,7 +15,10 @@
 // read-only in place; the copy engine; and a graph of switch nodes (43 layers x 6 slots, 140
 // host-to-device copies each) whose values a kernel sets (cudaGraphSetConditional): the copy
 // engine driven from the GPU. Every time is the median of 3 runs after a warm-up.
+#include <cuda.h>
 #include <cuda_runtime.h>
+#include <thread>
+#include <immintrin.h>
 #include <cstdio>
 #include <cstdint>
 #include <vector>
@@ -113,12 +117,28 @@ template <int S> __global__ void cpasync_ring(const char *src, size_t bytes, uns
 // the GEMV's access pattern: items of `cbytes` codes (+ `sbytes` scales from elsewhere, 0: none)
 // at the offsets of `items` (code offset, scale offset), item k to block k % gridDim.x, a ring of
 // 4 stages a block; by the bulk engine (thread 0) or by the block's threads' 16-byte cp.async
+// Where the item addresses come from (`where`): 0 the table in global memory, read as each item
+// is issued; 1 the block's entries of the table copied into shared memory first; 2 no table:
+// computed from the launch's 6 experts (`pick`, a kernel parameter) in the table's layout.
+struct Picks { unsigned long long expert[6]; };
 __global__ void gather_ring(const char *src, const ulonglong2 *items, size_t n, unsigned cbytes, unsigned sbytes,
-                            int bulk, unsigned *out) {
+                            int bulk, int where, Picks pick, unsigned *out) {
     extern __shared__ __align__(128) char ring[];
     __shared__ __align__(8) uint64_t bar[4];
+    __shared__ ulonglong2 mine[64];
     const unsigned stage = 36864;
     size_t count = n > blockIdx.x ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    if (where == 1) {
+        for (size_t k = threadIdx.x; k < count && k < 64; k += blockDim.x) mine[k] = items[blockIdx.x + k * gridDim.x];
+        __syncthreads();
+    }
+    auto item_at = [&](size_t k) -> ulonglong2 {
+        if (where == 0) return items[blockIdx.x + k * gridDim.x];
+        if (where == 1) return mine[k];
+        size_t i = blockIdx.x + k * gridDim.x, e = i / 256, m = i / 128 % 2, r = i % 128;
+        size_t mat = (4u << 20) + (512u << 10), base = pick.expert[e] * 3 * mat + m * mat;
+        return make_ulonglong2(base + r * 32768, base + (4u << 20) + r * 4096);
+    };
     if (bulk) {
         if (threadIdx.x != 0) return;
         for (int s = 0; s < 4; s++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sm(&bar[s])));
@@ -126,7 +146,7 @@ __global__ void gather_ring(const char *src, const ulonglong2 *items, size_t n, 
     }
     auto issue = [&](size_t k) {
         if (k < count) {
-            ulonglong2 it = items[blockIdx.x + k * gridDim.x];
+            ulonglong2 it = item_at(k);
             char *d = ring + (k % 4) * stage;
             if (bulk) {
                 asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm(&bar[k % 4])), "r"(cbytes + sbytes));
@@ -241,26 +261,137 @@ static void gemv_pattern(cudaStream_t st, int sms, size_t gib, unsigned *out) {
         }
     ulonglong2 *d_items;
     CK(cudaMalloc(&d_items, seq.size() * sizeof(ulonglong2)));
+    std::vector<Picks> picks(2 * launches);
+    for (size_t k = 0; k < seq.size(); k += 256)
+        for (int v = 0; v < 2; v++)
+            picks[v * launches + k / per].expert[k % per / 256] = (v ? rnd : seq)[k].x / expert;
+    const char *wheres[3] = {"table in global", "table in shared", "computed"};
     for (int v = 0; v < 2; v++) {
         CK(cudaMemcpy(d_items, (v ? rnd : seq).data(), seq.size() * sizeof(ulonglong2), cudaMemcpyHostToDevice));
-        for (unsigned sbytes : {0u, 4096u})
-            for (int bulk : {1, 0}) {
-                float ms = time_ms(st, [&] {
-                    for (int l = 0; l < launches; l++)
-                        gather_ring<<<sms, bulk ? 32 : 512, 4 * 36864, st>>>(hdev, d_items + (size_t)l * per, per, 32768, sbytes, bulk, out);
-                });
-                double moved = (double)launches * per * (32768 + sbytes);
-                printf("gemv pattern, %s experts, %s, %s: %.1f GB/s (%.1f us an expert's w1+w3)\n", v ? "random" : "in-order",
-                       sbytes ? "32 KB codes + 4 KB scales an item" : "codes only", bulk ? "bulk" : "cp.async 512 threads",
-                       moved / ms / 1e6, ms * 1000 / (launches * 6));
-            }
+        for (int where : {0, 1, 2})
+            for (unsigned sbytes : {0u, 4096u})
+                for (int bulk : {1, 0}) {
+                    float ms = time_ms(st, [&] {
+                        for (int l = 0; l < launches; l++)
+                            gather_ring<<<sms, bulk ? 32 : 512, 4 * 36864, st>>>(hdev, d_items + (size_t)l * per, per, 32768,
+                                                                                  sbytes, bulk, where, picks[v * launches + l], out);
+                    });
+                    double moved = (double)launches * per * (32768 + sbytes);
+                    printf("gemv pattern, %s experts, %s, %s, %s: %.1f GB/s (%.1f us an expert's w1+w3)\n", v ? "random" : "in-order",
+                           wheres[where], sbytes ? "codes + scales" : "codes only", bulk ? "bulk" : "cp.async 512 threads",
+                           moved / ms / 1e6, ms * 1000 / (launches * 6));
+                }
     }
-    // the same 40 launches' items in one launch (random experts, codes and scales, cp.async)
-    float one = time_ms(st, [&] { gather_ring<<<sms, 512, 4 * 36864, st>>>(hdev, d_items, rnd.size(), 32768, 4096, 0, out); });
-    printf("gemv pattern, random experts, codes + scales, cp.async 512 threads, one launch of %zu items: %.1f GB/s\n",
-           rnd.size(), (double)rnd.size() * 36864 / one / 1e6);
     CK(cudaFree(d_items));
     CK(cudaFreeHost(host));
+}
+
+// `./pcie_probe stream GIB`: the copy engine driven by a host thread. Each launch is one layer:
+// block 0 posts the layer's 6 picked experts (14.16 MB each) in mapped host memory (mail), a host
+// thread sees them, copies the first `nhost` picks into device slots (cudaMemcpyAsync on its own
+// stream) and after each copy sets the slot's ready flag to the layer's tag (cuStreamWriteValue32);
+// the launch's blocks wait for each slot's flag and read it from device memory with a bulk ring.
+// Against it: the same launches reading the picks from host memory themselves (`direct`).
+struct Mail { unsigned tag, pick[7]; };
+__device__ __forceinline__ unsigned pick_of(unsigned tag, int j, unsigned n) { return (tag * 2654435761u + j * 40503u) % n; }
+__global__ void stream_layer(Mail *mail, const unsigned *ready, const char *staged, const char *hostdev, size_t expert,
+                             unsigned n_experts, unsigned tag, int nhost, int direct, unsigned *out) {
+    extern __shared__ __align__(128) char ring[];
+    __shared__ __align__(8) uint64_t bar[4];
+    if (threadIdx.x != 0) return;
+    if (blockIdx.x == 0) {
+        for (int j = 0; j < 6; j++) mail->pick[j] = pick_of(tag, j, n_experts);
+        __threadfence_system();
+        *(volatile unsigned *)&mail->tag = tag;
+    }
+    const unsigned chunk = 32768;
+    size_t per = expert / chunk, n = nhost * per;
+    size_t count = n > blockIdx.x ? (n - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    for (int s = 0; s < 4; s++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sm(&bar[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;");
+    int waited = -1;
+    auto issue = [&](size_t k) {
+        size_t i = blockIdx.x + k * gridDim.x, j = i / per, c = i % per;
+        const char *p;
+        if (direct) p = hostdev + pick_of(tag, (int)j, n_experts) * expert + c * chunk;
+        else {
+            if ((int)j > waited) {
+                unsigned v;
+                do { asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ready + j) : "memory"); if (v != tag) __nanosleep(128); } while (v != tag);
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+                waited = (int)j;
+            }
+            p = staged + j * expert + c * chunk;
+        }
+        int st = k % 4;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(sm(&bar[st])), "r"(chunk));
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(sm(ring + (size_t)st * chunk)), "l"(p), "r"(chunk), "r"(sm(&bar[st])) : "memory");
+    };
+    unsigned sum = 0;
+    for (size_t k = 0; k < count && k < 4; k++) issue(k);
+    for (size_t k = 0; k < count; k++) {
+        asm volatile("{ .reg .pred p; W%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1; @!p bra W%=; }" ::"r"(sm(&bar[k % 4])), "r"((unsigned)(k / 4) & 1));
+        sum += *(volatile unsigned *)(ring + (k % 4) * chunk);
+        if (k + 4 < count) issue(k + 4);
+    }
+    atomicAdd(out, sum);
+}
+static void copy_thread(Mail *mail, const char *host, char *staged, unsigned *ready, size_t expert, unsigned n_experts,
+                        unsigned first, unsigned last, int nhost, cudaStream_t cs) {
+    CK(cudaSetDevice(0));
+    for (unsigned tag = first; tag <= last; tag++) {
+        unsigned L = tag % 43;
+        while (*(volatile unsigned *)&mail[L].tag != tag) _mm_pause();
+        for (int j = 0; j < nhost; j++) {
+            unsigned pk = ((volatile unsigned *)mail[L].pick)[j];
+            CK(cudaMemcpyAsync(staged + j * expert, host + pk * expert, expert, cudaMemcpyHostToDevice, cs));
+            if (cuStreamWriteValue32((CUstream)cs, (CUdeviceptr)(ready + j), tag, 0) != CUDA_SUCCESS) { printf("write value failed\n"); exit(1); }
+        }
+    }
+}
+static void stream_experiment(cudaStream_t st, int sms, size_t gib, unsigned *out) {
+    size_t bytes = gib << 30, expert = 3 * ((4u << 20) + (512u << 10));
+    unsigned n_experts = (unsigned)(bytes / expert);
+    char *host, *hdev, *staged; Mail *mail, *maildev; unsigned *ready;
+    CK(cudaHostAlloc(&host, bytes, cudaHostAllocPortable | cudaHostAllocMapped));
+    memset(host, 0x5a, bytes);
+    CK(cudaHostGetDevicePointer((void **)&hdev, host, 0));
+    CK(cudaHostAlloc(&mail, 43 * sizeof(Mail), cudaHostAllocPortable | cudaHostAllocMapped));
+    memset(mail, 0, 43 * sizeof(Mail));
+    CK(cudaHostGetDevicePointer((void **)&maildev, mail, 0));
+    CK(cudaMalloc(&staged, 6 * expert));
+    CK(cudaMalloc(&ready, 64)); CK(cudaMemset(ready, 0, 64));
+    cudaStream_t cs; CK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+    CK(cudaFuncSetAttribute(stream_layer, cudaFuncAttributeMaxDynamicSharedMemorySize, 4 * 32768));
+    unsigned tag = 1;
+    const int tokens = 8;
+    for (int nhost : {0, 1, 3, 6})
+        for (int direct : {1, 0}) {
+            if (nhost == 0 && !direct) continue;   // nothing to copy: the thread would wait for posts it may miss
+            std::vector<float> t;
+            for (int rep = 0; rep < 4; rep++) {   // rep 0: warm-up
+                unsigned first = tag, last = tag + tokens * 43 - 1;
+                std::thread th;
+                if (!direct) th = std::thread(copy_thread, mail, host, staged, ready, expert, n_experts, first, last, nhost, cs);
+                cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
+                cudaEventRecord(a, st);
+                for (unsigned g = first; g <= last; g++)
+                    stream_layer<<<sms, 32, 4 * 32768, st>>>(maildev + g % 43, ready, staged, hdev, expert, n_experts, g, nhost, direct, out);
+                cudaEventRecord(b, st);
+                CK(cudaEventSynchronize(b));
+                if (th.joinable()) th.join();
+                CK(cudaStreamSynchronize(cs));
+                float ms; cudaEventElapsedTime(&ms, a, b);
+                if (rep) t.push_back(ms / tokens);
+                tag = last + 1;
+            }
+            std::sort(t.begin(), t.end());
+            double moved = 43.0 * nhost * expert;
+            printf("stream: %d host experts a layer, %s: %.3f ms a token of 43 layers, %.1f GB/s\n", nhost,
+                   direct ? "read by the SMs over PCIe" : "copied by a host thread's copy engine", t[1], moved / t[1] / 1e6);
+        }
+    CK(cudaFreeHost(host)); CK(cudaFreeHost(mail)); CK(cudaFree(staged)); CK(cudaFree(ready));
 }
 
 int main(int argc, char **argv) {
@@ -274,6 +405,10 @@ int main(int argc, char **argv) {
     CK(cudaFuncSetAttribute(gather_ring, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
     if (argc == 3 && !strcmp(argv[1], "gemv")) {
         gemv_pattern(st, sms, (size_t)atol(argv[2]), out);
+        return 0;
+    }
+    if (argc == 3 && !strcmp(argv[1], "stream")) {
+        stream_experiment(st, sms, (size_t)atol(argv[2]), out);
         return 0;
     }
     if (argc == 3 && !strcmp(argv[1], "large")) {

@@ -1805,6 +1805,7 @@ static struct {
     CUresult (*cuDeviceGetAttribute)(int *value, int attribute, CUdevice device);
     CUresult (*cuCtxCreate)(CUcontext *ctx, unsigned flags, CUdevice device);
     CUresult (*cuCtxDestroy)(CUcontext ctx);
+    CUresult (*cuCtxSetCurrent)(CUcontext ctx);
     CUresult (*cuStreamCreate)(CUstream *stream, unsigned flags);
     CUresult (*cuStreamDestroy)(CUstream stream);
     CUresult (*cuStreamSynchronize)(CUstream stream);
@@ -1818,6 +1819,7 @@ static struct {
     CUresult (*cuMemFree)(CUdeviceptr p);
     CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr dst, const void *src, size_t bytes, CUstream stream);
     CUresult (*cuMemcpyDtoHAsync)(void *dst, CUdeviceptr src, size_t bytes, CUstream stream);
+    CUresult (*cuStreamWriteValue32)(CUstream stream, CUdeviceptr address, uint32_t value, unsigned flags);
     CUresult (*cuMemsetD8Async)(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream);
     CUresult (*cuMemHostAlloc)(void **p, size_t bytes, unsigned flags);
     CUresult (*cuMemFreeHost)(void *p);
@@ -1847,6 +1849,7 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuDeviceGetAttribute, "cuDeviceGetAttribute"),
     CU_SYMBOL(cuCtxCreate, "cuCtxCreate_v2"),   /* cuda.h 13 maps cuCtxCreate to _v4 (extra params struct); _v2 is the plain one */
     CU_SYMBOL(cuCtxDestroy, "cuCtxDestroy_v2"),
+    CU_SYMBOL(cuCtxSetCurrent, "cuCtxSetCurrent"),
     CU_SYMBOL(cuStreamCreate, "cuStreamCreate"),
     CU_SYMBOL(cuStreamDestroy, "cuStreamDestroy_v2"),
     CU_SYMBOL(cuStreamSynchronize, "cuStreamSynchronize"),
@@ -1860,6 +1863,7 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuMemFree, "cuMemFree_v2"),
     CU_SYMBOL(cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2"),
     CU_SYMBOL(cuMemcpyDtoHAsync, "cuMemcpyDtoHAsync_v2"),
+    CU_SYMBOL(cuStreamWriteValue32, "cuStreamWriteValue32_v2"),
     CU_SYMBOL(cuMemsetD8Async, "cuMemsetD8Async"),
     CU_SYMBOL(cuMemHostAlloc, "cuMemHostAlloc"),
     CU_SYMBOL(cuMemFreeHost, "cuMemFreeHost"),
@@ -1988,6 +1992,19 @@ ABI_AT(StreamReadArgs, out, STREAM_READ_OUT);
 ABI_SIZE(GemvArgs, GEMV_BYTES);
 ABI_AT(GemvArgs, segs, GEMV_SEGS);
 ABI_AT(GemvArgs, items, GEMV_ITEMS);
+ABI_AT(GemvArgs, stream, GEMV_STREAM);
+ABI_SIZE(GemvStream, GS_BYTES);
+ABI_AT(GemvStream, staging, GS_STAGING);
+ABI_AT(GemvStream, control, GS_CONTROL);
+ABI_AT(GemvStream, mail, GS_MAIL);
+ABI_AT(GemvStream, slot_bytes, GS_SLOT_BYTES);
+ABI_AT(GemvStream, part, GS_PART);
+ABI_AT(GemvStream, layer, GS_LAYER);
+ABI_AT(GemvStream, layers, GS_LAYERS);
+ABI_SIZE(StreamMail, SM_BYTES);
+ABI_AT(StreamMail, tag, SM_TAG);
+ABI_AT(StreamMail, timed_out, SM_TIMED_OUT);
+ABI_AT(StreamMail, expert, SM_EXPERT);
 ABI_AT(GemvArgs, slots, GEMV_SLOTS);
 ABI_AT(GemvArgs, contiguous, GEMV_CONTIGUOUS);
 ABI_AT(GemvArgs, list_ready, GEMV_LIST_READY);
@@ -2067,6 +2084,7 @@ ABI_AT(EmbedStreamsArgs, h, EMBED_STREAMS_H);
 ABI_AT(EmbedStreamsArgs, embed, EMBED_STREAMS_EMBED);
 ABI_AT(EmbedStreamsArgs, tokens, EMBED_STREAMS_TOKENS);
 ABI_AT(EmbedStreamsArgs, E, EMBED_STREAMS_E);
+ABI_AT(EmbedStreamsArgs, step, EMBED_STREAMS_STEP);
 ABI_SIZE(SwigluArgs, SWIGLU_BYTES);
 ABI_AT(SwigluArgs, gate, SWIGLU_GATE);
 ABI_AT(SwigluArgs, up, SWIGLU_UP);
@@ -2597,7 +2615,8 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
      expert_ready says the list was written before the previous kernel (the GEMV may then read
      it before its griddepcontrol.wait: kernels.ptx, "the kernel");
    - x staged as SwiGLU(x, up) with up lying up_offset bytes after x (an expert's w2), or as
-     rmsnorm(x) * norm_weight (wq_b after q_norm). */
+     rmsnorm(x) * norm_weight (wq_b after q_norm);
+   - stream: the routed experts' streaming ("Streaming the host experts"; NULL: none). */
 typedef struct {
     int count, x_stride, y_stride;
     CUdeviceptr expert;
@@ -2610,6 +2629,7 @@ typedef struct {
     float limit;
     CUdeviceptr norm_weight;
     float eps;
+    const GemvStream *stream;
 } GemvPlan;
 
 
@@ -2672,7 +2692,8 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
         items += count * segs[i].row_blocks;
         slots += count;
         contiguous |= p->x_stride != 0;
-        if (p->expert && !p->expert_ready) list_ready = 0;
+        if (p->expert && (!p->expert_ready || p->stream)) list_ready = 0;   /* streamed: waits need the tag */
+        if (p->stream) args.stream = *p->stream;
         xs_bytes = xs_of[i] > xs_bytes ? xs_of[i] : xs_bytes;
         grid = g->grid < grid ? g->grid : grid;
     }
@@ -2747,6 +2768,14 @@ typedef struct {
     CUdeviceptr gscales62;       /* [X] f32: NVFP4 global scales times 2^62, for the GEMV */
 } GpuExperts;
 
+/* One contiguous piece of a host-placed expert as the copy thread streams it into a slot (the
+   matrices of one gpu_upload_experts call: w1 and w3 side by side, or each, then w2). */
+typedef struct {
+    int part;                   /* 0: read by the w1/w3 launch, 1: by the w2 launch */
+    size_t slot_offset, bytes;  /* where it lies in a streaming slot; its bytes (every expert's alike) */
+    const CUdeviceptr *source;  /* [X, 2]: expert e's piece starts at source[2e] (its first matrix's codes) */
+} StreamPiece;
+
 typedef struct {
     GpuLinear wq_a, wq_b, wkv, wo_a, wo_b, gate, shared_w1, shared_w2, shared_w3;
     GpuLinear comp_wkv, comp_wgate, index_wq_b, index_weights_proj, index_comp_wkv, index_comp_wgate;
@@ -2763,6 +2792,8 @@ typedef struct {
     GpuLinear wq_a_wkv;               /* wq_a's rows then wkv's as one matrix (gm_linear_stack); rows 0: not stacked */
     GpuLinear csa_stack;              /* CSA: comp_wkv, comp_wgate, index_comp_wkv, index_comp_wgate and
                                          index_weights_proj as one matrix; rows 0: not stacked */
+    StreamPiece stream[3];            /* a host expert's pieces, as the copy thread streams them */
+    int stream_pieces;
 } GpuLayer;
 
 /* Everything of one model on the GPU. */
@@ -2800,6 +2831,12 @@ static struct {
                                               the host, perhaps alone: gpu_plan_placement) */
     StatePlan host_plan;                   /* the layout of the host region (host_map): the embedding
                                               table, then the host-placed experts */
+    size_t stream_slot_bytes;              /* one expert's w1, w3 and w2 in a streaming slot; 0: no
+                                              expert is on the host, nothing is streamed */
+    CUdeviceptr stream_staging;            /* [K, stream_slot_bytes]: the streaming slots */
+    CUdeviceptr stream_control;            /* [SC_BYTES]: the step counter, error word, ready flags (SC_*) */
+    StreamMail *stream_mail;               /* [L] in the host region: each layer's posted choice */
+    CUdeviceptr stream_mail_dev;           /* the same, mapped into the GPU's address space */
     CUgraphExec decode_graph;              /* one decode step, captured by gpu_capture_decode */
     float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
 } gm;
@@ -2847,18 +2884,31 @@ static CUdeviceptr gm_reserve_host(size_t bytes) {
    GEMV layout, each expert's matrices in device memory or in the host region as gm.on_device
    says, and describe them in g[0..n): one address table for all n * X matrices (stack i's
    expert e is its entry i * X + e, so that one launch can reach both stacks: gpu_moe_decode)
-   and one device array of their NVFP4 global scales (times 2^62). */
-static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int l, int X) {
+   and one device array of their NVFP4 global scales (times 2^62). A host expert's n matrices
+   are one piece of the host region (codes, scales, codes, scales, each reservation aligned);
+   when experts are streamed (gm.stream_slot_bytes) its device table entries are the piece's
+   offsets in a streaming slot, the piece going to slot_offset (bit 0 of the codes' entry
+   marks them: "Streaming the host experts"), and host_table keeps the host addresses (the
+   prefill's GEMMs read there). Returns the piece's bytes. */
+static size_t gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int l, int X, size_t slot_offset) {
     CUdeviceptr *table = xcalloc((size_t)n * X * 2, sizeof(CUdeviceptr));
+    CUdeviceptr *device_table = xcalloc((size_t)n * X * 2, sizeof(CUdeviceptr));
     float *gscales62 = xcalloc((size_t)n * X, sizeof(float));
+    size_t piece = 0;
     for (int e = 0; e < X; e++) {
         int device = !gm.on_device || gm.on_device[(size_t)l * X + e];
+        piece = 0;
         for (int i = 0; i < n; i++) {
             Linear one = expert_matrix(stacks[i], e);
             size_t code = gpu_linear_code_bytes(&one), scale = gpu_linear_scale_bytes(&one);
-            CUdeviceptr *at = &table[((size_t)i * X + e) * 2];
+            CUdeviceptr *at = &table[((size_t)i * X + e) * 2], *dev_at = &device_table[((size_t)i * X + e) * 2];
             at[0] = device ? gm_reserve(code) : gm_reserve_host(code);
             at[1] = !scale ? 0 : device ? gm_reserve(scale) : gm_reserve_host(scale);
+            int streamed = !device && gm.stream_slot_bytes;
+            dev_at[0] = streamed ? 1 + slot_offset + piece : at[0];
+            piece += state_aligned(code);
+            dev_at[1] = streamed ? slot_offset + piece : at[1];
+            piece += state_aligned(scale);
             GpuLinear placed;
             gpu_place_linear(&placed, &one, at[0], at[1]);
             gscales62[(size_t)i * X + e] = placed.gscale62;
@@ -2870,7 +2920,7 @@ static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, 
         }
     }
     CUdeviceptr all_table = gm_reserve((size_t)n * X * 2 * sizeof(CUdeviceptr));
-    if (all_table) gm_write(all_table, table, (size_t)n * X * 2 * sizeof(CUdeviceptr));
+    if (all_table) gm_write(all_table, device_table, (size_t)n * X * 2 * sizeof(CUdeviceptr));
     CUdeviceptr all_gscales = gm_floats(gscales62, (size_t)n * X);
     for (int i = 0; i < n; i++) {
         g[i].table = gm_offset(all_table, (size_t)i * X * 2 * sizeof(CUdeviceptr));
@@ -2879,7 +2929,9 @@ static void gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, 
         g[i].gscales62 = gm_offset(all_gscales, (size_t)i * X * sizeof(float));
     }
     free(table);
+    free(device_table);
     free(gscales62);
+    return piece;
 }
 
 /* A device copy of a linear layer, owned by the model. */
@@ -3115,6 +3167,157 @@ static void write_expert_profile(const char *path, int L, int X, const uint64_t 
     free(temp);
 }
 
+/* ---------------------------------------------------------------- streaming the host experts
+   In decode the GPU does not read the host-placed experts over PCIe itself: the copy engine
+   moves host memory faster than the SMs' loads do (55 against 44 GB/s on an H100, and 55
+   against 33 on a host whose link serves SM loads badly: docs/performance.md). So a host
+   thread, the copy thread, does the moving:
+   - the launch that routes layer l (w1/w3) posts its K chosen experts and a tag in the layer's
+     StreamMail (mapped host memory) as soon as it has routed;
+   - the copy thread sees the new tag, copies each chosen host expert's pieces into streaming
+     slot k (k its place in the list): first every expert's w1 and w3, then every w2, each
+     followed by a write of the tag into its ready flag (cuStreamWriteValue32 on the thread's
+     own stream, ordered after the copy);
+   - the GEMVs read those experts from the slots once their flags hold the tag (kernels.ptx,
+     STREAM_WAIT); the device experts of the launch are computed meanwhile.
+   The tag is step * L + l + 1, step the counter embed_streams advances each decode step, so a
+   flag left from an earlier layer or step never matches. The slots are reused by every layer:
+   layer l + 1 posts only after layer l's w2 launch has finished reading them. A wait longer
+   than STREAM_TIMEOUT_NS gives up and is reported after the step (stream_check), so a copy
+   that never comes stops the run with a message, not a hang. The decode step stays one
+   graph; the host thread is the only party outside it. Prefill's GEMMs read the host experts
+   where they lie (host_table). */
+
+/* Bytes of one streaming slot: the largest expert's w1, w3 and w2 as gpu_upload_experts lays
+   them out. */
+static size_t stream_slot_bytes(const Model *m) {
+    size_t most = 0, device, read;
+    for (int l = 0; l < m->config.n_layers; l++) {
+        expert_bytes(&m->layers[l], &device, &read);
+        most = device > most ? device : most;
+    }
+    return most;
+}
+
+/* Device bytes that streaming takes: K slots and the control words. */
+static size_t stream_device_bytes(const Model *m) {
+    return (size_t)m->config.topk * stream_slot_bytes(m) + state_aligned(SC_BYTES);
+}
+
+/* One copy of the copy thread: bytes from host src to device dst, then ready flag `flag`
+   (part * STREAM_MAX_SLOTS + k) set to the post's tag when flag >= 0. */
+typedef struct { const void *src; CUdeviceptr dst; size_t bytes; int flag; } StreamCopy;
+
+/* The copies that serve a post of layer g (experts[K], the routing's choice; on_device [X] the
+   layer's placement) into out[] (room for 3K), in order: for part 0 (w1, w3) then part 1 (w2),
+   for k = 0..K-1 each host expert's pieces of that part into slot k, the last one setting the
+   slot's flag. Experts outside [0, X) are skipped. Returns how many. */
+static int stream_copies(const GpuLayer *g, const uint8_t *on_device, int X, const int *experts, int K,
+                         CUdeviceptr staging, size_t slot_bytes, StreamCopy *out) {
+    int n = 0;
+    for (int part = 0; part < 2; part++)
+        for (int k = 0; k < K; k++) {
+            int e = experts[k];
+            if (e < 0 || e >= X || on_device[e]) continue;
+            for (int i = 0; i < g->stream_pieces; i++) {
+                const StreamPiece *p = &g->stream[i];
+                if (p->part != part) continue;
+                out[n++] = (StreamCopy){host_address(p->source[2 * (size_t)e]),
+                                        staging + (CUdeviceptr)k * slot_bytes + p->slot_offset, p->bytes, -1};
+            }
+            out[n - 1].flag = part * STREAM_MAX_SLOTS + k;
+        }
+    return n;
+}
+
+/* The copy thread and what it has done. */
+static struct {
+    pthread_t thread;
+    int running, layers, experts, topk;
+    int stop;                    /* set (atomically) by stream_stop */
+    int failed;                  /* a driver call failed: error says which */
+    char error[200];
+    uint32_t *seen;              /* [L]: the last tag served of each layer */
+    uint64_t posts, copies, bytes;   /* posts that needed copies, copies, bytes copied */
+} streamer;
+
+/* The copy thread's body: poll the layers' mails; serve each new post (stream_copies) on the
+   thread's own stream. It spins while posts come and naps 20 us between polls after 10 ms
+   without one (a pause in generation), until stream_stop. A failed driver call is recorded
+   and ends the serving: the GPU's wait then times out and stream_check reports both. */
+static void *stream_thread_main(void *unused) {
+    (void)unused;
+    CUstream stream = NULL;
+    StreamCopy *copies = xcalloc((size_t)3 * streamer.topk, sizeof *copies);
+    CUresult r = cu.cuCtxSetCurrent(gpu.ctx);
+    if (!r) r = cu.cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING);
+    if (r) snprintf(streamer.error, sizeof streamer.error, "the copy thread could not start (driver error %d)", r);
+    double last_post = now_seconds();
+    while (!r && !__atomic_load_n(&streamer.stop, __ATOMIC_ACQUIRE)) {
+        int served = 0;
+        for (int l = 0; l < streamer.layers && !r; l++) {
+            StreamMail *mail = &gm.stream_mail[l];
+            uint32_t tag = __atomic_load_n(&mail->tag, __ATOMIC_ACQUIRE);
+            if (tag == streamer.seen[l]) continue;
+            streamer.seen[l] = tag;
+            int experts[STREAM_MAX_SLOTS];
+            for (int k = 0; k < streamer.topk; k++) experts[k] = __atomic_load_n(&mail->expert[k], __ATOMIC_RELAXED);
+            int n = stream_copies(&gm.layers[l], gm.on_device + (size_t)l * streamer.experts, streamer.experts, experts,
+                                  streamer.topk, gm.stream_staging, gm.stream_slot_bytes, copies);
+            for (int i = 0; i < n && !r; i++) {
+                r = cu.cuMemcpyHtoDAsync(copies[i].dst, copies[i].src, copies[i].bytes, stream);
+                if (!r && copies[i].flag >= 0)
+                    r = cu.cuStreamWriteValue32(stream, gm.stream_control + SC_READY + 4 * (CUdeviceptr)copies[i].flag, tag, 0);
+                streamer.bytes += copies[i].bytes;
+            }
+            if (r) snprintf(streamer.error, sizeof streamer.error, "the copy thread's copy for layer %d failed (driver error %d)", l, r);
+            streamer.copies += (uint64_t)n;
+            streamer.posts += n > 0;
+            served = 1;
+        }
+        if (served) last_post = now_seconds();
+        else if (now_seconds() - last_post > 0.01) nanosleep(&(struct timespec){0, 20000}, NULL);
+    }
+    if (stream) {
+        cu.cuStreamSynchronize(stream);
+        cu.cuStreamDestroy(stream);
+    }
+    free(copies);
+    if (r) __atomic_store_n(&streamer.failed, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* Start the copy thread for the loaded model when it streams experts (gm.stream_slot_bytes). */
+static void stream_start(const Config *c) {
+    if (!gm.stream_slot_bytes) return;
+    memset(&streamer, 0, sizeof streamer);
+    streamer.layers = c->n_layers, streamer.experts = c->n_experts, streamer.topk = c->topk;
+    streamer.seen = xcalloc((size_t)c->n_layers, sizeof *streamer.seen);
+    if (pthread_create(&streamer.thread, NULL, stream_thread_main, NULL)) fatal("cannot start the copy thread: %s", strerror(errno));
+    streamer.running = 1;
+}
+
+/* Stop the copy thread (harmless when none runs). */
+static void stream_stop(void) {
+    if (!streamer.running) return;
+    __atomic_store_n(&streamer.stop, 1, __ATOMIC_RELEASE);
+    pthread_join(streamer.thread, NULL);
+    free(streamer.seen);
+    streamer.seen = NULL;
+    streamer.running = 0;
+}
+
+/* After a decode step: fatal, naming the layer, when a GEMV stopped waiting for a copy (the
+   step's results are void) or the copy thread failed. */
+static void stream_check(void) {
+    if (!streamer.running) return;
+    for (int l = 0; l < streamer.layers; l++)
+        if (__atomic_load_n(&gm.stream_mail[l].timed_out, __ATOMIC_ACQUIRE))
+            fatal("layer %d's experts in host memory did not reach the GPU within %d s%s%s", l, STREAM_TIMEOUT_NS / 1000000000,
+                  __atomic_load_n(&streamer.failed, __ATOMIC_ACQUIRE) ? ": " : " (the copy thread is stuck)", streamer.error);
+    if (__atomic_load_n(&streamer.failed, __ATOMIC_ACQUIRE)) fatal("%s", streamer.error);
+}
+
 /* Lay out model m for chunks of T tokens and a context of C over gm.plan: the weights in the
    kernels' layout, the state (plan_state over its own region), then the GPU's own scratch and
    the values a decode step reads. While counting (gm.plan.base NULL) only the sizes and the
@@ -3122,6 +3325,8 @@ static void write_expert_profile(const char *path, int L, int X, const uint64_t 
 static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     const Config *c = &m->config;
     int E = c->hidden_size, X = c->n_experts, L = c->n_layers, placing = gm.plan.base != NULL;
+    /* experts on the host are streamed in decode through K slots of one expert each */
+    gm.stream_slot_bytes = gm.on_device && memchr(gm.on_device, 0, (size_t)L * X) ? stream_slot_bytes(m) : 0;
     /* with experts in host memory, the embedding table goes there too: a token reads one row
        of it (E * 2 bytes over PCIe), and its device memory holds more experts instead */
     gm.embed = gm.on_device ? gm_reserve_host(m->embed.nbytes) : gm_reserve(m->embed.nbytes);
@@ -3191,17 +3396,24 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
         } else {
             g->gate_bias = gm_floats(w->gate_bias, (size_t)X);
         }
+        /* the routed experts; a host expert's pieces in a streaming slot: w1 and w3, then w2 */
         g->w13_paired = w->w1.format == w->w3.format && w->w1.scale_is_f32 == w->w3.scale_is_f32;
         GpuExperts w13[2];
+        size_t piece;
         if (g->w13_paired) {
-            gpu_upload_experts(w13, (const ExpertStack *[]){&w->w1, &w->w3}, 2, l, X);
+            piece = gpu_upload_experts(w13, (const ExpertStack *[]){&w->w1, &w->w3}, 2, l, X, 0);
             g->w1 = w13[0];
             g->w3 = w13[1];
+            g->stream[g->stream_pieces++] = (StreamPiece){0, 0, piece, g->w1.host_table};
         } else {
-            gpu_upload_experts(&g->w1, (const ExpertStack *[]){&w->w1}, 1, l, X);
-            gpu_upload_experts(&g->w3, (const ExpertStack *[]){&w->w3}, 1, l, X);
+            piece = gpu_upload_experts(&g->w1, (const ExpertStack *[]){&w->w1}, 1, l, X, 0);
+            g->stream[g->stream_pieces++] = (StreamPiece){0, 0, piece, g->w1.host_table};
+            size_t w3 = gpu_upload_experts(&g->w3, (const ExpertStack *[]){&w->w3}, 1, l, X, piece);
+            g->stream[g->stream_pieces++] = (StreamPiece){0, piece, w3, g->w3.host_table};
+            piece += w3;
         }
-        gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, l, X);
+        size_t w2 = gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, l, X, piece);
+        g->stream[g->stream_pieces++] = (StreamPiece){1, piece, w2, g->w2.host_table};
         if (placing) progress("uploading layers", l + 1, L);
     }
 
@@ -3247,6 +3459,13 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     gm.recent = gm_reserve(REPEAT_LAST_N_MAX * sizeof(int32_t));
     gm.n_fed = gm_reserve(sizeof(uint32_t));
     gm.hits = gm_reserve((size_t)L * X * sizeof(uint32_t));
+    if (gm.stream_slot_bytes) {
+        gm.stream_staging = gm_reserve((size_t)c->topk * gm.stream_slot_bytes);
+        gm.stream_control = gm_reserve(SC_BYTES);
+        gm.stream_mail_dev = gm_reserve_host((size_t)L * sizeof(StreamMail));
+        gm.stream_mail = host_address(gm.stream_mail_dev);   /* NULL while counting */
+        if (gm.stream_mail) memset(gm.stream_mail, 0, (size_t)L * sizeof(StreamMail));
+    }
 }
 
 /* What a load may take, and what is known of the experts' use. */
@@ -3327,17 +3546,20 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
             expert_bytes(&m->layers[l], &device_bytes[l], &read_bytes[l]);
             experts += (size_t)X * device_bytes[l];
         }
-        size_t rest = all_device - experts - embed;
-        if (rest > room) {
+        /* the rest, and the streaming slots unless every expert fits beside it */
+        size_t rest = all_device - experts - embed, stream = stream_device_bytes(m);
+        size_t need = rest + (rest <= room && experts <= room - rest ? 0 : stream);
+        if (need > room) {
             snprintf(why, n, "the model's part other than its routed experts and its embedding table (the state for "
-                     "--ctx %d and --chunk %d included) needs %.2f GiB of GPU memory, and %s %.2f GiB", C, T,
-                     rest / 1073741824.0, cap < free_bytes ? "--gpu-mem allows" : "the GPU has free", room / 1073741824.0);
+                     "--ctx %d and --chunk %d included, and %.2f GiB of slots to stream the host experts through) needs "
+                     "%.2f GiB of GPU memory, and %s %.2f GiB", C, T, stream / 1073741824.0, need / 1073741824.0,
+                     cap < free_bytes ? "--gpu-mem allows" : "the GPU has free", room / 1073741824.0);
             free(device_bytes);
             free(read_bytes);
             return 0;
         }
         on_device = xcalloc((size_t)L * X, 1);
-        place_experts(L, X, device_bytes, profile, room - rest, on_device);
+        place_experts(L, X, device_bytes, profile, room - need, on_device);
         for (size_t i = 0; i < (size_t)L * X; i++) placed.host_experts += !on_device[i];
         placed.pcie_per_token = host_bytes_per_token(L, X, c->topk, read_bytes, profile, on_device) +
                                 embed_row_bytes(m);   /* and the token's embedding row */
@@ -3396,6 +3618,7 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
     gpu_staging_open();
     gpu_lay_out(m, T, C, all_logits);
     gpu_staging_close();
+    stream_start(c);
     gm.host_logits = xcalloc((size_t)(all_logits ? T : 1) * m->config.vocab_size, sizeof(float));
     gm.prefill_hits = xcalloc((size_t)L * X, sizeof(uint64_t));
     return now_seconds() - start;
@@ -3426,6 +3649,7 @@ static void gpu_expert_hits(uint64_t *hits, int L, int X) {
 
 /* Free everything gpu_load_model allocated. */
 static void gpu_unload(void) {
+    stream_stop();
     if (gm.decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm.decode_graph));
     gpu_free(gm.arena);
     if (host_map.base) CU_CHECK(cu.cuMemFreeHost(host_map.base));
@@ -3530,7 +3754,8 @@ static const Rope *gpu_layer_rope(const Config *c, int l) {
 static void gpu_embed(const Config *c, int T) {
     Scratch *w = &gm.state.scratch;
     int E = c->hidden_size, mix = (2 + HC) * HC;
-    EmbedStreamsArgs embed = {.h = DEV(w->h), .embed = gm.embed, .tokens = gm.tokens, .E = (uint32_t)E};
+    EmbedStreamsArgs embed = {.h = DEV(w->h), .embed = gm.embed, .tokens = gm.tokens, .E = (uint32_t)E,
+                              .step = T == 1 && gm.stream_slot_bytes ? gm.stream_control + SC_STEP : 0};   /* a decode step */
     LAUNCH(K_EMBED, (unsigned)(E + 255) / 256, (unsigned)T, 1, 256, 0, embed);
     HcMixPartialArgs sums = {.partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .h = DEV(w->h),
                              .fn = gm.layers[0].hc_attn_fn, .E = (uint32_t)E, .rows = (uint32_t)mix, .slice = HC_SLICE};
@@ -3856,11 +4081,13 @@ static void gpu_attention_decode(const Model *m, int l, const GemvHc *hc) {
 
 /* The decode plan of an expert stack's matrix over K slots: expert chosen[k] (the routing's
    choice) for slot k, input x + k * x_slot_stride floats (staged as SwiGLU(x, up) with up
-   up_offset bytes after x when up_offset is not 0), output row k. */
-static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit) {
+   up_offset bytes after x when up_offset is not 0), output row k; its host experts streamed
+   as `stream` says (NULL: none). */
+static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit,
+                            const GemvStream *stream) {
     return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm.state.scratch.chosen),
                       .table = g->table, .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
-                      .up_offset = up_offset, .limit = limit};
+                      .up_offset = up_offset, .limit = limit, .stream = stream};
 }
 
 /* MoE sub-block of layer l for one token: block_out[E] holds the shared expert's output and
@@ -3885,17 +4112,26 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     CUdeviceptr up = DEV(w->expert_up);
     GemvPart parts[4];
     GemvPlan pair, routed13, routed1, routed3;
+    /* the experts in host memory come through the streaming slots: this launch posts the choice
+       (part 0), the w2 launch reads its pieces (part 1) */
+    GemvStream stream13 = {.staging = gm.stream_staging, .control = gm.stream_control,
+                           .mail = gm.stream_mail_dev + (size_t)l * sizeof(StreamMail),
+                           .slot_bytes = (uint32_t)gm.stream_slot_bytes, .part = 0, .layer = (uint32_t)l,
+                           .layers = (uint32_t)c->n_layers};
+    GemvStream stream2 = stream13;
+    stream2.part = 1;
+    const GemvStream *streamed13 = gm.stream_slot_bytes ? &stream13 : NULL, *streamed2 = gm.stream_slot_bytes ? &stream2 : NULL;
     int n = gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x,
                           shared_gate, shared_up);
     if (g->w13_paired && gm.state.max_tokens >= 2) {
         const GpuLinear *one = &g->w1.one;
         routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .table = g->w1.table,
                               .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
-                              .list_len = K, .list_offset = X};
+                              .list_len = K, .list_offset = X, .stream = streamed13};
         parts[n++] = (GemvPart){one, x, DEV(w->expert_gate), &routed13};
         up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
     } else {
-        routed1 = expert_plan(&g->w1, K, 0, 0, 0), routed3 = expert_plan(&g->w3, K, 0, 0, 0);
+        routed1 = expert_plan(&g->w1, K, 0, 0, 0, streamed13), routed3 = expert_plan(&g->w3, K, 0, 0, 0, streamed13);
         parts[n++] = (GemvPart){&g->w1.one, x, DEV(w->expert_gate), &routed1};
         parts[n++] = (GemvPart){&g->w3.one, x, up, &routed3};
     }
@@ -3909,7 +4145,7 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
 
     /* w2: the experts' list comes from the launch just before (read after the wait) */
     GemvPlan shared = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
-    GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit);
+    GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit, streamed2);
     GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared},
                       {&g->w2.one, DEV(w->expert_gate), DEV(w->expert_out), &routed}};
     gpu_gemv_parts(w2, 2, NULL);
@@ -4483,6 +4719,7 @@ static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T
     gpu_upload(gm.tokens, tokens, (size_t)T * sizeof(int));
     gpu_forward(m, T, keep_all);
     gpu_upload(gm.pos, &next, sizeof next);   /* the first decode step's position */
+    stream_check();
     s->pos = next;
     if (!keep_all) return NULL;
     gpu_download(gm.host_logits, DEV(s->scratch.logits), (size_t)T * V * sizeof(float));
@@ -4508,6 +4745,7 @@ static int gpu_step(const Model *m, State *s, Sampler *sampler, int token, const
     if (!gm.decode_graph) gpu_capture_decode(m, sampler);
     CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
     gpu_download(&next, gm.out_token, sizeof next);
+    stream_check();
     s->pos++;
     if (logits) {
         gpu_download(gm.host_logits, DEV(s->scratch.logits), (size_t)V * sizeof(float));
@@ -4525,6 +4763,7 @@ static void gpu_backend_unload(State *s) {
 
 static void gpu_wait(void) {
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    stream_check();
 }
 
 static const Backend gpu_backend = {"gpu", gpu_backend_load, gpu_chunk, gpu_next_token, gpu_step, gpu_backend_unload, gpu_wait};
@@ -5125,8 +5364,9 @@ static void bench(int layers, int position, size_t gpu_mem) {
     CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
     double stream_gbs = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;
     gpu_free(sr.buf);
-    /* the SMs reading 2 GiB of mapped page-locked host memory the way the kernels read
-       host-placed experts (PCIe), and the copy engine moving it to the device */
+    /* the SMs reading 2 GiB of mapped page-locked host memory (PCIe; the prefill's GEMMs read
+       host-placed experts so), and the copy engine moving it to the device (decode streams them
+       so: the ceiling of the pcie line) */
     void *host;
     CU_CHECK(cu.cuMemHostAlloc(&host, sr.bytes, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP));
     memset(host, 0x5a, sr.bytes);
@@ -5174,7 +5414,9 @@ static void bench(int layers, int position, size_t gpu_mem) {
     size_t n_hits = (size_t)layers * c->n_experts;
     uint64_t *hits_before = xcalloc(n_hits, sizeof(uint64_t)), *hits_after = xcalloc(n_hits, sizeof(uint64_t));
     gpu_expert_hits(hits_before, layers, c->n_experts);
+    uint64_t copied = streamer.bytes;
     float ms = bench_decode_ms(steps - 4);
+    copied = streamer.bytes - copied;
     gpu_expert_hits(hits_after, layers, c->n_experts);
     double host_bytes = bench_host_bytes(&m, hits_before, hits_after, steps - 4);
     free(hits_before);
@@ -5196,8 +5438,10 @@ static void bench(int layers, int position, size_t gpu_mem) {
            "routed experts (counted) and embedding rows from host memory\n", weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
     printf("speed    %.0f GB/s from device memory; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs,
            100 * gbs / stream_gbs);
-    printf("pcie     %.1f GB/s from host memory; SMs reading mapped host memory %.1f GB/s: %.0f%% of it (copy engine "
-           "%.1f GB/s)\n", host_gbs, pcie_gbs, 100 * host_gbs / pcie_gbs, copy_gbs);
+    if (placed.host_experts)
+        printf("pcie     %.1f GB/s from host memory (the copy thread moved %.1f MB a token); copy engine %.1f GB/s: %.0f%% "
+               "of it (SMs reading mapped host memory %.1f GB/s)\n", host_gbs, copied / (steps - 4.0) / 1e6, copy_gbs,
+               100 * host_gbs / copy_gbs, pcie_gbs);
     printf("kernels  %ld per decode step, %.1f per layer\n", kernels, (double)(kernels - fixed) / layers);
     printf("sampling %.0f us greedy (the step above), %.0f us at the default --temp 0.6 --top-p 0.95 (one launch each)\n",
            greedy_us, nucleus_us);

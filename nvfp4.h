@@ -439,6 +439,50 @@ typedef struct {
 } GemvRoute;
 #endif
 
+/* Streamed experts (kernels.ptx, gemv's "streamed experts"; nvfp4.c, "Streaming the host
+   experts"): in decode, the routed experts placed in host memory are not read over PCIe by the
+   GEMV but copied into device memory by the host's copy thread through the copy engine. The
+   launch that routes a layer posts its choice in the layer's StreamMail (mapped host memory):
+   the experts, then the tag (step * layers + layer + 1, step being the counter embed_streams
+   advances). The copy thread copies each chosen host expert into streaming slot k (k its place
+   in the list) and then sets ready[part][k] to the tag; the GEMV waits for that before reading
+   the slot. A device table entry (SEG_TABLE) with bit 0 set is such an expert: its codes lie
+   (entry - 1) bytes into its slot, its scales (scale entry) bytes. */
+#define STREAM_MAX_SLOTS 32        /* top-k at most (gpu_check_limits) */
+#define STREAM_TIMEOUT_NS 2000000000   /* a GEMV waits this long for a copy, then reports it (SM_TIMED_OUT) */
+#define SC_STEP 0                  /* StreamControl (device memory, uint32): the step counter */
+#define SC_ERROR 4                 /* nonzero once a wait timed out: later waits give up at once */
+#define SC_READY 8                 /* ready[2][STREAM_MAX_SLOTS]: part 0 (w1, w3), part 1 (w2) */
+#define SC_BYTES (8 + 8 * STREAM_MAX_SLOTS)
+#define SM_TAG 0                   /* StreamMail (mapped host memory, one a layer, uint32) */
+#define SM_TIMED_OUT 4             /* the tag whose copy a GEMV stopped waiting for (0: none) */
+#define SM_EXPERT 8                /* expert[STREAM_MAX_SLOTS]: the posted choice */
+#define SM_BYTES 256
+#define GS_STAGING 0
+#define GS_CONTROL 8
+#define GS_MAIL 16
+#define GS_SLOT_BYTES 24
+#define GS_PART 28
+#define GS_LAYER 32
+#define GS_LAYERS 36
+#define GS_BYTES 40
+#ifndef NVFP4_PTX
+typedef struct {
+    uint32_t tag;              /* written last, by the routing launch's block 0 */
+    uint32_t timed_out;
+    int32_t expert[STREAM_MAX_SLOTS];
+    uint8_t unused[SM_BYTES - 8 - 4 * STREAM_MAX_SLOTS];
+} StreamMail;
+typedef struct {
+    uint64_t staging;          /* device [K, slot_bytes]: the streaming slots (0: nothing streamed) */
+    uint64_t control;          /* device StreamControl (SC_*) */
+    uint64_t mail;             /* StreamMail * of this layer (mapped host memory) */
+    uint32_t slot_bytes;       /* bytes of one slot: one expert's w1, w3 and w2 */
+    uint32_t part;             /* 0: the w1/w3 launch (it posts the choice), 1: the w2 launch */
+    uint32_t layer, layers;    /* the tag: step * layers + layer + 1 */
+} GemvStream;
+#endif
+
 /* One compressor of a compressor_update launch: the chunk's projections kv, gate [T, parts * d]
    and the compressor's weights and cache (CompressorCache). */
 #define CA_KV_IN 0
@@ -488,7 +532,8 @@ typedef struct {
 #define GEMV_XS_BYTES   624
 #define GEMV_HC         632
 #define GEMV_ROUTE      720
-#define GEMV_BYTES      832
+#define GEMV_STREAM     832
+#define GEMV_BYTES      872
 #ifndef NVFP4_PTX
 typedef struct {
     GemvSeg segs[4];     /* the segments (unused ones: first_item = first_slot = UINT32_MAX) */
@@ -499,6 +544,7 @@ typedef struct {
     uint32_t xs_bytes;   /* bytes of staged x in shared memory (the ring follows) */
     GemvHc hc;           /* the mHC site the x_hc segments make their x from */
     GemvRoute route;     /* router != 0: every block routes the token first */
+    GemvStream stream;   /* staging != 0: some of the routed experts are streamed */
 } GemvArgs;
 #endif
 
@@ -668,13 +714,16 @@ typedef struct {
 #define EMBED_STREAMS_EMBED  8
 #define EMBED_STREAMS_TOKENS 16
 #define EMBED_STREAMS_E      24
-#define EMBED_STREAMS_BYTES  32
+#define EMBED_STREAMS_STEP   32
+#define EMBED_STREAMS_BYTES  40
 #ifndef NVFP4_PTX
 typedef struct {
     uint64_t h;      /* float * [T, HC, E]: the streams */
     uint64_t embed;  /* const bf16 * [V, E] */
     uint64_t tokens; /* const int * [T] */
     uint32_t E;      /* hidden size */
+    uint32_t unused;
+    uint64_t step;   /* uint32 * [1]: the decode step counter, advanced by one (0: none; GemvStream) */
 } EmbedStreamsArgs;
 #endif
 

@@ -1471,9 +1471,10 @@ static void test_expert_placement(void) {
    experts; counted, nothing allocated), exactly: with A its all-device bytes, E its embedding
    table's, B an expert's and R = A - 11008 B - E the rest, a cap of at least A keeps everything
    on the device; one page less moves the embedding table alone to the host; the least room
-   for R and 5000 experts keeps exactly the 5000 first experts of the default order (or the
-   profile's hottest), one page less 4999, and the bytes of the two sides add up to A; less
-   than R is refused with both numbers. */
+   for R, the streaming slots S (K experts and the control words) and 5000 experts keeps
+   exactly the 5000 first experts of the default order (or the profile's hottest), one page
+   less 4999, and the bytes of the two sides add up to A + S + the host's mail (one StreamMail
+   a layer); less than R + S is refused with both numbers. */
 static void test_placement_plan(void) {
     Model m;
     bench_model(&m, 43, 256, 129280);
@@ -1484,6 +1485,7 @@ static void test_placement_plan(void) {
     GpuBudget budget = {0, NULL};
     int ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
     size_t A = gm.plan.total, E = state_aligned(m.embed.nbytes), R = A - (size_t)L * X * B - E;
+    size_t S = (size_t)K * B + state_aligned(SC_BYTES), mail = state_aligned((size_t)L * sizeof(StreamMail));
     CHECK(ok && !gm.on_device && placed.host_bytes == 0 && placed.host_experts == 0 &&
           placed.device_bytes == (A + granule - 1) / granule * granule,
           "V4-Flash placement with room: everything on the device (%zu bytes: %.2f GiB)", A, A / 1073741824.0);
@@ -1495,7 +1497,7 @@ static void test_placement_plan(void) {
           "V4-Flash placement one page short: the embedding table alone in host memory (%zu bytes)", placed.host_bytes);
     free((void *)gm.on_device);
 
-    size_t least = (R + 5000 * B + granule - 1) / granule * granule;   /* the least room for R and 5000 experts */
+    size_t least = (R + S + 5000 * B + granule - 1) / granule * granule;   /* the least room for R, S and 5000 experts */
     for (int profiled = 0; profiled < 2; profiled++) {
         uint64_t *hits = xcalloc((size_t)L * X, sizeof *hits);
         for (int l = 0; l < L; l++)
@@ -1523,7 +1525,7 @@ static void test_placement_plan(void) {
                 pcie += K * (double)read * on_host / X;
             }
         }
-        CHECK(right && gm.plan.total == R + kept * B && gm.plan.total + placed.host_bytes == A &&
+        CHECK(right && gm.plan.total == R + S + kept * B && gm.plan.total + placed.host_bytes == A + S + mail &&
               fabs(placed.pcie_per_token - pcie) <= 1e-9 * pcie,
               "V4-Flash placement in %.2f GiB%s: %zu experts kept, %d on the host, %.1f + %.1f GiB, %.0f bytes a token "
               "over PCIe (%.0f by hand)", least / 1073741824.0, profiled ? " by a profile" : "", kept, placed.host_experts,
@@ -1537,10 +1539,10 @@ static void test_placement_plan(void) {
           "host (expected %d)", placed.host_experts, L * X - 4999);
     free((void *)gm.on_device);
 
-    budget = (GpuBudget){R - 1, NULL};   /* the rest alone does not fit: refused, naming both */
+    budget = (GpuBudget){R + S - 1, NULL};   /* the rest and the slots do not fit: refused, naming both */
     char expected[256];
-    snprintf(expected, sizeof expected, "needs %.2f GiB of GPU memory, and --gpu-mem allows %.2f GiB", R / 1073741824.0,
-             (R - 1) / granule * granule / 1073741824.0);
+    snprintf(expected, sizeof expected, "needs %.2f GiB of GPU memory, and --gpu-mem allows %.2f GiB", (R + S) / 1073741824.0,
+             (R + S - 1) / granule * granule / 1073741824.0);
     ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
     CHECK(!ok && strstr(why, "the model's part other than its routed experts and its embedding table") && strstr(why, expected),
           "V4-Flash placement below its rest: %s", why);
@@ -1549,6 +1551,76 @@ static void test_placement_plan(void) {
     ok = gpu_plan_placement(&m, T, C, 0, ((size_t)4 << 30) + GPU_HEADROOM, &budget, why, sizeof why);
     CHECK(!ok && strstr(why, expected), "V4-Flash placement on a 4 GiB GPU: %s", why);
     memset(&gm, 0, sizeof gm);
+    free_model(&m);
+}
+
+/* Streaming the host experts, on this machine: stream_copies exactly on hand-made layers (w1
+   and w3 as one piece, and as two; experts on the device or out of range skipped; part 0 of
+   every slot before part 1, each slot's flag on its part's last copy), and the layout
+   gpu_lay_out gives the V4-Flash shape with experts on the host (pieces back to back from
+   offset 0, w1 and w3 before w2, filling one slot). The device table's marked entries and the
+   copies themselves are checked on the GPU (test_gpu_host_experts: logits bit-identical). */
+static int same_copies(const StreamCopy *a, const StreamCopy *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (a[i].src != b[i].src || a[i].dst != b[i].dst || a[i].bytes != b[i].bytes || a[i].flag != b[i].flag) return 0;
+    return 1;
+}
+
+static void test_stream_copies(void) {
+    enum { X = 4, K = 3 };
+    char *region = xcalloc(1 << 16, 1);
+    host_map.base = region, host_map.dev = 0x700000000ull, host_map.bytes = 1 << 16;
+    CUdeviceptr w13[2 * X], w1[2 * X], w3[2 * X], w2[2 * X];
+    for (int e = 0; e < X; e++)   /* expert e's pieces at distinct places of the region */
+        w13[2 * e] = w1[2 * e] = host_map.dev + 4096 * e, w3[2 * e] = host_map.dev + 4096 * e + 400,
+        w2[2 * e] = host_map.dev + 32768 + 2048 * e;
+    uint8_t on_device[X] = {1, 0, 0, 1};
+    int experts[K] = {2, 0, 1};
+    CUdeviceptr staging = 0x900000000ull;
+    size_t slot = 1536;
+    StreamCopy out[3 * K];
+    GpuLayer paired = {.stream = {{0, 0, 1000, w13}, {1, 1000, 500, w2}}, .stream_pieces = 2};
+    int n = stream_copies(&paired, on_device, X, experts, K, staging, slot, out);
+    StreamCopy want[] = {{region + 4096 * 2, staging, 1000, 0}, {region + 4096 * 1, staging + 2 * slot, 1000, 2},
+                         {region + 32768 + 2048 * 2, staging + 1000, 500, 32},
+                         {region + 32768 + 2048 * 1, staging + 2 * slot + 1000, 500, 34}};
+    CHECK(n == 4 && same_copies(out, want, n), "stream copies, w1 and w3 one piece: %d copies, the w1/w3 of slots "
+          "0 and 2, then their w2, each slot's flag on its last copy", n);
+    GpuLayer apart = {.stream = {{0, 0, 400, w1}, {0, 400, 600, w3}, {1, 1000, 500, w2}}, .stream_pieces = 3};
+    int odd[K] = {X, 1, -1};   /* out of range: skipped */
+    n = stream_copies(&apart, on_device, X, odd, K, staging, slot, out);
+    StreamCopy want_apart[] = {{region + 4096, staging + slot, 400, -1}, {region + 4096 + 400, staging + slot + 400, 600, 1},
+                               {region + 32768 + 2048, staging + slot + 1000, 500, 33}};
+    CHECK(n == 3 && same_copies(out, want_apart, n), "stream copies, w1 and w3 apart: %d copies, slot 1's "
+          "w1 then w3 (flag after w3), then its w2; experts out of range skipped", n);
+    memset(&host_map, 0, sizeof host_map);
+    free(region);
+
+    Model m;
+    bench_model(&m, 4, 256, 129280);
+    int L = m.config.n_layers, right = 1;
+    uint8_t *placement = xcalloc((size_t)L * 256, 1);
+    placement[5] = 1;   /* one expert on the device, the rest on the host */
+    memset(&gm, 0, sizeof gm);
+    gm.on_device = placement;
+    gpu_lay_out(&m, 16, 64, 0);
+    size_t device, read;
+    expert_bytes(&m.layers[0], &device, &read);
+    for (int l = 0; l < L; l++) {
+        const GpuLayer *g = &gm.layers[l];
+        size_t at = 0;
+        for (int i = 0; i < g->stream_pieces; i++) {
+            right &= g->stream[i].slot_offset == at && g->stream[i].part == (i == g->stream_pieces - 1);
+            at += g->stream[i].bytes;
+        }
+        right &= at == gm.stream_slot_bytes && g->stream[g->stream_pieces - 1].source == g->w2.host_table;
+    }
+    CHECK(right && gm.stream_slot_bytes == device && gm.layers[0].stream_pieces == 2,
+          "V4-Flash layout streaming: %d pieces a layer back to back, w2 last, filling a slot of %zu bytes (an expert: %zu)",
+          gm.layers[0].stream_pieces, gm.stream_slot_bytes, device);
+    gm_free_host();
+    memset(&gm, 0, sizeof gm);
+    free(placement);
     free_model(&m);
 }
 
@@ -4989,6 +5061,7 @@ int main(void) {
     test_dump_while_sampling();
     test_expert_placement();
     test_placement_plan();
+    test_stream_copies();
     test_cli();
     test_bad_checkpoints();
     test_bad_configs();

@@ -4860,11 +4860,13 @@ static void gpu_run_logits(const Model *m, const int *ids, int n_prompt, int ste
     }
 }
 
-/* Routed experts in host memory (zero-copy) give the logits of the all-device run bit for bit
-   and the same greedy tokens: with half the experts' bytes allowed on the device (--gpu-mem's
-   budget), and again with the first run's hit counts as the profile, which must put the most
-   used experts on the device and expect fewer bytes over PCIe. The hits themselves: every
-   layer's sum is K a token, prefill and decode. */
+/* Routed experts in host memory (streamed by the copy thread in decode, read in place by the
+   prefill) give the logits of the all-device run bit for bit and the same greedy tokens: with
+   half the experts' bytes allowed on the device (--gpu-mem's budget), and again with the first
+   run's hit counts as the profile, which must put the most used experts on the device and
+   expect fewer bytes over PCIe. The copy thread moved exactly the decode's chosen host experts
+   (their hits times an expert's bytes). The hits themselves: every layer's sum is K a token,
+   prefill and decode. */
 static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int steps) {
     Model m;
     load_model(&m, dir);
@@ -4877,6 +4879,8 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
     uint64_t *hits = xcalloc(n, sizeof *hits);
     double pcie[3] = {0};
     int host_experts[3] = {0}, hits_right = 1, hot_on_device = 1, embed_on_host = 1;
+    double streamed[3] = {0}, chosen_on_host[3] = {0};
+    uint32_t *decode_hits = xcalloc(n, sizeof *decode_hits);
     size_t cap = 0;
     for (int run = 0; run < 3; run++) {   /* all on the device; half by the default order; half by the profile */
         GpuBudget budget = {cap, run == 2 ? hits : NULL};
@@ -4885,6 +4889,15 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
         gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
         host_experts[run] = placed.host_experts;
         pcie[run] = placed.pcie_per_token;
+        gpu_download(decode_hits, gm.hits, n * sizeof *decode_hits);
+        for (int l = 0; run && l < L; l++) {   /* the decode's choices of host experts, in bytes */
+            size_t device, read;
+            expert_bytes(&m.layers[l], &device, &read);
+            for (int e = 0; e < X; e++)
+                chosen_on_host[run] += gm.on_device[(size_t)l * X + e] ? 0 : (double)decode_hits[(size_t)l * X + e] * device;
+        }
+        stream_stop();   /* its counts final */
+        streamed[run] = (double)streamer.bytes;
         if (run)   /* the embedding table moved to the host region with the experts */
             embed_on_host &= host_address(gm.embed) && host_address(gm.embed + m.embed.nbytes - 1);
         if (run == 0) {   /* the budget of the next runs: everything but half the experts' bytes */
@@ -4912,13 +4925,52 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
               "%s with %d of %d routed experts in host memory (%s): logits bit-identical to the all-device run and "
               "the same greedy tokens", dir, host_experts[run], L * X, run == 2 ? "by the profile" : "default order");
     CHECK(embed_on_host, "%s: with experts in host memory, the embedding table is there too", dir);
+    for (int run = 1; run < 3; run++)
+        CHECK(streamed[run] > 0 && streamed[run] == chosen_on_host[run], "%s: the copy thread moved %.0f bytes, the "
+              "decode's chosen host experts %.0f (%s)", dir, streamed[run], chosen_on_host[run], run == 2 ? "by the profile" : "default order");
     CHECK(hot_on_device && pcie[2] < pcie[1], "%s: the profile puts the most used experts on the GPU: %.0f bytes a token "
           "over PCIe expected, %.0f without it", dir, pcie[2], pcie[1]);
     printf("  %s: %d, then %d (profile) of %d routed experts in host memory: logits bit-identical, %.0f and %.0f bytes "
            "a token over PCIe expected\n", dir, host_experts[1], host_experts[2], L * X, pcie[1], pcie[2]);
     for (int run = 0; run < 3; run++) free(logits[run]);
     free(hits);
+    free(decode_hits);
     free(ids);
+    free_model(&m);
+}
+
+/* A copy that never comes: with half the experts on the host and the copy thread stopped, a
+   decode step ends anyway, each GEMV giving up after STREAM_TIMEOUT_NS (the first one; the
+   later ones at once, seeing the error word), and says so where stream_check looks: a layer's
+   mail holds the tag it waited for. */
+static void test_gpu_stream_timeout(const char *dir) {
+    Model m;
+    load_model(&m, dir);
+    const Config *c = &m.config;
+    int L = c->n_layers, X = c->n_experts, prompt[4] = {5, 6, 7, 8}, n_prompt = 4;
+    gpu_load_model(&m, 16, 64, 0, NULL);
+    size_t experts = 0, device, read;
+    for (int l = 0; l < L; l++) {
+        expert_bytes(&m.layers[l], &device, &read);
+        experts += (size_t)X * device;
+    }
+    GpuBudget budget = {gm.plan.total - experts / 2, NULL};
+    gpu_unload();
+    gpu_load_model(&m, 16, 64, 0, &budget);
+    gpu_upload(gm.tokens, prompt, sizeof prompt);
+    gpu_forward(&m, n_prompt, 0);
+    gpu_upload(gm.pos, &n_prompt, sizeof n_prompt);
+    stream_stop();
+    double start = now_seconds();
+    gpu_forward(&m, 1, 0);   /* a decode step: its host experts are never copied */
+    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    double seconds = now_seconds() - start;
+    int reported = -1;
+    for (int l = 0; l < L && reported < 0; l++)
+        if (gm.stream_mail[l].timed_out) reported = l;
+    CHECK(placed.host_experts > 0 && reported >= 0 && seconds >= STREAM_TIMEOUT_NS * 1e-9 && seconds < 4e-9 * STREAM_TIMEOUT_NS,
+          "%s with the copy thread stopped: the decode step ended in %.1f s, layer %d's wait reported", dir, seconds, reported);
+    gpu_unload();
     free_model(&m);
 }
 
@@ -5001,6 +5053,7 @@ static void test_gpu(double shipped_cpu_nll) {
     test_gpu_model("testdata/tiny-d", 7);
     test_gpu_memory_plan("testdata/tiny-d");
     test_gpu_host_experts(SHIPPED_MODEL, 16, 40, 16);
+    test_gpu_stream_timeout(SHIPPED_MODEL);
     test_gpu_flash_pieces();
     if (getenv("NVFP4_FLASH_DIR")) {
         test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));

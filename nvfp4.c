@@ -1992,6 +1992,12 @@ ABI_AT(StreamReadArgs, out, STREAM_READ_OUT);
 ABI_SIZE(GemvArgs, GEMV_BYTES);
 ABI_AT(GemvArgs, segs, GEMV_SEGS);
 ABI_AT(GemvArgs, items, GEMV_ITEMS);
+ABI_AT(GemvArgs, slots, GEMV_SLOTS);
+ABI_AT(GemvArgs, contiguous, GEMV_CONTIGUOUS);
+ABI_AT(GemvArgs, list_ready, GEMV_LIST_READY);
+ABI_AT(GemvArgs, xs_bytes, GEMV_XS_BYTES);
+ABI_AT(GemvArgs, hc, GEMV_HC);
+ABI_AT(GemvArgs, route, GEMV_ROUTE);
 ABI_AT(GemvArgs, stream, GEMV_STREAM);
 ABI_SIZE(GemvStream, GS_BYTES);
 ABI_AT(GemvStream, staging, GS_STAGING);
@@ -2005,12 +2011,6 @@ ABI_SIZE(StreamMail, SM_BYTES);
 ABI_AT(StreamMail, tag, SM_TAG);
 ABI_AT(StreamMail, timed_out, SM_TIMED_OUT);
 ABI_AT(StreamMail, expert, SM_EXPERT);
-ABI_AT(GemvArgs, slots, GEMV_SLOTS);
-ABI_AT(GemvArgs, contiguous, GEMV_CONTIGUOUS);
-ABI_AT(GemvArgs, list_ready, GEMV_LIST_READY);
-ABI_AT(GemvArgs, xs_bytes, GEMV_XS_BYTES);
-ABI_AT(GemvArgs, hc, GEMV_HC);
-ABI_AT(GemvArgs, route, GEMV_ROUTE);
 ABI_SIZE(RowNormRopeArgs, ROW_NORM_ROPE_BYTES);
 ABI_AT(RowNormRopeArgs, x, ROW_NORM_ROPE_X);
 ABI_AT(RowNormRopeArgs, n_heads, ROW_NORM_ROPE_N_HEADS);
@@ -3242,9 +3242,10 @@ static struct {
 } streamer;
 
 /* The copy thread's body: poll the layers' mails; serve each new post (stream_copies) on the
-   thread's own stream. It spins while posts come and naps 20 us between polls after 10 ms
-   without one (a pause in generation), until stream_stop. A failed driver call is recorded
-   and ends the serving: the GPU's wait then times out and stream_check reports both. */
+   thread's own stream. It spins while posts come, naps 20 us between polls after 10 ms without
+   one (a pause between tokens) and 1 ms after a second (a user typing), until stream_stop. A
+   failed driver call is recorded and ends the serving: the GPU's wait then times out and
+   stream_check reports both. */
 static void *stream_thread_main(void *unused) {
     (void)unused;
     CUstream stream = NULL;
@@ -3275,8 +3276,9 @@ static void *stream_thread_main(void *unused) {
             streamer.posts += n > 0;
             served = 1;
         }
+        double idle = served ? 0 : now_seconds() - last_post;
         if (served) last_post = now_seconds();
-        else if (now_seconds() - last_post > 0.01) nanosleep(&(struct timespec){0, 20000}, NULL);
+        else if (idle > 0.01) nanosleep(&(struct timespec){0, idle > 1 ? 1000000 : 20000}, NULL);
     }
     if (stream) {
         cu.cuStreamSynchronize(stream);

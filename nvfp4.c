@@ -3238,7 +3238,7 @@ static struct {
     int failed;                  /* a driver call failed: error says which */
     char error[200];
     uint32_t *seen;              /* [L]: the last tag served of each layer */
-    uint64_t posts, copies, bytes;   /* posts that needed copies, copies, bytes copied */
+    uint64_t bytes;              /* bytes copied so far (atomic: read while the thread runs) */
 } streamer;
 
 /* The copy thread's body: poll the layers' mails; serve each new post (stream_copies) on the
@@ -3269,11 +3269,9 @@ static void *stream_thread_main(void *unused) {
                 r = cu.cuMemcpyHtoDAsync(copies[i].dst, copies[i].src, copies[i].bytes, stream);
                 if (!r && copies[i].flag >= 0)
                     r = cu.cuStreamWriteValue32(stream, gm.stream_control + SC_READY + 4 * (CUdeviceptr)copies[i].flag, tag, 0);
-                streamer.bytes += copies[i].bytes;
+                if (!r) __atomic_fetch_add(&streamer.bytes, copies[i].bytes, __ATOMIC_RELAXED);
             }
             if (r) snprintf(streamer.error, sizeof streamer.error, "the copy thread's copy for layer %d failed (driver error %d)", l, r);
-            streamer.copies += (uint64_t)n;
-            streamer.posts += n > 0;
             served = 1;
         }
         double idle = served ? 0 : now_seconds() - last_post;
@@ -3295,7 +3293,8 @@ static void stream_start(const Config *c) {
     memset(&streamer, 0, sizeof streamer);
     streamer.layers = c->n_layers, streamer.experts = c->n_experts, streamer.topk = c->topk;
     streamer.seen = xcalloc((size_t)c->n_layers, sizeof *streamer.seen);
-    if (pthread_create(&streamer.thread, NULL, stream_thread_main, NULL)) fatal("cannot start the copy thread: %s", strerror(errno));
+    int error = pthread_create(&streamer.thread, NULL, stream_thread_main, NULL);
+    if (error) fatal("cannot start the copy thread: %s", strerror(error));
     streamer.running = 1;
 }
 
@@ -3329,6 +3328,9 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     int E = c->hidden_size, X = c->n_experts, L = c->n_layers, placing = gm.plan.base != NULL;
     /* experts on the host are streamed in decode through K slots of one expert each */
     gm.stream_slot_bytes = gm.on_device && memchr(gm.on_device, 0, (size_t)L * X) ? stream_slot_bytes(m) : 0;
+    if (gm.stream_slot_bytes > UINT32_MAX)   /* GemvStream.slot_bytes */
+        fatal("the GPU path streams experts of at most 4 GiB, and one of this model's takes %.2f GiB",
+              gm.stream_slot_bytes / 1073741824.0);
     /* with experts in host memory, the embedding table goes there too: a token reads one row
        of it (E * 2 bytes over PCIe), and its device memory holds more experts instead */
     gm.embed = gm.on_device ? gm_reserve_host(m->embed.nbytes) : gm_reserve(m->embed.nbytes);
@@ -5283,6 +5285,7 @@ static float bench_decode_ms(int steps) {
     }
     CU_CHECK(cu.cuEventDestroy(start));
     CU_CHECK(cu.cuEventDestroy(end));
+    stream_check();   /* a step whose streamed experts never came has no time worth printing */
     float ms = median(t, steps);
     free(t);
     return ms;
@@ -5416,9 +5419,9 @@ static void bench(int layers, int position, size_t gpu_mem) {
     size_t n_hits = (size_t)layers * c->n_experts;
     uint64_t *hits_before = xcalloc(n_hits, sizeof(uint64_t)), *hits_after = xcalloc(n_hits, sizeof(uint64_t));
     gpu_expert_hits(hits_before, layers, c->n_experts);
-    uint64_t copied = streamer.bytes;
+    uint64_t copied = __atomic_load_n(&streamer.bytes, __ATOMIC_RELAXED);
     float ms = bench_decode_ms(steps - 4);
-    copied = streamer.bytes - copied;
+    copied = __atomic_load_n(&streamer.bytes, __ATOMIC_RELAXED) - copied;
     gpu_expert_hits(hits_after, layers, c->n_experts);
     double host_bytes = bench_host_bytes(&m, hits_before, hits_after, steps - 4);
     free(hits_before);

@@ -1556,7 +1556,8 @@ static void test_placement_plan(void) {
 
 /* Streaming the host experts, on this machine: stream_copies exactly on hand-made layers (w1
    and w3 as one piece, and as two; experts on the device or out of range skipped; part 0 of
-   every slot before part 1, each slot's flag on its part's last copy), and the layout
+   every slot before part 1, each slot's flag on its part's last copy), stream_check's message
+   for a timed-out wait (with the copy thread's error when it failed), and the layout
    gpu_lay_out gives the V4-Flash shape with experts on the host (pieces back to back from
    offset 0, w1 and w3 before w2, filling one slot). The device table's marked entries and the
    copies themselves are checked on the GPU (test_gpu_host_experts: logits bit-identical). */
@@ -1564,6 +1565,21 @@ static int same_copies(const StreamCopy *a, const StreamCopy *b, int n) {
     for (int i = 0; i < n; i++)
         if (a[i].src != b[i].src || a[i].dst != b[i].dst || a[i].bytes != b[i].bytes || a[i].flag != b[i].flag) return 0;
     return 1;
+}
+
+/* stream_check with a copy thread of 3 layers "running", layer 1's wait timed out; with arg,
+   the thread also failed with that error. */
+static void stream_timed_out(const void *arg) {
+    static StreamMail mail[3];
+    memset(&streamer, 0, sizeof streamer);
+    streamer.running = 1, streamer.layers = 3;
+    gm.stream_mail = mail;
+    mail[1].timed_out = 7;
+    if (arg) {
+        streamer.failed = 1;
+        snprintf(streamer.error, sizeof streamer.error, "%s", (const char *)arg);
+    }
+    stream_check();
 }
 
 static void test_stream_copies(void) {
@@ -1593,6 +1609,11 @@ static void test_stream_copies(void) {
                                {region + 32768 + 2048, staging + slot + 1000, 500, 33}};
     CHECK(n == 3 && same_copies(out, want_apart, n), "stream copies, w1 and w3 apart: %d copies, slot 1's "
           "w1 then w3 (flag after w3), then its w2; experts out of range skipped", n);
+    expect_fatal(stream_timed_out, NULL, "layer 1's experts in host memory did not reach the GPU within 2 s (the copy "
+                 "thread is stuck)", "a timed-out wait, the copy thread alive");
+    expect_fatal(stream_timed_out, "the copy thread's copy for layer 1 failed (driver error 700)",
+                 "did not reach the GPU within 2 s: the copy thread's copy for layer 1 failed (driver error 700)",
+                 "a timed-out wait, the copy thread failed");
     memset(&host_map, 0, sizeof host_map);
     free(region);
 

@@ -3039,9 +3039,10 @@ static void gm_free_host(void) {
 
 /* ------------------------------------------------------------------------ expert placement */
 /* When the model does not fit the GPU (or --gpu-mem), the embedding table and the routed experts
-   that do not fit stay in page-locked host memory mapped into the GPU's address space, and the
-   kernels read them over PCIe where they lie (zero-copy): everything else, and as many experts
-   as fit, is in device memory. Which experts get the device: the most used first, by the counts of an
+   that do not fit stay in page-locked host memory mapped into the GPU's address space (decode
+   streams the chosen experts into device slots, prefill and the embedding read them where they
+   lie: "Streaming the host experts"): everything else, and as many experts as fit, is in
+   device memory. Which experts get the device: the most used first, by the counts of an
    --expert-profile (hits [L, X]: how often earlier runs chose expert e of layer l); ties, and
    every expert without a profile (all counts 0), in the order expert 0 of every layer, expert 1
    of every layer, ...: each layer gets the same number of device experts, the first layers one
@@ -3520,11 +3521,11 @@ static void host_lock_limits(char *out, size_t n) {
    layout depends on the GPU a little: the decode attention's splits follow gpu.sm_count.)
    gpu_lay_out counts the bytes with everything on the device; when they do not fit the room
    (the free memory less GPU_HEADROOM, or the cap, in GPU_ALLOC_GRANULE pages), the embedding
-   table and the experts that do not fit beside the rest go to host memory (place_experts) and
-   the layout is counted again. Sets `placed` and gm.on_device ([L, X], NULL when everything
+   table and the experts that do not fit beside the rest and the K streaming slots go to host
+   memory (place_experts) and the layout is counted again. Sets `placed` and gm.on_device ([L, X], NULL when everything
    fits on the device; the caller frees it); the rest of gm is left counted. Returns 0 with the
    refusal, naming the numbers, in why[n] when the layout is too large to address or the part
-   other than the experts and the embedding table alone does not fit. */
+   other than the experts and the embedding table (with the slots when experts stream) does not fit. */
 static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size_t free_bytes, const GpuBudget *budget,
                               char *why, size_t n) {
     const Config *c = &m->config;

@@ -1943,6 +1943,7 @@ ABI_AT(GemvSeg, x_group, SEG_X_GROUP);
 ABI_AT(GemvSeg, row_blocks, SEG_ROW_BLOCKS);
 ABI_AT(GemvSeg, x_hc, SEG_X_HC);
 ABI_AT(GemvSeg, table, SEG_TABLE);
+ABI_AT(GemvSeg, split, SEG_SPLIT);
 ABI_SIZE(GemvHc, HC_BYTES);
 ABI_AT(GemvHc, post, HC_POST);
 ABI_AT(GemvHc, comb, HC_COMB);
@@ -2195,7 +2196,7 @@ ABI_AT(FillRandomArgs, kind, FILL_RANDOM_KIND);
 
 #define GPU_INDEXER_SMEM (64 * (512 + 4) * 4 + 64 * 4 + 512 * 4)   /* indexer_scores' shared memory at NI 64, DI 512 */
 #define GPU_CHUNK 512                       /* bytes of a row one warp reads per 16-byte load */
-#define GPU_MAX_CHUNKS 16                   /* chunks per row = warps sharing a row (registers: 512 threads) */
+#define GPU_MAX_CHUNKS 16                   /* chunks a GEMV row: one warp each (registers: 512 threads) */
 
 #define GPU_GEMV_RING (4 * (32768 + 4096))   /* the GEMVs' ring: 4 stages of an item's codes and scales */
 
@@ -2384,9 +2385,11 @@ static int gpu_blocks_per_sm(Kernel k, int block, unsigned smem) {
      MXFP4  E8M0 [rows, row_bytes / 16]         one per 32 columns
      FP8    f32  [ceil(rows/128), row_bytes/128] the block scale (E8M0 or f32) times 2^56
      BF16   none
-   A row may have at most 16 chunks of 512 bytes (its 16 warps, 128 registers each, fill an
-   SM's register file): 16384 columns of FP4, 8192 of FP8, 4096 of BF16 (V4-Flash's widest
-   rows; V4-Pro's 7168-wide BF16 head and 16384-wide FP8 wo_b would need two chunks a warp). */
+   The GEMV reads at most 16 chunks of 512 bytes a row (its 16 warps, 128 registers each, fill
+   an SM's register file): 16384 columns of FP4, 8192 of FP8, 4096 of BF16 (V4-Flash's widest
+   rows). Wider BF16 and FP8 rows, up to twice that (V4-Pro's 7168-column BF16 and 16384-column
+   FP8 wo_b), are padded to a multiple of 1024 bytes and read as two halves (split: kernels.ptx,
+   "A SEGMENT"). */
 
 #define GPU_STAGING ((size_t)64 << 20)      /* host bytes staged per upload piece */
 
@@ -2395,6 +2398,7 @@ typedef struct {
     WeightFormat format;
     int rows, cols;
     unsigned row_bytes;      /* padded bytes of one weight row: a multiple of GPU_CHUNK */
+    unsigned split;          /* 1: the GEMV reads each row as two halves of row_bytes / 2 (wide rows) */
     CUdeviceptr weight;      /* [rows, row_bytes] */
     CUdeviceptr scale;       /* see the table above; 0 for BF16 */
     float gscale62;          /* NVFP4: global scale * 2^62 (the kernel's fixed-point shift) */
@@ -2419,8 +2423,12 @@ static size_t linear_scale_bytes(const Linear *w) {
     }
 }
 
-/* Bytes of one row of W in the GEMV layout: the checkpoint's row padded to GPU_CHUNK. */
-static size_t gpu_row_bytes(const Linear *w) { return (linear_row_bytes(w) + GPU_CHUNK - 1) / GPU_CHUNK * GPU_CHUNK; }
+/* Bytes of one row of W in the GEMV layout: the checkpoint's row padded to GPU_CHUNK, or to two
+   chunks where the GEMV reads it as two halves (wider than GPU_MAX_CHUNKS chunks). */
+static size_t gpu_row_bytes(const Linear *w) {
+    size_t bytes = linear_row_bytes(w), unit = bytes > GPU_MAX_CHUNKS * GPU_CHUNK ? 2 * GPU_CHUNK : GPU_CHUNK;
+    return (bytes + unit - 1) / unit * unit;
+}
 
 /* Device bytes of W's codes in the GEMV layout. */
 static size_t gpu_linear_code_bytes(const Linear *w) { return (size_t)w->rows * gpu_row_bytes(w); }
@@ -2551,11 +2559,11 @@ static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
    That grid asks the driver about the loaded kernel: without one (a placement planned on a
    machine without a GPU: gpu_plan_placement) it stays 0. */
 static void gpu_gemv_shape(GpuLinear *g) {
-    unsigned ksplit = g->row_bytes / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
+    unsigned ksplit = (g->row_bytes >> g->split) / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
     g->block = 32 * ksplit * nrg;
     /* an item (4 * nrg rows) and its scales fit a stage of the ring (kernels.ptx, "the ring") */
-    if (4 * nrg * g->row_bytes > 32768)   /* then its scales fit the 4 KB beside it too */
-        fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * g->row_bytes);
+    if (4 * nrg * (g->row_bytes >> g->split) > 32768)   /* then its scales fit the 4 KB beside it too */
+        fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * (g->row_bytes >> g->split));
     if (gpu.kernels[K_GEMV])
         g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(K_GEMV, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
 }
@@ -2569,14 +2577,16 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
     if (w->format == FMT_F32) fatal("the GPU kernels have no F32 linear layer (%d x %d)", w->rows, w->cols);
     size_t src_bytes = linear_row_bytes(w), rows = (size_t)w->rows;
     size_t row_bytes = gpu_row_bytes(w);
-    if (row_bytes / GPU_CHUNK > GPU_MAX_CHUNKS)
-        fatal("a %d x %d linear layer is too wide for the GPU kernels (at most %d bytes a row)", w->rows, w->cols,
-              GPU_MAX_CHUNKS * GPU_CHUNK);
+    int halves = w->format == FMT_BF16 || w->format == FMT_FP8 ? 2 : 1;   /* rows the GEMV may split */
+    if (row_bytes / GPU_CHUNK > (size_t)halves * GPU_MAX_CHUNKS)
+        fatal("a %d x %d linear layer is too wide for the GPU kernels (at most %d bytes a row in this format)", w->rows,
+              w->cols, halves * GPU_MAX_CHUNKS * GPU_CHUNK);
     memset(g, 0, sizeof *g);
     g->format = w->format;
     g->rows = w->rows;
     g->cols = w->cols;
     g->row_bytes = (unsigned)row_bytes;
+    g->split = row_bytes / GPU_CHUNK > GPU_MAX_CHUNKS;
     g->bytes = rows * src_bytes + linear_scale_bytes(w);
     g->weight = weight;
     g->scale = scale;
@@ -2667,16 +2677,17 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
         const GpuLinear *g = parts[i].g;
         GemvPlan none = {0};
         const GemvPlan *p = parts[i].plan ? parts[i].plan : &none;
-        unsigned count = p->count ? (unsigned)p->count : 1, rows_iter = 4 * (block / 32 / (g->row_bytes / GPU_CHUNK));
+        unsigned count = p->count ? (unsigned)p->count : 1, half_bytes = g->row_bytes >> g->split;
+        unsigned rows = (unsigned)g->rows << g->split, rows_iter = 4 * (block / 32 / (half_bytes / GPU_CHUNK));
         segs[i] = (GemvSeg){
             .w = g->weight, .s = g->scale, .x = parts[i].x, .y = parts[i].y, .expert = p->expert,
             .stride_w = p->stride_w, .stride_s = p->stride_s, .table = p->table, .gscales62 = p->gscales62,
             .up_offset = p->up_offset,
-            .norm_weight = p->norm_weight, .format = gemv_format[g->format], .rows = (uint32_t)g->rows,
-            .cols = (uint32_t)g->cols, .row_bytes = g->row_bytes, .x_stride = (uint32_t)p->x_stride,
+            .norm_weight = p->norm_weight, .format = gemv_format[g->format], .rows = rows,
+            .cols = (uint32_t)g->cols, .row_bytes = half_bytes, .split = g->split, .x_stride = (uint32_t)p->x_stride,
             .y_stride = (uint32_t)p->y_stride, .list_len = p->list_len ? (uint32_t)p->list_len : count,
             .list_offset = (uint32_t)p->list_offset, .gscale62 = g->gscale62, .limit = p->limit, .eps = p->eps,
-            .first_item = items, .first_slot = slots, .x_group = i, .row_blocks = (g->rows + rows_iter - 1) / rows_iter,
+            .first_item = items, .first_slot = slots, .x_group = i, .row_blocks = (rows + rows_iter - 1) / rows_iter,
             .x_hc = parts[i].x == 0};
         if (!parts[i].x && (!hc || p->x_stride || p->up_offset || p->norm_weight))
             fatal("internal error: a GEMV part without x needs an mHC site to make it, and no other x transform");
@@ -5141,19 +5152,27 @@ static void copy_call(void *arg, int i) {
     CU_CHECK(cu.cuMemcpyHtoDAsync(r->dst, r->src, r->bytes, gpu.stream));
 }
 
-/* V4-Flash's configuration (its config.json, read as parse_config reads it) cut to `layers`. */
-static void bench_config(Config *c, int layers) {
+/* The released models whose shapes the benchmark takes (--model), and their layer counts. */
+typedef enum { SHAPE_FLASH, SHAPE_PRO } ModelShape;
+static const char *const shape_names[] = {"V4-Flash", "V4-Pro"};
+static const int shape_layers[] = {43, 61};
+
+/* The configuration of V4-Flash or V4-Pro (its config.json, read as parse_config reads it) cut
+   to `layers`. */
+static void bench_config(Config *c, ModelShape shape, int layers) {
+    int pro = shape == SHAPE_PRO;
     memset(c, 0, sizeof *c);
-    c->vocab_size = 129280, c->hidden_size = 4096, c->n_layers = layers, c->n_heads = 64, c->head_dim = 512;
-    c->rope_dim = 64, c->q_lora_rank = 1024, c->o_groups = 8, c->o_lora_rank = 1024, c->n_experts = 256;
-    c->n_shared_experts = 1, c->topk = 6, c->moe_inter = 2048, c->n_hash_layers = 3, c->sinkhorn_iters = 20;
-    c->sliding_window = 128, c->index_heads = 64, c->index_dim = 128, c->index_topk = 512, c->bos_id = 0;
-    c->eos_ids[0] = 1, c->n_eos = 1, c->hc_eps = 1e-6f, c->rms_eps = 1e-6f, c->routed_scaling = 1.5f;
+    c->vocab_size = 129280, c->hidden_size = pro ? 7168 : 4096, c->n_layers = layers, c->n_heads = pro ? 128 : 64;
+    c->head_dim = 512, c->rope_dim = 64, c->q_lora_rank = pro ? 1536 : 1024, c->o_groups = pro ? 16 : 8;
+    c->o_lora_rank = 1024, c->n_experts = pro ? 384 : 256, c->n_shared_experts = 1, c->topk = 6;
+    c->moe_inter = pro ? 3072 : 2048, c->n_hash_layers = 3, c->sinkhorn_iters = 20, c->sliding_window = 128;
+    c->index_heads = 64, c->index_dim = 128, c->index_topk = pro ? 1024 : 512, c->bos_id = 0;
+    c->eos_ids[0] = 1, c->n_eos = 1, c->hc_eps = 1e-6f, c->rms_eps = 1e-6f, c->routed_scaling = pro ? 2.5f : 1.5f;
     c->swiglu_limit = 10, c->rope_theta = 10000, c->compress_rope_theta = 160000, c->yarn = 1, c->yarn_factor = 16;
     c->yarn_beta_fast = 32, c->yarn_beta_slow = 1, c->yarn_original_max = 65536, c->rope_scale = 1;
-    for (int l = 0; l < layers; l++) {   /* [0, 0] + [4, 128] * 20 + [4] */
-        c->compress_ratio[l] = l < 2 ? 0 : l % 2 ? 128 : 4;
-        c->attn_kind[l] = l < 2 ? ATTN_SLIDING : l % 2 ? ATTN_HCA : ATTN_CSA;
+    for (int l = 0; l < layers; l++) {   /* Flash [0, 0] + [4, 128] * 20 + [4]; Pro [128, 128] + [4, 128] * 29 + [4] */
+        c->compress_ratio[l] = l < 2 ? (pro ? 128 : 0) : l % 2 ? 128 : 4;
+        c->attn_kind[l] = c->compress_ratio[l] == 0 ? ATTN_SLIDING : c->compress_ratio[l] == 128 ? ATTN_HCA : ATTN_CSA;
     }
 }
 
@@ -5169,14 +5188,14 @@ static Linear bench_linear(WeightFormat format, int rows, int cols) {
     return (Linear){format, rows, cols, NULL, NULL, 0, 0.01f};
 }
 
-/* The benchmark's model: V4-Flash's shapes and formats (with `experts` routed experts and a
-   vocabulary of `vocab`), small tensors random on the host; the matrices have no data (the
-   upload makes random ones on the GPU). */
-static void bench_model(Model *m, int layers, int experts, int vocab) {
+/* The benchmark's model: V4-Flash's or V4-Pro's shapes and formats (with `experts` routed
+   experts, 0: the model's own, and a vocabulary of `vocab`), small tensors random on the host;
+   the matrices have no data (the upload makes random ones on the GPU). */
+static void bench_model(Model *m, ModelShape shape, int layers, int experts, int vocab) {
     memset(m, 0, sizeof *m);
     Config *c = &m->config;
-    bench_config(c, layers);
-    c->n_experts = experts;
+    bench_config(c, shape, layers);
+    if (experts) c->n_experts = experts;
     c->vocab_size = vocab;
     uint64_t rng = 12345;
     int E = c->hidden_size, Q = c->q_lora_rank, D = c->head_dim, HD = c->n_heads * D, I = c->moe_inter;
@@ -5359,8 +5378,8 @@ static void bench_skewed(const Model *m, int steps) {
     free(after);
 }
 
-/* The benchmark (see above), the model within gpu_mem bytes of device memory (0: all it can). */
-static void bench(int layers, int position, size_t gpu_mem) {
+/* The benchmark (see above) on `shape`'s model, within gpu_mem bytes of device memory (0: all it can). */
+static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     char why[512], line[320];
     if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
     pool_start(usable_cores());
@@ -5385,15 +5404,15 @@ static void bench(int layers, int position, size_t gpu_mem) {
     gpu_free(sr.out);
 
     Model m;
-    bench_model(&m, layers, 256, 129280);
+    bench_model(&m, shape, layers, 0, 129280);
     const Config *c = &m.config;
     int chunk = 2048, steps = 48, ctx = position + 4 * steps + 16;   /* the steps of bench_skewed too */
     GpuBudget budget = {gpu_mem, NULL};
     double upload = gpu_load_model(&m, chunk, ctx, 0, &budget);
     gpu_placement_line(line, sizeof line);
-    printf("nvfp4 --bench on %s (%d SMs, driver %d.%d), commit %s: V4-Flash shapes, %d layers, random weights "
+    printf("nvfp4 --bench on %s (%d SMs, driver %d.%d), commit %s: %s shapes, %d layers, random weights "
            "made in %.1f s: %s\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000, gpu.driver_version % 1000 / 10,
-           NVFP4_COMMIT, layers, upload, line);
+           NVFP4_COMMIT, shape_names[shape], layers, upload, line);
 
     /* prefill: random tokens in chunks of 2048 */
     uint64_t rng = 99;
@@ -5452,9 +5471,10 @@ static void bench(int layers, int position, size_t gpu_mem) {
     printf("sampling %.0f us greedy (the step above), %.0f us at the default --temp 0.6 --top-p 0.95 (one launch each)\n",
            greedy_us, nucleus_us);
     if (placed.host_experts) bench_skewed(&m, steps - 4);
-    if (layers < 43)
-        printf("project  43 layers (V4-Flash): %.2f ms/token (head %.3f ms + 43 x %.3f ms a layer)\n", head_ms + 43 * layer_ms,
-               head_ms, layer_ms);
+    int all = shape_layers[shape];
+    if (layers < all)
+        printf("project  %d layers (%s): %.2f ms/token (head %.3f ms + %d x %.3f ms a layer)\n", all, shape_names[shape],
+               head_ms + all * layer_ms, head_ms, all, layer_ms);
 
     /* where a step's time goes: 8 steps launched one kernel at a time, each timed on its own */
     double per_kernel[K_COUNT] = {0};
@@ -7441,6 +7461,7 @@ typedef struct {
     int cpu, gpu;                                                 /* --cpu, --gpu */
     int threads;                                                  /* -t: CPU threads, 0: the usable cores */
     int bench, bench_layers, bench_position;                      /* --bench, --layers, --position */
+    ModelShape bench_shape;                                       /* --model */
     const char *stops[MAX_STOPS];                                 /* --stop, n_stops of them */
     int n_stops;
     float temperature, top_p;
@@ -7499,7 +7520,8 @@ static void usage(FILE *f) {
             "  --gpu              run on the GPU, or stop with the reason when none is usable\n"
             "                     (default: the GPU when one is usable, else the CPU)\n"
             "  --bench            time the GPU path on V4-Flash's shapes with random weights (no MODEL_DIR)\n"
-            "  --layers N         --bench: layers of Flash's pattern (default 8)\n"
+            "  --model flash|pro  --bench: V4-Flash's shapes (default) or V4-Pro's\n"
+            "  --layers N         --bench: layers of the model's pattern (default 8)\n"
             "  --position P       --bench: decode after a prefill of P tokens (default 4096)\n"
             "  --gpu-mem GIB      GPU memory the model may take, in GiB (default: all that is free); the\n"
             "                     routed experts that do not fit are read from page-locked host memory\n"
@@ -7638,6 +7660,7 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"-t", "--threads", RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
     {"--layers", NULL, RUN_BENCH, 1},
     {"--position", NULL, RUN_BENCH, 1},
+    {"--model", NULL, RUN_BENCH, 1},
     {"--system", NULL, RUN_TEXT | RUN_CHAT | RUN_TOKENIZE, 1},
     {"--no-shift", NULL, RUN_CHAT, 0},
     {"--gpu-mem", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 1},
@@ -7739,6 +7762,13 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--bench")) o.bench = 1;
         else if (!strcmp(a, "--layers")) { o.bench_layers = (int)whole_arg(a, v, 1, MAX_LAYERS); i++; }
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
+        else if (!strcmp(a, "--model")) {
+            const char *name = option_value(a, v);
+            if (!strcmp(name, "flash")) o.bench_shape = SHAPE_FLASH;
+            else if (!strcmp(name, "pro")) o.bench_shape = SHAPE_PRO;
+            else usage_error("--model takes flash or pro, not '%s'", name);
+            i++;
+        }
         else if (!strcmp(a, "--system")) { o.system = option_value(a, v); i++; }
         else if (!strcmp(a, "--no-shift")) o.no_shift = 1;
         else if (!strcmp(a, "--gpu-mem")) { o.gpu_mem = (size_t)(real_arg(a, v, 0, 1 << 20, 1) * 1073741824.0); i++; }
@@ -7823,7 +7853,7 @@ int main(int argc, char **argv) {
     open_standard_fds();
     Options o = parse_options(argc, argv);
     if (o.bench) {
-        bench(o.bench_layers, o.bench_position, o.gpu_mem);
+        bench(o.bench_shape, o.bench_layers, o.bench_position, o.gpu_mem);
         exit_done();
     }
     install_signal_handlers();

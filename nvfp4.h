@@ -339,7 +339,8 @@ typedef struct {
 #define SEG_ROW_BLOCKS 136
 #define SEG_X_HC 140
 #define SEG_TABLE 144
-#define SEG_BYTES 152
+#define SEG_SPLIT 152
+#define SEG_BYTES 160
 #ifndef NVFP4_PTX
 typedef struct {
     uint64_t w;             /* weight codes [rows (x matrices), row_bytes], rows padded */
@@ -353,8 +354,8 @@ typedef struct {
     uint64_t up_offset;     /* != 0: x is staged as SwiGLU(x, up), up lying up_offset bytes after x */
     uint64_t norm_weight;   /* const float * [cols]: x is staged as RMSNorm(x) * norm_weight (0: not) */
     uint32_t format;        /* GEMV_NVFP4, GEMV_MXFP4, GEMV_FP8 or GEMV_BF16 */
-    uint32_t rows, cols;    /* the shape (cols before padding) */
-    uint32_t row_bytes;     /* padded bytes of a row: a multiple of 512 */
+    uint32_t rows, cols;    /* the shape (cols before padding; rows: virtual rows where split) */
+    uint32_t row_bytes;     /* padded bytes of a row (half a row where split): a multiple of 512 */
     uint32_t x_stride;      /* floats between slots' inputs (0: one x for every slot) */
     uint32_t y_stride;      /* floats between slots' outputs */
     uint32_t list_len;      /* slot z takes matrix expert[z % list_len] + (z / list_len) * list_offset */
@@ -370,6 +371,8 @@ typedef struct {
     uint64_t table;         /* const uint64 * [matrices, 2]: matrix m's codes at table[2m], its scales at
                                table[2m + 1] (routed experts, wherever each lives); 0: w + m * stride_w,
                                s + m * stride_s */
+    uint32_t split;         /* 1: a row is read as two half-rows of row_bytes each (virtual rows 2r and
+                               2r + 1; rows counts them): rows wider than 16 chunks (BF16, FP8) */
 } GemvSeg;
 #endif
 
@@ -525,15 +528,15 @@ typedef struct {
 
 /* gemv: y = W x for up to GEMV_MAX_SEGS matrices of any format (decode). gpu_gemv_launch */
 #define GEMV_SEGS       0
-#define GEMV_ITEMS      608
-#define GEMV_SLOTS      612
-#define GEMV_CONTIGUOUS 616
-#define GEMV_LIST_READY 620
-#define GEMV_XS_BYTES   624
-#define GEMV_HC         632
-#define GEMV_ROUTE      720
-#define GEMV_STREAM     832
-#define GEMV_BYTES      872
+#define GEMV_ITEMS      640
+#define GEMV_SLOTS      644
+#define GEMV_CONTIGUOUS 648
+#define GEMV_LIST_READY 652
+#define GEMV_XS_BYTES   656
+#define GEMV_HC         664
+#define GEMV_ROUTE      752
+#define GEMV_STREAM     864
+#define GEMV_BYTES      904
 #ifndef NVFP4_PTX
 typedef struct {
     GemvSeg segs[4];     /* the segments (unused ones: first_item = first_slot = UINT32_MAX) */

@@ -1477,7 +1477,7 @@ static void test_expert_placement(void) {
    a layer); less than R + S is refused with both numbers. */
 static void test_placement_plan(void) {
     Model m;
-    bench_model(&m, 43, 256, 129280);
+    bench_model(&m, SHAPE_FLASH, 43, 256, 129280);
     int L = 43, X = 256, T = 2048, C = 4096 + 208, K = m.config.topk;
     size_t many = SIZE_MAX / 2, granule = GPU_ALLOC_GRANULE, B, read;
     char why[256] = "";
@@ -1618,7 +1618,7 @@ static void test_stream_copies(void) {
     free(region);
 
     Model m;
-    bench_model(&m, 4, 256, 129280);
+    bench_model(&m, SHAPE_FLASH, 4, 256, 129280);
     int L = m.config.n_layers, right = 1;
     uint8_t *placement = xcalloc((size_t)L * 256, 1);
     placement[5] = 1;   /* one expert on the device, the rest on the host */
@@ -4586,13 +4586,14 @@ static Linear random_linear(Model *m, WeightFormat format, int rows, int cols) {
     return w;
 }
 
-/* The attention, MoE and mHC kernels at V4-Flash's sizes against the CPU: the benchmark's model
-   (Flash's shapes and formats, 4 layers: sliding, sliding, CSA, HCA; 16 experts and a vocabulary
-   of 1000 to keep the host copy and the CPU's work small) with real data on the host, from a
-   random state at position 2400 (600 CSA entries, more than index_topk, and 18 HCA entries). */
-static void test_gpu_flash_pieces(void) {
+/* The attention, MoE and mHC kernels at V4-Flash's or V4-Pro's sizes against the CPU: the
+   benchmark's model (the shapes and formats, 4 layers: sliding, sliding (Pro: HCA, HCA), CSA,
+   HCA; 16 experts and a vocabulary of 1000 to keep the host copy and the CPU's work small) with
+   real data on the host, from a random state at position 2400 (600 CSA entries, more than
+   Flash's index_topk 512, and 18 HCA entries; Pro: 4500, 1125 CSA entries, more than its 1024). */
+static void test_gpu_shape_pieces(ModelShape shape) {
     Model m;
-    bench_model(&m, 4, 16, 1000);
+    bench_model(&m, shape, 4, 16, 1000);
     Config *c = &m.config;
     int E = c->hidden_size, X = c->n_experts;
     m.embed = (Tensor){.dtype = DT_BF16, .nbytes = (size_t)c->vocab_size * E * 2};
@@ -4614,9 +4615,10 @@ static void test_gpu_flash_pieces(void) {
             for (size_t i = 0; i < (size_t)c->vocab_size * c->topk; i++) L->tid2eid[i] = (int32_t)(random_u32(&test_rng) % X);
     }
     State s;
-    alloc_state(&s, c, 8, 4096, 0);
-    gpu_load_model(&m, 8, 4096, 0, NULL);
-    s.pos = 2400;
+    int pro = shape == SHAPE_PRO, ctx = pro ? 8192 : 4096;
+    alloc_state(&s, c, 8, ctx, 0);
+    gpu_load_model(&m, 8, ctx, 0, NULL);
+    s.pos = pro ? 4500 : 2400;
     for (int l = 0; l < c->n_layers; l++) {   /* a random cache: ring, windows, overlap, entries */
         LayerCache *ls = &s.layers[l];
         for (size_t i = 0; i < (size_t)ring_rows(&s, c) * c->head_dim; i++) ls->keys[i] = uniform(-1, 1);
@@ -4634,7 +4636,7 @@ static void test_gpu_flash_pieces(void) {
     }
     int tokens[8];
     for (int i = 0; i < 8; i++) tokens[i] = 2 + (int)(random_u32(&test_rng) % 900);
-    printf("  V4-Flash sizes (4 layers: sliding, sliding, CSA, HCA; 16 experts):\n");
+    printf("  %s sizes (4 layers: %s, CSA, HCA; 16 experts):\n", shape_names[shape], pro ? "HCA, HCA" : "sliding, sliding");
     test_gpu_hc(&m, &s, 1);
     test_gpu_pieces(&m, &s, tokens, 0, 1);
     test_gpu_pieces(&m, &s, tokens, 0, 5);
@@ -5027,6 +5029,14 @@ static void test_gpu(double shipped_cpu_nll) {
     /* V4-Flash shapes; wq_b's 1024 blocks of rows take several trips round the row loop */
     test_gpu_gemv(FMT_NVFP4, 2048, 4096, 0);   /* routed expert w1 / w3 */
     test_gpu_gemv(FMT_FP8, 32768, 1024, 0);    /* wq_b */
+    /* rows over 16 chunks, read as two halves (split): V4-Pro's BF16 rows (router, compressors,
+       head: 7168 columns) and its FP8 wo_b (16384 columns, f32 and E8M0 scales, a partial
+       128-row block); widths whose padding lies in the second half */
+    test_gpu_gemv(FMT_BF16, 390, 7168, 0);
+    test_gpu_gemv(FMT_FP8, 1030, 16384, 1);
+    test_gpu_gemv(FMT_FP8, 133, 16384, 0);
+    test_gpu_gemv(FMT_BF16, 37, 5000, 0);
+    test_gpu_gemv(FMT_FP8, 133, 9000, 0);
     /* launches of several products and x transforms: small odd shapes (padded columns, a
        partial row group), then the routed experts' w2 (6 slots, blocks crossing slots) and wq_b
        after q_norm */
@@ -5039,6 +5049,8 @@ static void test_gpu(double shipped_cpu_nll) {
     test_gpu_gemv_plan(FMT_NVFP4, 2048, 4096, 12, 6, PLAN_SHARED_X);   /* routed w1 then w3 */
     test_gpu_gemv_plan(FMT_FP8, 4096, 1024, 4, 4, PLAN_NORM);          /* a block's items cross slots */
     test_gpu_gemv_plan(FMT_FP8, 32768, 1024, 1, 1, PLAN_NORM);         /* wq_b after q_norm */
+    test_gpu_gemv_plan(FMT_BF16, 7, 7168, 4, 2, PLAN_NORM);            /* split rows, an x per slot */
+    test_gpu_gemv_plan(FMT_FP8, 300, 9000, 2, 2, PLAN_SWIGLU);
     {   /* launches of several matrices (segments), as decode makes them; shared expert first */
         GemvSpec attention_in[] = {{FMT_FP8, 1536, 4096, 1, 0, PLAN_SHARED_X, 0}, {FMT_BF16, 1100, 4096, 1, 0, PLAN_SHARED_X, 0}};
         GemvSpec queries[] = {{FMT_FP8, 4096, 1024, 1, 0, PLAN_SHARED_NORM, 0}, {FMT_BF16, 2048, 1024, 1, 0, PLAN_SHARED_NORM, 0}};
@@ -5052,7 +5064,11 @@ static void test_gpu(double shipped_cpu_nll) {
         GemvSpec split[] = {{FMT_NVFP4, 64, 304, 4, 2, PLAN_SWIGLU, 0}, {FMT_MXFP4, 40, 224, 1, 0, PLAN_SHARED_NORM, 0},
                             {FMT_BF16, 17, 224, 2, 1, PLAN_SHARED_NORM, 0}, {FMT_FP8, 90, 200, 1, 0, PLAN_SHARED_X, 0},
                             {FMT_BF16, 30, 100, 1, 0, PLAN_SHARED_X, 0}, {FMT_FP8, 300, 1536, 2, 2, PLAN_SWIGLU, 0}};
+        /* V4-Pro's attention input: FP8 wq_a (14 chunks) and a BF16 compressor read as two halves
+           of 14 chunks (the same block shape: one launch) */
+        GemvSpec pro_in[] = {{FMT_FP8, 1536, 7168, 1, 0, PLAN_SHARED_X, 0}, {FMT_BF16, 1100, 7168, 1, 0, PLAN_SHARED_X, 0}};
         test_gpu_gemv_parts(attention_in, 2, 1, "attention input");
+        test_gpu_gemv_parts(pro_in, 2, 1, "V4-Pro attention input");
         test_gpu_gemv_parts(queries, 2, 1, "queries");
         test_gpu_gemv_parts(w13, 2, 1, "experts' w1 w3");
         test_gpu_gemv_parts(w2, 2, 1, "experts' w2");
@@ -5075,7 +5091,8 @@ static void test_gpu(double shipped_cpu_nll) {
     test_gpu_memory_plan("testdata/tiny-d");
     test_gpu_host_experts(SHIPPED_MODEL, 16, 40, 16);
     test_gpu_stream_timeout(SHIPPED_MODEL);
-    test_gpu_flash_pieces();
+    test_gpu_shape_pieces(SHAPE_FLASH);
+    test_gpu_shape_pieces(SHAPE_PRO);
     if (getenv("NVFP4_FLASH_DIR")) {
         test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));
         test_gpu_host_experts(getenv("NVFP4_FLASH_DIR"), 8, 12, 4);

@@ -2455,6 +2455,9 @@ static void test_bad_options(void) {
     expect_cli("--bench -t 2", 2, "-t does nothing with --bench");
     expect_cli("testdata/tiny-a hi --gpu -t 2", 2, "-t sets the CPU's threads: it does nothing with --gpu");
     expect_cli("testdata/tiny-a -i --position 5", 2, "--position does nothing without --bench");
+    expect_cli("testdata/tiny-a hi --model pro", 2, "--model does nothing without --bench");
+    expect_cli("--bench --model v3", 2, "--model takes flash or pro, not 'v3'");
+    expect_cli("--bench --model pro --model flash", 2, "--model is given twice: give it once");
     expect_cli("testdata/tiny-a hi --no-shift", 2, "--no-shift does nothing without -i");
     expect_cli("testdata/tiny-a --perplexity testdata/heldout.txt --system x", 2, "--system does nothing with --perplexity");
     expect_cli("testdata/tiny-a hi --system x", 2, "--system is a system prompt of the chat format: give --chat too");

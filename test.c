@@ -1467,6 +1467,45 @@ static void test_expert_placement(void) {
     unlink(path);
 }
 
+/* Describe (nothing uploaded: gpu_place_linear with no buffer) a linear layer of the format and
+   shape in arg (three ints). */
+static void place_linear_call(const void *arg) {
+    const int *f = arg;
+    GpuLinear g;
+    Linear w = {(WeightFormat)f[0], f[1], f[2], NULL, NULL, 0, 1};
+    gpu_place_linear(&g, &w, 0, 0);
+}
+
+/* The GEMV layout of a linear layer, exactly: rows padded to 512 bytes; BF16 and FP8 rows over 16
+   chunks padded to 1024 and read as two halves (split), V4-Pro's included; anything wider, and
+   FP4 over 16 chunks, refused with the limit of its format. */
+static void test_gemv_layout(void) {
+    static const struct { WeightFormat format; int cols; unsigned row_bytes, split; } cases[] = {
+        {FMT_BF16, 4096, 8192, 0},  {FMT_BF16, 4097, 9216, 1},   {FMT_BF16, 7168, 14336, 1}, {FMT_BF16, 8192, 16384, 1},
+        {FMT_FP8, 8192, 8192, 0},   {FMT_FP8, 16384, 16384, 1},  {FMT_FP8, 9000, 9216, 1},   {FMT_FP8, 7168, 7168, 0},
+        {FMT_NVFP4, 16384, 8192, 0}, {FMT_MXFP4, 7168, 3584, 0}, {FMT_BF16, 300, 1024, 0},
+    };
+    int right = 0, n = (int)(sizeof cases / sizeof *cases);
+    for (int i = 0; i < n; i++) {
+        GpuLinear g;
+        Linear w = {cases[i].format, 5, cases[i].cols, NULL, NULL, 0, 1};
+        gpu_place_linear(&g, &w, 0, 0);
+        int ok = g.row_bytes == cases[i].row_bytes && g.split == cases[i].split &&
+                 gpu_linear_code_bytes(&w) == 5 * (size_t)cases[i].row_bytes;
+        if (!ok) printf("  GEMV layout of %s x %d: row_bytes %u split %u, want %u %u\n", format_names[cases[i].format],
+                        cases[i].cols, g.row_bytes, g.split, cases[i].row_bytes, cases[i].split);
+        right += ok;
+    }
+    CHECK(right == n, "GEMV layouts: %d of %d right", right, n);
+    int bf16[] = {FMT_BF16, 3, 8193}, fp8[] = {FMT_FP8, 3, 16385}, fp4[] = {FMT_NVFP4, 3, 16416};
+    expect_fatal(place_linear_call, bf16, "a 3 x 8193 linear layer is too wide for the GPU kernels (at most 16384 bytes a row in this format)",
+                 "BF16 over 32 chunks");
+    expect_fatal(place_linear_call, fp8, "a 3 x 16385 linear layer is too wide for the GPU kernels (at most 16384 bytes a row in this format)",
+                 "FP8 over 32 chunks");
+    expect_fatal(place_linear_call, fp4, "a 3 x 16416 linear layer is too wide for the GPU kernels (at most 8192 bytes a row in this format)",
+                 "NVFP4 over 16 chunks");
+}
+
 /* gpu_plan_placement on the whole V4-Flash shape (the benchmark's model, 43 layers of 256
    experts; counted, nothing allocated), exactly: with A its all-device bytes, E its embedding
    table's, B an expert's and R = A - 11008 B - E the rest, a cap of at least A keeps everything
@@ -5154,6 +5193,7 @@ int main(void) {
     test_threads();
     test_dump_while_sampling();
     test_expert_placement();
+    test_gemv_layout();
     test_placement_plan();
     test_stream_copies();
     test_cli();

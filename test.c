@@ -1593,6 +1593,38 @@ static void test_placement_plan(void) {
     free_model(&m);
 }
 
+/* gpu_plan_placement on the whole V4-Pro shape (61 layers of 384 experts of 3072; counted,
+   nothing allocated) within 78 GiB, as on one H100: an expert's bytes by hand (three NVFP4
+   matrices of 3072 x 7168 codes and E4M3 scales, 37158912 bytes), everything but the experts and
+   the embedding table on the device with the streaming slots, the rest of the 78 GiB filled with
+   the default order's first experts, and the other 0.8 TB of experts in host memory; the two
+   sides' bytes add up to the all-device plan, the slots and the host's mail. */
+static void test_placement_plan_pro(void) {
+    Model m;
+    bench_model(&m, SHAPE_PRO, 61, 0, 129280);
+    int L = 61, X = 384, K = m.config.topk;
+    size_t B, read, many = SIZE_MAX / 2, cap = (size_t)78 << 30;
+    expert_bytes(&m.layers[0], &B, &read);
+    CHECK(B == 3 * (3072 * 3584 + 3072 * 448) && read == B, "a V4-Pro expert: %zu bytes on the device, %zu read", B, read);
+    char why[256] = "";
+    GpuBudget budget = {0, NULL};
+    gpu_plan_placement(&m, 2048, 4096 + 208, 0, many, &budget, why, sizeof why);
+    size_t A = gm.plan.total, E = state_aligned(m.embed.nbytes), R = A - (size_t)L * X * B - E;
+    size_t S = (size_t)K * B + state_aligned(SC_BYTES), kept = (cap - R - S) / B;
+    size_t mail = state_aligned((size_t)L * sizeof(StreamMail));
+    budget.device_cap = cap;
+    int ok = gpu_plan_placement(&m, 2048, 4096 + 208, 0, many, &budget, why, sizeof why);
+    CHECK(ok && placed.host_experts == L * X - (int)kept && gm.plan.total == R + S + kept * B &&
+          gm.plan.total + placed.host_bytes == A + S + mail,
+          "V4-Pro placement in 78 GiB: %d of %d experts on the host (expected %d), %.2f + %.1f GiB (%s)", placed.host_experts,
+          L * X, L * X - (int)kept, gm.plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, why);
+    printf("  V4-Pro (61 layers, 384 experts) in 78 GiB: %.1f GiB on the device, %zu of %d experts, %.0f GiB in host memory\n",
+           gm.plan.total / 1073741824.0, kept, L * X, placed.host_bytes / 1073741824.0);
+    free((void *)gm.on_device);
+    memset(&gm, 0, sizeof gm);
+    free_model(&m);
+}
+
 /* Streaming the host experts, on this machine: stream_copies exactly on hand-made layers (w1
    and w3 as one piece, and as two; experts on the device or out of range skipped; part 0 of
    every slot before part 1, each slot's flag on its part's last copy), stream_check's message
@@ -5195,6 +5227,7 @@ int main(void) {
     test_expert_placement();
     test_gemv_layout();
     test_placement_plan();
+    test_placement_plan_pro();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

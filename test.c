@@ -5075,7 +5075,11 @@ static void test_gpu_stream_timeout(const char *dir) {
    counted as passed). NVFP4_GPU_QUICK=1 keeps the small shapes and two V4 ones (for
    compute-sanitizer);
    NVFP4_GPU_BENCH=1 runs gpu_bench_gemv after the tests. */
+/* The GPU tests' time so far, after a group of them (where a time-limited device run spends it). */
+static void gpu_tests_took(double start, const char *group) { printf("  GPU tests, %s done: %.1f s\n", group, now_seconds() - start); }
+
 static void test_gpu(double shipped_cpu_nll) {
+    double start = now_seconds();
     char why[512];
     unsetenv("CUDA_VISIBLE_DEVICES");   /* read by the driver once, at cuInit */
     int usable = gpu_open(why, sizeof why);
@@ -5158,15 +5162,19 @@ static void test_gpu(double shipped_cpu_nll) {
         printf("  GPU GEMV at four more V4 shapes (expert w2, MXFP4 expert, wo_b, head) skipped: NVFP4_GPU_QUICK is set\n");
     }
     if (getenv("NVFP4_GPU_BENCH")) gpu_bench_gemv();
+    gpu_tests_took(start, "GEMVs and sampling");
     test_gpu_model("testdata/tiny-a", 64);
     test_gpu_model("testdata/tiny-b", 50);
     test_gpu_model("testdata/tiny-c", 13);
     test_gpu_model("testdata/tiny-d", 7);
     test_gpu_memory_plan("testdata/tiny-d");
+    gpu_tests_took(start, "fixtures");
     test_gpu_host_experts(SHIPPED_MODEL, 16, 40, 16);
     test_gpu_stream_timeout(SHIPPED_MODEL);
+    gpu_tests_took(start, "host experts");
     test_gpu_shape_pieces(SHAPE_FLASH);
     test_gpu_shape_pieces(SHAPE_PRO);
+    gpu_tests_took(start, "V4-Flash and V4-Pro pieces");
     if (getenv("NVFP4_FLASH_DIR")) {
         test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));
         test_gpu_host_experts(getenv("NVFP4_FLASH_DIR"), 8, 12, 4);
@@ -5180,6 +5188,7 @@ static void test_gpu(double shipped_cpu_nll) {
     test_gpu_cli_repeatable();
     test_cli_dump("env -u CUDA_VISIBLE_DEVICES", "--gpu", 2e-2f);
     test_gpu_shipped_model(shipped_cpu_nll);
+    gpu_tests_took(start, "all");
     gpu_close();
 }
 
@@ -5191,6 +5200,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 #else
 int main(void) {
     double start = now_seconds();
+    setvbuf(stdout, NULL, _IOLBF, 0);   /* a run stopped by a time limit keeps every line printed */
     /* the command-line tests check the CPU path (the reference), also on a machine with a GPU:
        hide the GPU from the programs they start; test_gpu runs the GPU path itself */
     setenv("CUDA_VISIBLE_DEVICES", "", 1);

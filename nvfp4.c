@@ -2554,16 +2554,19 @@ static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
     LAUNCH(K_FILL, (unsigned)gpu.sm_count * 8, 1, 1, 256, 0, args);
 }
 
+/* Bytes of one row as the GEMV reads it: the stored row, or half of it where split. */
+static unsigned gpu_gemv_row_bytes(const GpuLinear *g) { return g->row_bytes >> g->split; }
+
 /* Choose g's GEMV launch shape: blocks of ~16 warps (ksplit warps a row, nrg groups of 4 rows),
    as many blocks as fit on the GPU at once (a launch uses at most one per item: gpu_gemv_parts).
    That grid asks the driver about the loaded kernel: without one (a placement planned on a
    machine without a GPU: gpu_plan_placement) it stays 0. */
 static void gpu_gemv_shape(GpuLinear *g) {
-    unsigned ksplit = (g->row_bytes >> g->split) / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
+    unsigned ksplit = gpu_gemv_row_bytes(g) / GPU_CHUNK, nrg = ksplit >= 16 ? 1 : 16 / ksplit;
     g->block = 32 * ksplit * nrg;
     /* an item (4 * nrg rows) and its scales fit a stage of the ring (kernels.ptx, "the ring") */
-    if (4 * nrg * (g->row_bytes >> g->split) > 32768)   /* then its scales fit the 4 KB beside it too */
-        fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * (g->row_bytes >> g->split));
+    if (4 * nrg * gpu_gemv_row_bytes(g) > 32768)   /* then its scales fit the 4 KB beside it too */
+        fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * gpu_gemv_row_bytes(g));
     if (gpu.kernels[K_GEMV])
         g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(K_GEMV, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
 }
@@ -2677,14 +2680,14 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
         const GpuLinear *g = parts[i].g;
         GemvPlan none = {0};
         const GemvPlan *p = parts[i].plan ? parts[i].plan : &none;
-        unsigned count = p->count ? (unsigned)p->count : 1, half_bytes = g->row_bytes >> g->split;
-        unsigned rows = (unsigned)g->rows << g->split, rows_iter = 4 * (block / 32 / (half_bytes / GPU_CHUNK));
+        unsigned count = p->count ? (unsigned)p->count : 1, gemv_bytes = gpu_gemv_row_bytes(g);
+        unsigned rows = (unsigned)g->rows << g->split, rows_iter = 4 * (block / 32 / (gemv_bytes / GPU_CHUNK));
         segs[i] = (GemvSeg){
             .w = g->weight, .s = g->scale, .x = parts[i].x, .y = parts[i].y, .expert = p->expert,
             .stride_w = p->stride_w, .stride_s = p->stride_s, .table = p->table, .gscales62 = p->gscales62,
             .up_offset = p->up_offset,
             .norm_weight = p->norm_weight, .format = gemv_format[g->format], .rows = rows,
-            .cols = (uint32_t)g->cols, .row_bytes = half_bytes, .split = g->split, .x_stride = (uint32_t)p->x_stride,
+            .cols = (uint32_t)g->cols, .row_bytes = gemv_bytes, .split = g->split, .x_stride = (uint32_t)p->x_stride,
             .y_stride = (uint32_t)p->y_stride, .list_len = p->list_len ? (uint32_t)p->list_len : count,
             .list_offset = (uint32_t)p->list_offset, .gscale62 = g->gscale62, .limit = p->limit, .eps = p->eps,
             .first_item = items, .first_slot = slots, .x_group = i, .row_blocks = (rows + rows_iter - 1) / rows_iter,

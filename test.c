@@ -1506,6 +1506,22 @@ static void test_gemv_layout(void) {
                  "NVFP4 over 16 chunks");
 }
 
+/* The sizes a placement test checks against, from m's plan with no cap (T tokens a chunk, C of
+   context): B an expert's device bytes (read: what a token reads of it), A the all-device total,
+   E the embedding table's bytes, R = A - L X B - E the rest, S the streaming slots (K experts and
+   the control words) and mail the host's StreamMail, one a layer. Returns the plan's result. */
+typedef struct { size_t B, read, A, E, R, S, mail; } PlanSizes;
+static int plan_sizes(Model *m, int T, int C, PlanSizes *p, char *why, size_t why_size) {
+    const Config *c = &m->config;
+    size_t L = (size_t)c->n_layers, X = (size_t)c->n_experts;
+    expert_bytes(&m->layers[0], &p->B, &p->read);
+    GpuBudget budget = {0, NULL};
+    int ok = gpu_plan_placement(m, T, C, 0, SIZE_MAX / 2, &budget, why, why_size);
+    p->A = gm.plan.total, p->E = state_aligned(m->embed.nbytes), p->R = p->A - L * X * p->B - p->E;
+    p->S = (size_t)c->topk * p->B + state_aligned(SC_BYTES), p->mail = state_aligned(L * sizeof(StreamMail));
+    return ok;
+}
+
 /* gpu_plan_placement on the whole V4-Flash shape (the benchmark's model, 43 layers of 256
    experts; counted, nothing allocated), exactly: with A its all-device bytes, E its embedding
    table's, B an expert's and R = A - 11008 B - E the rest, a cap of at least A keeps everything
@@ -1518,13 +1534,12 @@ static void test_placement_plan(void) {
     Model m;
     bench_model(&m, SHAPE_FLASH, 43, 256, 129280);
     int L = 43, X = 256, T = 2048, C = 4096 + 208, K = m.config.topk;
-    size_t many = SIZE_MAX / 2, granule = GPU_ALLOC_GRANULE, B, read;
+    size_t many = SIZE_MAX / 2, granule = GPU_ALLOC_GRANULE;
     char why[256] = "";
-    expert_bytes(&m.layers[0], &B, &read);
+    PlanSizes sizes;
+    int ok = plan_sizes(&m, T, C, &sizes, why, sizeof why);
+    size_t B = sizes.B, read = sizes.read, A = sizes.A, E = sizes.E, R = sizes.R, S = sizes.S, mail = sizes.mail;
     GpuBudget budget = {0, NULL};
-    int ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
-    size_t A = gm.plan.total, E = state_aligned(m.embed.nbytes), R = A - (size_t)L * X * B - E;
-    size_t S = (size_t)K * B + state_aligned(SC_BYTES), mail = state_aligned((size_t)L * sizeof(StreamMail));
     CHECK(ok && !gm.on_device && placed.host_bytes == 0 && placed.host_experts == 0 &&
           placed.device_bytes == (A + granule - 1) / granule * granule,
           "V4-Flash placement with room: everything on the device (%zu bytes: %.2f GiB)", A, A / 1073741824.0);
@@ -1602,20 +1617,17 @@ static void test_placement_plan(void) {
 static void test_placement_plan_pro(void) {
     Model m;
     bench_model(&m, SHAPE_PRO, 61, 0, 129280);
-    int L = 61, X = 384, K = m.config.topk;
-    size_t B, read, many = SIZE_MAX / 2, cap = (size_t)78 << 30;
-    expert_bytes(&m.layers[0], &B, &read);
-    CHECK(B == 3 * (3072 * 3584 + 3072 * 448) && read == B, "a V4-Pro expert: %zu bytes on the device, %zu read", B, read);
+    int L = 61, X = 384;
+    size_t cap = (size_t)78 << 30;
     char why[256] = "";
-    GpuBudget budget = {0, NULL};
-    gpu_plan_placement(&m, 2048, 4096 + 208, 0, many, &budget, why, sizeof why);
-    size_t A = gm.plan.total, E = state_aligned(m.embed.nbytes), R = A - (size_t)L * X * B - E;
-    size_t S = (size_t)K * B + state_aligned(SC_BYTES), kept = (cap - R - S) / B;
-    size_t mail = state_aligned((size_t)L * sizeof(StreamMail));
-    budget.device_cap = cap;
-    int ok = gpu_plan_placement(&m, 2048, 4096 + 208, 0, many, &budget, why, sizeof why);
-    CHECK(ok && placed.host_experts == L * X - (int)kept && gm.plan.total == R + S + kept * B &&
-          gm.plan.total + placed.host_bytes == A + S + mail,
+    PlanSizes p;
+    plan_sizes(&m, 2048, 4096 + 208, &p, why, sizeof why);
+    size_t B = p.B, kept = (cap - p.R - p.S) / B;
+    CHECK(B == 3 * (3072 * 3584 + 3072 * 448) && p.read == B, "a V4-Pro expert: %zu bytes on the device, %zu read", B, p.read);
+    GpuBudget budget = {cap, NULL};
+    int ok = gpu_plan_placement(&m, 2048, 4096 + 208, 0, SIZE_MAX / 2, &budget, why, sizeof why);
+    CHECK(ok && placed.host_experts == L * X - (int)kept && gm.plan.total == p.R + p.S + kept * B &&
+          gm.plan.total + placed.host_bytes == p.A + p.S + p.mail,
           "V4-Pro placement in 78 GiB: %d of %d experts on the host (expected %d), %.2f + %.1f GiB (%s)", placed.host_experts,
           L * X, L * X - (int)kept, gm.plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, why);
     printf("  V4-Pro (61 layers, 384 experts) in 78 GiB: %.1f GiB on the device, %zu of %d experts, %.0f GiB in host memory\n",

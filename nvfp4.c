@@ -5097,6 +5097,182 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
     write_stdout(line, (size_t)length, 1);
 }
 
+/* ================================================================ several GPUs: the split plan */
+/* How a model is to be divided over N GPUs of one host for one user's decode (--gpus). Every
+   GPU (a rank) keeps a whole copy of what is small or needed whole by each token: the
+   embedding table, the norms and mHC parameters, the router, wq_a and wkv, the compressors and
+   the indexer, the caches (one KV head: every rank writes the same entries). What is large is
+   divided, each rank reading only its share each step:
+   - the routed experts (expert parallel): rank r holds experts [X r / N, X (r + 1) / N) of
+     every layer and computes the token's choices among them;
+   - the shared expert: blocks of 128 of its intermediate rows (w1's and w3's rows, the same
+     columns of w2);
+   - attention, when it pays (tensor parallel): whole output groups, each with its heads (wq_b's
+     rows, the sinks), its wo_a rows and its wo_b columns; a rank attends with its heads;
+   - the head: blocks of 128 rows of the vocabulary, the logits gathered before sampling.
+   After a divided sub-block each rank holds a partial sum of the output [E]; one all-reduce of
+   E floats makes it whole on every rank. The MoE always needs one; attention divided needs a
+   second, so it is divided only where the bytes that saves the busiest rank take longer to read
+   than the all-reduce takes (costs.read_bytes_per_us, costs.allreduce_us: measured by the caller).
+   Without peer access between the GPUs the model is divided by layers instead (a pipeline: rank
+   r runs a contiguous run of about 1/N of the bytes, the residual streams handed on).
+   split_plan is a pure function of the model's shapes and the costs (tests: test_split_plan). */
+
+#define GPUS_MAX 8           /* --gpus: at most the GPUs of one host */
+#define SPLIT_BLOCK 128      /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
+
+typedef struct { int first, count; } Range;   /* [first, first + count) */
+
+/* One GPU's share of the model. */
+typedef struct {
+    Range experts;   /* routed experts of every layer it holds */
+    Range groups;    /* attention's output groups it computes (all of them when attention is whole) */
+    Range shared;    /* the shared expert's intermediate rows */
+    Range vocab;     /* the head's rows: the logits it computes */
+    Range layers;    /* the layers it runs (all but in a pipeline) */
+    double bytes;    /* weight bytes a decode step reads on it; the routed experts' expected under
+                        uniform routing (K of X experts a layer) */
+} RankShare;
+
+typedef struct {
+    double read_bytes_per_us;   /* one GPU's streaming read */
+    double allreduce_us;        /* an all-reduce of E floats over the N GPUs */
+} SplitCosts;
+
+typedef struct {
+    int n;                   /* GPUs */
+    int pipeline;            /* 1: divided by layers (no peer access) */
+    int attention_split;     /* 1: attention divided by output groups */
+    int allreduces;          /* all-reduces of E floats a decode step (the logits' gather aside) */
+    double saved_us;         /* dividing attention: read time it saves the busiest rank a step */
+    RankShare rank[GPUS_MAX];
+} SplitPlan;
+
+/* Part `r` of `count` items in blocks of `block`, as even as whole blocks allow. */
+static Range split_range(int count, int block, int r, int n) {
+    int blocks = (count + block - 1) / block;
+    int first = (int)((long long)blocks * r / n) * block, end = (int)((long long)blocks * (r + 1) / n) * block;
+    if (end > count) end = count;
+    if (first > count) first = count;
+    return (Range){first, end - first};
+}
+
+/* Bytes of rows [first, first + count) of W as the checkpoint stores them (codes and scales;
+   FP8: the 128-row scale blocks they touch). */
+static double linear_rows_bytes(const Linear *w, int first, int count) {
+    if (count <= 0) return 0;
+    double codes = (double)count * linear_row_bytes(w);
+    Linear rows = *w;
+    rows.rows = count;
+    if (w->format == FMT_FP8) rows.rows = ((first + count + 127) / 128 - first / 128) * 128;
+    return codes + (double)linear_scale_bytes(&rows);
+}
+
+/* Bytes of `count` columns of W starting at a multiple of 128 (FP8's scale blocks). */
+static double linear_cols_bytes(const Linear *w, int count) {
+    if (count <= 0) return 0;
+    Linear cols = *w;
+    cols.cols = count;
+    return (double)w->rows * linear_row_bytes(&cols) + (double)linear_scale_bytes(&cols);
+}
+
+/* Bytes of all of W. */
+static double linear_bytes(const Linear *w) { return linear_rows_bytes(w, 0, w->rows); }
+
+/* Whether attention can be divided over n GPUs by output groups: at least one group each, and
+   every group's wq_b rows and wo_b columns whole 128-blocks (FP8's scale blocks). */
+static int attention_divisible(const Config *c, int n) {
+    int G = c->o_groups, rows = c->n_heads / G * c->head_dim;
+    return n <= G && c->n_heads % G == 0 && rows % SPLIT_BLOCK == 0 && c->o_lora_rank % SPLIT_BLOCK == 0;
+}
+
+/* Bytes layer l reads on a rank holding `share` of it (whole attention when !attention_split). */
+static double layer_share_bytes(const Model *m, int l, const RankShare *share, int attention_split) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    const Linear *list[16];
+    int n = layer_linears(L, list), G = c->o_groups, group_rows = c->n_heads / G * c->head_dim;
+    double bytes = 0;
+    for (int i = 0; i < n; i++) {
+        const Linear *w = list[i];
+        Range g = attention_split ? share->groups : (Range){0, G};
+        if (w == &L->wq_b) bytes += linear_rows_bytes(w, g.first * group_rows, g.count * group_rows);
+        else if (w == &L->wo_a) bytes += linear_rows_bytes(w, g.first * c->o_lora_rank, g.count * c->o_lora_rank);
+        else if (w == &L->wo_b) bytes += linear_cols_bytes(w, g.count * c->o_lora_rank);
+        else if (w == &L->shared_w1 || w == &L->shared_w3) bytes += linear_rows_bytes(w, share->shared.first, share->shared.count);
+        else if (w == &L->shared_w2) bytes += linear_cols_bytes(w, share->shared.count);
+        else bytes += linear_bytes(w);
+    }
+    size_t device, read;
+    expert_bytes(L, &device, &read);
+    bytes += (double)c->topk * read * share->experts.count / c->n_experts;
+    return bytes + 2.0 * (2 + HC) * HC * HC * c->hidden_size * 4;   /* the two mHC sites' matrices */
+}
+
+/* The plan for model m over n GPUs (peer_access: every pair can read the other's memory) at
+   `costs`, into *p. Returns 0 with the reason in why[size] when m cannot be divided n ways. */
+static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, SplitPlan *p, char *why, size_t size) {
+    const Config *c = &m->config;
+    int L = c->n_layers, X = c->n_experts, V = c->vocab_size;
+    memset(p, 0, sizeof *p);
+    if (n < 1 || n > GPUS_MAX) return snprintf(why, size, "%d GPUs: from 1 to %d", n, GPUS_MAX), 0;
+    if (peer_access ? n > X : n > L)
+        return snprintf(why, size, "%d GPUs for %d %s: at least one each", n, peer_access ? X : L,
+                        peer_access ? "routed experts a layer" : "layers"), 0;
+    p->n = n;
+    p->pipeline = n > 1 && !peer_access;
+    double head = linear_bytes(&m->head), embed_row = embed_row_bytes(m);
+    if (p->pipeline) {   /* layer l goes to the rank its bytes' midpoint falls in */
+        RankShare whole = {{0, X}, {0, c->o_groups}, {0, c->moe_inter}, {0, V}, {0, L}, 0};
+        double total = 0, before = 0, *layer = xcalloc((size_t)L, sizeof(double));
+        for (int l = 0; l < L; l++) total += layer[l] = layer_share_bytes(m, l, &whole, 0);
+        for (int r = 0; r < n; r++) p->rank[r] = whole, p->rank[r].layers = (Range){L, 0}, p->rank[r].bytes = 0;
+        for (int l = 0; l < L; l++) {
+            int r = (int)((before + layer[l] / 2) * n / total);
+            RankShare *s = &p->rank[r < n ? r : n - 1];
+            if (!s->layers.count) s->layers.first = l;
+            s->layers.count++;
+            s->bytes += layer[l];
+            before += layer[l];
+        }
+        free(layer);
+        for (int r = 0; r < n; r++)
+            if (!p->rank[r].layers.count) return snprintf(why, size, "%d GPUs: GPU %d would get no layer", n, r), 0;
+        p->rank[0].bytes += embed_row;
+        p->rank[n - 1].bytes += head;
+        for (int r = 0; r < n - 1; r++) p->rank[r].vocab = (Range){V, 0};
+        return 1;
+    }
+    for (int r = 0; r < n; r++) {
+        RankShare *s = &p->rank[r];
+        s->experts = split_range(X, 1, r, n);
+        s->groups = attention_divisible(c, n) ? split_range(c->o_groups, 1, r, n) : (Range){0, c->o_groups};
+        s->shared = split_range(c->moe_inter, SPLIT_BLOCK, r, n);
+        s->vocab = split_range(V, SPLIT_BLOCK, r, n);
+        s->layers = (Range){0, L};
+    }
+    /* attention divided: what it saves the busiest rank against the second all-reduce */
+    if (n > 1 && attention_divisible(c, n)) {
+        double whole = 0, busiest = 0;
+        for (int r = 0; r < n; r++) {
+            double divided = 0;
+            for (int l = 0; l < L; l++) divided += layer_share_bytes(m, l, &p->rank[r], 1);
+            busiest = divided > busiest ? divided : busiest;
+        }
+        for (int l = 0; l < L; l++) whole += layer_share_bytes(m, l, &p->rank[0], 0);
+        p->saved_us = (whole - busiest) / costs.read_bytes_per_us;
+        p->attention_split = p->saved_us > L * costs.allreduce_us;
+    }
+    for (int r = 0; r < n; r++) {
+        RankShare *s = &p->rank[r];
+        if (!p->attention_split) s->groups = (Range){0, c->o_groups};
+        s->bytes = embed_row + linear_rows_bytes(&m->head, s->vocab.first, s->vocab.count);
+        for (int l = 0; l < L; l++) s->bytes += layer_share_bytes(m, l, s, p->attention_split);
+    }
+    p->allreduces = n > 1 ? L * (1 + p->attention_split) : 0;
+    return 1;
+}
+
 /* ============================================================================ benchmark */
 /* `nvfp4 --bench` times the GPU path on a model of V4-Flash's real shapes and formats with
    random weights made on the GPU (no checkpoint needed): FP8 attention and shared expert,

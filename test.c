@@ -1637,6 +1637,99 @@ static void test_placement_plan_pro(void) {
     free_model(&m);
 }
 
+/* The split plan over several GPUs (split_plan), exactly, on V4-Flash's and V4-Pro's whole
+   shapes: each GPU's experts, groups, shared rows and vocabulary rows; one GPU's bytes equal
+   bench_bytes' weights (another count of the same step); two GPUs' bytes by hand (the halves of
+   wq_b, wo_a, wo_b, the shared expert, the routed experts and the head); attention divided only
+   when its saving beats the all-reduces; the pipeline without peer access (contiguous layers,
+   each GPU within half a layer of its share); the refusals. */
+static int same_range(Range a, int first, int count) { return a.first == first && a.count == count; }
+
+static void test_split_plan(void) {
+    Model m;
+    bench_model(&m, SHAPE_FLASH, 43, 0, 129280);
+    SplitPlan one, two, three, p;
+    SplitCosts fast = {3e6, 10}, slow = {3e6, 20};   /* 3 TB/s; all-reduces of 10 and 20 us */
+    char why[256] = "";
+    double weights, cache;
+    bench_bytes(&m, 0, &weights, &cache);
+    int ok1 = split_plan(&m, 1, 1, fast, &one, why, sizeof why);
+    CHECK(ok1 && one.rank[0].bytes == weights && one.allreduces == 0 && !one.attention_split &&
+          same_range(one.rank[0].experts, 0, 256) && same_range(one.rank[0].vocab, 0, 129280),
+          "split plan, one GPU: %.0f bytes, bench_bytes %.0f (%s)", one.rank[0].bytes, weights, why);
+    int ok2 = split_plan(&m, 2, 1, fast, &two, why, sizeof why);
+    double halves = 43 * (3 * 16778240.0 + 3 * 4194560.0 + 6 * 14155776.0 / 2), head = 64640 * 8192.0;
+    CHECK(ok2 && two.attention_split && two.allreduces == 86 && two.rank[0].bytes == weights - halves - head &&
+          two.rank[1].bytes == two.rank[0].bytes && same_range(two.rank[1].experts, 128, 128) &&
+          same_range(two.rank[1].groups, 4, 4) && same_range(two.rank[1].shared, 1024, 1024) &&
+          same_range(two.rank[1].vocab, 64640, 64640) && same_range(two.rank[1].layers, 0, 43),
+          "split plan, two GPUs: %.0f bytes each (expected %.0f), attention %s (%s)", two.rank[0].bytes,
+          weights - halves - head, two.attention_split ? "divided" : "whole", why);
+    int ok3 = split_plan(&m, 3, 1, fast, &three, why, sizeof why);
+    CHECK(ok3 && same_range(three.rank[0].experts, 0, 85) && same_range(three.rank[2].experts, 170, 86) &&
+          same_range(three.rank[0].groups, 0, 2) && same_range(three.rank[2].groups, 5, 3) &&
+          same_range(three.rank[0].shared, 0, 640) && same_range(three.rank[2].shared, 1280, 768) &&
+          same_range(three.rank[1].vocab, 43008, 43136) && same_range(three.rank[2].vocab, 86144, 43136),
+          "split plan, three GPUs: uneven shares in whole blocks (%s)", why);
+    /* the saving of dividing attention: 16.8 us a layer at 3 TB/s on two GPUs */
+    int slow2 = split_plan(&m, 2, 1, slow, &p, why, sizeof why);
+    CHECK(slow2 && !p.attention_split && p.allreduces == 43 && same_range(p.rank[1].groups, 0, 8) &&
+          p.saved_us == two.saved_us && fabs(two.saved_us - 43 * 3 * 16778240.0 / 3e6) < 1e-6 &&
+          p.rank[0].bytes == two.rank[0].bytes + 43 * 3 * 16778240.0,
+          "split plan, two GPUs, 20 us all-reduces: attention %s, saving %.1f us a step", p.attention_split ? "divided" : "whole",
+          p.saved_us);
+    /* no peer access: layers */
+    int okp = split_plan(&m, 3, 0, fast, &p, why, sizeof why), contiguous = okp, balanced = okp;
+    double total = 0, most = 0, before = 0;
+    for (int r = 0; okp && r < 3; r++) total += p.rank[r].bytes;
+    for (int l = 0; l < 43; l++) {
+        double layer = 0;
+        RankShare whole = {{0, 256}, {0, 8}, {0, 2048}, {0, 129280}, {0, 43}, 0};
+        layer = layer_share_bytes(&m, l, &whole, 0);
+        most = layer > most ? layer : most;
+    }
+    for (int r = 0; okp && r < 3; r++) {
+        contiguous &= p.rank[r].layers.first == (r ? p.rank[r - 1].layers.first + p.rank[r - 1].layers.count : 0) &&
+                      p.rank[r].layers.count > 0 && same_range(p.rank[r].experts, 0, 256);
+        before += p.rank[r].bytes - (r == 0 ? embed_row_bytes(&m) : 0) - (r == 2 ? linear_bytes(&m.head) : 0);
+        balanced &= fabs(before - (weights - embed_row_bytes(&m) - linear_bytes(&m.head)) * (r + 1) / 3) <= most / 2;
+    }
+    CHECK(okp && p.pipeline && !p.allreduces && contiguous && balanced && total == weights &&
+          p.rank[2].layers.first + p.rank[2].layers.count == 43 && same_range(p.rank[2].vocab, 0, 129280) &&
+          p.rank[0].vocab.count == 0,
+          "split plan without peer access: layers %d+%d+%d, bytes %.0f of %.0f (%s)", p.rank[0].layers.count,
+          p.rank[1].layers.count, p.rank[2].layers.count, total, weights, why);
+    /* attention stays whole where its groups cannot be divided (2 groups, 4 GPUs) */
+    m.config.o_groups = 2;
+    int okg = split_plan(&m, 4, 1, fast, &p, why, sizeof why);
+    CHECK(okg && !p.attention_split && same_range(p.rank[3].groups, 0, 2) && same_range(p.rank[3].experts, 192, 64),
+          "split plan, 2 attention groups over 4 GPUs: attention %s", p.attention_split ? "divided" : "whole");
+    m.config.o_groups = 8;
+    const struct { int n, peer, experts, layers; const char *message; } refused[] = {
+        {0, 1, 256, 43, "0 GPUs: from 1 to 8"},
+        {9, 1, 256, 43, "9 GPUs: from 1 to 8"},
+        {5, 1, 4, 43, "5 GPUs for 4 routed experts a layer: at least one each"},
+        {3, 0, 256, 2, "3 GPUs for 2 layers: at least one each"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        m.config.n_experts = refused[i].experts, m.config.n_layers = refused[i].layers;
+        why[0] = 0;
+        int ok = split_plan(&m, refused[i].n, refused[i].peer, fast, &p, why, sizeof why);
+        CHECK(!ok && !strcmp(why, refused[i].message), "split plan refusal %zu: \"%s\"", i, why);
+    }
+    free_model(&m);
+    /* V4-Pro over eight GPUs */
+    bench_model(&m, SHAPE_PRO, 61, 0, 129280);
+    int ok8 = split_plan(&m, 8, 1, fast, &p, why, sizeof why);
+    CHECK(ok8 && p.attention_split && same_range(p.rank[7].experts, 336, 48) && same_range(p.rank[7].groups, 14, 2) &&
+          same_range(p.rank[7].shared, 2688, 384) && same_range(p.rank[7].vocab, 113024, 16256) &&
+          same_range(p.rank[0].vocab, 0, 16128) && p.allreduces == 122,
+          "split plan, V4-Pro over 8 GPUs (%s)", why);
+    printf("  split plan: V4-Flash over 2 GPUs %.2f GB a token each (1 GPU: %.2f), V4-Pro over 8 %.2f GB each\n",
+           two.rank[0].bytes / 1e9, weights / 1e9, p.rank[0].bytes / 1e9);
+    free_model(&m);
+}
+
 /* Streaming the host experts, on this machine: stream_copies exactly on hand-made layers (w1
    and w3 as one piece, and as two; experts on the device or out of range skipped; part 0 of
    every slot before part 1, each slot's flag on its part's last copy), stream_check's message
@@ -5250,6 +5343,7 @@ int main(void) {
     test_gemv_layout();
     test_placement_plan();
     test_placement_plan_pro();
+    test_split_plan();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

@@ -5557,6 +5557,30 @@ static void bench_skewed(const Model *m, int steps) {
     free(after);
 }
 
+/* The split plan of `shape`'s whole model over 2, 4 and 8 GPUs (split_plan, GPUs with peer
+   access reading at this run's streaming rate, all-reduces taken as SPLIT_ALLREDUCE_US): the
+   busiest GPU's bytes a token over 1, 2, 4 and 8 GPUs. A plan, printed as one: several GPUs do
+   not run yet. */
+#define SPLIT_ALLREDUCE_US 10.0   /* not measured here (one GPU): NCCL's small all-reduce over NVLink is of this order */
+static void bench_split(ModelShape shape, double stream_gbs) {
+    Model whole;
+    bench_model(&whole, shape, shape_layers[shape], 0, 129280);
+    SplitCosts costs = {stream_gbs * 1e3, SPLIT_ALLREDUCE_US};
+    char why[256];
+    double busiest[4] = {0};
+    int divided_from = 0;   /* the fewest GPUs attention is divided over (0: never) */
+    for (int i = 0; i < 4; i++) {
+        SplitPlan plan;
+        if (!split_plan(&whole, 1 << i, 1, costs, &plan, why, sizeof why)) fatal("the split plan of %d GPUs: %s", 1 << i, why);
+        for (int r = 0; r < plan.n; r++) busiest[i] = plan.rank[r].bytes > busiest[i] ? plan.rank[r].bytes : busiest[i];
+        if (plan.attention_split && !divided_from) divided_from = plan.n;
+    }
+    printf("split    planned, not run (several GPUs are not supported yet): GB a token on the busiest of 1/2/4/8 GPUs "
+           "%.2f / %.2f / %.2f / %.2f; attention divided from %d GPUs on (all-reduces taken as %.0f us)\n",
+           busiest[0] / 1e9, busiest[1] / 1e9, busiest[2] / 1e9, busiest[3] / 1e9, divided_from, SPLIT_ALLREDUCE_US);
+    free_model(&whole);
+}
+
 /* The benchmark (see above) on `shape`'s model, within gpu_mem bytes of device memory (0: all it can). */
 static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     char why[512], line[320];
@@ -5654,6 +5678,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     if (layers < all)
         printf("project  %d layers (%s): %.2f ms/token (head %.3f ms + %d x %.3f ms a layer)\n", all, shape_names[shape],
                head_ms + all * layer_ms, head_ms, all, layer_ms);
+    bench_split(shape, stream_gbs);
 
     /* where a step's time goes: 8 steps launched one kernel at a time, each timed on its own */
     double per_kernel[K_COUNT] = {0};

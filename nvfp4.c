@@ -1886,13 +1886,14 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
 /* The kernels of kernels.ptx: the name of their .entry and the size of their one parameter,
    the argument struct of nvfp4.h ("the kernel ABI"). */
 typedef enum {
-    K_STREAM_READ, K_GEMV, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
+    K_STREAM_READ, K_GEMV, K_GEMV_STREAMED, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
     K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
     K_SAMPLE, K_FILL, K_COUNT
 } Kernel;
 static const struct { const char *name; size_t args_bytes; } kernel_info[K_COUNT] = {
     [K_STREAM_READ] = {"stream_read", sizeof(StreamReadArgs)},
     [K_GEMV] = {"gemv", sizeof(GemvArgs)},
+    [K_GEMV_STREAMED] = {"gemv_streamed", sizeof(GemvArgs)},   /* the same GEMV, waiting for streamed experts */
     [K_GEMM] = {"gemm_prefill", sizeof(GemmPrefillArgs)},
     [K_EMBED] = {"embed_streams", sizeof(EmbedStreamsArgs)},
     [K_HC_MIX] = {"hc_mix_partial", sizeof(HcMixPartialArgs)},
@@ -2281,7 +2282,7 @@ static int gpu_open(char *why, size_t n) {
         GPU_FAIL("the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
     for (int k = 0; k < K_COUNT; k++) {
         CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_info[k].name));
-        if (k == K_GEMV)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
+        if (k == K_GEMV || k == K_GEMV_STREAMED)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
             CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            (int)gpu_gemv_smem(FMT_NVFP4, GPU_MAX_CHUNKS * GPU_CHUNK)));
         if (k == K_INDEXER_SCORES)   /* the queries of one token: NI x (DI + 4) floats, and NI weights */
@@ -2722,7 +2723,8 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
     args.items = items, args.slots = slots, args.contiguous = contiguous, args.list_ready = list_ready;
     args.xs_bytes = xs_bytes, args.hc = site;
     if (own) args.route = *route;
-    LAUNCH(K_GEMV, grid < items ? grid : items, 1, 1, block, xs_bytes + GPU_GEMV_RING, args);
+    LAUNCH(args.stream.control ? K_GEMV_STREAMED : K_GEMV, grid < items ? grid : items, 1, 1, block,
+           xs_bytes + GPU_GEMV_RING, args);
     if ((int)nsegs < n) {   /* the rest, in launches that leave post and comb alone (written) */
         site.post = site.comb = 0;
         GemvRoute again = route ? *route : (GemvRoute){0};

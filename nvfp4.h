@@ -547,7 +547,7 @@ typedef struct {
     uint32_t xs_bytes;   /* bytes of staged x in shared memory (the ring follows) */
     GemvHc hc;           /* the mHC site the x_hc segments make their x from */
     GemvRoute route;     /* router != 0: every block routes the token first */
-    GemvStream stream;   /* staging != 0: some of the routed experts are streamed */
+    GemvStream stream;   /* control != 0: some of the routed experts are streamed (gemv_streamed) */
 } GemvArgs;
 #endif
 

@@ -5309,6 +5309,11 @@ int main(void) {
     /* the command-line tests check the CPU path (the reference), also on a machine with a GPU:
        hide the GPU from the programs they start; test_gpu runs the GPU path itself */
     setenv("CUDA_VISIBLE_DEVICES", "", 1);
+    if (getenv("NVFP4_GPU_ONLY")) {   /* the GPU tests alone (and the shipped model's CPU perplexity they compare with) */
+        test_gpu(test_shipped_model());
+        printf("%.1f s\n%d passed, %d failed (NVFP4_GPU_ONLY: the CPU tests skipped)\n", now_seconds() - start, passed, failed);
+        return failed != 0;
+    }
     test_number_formats();
     test_unequal_global_scales();
     test_safetensors();

@@ -5116,8 +5116,9 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
    E floats makes it whole on every rank. The MoE always needs one; attention divided needs a
    second, so it is divided only where the bytes that saves the busiest rank take longer to read
    than the all-reduce takes (costs.read_bytes_per_us, costs.allreduce_us: measured by the caller).
-   Without peer access between the GPUs the model is divided by layers instead (a pipeline: rank
-   r runs a contiguous run of about 1/N of the bytes, the residual streams handed on).
+   Without peer access between the GPUs the model is divided by layers instead, for fit (a
+   pipeline: rank r holds a contiguous run of layers, about 1/N of the weights with the embedding
+   table on the first and the head on the last, and the residual streams are handed on).
    split_plan is a pure function of the model's shapes and the costs (tests: test_split_plan). */
 
 #define GPUS_MAX 8           /* --gpus: at most the GPUs of one host */
@@ -5211,6 +5212,15 @@ static double layer_share_bytes(const Model *m, int l, const RankShare *share, i
     return bytes + 2.0 * (2 + HC) * HC * HC * c->hidden_size * 4;   /* the two mHC sites' matrices */
 }
 
+/* Bytes layer l holds: all its weights, every routed expert included. */
+static double layer_held_bytes(const Model *m, int l) {
+    const Config *c = &m->config;
+    RankShare all = {{0, c->n_experts}, {0, c->o_groups}, {0, c->moe_inter}, {0, c->vocab_size}, {0, c->n_layers}, 0};
+    size_t device, read;
+    expert_bytes(&m->layers[l], &device, &read);
+    return layer_share_bytes(m, l, &all, 0) + (double)(c->n_experts - c->topk) * read;
+}
+
 /* The plan for model m over n GPUs (peer_access: every pair can read the other's memory) at
    `costs`, into *p. Returns 0 with the reason in why[size] when m cannot be divided n ways. */
 static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, SplitPlan *p, char *why, size_t size) {
@@ -5221,23 +5231,26 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
     if (peer_access ? n > X : n > L)
         return snprintf(why, size, "%d GPUs for %d %s: at least one each", n, peer_access ? X : L,
                         peer_access ? "routed experts a layer" : "layers"), 0;
+    if (n > 1 && !(costs.read_bytes_per_us > 0 && costs.allreduce_us >= 0))
+        return snprintf(why, size, "split costs: a read rate of %g bytes a us and all-reduces of %g us", costs.read_bytes_per_us,
+                        costs.allreduce_us), 0;
     p->n = n;
     p->pipeline = n > 1 && !peer_access;
     double head = linear_bytes(&m->head), embed_row = embed_row_bytes(m);
-    if (p->pipeline) {   /* layer l goes to the rank its bytes' midpoint falls in */
-        RankShare whole = {{0, X}, {0, c->o_groups}, {0, c->moe_inter}, {0, V}, {0, L}, 0};
-        double total = 0, before = 0, *layer = xcalloc((size_t)L, sizeof(double));
-        for (int l = 0; l < L; l++) total += layer[l] = layer_share_bytes(m, l, &whole, 0);
-        for (int r = 0; r < n; r++) p->rank[r] = whole, p->rank[r].layers = (Range){L, 0}, p->rank[r].bytes = 0;
+    if (p->pipeline) {   /* layer l goes to the rank the midpoint of its held bytes falls in */
+        RankShare all = {{0, X}, {0, c->o_groups}, {0, c->moe_inter}, {0, V}, {0, L}, 0};
+        double embed = (double)m->embed.nbytes, total = embed + head, before = embed, *held = xcalloc((size_t)L, sizeof(double));
+        for (int l = 0; l < L; l++) total += held[l] = layer_held_bytes(m, l);
+        for (int r = 0; r < n; r++) p->rank[r] = all, p->rank[r].layers = (Range){L, 0}, p->rank[r].bytes = 0;
         for (int l = 0; l < L; l++) {
-            int r = (int)((before + layer[l] / 2) * n / total);
+            int r = (int)((before + held[l] / 2) * n / total);
             RankShare *s = &p->rank[r < n ? r : n - 1];
             if (!s->layers.count) s->layers.first = l;
             s->layers.count++;
-            s->bytes += layer[l];
-            before += layer[l];
+            s->bytes += layer_share_bytes(m, l, &all, 0);
+            before += held[l];
         }
-        free(layer);
+        free(held);
         for (int r = 0; r < n; r++)
             if (!p->rank[r].layers.count) return snprintf(why, size, "%d GPUs: GPU %d would get no layer", n, r), 0;
         p->rank[0].bytes += embed_row;
@@ -5255,14 +5268,17 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
     }
     /* attention divided: what it saves the busiest rank against the second all-reduce */
     if (n > 1 && attention_divisible(c, n)) {
-        double whole = 0, busiest = 0;
+        double busiest_whole = 0, busiest_divided = 0;   /* the busiest rank's bytes with attention whole, divided */
         for (int r = 0; r < n; r++) {
-            double divided = 0;
-            for (int l = 0; l < L; l++) divided += layer_share_bytes(m, l, &p->rank[r], 1);
-            busiest = divided > busiest ? divided : busiest;
+            double whole = 0, divided = 0;
+            for (int l = 0; l < L; l++) {
+                whole += layer_share_bytes(m, l, &p->rank[r], 0);
+                divided += layer_share_bytes(m, l, &p->rank[r], 1);
+            }
+            busiest_whole = whole > busiest_whole ? whole : busiest_whole;
+            busiest_divided = divided > busiest_divided ? divided : busiest_divided;
         }
-        for (int l = 0; l < L; l++) whole += layer_share_bytes(m, l, &p->rank[0], 0);
-        p->saved_us = (whole - busiest) / costs.read_bytes_per_us;
+        p->saved_us = (busiest_whole - busiest_divided) / costs.read_bytes_per_us;
         p->attention_split = p->saved_us > L * costs.allreduce_us;
     }
     for (int r = 0; r < n; r++) {
@@ -5577,9 +5593,11 @@ static void bench_split(ModelShape shape, double stream_gbs) {
         for (int r = 0; r < plan.n; r++) busiest[i] = plan.rank[r].bytes > busiest[i] ? plan.rank[r].bytes : busiest[i];
         if (plan.attention_split && !divided_from) divided_from = plan.n;
     }
+    char divided[32] = "never";
+    if (divided_from) snprintf(divided, sizeof divided, "from %d GPUs on", divided_from);
     printf("split    planned, not run (several GPUs are not supported yet): GB a token on the busiest of 1/2/4/8 GPUs "
-           "%.2f / %.2f / %.2f / %.2f; attention divided from %d GPUs on (all-reduces taken as %.0f us)\n",
-           busiest[0] / 1e9, busiest[1] / 1e9, busiest[2] / 1e9, busiest[3] / 1e9, divided_from, SPLIT_ALLREDUCE_US);
+           "%.2f / %.2f / %.2f / %.2f; attention divided %s (all-reduces taken as %.0f us)\n",
+           busiest[0] / 1e9, busiest[1] / 1e9, busiest[2] / 1e9, busiest[3] / 1e9, divided, SPLIT_ALLREDUCE_US);
     free_model(&whole);
 }
 

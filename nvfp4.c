@@ -5132,9 +5132,12 @@ typedef struct {
     Range groups;    /* attention's output groups it computes (all of them when attention is whole) */
     Range shared;    /* the shared expert's intermediate rows */
     Range vocab;     /* the head's rows: the logits it computes */
-    Range layers;    /* the layers it runs (all but in a pipeline) */
-    double bytes;    /* weight bytes a decode step reads on it; the routed experts' expected under
-                        uniform routing (K of X experts a layer) */
+    Range layers;        /* the layers it runs (all but in a pipeline) */
+    double read_bytes;   /* weight bytes a decode step reads on it; the routed experts' expected
+                            under uniform routing (K of X experts a layer) */
+    double held_bytes;   /* weight bytes it holds (the checkpoint's): its share of its layers with
+                            all its experts, the embedding table (every GPU; a pipeline's first),
+                            its head rows */
 } RankShare;
 
 typedef struct {
@@ -5189,8 +5192,9 @@ static int attention_divisible(const Config *c, int n) {
     return n <= G && c->n_heads % G == 0 && rows % SPLIT_BLOCK == 0 && c->o_lora_rank % SPLIT_BLOCK == 0;
 }
 
-/* Bytes layer l reads on a rank holding `share` of it (whole attention when !attention_split). */
-static double layer_share_bytes(const Model *m, int l, const RankShare *share, int attention_split) {
+/* Bytes of layer l on a rank holding `share` of it (whole attention when !attention_split): the
+   bytes a step reads (its experts: K of X expected), or with `held` those it holds (every one). */
+static double layer_share_bytes(const Model *m, int l, const RankShare *share, int attention_split, int held) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[l];
     const Linear *list[16];
@@ -5208,17 +5212,8 @@ static double layer_share_bytes(const Model *m, int l, const RankShare *share, i
     }
     size_t device, read;
     expert_bytes(L, &device, &read);
-    bytes += (double)c->topk * read * share->experts.count / c->n_experts;
+    bytes += held ? (double)read * share->experts.count : (double)c->topk * read * share->experts.count / c->n_experts;
     return bytes + 2.0 * (2 + HC) * HC * HC * c->hidden_size * 4;   /* the two mHC sites' matrices */
-}
-
-/* Bytes layer l holds: all its weights, every routed expert included. */
-static double layer_held_bytes(const Model *m, int l) {
-    const Config *c = &m->config;
-    RankShare all = {{0, c->n_experts}, {0, c->o_groups}, {0, c->moe_inter}, {0, c->vocab_size}, {0, c->n_layers}, 0};
-    size_t device, read;
-    expert_bytes(&m->layers[l], &device, &read);
-    return layer_share_bytes(m, l, &all, 0) + (double)(c->n_experts - c->topk) * read;
 }
 
 /* The plan for model m over n GPUs (peer_access: every pair can read the other's memory) at
@@ -5238,23 +5233,24 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
     p->pipeline = n > 1 && !peer_access;
     double head = linear_bytes(&m->head), embed_row = embed_row_bytes(m);
     if (p->pipeline) {   /* layer l goes to the rank the midpoint of its held bytes falls in */
-        RankShare all = {{0, X}, {0, c->o_groups}, {0, c->moe_inter}, {0, V}, {0, L}, 0};
-        double embed = (double)m->embed.nbytes, total = embed + head, before = embed, *held = xcalloc((size_t)L, sizeof(double));
-        for (int l = 0; l < L; l++) total += held[l] = layer_held_bytes(m, l);
-        for (int r = 0; r < n; r++) p->rank[r] = all, p->rank[r].layers = (Range){L, 0}, p->rank[r].bytes = 0;
+        RankShare all = {{0, X}, {0, c->o_groups}, {0, c->moe_inter}, {0, V}, {0, L}, 0, 0};
+        double embed = (double)m->embed.nbytes, total = embed + head, before = embed;
+        for (int l = 0; l < L; l++) total += layer_share_bytes(m, l, &all, 0, 1);
+        for (int r = 0; r < n; r++) p->rank[r] = all, p->rank[r].layers = (Range){L, 0};
         for (int l = 0; l < L; l++) {
-            int r = (int)((before + held[l] / 2) * n / total);
+            double held = layer_share_bytes(m, l, &all, 0, 1);
+            int r = (int)((before + held / 2) * n / total);
             RankShare *s = &p->rank[r < n ? r : n - 1];
             if (!s->layers.count) s->layers.first = l;
             s->layers.count++;
-            s->bytes += layer_share_bytes(m, l, &all, 0);
-            before += held[l];
+            s->read_bytes += layer_share_bytes(m, l, &all, 0, 0);
+            s->held_bytes += held;
+            before += held;
         }
-        free(held);
         for (int r = 0; r < n; r++)
             if (!p->rank[r].layers.count) return snprintf(why, size, "%d GPUs: GPU %d would get no layer", n, r), 0;
-        p->rank[0].bytes += embed_row;
-        p->rank[n - 1].bytes += head;
+        p->rank[0].read_bytes += embed_row, p->rank[0].held_bytes += embed;
+        p->rank[n - 1].read_bytes += head, p->rank[n - 1].held_bytes += head;
         for (int r = 0; r < n - 1; r++) p->rank[r].vocab = (Range){V, 0};
         return 1;
     }
@@ -5272,8 +5268,8 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
         for (int r = 0; r < n; r++) {
             double whole = 0, divided = 0;
             for (int l = 0; l < L; l++) {
-                whole += layer_share_bytes(m, l, &p->rank[r], 0);
-                divided += layer_share_bytes(m, l, &p->rank[r], 1);
+                whole += layer_share_bytes(m, l, &p->rank[r], 0, 0);
+                divided += layer_share_bytes(m, l, &p->rank[r], 1, 0);
             }
             busiest_whole = whole > busiest_whole ? whole : busiest_whole;
             busiest_divided = divided > busiest_divided ? divided : busiest_divided;
@@ -5284,8 +5280,13 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
     for (int r = 0; r < n; r++) {
         RankShare *s = &p->rank[r];
         if (!p->attention_split) s->groups = (Range){0, c->o_groups};
-        s->bytes = embed_row + linear_rows_bytes(&m->head, s->vocab.first, s->vocab.count);
-        for (int l = 0; l < L; l++) s->bytes += layer_share_bytes(m, l, s, p->attention_split);
+        double head_rows = linear_rows_bytes(&m->head, s->vocab.first, s->vocab.count);
+        s->read_bytes = embed_row + head_rows;
+        s->held_bytes = (double)m->embed.nbytes + head_rows;
+        for (int l = 0; l < L; l++) {
+            s->read_bytes += layer_share_bytes(m, l, s, p->attention_split, 0);
+            s->held_bytes += layer_share_bytes(m, l, s, p->attention_split, 1);
+        }
     }
     p->allreduces = n > 1 ? L * (1 + p->attention_split) : 0;
     return 1;
@@ -5575,29 +5576,33 @@ static void bench_skewed(const Model *m, int steps) {
     free(after);
 }
 
-/* The split plan of `shape`'s whole model over 2, 4 and 8 GPUs (split_plan, GPUs with peer
+/* The split plan of `shape`'s whole model over 1, 2, 4 and 8 GPUs (split_plan, GPUs with peer
    access reading at this run's streaming rate, all-reduces taken as SPLIT_ALLREDUCE_US): the
-   busiest GPU's bytes a token over 1, 2, 4 and 8 GPUs. A plan, printed as one: several GPUs do
-   not run yet. */
+   busiest GPU's bytes read a token and weights held. A plan, printed as one: several GPUs do not
+   run yet. */
 #define SPLIT_ALLREDUCE_US 10.0   /* not measured here (one GPU): NCCL's small all-reduce over NVLink is of this order */
 static void bench_split(ModelShape shape, double stream_gbs) {
     Model whole;
     bench_model(&whole, shape, shape_layers[shape], 0, 129280);
     SplitCosts costs = {stream_gbs * 1e3, SPLIT_ALLREDUCE_US};
     char why[256];
-    double busiest[4] = {0};
-    int divided_from = 0;   /* the fewest GPUs attention is divided over (0: never) */
+    double read[4] = {0}, held[4] = {0};   /* the busiest GPU's of 1, 2, 4, 8 */
+    int divided_from = 0;                  /* the fewest GPUs attention is divided over (0: never) */
     for (int i = 0; i < 4; i++) {
         SplitPlan plan;
         if (!split_plan(&whole, 1 << i, 1, costs, &plan, why, sizeof why)) fatal("the split plan of %d GPUs: %s", 1 << i, why);
-        for (int r = 0; r < plan.n; r++) busiest[i] = plan.rank[r].bytes > busiest[i] ? plan.rank[r].bytes : busiest[i];
+        for (int r = 0; r < plan.n; r++) {
+            read[i] = plan.rank[r].read_bytes > read[i] ? plan.rank[r].read_bytes : read[i];
+            held[i] = plan.rank[r].held_bytes > held[i] ? plan.rank[r].held_bytes : held[i];
+        }
         if (plan.attention_split && !divided_from) divided_from = plan.n;
     }
     char divided[32] = "never";
     if (divided_from) snprintf(divided, sizeof divided, "from %d GPUs on", divided_from);
-    printf("split    planned, not run (several GPUs are not supported yet): GB a token on the busiest of 1/2/4/8 GPUs "
-           "%.2f / %.2f / %.2f / %.2f; attention divided %s (all-reduces taken as %.0f us)\n",
-           busiest[0] / 1e9, busiest[1] / 1e9, busiest[2] / 1e9, busiest[3] / 1e9, divided, SPLIT_ALLREDUCE_US);
+    printf("split    planned, not run (several GPUs are not supported yet): the busiest of 1/2/4/8 GPUs reads %.2f / %.2f / "
+           "%.2f / %.2f GB a token and holds %.1f / %.1f / %.1f / %.1f GB of weights; attention divided %s (all-reduces "
+           "taken as %.0f us)\n", read[0] / 1e9, read[1] / 1e9, read[2] / 1e9, read[3] / 1e9, held[0] / 1e9, held[1] / 1e9,
+           held[2] / 1e9, held[3] / 1e9, divided, SPLIT_ALLREDUCE_US);
     free_model(&whole);
 }
 

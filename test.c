@@ -1654,17 +1654,22 @@ static void test_split_plan(void) {
     double weights, cache;
     bench_bytes(&m, 0, &weights, &cache);
     int ok1 = split_plan(&m, 1, 1, fast, &one, why, sizeof why);
-    CHECK(ok1 && one.rank[0].bytes == weights && one.allreduces == 0 && !one.attention_split &&
+    double held1 = weights - embed_row_bytes(&m) + (double)m.embed.nbytes + 43 * 250 * 14155776.0;   /* every expert, the whole table */
+    CHECK(ok1 && one.rank[0].read_bytes == weights && one.rank[0].held_bytes == held1 && one.allreduces == 0 && !one.attention_split &&
           same_range(one.rank[0].experts, 0, 256) && same_range(one.rank[0].vocab, 0, 129280),
-          "split plan, one GPU: %.0f bytes, bench_bytes %.0f (%s)", one.rank[0].bytes, weights, why);
+          "split plan, one GPU: %.0f bytes read (bench_bytes %.0f), %.0f held (expected %.0f) (%s)", one.rank[0].read_bytes,
+          weights, one.rank[0].held_bytes, held1, why);
     int ok2 = split_plan(&m, 2, 1, fast, &two, why, sizeof why);
     double halves = 43 * (3 * 16778240.0 + 3 * 4194560.0 + 6 * 14155776.0 / 2), head = 64640 * 8192.0;
-    CHECK(ok2 && two.attention_split && two.allreduces == 86 && two.rank[0].bytes == weights - halves - head &&
-          two.rank[1].bytes == two.rank[0].bytes && same_range(two.rank[1].experts, 128, 128) &&
+    double held_halves = 43 * (3 * 16778240.0 + 3 * 4194560.0 + 128 * 14155776.0);
+    CHECK(ok2 && two.attention_split && two.allreduces == 86 && two.rank[0].read_bytes == weights - halves - head &&
+          two.rank[0].held_bytes == held1 - held_halves - head && two.rank[1].held_bytes == two.rank[0].held_bytes &&
+          two.rank[1].read_bytes == two.rank[0].read_bytes && same_range(two.rank[1].experts, 128, 128) &&
           same_range(two.rank[1].groups, 4, 4) && same_range(two.rank[1].shared, 1024, 1024) &&
           same_range(two.rank[1].vocab, 64640, 64640) && same_range(two.rank[1].layers, 0, 43),
-          "split plan, two GPUs: %.0f bytes each (expected %.0f), attention %s (%s)", two.rank[0].bytes,
-          weights - halves - head, two.attention_split ? "divided" : "whole", why);
+          "split plan, two GPUs: %.0f bytes read each (expected %.0f), %.0f held (expected %.0f), attention %s (%s)",
+          two.rank[0].read_bytes, weights - halves - head, two.rank[0].held_bytes, held1 - held_halves - head,
+          two.attention_split ? "divided" : "whole", why);
     int ok3 = split_plan(&m, 3, 1, fast, &three, why, sizeof why);
     CHECK(ok3 && fabs(three.saved_us - 43 * 3 * (33556480.0 - 12583680.0) / 3e6) < 1e-6 && same_range(three.rank[0].experts, 0, 85) && same_range(three.rank[2].experts, 170, 86) &&
           same_range(three.rank[0].groups, 0, 2) && same_range(three.rank[2].groups, 5, 3) &&
@@ -1675,15 +1680,16 @@ static void test_split_plan(void) {
     int slow2 = split_plan(&m, 2, 1, slow, &p, why, sizeof why);
     CHECK(slow2 && !p.attention_split && p.allreduces == 43 && same_range(p.rank[1].groups, 0, 8) &&
           p.saved_us == two.saved_us && fabs(two.saved_us - 43 * 3 * 16778240.0 / 3e6) < 1e-6 &&
-          p.rank[0].bytes == two.rank[0].bytes + 43 * 3 * 16778240.0,
+          p.rank[0].read_bytes == two.rank[0].read_bytes + 43 * 3 * 16778240.0,
           "split plan, two GPUs, 20 us all-reduces: attention %s, saving %.1f us a step", p.attention_split ? "divided" : "whole",
           p.saved_us);
     /* no peer access: layers, balanced by the weights each GPU holds (the embedding table on the
        first, the head on the last); each boundary within half a layer of its share */
     int okp = split_plan(&m, 3, 0, fast, &p, why, sizeof why), contiguous = okp, balanced = okp;
-    double total = 0, read = 0, most = 0, held[43], embed = (double)m.embed.nbytes;
+    RankShare all = {{0, 256}, {0, 8}, {0, 2048}, {0, 129280}, {0, 43}, 0, 0};
+    double total = 0, read = 0, held_sum = 0, most = 0, held[43], embed = (double)m.embed.nbytes;
     for (int l = 0; l < 43; l++) {
-        held[l] = layer_held_bytes(&m, l);
+        held[l] = layer_share_bytes(&m, l, &all, 0, 1);
         total += held[l];
         most = held[l] > most ? held[l] : most;
     }
@@ -1694,9 +1700,10 @@ static void test_split_plan(void) {
                       p.rank[r].layers.count > 0 && same_range(p.rank[r].experts, 0, 256);
         for (int l = p.rank[r].layers.first; l < p.rank[r].layers.first + p.rank[r].layers.count; l++) before += held[l];
         if (r < 2) balanced &= fabs(before - total * (r + 1) / 3) <= most / 2;
-        read += p.rank[r].bytes;
+        read += p.rank[r].read_bytes;
+        held_sum += p.rank[r].held_bytes;
     }
-    CHECK(okp && p.pipeline && !p.allreduces && contiguous && balanced && read == weights &&
+    CHECK(okp && p.pipeline && !p.allreduces && contiguous && balanced && read == weights && held_sum == held1 &&
           p.rank[2].layers.first + p.rank[2].layers.count == 43 && same_range(p.rank[2].vocab, 0, 129280) &&
           p.rank[0].vocab.count == 0,
           "split plan without peer access: layers %d+%d+%d, bytes read %.0f of %.0f (%s)", p.rank[0].layers.count,
@@ -1738,10 +1745,13 @@ static void test_split_plan(void) {
     int ok8 = split_plan(&m, 8, 1, fast, &p, why, sizeof why);
     CHECK(ok8 && p.attention_split && same_range(p.rank[7].experts, 336, 48) && same_range(p.rank[7].groups, 14, 2) &&
           same_range(p.rank[7].shared, 2688, 384) && same_range(p.rank[7].vocab, 113024, 16256) &&
-          same_range(p.rank[0].vocab, 0, 16128) && p.allreduces == 122,
-          "split plan, V4-Pro over 8 GPUs (%s)", why);
-    printf("  split plan: V4-Flash over 2 GPUs %.2f GB a token each (1 GPU: %.2f), V4-Pro over 8 %.2f GB each\n",
-           two.rank[0].bytes / 1e9, weights / 1e9, p.rank[0].bytes / 1e9);
+          same_range(p.rank[0].vocab, 0, 16128) && p.allreduces == 122 && p.rank[0].held_bytes > 78.0 * 1073741824 &&
+          p.rank[0].held_bytes < 139.0 * 1073741824,
+          "split plan, V4-Pro over 8 GPUs: %.2f GiB of weights on GPU 0, for an H200 but not an H100 (%s)",
+          p.rank[0].held_bytes / 1073741824, why);
+    printf("  split plan: V4-Flash over 2 GPUs %.2f GB a token each, %.2f GB held (1 GPU: %.2f, %.2f), V4-Pro over 8 %.2f "
+           "GB a token each, %.2f GB held\n", two.rank[0].read_bytes / 1e9, two.rank[0].held_bytes / 1e9, weights / 1e9,
+           held1 / 1e9, p.rank[0].read_bytes / 1e9, p.rank[0].held_bytes / 1e9);
     free_model(&m);
 }
 

@@ -5100,11 +5100,11 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
 }
 
 /* ================================================================ several GPUs: the split plan */
-/* How a model is to be divided over N GPUs of one host for one user's decode (--gpus). Every
-   GPU (a rank) keeps a whole copy of what is small or needed whole by each token: the
-   embedding table, the norms and mHC parameters, the router, wq_a and wkv, the compressors and
-   the indexer, the caches (one KV head: every rank writes the same entries). What is large is
-   divided, each rank reading only its share each step:
+/* How a model is to be divided over N GPUs of one host for one user's decode (not run yet:
+   --bench prints the plan, bench_split). Every GPU (a rank) keeps a whole copy of what is small
+   or needed whole by each token: the embedding table, the norms and mHC parameters, the router,
+   wq_a and wkv, the compressors and the indexer, the caches (one KV head: every rank writes the
+   same entries). What is large is divided, each rank reading only its share each step:
    - the routed experts (expert parallel): rank r holds experts [X r / N, X (r + 1) / N) of
      every layer and computes the token's choices among them;
    - the shared expert: blocks of 128 of its intermediate rows (w1's and w3's rows, the same
@@ -5115,23 +5115,23 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
    After a divided sub-block each rank holds a partial sum of the output [E]; one all-reduce of
    E floats makes it whole on every rank. The MoE always needs one; attention divided needs a
    second, so it is divided only where the bytes that saves the busiest rank take longer to read
-   than the all-reduce takes (costs.read_bytes_per_us, costs.allreduce_us: measured by the caller).
+   than the all-reduce takes (costs.read_bytes_per_us, costs.allreduce_us: the caller's).
    Without peer access between the GPUs the model is divided by layers instead, for fit (a
    pipeline: rank r holds a contiguous run of layers, about 1/N of the weights with the embedding
    table on the first and the head on the last, and the residual streams are handed on).
    split_plan is a pure function of the model's shapes and the costs (tests: test_split_plan). */
 
-#define GPUS_MAX 8           /* --gpus: at most the GPUs of one host */
+#define GPUS_MAX 8           /* at most the GPUs of one host */
 #define SPLIT_BLOCK 128      /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
 
 typedef struct { int first, count; } Range;   /* [first, first + count) */
 
 /* One GPU's share of the model. */
 typedef struct {
-    Range experts;   /* routed experts of every layer it holds */
-    Range groups;    /* attention's output groups it computes (all of them when attention is whole) */
-    Range shared;    /* the shared expert's intermediate rows */
-    Range vocab;     /* the head's rows: the logits it computes */
+    Range experts;       /* routed experts of every layer it holds */
+    Range groups;        /* attention's output groups it computes (all of them when attention is whole) */
+    Range shared;        /* the shared expert's intermediate rows */
+    Range vocab;         /* the head's rows: the logits it computes */
     Range layers;        /* the layers it runs (all but in a pipeline) */
     double read_bytes;   /* weight bytes a decode step reads on it; the routed experts' expected
                             under uniform routing (K of X experts a layer) */

@@ -5206,7 +5206,8 @@ static double layer_share_bytes(const Model *m, int l, const RankShare *share, i
         if (w == &L->wq_b) bytes += linear_rows_bytes(w, g.first * group_rows, g.count * group_rows);
         else if (w == &L->wo_a) bytes += linear_rows_bytes(w, g.first * c->o_lora_rank, g.count * c->o_lora_rank);
         else if (w == &L->wo_b) bytes += linear_cols_bytes(w, g.count * c->o_lora_rank);
-        else if (w == &L->shared_w1 || w == &L->shared_w3) bytes += linear_rows_bytes(w, share->shared.first, share->shared.count);
+        else if (w == &L->shared_w1 || w == &L->shared_w3)
+            bytes += linear_rows_bytes(w, share->shared.first, share->shared.count);
         else if (w == &L->shared_w2) bytes += linear_cols_bytes(w, share->shared.count);
         else bytes += linear_bytes(w);
     }

@@ -1654,9 +1654,10 @@ static void test_split_plan(void) {
     double weights, cache;
     bench_bytes(&m, 0, &weights, &cache);
     int ok1 = split_plan(&m, 1, 1, fast, &one, why, sizeof why);
-    double held1 = weights - embed_row_bytes(&m) + (double)m.embed.nbytes + 43 * 250 * 14155776.0;   /* every expert, the whole table */
-    CHECK(ok1 && one.rank[0].read_bytes == weights && one.rank[0].held_bytes == held1 && one.allreduces == 0 && !one.attention_split &&
-          same_range(one.rank[0].experts, 0, 256) && same_range(one.rank[0].vocab, 0, 129280),
+    /* held: every expert, the whole embedding table */
+    double held1 = weights - embed_row_bytes(&m) + (double)m.embed.nbytes + 43 * 250 * 14155776.0;
+    CHECK(ok1 && one.rank[0].read_bytes == weights && one.rank[0].held_bytes == held1 && one.allreduces == 0 &&
+          !one.attention_split && same_range(one.rank[0].experts, 0, 256) && same_range(one.rank[0].vocab, 0, 129280),
           "split plan, one GPU: %.0f bytes read (bench_bytes %.0f), %.0f held (expected %.0f) (%s)", one.rank[0].read_bytes,
           weights, one.rank[0].held_bytes, held1, why);
     int ok2 = split_plan(&m, 2, 1, fast, &two, why, sizeof why);
@@ -1671,7 +1672,8 @@ static void test_split_plan(void) {
           two.rank[0].read_bytes, weights - halves - head, two.rank[0].held_bytes, held1 - held_halves - head,
           two.attention_split ? "divided" : "whole", why);
     int ok3 = split_plan(&m, 3, 1, fast, &three, why, sizeof why);
-    CHECK(ok3 && fabs(three.saved_us - 43 * 3 * (33556480.0 - 12583680.0) / 3e6) < 1e-6 && same_range(three.rank[0].experts, 0, 85) && same_range(three.rank[2].experts, 170, 86) &&
+    CHECK(ok3 && fabs(three.saved_us - 43 * 3 * (33556480.0 - 12583680.0) / 3e6) < 1e-6 &&
+          same_range(three.rank[0].experts, 0, 85) && same_range(three.rank[2].experts, 170, 86) &&
           same_range(three.rank[0].groups, 0, 2) && same_range(three.rank[2].groups, 5, 3) &&
           same_range(three.rank[0].shared, 0, 640) && same_range(three.rank[2].shared, 1280, 768) &&
           same_range(three.rank[1].vocab, 43008, 43136) && same_range(three.rank[2].vocab, 86144, 43136),

@@ -2754,7 +2754,7 @@ static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
 /* ======================================================================= GPU: forward pass */
 /* The model on the GPU mirrors the CPU forward pass kernel by kernel (each kernel's comment in
    kernels.ptx names the CPU function it computes). The state is the CPU's plan laid over one
-   device allocation: gm.state's pointers are device addresses (the driver's unified virtual
+   device allocation: gm->state's pointers are device addresses (the driver's unified virtual
    addressing makes them ordinary 64-bit values), so every buffer has the same shape and meaning
    on both paths. Beside it the GPU keeps a few buffers the CPU does not need: the mHC partial
    sums, the indexer's scores, selection and count for every token of a chunk, the active expert
@@ -2770,7 +2770,7 @@ static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
    both launch (embedding, indexer, the attention kernel, the output projection, the mHC
    mixing) come first. */
 
-#define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gm.state */
+#define DEV(p) ((CUdeviceptr)(uintptr_t)(p))   /* a device address held in a pointer of gm->state */
 #define HC_SLICE 64                            /* columns of E per block of the mHC partial sums */
 
 /* One matrix (w1, w2 or w3) of a layer's routed experts on the GPU: expert e's is the GpuLinear
@@ -2812,8 +2812,9 @@ typedef struct {
     int stream_pieces;
 } GpuLayer;
 
-/* Everything of one model on the GPU. */
-static struct {
+/* Everything of one model on the GPU: one rank's share of it ("several GPUs" below), the
+   whole model when one GPU runs it. */
+typedef struct {
     GpuLayer *layers;
     int n_layers;
     GpuLinear head;
@@ -2855,7 +2856,11 @@ static struct {
     CUdeviceptr stream_mail_dev;           /* the same, mapped into the GPU's address space */
     CUgraphExec decode_graph;              /* one decode step, captured by gpu_capture_decode */
     float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
-} gm;
+} GpuModel;
+
+#define GPUS_MAX 8                         /* ranks a model may be divided over: the GPUs of one host */
+static GpuModel gpu_ranks[GPUS_MAX];   /* rank r's share; one GPU: gpu_ranks[0], the whole model */
+static GpuModel *gm = &gpu_ranks[0];       /* the rank every GPU function below works on */
 
 /* The factor the GEMM multiplies its f32 sums by for W's layout: NVFP4's global scale, 2^-56 for
    FP8 (the GEMV layout keeps FP8 block scales as f32 times 2^56), 1 otherwise. */
@@ -2866,7 +2871,7 @@ static float gpu_gemm_factor(const GpuLinear *w) {
 /* ---------------------------------------------------------------------------------- upload */
 
 /* The model's device memory is one allocation laid out by the planner of the CPU state
-   (reserve): gpu_lay_out runs twice over the same code, first counting (gm.plan.base NULL:
+   (reserve): gpu_lay_out runs twice over the same code, first counting (gm->plan.base NULL:
    every address is 0 and nothing is uploaded), then, once the total is known to fit and is
    allocated, placing and uploading. So the bytes the fit check names are the bytes allocated. */
 
@@ -2876,7 +2881,7 @@ static float gpu_gemm_factor(const GpuLinear *w) {
 
 /* The next `bytes` of the model's arena: their device address, or 0 while counting. */
 static CUdeviceptr gm_reserve(size_t bytes) {
-    return DEV(reserve(&gm.plan, bytes, 1));
+    return DEV(reserve(&gm->plan, bytes, 1));
 }
 
 /* The address `bytes` into a region of the arena at `base` (0 while counting). */
@@ -2892,17 +2897,17 @@ static CUdeviceptr gm_floats(const float *host, size_t n) {
 /* The next `bytes` of the host region (the embedding table, the host-placed experts): their
    device address (in host_map), or 0 while counting. */
 static CUdeviceptr gm_reserve_host(size_t bytes) {
-    char *p = reserve(&gm.host_plan, bytes, 1);
+    char *p = reserve(&gm->host_plan, bytes, 1);
     return p ? host_map.dev + (CUdeviceptr)(p - host_map.base) : 0;
 }
 
 /* Upload stacks[0..n) (n = 1, or 2 for w1 and w3 of one format) of layer l's X experts in the
-   GEMV layout, each expert's matrices in device memory or in the host region as gm.on_device
+   GEMV layout, each expert's matrices in device memory or in the host region as gm->on_device
    says, and describe them in g[0..n): one address table for all n * X matrices (stack i's
    expert e is its entry i * X + e, so that one launch can reach both stacks: gpu_moe_decode)
    and one device array of their NVFP4 global scales (times 2^62). A host expert's n matrices
    are one piece of the host region (codes, scales, codes, scales, each reservation aligned);
-   when experts are streamed (gm.stream_slot_bytes) its device table entries are the piece's
+   when experts are streamed (gm->stream_slot_bytes) its device table entries are the piece's
    offsets in a streaming slot, the piece going to slot_offset (bit 0 of the codes' entry
    marks them: "Streaming the host experts"), and host_table keeps the host addresses (the
    prefill's GEMMs read there). Returns the piece's bytes. */
@@ -2912,7 +2917,7 @@ static size_t gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks
     float *gscales62 = xcalloc((size_t)n * X, sizeof(float));
     size_t piece = 0;
     for (int e = 0; e < X; e++) {
-        int device = !gm.on_device || gm.on_device[(size_t)l * X + e];
+        int device = !gm->on_device || gm->on_device[(size_t)l * X + e];
         piece = 0;
         for (int i = 0; i < n; i++) {
             Linear one = expert_matrix(stacks[i], e);
@@ -2920,7 +2925,7 @@ static size_t gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks
             CUdeviceptr *at = &table[((size_t)i * X + e) * 2], *dev_at = &device_table[((size_t)i * X + e) * 2];
             at[0] = device ? gm_reserve(code) : gm_reserve_host(code);
             at[1] = !scale ? 0 : device ? gm_reserve(scale) : gm_reserve_host(scale);
-            int streamed = !device && gm.stream_slot_bytes;
+            int streamed = !device && gm->stream_slot_bytes;
             dev_at[0] = streamed ? 1 + slot_offset + piece : at[0];
             piece += state_aligned(code);
             dev_at[1] = streamed ? slot_offset + piece : at[1];
@@ -3040,17 +3045,17 @@ static void gpu_check_limits(const Config *c) {
 
 /* Free gm's host memory (the layers' descriptions); the device arena is left alone. */
 static void gm_free_host(void) {
-    for (int l = 0; gm.layers && l < gm.n_layers; l++) {
-        GpuExperts *stacks[3] = {&gm.layers[l].w1, &gm.layers[l].w2, &gm.layers[l].w3};
+    for (int l = 0; gm->layers && l < gm->n_layers; l++) {
+        GpuExperts *stacks[3] = {&gm->layers[l].w1, &gm->layers[l].w2, &gm->layers[l].w3};
         for (int i = 0; i < 3; i++) {
             free(stacks[i]->host_factors);
             free(stacks[i]->host_table);
         }
     }
-    free(gm.layers);
-    free(gm.state.layers);
-    gm.layers = NULL;
-    gm.state.layers = NULL;
+    free(gm->layers);
+    free(gm->state.layers);
+    gm->layers = NULL;
+    gm->state.layers = NULL;
 }
 
 /* ------------------------------------------------------------------------ expert placement */
@@ -3274,18 +3279,18 @@ static void *stream_thread_main(void *unused) {
     while (!r && !__atomic_load_n(&streamer.stop, __ATOMIC_ACQUIRE)) {
         int served = 0;
         for (int l = 0; l < streamer.layers && !r; l++) {
-            StreamMail *mail = &gm.stream_mail[l];
+            StreamMail *mail = &gm->stream_mail[l];
             uint32_t tag = __atomic_load_n(&mail->tag, __ATOMIC_ACQUIRE);
             if (tag == streamer.seen[l]) continue;
             streamer.seen[l] = tag;
             int experts[STREAM_MAX_SLOTS];
             for (int k = 0; k < streamer.topk; k++) experts[k] = __atomic_load_n(&mail->expert[k], __ATOMIC_RELAXED);
-            int n = stream_copies(&gm.layers[l], gm.on_device + (size_t)l * streamer.experts, streamer.experts, experts,
-                                  streamer.topk, gm.stream_staging, gm.stream_slot_bytes, copies);
+            int n = stream_copies(&gm->layers[l], gm->on_device + (size_t)l * streamer.experts, streamer.experts, experts,
+                                  streamer.topk, gm->stream_staging, gm->stream_slot_bytes, copies);
             for (int i = 0; i < n && !r; i++) {
                 r = cu.cuMemcpyHtoDAsync(copies[i].dst, copies[i].src, copies[i].bytes, stream);
                 if (!r && copies[i].flag >= 0)
-                    r = cu.cuStreamWriteValue32(stream, gm.stream_control + SC_READY + 4 * (CUdeviceptr)copies[i].flag, tag, 0);
+                    r = cu.cuStreamWriteValue32(stream, gm->stream_control + SC_READY + 4 * (CUdeviceptr)copies[i].flag, tag, 0);
                 if (!r) __atomic_fetch_add(&streamer.bytes, copies[i].bytes, __ATOMIC_RELAXED);
             }
             if (r) snprintf(streamer.error, sizeof streamer.error, "the copy thread's copy for layer %d failed (driver error %d)", l, r);
@@ -3304,9 +3309,9 @@ static void *stream_thread_main(void *unused) {
     return NULL;
 }
 
-/* Start the copy thread for the loaded model when it streams experts (gm.stream_slot_bytes). */
+/* Start the copy thread for the loaded model when it streams experts (gm->stream_slot_bytes). */
 static void stream_start(const Config *c) {
-    if (!gm.stream_slot_bytes) return;
+    if (!gm->stream_slot_bytes) return;
     memset(&streamer, 0, sizeof streamer);
     streamer.layers = c->n_layers, streamer.experts = c->n_experts, streamer.topk = c->topk;
     streamer.seen = xcalloc((size_t)c->n_layers, sizeof *streamer.seen);
@@ -3330,40 +3335,40 @@ static void stream_stop(void) {
 static void stream_check(void) {
     if (!streamer.running) return;
     for (int l = 0; l < streamer.layers; l++)
-        if (__atomic_load_n(&gm.stream_mail[l].timed_out, __ATOMIC_ACQUIRE))
+        if (__atomic_load_n(&gm->stream_mail[l].timed_out, __ATOMIC_ACQUIRE))
             fatal("layer %d's experts in host memory did not reach the GPU within %d s%s%s", l, STREAM_TIMEOUT_NS / 1000000000,
                   __atomic_load_n(&streamer.failed, __ATOMIC_ACQUIRE) ? ": " : " (the copy thread is stuck)", streamer.error);
     if (__atomic_load_n(&streamer.failed, __ATOMIC_ACQUIRE)) fatal("%s", streamer.error);
 }
 
-/* Lay out model m for chunks of T tokens and a context of C over gm.plan: the weights in the
+/* Lay out model m for chunks of T tokens and a context of C over gm->plan: the weights in the
    kernels' layout, the state (plan_state over its own region), then the GPU's own scratch and
-   the values a decode step reads. While counting (gm.plan.base NULL) only the sizes and the
+   the values a decode step reads. While counting (gm->plan.base NULL) only the sizes and the
    descriptions are made; while placing, everything is uploaded too (a progress bar on a tty). */
 static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     const Config *c = &m->config;
-    int E = c->hidden_size, X = c->n_experts, L = c->n_layers, placing = gm.plan.base != NULL;
+    int E = c->hidden_size, X = c->n_experts, L = c->n_layers, placing = gm->plan.base != NULL;
     /* experts on the host are streamed in decode through K slots of one expert each */
-    gm.stream_slot_bytes = gm.on_device && memchr(gm.on_device, 0, (size_t)L * X) ? stream_slot_bytes(m) : 0;
-    if (gm.stream_slot_bytes > UINT32_MAX)   /* GemvStream.slot_bytes */
+    gm->stream_slot_bytes = gm->on_device && memchr(gm->on_device, 0, (size_t)L * X) ? stream_slot_bytes(m) : 0;
+    if (gm->stream_slot_bytes > UINT32_MAX)   /* GemvStream.slot_bytes */
         fatal("the GPU path streams experts of at most 4 GiB, and one of this model's takes %.2f GiB",
-              gm.stream_slot_bytes / 1073741824.0);
+              gm->stream_slot_bytes / 1073741824.0);
     /* with experts in host memory, the embedding table goes there too: a token reads one row
        of it (E * 2 bytes over PCIe), and its device memory holds more experts instead */
-    gm.embed = gm.on_device ? gm_reserve_host(m->embed.nbytes) : gm_reserve(m->embed.nbytes);
-    if (placing && m->embed.data) gm_write(gm.embed, m->embed.data, m->embed.nbytes);
-    if (placing && !m->embed.data) gpu_fill_random(gm.embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
-    gm_linear(&gm.head, &m->head);
-    gm.norm = gm_floats(m->norm, (size_t)E);
-    gm.hc_head_fn = gm_floats(m->hc_head.fn, (size_t)HC * HC * E);
-    gm.hc_head_base = gm_floats(m->hc_head.base, HC);
-    gm.hc_head_scale = gm_floats(m->hc_head.scale, 1);
-    gm.layers = xcalloc((size_t)L, sizeof(GpuLayer));
-    gm.n_layers = L;
+    gm->embed = gm->on_device ? gm_reserve_host(m->embed.nbytes) : gm_reserve(m->embed.nbytes);
+    if (placing && m->embed.data) gm_write(gm->embed, m->embed.data, m->embed.nbytes);
+    if (placing && !m->embed.data) gpu_fill_random(gm->embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
+    gm_linear(&gm->head, &m->head);
+    gm->norm = gm_floats(m->norm, (size_t)E);
+    gm->hc_head_fn = gm_floats(m->hc_head.fn, (size_t)HC * HC * E);
+    gm->hc_head_base = gm_floats(m->hc_head.base, HC);
+    gm->hc_head_scale = gm_floats(m->hc_head.scale, 1);
+    gm->layers = xcalloc((size_t)L, sizeof(GpuLayer));
+    gm->n_layers = L;
     size_t mix = (size_t)(2 + HC) * HC;
     for (int l = 0; l < L; l++) {
         const Layer *w = &m->layers[l];
-        GpuLayer *g = &gm.layers[l];
+        GpuLayer *g = &gm->layers[l];
         int ratio = c->compress_ratio[l], parts = c->attn_kind[l] == ATTN_CSA ? 2 : 1;
         if (!gm_linear_stack((GpuLinear *[]){&g->wq_a, &g->wkv}, (const Linear *[]){&w->wq_a, &w->wkv}, 2, &g->wq_a_wkv)) {
             gm_linear(&g->wq_a, &w->wq_a);
@@ -3439,53 +3444,53 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     }
 
     /* the state: the CPU's plan over a region of the arena, then the GPU's own scratch */
-    char *state_arena = reserve(&gm.plan, state_bytes(c, T, C, all_logits), 1);
-    gm.state.layers = xcalloc((size_t)L, sizeof(LayerCache));
-    plan_state(&gm.state, c, T, C, all_logits, state_arena);
+    char *state_arena = reserve(&gm->plan, state_bytes(c, T, C, all_logits), 1);
+    gm->state.layers = xcalloc((size_t)L, sizeof(LayerCache));
+    plan_state(&gm->state, c, T, C, all_logits, state_arena);
     if (placing) {
         float *inv_freq = xcalloc((size_t)c->rope_dim / 2 + 1, sizeof(float));
         rope_frequencies(c, 0, inv_freq);
-        gm_write(DEV(gm.state.rope_main.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+        gm_write(DEV(gm->state.rope_main.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
         rope_frequencies(c, 1, inv_freq);
-        gm_write(DEV(gm.state.rope_compress.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
+        gm_write(DEV(gm->state.rope_compress.inv_freq), inv_freq, (size_t)c->rope_dim / 2 * sizeof(float));
         free(inv_freq);
     }
-    gm.hc_slices = (E + HC_SLICE - 1) / HC_SLICE;
-    gm.hc_partial = gm_reserve((size_t)T * mix * gm.hc_slices * sizeof(double));
-    gm.hc_partial_ss = gm_reserve((size_t)T * gm.hc_slices * sizeof(double));
+    gm->hc_slices = (E + HC_SLICE - 1) / HC_SLICE;
+    gm->hc_partial = gm_reserve((size_t)T * mix * gm->hc_slices * sizeof(double));
+    gm->hc_partial_ss = gm_reserve((size_t)T * gm->hc_slices * sizeof(double));
     int min_ratio = 0;
     for (int l = 0; l < L; l++)
         if (c->attn_kind[l] == ATTN_CSA && (!min_ratio || c->compress_ratio[l] < min_ratio)) min_ratio = c->compress_ratio[l];
-    gm.score_stride = min_ratio ? C / min_ratio : 1;
-    gm.index_scores = gm_reserve((size_t)T * gm.score_stride * sizeof(float));
-    gm.selected = gm_reserve((size_t)T * (c->index_topk ? c->index_topk : 1) * sizeof(int32_t));
-    gm.n_selected = gm_reserve((size_t)T * sizeof(int32_t));
-    gm.active_experts = gm_reserve((size_t)X * sizeof(int32_t));
-    gm.active_count = gm_reserve(sizeof(int32_t));
+    gm->score_stride = min_ratio ? C / min_ratio : 1;
+    gm->index_scores = gm_reserve((size_t)T * gm->score_stride * sizeof(float));
+    gm->selected = gm_reserve((size_t)T * (c->index_topk ? c->index_topk : 1) * sizeof(int32_t));
+    gm->n_selected = gm_reserve((size_t)T * sizeof(int32_t));
+    gm->active_experts = gm_reserve((size_t)X * sizeof(int32_t));
+    gm->active_count = gm_reserve(sizeof(int32_t));
     int32_t identity[64];
     for (int k = 0; k < c->topk; k++) identity[k] = k;
-    gm.slot_identity = gm_reserve((size_t)c->topk * sizeof(int32_t));
-    if (placing) gm_write(gm.slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
-    gm.probs = gm_reserve((size_t)c->vocab_size * sizeof(float));
-    gm.attn_splits = attention_splits(c);
-    gm.attn_partial = gm_reserve((size_t)c->n_heads * gm.attn_splits * (c->head_dim + 4) * sizeof(float));
-    gm.attn_counter = gm_reserve((size_t)c->n_heads * sizeof(uint32_t));
-    gm.qr_kv = gm_reserve((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
-    gm.shared_act = gm_reserve(2 * (size_t)c->moe_inter * sizeof(float));
-    gm.csa_out = gm_reserve((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
-    gm.pos = gm_reserve(sizeof(int32_t));
-    gm.tokens = gm_reserve((size_t)T * sizeof(int32_t));
-    gm.rng = gm_reserve(sizeof(uint64_t));
-    gm.out_token = gm_reserve(sizeof(int32_t));
-    gm.recent = gm_reserve(REPEAT_LAST_N_MAX * sizeof(int32_t));
-    gm.n_fed = gm_reserve(sizeof(uint32_t));
-    gm.hits = gm_reserve((size_t)L * X * sizeof(uint32_t));
-    if (gm.stream_slot_bytes) {
-        gm.stream_staging = gm_reserve((size_t)c->topk * gm.stream_slot_bytes);
-        gm.stream_control = gm_reserve(SC_BYTES);
-        gm.stream_mail_dev = gm_reserve_host((size_t)L * sizeof(StreamMail));
-        gm.stream_mail = host_address(gm.stream_mail_dev);   /* NULL while counting */
-        if (gm.stream_mail) memset(gm.stream_mail, 0, (size_t)L * sizeof(StreamMail));
+    gm->slot_identity = gm_reserve((size_t)c->topk * sizeof(int32_t));
+    if (placing) gm_write(gm->slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
+    gm->probs = gm_reserve((size_t)c->vocab_size * sizeof(float));
+    gm->attn_splits = attention_splits(c);
+    gm->attn_partial = gm_reserve((size_t)c->n_heads * gm->attn_splits * (c->head_dim + 4) * sizeof(float));
+    gm->attn_counter = gm_reserve((size_t)c->n_heads * sizeof(uint32_t));
+    gm->qr_kv = gm_reserve((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
+    gm->shared_act = gm_reserve(2 * (size_t)c->moe_inter * sizeof(float));
+    gm->csa_out = gm_reserve((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
+    gm->pos = gm_reserve(sizeof(int32_t));
+    gm->tokens = gm_reserve((size_t)T * sizeof(int32_t));
+    gm->rng = gm_reserve(sizeof(uint64_t));
+    gm->out_token = gm_reserve(sizeof(int32_t));
+    gm->recent = gm_reserve(REPEAT_LAST_N_MAX * sizeof(int32_t));
+    gm->n_fed = gm_reserve(sizeof(uint32_t));
+    gm->hits = gm_reserve((size_t)L * X * sizeof(uint32_t));
+    if (gm->stream_slot_bytes) {
+        gm->stream_staging = gm_reserve((size_t)c->topk * gm->stream_slot_bytes);
+        gm->stream_control = gm_reserve(SC_BYTES);
+        gm->stream_mail_dev = gm_reserve_host((size_t)L * sizeof(StreamMail));
+        gm->stream_mail = host_address(gm->stream_mail_dev);   /* NULL while counting */
+        if (gm->stream_mail) memset(gm->stream_mail, 0, (size_t)L * sizeof(StreamMail));
     }
 }
 
@@ -3538,7 +3543,7 @@ static void host_lock_limits(char *out, size_t n) {
    gpu_lay_out counts the bytes with everything on the device; when they do not fit the room
    (the free memory less GPU_HEADROOM, or the cap, in GPU_ALLOC_GRANULE pages), the embedding
    table and the experts that do not fit beside the rest and the K streaming slots go to host
-   memory (place_experts) and the layout is counted again. Sets `placed` and gm.on_device ([L, X], NULL when everything
+   memory (place_experts) and the layout is counted again. Sets `placed` and gm->on_device ([L, X], NULL when everything
    fits on the device; the caller frees it); the rest of gm is left counted. Returns 0 with the
    refusal, naming the numbers, in why[n] when the layout is too large to address or the part
    other than the experts and the embedding table (with the slots when experts stream) does not fit. */
@@ -3546,15 +3551,15 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
                               char *why, size_t n) {
     const Config *c = &m->config;
     int L = c->n_layers, X = c->n_experts;
-    memset(&gm, 0, sizeof gm);
+    memset(gm, 0, sizeof *gm);
     memset(&placed, 0, sizeof placed);
     gpu_lay_out(m, T, C, all_logits);
     gm_free_host();
-    if (gm.plan.total == SIZE_MAX) {
+    if (gm->plan.total == SIZE_MAX) {
         snprintf(why, n, "the model's GPU layout for --ctx %d and --chunk %d is too large to address", C, T);
         return 0;
     }
-    size_t all_device = gm.plan.total, cap = budget && budget->device_cap ? budget->device_cap : SIZE_MAX;
+    size_t all_device = gm->plan.total, cap = budget && budget->device_cap ? budget->device_cap : SIZE_MAX;
     size_t usable = free_bytes > GPU_HEADROOM ? free_bytes - GPU_HEADROOM : 0;
     size_t room = (cap < usable ? cap : usable) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
     const uint64_t *profile = budget ? budget->profile : NULL;
@@ -3586,13 +3591,13 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
                                 embed_row_bytes(m);   /* and the token's embedding row */
         free(device_bytes);
         free(read_bytes);
-        memset(&gm, 0, sizeof gm);   /* counted again, the placed experts and the embedding on the host */
-        gm.on_device = on_device;
+        memset(gm, 0, sizeof *gm);   /* counted again, the placed experts and the embedding on the host */
+        gm->on_device = on_device;
         gpu_lay_out(m, T, C, all_logits);
         gm_free_host();
     }
-    placed.device_bytes = (gm.plan.total + GPU_ALLOC_GRANULE - 1) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
-    placed.host_bytes = gm.host_plan.total;
+    placed.device_bytes = (gm->plan.total + GPU_ALLOC_GRANULE - 1) / GPU_ALLOC_GRANULE * GPU_ALLOC_GRANULE;
+    placed.host_bytes = gm->host_plan.total;
     return 1;
 }
 
@@ -3610,12 +3615,12 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
     gpu_check_limits(c);
     CU_CHECK(cu.cuMemGetInfo(&free_bytes, &total_bytes));
     if (!gpu_plan_placement(m, T, C, all_logits, free_bytes, budget, why, sizeof why)) fatal("%s", why);
-    const uint8_t *on_device = gm.on_device;
+    const uint8_t *on_device = gm->on_device;
     size_t bytes = placed.device_bytes, host_bytes = placed.host_bytes;
     if (!gpu_fits(bytes, why, sizeof why)) fatal("the model %s", why);
     double start = now_seconds();
-    memset(&gm, 0, sizeof gm);
-    gm.on_device = on_device;
+    memset(gm, 0, sizeof *gm);
+    gm->on_device = on_device;
     if (host_bytes) {
         size_t available = host_memory_available();
         if (host_bytes > available)
@@ -3630,18 +3635,18 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
         }
         CU_CHECK(cu.cuMemHostGetDevicePointer(&host_map.dev, host_map.base, 0));
         host_map.bytes = host_bytes;
-        gm.host_plan.base = host_map.base;
+        gm->host_plan.base = host_map.base;
     }
-    gm.arena = gpu_alloc(bytes);
-    gm.arena_bytes = bytes;
-    CU_CHECK(cu.cuMemsetD8Async(gm.arena, 0, bytes, gpu.stream));   /* the state at position 0, the counters 0 */
-    gm.plan.base = (char *)(uintptr_t)gm.arena;
+    gm->arena = gpu_alloc(bytes);
+    gm->arena_bytes = bytes;
+    CU_CHECK(cu.cuMemsetD8Async(gm->arena, 0, bytes, gpu.stream));   /* the state at position 0, the counters 0 */
+    gm->plan.base = (char *)(uintptr_t)gm->arena;
     gpu_staging_open();
     gpu_lay_out(m, T, C, all_logits);
     gpu_staging_close();
     stream_start(c);
-    gm.host_logits = xcalloc((size_t)(all_logits ? T : 1) * m->config.vocab_size, sizeof(float));
-    gm.prefill_hits = xcalloc((size_t)L * X, sizeof(uint64_t));
+    gm->host_logits = xcalloc((size_t)(all_logits ? T : 1) * m->config.vocab_size, sizeof(float));
+    gm->prefill_hits = xcalloc((size_t)L * X, sizeof(uint64_t));
     return now_seconds() - start;
 }
 
@@ -3649,13 +3654,13 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
    bytes a token is expected to read over PCIe. */
 static void gpu_placement_line(char *out, size_t n) {
     if (!host_map.bytes) {
-        snprintf(out, n, "%.2f GiB on the GPU (everything)", gm.arena_bytes / 1073741824.0);
+        snprintf(out, n, "%.2f GiB on the GPU (everything)", gm->arena_bytes / 1073741824.0);
         return;
     }
     char experts[64] = "";
     if (placed.host_experts) snprintf(experts, sizeof experts, " and %d of the %d routed experts", placed.host_experts, placed.experts);
     snprintf(out, n, "%.2f GiB on the GPU (everything but the embedding table%s), %.2f GiB of %s in page-locked host "
-             "memory: %.2f GB a token over PCIe expected", gm.arena_bytes / 1073741824.0, experts,
+             "memory: %.2f GB a token over PCIe expected", gm->arena_bytes / 1073741824.0, experts,
              host_map.bytes / 1073741824.0, placed.host_experts ? "those" : "it", placed.pcie_per_token / 1e9);
 }
 
@@ -3663,23 +3668,23 @@ static void gpu_placement_line(char *out, size_t n) {
 static void gpu_expert_hits(uint64_t *hits, int L, int X) {
     size_t n = (size_t)L * X;
     uint32_t *decode = xcalloc(n, sizeof *decode);
-    gpu_download(decode, gm.hits, n * sizeof *decode);
-    for (size_t i = 0; i < n; i++) hits[i] = gm.prefill_hits[i] + decode[i];
+    gpu_download(decode, gm->hits, n * sizeof *decode);
+    for (size_t i = 0; i < n; i++) hits[i] = gm->prefill_hits[i] + decode[i];
     free(decode);
 }
 
 /* Free everything gpu_load_model allocated. */
 static void gpu_unload(void) {
     stream_stop();
-    if (gm.decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm.decode_graph));
-    gpu_free(gm.arena);
+    if (gm->decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm->decode_graph));
+    gpu_free(gm->arena);
     if (host_map.base) CU_CHECK(cu.cuMemFreeHost(host_map.base));
     memset(&host_map, 0, sizeof host_map);
     gm_free_host();
-    free(gm.host_logits);
-    free(gm.prefill_hits);
-    free((void *)gm.on_device);
-    memset(&gm, 0, sizeof gm);
+    free(gm->host_logits);
+    free(gm->prefill_hits);
+    free((void *)gm->on_device);
+    memset(gm, 0, sizeof *gm);
 }
 
 /* -------------------------------------------------------------------------------- launches */
@@ -3734,7 +3739,7 @@ static void gpu_row_norm_rope(CUdeviceptr x, int T, int n_heads, int dim, int no
     RowNormRopeArgs args = {
         .x = x, .n_heads = (uint32_t)n_heads, .dim = (uint32_t)dim, .do_norm = (uint32_t)norm, .weight = weight,
         .eps = eps, .rope_dim = (uint32_t)rope_dim, .inv_freq = rope ? DEV(rope->inv_freq) : 0,
-        .rope_scale = rope ? rope->scale : 1, .pos0_ptr = gm.pos, .ring = ring, .ring_rows = (uint32_t)ring_rows};
+        .rope_scale = rope ? rope->scale : 1, .pos0_ptr = gm->pos, .ring = ring, .ring_rows = (uint32_t)ring_rows};
     LAUNCH(K_ROW_NORM_ROPE, (unsigned)n_heads, (unsigned)T, 1, 128, 0, args);
 }
 
@@ -3749,10 +3754,10 @@ static CompressorArgs compressor_args(CompressorCache *s, CUdeviceptr ape, CUdev
 /* Feed the chunk's projections into n (1 or 2) compressors of one ratio, one block each,
    emitting entries as windows close. Mirrors compressor_feed. */
 static void gpu_compressors(const Config *c, const CompressorArgs *comp, int n, int ratio, int T) {
-    const Rope *r = &gm.state.rope_compress;
+    const Rope *r = &gm->state.rope_compress;
     CompressorUpdateArgs args = {
         .comp = {comp[0], n > 1 ? comp[1] : comp[0]}, .T = (uint32_t)T, .ratio = (uint32_t)ratio, .eps = c->rms_eps,
-        .rope_dim = (uint32_t)c->rope_dim, .inv_freq = DEV(r->inv_freq), .rope_scale = r->scale, .pos0_ptr = gm.pos};
+        .rope_dim = (uint32_t)c->rope_dim, .inv_freq = DEV(r->inv_freq), .rope_scale = r->scale, .pos0_ptr = gm->pos};
     LAUNCH(K_COMPRESSOR, (unsigned)n, 1, 1, 256, 0, args);
 }
 
@@ -3765,7 +3770,7 @@ static size_t gpu_scale_rows_bytes(const GpuLinear *g, int rows) {
 
 /* The RoPE of layer l's queries and keys: "main" for sliding-window layers, "compress" else. */
 static const Rope *gpu_layer_rope(const Config *c, int l) {
-    return c->attn_kind[l] == ATTN_SLIDING ? &gm.state.rope_main : &gm.state.rope_compress;
+    return c->attn_kind[l] == ATTN_SLIDING ? &gm->state.rope_main : &gm->state.rope_compress;
 }
 
 /* ------------------------------------------------------------- stages both paths launch */
@@ -3773,58 +3778,58 @@ static const Rope *gpu_layer_rope(const Config *c, int l) {
 /* The embedding of tokens[0..T) into the streams h, and the first site's partial mixing sums.
    Mirrors forward()'s embedding and the sums of hc_mix. */
 static void gpu_embed(const Config *c, int T) {
-    Scratch *w = &gm.state.scratch;
+    Scratch *w = &gm->state.scratch;
     int E = c->hidden_size, mix = (2 + HC) * HC;
-    EmbedStreamsArgs embed = {.h = DEV(w->h), .embed = gm.embed, .tokens = gm.tokens, .E = (uint32_t)E,
-                              .step = T == 1 && gm.stream_slot_bytes ? gm.stream_control + SC_STEP : 0};   /* a decode step */
+    EmbedStreamsArgs embed = {.h = DEV(w->h), .embed = gm->embed, .tokens = gm->tokens, .E = (uint32_t)E,
+                              .step = T == 1 && gm->stream_slot_bytes ? gm->stream_control + SC_STEP : 0};   /* a decode step */
     LAUNCH(K_EMBED, (unsigned)(E + 255) / 256, (unsigned)T, 1, 256, 0, embed);
-    HcMixPartialArgs sums = {.partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .h = DEV(w->h),
-                             .fn = gm.layers[0].hc_attn_fn, .E = (uint32_t)E, .rows = (uint32_t)mix, .slice = HC_SLICE};
-    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, sums);
+    HcMixPartialArgs sums = {.partial = gm->hc_partial, .partial_ss = gm->hc_partial_ss, .h = DEV(w->h),
+                             .fn = gm->layers[0].hc_attn_fn, .E = (uint32_t)E, .rows = (uint32_t)mix, .slice = HC_SLICE};
+    LAUNCH(K_HC_MIX, (unsigned)gm->hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, sums);
 }
 
 /* CSA: the indexer's scores of the compressed entries for each of the T queries (the kernel
    rotates index_q as it stages it, weighs the heads by index_w [T, NI]), then each query's
    top-k entries into selected / n_selected. Mirrors select_entries. */
 static void gpu_indexer(const Config *c, int l, int T, CUdeviceptr index_w) {
-    Scratch *w = &gm.state.scratch;
-    const LayerCache *ls = &gm.state.layers[l];
-    const Rope *r = &gm.state.rope_compress;
+    Scratch *w = &gm->state.scratch;
+    const LayerCache *ls = &gm->state.layers[l];
+    const Rope *r = &gm->state.rope_compress;
     int NI = c->index_heads, DI = c->index_dim, R = c->rope_dim, ratio = c->compress_ratio[l];
-    unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm.score_stride + 31) / 32;
+    unsigned smem = (unsigned)(NI * (DI + 4) * 4 + NI * 4 + R * 4), tiles = (unsigned)(gm->score_stride + 31) / 32;
     IndexerScoresArgs scores = {
-        .scores = gm.index_scores, .score_stride = (uint32_t)gm.score_stride, .index_q = DEV(w->index_q),
+        .scores = gm->index_scores, .score_stride = (uint32_t)gm->score_stride, .index_q = DEV(w->index_q),
         .index_w = index_w, .index_keys = DEV(ls->index_comp.entries), .NI = (uint32_t)NI, .DI = (uint32_t)DI,
-        .ratio = (uint32_t)ratio, .pos0_ptr = gm.pos, .rope_dim = (uint32_t)R, .inv_freq = DEV(r->inv_freq),
+        .ratio = (uint32_t)ratio, .pos0_ptr = gm->pos, .rope_dim = (uint32_t)R, .inv_freq = DEV(r->inv_freq),
         .rope_scale = r->scale};
     LAUNCH(K_INDEXER_SCORES, tiles < 792 ? tiles : 792, (unsigned)T, 1, 256, smem, scores);
-    TopKSelectArgs top = {.scores = gm.index_scores, .score_stride = (uint32_t)gm.score_stride, .selected = gm.selected,
-                          .sel_stride = (uint32_t)c->index_topk, .n_selected = gm.n_selected,
-                          .k = (uint32_t)c->index_topk, .ratio = (uint32_t)ratio, .pos0_ptr = gm.pos};
+    TopKSelectArgs top = {.scores = gm->index_scores, .score_stride = (uint32_t)gm->score_stride, .selected = gm->selected,
+                          .sel_stride = (uint32_t)c->index_topk, .n_selected = gm->n_selected,
+                          .k = (uint32_t)c->index_topk, .ratio = (uint32_t)ratio, .pos0_ptr = gm->pos};
     LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, top);
 }
 
 /* Each of the T queries q [T, H, D] (normalized and rotated by the kernel) over its window and
    compressed entries, with the sink, into attn [T, H, D]. `new_key` is decode's kv [D] (the
    kernel normalizes, rotates and writes it into the ring first, and a head's keys are split
-   over gm.attn_splits blocks for CSA/HCA layers); 0 in prefill, where the ring holds the
+   over gm->attn_splits blocks for CSA/HCA layers); 0 in prefill, where the ring holds the
    chunk's keys already. Mirrors attention()'s loop over queries (attend). */
 static void gpu_attend(const Config *c, int l, int T, CUdeviceptr new_key) {
-    const GpuLayer *g = &gm.layers[l];
-    Scratch *w = &gm.state.scratch;
-    LayerCache *ls = &gm.state.layers[l];
+    const GpuLayer *g = &gm->layers[l];
+    Scratch *w = &gm->state.scratch;
+    LayerCache *ls = &gm->state.layers[l];
     const Rope *rope_l = gpu_layer_rope(c, l);
     int H = c->n_heads, D = c->head_dim, ratio = c->compress_ratio[l];
     int mode = c->attn_kind[l] == ATTN_CSA ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
-    int splits = new_key && mode ? gm.attn_splits : 1;
+    int splits = new_key && mode ? gm->attn_splits : 1;
     AttentionDecodeArgs args = {
         .q = DEV(w->q), .attn = DEV(w->attn), .H = (uint32_t)H, .D = (uint32_t)D, .sink = g->attn_sink,
-        .ring = DEV(ls->keys), .ring_rows = (uint32_t)ring_rows(&gm.state, c), .window = (uint32_t)c->sliding_window,
-        .entries = DEV(ls->comp.entries), .comp_mode = (uint32_t)mode, .selected = gm.selected,
-        .n_selected = gm.n_selected, .sel_stride = (uint32_t)c->index_topk, .ratio = (uint32_t)(ratio ? ratio : 1),
+        .ring = DEV(ls->keys), .ring_rows = (uint32_t)ring_rows(&gm->state, c), .window = (uint32_t)c->sliding_window,
+        .entries = DEV(ls->comp.entries), .comp_mode = (uint32_t)mode, .selected = gm->selected,
+        .n_selected = gm->n_selected, .sel_stride = (uint32_t)c->index_topk, .ratio = (uint32_t)(ratio ? ratio : 1),
         .rope_dim = (uint32_t)c->rope_dim, .inv_freq = DEV(rope_l->inv_freq), .rope_scale = rope_l->scale,
-        .pos0_ptr = gm.pos, .eps = c->rms_eps, .kv = new_key, .kv_norm = g->kv_norm, .partial = gm.attn_partial,
-        .counter = gm.attn_counter};
+        .pos0_ptr = gm->pos, .eps = c->rms_eps, .kv = new_key, .kv_norm = g->kv_norm, .partial = gm->attn_partial,
+        .counter = gm->attn_counter};
     LAUNCH(K_ATTENTION, (unsigned)H, (unsigned)T, (unsigned)splits, 512, 0, args);
 }
 
@@ -3832,8 +3837,8 @@ static void gpu_attend(const Config *c, int l, int T, CUdeviceptr new_key) {
    (one token: the groups as the slots of one GEMV where wo_a's layout allows), then wo_b ->
    block_out [T, E]. Mirrors the end of attention(). */
 static void gpu_output_projection(const Config *c, int l, int T) {
-    const GpuLayer *g = &gm.layers[l];
-    Scratch *w = &gm.state.scratch;
+    const GpuLayer *g = &gm->layers[l];
+    Scratch *w = &gm->state.scratch;
     int H = c->n_heads, D = c->head_dim, G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
     if (T == 1 && G <= GEMV_MAX_SLOTS && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {
         GpuLinear group = g->wo_a;
@@ -3860,22 +3865,22 @@ static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) 
    partial mixing sums: fn/rows of the next site (the next layer's attention, the ffn of this
    layer, or the head). Mirrors hc_post (+ moe's combine) and the sums of hc_mix. */
 static void gpu_hc_post_mix(int T, CUdeviceptr fn, int rows, int moe, int K, const Config *c) {
-    Scratch *w = &gm.state.scratch;
+    Scratch *w = &gm->state.scratch;
     HcPostMixArgs args = {
-        .partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .h = DEV(w->h), .fn = fn,
+        .partial = gm->hc_partial, .partial_ss = gm->hc_partial_ss, .h = DEV(w->h), .fn = fn,
         .E = (uint32_t)c->hidden_size, .rows = (uint32_t)rows, .slice = HC_SLICE, .block_out = DEV(w->block_out),
         .post = DEV(w->post), .comb = DEV(w->comb), .expert_out = moe ? DEV(w->expert_out) : 0,
-        .route_weight = DEV(w->route_weight), .slot_row = T == 1 ? gm.slot_identity : DEV(w->slot_row), .K = (uint32_t)K};
-    LAUNCH(K_HC_POST_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * rows), 0, args);
+        .route_weight = DEV(w->route_weight), .slot_row = T == 1 ? gm->slot_identity : DEV(w->slot_row), .K = (uint32_t)K};
+    LAUNCH(K_HC_POST_MIX, (unsigned)gm->hc_slices, (unsigned)T, 1, (unsigned)(8 * rows), 0, args);
 }
 
 /* The mixing after layer l's attention (into the sums of its MoE site) or after its MoE (into
    the next layer's attention site, or the head's after the last layer). */
 static void gpu_after_block(const Config *c, int l, int T, int moe) {
     int mix = (2 + HC) * HC;
-    if (!moe) gpu_hc_post_mix(T, gm.layers[l].hc_ffn_fn, mix, 0, c->topk, c);
-    else if (l + 1 < c->n_layers) gpu_hc_post_mix(T, gm.layers[l + 1].hc_attn_fn, mix, 1, c->topk, c);
-    else gpu_hc_post_mix(T, gm.hc_head_fn, HC, 1, c->topk, c);
+    if (!moe) gpu_hc_post_mix(T, gm->layers[l].hc_ffn_fn, mix, 0, c->topk, c);
+    else if (l + 1 < c->n_layers) gpu_hc_post_mix(T, gm->layers[l + 1].hc_attn_fn, mix, 1, c->topk, c);
+    else gpu_hc_post_mix(T, gm->hc_head_fn, HC, 1, c->topk, c);
 }
 
 /* ===================================================================== GPU: prefill a chunk */
@@ -3886,11 +3891,11 @@ static void gpu_after_block(const Config *c, int l, int T, int moe) {
 /* x[n, E] = RMSNorm(collapse of the streams) for n tokens from t0, with post and comb for a
    block site (rows 24) or the head's pre only (rows 4). Mirrors hc_pre / hc_head + rmsnorm. */
 static void gpu_hc_finish(const Config *c, int n, int t0, CUdeviceptr base, CUdeviceptr scale, CUdeviceptr norm, int rows) {
-    Scratch *w = &gm.state.scratch;
+    Scratch *w = &gm->state.scratch;
     HcFinishArgs args = {
         .x = DEV(w->x), .post_out = rows == 24 ? DEV(w->post) : 0, .comb_out = rows == 24 ? DEV(w->comb) : 0,
-        .h = DEV(w->h), .partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .base = base, .scale = scale,
-        .norm_weight = norm, .E = (uint32_t)c->hidden_size, .rows = (uint32_t)rows, .S = (uint32_t)gm.hc_slices,
+        .h = DEV(w->h), .partial = gm->hc_partial, .partial_ss = gm->hc_partial_ss, .base = base, .scale = scale,
+        .norm_weight = norm, .E = (uint32_t)c->hidden_size, .rows = (uint32_t)rows, .S = (uint32_t)gm->hc_slices,
         .t0 = (uint32_t)t0, .hc_eps = c->hc_eps, .rms_eps = c->rms_eps, .sinkhorn_iters = (uint32_t)c->sinkhorn_iters};
     LAUNCH(K_HC_FINISH, (unsigned)n, 1, 1, 1024, 0, args);
 }
@@ -3902,9 +3907,9 @@ static void gpu_hc_finish(const Config *c, int n, int t0, CUdeviceptr base, CUde
    queries, the output projection. */
 static void gpu_attention_prefill(const Model *m, int l, int T) {
     const Config *c = &m->config;
-    const GpuLayer *g = &gm.layers[l];
-    Scratch *w = &gm.state.scratch;
-    LayerCache *ls = &gm.state.layers[l];
+    const GpuLayer *g = &gm->layers[l];
+    Scratch *w = &gm->state.scratch;
+    LayerCache *ls = &gm->state.layers[l];
     int D = c->head_dim, ratio = c->compress_ratio[l], csa = c->attn_kind[l] == ATTN_CSA;
     CUdeviceptr x = DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv), comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate);
 
@@ -3913,7 +3918,7 @@ static void gpu_attention_prefill(const Model *m, int l, int T) {
     gpu_row_norm_rope(qr, T, 1, c->q_lora_rank, 1, g->q_norm, c->rms_eps, 0, NULL, 0, 0);
     gpu_linear(&g->wq_b, qr, DEV(w->q), T);
     gpu_row_norm_rope(kv, T, 1, D, 1, g->kv_norm, c->rms_eps, c->rope_dim, gpu_layer_rope(c, l), DEV(ls->keys),
-                      ring_rows(&gm.state, c));
+                      ring_rows(&gm->state, c));
 
     if (ratio) {
         gpu_linear(&g->comp_wkv, x, comp_kv, T);
@@ -3959,8 +3964,8 @@ static void gpu_expert_gemm(const GpuExperts *g, CUdeviceptr x, CUdeviceptr y, c
    host reads the expert counts to size one GEMM per chosen expert. */
 static void gpu_moe_prefill(const Model *m, int l, int T) {
     const Config *c = &m->config;
-    const GpuLayer *g = &gm.layers[l];
-    Scratch *w = &gm.state.scratch;
+    const GpuLayer *g = &gm->layers[l];
+    Scratch *w = &gm->state.scratch;
     int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
     CUdeviceptr x = DEV(w->x);
     gpu_linear(&g->gate, x, DEV(w->router), T);
@@ -3969,15 +3974,15 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
     gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
     gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
     RouteTokensArgs route = {
-        .router = DEV(w->router), .bias = g->gate_bias, .tid2eid = g->tid2eid, .tokens = gm.tokens,
+        .router = DEV(w->router), .bias = g->gate_bias, .tid2eid = g->tid2eid, .tokens = gm->tokens,
         .chosen = DEV(w->chosen), .route_weight = DEV(w->route_weight), .expert_start = DEV(w->expert_start),
-        .slot_order = DEV(w->slot_order), .slot_row = DEV(w->slot_row), .active_experts = gm.active_experts,
-        .active_count = gm.active_count, .T = (uint32_t)T, .X = (uint32_t)X, .K = (uint32_t)K,
+        .slot_order = DEV(w->slot_order), .slot_row = DEV(w->slot_row), .active_experts = gm->active_experts,
+        .active_count = gm->active_count, .T = (uint32_t)T, .X = (uint32_t)X, .K = (uint32_t)K,
         .routed_scaling = c->routed_scaling};
     LAUNCH(K_ROUTE, 1, 1, 1, 1024, 0, route);
     int *start = xcalloc((size_t)X + 1, sizeof(int));
     gpu_download(start, DEV(w->expert_start), ((size_t)X + 1) * sizeof(int));
-    for (int e = 0; e < X; e++) gm.prefill_hits[(size_t)l * X + e] += (uint64_t)(start[e + 1] - start[e]);
+    for (int e = 0; e < X; e++) gm->prefill_hits[(size_t)l * X + e] += (uint64_t)(start[e + 1] - start[e]);
     GatherRowsArgs gather = {.dst = DEV(w->expert_x), .src = x, .slot_order = DEV(w->slot_order), .K = (uint32_t)K,
                              .E = (uint32_t)E};
     LAUNCH(K_GATHER, (unsigned)(T * K), 1, 1, 256, 0, gather);
@@ -3989,15 +3994,15 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
 }
 
 /* The chunk of T > 1 tokens at tokens[0..T) and position *pos through the model: logits of
-   every row [T, V] when all_logits, else of the last [1, V], into gm.state.scratch.logits. Does
+   every row [T, V] when all_logits, else of the last [1, V], into gm->state.scratch.logits. Does
    not advance *pos. Mirrors forward(). */
 static void gpu_prefill(const Model *m, int T, int all_logits) {
     const Config *c = &m->config;
-    Scratch *w = &gm.state.scratch;
+    Scratch *w = &gm->state.scratch;
     int mix = (2 + HC) * HC;
     gpu_embed(c, T);
     for (int l = 0; l < c->n_layers; l++) {
-        const GpuLayer *g = &gm.layers[l];
+        const GpuLayer *g = &gm->layers[l];
         gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
         gpu_attention_prefill(m, l, T);
         gpu_after_block(c, l, T, 0);
@@ -4006,8 +4011,8 @@ static void gpu_prefill(const Model *m, int T, int all_logits) {
         gpu_after_block(c, l, T, 1);
     }
     int rows = all_logits ? T : 1;
-    gpu_hc_finish(c, rows, T - rows, gm.hc_head_base, gm.hc_head_scale, gm.norm, HC);
-    gpu_linear(&gm.head, DEV(w->x), DEV(w->logits), rows);
+    gpu_hc_finish(c, rows, T - rows, gm->hc_head_base, gm->hc_head_scale, gm->norm, HC);
+    gpu_linear(&gm->head, DEV(w->x), DEV(w->logits), rows);
 }
 
 /* ====================================================================== GPU: the decode step */
@@ -4027,15 +4032,15 @@ static void gpu_prefill(const Model *m, int T, int all_logits) {
 /* Decode's mHC finish of the site before layer l's attention (attn 1) or MoE (attn 0), or of
    the head (l = n_layers): what the GEMVs that read that site's x make it with. */
 static GemvHc gemv_hc_site(const Config *c, int l, int attn) {
-    Scratch *w = &gm.state.scratch;
-    GemvHc hc = {.post = DEV(w->post), .comb = DEV(w->comb), .h = DEV(w->h), .partial = gm.hc_partial,
-                 .partial_ss = gm.hc_partial_ss, .rows = (2 + HC) * HC, .slices = (uint32_t)gm.hc_slices,
+    Scratch *w = &gm->state.scratch;
+    GemvHc hc = {.post = DEV(w->post), .comb = DEV(w->comb), .h = DEV(w->h), .partial = gm->hc_partial,
+                 .partial_ss = gm->hc_partial_ss, .rows = (2 + HC) * HC, .slices = (uint32_t)gm->hc_slices,
                  .iters = (uint32_t)c->sinkhorn_iters, .hc_eps = c->hc_eps, .rms_eps = c->rms_eps};
     if (l == c->n_layers) {   /* the head: pre only, the final norm */
         hc.post = hc.comb = 0;
-        hc.base = gm.hc_head_base, hc.scale = gm.hc_head_scale, hc.norm = gm.norm, hc.rows = HC;
+        hc.base = gm->hc_head_base, hc.scale = gm->hc_head_scale, hc.norm = gm->norm, hc.rows = HC;
     } else {
-        const GpuLayer *g = &gm.layers[l];
+        const GpuLayer *g = &gm->layers[l];
         hc.base = attn ? g->hc_attn_base : g->hc_ffn_base;
         hc.scale = attn ? g->hc_attn_scale : g->hc_ffn_scale;
         hc.norm = attn ? g->attn_norm : g->ffn_norm;
@@ -4052,9 +4057,9 @@ static GemvHc gemv_hc_site(const Config *c, int l, int attn) {
    output projection. */
 static void gpu_attention_decode(const Model *m, int l, const GemvHc *hc) {
     const Config *c = &m->config;
-    const GpuLayer *g = &gm.layers[l];
-    Scratch *w = &gm.state.scratch;
-    LayerCache *ls = &gm.state.layers[l];
+    const GpuLayer *g = &gm->layers[l];
+    Scratch *w = &gm->state.scratch;
+    LayerCache *ls = &gm->state.layers[l];
     int Q = c->q_lora_rank, ratio = c->compress_ratio[l], csa = c->attn_kind[l] == ATTN_CSA;
     CUdeviceptr x = hc ? 0 : DEV(w->x), qr = DEV(w->qr), kv = DEV(w->kv);
     CUdeviceptr comp_kv = DEV(w->comp_kv), comp_gate = DEV(w->comp_gate), index_kv = comp_kv, index_gate = comp_gate;
@@ -4063,19 +4068,19 @@ static void gpu_attention_decode(const Model *m, int l, const GemvHc *hc) {
     GemvPlan plans[3];
     int n = 0;
     if (g->wq_a_wkv.rows) {
-        qr = gm.qr_kv, kv = gm.qr_kv + (size_t)Q * sizeof(float);
+        qr = gm->qr_kv, kv = gm->qr_kv + (size_t)Q * sizeof(float);
         parts[n++] = (GemvPart){&g->wq_a_wkv, x, qr, NULL};
     } else {
         parts[n++] = (GemvPart){&g->wq_a, x, qr, NULL};
         parts[n++] = (GemvPart){&g->wkv, x, kv, NULL};
     }
     if (csa) {   /* the five outputs side by side in csa_out, as the stack writes them */
-        comp_kv = gm.csa_out, comp_gate = comp_kv + (size_t)g->comp_wkv.rows * 4;
+        comp_kv = gm->csa_out, comp_gate = comp_kv + (size_t)g->comp_wkv.rows * 4;
         index_kv = comp_gate + (size_t)g->comp_wgate.rows * 4, index_gate = index_kv + (size_t)g->index_comp_wkv.rows * 4;
         index_w = index_gate + (size_t)g->index_comp_wgate.rows * 4;
     }
     if (g->csa_stack.rows) {
-        parts[n++] = (GemvPart){&g->csa_stack, x, gm.csa_out, NULL};
+        parts[n++] = (GemvPart){&g->csa_stack, x, gm->csa_out, NULL};
     } else if (ratio) {
         n = gemv_add_pair(parts, n, &plans[0], &g->comp_wkv, &g->comp_wgate, g->comp_paired, g->comp_gscales62, x,
                           comp_kv, comp_gate);
@@ -4106,7 +4111,7 @@ static void gpu_attention_decode(const Model *m, int l, const GemvHc *hc) {
    as `stream` says (NULL: none). */
 static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_t up_offset, float limit,
                             const GemvStream *stream) {
-    return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm.state.scratch.chosen),
+    return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm->state.scratch.chosen),
                       .table = g->table, .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
                       .up_offset = up_offset, .limit = limit, .stream = stream};
 }
@@ -4120,8 +4125,8 @@ static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_
    as they stage their input. x is made from the site's mHC finish (hc; NULL: in scratch). */
 static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     const Config *c = &m->config;
-    const GpuLayer *g = &gm.layers[l];
-    Scratch *w = &gm.state.scratch;
+    const GpuLayer *g = &gm->layers[l];
+    Scratch *w = &gm->state.scratch;
     int X = c->n_experts, K = c->topk, I = c->moe_inter;
     CUdeviceptr x = hc ? 0 : DEV(w->x);
     GemvPart gate = {&g->gate, x, DEV(w->router), NULL};
@@ -4129,22 +4134,22 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
 
     /* w1 and w3: one part of 2K slots when the stacks lie side by side (the w3 outputs go to
        rows K..2K-1 of expert_gate, which has room for max_tokens * K rows) */
-    CUdeviceptr shared_gate = gm.shared_act, shared_up = gm.shared_act + (size_t)I * sizeof(float);
+    CUdeviceptr shared_gate = gm->shared_act, shared_up = gm->shared_act + (size_t)I * sizeof(float);
     CUdeviceptr up = DEV(w->expert_up);
     GemvPart parts[4];
     GemvPlan pair, routed13, routed1, routed3;
     /* the experts in host memory come through the streaming slots: this launch posts the choice
        (part 0), the w2 launch reads its pieces (part 1) */
-    GemvStream stream13 = {.staging = gm.stream_staging, .control = gm.stream_control,
-                           .mail = gm.stream_mail_dev + (size_t)l * sizeof(StreamMail),
-                           .slot_bytes = (uint32_t)gm.stream_slot_bytes, .part = 0, .layer = (uint32_t)l,
+    GemvStream stream13 = {.staging = gm->stream_staging, .control = gm->stream_control,
+                           .mail = gm->stream_mail_dev + (size_t)l * sizeof(StreamMail),
+                           .slot_bytes = (uint32_t)gm->stream_slot_bytes, .part = 0, .layer = (uint32_t)l,
                            .layers = (uint32_t)c->n_layers};
     GemvStream stream2 = stream13;
     stream2.part = 1;
-    const GemvStream *streamed13 = gm.stream_slot_bytes ? &stream13 : NULL, *streamed2 = gm.stream_slot_bytes ? &stream2 : NULL;
+    const GemvStream *streamed13 = gm->stream_slot_bytes ? &stream13 : NULL, *streamed2 = gm->stream_slot_bytes ? &stream2 : NULL;
     int n = gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x,
                           shared_gate, shared_up);
-    if (g->w13_paired && gm.state.max_tokens >= 2) {
+    if (g->w13_paired && gm->state.max_tokens >= 2) {
         const GpuLinear *one = &g->w1.one;
         routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .table = g->w1.table,
                               .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
@@ -4158,10 +4163,10 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     }
     GemvHc again = hc ? *hc : (GemvHc){0};   /* x made again; post and comb are written already */
     again.post = again.comb = 0;
-    GemvRoute route = {DEV(w->router), g->gate_bias, g->tid2eid, gm.tokens, DEV(w->chosen), DEV(w->route_weight),
-                       DEV(w->expert_start), DEV(w->slot_order), DEV(w->slot_row), gm.active_experts,
-                       gm.active_count, (uint32_t)X, (uint32_t)K, c->routed_scaling, 0,
-                       gm.hits + (size_t)l * X * sizeof(uint32_t)};
+    GemvRoute route = {DEV(w->router), g->gate_bias, g->tid2eid, gm->tokens, DEV(w->chosen), DEV(w->route_weight),
+                       DEV(w->expert_start), DEV(w->slot_order), DEV(w->slot_row), gm->active_experts,
+                       gm->active_count, (uint32_t)X, (uint32_t)K, c->routed_scaling, 0,
+                       gm->hits + (size_t)l * X * sizeof(uint32_t)};
     gpu_gemv_launch(parts, n, hc ? &again : NULL, &route);
 
     /* w2: the experts' list comes from the launch just before (read after the wait) */
@@ -4173,7 +4178,7 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
 }
 
 /* The token at tokens[0] and position *pos through the model: its logits [1, V] into
-   gm.state.scratch.logits. Does not advance *pos (sample_token does). Mirrors forward() for
+   gm->state.scratch.logits. Does not advance *pos (sample_token does). Mirrors forward() for
    T = 1. */
 static void gpu_decode(const Model *m) {
     const Config *c = &m->config;
@@ -4186,7 +4191,7 @@ static void gpu_decode(const Model *m) {
         gpu_after_block(c, l, 1, 1);
     }
     GemvHc head_site = gemv_hc_site(c, c->n_layers, 0);
-    GemvPart head = {&gm.head, 0, DEV(gm.state.scratch.logits), NULL};
+    GemvPart head = {&gm->head, 0, DEV(gm->state.scratch.logits), NULL};
     gpu_gemv_parts(&head, 1, &head_site);
 }
 
@@ -4210,13 +4215,13 @@ static void gpu_upload_ring(const Sampler *s, CUdeviceptr recent, CUdeviceptr n_
 }
 
 /* Sample the next token from the last logits row on the device: out_token and tokens[0], the
-   token appended to the device's ring of recent tokens (gm.recent, when s->repeat_last_n); *pos
+   token appended to the device's ring of recent tokens (gm->recent, when s->repeat_last_n); *pos
    advances by one when `advance` (a decode step). Mirrors sample(). */
 static void gpu_sample(const Sampler *s, int V, int row, int advance) {
-    CUdeviceptr logits = DEV(gm.state.scratch.logits) + (size_t)row * V * 4;
-    SampleTokenArgs args = {.logits = logits, .probs = gm.probs, .V = (uint32_t)V, .rng = gm.rng,
-                            .out_token = gm.out_token, .tokens = gm.tokens, .pos0_ptr = gm.pos,
-                            .advance = (uint32_t)advance, .recent = gm.recent, .n_fed = gm.n_fed};
+    CUdeviceptr logits = DEV(gm->state.scratch.logits) + (size_t)row * V * 4;
+    SampleTokenArgs args = {.logits = logits, .probs = gm->probs, .V = (uint32_t)V, .rng = gm->rng,
+                            .out_token = gm->out_token, .tokens = gm->tokens, .pos0_ptr = gm->pos,
+                            .advance = (uint32_t)advance, .recent = gm->recent, .n_fed = gm->n_fed};
     sample_token_settings(&args, s);
     LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
 }
@@ -4229,7 +4234,7 @@ static void gpu_capture_decode(const Model *m, const Sampler *s) {
     gpu_decode(m);
     gpu_sample(s, m->config.vocab_size, 0, 1);
     CU_CHECK(cu.cuStreamEndCapture(gpu.stream, &graph));
-    CU_CHECK(cu.cuGraphInstantiate(&gm.decode_graph, graph, 0));
+    CU_CHECK(cu.cuGraphInstantiate(&gm->decode_graph, graph, 0));
     CU_CHECK(cu.cuGraphDestroy(graph));
 }
 
@@ -4727,33 +4732,33 @@ static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_
 
 static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
     double seconds = gpu_load_model(m, T, C, all_logits, &gpu_budget);
-    gpu_upload(gm.rng, &rng, sizeof rng);
+    gpu_upload(gm->rng, &rng, sizeof rng);
     char line[320];
     gpu_placement_line(line, sizeof line);
     snprintf(where, n, " onto %s, %.1f GB/s: %s,", gpu.name, m->weight_bytes / seconds / 1e9, line);
-    return &gm.state;
+    return &gm->state;
 }
 
 static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
     int V = m->config.vocab_size, next = s->pos + T;
-    gpu_upload(gm.pos, &s->pos, sizeof s->pos);
-    gpu_upload(gm.tokens, tokens, (size_t)T * sizeof(int));
+    gpu_upload(gm->pos, &s->pos, sizeof s->pos);
+    gpu_upload(gm->tokens, tokens, (size_t)T * sizeof(int));
     gpu_forward(m, T, keep_all);
-    gpu_upload(gm.pos, &next, sizeof next);   /* the first decode step's position */
+    gpu_upload(gm->pos, &next, sizeof next);   /* the first decode step's position */
     stream_check();
     s->pos = next;
     if (!keep_all) return NULL;
-    gpu_download(gm.host_logits, DEV(s->scratch.logits), (size_t)T * V * sizeof(float));
-    return gm.host_logits;
+    gpu_download(gm->host_logits, DEV(s->scratch.logits), (size_t)T * V * sizeof(float));
+    return gm->host_logits;
 }
 
 /* The first token after a prefill: the device's ring of recent tokens is made the host's (the
    sampler fed the prompt there), then sample_token draws and appends, as every decode step does. */
 static int gpu_next_token(const Model *m, State *s, Sampler *sampler, int row) {
     int V = m->config.vocab_size, token;
-    gpu_upload_ring(sampler, gm.recent, gm.n_fed);
+    gpu_upload_ring(sampler, gm->recent, gm->n_fed);
     gpu_sample(sampler, V, row, 0);
-    gpu_download(&token, gm.out_token, sizeof token);
+    gpu_download(&token, gm->out_token, sizeof token);
     if (token < 0 || token >= V) refuse_logits(s->pos - 1);   /* sample_token's answer to non-finite logits */
     return token;
 }
@@ -4763,21 +4768,21 @@ static int gpu_next_token(const Model *m, State *s, Sampler *sampler, int row) {
 static int gpu_step(const Model *m, State *s, Sampler *sampler, int token, const float **logits) {
     (void)token;   /* in device memory already: the last sample_token wrote it */
     int V = m->config.vocab_size, next;
-    if (!gm.decode_graph) gpu_capture_decode(m, sampler);
-    CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
-    gpu_download(&next, gm.out_token, sizeof next);
+    if (!gm->decode_graph) gpu_capture_decode(m, sampler);
+    CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
+    gpu_download(&next, gm->out_token, sizeof next);
     stream_check();
     s->pos++;
     if (logits) {
-        gpu_download(gm.host_logits, DEV(s->scratch.logits), (size_t)V * sizeof(float));
-        *logits = gm.host_logits;
+        gpu_download(gm->host_logits, DEV(s->scratch.logits), (size_t)V * sizeof(float));
+        *logits = gm->host_logits;
     }
     if (next < 0 || next >= V) refuse_logits(s->pos - 1);
     return next;
 }
 
 static void gpu_backend_unload(State *s) {
-    (void)s;   /* gm.state */
+    (void)s;   /* gm->state */
     gpu_unload();
     gpu_close();
 }
@@ -5121,7 +5126,6 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
    table on the first and the head on the last, and the residual streams are handed on).
    split_plan is a pure function of the model's shapes and the costs (tests: test_split_plan). */
 
-#define GPUS_MAX 8           /* at most the GPUs of one host */
 #define SPLIT_BLOCK 128      /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
 
 typedef struct { int first, count; } Range;   /* [first, first + count) */
@@ -5497,7 +5501,7 @@ static float bench_decode_ms(int steps) {
     CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
     for (int i = 0; i < steps; i++) {
         CU_CHECK(cu.cuEventRecord(start, gpu.stream));
-        CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
+        CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
         CU_CHECK(cu.cuEventRecord(end, gpu.stream));
         CU_CHECK(cu.cuEventSynchronize(end));
         CU_CHECK(cu.cuEventElapsedTime(&t[i], start, end));
@@ -5531,13 +5535,13 @@ static void sample_call(void *arg, int i) {
    (counted by the hits), and one embedding row when the table is there (gpu_lay_out). */
 static double bench_host_bytes(const Model *m, const uint64_t *before, const uint64_t *after, int steps) {
     const Config *c = &m->config;
-    double bytes = host_address(gm.embed) ? (double)steps * embed_row_bytes(m) : 0;
+    double bytes = host_address(gm->embed) ? (double)steps * embed_row_bytes(m) : 0;
     for (int l = 0; l < c->n_layers; l++) {
         size_t device, read;
         expert_bytes(&m->layers[l], &device, &read);
         for (int e = 0; e < c->n_experts; e++) {
             size_t i = (size_t)l * c->n_experts + e;
-            if (gm.on_device && !gm.on_device[i]) bytes += (double)(after[i] - before[i]) * read;
+            if (gm->on_device && !gm->on_device[i]) bytes += (double)(after[i] - before[i]) * read;
         }
     }
     return bytes / steps;
@@ -5556,8 +5560,8 @@ static void bench_skewed(const Model *m, int steps) {
     for (int pass = 0; pass <= 2; pass++) {   /* two lifts, then the uniform biases back */
         for (int l = c->n_hash_layers; l < L; l++) {
             for (int e = 0; e < X; e++)
-                bias[e] = m->layers[l].gate_bias[e] + (pass < 2 && gm.on_device[(size_t)l * X + e] ? lifts[pass] : 0);
-            gpu_upload(gm.layers[l].gate_bias, bias, (size_t)X * sizeof(float));
+                bias[e] = m->layers[l].gate_bias[e] + (pass < 2 && gm->on_device[(size_t)l * X + e] ? lifts[pass] : 0);
+            gpu_upload(gm->layers[l].gate_bias, bias, (size_t)X * sizeof(float));
         }
         if (pass == 2) break;
         gpu_expert_hits(before, L, X);
@@ -5566,7 +5570,7 @@ static void bench_skewed(const Model *m, int steps) {
         double chosen = 0, on_gpu = 0;
         for (size_t i = 0; i < n; i++) {
             chosen += (double)(after[i] - before[i]);
-            on_gpu += gm.on_device[i] ? (double)(after[i] - before[i]) : 0;
+            on_gpu += gm->on_device[i] ? (double)(after[i] - before[i]) : 0;
         }
         printf("skewed   router bias +%.2f for the experts on the GPU (not the hash layers): %.0f%% of the choices on "
                "the GPU; %.3f ms/token, %.1f tok/s, %.1f MB a token from host memory\n", lifts[pass], 100 * on_gpu / chosen,
@@ -5646,7 +5650,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     /* prefill: random tokens in chunks of 2048 */
     uint64_t rng = 99;
     int *ids = xcalloc((size_t)chunk, sizeof(int));
-    State *s = &gm.state;
+    State *s = &gm->state;
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
     double start = now_seconds();
     while (s->pos < position) {
@@ -5659,12 +5663,12 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
 
     /* decode: the graph, its kernels, its time */
     Sampler greedy = {.temperature = 0, .top_p = 1, .rng = 1};
-    gpu_upload(gm.rng, &rng, sizeof rng);
+    gpu_upload(gm->rng, &rng, sizeof rng);
     gpu_next_token(&m, s, &greedy, 0);
     long before = gpu_launches;
     gpu_capture_decode(&m, &greedy);
     long kernels = gpu_launches - before, fixed = 4;   /* embed, first mixes, head, sample */
-    for (int i = 0; i < 4; i++) CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));   /* warm-up */
+    for (int i = 0; i < 4; i++) CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));   /* warm-up */
     size_t n_hits = (size_t)layers * c->n_experts;
     uint64_t *hits_before = xcalloc(n_hits, sizeof(uint64_t)), *hits_after = xcalloc(n_hits, sizeof(uint64_t));
     gpu_expert_hits(hits_before, layers, c->n_experts);
@@ -5675,7 +5679,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     double host_bytes = bench_host_bytes(&m, hits_before, hits_after, steps - 4);
     free(hits_before);
     free(hits_after);
-    HeadRun head = {&gm.head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm.state.scratch.logits)};
+    HeadRun head = {&gm->head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm->state.scratch.logits)};
     double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
     Sampler nucleus = {.temperature = 0.6f, .top_p = 0.95f, .rng = 1};   /* the command line's default sampling */
     SampleRun greedy_run = {&greedy, c->vocab_size}, nucleus_run = {&nucleus, c->vocab_size};

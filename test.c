@@ -1517,7 +1517,7 @@ static int plan_sizes(Model *m, int T, int C, PlanSizes *p, char *why, size_t wh
     expert_bytes(&m->layers[0], &p->B, &p->read);
     GpuBudget budget = {0, NULL};
     int ok = gpu_plan_placement(m, T, C, 0, SIZE_MAX / 2, &budget, why, why_size);
-    p->A = gm.plan.total, p->E = state_aligned(m->embed.nbytes), p->R = p->A - L * X * p->B - p->E;
+    p->A = gm->plan.total, p->E = state_aligned(m->embed.nbytes), p->R = p->A - L * X * p->B - p->E;
     p->S = (size_t)c->topk * p->B + state_aligned(SC_BYTES), p->mail = state_aligned(L * sizeof(StreamMail));
     return ok;
 }
@@ -1540,16 +1540,16 @@ static void test_placement_plan(void) {
     int ok = plan_sizes(&m, T, C, &sizes, why, sizeof why);
     size_t B = sizes.B, read = sizes.read, A = sizes.A, E = sizes.E, R = sizes.R, S = sizes.S, mail = sizes.mail;
     GpuBudget budget = {0, NULL};
-    CHECK(ok && !gm.on_device && placed.host_bytes == 0 && placed.host_experts == 0 &&
+    CHECK(ok && !gm->on_device && placed.host_bytes == 0 && placed.host_experts == 0 &&
           placed.device_bytes == (A + granule - 1) / granule * granule,
           "V4-Flash placement with room: everything on the device (%zu bytes: %.2f GiB)", A, A / 1073741824.0);
 
     budget.device_cap = placed.device_bytes - granule;   /* one page short: the embedding table goes */
     ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
-    CHECK(ok && gm.on_device && !memchr(gm.on_device, 0, (size_t)L * X) && placed.host_experts == 0 &&
-          placed.host_bytes == E && gm.plan.total == A - E,
+    CHECK(ok && gm->on_device && !memchr(gm->on_device, 0, (size_t)L * X) && placed.host_experts == 0 &&
+          placed.host_bytes == E && gm->plan.total == A - E,
           "V4-Flash placement one page short: the embedding table alone in host memory (%zu bytes)", placed.host_bytes);
-    free((void *)gm.on_device);
+    free((void *)gm->on_device);
 
     size_t least = (R + S + 5000 * B + granule - 1) / granule * granule;   /* the least room for R, S and 5000 experts */
     for (int profiled = 0; profiled < 2; profiled++) {
@@ -1560,7 +1560,7 @@ static void test_placement_plan(void) {
         budget.device_cap = least;
         size_t kept = 5000;
         ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
-        int right = ok && gm.on_device && placed.host_experts == L * X - (int)kept;
+        int right = ok && gm->on_device && placed.host_experts == L * X - (int)kept;
         double pcie = (double)embed_row_bytes(&m);
         for (int l = 0; right && l < L; l++) {
             int on_host = 0;
@@ -1568,30 +1568,30 @@ static void test_placement_plan(void) {
                 /* kept = q L + r: experts below q of every layer, and q of the first r layers
                    (profile: the same counted from the hottest, expert X - 1) */
                 int rank = profiled ? X - 1 - e : e, q = (int)(kept / L), r = (int)(kept % L);
-                right &= gm.on_device[(size_t)l * X + e] == (rank < q || (rank == q && l < r));
-                on_host += !gm.on_device[(size_t)l * X + e];
+                right &= gm->on_device[(size_t)l * X + e] == (rank < q || (rank == q && l < r));
+                on_host += !gm->on_device[(size_t)l * X + e];
             }
             if (profiled) {   /* the host experts' share of this layer's hits */
                 double total = 0, host = 0;
-                for (int e = 0; e < X; e++) total += e, host += gm.on_device[(size_t)l * X + e] ? 0 : e;
+                for (int e = 0; e < X; e++) total += e, host += gm->on_device[(size_t)l * X + e] ? 0 : e;
                 pcie += K * (double)read * host / total;
             } else {
                 pcie += K * (double)read * on_host / X;
             }
         }
-        CHECK(right && gm.plan.total == R + S + kept * B && gm.plan.total + placed.host_bytes == A + S + mail &&
+        CHECK(right && gm->plan.total == R + S + kept * B && gm->plan.total + placed.host_bytes == A + S + mail &&
               fabs(placed.pcie_per_token - pcie) <= 1e-9 * pcie,
               "V4-Flash placement in %.2f GiB%s: %zu experts kept, %d on the host, %.1f + %.1f GiB, %.0f bytes a token "
               "over PCIe (%.0f by hand)", least / 1073741824.0, profiled ? " by a profile" : "", kept, placed.host_experts,
-              gm.plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, placed.pcie_per_token, pcie);
-        free((void *)gm.on_device);
+              gm->plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, placed.pcie_per_token, pcie);
+        free((void *)gm->on_device);
         free(hits);
     }
     budget = (GpuBudget){least - granule, NULL};   /* one page less: one expert less */
     ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
     CHECK(ok && placed.host_experts == L * X - 4999, "V4-Flash placement one page below room for 5000 experts: %d on the "
           "host (expected %d)", placed.host_experts, L * X - 4999);
-    free((void *)gm.on_device);
+    free((void *)gm->on_device);
 
     budget = (GpuBudget){R + S - 1, NULL};   /* the rest and the slots do not fit: refused, naming both */
     char expected[256];
@@ -1604,7 +1604,7 @@ static void test_placement_plan(void) {
     snprintf(expected, sizeof expected, "and the GPU has free %.2f GiB", 4.0);
     ok = gpu_plan_placement(&m, T, C, 0, ((size_t)4 << 30) + GPU_HEADROOM, &budget, why, sizeof why);
     CHECK(!ok && strstr(why, expected), "V4-Flash placement on a 4 GiB GPU: %s", why);
-    memset(&gm, 0, sizeof gm);
+    memset(gm, 0, sizeof *gm);
     free_model(&m);
 }
 
@@ -1626,14 +1626,14 @@ static void test_placement_plan_pro(void) {
     CHECK(B == 3 * (3072 * 3584 + 3072 * 448) && p.read == B, "a V4-Pro expert: %zu bytes on the device, %zu read", B, p.read);
     GpuBudget budget = {cap, NULL};
     int ok = gpu_plan_placement(&m, 2048, 4096 + 208, 0, SIZE_MAX / 2, &budget, why, sizeof why);
-    CHECK(ok && placed.host_experts == L * X - (int)kept && gm.plan.total == p.R + p.S + kept * B &&
-          gm.plan.total + placed.host_bytes == p.A + p.S + p.mail,
+    CHECK(ok && placed.host_experts == L * X - (int)kept && gm->plan.total == p.R + p.S + kept * B &&
+          gm->plan.total + placed.host_bytes == p.A + p.S + p.mail,
           "V4-Pro placement in 78 GiB: %d of %d experts on the host (expected %d), %.2f + %.1f GiB (%s)", placed.host_experts,
-          L * X, L * X - (int)kept, gm.plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, why);
+          L * X, L * X - (int)kept, gm->plan.total / 1073741824.0, placed.host_bytes / 1073741824.0, why);
     printf("  V4-Pro (61 layers, 384 experts) in 78 GiB: %.1f GiB on the device, %zu of %d experts, %.0f GiB in host memory\n",
-           gm.plan.total / 1073741824.0, kept, L * X, placed.host_bytes / 1073741824.0);
-    free((void *)gm.on_device);
-    memset(&gm, 0, sizeof gm);
+           gm->plan.total / 1073741824.0, kept, L * X, placed.host_bytes / 1073741824.0);
+    free((void *)gm->on_device);
+    memset(gm, 0, sizeof *gm);
     free_model(&m);
 }
 
@@ -1776,7 +1776,7 @@ static void stream_timed_out(const void *arg) {
     static StreamMail mail[3];
     memset(&streamer, 0, sizeof streamer);
     streamer.running = 1, streamer.layers = 3;
-    gm.stream_mail = mail;
+    gm->stream_mail = mail;
     mail[1].timed_out = 7;
     if (arg) {
         streamer.failed = 1;
@@ -1825,25 +1825,25 @@ static void test_stream_copies(void) {
     int L = m.config.n_layers, right = 1;
     uint8_t *placement = xcalloc((size_t)L * 256, 1);
     placement[5] = 1;   /* one expert on the device, the rest on the host */
-    memset(&gm, 0, sizeof gm);
-    gm.on_device = placement;
+    memset(gm, 0, sizeof *gm);
+    gm->on_device = placement;
     gpu_lay_out(&m, 16, 64, 0);
     size_t device, read;
     expert_bytes(&m.layers[0], &device, &read);
     for (int l = 0; l < L; l++) {
-        const GpuLayer *g = &gm.layers[l];
+        const GpuLayer *g = &gm->layers[l];
         size_t at = 0;
         for (int i = 0; i < g->stream_pieces; i++) {
             right &= g->stream[i].slot_offset == at && g->stream[i].part == (i == g->stream_pieces - 1);
             at += g->stream[i].bytes;
         }
-        right &= at == gm.stream_slot_bytes && g->stream[g->stream_pieces - 1].source == g->w2.host_table;
+        right &= at == gm->stream_slot_bytes && g->stream[g->stream_pieces - 1].source == g->w2.host_table;
     }
-    CHECK(right && gm.stream_slot_bytes == device && gm.layers[0].stream_pieces == 2,
+    CHECK(right && gm->stream_slot_bytes == device && gm->layers[0].stream_pieces == 2,
           "V4-Flash layout streaming: %d pieces a layer back to back, w2 last, filling a slot of %zu bytes (an expert: %zu)",
-          gm.layers[0].stream_pieces, gm.stream_slot_bytes, device);
+          gm->layers[0].stream_pieces, gm->stream_slot_bytes, device);
     gm_free_host();
-    memset(&gm, 0, sizeof gm);
+    memset(gm, 0, sizeof *gm);
     free(placement);
     free_model(&m);
 }
@@ -4514,15 +4514,15 @@ static float relative_error(const float *a, const float *b, size_t n) {
 /* The CPU state, position and chunk tokens onto the GPU. */
 static void gpu_state_in(const State *s, const int *tokens, int T) {
     int pos = s->pos;
-    gpu_upload(DEV(gm.state.arena), s->arena, s->arena_bytes);
-    gpu_upload(gm.pos, &pos, sizeof pos);
-    gpu_upload(gm.tokens, tokens, (size_t)T * sizeof(int));
+    gpu_upload(DEV(gm->state.arena), s->arena, s->arena_bytes);
+    gpu_upload(gm->pos, &pos, sizeof pos);
+    gpu_upload(gm->tokens, tokens, (size_t)T * sizeof(int));
 }
 
 /* The GPU arena into `copy` [arena_bytes]. */
 static void gpu_state_out(void *copy) {
     CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
-    gpu_download(copy, DEV(gm.state.arena), gm.state.arena_bytes);
+    gpu_download(copy, DEV(gm->state.arena), gm->state.arena_bytes);
 }
 
 /* Tolerances: the GEMV keeps x in f32 (about 1e-6 of sum |w x|); the tensor-core GEMM rounds x
@@ -4609,10 +4609,10 @@ static void test_gpu_against_transformers(const Model *m, const char *dir, int c
     int rows = 0, bad = 0, greedy_same = 1;
     for (int p = 0; p < n_prompt + n_steps;) {
         int T = p < n_prompt ? (n_prompt - p < chunk ? n_prompt - p : chunk) : 1;
-        gpu_upload(gm.pos, &p, sizeof p);
-        gpu_upload(gm.tokens, ids + p, (size_t)T * sizeof(int));
+        gpu_upload(gm->pos, &p, sizeof p);
+        gpu_upload(gm->tokens, ids + p, (size_t)T * sizeof(int));
         gpu_forward(m, T, 1);
-        gpu_download(logits, DEV(gm.state.scratch.logits), (size_t)T * V * sizeof(float));
+        gpu_download(logits, DEV(gm->state.scratch.logits), (size_t)T * V * sizeof(float));
         for (int t = 0; t < T; t++, rows++) {
             const float *a = logits + (size_t)t * V, *b = want + (size_t)(p + t) * V;
             float err = relative_error(a, b, (size_t)V), scale = 0;
@@ -4650,27 +4650,27 @@ static void test_gpu_graph(const Model *m, const int *ids, int start) {
     uint64_t seed = 7;
     for (int pass = 0; pass < 2; pass++) {   /* 0: eager launches, 1: graph replays */
         for (int p = 0; p < start;) {
-            int T = start - p < gm.state.max_tokens ? start - p : gm.state.max_tokens;
-            gpu_upload(gm.pos, &p, sizeof p);
-            gpu_upload(gm.tokens, ids + p, (size_t)T * sizeof(int));
+            int T = start - p < gm->state.max_tokens ? start - p : gm->state.max_tokens;
+            gpu_upload(gm->pos, &p, sizeof p);
+            gpu_upload(gm->tokens, ids + p, (size_t)T * sizeof(int));
             gpu_forward(m, T, 0);
             p += T;
         }
-        gpu_upload(gm.rng, &seed, sizeof seed);
+        gpu_upload(gm->rng, &seed, sizeof seed);
         gpu_sample(&greedy, V, 0, 0);
         int pos = start;
-        gpu_upload(gm.pos, &pos, sizeof pos);
-        if (pass == 1 && !gm.decode_graph) gpu_capture_decode(m, &greedy);
+        gpu_upload(gm->pos, &pos, sizeof pos);
+        if (pass == 1 && !gm->decode_graph) gpu_capture_decode(m, &greedy);
         for (int i = 0; i < n; i++) {
             if (pass == 0) {
                 gpu_decode(m);
                 gpu_sample(&greedy, V, 0, 1);
             } else {
-                CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
+                CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
             }
             int token;
-            gpu_download(&token, gm.out_token, sizeof token);
-            gpu_download(pass ? replay : eager + (size_t)i * V, DEV(gm.state.scratch.logits), (size_t)V * sizeof(float));
+            gpu_download(&token, gm->out_token, sizeof token);
+            gpu_download(pass ? replay : eager + (size_t)i * V, DEV(gm->state.scratch.logits), (size_t)V * sizeof(float));
             if (pass == 0) eager_tokens[i] = token;
             else {
                 same_tokens &= token == eager_tokens[i];
@@ -4691,15 +4691,15 @@ static void test_gpu_graph(const Model *m, const int *ids, int start) {
 static void test_gpu_hc(const Model *m, State *s, int T) {
     const Config *c = &m->config;
     const Layer *L = &m->layers[0];
-    const GpuLayer *g = &gm.layers[0];
+    const GpuLayer *g = &gm->layers[0];
     Scratch *w = &s->scratch;
     int E = c->hidden_size, K = c->topk, mix = (2 + HC) * HC;
     char *copy = xcalloc(s->arena_bytes, 1);
     for (int i = 0; i < T * HC * E; i++) w->h[i] = uniform(-2, 2);
     gpu_state_in(s, (const int[]){1}, 1);
-    HcMixPartialArgs sums = {.partial = gm.hc_partial, .partial_ss = gm.hc_partial_ss, .h = DEV(gm.state.scratch.h),
+    HcMixPartialArgs sums = {.partial = gm->hc_partial, .partial_ss = gm->hc_partial_ss, .h = DEV(gm->state.scratch.h),
                              .fn = g->hc_attn_fn, .E = (uint32_t)E, .rows = (uint32_t)mix, .slice = HC_SLICE};
-    LAUNCH(K_HC_MIX, (unsigned)gm.hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, sums);
+    LAUNCH(K_HC_MIX, (unsigned)gm->hc_slices, (unsigned)T, 1, (unsigned)(8 * mix), 0, sums);
     gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
     for (int t = 0; t < T; t++) {
         float *x = w->x + (size_t)t * E;
@@ -4716,10 +4716,10 @@ static void test_gpu_hc(const Model *m, State *s, int T) {
         float *router = xcalloc((size_t)X, sizeof(float)), *row = xcalloc((size_t)E, sizeof(float));
         Scratch one = {.weight_row = row, .weight_row_floats = (size_t)E};   /* one thread's row */
         linear(&L->gate, w->x, router, 1, &one);
-        CU_CHECK(cu.cuMemsetD8Async(DEV(gm.state.scratch.post), 0xff, HC * sizeof(float), gpu.stream));   /* NaN */
-        CU_CHECK(cu.cuMemsetD8Async(DEV(gm.state.scratch.comb), 0xff, HC * HC * sizeof(float), gpu.stream));
+        CU_CHECK(cu.cuMemsetD8Async(DEV(gm->state.scratch.post), 0xff, HC * sizeof(float), gpu.stream));   /* NaN */
+        CU_CHECK(cu.cuMemsetD8Async(DEV(gm->state.scratch.comb), 0xff, HC * HC * sizeof(float), gpu.stream));
         GemvHc site = gemv_hc_site(c, 0, 1);
-        GemvPart gate = {&g->gate, 0, DEV(gm.state.scratch.router), NULL};
+        GemvPart gate = {&g->gate, 0, DEV(gm->state.scratch.router), NULL};
         gpu_gemv_parts(&gate, 1, &site);
         gpu_state_out(copy);
         float e_y = relative_error(IN_COPY(copy, s, w->router), router, (size_t)X);
@@ -4760,8 +4760,8 @@ static void test_gpu_hc(const Model *m, State *s, int T) {
 
     /* hc_head and the final norm of the last token */
     gpu_state_in(s, (const int[]){1}, 1);
-    gpu_hc_post_mix(T, gm.hc_head_fn, HC, 0, K, c);   /* h from block_out alone (no combine) */
-    gpu_hc_finish(c, 1, T - 1, gm.hc_head_base, gm.hc_head_scale, gm.norm, HC);
+    gpu_hc_post_mix(T, gm->hc_head_fn, HC, 0, K, c);   /* h from block_out alone (no combine) */
+    gpu_hc_finish(c, 1, T - 1, gm->hc_head_base, gm->hc_head_scale, gm->norm, HC);
     for (int t = 0; t < T; t++) hc_post(c, w->h + (size_t)t * HC * E, w->block_out + (size_t)t * E, w->post + t * HC, w->comb + t * HC * HC);
     hc_head(m, w->h + (size_t)(T - 1) * HC * E, w->x);
     rmsnorm(w->x, w->x, m->norm, E, c->rms_eps);
@@ -4869,10 +4869,10 @@ static void test_gpu_checkpoint(const char *dir) {
     for (int step = 0; step < 2; step++) {   /* the prompt, then one decode step */
         int n = step ? 1 : T, *tokens = step ? &ids[T - 1] : ids;
         if (step) *tokens = argmax(s.scratch.logits + (size_t)(T - 1) * V, V);
-        gpu_upload(gm.pos, &pos, sizeof pos);
-        gpu_upload(gm.tokens, tokens, (size_t)n * sizeof(int));
+        gpu_upload(gm->pos, &pos, sizeof pos);
+        gpu_upload(gm->tokens, tokens, (size_t)n * sizeof(int));
         gpu_forward(&m, n, 1);
-        gpu_download(logits, DEV(gm.state.scratch.logits), (size_t)n * V * sizeof(float));
+        gpu_download(logits, DEV(gm->state.scratch.logits), (size_t)n * V * sizeof(float));
         forward(&m, &s, tokens, n, 1);
         for (int t = 0; t < n; t++) {
             const float *a = logits + (size_t)t * V, *b = s.scratch.logits + (size_t)t * V;
@@ -5044,7 +5044,7 @@ static void test_gpu_shipped_model(double cpu_nll) {
 }
 
 /* The model's device memory is one allocation of exactly the bytes its plan counted (the
-   bytes a "needs X GiB" refusal names): the GPU's free memory drops by gm.arena_bytes over the
+   bytes a "needs X GiB" refusal names): the GPU's free memory drops by gm->arena_bytes over the
    load, and comes back at the unload. */
 static void test_gpu_memory_plan(const char *dir) {
     Model m;
@@ -5052,7 +5052,7 @@ static void test_gpu_memory_plan(const char *dir) {
     size_t before, loaded, after, total;
     CU_CHECK(cu.cuMemGetInfo(&before, &total));
     gpu_load_model(&m, 16, 512, 1, NULL);
-    size_t planned = gm.plan.total, arena = gm.arena_bytes;
+    size_t planned = gm->plan.total, arena = gm->arena_bytes;
     CU_CHECK(cu.cuMemGetInfo(&loaded, &total));
     gpu_unload();
     CU_CHECK(cu.cuMemGetInfo(&after, &total));
@@ -5073,19 +5073,19 @@ static void gpu_run_logits(const Model *m, const int *ids, int n_prompt, int ste
     Sampler greedy = {.temperature = 0, .top_p = 1, .rng = 1};
     int T = 0;
     for (int p = 0; p < n_prompt; p += T) {
-        T = n_prompt - p < gm.state.max_tokens ? n_prompt - p : gm.state.max_tokens;
-        gpu_upload(gm.pos, &p, sizeof p);
-        gpu_upload(gm.tokens, ids + p, (size_t)T * sizeof(int));
+        T = n_prompt - p < gm->state.max_tokens ? n_prompt - p : gm->state.max_tokens;
+        gpu_upload(gm->pos, &p, sizeof p);
+        gpu_upload(gm->tokens, ids + p, (size_t)T * sizeof(int));
         gpu_forward(m, T, 1);
-        gpu_download(logits + (size_t)p * V, DEV(gm.state.scratch.logits), (size_t)T * V * sizeof(float));
+        gpu_download(logits + (size_t)p * V, DEV(gm->state.scratch.logits), (size_t)T * V * sizeof(float));
     }
     gpu_sample(&greedy, V, T - 1, 0);   /* the prompt's next token, from the last chunk's last row */
-    gpu_upload(gm.pos, &n_prompt, sizeof n_prompt);
+    gpu_upload(gm->pos, &n_prompt, sizeof n_prompt);
     gpu_capture_decode(m, &greedy);
     for (int i = 0; i < steps; i++) {
-        CU_CHECK(cu.cuGraphLaunch(gm.decode_graph, gpu.stream));
-        gpu_download(&tokens[i], gm.out_token, sizeof tokens[i]);
-        gpu_download(logits + (size_t)(n_prompt + i) * V, DEV(gm.state.scratch.logits), (size_t)V * sizeof(float));
+        CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
+        gpu_download(&tokens[i], gm->out_token, sizeof tokens[i]);
+        gpu_download(logits + (size_t)(n_prompt + i) * V, DEV(gm->state.scratch.logits), (size_t)V * sizeof(float));
     }
 }
 
@@ -5118,17 +5118,17 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
         gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
         host_experts[run] = placed.host_experts;
         pcie[run] = placed.pcie_per_token;
-        gpu_download(decode_hits, gm.hits, n * sizeof *decode_hits);
+        gpu_download(decode_hits, gm->hits, n * sizeof *decode_hits);
         for (int l = 0; run && l < L; l++) {   /* the decode's choices of host experts, in bytes */
             size_t device, read;
             expert_bytes(&m.layers[l], &device, &read);
             for (int e = 0; e < X; e++)
-                chosen_on_host[run] += gm.on_device[(size_t)l * X + e] ? 0 : (double)decode_hits[(size_t)l * X + e] * device;
+                chosen_on_host[run] += gm->on_device[(size_t)l * X + e] ? 0 : (double)decode_hits[(size_t)l * X + e] * device;
         }
         stream_stop();   /* its counts final */
         streamed[run] = (double)streamer.bytes;
         if (run)   /* the embedding table moved to the host region with the experts */
-            embed_on_host &= host_address(gm.embed) && host_address(gm.embed + m.embed.nbytes - 1);
+            embed_on_host &= host_address(gm->embed) && host_address(gm->embed + m.embed.nbytes - 1);
         if (run == 0) {   /* the budget of the next runs: everything but half the experts' bytes */
             gpu_expert_hits(hits, L, X);
             size_t experts = 0, device, read;
@@ -5139,12 +5139,12 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
                 expert_bytes(&m.layers[l], &device, &read);
                 experts += (size_t)X * device;
             }
-            cap = gm.plan.total - experts / 2;
+            cap = gm->plan.total - experts / 2;
         }
         if (run == 2)   /* every device expert was hit at least as often as every host expert */
             for (size_t i = 0; i < n; i++)
                 for (size_t j = 0; j < n; j++)
-                    if (gm.on_device[i] && !gm.on_device[j] && hits[i] < hits[j]) hot_on_device = 0;
+                    if (gm->on_device[i] && !gm->on_device[j] && hits[i] < hits[j]) hot_on_device = 0;
         gpu_unload();
     }
     CHECK(hits_right, "%s: the expert hits of each layer sum to K = %d a token over %zu tokens", dir, K, rows);
@@ -5183,12 +5183,12 @@ static void test_gpu_stream_timeout(const char *dir) {
         expert_bytes(&m.layers[l], &device, &read);
         experts += (size_t)X * device;
     }
-    GpuBudget budget = {gm.plan.total - experts / 2, NULL};
+    GpuBudget budget = {gm->plan.total - experts / 2, NULL};
     gpu_unload();
     gpu_load_model(&m, 16, 64, 0, &budget);
-    gpu_upload(gm.tokens, prompt, sizeof prompt);
+    gpu_upload(gm->tokens, prompt, sizeof prompt);
     gpu_forward(&m, n_prompt, 0);
-    gpu_upload(gm.pos, &n_prompt, sizeof n_prompt);
+    gpu_upload(gm->pos, &n_prompt, sizeof n_prompt);
     stream_stop();
     double start = now_seconds();
     gpu_forward(&m, 1, 0);   /* a decode step: its host experts are never copied */
@@ -5196,7 +5196,7 @@ static void test_gpu_stream_timeout(const char *dir) {
     double seconds = now_seconds() - start;
     int reported = -1;
     for (int l = 0; l < L && reported < 0; l++)
-        if (gm.stream_mail[l].timed_out) reported = l;
+        if (gm->stream_mail[l].timed_out) reported = l;
     CHECK(placed.host_experts > 0 && reported >= 0 && seconds >= STREAM_TIMEOUT_NS * 1e-9 && seconds < 4e-9 * STREAM_TIMEOUT_NS,
           "%s with the copy thread stopped: the decode step ended in %.1f s, layer %d's wait reported", dir, seconds, reported);
     gpu_unload();

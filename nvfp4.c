@@ -1886,18 +1886,21 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
 /* The kernels of kernels.ptx: the name of their .entry and the size of their one parameter,
    the argument struct of nvfp4.h ("the kernel ABI"). */
 typedef enum {
-    K_STREAM_READ, K_GEMV, K_GEMV_STREAMED, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
-    K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
+    K_STREAM_READ, K_GEMV, K_GEMV_STREAMED, K_GEMV_RANKED, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
+    K_RANK_PARTIAL, K_RANK_SUM, K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
     K_SAMPLE, K_FILL, K_COUNT
 } Kernel;
 static const struct { const char *name; size_t args_bytes; } kernel_info[K_COUNT] = {
     [K_STREAM_READ] = {"stream_read", sizeof(StreamReadArgs)},
     [K_GEMV] = {"gemv", sizeof(GemvArgs)},
     [K_GEMV_STREAMED] = {"gemv_streamed", sizeof(GemvArgs)},   /* the same GEMV, waiting for streamed experts */
+    [K_GEMV_RANKED] = {"gemv_ranked", sizeof(GemvArgs)},       /* the same GEMV, skipping other ranks' experts */
     [K_GEMM] = {"gemm_prefill", sizeof(GemmPrefillArgs)},
     [K_EMBED] = {"embed_streams", sizeof(EmbedStreamsArgs)},
     [K_HC_MIX] = {"hc_mix_partial", sizeof(HcMixPartialArgs)},
     [K_HC_POST_MIX] = {"hc_post_mix", sizeof(HcPostMixArgs)},
+    [K_RANK_PARTIAL] = {"rank_partial", sizeof(RankPartialArgs)},
+    [K_RANK_SUM] = {"rank_sum", sizeof(RankSumArgs)},
     [K_HC_FINISH] = {"hc_finish", sizeof(HcFinishArgs)},
     [K_ROW_NORM_ROPE] = {"row_norm_rope", sizeof(RowNormRopeArgs)},
     [K_COMPRESSOR] = {"compressor_update", sizeof(CompressorUpdateArgs)},
@@ -2115,6 +2118,26 @@ ABI_AT(HcPostMixArgs, expert_out, HC_POST_MIX_EXPERT_OUT);
 ABI_AT(HcPostMixArgs, route_weight, HC_POST_MIX_ROUTE_WEIGHT);
 ABI_AT(HcPostMixArgs, slot_row, HC_POST_MIX_SLOT_ROW);
 ABI_AT(HcPostMixArgs, K, HC_POST_MIX_K);
+ABI_SIZE(RankPartialArgs, RANK_PARTIAL_BYTES);
+ABI_AT(RankPartialArgs, partial, RANK_PARTIAL_PARTIAL);
+ABI_AT(RankPartialArgs, block_out, RANK_PARTIAL_BLOCK_OUT);
+ABI_AT(RankPartialArgs, expert_out, RANK_PARTIAL_EXPERT_OUT);
+ABI_AT(RankPartialArgs, route_weight, RANK_PARTIAL_ROUTE_WEIGHT);
+ABI_AT(RankPartialArgs, slot_row, RANK_PARTIAL_SLOT_ROW);
+ABI_AT(RankPartialArgs, chosen, RANK_PARTIAL_CHOSEN);
+ABI_AT(RankPartialArgs, published, RANK_PARTIAL_PUBLISHED);
+ABI_AT(RankPartialArgs, E, RANK_PARTIAL_E);
+ABI_AT(RankPartialArgs, K, RANK_PARTIAL_K);
+ABI_AT(RankPartialArgs, first, RANK_PARTIAL_FIRST);
+ABI_AT(RankPartialArgs, end, RANK_PARTIAL_END);
+ABI_AT(RankPartialArgs, shared, RANK_PARTIAL_SHARED);
+ABI_SIZE(RankSumArgs, RANK_SUM_BYTES);
+ABI_AT(RankSumArgs, out, RANK_SUM_OUT);
+ABI_AT(RankSumArgs, partials, RANK_SUM_PARTIALS);
+ABI_AT(RankSumArgs, published, RANK_SUM_PUBLISHED);
+ABI_AT(RankSumArgs, ranks, RANK_SUM_RANKS);
+ABI_AT(RankSumArgs, rank, RANK_SUM_RANK);
+ABI_AT(RankSumArgs, n, RANK_SUM_N);
 ABI_SIZE(HcFinishArgs, HC_FINISH_BYTES);
 ABI_AT(HcFinishArgs, x, HC_FINISH_X);
 ABI_AT(HcFinishArgs, post_out, HC_FINISH_POST_OUT);
@@ -2282,7 +2305,7 @@ static int gpu_open(char *why, size_t n) {
         GPU_FAIL("the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
     for (int k = 0; k < K_COUNT; k++) {
         CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_info[k].name));
-        if (k == K_GEMV || k == K_GEMV_STREAMED)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
+        if (k == K_GEMV || k == K_GEMV_STREAMED || k == K_GEMV_RANKED)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
             CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            (int)gpu_gemv_smem(FMT_NVFP4, GPU_MAX_CHUNKS * GPU_CHUNK)));
         if (k == K_INDEXER_SCORES)   /* the queries of one token: NI x (DI + 4) floats, and NI weights */
@@ -2630,7 +2653,9 @@ static void gpu_place_linear(GpuLinear *g, const Linear *w, CUdeviceptr weight, 
      it before its griddepcontrol.wait: kernels.ptx, "the kernel");
    - x staged as SwiGLU(x, up) with up lying up_offset bytes after x (an expert's w2), or as
      rmsnorm(x) * norm_weight (wq_b after q_norm);
-   - stream: the routed experts' streaming ("Streaming the host experts"; NULL: none). */
+   - stream: the routed experts' streaming ("Streaming the host experts"; NULL: none);
+   - share: 1 when table holds only a rank's share of the experts (the others' entries 0: the
+     launch is gemv_ranked's, which skips them). */
 typedef struct {
     int count, x_stride, y_stride;
     CUdeviceptr expert;
@@ -2644,6 +2669,7 @@ typedef struct {
     CUdeviceptr norm_weight;
     float eps;
     const GemvStream *stream;
+    int share;
 } GemvPlan;
 
 
@@ -2677,6 +2703,7 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
     memset(&args, 0, sizeof args);
     for (int i = 0; i < GEMV_MAX_SEGS; i++) segs[i].first_item = segs[i].first_slot = UINT32_MAX;
     unsigned items = 0, slots = 0, contiguous = 0, list_ready = 1, xs_bytes = 0, grid = UINT32_MAX;
+    int share = 0;   /* a part reads a rank's share of the routed experts */
     for (unsigned i = 0; i < nsegs; i++) {
         const GpuLinear *g = parts[i].g;
         GemvPlan none = {0};
@@ -2709,6 +2736,7 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
         contiguous |= p->x_stride != 0;
         if (p->expert && (!p->expert_ready || p->stream)) list_ready = 0;   /* streamed: waits need the tag */
         if (p->stream) args.stream = *p->stream;
+        share |= p->share;
         xs_bytes = xs_of[i] > xs_bytes ? xs_of[i] : xs_bytes;
         grid = g->grid < grid ? g->grid : grid;
     }
@@ -2723,7 +2751,7 @@ static void gpu_gemv_launch(const GemvPart *parts, int n, const GemvHc *hc, cons
     args.items = items, args.slots = slots, args.contiguous = contiguous, args.list_ready = list_ready;
     args.xs_bytes = xs_bytes, args.hc = site;
     if (own) args.route = *route;
-    LAUNCH(args.stream.control ? K_GEMV_STREAMED : K_GEMV, grid < items ? grid : items, 1, 1, block,
+    LAUNCH(args.stream.control ? K_GEMV_STREAMED : share ? K_GEMV_RANKED : K_GEMV, grid < items ? grid : items, 1, 1, block,
            xs_bytes + GPU_GEMV_RING, args);
     if ((int)nsegs < n) {   /* the rest, in launches that leave post and comb alone (written) */
         site.post = site.comb = 0;
@@ -2812,9 +2840,25 @@ typedef struct {
     int stream_pieces;
 } GpuLayer;
 
-/* Everything of one model on the GPU: one rank's share of it ("several GPUs" below), the
-   whole model when one GPU runs it. */
+typedef struct { int first, count; } Range;   /* [first, first + count) */
+
+/* Part `r` of `count` items in blocks of `block`, as even as whole blocks allow. */
+static Range split_range(int count, int block, int r, int n) {
+    int blocks = (count + block - 1) / block;
+    int first = (int)((long long)blocks * r / n) * block, end = (int)((long long)blocks * (r + 1) / n) * block;
+    if (end > count) end = count;
+    if (first > count) first = count;
+    return (Range){first, end - first};
+}
+
+/* Everything of one model on the GPU: one rank's share of it (several GPUs: gpu_load_ranks),
+   the whole model when one GPU runs it. */
 typedef struct {
+    int rank, ranks;                       /* this share is rank `rank` of `ranks` (0 or 1: the whole model) */
+    Range experts;                         /* the routed experts it holds, of every layer (ranks > 1) */
+    CUdeviceptr rank_partial;              /* f32 [3, T, E]: its parts of the MoE outputs, by layer
+                                              (gpu_rank_reduce; ranks > 1) */
+    CUdeviceptr rank_published;            /* uint32 [1]: rank_partial's blocks published so far */
     GpuLayer *layers;
     int n_layers;
     GpuLinear head;
@@ -2861,6 +2905,23 @@ typedef struct {
 #define GPUS_MAX 8                         /* ranks a model may be divided over: the GPUs of one host */
 static GpuModel gpu_ranks[GPUS_MAX];   /* rank r's share; one GPU: gpu_ranks[0], the whole model */
 static GpuModel *gm = &gpu_ranks[0];       /* the rank every GPU function below works on */
+static int gpu_rank_count = 1;             /* ranks loaded: gpu_ranks[0 .. gpu_rank_count) */
+
+/* Make rank r the one the GPU functions work on. */
+static void gpu_use_rank(int r) { gm = &gpu_ranks[r]; }
+
+/* Whether the current rank holds routed expert e (every rank of one holds them all). */
+static int gm_holds_expert(int e) {
+    return gm->ranks <= 1 || (e >= gm->experts.first && e < gm->experts.first + gm->experts.count);
+}
+
+/* Empty the current rank's model, keeping which share of the model it is. */
+static void gm_clear(void) {
+    int rank = gm->rank, ranks = gm->ranks;
+    Range experts = gm->experts;
+    memset(gm, 0, sizeof *gm);
+    gm->rank = rank, gm->ranks = ranks, gm->experts = experts;
+}
 
 /* The factor the GEMM multiplies its f32 sums by for W's layout: NVFP4's global scale, 2^-56 for
    FP8 (the GEMV layout keeps FP8 block scales as f32 times 2^56), 1 otherwise. */
@@ -2910,13 +2971,17 @@ static CUdeviceptr gm_reserve_host(size_t bytes) {
    when experts are streamed (gm->stream_slot_bytes) its device table entries are the piece's
    offsets in a streaming slot, the piece going to slot_offset (bit 0 of the codes' entry
    marks them: "Streaming the host experts"), and host_table keeps the host addresses (the
-   prefill's GEMMs read there). Returns the piece's bytes. */
+   prefill's GEMMs read there). A rank's share leaves the other ranks' experts out: their table
+   entries are 0, host_table's too. Returns the piece's bytes. */
 static size_t gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks, int n, int l, int X, size_t slot_offset) {
     CUdeviceptr *table = xcalloc((size_t)n * X * 2, sizeof(CUdeviceptr));
     CUdeviceptr *device_table = xcalloc((size_t)n * X * 2, sizeof(CUdeviceptr));
     float *gscales62 = xcalloc((size_t)n * X, sizeof(float));
     size_t piece = 0;
+    int described = 0;   /* g[i].one made from the first expert uploaded */
+    for (int i = 0; i < n; i++) g[i].host_factors = xcalloc((size_t)X, sizeof(float));
     for (int e = 0; e < X; e++) {
+        if (!gm_holds_expert(e)) continue;   /* another rank's: its table entries 0 (gemv_ranked skips them) */
         int device = !gm->on_device || gm->on_device[(size_t)l * X + e];
         piece = 0;
         for (int i = 0; i < n; i++) {
@@ -2933,12 +2998,10 @@ static size_t gpu_upload_experts(GpuExperts *g, const ExpertStack *const *stacks
             GpuLinear placed;
             gpu_place_linear(&placed, &one, at[0], at[1]);
             gscales62[(size_t)i * X + e] = placed.gscale62;
-            if (e == 0) {
-                g[i].one = placed;
-                g[i].host_factors = xcalloc((size_t)X, sizeof(float));
-            }
+            if (!described) g[i].one = placed;
             g[i].host_factors[e] = gpu_gemm_factor(&placed);
         }
+        described = 1;
     }
     CUdeviceptr all_table = gm_reserve((size_t)n * X * 2 * sizeof(CUdeviceptr));
     if (all_table) gm_write(all_table, device_table, (size_t)n * X * 2 * sizeof(CUdeviceptr));
@@ -3485,6 +3548,10 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     gm->recent = gm_reserve(REPEAT_LAST_N_MAX * sizeof(int32_t));
     gm->n_fed = gm_reserve(sizeof(uint32_t));
     gm->hits = gm_reserve((size_t)L * X * sizeof(uint32_t));
+    if (gm->ranks > 1) {
+        gm->rank_partial = gm_reserve((size_t)3 * T * E * sizeof(float));
+        gm->rank_published = gm_reserve(sizeof(uint32_t));
+    }
     if (gm->stream_slot_bytes) {
         gm->stream_staging = gm_reserve((size_t)c->topk * gm->stream_slot_bytes);
         gm->stream_control = gm_reserve(SC_BYTES);
@@ -3551,7 +3618,7 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
                               char *why, size_t n) {
     const Config *c = &m->config;
     int L = c->n_layers, X = c->n_experts;
-    memset(gm, 0, sizeof *gm);
+    gm_clear();
     memset(&placed, 0, sizeof placed);
     gpu_lay_out(m, T, C, all_logits);
     gm_free_host();
@@ -3565,6 +3632,12 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
     const uint64_t *profile = budget ? budget->profile : NULL;
     uint8_t *on_device = NULL;
     placed.experts = L * X;
+    if (all_device > room && gm->ranks > 1) {   /* a rank's share is not divided again */
+        snprintf(why, n, "rank %d's share of the model (routed experts %d to %d) needs %.2f GiB of GPU memory, and %s "
+                 "%.2f GiB", gm->rank, gm->experts.first, gm->experts.first + gm->experts.count - 1,
+                 all_device / 1073741824.0, cap < free_bytes ? "--gpu-mem allows" : "the GPU has free", room / 1073741824.0);
+        return 0;
+    }
     if (all_device > room) {
         size_t *device_bytes = xcalloc((size_t)L, sizeof(size_t)), *read_bytes = xcalloc((size_t)L, sizeof(size_t));
         size_t experts = 0, embed = state_aligned(m->embed.nbytes);
@@ -3591,7 +3664,7 @@ static int gpu_plan_placement(const Model *m, int T, int C, int all_logits, size
                                 embed_row_bytes(m);   /* and the token's embedding row */
         free(device_bytes);
         free(read_bytes);
-        memset(gm, 0, sizeof *gm);   /* counted again, the placed experts and the embedding on the host */
+        gm_clear();   /* counted again, the placed experts and the embedding on the host */
         gm->on_device = on_device;
         gpu_lay_out(m, T, C, all_logits);
         gm_free_host();
@@ -3619,7 +3692,7 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
     size_t bytes = placed.device_bytes, host_bytes = placed.host_bytes;
     if (!gpu_fits(bytes, why, sizeof why)) fatal("the model %s", why);
     double start = now_seconds();
-    memset(gm, 0, sizeof *gm);
+    gm_clear();
     gm->on_device = on_device;
     if (host_bytes) {
         size_t available = host_memory_available();
@@ -3673,8 +3746,26 @@ static void gpu_expert_hits(uint64_t *hits, int L, int X) {
     free(decode);
 }
 
-/* Free everything gpu_load_model allocated. */
-static void gpu_unload(void) {
+/* Upload model m divided over `ranks` ranks of this GPU (several GPUs' code on one: the
+   tests), each holding split_range's share of the routed experts of every layer and a whole
+   copy of the rest, each as gpu_load_model loads a model (its refusals, and a rank's share
+   that does not fit). Leaves rank 0 current. Returns the seconds the uploads took. */
+static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const GpuBudget *budget, int ranks) {
+    double seconds = 0;
+    if (ranks < 1 || ranks > GPUS_MAX || ranks > m->config.n_experts)
+        fatal("a model of %d routed experts divided over %d ranks: 1 to %d", m->config.n_experts, ranks, GPUS_MAX);
+    for (int r = 0; r < ranks; r++) {
+        gpu_use_rank(r);
+        gm->rank = r, gm->ranks = ranks, gm->experts = split_range(m->config.n_experts, 1, r, ranks);
+        seconds += gpu_load_model(m, T, C, all_logits, budget);
+    }
+    gpu_rank_count = ranks;
+    gpu_use_rank(0);
+    return seconds;
+}
+
+/* Free everything gpu_load_model allocated for the current rank. */
+static void gpu_unload_rank(void) {
     stream_stop();
     if (gm->decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm->decode_graph));
     gpu_free(gm->arena);
@@ -3685,6 +3776,13 @@ static void gpu_unload(void) {
     free(gm->prefill_hits);
     free((void *)gm->on_device);
     memset(gm, 0, sizeof *gm);
+}
+
+/* Free every rank's model (gpu_load_model's or gpu_load_ranks'). */
+static void gpu_unload(void) {
+    for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_unload_rank();
+    gpu_rank_count = 1;
+    gpu_use_rank(0);
 }
 
 /* -------------------------------------------------------------------------------- launches */
@@ -3877,10 +3975,50 @@ static void gpu_hc_post_mix(int T, CUdeviceptr fn, int rows, int moe, int K, con
 /* The mixing after layer l's attention (into the sums of its MoE site) or after its MoE (into
    the next layer's attention site, or the head's after the last layer). */
 static void gpu_after_block(const Config *c, int l, int T, int moe) {
-    int mix = (2 + HC) * HC;
+    int mix = (2 + HC) * HC, combine = moe && gm->ranks <= 1;   /* a rank's MoE output is whole already (gpu_rank_sum) */
     if (!moe) gpu_hc_post_mix(T, gm->layers[l].hc_ffn_fn, mix, 0, c->topk, c);
-    else if (l + 1 < c->n_layers) gpu_hc_post_mix(T, gm->layers[l + 1].hc_attn_fn, mix, 1, c->topk, c);
-    else gpu_hc_post_mix(T, gm->hc_head_fn, HC, 1, c->topk, c);
+    else if (l + 1 < c->n_layers) gpu_hc_post_mix(T, gm->layers[l + 1].hc_attn_fn, mix, combine, c->topk, c);
+    else gpu_hc_post_mix(T, gm->hc_head_fn, HC, combine, c->topk, c);
+}
+
+/* ---------------------------------------------------------------- several GPUs: the MoE sum */
+/* A rank holds a share of the routed experts (and rank 0 the shared expert): after layer l's
+   MoE each rank publishes its part of the output (gpu_rank_partial: the combine over its own
+   slots), then each sums every rank's part in rank order into its block_out (gpu_rank_sum), so
+   that every rank goes on with the same bits. Every rank's part is launched before any sum:
+   on one GPU the ranks take turns on one stream; on several, each sum waits for the others'
+   counts. The parts rotate through three buffers (layer l's: l % 2, the last layer of an odd
+   count the third): a rank writes a buffer again only after every rank has published the part
+   between, i.e. has finished summing the part before it. */
+
+/* Layer l's part buffer of rank r: f32 [T, E] in its rank_partial [3, T, E]. */
+static CUdeviceptr rank_part_buffer(const Config *c, int r, int l) {
+    int buffer = c->n_layers % 2 && l == c->n_layers - 1 ? 2 : l % 2;
+    return gpu_ranks[r].rank_partial + (size_t)buffer * gpu_ranks[r].state.max_tokens * c->hidden_size * sizeof(float);
+}
+
+/* The current rank's part of layer l's MoE output for the chunk's T tokens, published. */
+static void gpu_rank_partial(const Config *c, int l, int T) {
+    Scratch *w = &gm->state.scratch;
+    RankPartialArgs args = {
+        .partial = rank_part_buffer(c, gm->rank, l), .block_out = DEV(w->block_out), .expert_out = DEV(w->expert_out),
+        .route_weight = DEV(w->route_weight), .slot_row = T == 1 ? gm->slot_identity : DEV(w->slot_row),
+        .chosen = DEV(w->chosen), .published = gm->rank_published, .E = (uint32_t)c->hidden_size, .K = (uint32_t)c->topk,
+        .first = (uint32_t)gm->experts.first, .end = (uint32_t)(gm->experts.first + gm->experts.count),
+        .shared = gm->rank == 0};
+    LAUNCH(K_RANK_PARTIAL, (unsigned)(c->hidden_size + 255) / 256, (unsigned)T, 1, 256, 0, args);
+}
+
+/* Every rank's part of layer l's MoE output summed into the current rank's block_out [T, E]. */
+static void gpu_rank_sum(const Config *c, int l, int T) {
+    RankSumArgs args = {.out = DEV(gm->state.scratch.block_out), .ranks = (uint32_t)gm->ranks, .rank = (uint32_t)gm->rank,
+                        .n = (uint32_t)(T * c->hidden_size)};
+    for (int r = 0; r < gm->ranks; r++) {
+        args.partials[r] = rank_part_buffer(c, r, l);
+        args.published[r] = gpu_ranks[r].rank_published;
+    }
+    unsigned blocks = (args.n + 255) / 256, most = (unsigned)gpu.sm_count * 4;
+    LAUNCH(K_RANK_SUM, blocks < most ? blocks : most, 1, 1, 256, 0, args);
 }
 
 /* ===================================================================== GPU: prefill a chunk */
@@ -3948,7 +4086,7 @@ static void gpu_expert_gemm(const GpuExperts *g, CUdeviceptr x, CUdeviceptr y, c
     const GpuLinear *w = &g->one;
     for (int e = 0; e < X; e++) {
         int n = start[e + 1] - start[e];
-        if (!n) continue;
+        if (!n || !g->host_table[2 * e]) continue;   /* no slots; another rank's expert */
         GpuLinear one = *w;
         one.weight = g->host_table[2 * e];
         one.scale = g->host_table[2 * e + 1];
@@ -3969,10 +4107,12 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
     int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
     CUdeviceptr x = DEV(w->x);
     gpu_linear(&g->gate, x, DEV(w->router), T);
-    gpu_linear(&g->shared_w1, x, DEV(w->expert_gate), T);
-    gpu_linear(&g->shared_w3, x, DEV(w->expert_up), T);
-    gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
-    gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    if (gm->rank == 0) {   /* the shared expert is rank 0's (its part of the output) */
+        gpu_linear(&g->shared_w1, x, DEV(w->expert_gate), T);
+        gpu_linear(&g->shared_w3, x, DEV(w->expert_up), T);
+        gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
+        gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
+    }
     RouteTokensArgs route = {
         .router = DEV(w->router), .bias = g->gate_bias, .tid2eid = g->tid2eid, .tokens = gm->tokens,
         .chosen = DEV(w->chosen), .route_weight = DEV(w->route_weight), .expert_start = DEV(w->expert_start),
@@ -3998,21 +4138,32 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
    not advance *pos. Mirrors forward(). */
 static void gpu_prefill(const Model *m, int T, int all_logits) {
     const Config *c = &m->config;
-    Scratch *w = &gm->state.scratch;
-    int mix = (2 + HC) * HC;
-    gpu_embed(c, T);
+    int mix = (2 + HC) * HC, rows = all_logits ? T : 1, ranks = gpu_rank_count;
+    for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_embed(c, T);
     for (int l = 0; l < c->n_layers; l++) {
-        const GpuLayer *g = &gm->layers[l];
-        gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
-        gpu_attention_prefill(m, l, T);
-        gpu_after_block(c, l, T, 0);
-        gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
-        gpu_moe_prefill(m, l, T);
-        gpu_after_block(c, l, T, 1);
+        for (int r = 0; r < ranks; r++) {
+            gpu_use_rank(r);
+            const GpuLayer *g = &gm->layers[l];
+            gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
+            gpu_attention_prefill(m, l, T);
+            gpu_after_block(c, l, T, 0);
+            gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
+            gpu_moe_prefill(m, l, T);
+            if (ranks > 1) gpu_rank_partial(c, l, T);
+        }
+        for (int r = 0; r < ranks; r++) {
+            gpu_use_rank(r);
+            if (ranks > 1) gpu_rank_sum(c, l, T);
+            gpu_after_block(c, l, T, 1);
+        }
     }
-    int rows = all_logits ? T : 1;
-    gpu_hc_finish(c, rows, T - rows, gm->hc_head_base, gm->hc_head_scale, gm->norm, HC);
-    gpu_linear(&gm->head, DEV(w->x), DEV(w->logits), rows);
+    for (int r = 0; r < ranks; r++) {
+        gpu_use_rank(r);
+        Scratch *w = &gm->state.scratch;
+        gpu_hc_finish(c, rows, T - rows, gm->hc_head_base, gm->hc_head_scale, gm->norm, HC);
+        gpu_linear(&gm->head, DEV(w->x), DEV(w->logits), rows);
+    }
+    gpu_use_rank(0);
 }
 
 /* ====================================================================== GPU: the decode step */
@@ -4113,7 +4264,7 @@ static GemvPlan expert_plan(const GpuExperts *g, int K, int x_slot_stride, size_
                             const GemvStream *stream) {
     return (GemvPlan){.count = K, .x_stride = x_slot_stride, .y_stride = g->one.rows, .expert = DEV(gm->state.scratch.chosen),
                       .table = g->table, .gscales62 = g->one.format == FMT_NVFP4 ? g->gscales62 : 0, .list_len = K,
-                      .up_offset = up_offset, .limit = limit, .stream = stream};
+                      .up_offset = up_offset, .limit = limit, .stream = stream, .share = gm->ranks > 1};
 }
 
 /* MoE sub-block of layer l for one token: block_out[E] holds the shared expert's output and
@@ -4147,13 +4298,14 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     GemvStream stream2 = stream13;
     stream2.part = 1;
     const GemvStream *streamed13 = gm->stream_slot_bytes ? &stream13 : NULL, *streamed2 = gm->stream_slot_bytes ? &stream2 : NULL;
-    int n = gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired, g->shared_gscales62, x,
-                          shared_gate, shared_up);
+    int shared = gm->rank == 0;   /* the shared expert is rank 0's (its part of the output) */
+    int n = !shared ? 0 : gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired,
+                                        g->shared_gscales62, x, shared_gate, shared_up);
     if (g->w13_paired && gm->state.max_tokens >= 2) {
         const GpuLinear *one = &g->w1.one;
         routed13 = (GemvPlan){.count = 2 * K, .y_stride = I, .expert = DEV(w->chosen), .table = g->w1.table,
                               .gscales62 = one->format == FMT_NVFP4 ? g->w1.gscales62 : 0,
-                              .list_len = K, .list_offset = X, .stream = streamed13};
+                              .list_len = K, .list_offset = X, .stream = streamed13, .share = gm->ranks > 1};
         parts[n++] = (GemvPart){one, x, DEV(w->expert_gate), &routed13};
         up = DEV(w->expert_gate) + (size_t)K * I * sizeof(float);
     } else {
@@ -4170,11 +4322,11 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     gpu_gemv_launch(parts, n, hc ? &again : NULL, &route);
 
     /* w2: the experts' list comes from the launch just before (read after the wait) */
-    GemvPlan shared = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
+    GemvPlan shared_plan = {.up_offset = shared_up - shared_gate, .limit = c->swiglu_limit};
     GemvPlan routed = expert_plan(&g->w2, K, I, up - DEV(w->expert_gate), c->swiglu_limit, streamed2);
-    GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared},
+    GemvPart w2[2] = {{&g->shared_w2, shared_gate, DEV(w->block_out), &shared_plan},
                       {&g->w2.one, DEV(w->expert_gate), DEV(w->expert_out), &routed}};
-    gpu_gemv_parts(w2, 2, NULL);
+    gpu_gemv_parts(w2 + !shared, 1 + shared, NULL);
 }
 
 /* The token at tokens[0] and position *pos through the model: its logits [1, V] into
@@ -4182,17 +4334,30 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
    T = 1. */
 static void gpu_decode(const Model *m) {
     const Config *c = &m->config;
-    gpu_embed(c, 1);
+    int ranks = gpu_rank_count;
+    for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_embed(c, 1);
     for (int l = 0; l < c->n_layers; l++) {
-        GemvHc attn = gemv_hc_site(c, l, 1), ffn = gemv_hc_site(c, l, 0);
-        gpu_attention_decode(m, l, &attn);
-        gpu_after_block(c, l, 1, 0);
-        gpu_moe_decode(m, l, &ffn);
-        gpu_after_block(c, l, 1, 1);
+        for (int r = 0; r < ranks; r++) {
+            gpu_use_rank(r);
+            GemvHc attn = gemv_hc_site(c, l, 1), ffn = gemv_hc_site(c, l, 0);
+            gpu_attention_decode(m, l, &attn);
+            gpu_after_block(c, l, 1, 0);
+            gpu_moe_decode(m, l, &ffn);
+            if (ranks > 1) gpu_rank_partial(c, l, 1);
+        }
+        for (int r = 0; r < ranks; r++) {
+            gpu_use_rank(r);
+            if (ranks > 1) gpu_rank_sum(c, l, 1);
+            gpu_after_block(c, l, 1, 1);
+        }
     }
-    GemvHc head_site = gemv_hc_site(c, c->n_layers, 0);
-    GemvPart head = {&gm->head, 0, DEV(gm->state.scratch.logits), NULL};
-    gpu_gemv_parts(&head, 1, &head_site);
+    for (int r = 0; r < ranks; r++) {
+        gpu_use_rank(r);
+        GemvHc head_site = gemv_hc_site(c, c->n_layers, 0);
+        GemvPart head = {&gm->head, 0, DEV(gm->state.scratch.logits), NULL};
+        gpu_gemv_parts(&head, 1, &head_site);
+    }
+    gpu_use_rank(0);
 }
 
 /* The sampler's settings into sample_token's arguments (the buffers are the caller's). */
@@ -4214,16 +4379,33 @@ static void gpu_upload_ring(const Sampler *s, CUdeviceptr recent, CUdeviceptr n_
     gpu_upload(n_fed, &count, sizeof count);
 }
 
+/* The sampler's RNG state into every rank's rng (they draw alike). */
+static void gpu_seed(uint64_t rng) {
+    for (int r = 0; r < gpu_rank_count; r++) gpu_upload(gpu_ranks[r].rng, &rng, sizeof rng);
+}
+
+/* The chunk's first position and its tokens [T] (none: NULL) into every rank's pos and tokens. */
+static void gpu_feed(int pos, const int *tokens, int T) {
+    for (int r = 0; r < gpu_rank_count; r++) {
+        gpu_upload(gpu_ranks[r].pos, &pos, sizeof pos);
+        if (tokens) gpu_upload(gpu_ranks[r].tokens, tokens, (size_t)T * sizeof(int));
+    }
+}
+
 /* Sample the next token from the last logits row on the device: out_token and tokens[0], the
    token appended to the device's ring of recent tokens (gm->recent, when s->repeat_last_n); *pos
    advances by one when `advance` (a decode step). Mirrors sample(). */
 static void gpu_sample(const Sampler *s, int V, int row, int advance) {
-    CUdeviceptr logits = DEV(gm->state.scratch.logits) + (size_t)row * V * 4;
-    SampleTokenArgs args = {.logits = logits, .probs = gm->probs, .V = (uint32_t)V, .rng = gm->rng,
-                            .out_token = gm->out_token, .tokens = gm->tokens, .pos0_ptr = gm->pos,
-                            .advance = (uint32_t)advance, .recent = gm->recent, .n_fed = gm->n_fed};
-    sample_token_settings(&args, s);
-    LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
+    for (int r = 0; r < gpu_rank_count; r++) {   /* every rank draws the same token (the same logits and RNG) */
+        gpu_use_rank(r);
+        CUdeviceptr logits = DEV(gm->state.scratch.logits) + (size_t)row * V * 4;
+        SampleTokenArgs args = {.logits = logits, .probs = gm->probs, .V = (uint32_t)V, .rng = gm->rng,
+                                .out_token = gm->out_token, .tokens = gm->tokens, .pos0_ptr = gm->pos,
+                                .advance = (uint32_t)advance, .recent = gm->recent, .n_fed = gm->n_fed};
+        sample_token_settings(&args, s);
+        LAUNCH(K_SAMPLE, 1, 1, 1, 1024, 0, args);
+    }
+    gpu_use_rank(0);
 }
 
 /* Capture one decode step (gpu_decode of tokens[0] at *pos, then sampling, which advances
@@ -4732,7 +4914,7 @@ static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_
 
 static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
     double seconds = gpu_load_model(m, T, C, all_logits, &gpu_budget);
-    gpu_upload(gm->rng, &rng, sizeof rng);
+    gpu_seed(rng);
     char line[320];
     gpu_placement_line(line, sizeof line);
     snprintf(where, n, " onto %s, %.1f GB/s: %s,", gpu.name, m->weight_bytes / seconds / 1e9, line);
@@ -4741,10 +4923,9 @@ static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uin
 
 static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T, int keep_all) {
     int V = m->config.vocab_size, next = s->pos + T;
-    gpu_upload(gm->pos, &s->pos, sizeof s->pos);
-    gpu_upload(gm->tokens, tokens, (size_t)T * sizeof(int));
+    gpu_feed(s->pos, tokens, T);
     gpu_forward(m, T, keep_all);
-    gpu_upload(gm->pos, &next, sizeof next);   /* the first decode step's position */
+    gpu_feed(next, NULL, 0);   /* the first decode step's position */
     stream_check();
     s->pos = next;
     if (!keep_all) return NULL;
@@ -4756,7 +4937,7 @@ static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T
    sampler fed the prompt there), then sample_token draws and appends, as every decode step does. */
 static int gpu_next_token(const Model *m, State *s, Sampler *sampler, int row) {
     int V = m->config.vocab_size, token;
-    gpu_upload_ring(sampler, gm->recent, gm->n_fed);
+    for (int r = 0; r < gpu_rank_count; r++) gpu_upload_ring(sampler, gpu_ranks[r].recent, gpu_ranks[r].n_fed);
     gpu_sample(sampler, V, row, 0);
     gpu_download(&token, gm->out_token, sizeof token);
     if (token < 0 || token >= V) refuse_logits(s->pos - 1);   /* sample_token's answer to non-finite logits */
@@ -5128,8 +5309,6 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
 
 #define SPLIT_BLOCK 128      /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
 
-typedef struct { int first, count; } Range;   /* [first, first + count) */
-
 /* One GPU's share of the model. */
 typedef struct {
     Range experts;       /* routed experts of every layer it holds */
@@ -5157,15 +5336,6 @@ typedef struct {
     double saved_us;         /* dividing attention: read time it saves the busiest rank a step */
     RankShare rank[GPUS_MAX];
 } SplitPlan;
-
-/* Part `r` of `count` items in blocks of `block`, as even as whole blocks allow. */
-static Range split_range(int count, int block, int r, int n) {
-    int blocks = (count + block - 1) / block;
-    int first = (int)((long long)blocks * r / n) * block, end = (int)((long long)blocks * (r + 1) / n) * block;
-    if (end > count) end = count;
-    if (first > count) first = count;
-    return (Range){first, end - first};
-}
 
 /* Bytes of rows [first, first + count) of W as the checkpoint stores them (codes and scales;
    FP8: the 128-row scale blocks they touch). */
@@ -5663,7 +5833,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
 
     /* decode: the graph, its kernels, its time */
     Sampler greedy = {.temperature = 0, .top_p = 1, .rng = 1};
-    gpu_upload(gm->rng, &rng, sizeof rng);
+    gpu_seed(rng);
     gpu_next_token(&m, s, &greedy, 0);
     long before = gpu_launches;
     gpu_capture_decode(&m, &greedy);

@@ -801,6 +801,57 @@ typedef struct {
 } HcPostMixArgs;
 #endif
 
+/* rank_partial: a rank's part of a MoE sub-block's output, published to the other ranks (several
+   GPUs). gpu_rank_reduce */
+#define RANK_PARTIAL_PARTIAL      0
+#define RANK_PARTIAL_BLOCK_OUT    8
+#define RANK_PARTIAL_EXPERT_OUT   16
+#define RANK_PARTIAL_ROUTE_WEIGHT 24
+#define RANK_PARTIAL_SLOT_ROW     32
+#define RANK_PARTIAL_CHOSEN       40
+#define RANK_PARTIAL_PUBLISHED    48
+#define RANK_PARTIAL_E            56
+#define RANK_PARTIAL_K            60
+#define RANK_PARTIAL_FIRST        64
+#define RANK_PARTIAL_END          68
+#define RANK_PARTIAL_SHARED       72
+#define RANK_PARTIAL_BYTES        80
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t partial;      /* float * [T, E]: the rank's part */
+    uint64_t block_out;    /* const float * [T, E]: the shared expert's output (read when shared) */
+    uint64_t expert_out;   /* const float * [T*K, E]: the routed experts' rows */
+    uint64_t route_weight; /* const float * [T, K] */
+    uint64_t slot_row;     /* const int * [T*K]: slot k's row of expert_out */
+    uint64_t chosen;       /* const int * [T, K]: the routing's experts */
+    uint64_t published;    /* uint32 * [1]: the rank's count of published blocks (+1 a block) */
+    uint32_t E, K;
+    uint32_t first, end;   /* the rank's routed experts [first, end) */
+    uint32_t shared;       /* 1: add block_out (the rank computing the shared expert) */
+    uint32_t unused;
+} RankPartialArgs;
+#endif
+
+/* rank_sum: the ranks' parts summed in rank order once every rank has published its own.
+   gpu_rank_reduce */
+#define RANK_SUM_OUT       0
+#define RANK_SUM_PARTIALS  8
+#define RANK_SUM_PUBLISHED 72
+#define RANK_SUM_RANKS     136
+#define RANK_SUM_RANK      140
+#define RANK_SUM_N         144
+#define RANK_SUM_BYTES     152
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t out;           /* float * [n]: the sum */
+    uint64_t partials[8];   /* const float * [n] each: rank r's part (GPUS_MAX entries) */
+    uint64_t published[8];  /* const uint32 * [1] each: rank r's published count */
+    uint32_t ranks, rank;   /* how many; this one */
+    uint32_t n;             /* floats */
+    uint32_t unused;
+} RankSumArgs;
+#endif
+
 /* hc_finish: mHC finish of a site: pre, post, Sinkhorn comb, collapse, RMSNorm. gpu_hc_finish */
 #define HC_FINISH_X              0
 #define HC_FINISH_POST_OUT       8

@@ -5074,13 +5074,12 @@ static void gpu_run_logits(const Model *m, const int *ids, int n_prompt, int ste
     int T = 0;
     for (int p = 0; p < n_prompt; p += T) {
         T = n_prompt - p < gm->state.max_tokens ? n_prompt - p : gm->state.max_tokens;
-        gpu_upload(gm->pos, &p, sizeof p);
-        gpu_upload(gm->tokens, ids + p, (size_t)T * sizeof(int));
+        gpu_feed(p, ids + p, T);
         gpu_forward(m, T, 1);
         gpu_download(logits + (size_t)p * V, DEV(gm->state.scratch.logits), (size_t)T * V * sizeof(float));
     }
     gpu_sample(&greedy, V, T - 1, 0);   /* the prompt's next token, from the last chunk's last row */
-    gpu_upload(gm->pos, &n_prompt, sizeof n_prompt);
+    gpu_feed(n_prompt, NULL, 0);
     gpu_capture_decode(m, &greedy);
     for (int i = 0; i < steps; i++) {
         CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
@@ -5164,6 +5163,58 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
     for (int run = 0; run < 3; run++) free(logits[run]);
     free(hits);
     free(decode_hits);
+    free(ids);
+    free_model(&m);
+}
+
+/* Several GPUs' code on one (issue 19's first step): the model divided over 2 and 3 ranks on
+   this GPU, each holding its share of the routed experts (gemv_ranked and the prefill's GEMMs
+   skip the others'), rank 0 the shared expert, the MoE's parts summed across the ranks
+   (rank_partial, rank_sum), gives the one-rank run's logits (to float rounding: the sum's
+   order differs) and the same greedy tokens, prefill and decode; every rank ends with the same
+   logits; each rank's allocation is smaller than the whole model's by the experts it leaves
+   out. */
+static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
+    Model m;
+    load_model(&m, dir);
+    const Config *c = &m.config;
+    int V = c->vocab_size, L = c->n_layers, X = c->n_experts, tokens[3][64], counts[3] = {1, 2, 3};
+    int *ids = xcalloc((size_t)n_prompt, sizeof(int));
+    for (int i = 0; i < n_prompt; i++) ids[i] = 2 + (int)(random_u32(&test_rng) % (unsigned)(V - 2));
+    size_t rows = (size_t)n_prompt + steps, whole = 0;
+    float *logits[3], *last = xcalloc((size_t)V, sizeof(float));
+    for (int run = 0; run < 3; run++) {
+        int ranks = counts[run], sizes_right = 1, ranks_agree = 1;
+        gpu_load_ranks(&m, T, n_prompt + steps + 8, 1, NULL, ranks);
+        logits[run] = xcalloc(rows * V, sizeof(float));
+        gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
+        if (run == 0) whole = gpu_ranks[0].plan.total;
+        for (int r = 0; r < ranks && run; r++) {   /* exactly its experts held, fewer bytes; the same last logits */
+            const GpuModel *g = &gpu_ranks[r];
+            for (int l = 0; l < L; l++)
+                for (int e = 0; e < X; e++) {
+                    int own = e >= g->experts.first && e < g->experts.first + g->experts.count;
+                    const GpuExperts *stacks[3] = {&g->layers[l].w1, &g->layers[l].w2, &g->layers[l].w3};
+                    for (int i = 0; i < 3; i++) sizes_right &= own == (stacks[i]->host_table[2 * e] != 0);
+                }
+            int first = r ? gpu_ranks[r - 1].experts.first + gpu_ranks[r - 1].experts.count : 0;   /* tiling [0, X) evenly */
+            sizes_right &= g->plan.total < whole && g->experts.first == first && abs(g->experts.count - X / ranks) <= 1 &&
+                           (r < ranks - 1 || first + g->experts.count == X);
+            gpu_download(last, DEV(g->state.scratch.logits), (size_t)V * sizeof(float));
+            ranks_agree &= !memcmp(last, logits[run] + (rows - 1) * V, (size_t)V * sizeof(float));
+        }
+        gpu_unload();
+        if (!run) continue;
+        float err = relative_error(logits[run], logits[0], rows * V);
+        int ok = err < 1e-4f && !memcmp(tokens[run], tokens[0], (size_t)steps * sizeof(int)) && sizes_right && ranks_agree;
+        CHECK(ok,
+              "%s divided over %d ranks on one GPU: logits within %.2e of one rank's (%zu rows), the same %d greedy "
+              "tokens, every rank the same logits, each rank holding exactly its share of the experts", dir, ranks, err,
+              rows, steps);
+        if (ok) printf("  %s over %d ranks on one GPU: logits within %.2e of one rank's, the same greedy tokens\n", dir, ranks, err);
+    }
+    for (int run = 0; run < 3; run++) free(logits[run]);
+    free(last);
     free(ids);
     free_model(&m);
 }
@@ -5295,6 +5346,9 @@ static void test_gpu(double shipped_cpu_nll) {
     }
     if (getenv("NVFP4_GPU_BENCH")) gpu_bench_gemv();
     gpu_tests_took(start, "GEMVs and sampling");
+    test_gpu_ranks(SHIPPED_MODEL, 16, 40, 16);
+    test_gpu_ranks("testdata/tiny-d", 7, 20, 8);
+    gpu_tests_took(start, "ranks");
     test_gpu_model("testdata/tiny-a", 64);
     test_gpu_model("testdata/tiny-b", 50);
     test_gpu_model("testdata/tiny-c", 13);

@@ -1790,6 +1790,7 @@ enum {   /* the few enum values of cuda.h that nvfp4 passes */
     CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8,
     CU_MEMHOSTALLOC_PORTABLE = 1,    /* page-locked for every context */
     CU_MEMHOSTALLOC_DEVICEMAP = 2,   /* and mapped into the GPU's address space */
+    CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704,
 };
 
 /* The driver entry points nvfp4 uses, filled by dlsym. Where cuda.h maps a name to a
@@ -1806,6 +1807,8 @@ static struct {
     CUresult (*cuCtxCreate)(CUcontext *ctx, unsigned flags, CUdevice device);
     CUresult (*cuCtxDestroy)(CUcontext ctx);
     CUresult (*cuCtxSetCurrent)(CUcontext ctx);
+    CUresult (*cuDeviceCanAccessPeer)(int *can, CUdevice device, CUdevice peer);
+    CUresult (*cuCtxEnablePeerAccess)(CUcontext peer, unsigned flags);
     CUresult (*cuStreamCreate)(CUstream *stream, unsigned flags);
     CUresult (*cuStreamDestroy)(CUstream stream);
     CUresult (*cuStreamSynchronize)(CUstream stream);
@@ -1850,6 +1853,8 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuCtxCreate, "cuCtxCreate_v2"),   /* cuda.h 13 maps cuCtxCreate to _v4 (extra params struct); _v2 is the plain one */
     CU_SYMBOL(cuCtxDestroy, "cuCtxDestroy_v2"),
     CU_SYMBOL(cuCtxSetCurrent, "cuCtxSetCurrent"),
+    CU_SYMBOL(cuDeviceCanAccessPeer, "cuDeviceCanAccessPeer"),
+    CU_SYMBOL(cuCtxEnablePeerAccess, "cuCtxEnablePeerAccess"),
     CU_SYMBOL(cuStreamCreate, "cuStreamCreate"),
     CU_SYMBOL(cuStreamDestroy, "cuStreamDestroy_v2"),
     CU_SYMBOL(cuStreamSynchronize, "cuStreamSynchronize"),
@@ -1887,7 +1892,7 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
    the argument struct of nvfp4.h ("the kernel ABI"). */
 typedef enum {
     K_STREAM_READ, K_GEMV, K_GEMV_STREAMED, K_GEMV_RANKED, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
-    K_RANK_PARTIAL, K_RANK_SUM, K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
+    K_RANK_PARTIAL, K_RANK_SUM, K_RANK_PUBLISH, K_RANK_GATHER, K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
     K_SAMPLE, K_FILL, K_COUNT
 } Kernel;
 static const struct { const char *name; size_t args_bytes; } kernel_info[K_COUNT] = {
@@ -1901,6 +1906,8 @@ static const struct { const char *name; size_t args_bytes; } kernel_info[K_COUNT
     [K_HC_POST_MIX] = {"hc_post_mix", sizeof(HcPostMixArgs)},
     [K_RANK_PARTIAL] = {"rank_partial", sizeof(RankPartialArgs)},
     [K_RANK_SUM] = {"rank_sum", sizeof(RankSumArgs)},
+    [K_RANK_PUBLISH] = {"rank_publish", sizeof(RankPublishArgs)},
+    [K_RANK_GATHER] = {"rank_gather", sizeof(RankGatherArgs)},
     [K_HC_FINISH] = {"hc_finish", sizeof(HcFinishArgs)},
     [K_ROW_NORM_ROPE] = {"row_norm_rope", sizeof(RowNormRopeArgs)},
     [K_COMPRESSOR] = {"compressor_update", sizeof(CompressorUpdateArgs)},
@@ -2138,6 +2145,17 @@ ABI_AT(RankSumArgs, published, RANK_SUM_PUBLISHED);
 ABI_AT(RankSumArgs, ranks, RANK_SUM_RANKS);
 ABI_AT(RankSumArgs, rank, RANK_SUM_RANK);
 ABI_AT(RankSumArgs, n, RANK_SUM_N);
+ABI_SIZE(RankPublishArgs, RANK_PUBLISH_BYTES);
+ABI_AT(RankPublishArgs, published, RANK_PUBLISH_PUBLISHED);
+ABI_SIZE(RankGatherArgs, RANK_GATHER_BYTES);
+ABI_AT(RankGatherArgs, out, RANK_GATHER_OUT);
+ABI_AT(RankGatherArgs, sources, RANK_GATHER_SOURCES);
+ABI_AT(RankGatherArgs, published, RANK_GATHER_PUBLISHED);
+ABI_AT(RankGatherArgs, bounds, RANK_GATHER_BOUNDS);
+ABI_AT(RankGatherArgs, ranks, RANK_GATHER_RANKS);
+ABI_AT(RankGatherArgs, rank, RANK_GATHER_RANK);
+ABI_AT(RankGatherArgs, V, RANK_GATHER_V);
+ABI_AT(RankGatherArgs, T, RANK_GATHER_T);
 ABI_SIZE(HcFinishArgs, HC_FINISH_BYTES);
 ABI_AT(HcFinishArgs, x, HC_FINISH_X);
 ABI_AT(HcFinishArgs, post_out, HC_FINISH_POST_OUT);
@@ -2229,44 +2247,112 @@ static unsigned gpu_gemv_smem(WeightFormat format, unsigned row_bytes) {
     return row_bytes * (format == FMT_BF16 ? 2 : format == FMT_FP8 ? 4 : 8) + GPU_GEMV_RING;
 }
 
-/* The one GPU nvfp4 uses (device 0) once gpu_open succeeded. */
-static struct {
-    void *lib;                   /* dlopen handle of libcuda.so.1 */
+#define GPUS_MAX 8   /* GPUs of one host nvfp4 drives at most */
+
+/* One GPU nvfp4 drives, once gpu_open (GPU 0) or gpu_open_more (the others) opened it. */
+typedef struct {
     CUdevice device;
     CUcontext ctx;
-    CUstream stream;             /* every launch and copy goes here */
+    CUstream stream;             /* every launch and copy for this GPU goes here */
     CUmodule module;             /* the embedded cubin */
     CUfunction kernels[K_COUNT];
     int sm_count, driver_version;
     char name[256];
-} gpu;
+} GpuDevice;
+
+static void *cuda_lib;                     /* dlopen handle of libcuda.so.1 */
+static GpuDevice gpu_devices[GPUS_MAX];    /* [gpu_device_count] */
+static int gpu_device_count;               /* GPUs opened */
+static GpuDevice *gpu = &gpu_devices[0];   /* the GPU the functions below work on (gpu_use_rank) */
 
 #ifdef NVFP4_GPU
 #include "kernels_cubin.h"       /* kernels_cubin[]: build/kernels.cubin as bytes (make writes it) */
 #endif
 
-/* Stop with the failing call's text, its place and the driver's name for the error. */
+/* Stop with the failing call's text, its place, the driver's name for the error and (several
+   GPUs) the current GPU: the one the call was for; a step that failed on a GPU (a kernel's
+   fault, or a wait for another GPU's part that timed out: rank_sum) surfaces at the GPU the
+   host waits for when it fails, gpu_wait waiting for the last GPU first. */
 #define CU_CHECK(call) cu_check((call), #call, __FILE__, __LINE__)
 static void cu_check(CUresult r, const char *call, const char *file, int line) {
     if (r == 0) return;
     const char *name = NULL;
+    char which[64] = "";
     if (!cu.cuGetErrorName || cu.cuGetErrorName(r, &name) || !name) name = "unknown error";
-    fatal("%s:%d: %s failed: %s (%d)", file, line, call, name, r);
+    if (gpu_device_count > 1) snprintf(which, sizeof which, " on GPU %d of %d", (int)(gpu - gpu_devices), gpu_device_count);
+    fatal("%s:%d: %s failed%s: %s (%d)", file, line, call, which, name, r);
 }
 
-/* Release the GPU and the driver (harmless when gpu_open failed or never ran). */
+/* Release the GPUs and the driver (harmless when gpu_open failed or never ran). */
 static void gpu_close(void) {
-    if (gpu.module) CU_CHECK(cu.cuModuleUnload(gpu.module));
-    if (gpu.stream) CU_CHECK(cu.cuStreamDestroy(gpu.stream));
-    if (gpu.ctx) CU_CHECK(cu.cuCtxDestroy(gpu.ctx));
-    if (gpu.lib) dlclose(gpu.lib);
-    memset(&gpu, 0, sizeof gpu);
+    for (int d = GPUS_MAX - 1; d >= 0; d--) {
+        GpuDevice *g = &gpu_devices[d];
+        if (g->ctx) CU_CHECK(cu.cuCtxSetCurrent(g->ctx));
+        if (g->module) CU_CHECK(cu.cuModuleUnload(g->module));
+        if (g->stream) CU_CHECK(cu.cuStreamDestroy(g->stream));
+        if (g->ctx) CU_CHECK(cu.cuCtxDestroy(g->ctx));
+    }
+    if (cuda_lib) dlclose(cuda_lib);
+    cuda_lib = NULL;
+    memset(gpu_devices, 0, sizeof gpu_devices);
+    gpu_device_count = 0;
+    gpu = &gpu_devices[0];
     memset(&cu, 0, sizeof cu);
 }
 
-/* Open the driver, GPU 0, a context, a stream and the kernels. Returns 1 when the GPU path is
-   usable; otherwise 0 with a one-line reason in why[n] (no kernels in this build, no driver,
-   no GPU, a GPU that is not sm_90, a cubin the driver rejects), everything released. */
+/* Open GPU `ordinal` into *g, made the current GPU (errors name it): a context (made current), a
+   stream and the kernels. Returns 1, or 0 with a one-line reason in why[n] (not sm_90, no
+   context, a cubin the driver rejects); what it opened stays in *g for gpu_close. */
+static int gpu_open_device(int ordinal, GpuDevice *g, char *why, size_t n) {
+#ifndef NVFP4_GPU
+    (void)ordinal, (void)g, (void)why, (void)n;
+    return 0;
+#else
+    CUresult r;
+    const char *name;
+    int major = 0, minor = 0;
+    gpu = g;
+#define ERROR_NAME(r) (cu.cuGetErrorName(r, &name) || !name ? "unknown error" : name)
+    CU_CHECK(cu.cuDeviceGet(&g->device, ordinal));
+    CU_CHECK(cu.cuDeviceGetName(g->name, sizeof g->name, g->device));
+    CU_CHECK(cu.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, g->device));
+    CU_CHECK(cu.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, g->device));
+    CU_CHECK(cu.cuDeviceGetAttribute(&g->sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, g->device));
+    CU_CHECK(cu.cuDriverGetVersion(&g->driver_version));
+    if (major != 9 || minor != 0) {
+        snprintf(why, n, "GPU %d is %s (sm_%d%d); the kernels are built for sm_90 (Hopper: H100, H200)", ordinal, g->name,
+                 major, minor);
+        return 0;
+    }
+    if ((r = cu.cuCtxCreate(&g->ctx, 0, g->device))) {
+        snprintf(why, n, "cannot create a context on GPU %d (%s): %s", ordinal, g->name, ERROR_NAME(r));
+        return 0;
+    }
+    CU_CHECK(cu.cuStreamCreate(&g->stream, CU_STREAM_NON_BLOCKING));
+    char info[4096] = "", error[4096] = "";
+    int options[] = {CU_JIT_INFO_LOG_BUFFER, CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES, CU_JIT_ERROR_LOG_BUFFER,
+                     CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
+    void *values[] = {info, (void *)(uintptr_t)sizeof info, error, (void *)(uintptr_t)sizeof error};
+    if ((r = cu.cuModuleLoadDataEx(&g->module, kernels_cubin, 4, options, values))) {
+        snprintf(why, n, "the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
+        return 0;
+    }
+    for (int k = 0; k < K_COUNT; k++) {
+        CU_CHECK(cu.cuModuleGetFunction(&g->kernels[k], g->module, kernel_info[k].name));
+        if (k == K_GEMV || k == K_GEMV_STREAMED || k == K_GEMV_RANKED)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
+            CU_CHECK(cu.cuFuncSetAttribute(g->kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                           (int)gpu_gemv_smem(FMT_NVFP4, GPU_MAX_CHUNKS * GPU_CHUNK)));
+        if (k == K_INDEXER_SCORES)   /* the queries of one token: NI x (DI + 4) floats, and NI weights */
+            CU_CHECK(cu.cuFuncSetAttribute(g->kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GPU_INDEXER_SMEM));
+    }
+    return 1;
+#undef ERROR_NAME
+#endif
+}
+
+/* Open the driver and GPU 0 (gpu_open_device). Returns 1 when the GPU path is usable;
+   otherwise 0 with a one-line reason in why[n] (no kernels in this build, no driver, no GPU,
+   gpu_open_device's), everything released. */
 static int gpu_open(char *why, size_t n) {
 #ifndef NVFP4_GPU
     (void)cu_symbols;   /* only a build with kernels opens the driver */
@@ -2277,44 +2363,59 @@ static int gpu_open(char *why, size_t n) {
     const char *name;
 #define GPU_FAIL(...) do { snprintf(why, n, __VA_ARGS__); gpu_close(); return 0; } while (0)
 #define ERROR_NAME(r) (cu.cuGetErrorName(r, &name) || !name ? "unknown error" : name)
-    gpu.lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!gpu.lib) GPU_FAIL("no NVIDIA driver (%s)", dlerror());
+    cuda_lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!cuda_lib) GPU_FAIL("no NVIDIA driver (%s)", dlerror());
     for (size_t i = 0; i < sizeof cu_symbols / sizeof *cu_symbols; i++) {
-        void *f = dlsym(gpu.lib, cu_symbols[i].symbol);
+        void *f = dlsym(cuda_lib, cu_symbols[i].symbol);
         if (!f) GPU_FAIL("the NVIDIA driver is too old: libcuda.so.1 has no %s", cu_symbols[i].symbol);
         memcpy((char *)&cu + cu_symbols[i].offset, &f, sizeof f);
     }
     if ((r = cu.cuInit(0))) GPU_FAIL("no usable GPU (cuInit: %s)", ERROR_NAME(r));
-    int count = 0, major = 0, minor = 0;
+    int count = 0;
     if ((r = cu.cuDeviceGetCount(&count)) || count == 0) GPU_FAIL("no GPU found");
-    CU_CHECK(cu.cuDeviceGet(&gpu.device, 0));
-    CU_CHECK(cu.cuDeviceGetName(gpu.name, sizeof gpu.name, gpu.device));
-    CU_CHECK(cu.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, gpu.device));
-    CU_CHECK(cu.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, gpu.device));
-    CU_CHECK(cu.cuDeviceGetAttribute(&gpu.sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, gpu.device));
-    CU_CHECK(cu.cuDriverGetVersion(&gpu.driver_version));
-    if (major != 9 || minor != 0)
-        GPU_FAIL("GPU 0 is %s (sm_%d%d); the kernels are built for sm_90 (Hopper: H100, H200)", gpu.name, major, minor);
-    if ((r = cu.cuCtxCreate(&gpu.ctx, 0, gpu.device))) GPU_FAIL("cannot create a context on %s: %s", gpu.name, ERROR_NAME(r));
-    CU_CHECK(cu.cuStreamCreate(&gpu.stream, CU_STREAM_NON_BLOCKING));
-    char info[4096] = "", error[4096] = "";
-    int options[] = {CU_JIT_INFO_LOG_BUFFER, CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES, CU_JIT_ERROR_LOG_BUFFER,
-                     CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
-    void *values[] = {info, (void *)(uintptr_t)sizeof info, error, (void *)(uintptr_t)sizeof error};
-    if ((r = cu.cuModuleLoadDataEx(&gpu.module, kernels_cubin, 4, options, values)))
-        GPU_FAIL("the driver rejects the embedded kernels: %s %s%s", ERROR_NAME(r), error, info);
-    for (int k = 0; k < K_COUNT; k++) {
-        CU_CHECK(cu.cuModuleGetFunction(&gpu.kernels[k], gpu.module, kernel_info[k].name));
-        if (k == K_GEMV || k == K_GEMV_STREAMED || k == K_GEMV_RANKED)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
-            CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                           (int)gpu_gemv_smem(FMT_NVFP4, GPU_MAX_CHUNKS * GPU_CHUNK)));
-        if (k == K_INDEXER_SCORES)   /* the queries of one token: NI x (DI + 4) floats, and NI weights */
-            CU_CHECK(cu.cuFuncSetAttribute(gpu.kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GPU_INDEXER_SMEM));
+    if (!gpu_open_device(0, &gpu_devices[0], why, n)) {
+        gpu_close();
+        return 0;
     }
+    gpu_device_count = 1;
     return 1;
 #undef GPU_FAIL
 #undef ERROR_NAME
 #endif
+}
+
+/* Open GPUs 1 .. count - 1 beside GPU 0 (gpu_open's) and let every one read every other's
+   memory (peer access: rank_sum reads the other ranks' parts where they lie). Returns 1 with
+   GPU 0 current, or 0 with a one-line reason in why[n] naming the GPUs (fewer GPUs than
+   asked, gpu_open_device's, no peer access between two of them). */
+static int gpu_open_more(int count, char *why, size_t n) {
+    int present = 0;
+    CU_CHECK(cu.cuDeviceGetCount(&present));
+    if (count > present || count > GPUS_MAX) {
+        snprintf(why, n, "%d GPUs asked for, and this machine has %d (at most %d are used)", count, present, GPUS_MAX);
+        return 0;
+    }
+    for (int d = gpu_device_count; d < count; d++) {
+        gpu_device_count = d + 1;   /* counted before it opens: its errors say "GPU d of d + 1" */
+        if (!gpu_open_device(d, &gpu_devices[d], why, n)) return 0;
+    }
+    for (int a = 0; a < count; a++)
+        for (int b = 0; b < count; b++) {
+            int can = 0;
+            if (a == b) continue;
+            CU_CHECK(cu.cuDeviceCanAccessPeer(&can, gpu_devices[a].device, gpu_devices[b].device));
+            if (!can) {
+                snprintf(why, n, "GPU %d (%s) cannot read GPU %d's memory (no peer access between them)", a,
+                         gpu_devices[a].name, b);
+                return 0;
+            }
+            CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[a].ctx));
+            CUresult r = cu.cuCtxEnablePeerAccess(gpu_devices[b].ctx, 0);
+            if (r != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) CU_CHECK(r);
+        }
+    CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[0].ctx));
+    gpu = &gpu_devices[0];
+    return 1;
 }
 
 /* Whether `bytes` more device memory fit: 1, or 0 with "needs X GiB, the GPU has Y GiB free"
@@ -2343,14 +2444,14 @@ static void gpu_free(CUdeviceptr p) {
 
 /* Copies on the stream, waited for: after return the host buffer may be reused or read. */
 static void gpu_upload(CUdeviceptr dst, const void *src, size_t bytes) {
-    CU_CHECK(cu.cuMemcpyHtoDAsync(dst, src, bytes, gpu.stream));
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    CU_CHECK(cu.cuMemcpyHtoDAsync(dst, src, bytes, gpu->stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
 }
 
 /* The reverse copy, device to host. */
 static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
-    CU_CHECK(cu.cuMemcpyDtoHAsync(dst, src, bytes, gpu.stream));
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    CU_CHECK(cu.cuMemcpyDtoHAsync(dst, src, bytes, gpu->stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
 }
 
 static long gpu_launches;          /* kernels launched so far (the benchmark counts those of a decode step) */
@@ -2369,18 +2470,18 @@ static void gpu_launch(Kernel k, unsigned gx, unsigned gy, unsigned gz, unsigned
     if (gpu_kernel_ms) {
         CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
         CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
-        CU_CHECK(cu.cuEventRecord(start, gpu.stream));
+        CU_CHECK(cu.cuEventRecord(start, gpu->stream));
     }
     gpu_launches++;
     /* programmatic dependent launch: the kernel may be scheduled before the previous one ends;
        its griddepcontrol.wait (kernels.ptx) holds it until that one's writes are visible */
     CUlaunchAttribute pdl = {.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, .value.value = 1};
-    CUlaunchConfig config = {gx, gy, gz, block, 1, 1, smem, gpu.stream, &pdl, 1};
+    CUlaunchConfig config = {gx, gy, gz, block, 1, 1, smem, gpu->stream, &pdl, 1};
     void *params[] = {(void *)args};
-    CU_CHECK(cu.cuLaunchKernelEx(&config, gpu.kernels[k], params, NULL));
+    CU_CHECK(cu.cuLaunchKernelEx(&config, gpu->kernels[k], params, NULL));
     if (gpu_kernel_ms) {
         float ms;
-        CU_CHECK(cu.cuEventRecord(end, gpu.stream));
+        CU_CHECK(cu.cuEventRecord(end, gpu->stream));
         CU_CHECK(cu.cuEventSynchronize(end));
         CU_CHECK(cu.cuEventElapsedTime(&ms, start, end));
         gpu_kernel_ms[k] += ms;
@@ -2396,8 +2497,8 @@ static void gpu_launch(Kernel k, unsigned gx, unsigned gy, unsigned gz, unsigned
    one SM at a time (fatal when none does: too many threads for the kernel's registers). */
 static int gpu_blocks_per_sm(Kernel k, int block, unsigned smem) {
     int blocks = 0;
-    CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gpu.kernels[k], block, smem));
-    if (blocks < 1) fatal("kernel %s cannot run blocks of %d threads on %s", kernel_info[k].name, block, gpu.name);
+    CU_CHECK(cu.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gpu->kernels[k], block, smem));
+    if (blocks < 1) fatal("kernel %s cannot run blocks of %d threads on %s", kernel_info[k].name, block, gpu->name);
     return blocks;
 }
 
@@ -2434,6 +2535,20 @@ typedef struct {
 static size_t linear_row_bytes(const Linear *w) {
     size_t cols = (size_t)w->cols;
     return w->format == FMT_BF16 ? 2 * cols : w->format == FMT_FP8 ? cols : cols / 2;
+}
+
+/* Rows [first, first + count) of W as a Linear of their own, pointing into W's data (first a
+   multiple of 128, where FP8's scale blocks start; no data: none). */
+static Linear linear_rows_view(const Linear *w, int first, int count) {
+    Linear v = *w;
+    size_t cols = (size_t)w->cols, at = (size_t)first;
+    v.rows = count;
+    if (w->weight) v.weight = (const char *)w->weight + at * linear_row_bytes(w);
+    if (!w->scale) return v;
+    if (w->format == FMT_FP8) v.scale = (const char *)w->scale + at / 128 * ((cols + 127) / 128) * (w->scale_is_f32 ? 4 : 1);
+    if (w->format == FMT_MXFP4) v.scale = (const char *)w->scale + at * (cols / 32);
+    if (w->format == FMT_NVFP4) v.scale = (const char *)w->scale + at * (cols / 16);
+    return v;
 }
 
 /* Bytes of W's scales as the checkpoint stores them. */
@@ -2502,7 +2617,7 @@ static void gpu_staging_open(void) {
 
 /* Wait for the copies in flight and free the staging buffers. */
 static void gpu_staging_close(void) {
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
     for (int i = 0; i < 2; i++) {
         CU_CHECK(cu.cuMemFreeHost(staging.buf[i]));
         CU_CHECK(cu.cuEventDestroy(staging.sent[i]));
@@ -2518,8 +2633,8 @@ static uint8_t *staging_buffer(void) {
 
 /* Copy the first `bytes` of the buffer staging_buffer gave to device address d (asynchronous). */
 static void staging_send(CUdeviceptr d, size_t bytes) {
-    CU_CHECK(cu.cuMemcpyHtoDAsync(d, staging.buf[staging.next], bytes, gpu.stream));
-    CU_CHECK(cu.cuEventRecord(staging.sent[staging.next], gpu.stream));
+    CU_CHECK(cu.cuMemcpyHtoDAsync(d, staging.buf[staging.next], bytes, gpu->stream));
+    CU_CHECK(cu.cuEventRecord(staging.sent[staging.next], gpu->stream));
     staging.next ^= 1;
 }
 
@@ -2575,7 +2690,7 @@ typedef enum { FILL_BYTES, FILL_E4M3, FILL_BF16, FILL_E4M3_SCALE, FILL_E8M0_SCAL
 static void gpu_fill_random(CUdeviceptr d, size_t bytes, FillKind kind) {
     static unsigned seed = 1;
     FillRandomArgs args = {.dst = d, .n_words = bytes / 4, .seed = seed++, .kind = kind};
-    LAUNCH(K_FILL, (unsigned)gpu.sm_count * 8, 1, 1, 256, 0, args);
+    LAUNCH(K_FILL, (unsigned)gpu->sm_count * 8, 1, 1, 256, 0, args);
 }
 
 /* Bytes of one row as the GEMV reads it: the stored row, or half of it where split. */
@@ -2591,8 +2706,8 @@ static void gpu_gemv_shape(GpuLinear *g) {
     /* an item (4 * nrg rows) and its scales fit a stage of the ring (kernels.ptx, "the ring") */
     if (4 * nrg * gpu_gemv_row_bytes(g) > 32768)   /* then its scales fit the 4 KB beside it too */
         fatal("internal error: a GEMV item of %u bytes does not fit the ring's 32 KB stages", 4 * nrg * gpu_gemv_row_bytes(g));
-    if (gpu.kernels[K_GEMV])
-        g->grid = (unsigned)(gpu.sm_count * gpu_blocks_per_sm(K_GEMV, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
+    if (gpu->kernels[K_GEMV])
+        g->grid = (unsigned)(gpu->sm_count * gpu_blocks_per_sm(K_GEMV, (int)g->block, gpu_gemv_smem(g->format, g->row_bytes)));
 }
 
 /* Upload W in the kernels' layout into the device buffers `weight` [gpu_linear_code_bytes] and
@@ -2776,7 +2891,7 @@ static void gpu_gemv(const GpuLinear *g, CUdeviceptr x, CUdeviceptr y) { gpu_gem
 /* Launch stream_read over buf[bytes] (bytes a multiple of 16), adding its uint32 sum to *out. */
 static void gpu_stream_read(CUdeviceptr buf, size_t bytes, CUdeviceptr out) {
     StreamReadArgs args = {.buf = buf, .n16 = bytes / 16, .out = out};
-    LAUNCH(K_STREAM_READ, (unsigned)(gpu.sm_count * 4), 1, 1, 256, 0, args);
+    LAUNCH(K_STREAM_READ, (unsigned)(gpu->sm_count * 4), 1, 1, 256, 0, args);
 }
 
 /* ======================================================================= GPU: forward pass */
@@ -2841,6 +2956,7 @@ typedef struct {
 } GpuLayer;
 
 typedef struct { int first, count; } Range;   /* [first, first + count) */
+#define SPLIT_BLOCK 128                        /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
 
 /* Part `r` of `count` items in blocks of `block`, as even as whole blocks allow. */
 static Range split_range(int count, int block, int r, int n) {
@@ -2855,7 +2971,9 @@ static Range split_range(int count, int block, int r, int n) {
    the whole model when one GPU runs it. */
 typedef struct {
     int rank, ranks;                       /* this share is rank `rank` of `ranks` (0 or 1: the whole model) */
+    int device;                            /* its GPU: gpu_devices[device] */
     Range experts;                         /* the routed experts it holds, of every layer (ranks > 1) */
+    Range vocab;                           /* the head's rows it holds: the logits it computes (ranks > 1) */
     CUdeviceptr rank_partial;              /* f32 [3, T, E]: its parts of the MoE outputs, by layer
                                               (gpu_rank_reduce; ranks > 1) */
     CUdeviceptr rank_published;            /* uint32 [1]: rank_partial's blocks published so far */
@@ -2902,13 +3020,26 @@ typedef struct {
     float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
 } GpuModel;
 
-#define GPUS_MAX 8                         /* ranks a model may be divided over: the GPUs of one host */
 static GpuModel gpu_ranks[GPUS_MAX];   /* rank r's share; one GPU: gpu_ranks[0], the whole model */
 static GpuModel *gm = &gpu_ranks[0];       /* the rank every GPU function below works on */
 static int gpu_rank_count = 1;             /* ranks loaded: gpu_ranks[0 .. gpu_rank_count) */
 
-/* Make rank r the one the GPU functions work on. */
-static void gpu_use_rank(int r) { gm = &gpu_ranks[r]; }
+/* Make rank r the one the GPU functions work on, its GPU's context current. */
+static void gpu_use_rank(int r) {
+    gm = &gpu_ranks[r];
+    if (gpu == &gpu_devices[gm->device]) return;
+    gpu = &gpu_devices[gm->device];
+    CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+}
+
+/* The GPUs opened, in words: GPU 0's name, "N x" before it when there are several. */
+static void gpu_names(char *out, size_t n) {
+    if (gpu_device_count > 1) snprintf(out, n, "%d x %s", gpu_device_count, gpu_devices[0].name);
+    else snprintf(out, n, "%s", gpu_devices[0].name);
+}
+
+/* GPUs the loaded ranks use: rank d (d < this) is the first on GPU d (gpu_load_ranks). */
+static int gpu_devices_used(void) { return gpu_rank_count < gpu_device_count ? gpu_rank_count : gpu_device_count; }
 
 /* Whether the current rank holds routed expert e (every rank of one holds them all). */
 static int gm_holds_expert(int e) {
@@ -2917,10 +3048,10 @@ static int gm_holds_expert(int e) {
 
 /* Empty the current rank's model, keeping which share of the model it is. */
 static void gm_clear(void) {
-    int rank = gm->rank, ranks = gm->ranks;
-    Range experts = gm->experts;
+    int rank = gm->rank, ranks = gm->ranks, device = gm->device;
+    Range experts = gm->experts, vocab = gm->vocab;
     memset(gm, 0, sizeof *gm);
-    gm->rank = rank, gm->ranks = ranks, gm->experts = experts;
+    gm->rank = rank, gm->ranks = ranks, gm->device = device, gm->experts = experts, gm->vocab = vocab;
 }
 
 /* The factor the GEMM multiplies its f32 sums by for W's layout: NVFP4's global scale, 2^-56 for
@@ -3089,7 +3220,7 @@ static int layer_linears(const Layer *L, const Linear **list) {
 /* Blocks a head's keys are split over in decode (attention_decode's grid.z, at most 16): as
    many as fill the SMs with the heads' blocks once. */
 static int attention_splits(const Config *c) {
-    int z = gpu.sm_count / c->n_heads;
+    int z = gpu->sm_count / c->n_heads;
     return z < 1 ? 1 : z > 16 ? 16 : z;
 }
 
@@ -3335,7 +3466,7 @@ static void *stream_thread_main(void *unused) {
     (void)unused;
     CUstream stream = NULL;
     StreamCopy *copies = xcalloc((size_t)3 * streamer.topk, sizeof *copies);
-    CUresult r = cu.cuCtxSetCurrent(gpu.ctx);
+    CUresult r = cu.cuCtxSetCurrent(gpu->ctx);
     if (!r) r = cu.cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING);
     if (r) snprintf(streamer.error, sizeof streamer.error, "the copy thread could not start (driver error %d)", r);
     double last_post = now_seconds();
@@ -3421,7 +3552,8 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     gm->embed = gm->on_device ? gm_reserve_host(m->embed.nbytes) : gm_reserve(m->embed.nbytes);
     if (placing && m->embed.data) gm_write(gm->embed, m->embed.data, m->embed.nbytes);
     if (placing && !m->embed.data) gpu_fill_random(gm->embed, m->embed.nbytes, FILL_BF16);   /* the benchmark's model */
-    gm_linear(&gm->head, &m->head);
+    Linear head = gm->ranks > 1 ? linear_rows_view(&m->head, gm->vocab.first, gm->vocab.count) : m->head;
+    gm_linear(&gm->head, &head);   /* a rank's share: its rows */
     gm->norm = gm_floats(m->norm, (size_t)E);
     gm->hc_head_fn = gm_floats(m->hc_head.fn, (size_t)HC * HC * E);
     gm->hc_head_base = gm_floats(m->hc_head.base, HC);
@@ -3565,6 +3697,7 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
 typedef struct {
     size_t device_cap;         /* --gpu-mem: bytes of device memory the model may take (0: what the GPU has free) */
     const uint64_t *profile;   /* [L, X]: --expert-profile's counts, or NULL */
+    int gpus;                  /* --gpus: ranks to divide the model over, one a GPU (gpu_load_ranks; 0: 1) */
 } GpuBudget;
 
 /* The budget of the command line's load (main sets it: --gpu-mem, --expert-profile). */
@@ -3606,7 +3739,7 @@ static void host_lock_limits(char *out, size_t n) {
 /* Plan where model m goes for chunks of T tokens and a context of C, with free_bytes of device
    memory free and `budget` (NULL: no cap, no profile). It allocates and launches nothing (the
    layout is only counted), so it runs on any machine; gm must hold no loaded model. (The
-   layout depends on the GPU a little: the decode attention's splits follow gpu.sm_count.)
+   layout depends on the GPU a little: the decode attention's splits follow gpu->sm_count.)
    gpu_lay_out counts the bytes with everything on the device; when they do not fit the room
    (the free memory less GPU_HEADROOM, or the cap, in GPU_ALLOC_GRANULE pages), the embedding
    table and the experts that do not fit beside the rest and the K streaming slots go to host
@@ -3712,7 +3845,7 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
     }
     gm->arena = gpu_alloc(bytes);
     gm->arena_bytes = bytes;
-    CU_CHECK(cu.cuMemsetD8Async(gm->arena, 0, bytes, gpu.stream));   /* the state at position 0, the counters 0 */
+    CU_CHECK(cu.cuMemsetD8Async(gm->arena, 0, bytes, gpu->stream));   /* the state at position 0, the counters 0 */
     gm->plan.base = (char *)(uintptr_t)gm->arena;
     gpu_staging_open();
     gpu_lay_out(m, T, C, all_logits);
@@ -3726,6 +3859,14 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
 /* Where the last load put the model, in one line: device GiB, host GiB and which experts, the
    bytes a token is expected to read over PCIe. */
 static void gpu_placement_line(char *out, size_t n) {
+    if (gpu_rank_count > 1) {
+        size_t most = 0;
+        for (int r = 0; r < gpu_rank_count; r++) most = gpu_ranks[r].arena_bytes > most ? gpu_ranks[r].arena_bytes : most;
+        snprintf(out, n, "divided over %d GPUs, at most %.2f GiB each (every layer's routed experts divided: %d to %d "
+                 "each; the head by rows; the rest on every GPU)", gpu_rank_count, most / 1073741824.0, gpu_ranks[0].experts.count,
+                 gpu_ranks[gpu_rank_count - 1].experts.count);
+        return;
+    }
     if (!host_map.bytes) {
         snprintf(out, n, "%.2f GiB on the GPU (everything)", gm->arena_bytes / 1073741824.0);
         return;
@@ -3746,17 +3887,23 @@ static void gpu_expert_hits(uint64_t *hits, int L, int X) {
     free(decode);
 }
 
-/* Upload model m divided over `ranks` ranks of this GPU (several GPUs' code on one: the
-   tests), each holding split_range's share of the routed experts of every layer and a whole
-   copy of the rest, each as gpu_load_model loads a model (its refusals, and a rank's share
-   that does not fit). Leaves rank 0 current. Returns the seconds the uploads took. */
+/* Upload model m divided over `ranks` ranks, rank r on GPU r modulo the GPUs opened (one GPU:
+   every rank on it, the tests' way to run the several GPUs' code), each holding split_range's
+   share of the routed experts of every layer and a whole copy of the rest, each as
+   gpu_load_model loads a model (its refusals, and a rank's share that does not fit). Leaves
+   rank 0 current. Returns the seconds the uploads took. */
 static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const GpuBudget *budget, int ranks) {
     double seconds = 0;
-    if (ranks < 1 || ranks > GPUS_MAX || ranks > m->config.n_experts)
-        fatal("a model of %d routed experts divided over %d ranks: 1 to %d", m->config.n_experts, ranks, GPUS_MAX);
+    int X = m->config.n_experts, blocks = (m->config.vocab_size + SPLIT_BLOCK - 1) / SPLIT_BLOCK;
+    if (!gpu_device_count) fatal("internal error: a model loaded onto no GPU");
+    if (ranks < 1 || ranks > GPUS_MAX || ranks > X || ranks > blocks)
+        fatal("a model of %d routed experts and %d blocks of %d head rows divided over %d ranks: 1 to %d, at most one "
+              "a block and an expert", X, blocks, SPLIT_BLOCK, ranks, GPUS_MAX);
     for (int r = 0; r < ranks; r++) {
+        gpu_ranks[r].device = r % gpu_device_count;
         gpu_use_rank(r);
-        gm->rank = r, gm->ranks = ranks, gm->experts = split_range(m->config.n_experts, 1, r, ranks);
+        gm->rank = r, gm->ranks = ranks, gm->experts = split_range(X, 1, r, ranks);
+        gm->vocab = split_range(m->config.vocab_size, SPLIT_BLOCK, r, ranks);
         seconds += gpu_load_model(m, T, C, all_logits, budget);
     }
     gpu_rank_count = ranks;
@@ -3780,9 +3927,8 @@ static void gpu_unload_rank(void) {
 
 /* Free every rank's model (gpu_load_model's or gpu_load_ranks'). */
 static void gpu_unload(void) {
-    for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_unload_rank();
+    for (int r = gpu_rank_count - 1; r >= 0; r--) gpu_use_rank(r), gpu_unload_rank();   /* leaves rank 0 current */
     gpu_rank_count = 1;
-    gpu_use_rank(0);
 }
 
 /* -------------------------------------------------------------------------------- launches */
@@ -3954,7 +4100,7 @@ static void gpu_output_projection(const Config *c, int l, int T) {
 
 /* gate[n] = silu(min(gate, limit)) * clamp(up, -limit, limit). Mirrors expert_ffn's activation. */
 static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) {
-    unsigned blocks = (unsigned)((n + 255) / 256), most = (unsigned)gpu.sm_count * 4;
+    unsigned blocks = (unsigned)((n + 255) / 256), most = (unsigned)gpu->sm_count * 4;
     SwigluArgs args = {.gate = gate, .up = up, .n = (uint32_t)n, .limit = limit};
     LAUNCH(K_SWIGLU, blocks < most ? blocks : most, 1, 1, 256, 0, args);
 }
@@ -4009,6 +4155,32 @@ static void gpu_rank_partial(const Config *c, int l, int T) {
     LAUNCH(K_RANK_PARTIAL, (unsigned)(c->hidden_size + 255) / 256, (unsigned)T, 1, 256, 0, args);
 }
 
+/* Where the current rank's head writes: its columns of the logits [T, V] (all of them on one). */
+static CUdeviceptr gpu_head_logits(void) {
+    return DEV(gm->state.scratch.logits) + (gm->ranks > 1 ? (size_t)gm->vocab.first * sizeof(float) : 0);
+}
+
+/* The current rank's count advanced once its head is done (rank_gather waits for it). */
+static void gpu_rank_publish(void) {
+    RankPublishArgs args = {.published = gm->rank_published};
+    LAUNCH(K_RANK_PUBLISH, 1, 1, 1, 32, 0, args);
+}
+
+/* Every rank's columns of the logits [T, V] copied into the current rank's (the head divided by
+   rows: each rank computed its vocab range). */
+static void gpu_rank_gather(const Config *c, int T) {
+    RankGatherArgs args = {.out = DEV(gm->state.scratch.logits), .ranks = (uint32_t)gm->ranks, .rank = (uint32_t)gm->rank,
+                           .V = (uint32_t)c->vocab_size, .T = (uint32_t)T};
+    for (int r = 0; r < gm->ranks; r++) {
+        args.sources[r] = DEV(gpu_ranks[r].state.scratch.logits);
+        args.published[r] = gpu_ranks[r].rank_published;
+        args.bounds[r] = (uint32_t)gpu_ranks[r].vocab.first;
+    }
+    args.bounds[gm->ranks] = (uint32_t)c->vocab_size;
+    unsigned blocks = (unsigned)(((size_t)T * c->vocab_size + 255) / 256), most = (unsigned)gpu->sm_count * 4;
+    LAUNCH(K_RANK_GATHER, blocks < most ? blocks : most, 1, 1, 256, 0, args);
+}
+
 /* Every rank's part of layer l's MoE output summed into the current rank's block_out [T, E]. */
 static void gpu_rank_sum(const Config *c, int l, int T) {
     RankSumArgs args = {.out = DEV(gm->state.scratch.block_out), .ranks = (uint32_t)gm->ranks, .rank = (uint32_t)gm->rank,
@@ -4017,7 +4189,7 @@ static void gpu_rank_sum(const Config *c, int l, int T) {
         args.partials[r] = rank_part_buffer(c, r, l);
         args.published[r] = gpu_ranks[r].rank_published;
     }
-    unsigned blocks = (args.n + 255) / 256, most = (unsigned)gpu.sm_count * 4;
+    unsigned blocks = (args.n + 255) / 256, most = (unsigned)gpu->sm_count * 4;
     LAUNCH(K_RANK_SUM, blocks < most ? blocks : most, 1, 1, 256, 0, args);
 }
 
@@ -4159,10 +4331,12 @@ static void gpu_prefill(const Model *m, int T, int all_logits) {
     }
     for (int r = 0; r < ranks; r++) {
         gpu_use_rank(r);
-        Scratch *w = &gm->state.scratch;
         gpu_hc_finish(c, rows, T - rows, gm->hc_head_base, gm->hc_head_scale, gm->norm, HC);
-        gpu_linear(&gm->head, DEV(w->x), DEV(w->logits), rows);
+        gpu_linear_rows(&gm->head, 0, gm->head.rows, DEV(gm->state.scratch.x), c->hidden_size, gpu_head_logits(),
+                        c->vocab_size, rows);
+        if (ranks > 1) gpu_rank_publish();
     }
+    for (int r = 0; r < ranks && ranks > 1; r++) gpu_use_rank(r), gpu_rank_gather(c, rows);
     gpu_use_rank(0);
 }
 
@@ -4354,9 +4528,11 @@ static void gpu_decode(const Model *m) {
     for (int r = 0; r < ranks; r++) {
         gpu_use_rank(r);
         GemvHc head_site = gemv_hc_site(c, c->n_layers, 0);
-        GemvPart head = {&gm->head, 0, DEV(gm->state.scratch.logits), NULL};
+        GemvPart head = {&gm->head, 0, gpu_head_logits(), NULL};
         gpu_gemv_parts(&head, 1, &head_site);
+        if (ranks > 1) gpu_rank_publish();
     }
+    for (int r = 0; r < ranks && ranks > 1; r++) gpu_use_rank(r), gpu_rank_gather(c, 1);
     gpu_use_rank(0);
 }
 
@@ -4381,14 +4557,15 @@ static void gpu_upload_ring(const Sampler *s, CUdeviceptr recent, CUdeviceptr n_
 
 /* The sampler's RNG state into every rank's rng (they draw alike). */
 static void gpu_seed(uint64_t rng) {
-    for (int r = 0; r < gpu_rank_count; r++) gpu_upload(gpu_ranks[r].rng, &rng, sizeof rng);
+    for (int r = gpu_rank_count - 1; r >= 0; r--) gpu_use_rank(r), gpu_upload(gm->rng, &rng, sizeof rng);
 }
 
 /* The chunk's first position and its tokens [T] (none: NULL) into every rank's pos and tokens. */
 static void gpu_feed(int pos, const int *tokens, int T) {
-    for (int r = 0; r < gpu_rank_count; r++) {
-        gpu_upload(gpu_ranks[r].pos, &pos, sizeof pos);
-        if (tokens) gpu_upload(gpu_ranks[r].tokens, tokens, (size_t)T * sizeof(int));
+    for (int r = gpu_rank_count - 1; r >= 0; r--) {   /* leaves rank 0 current */
+        gpu_use_rank(r);
+        gpu_upload(gm->pos, &pos, sizeof pos);
+        if (tokens) gpu_upload(gm->tokens, tokens, (size_t)T * sizeof(int));
     }
 }
 
@@ -4409,15 +4586,25 @@ static void gpu_sample(const Sampler *s, int V, int row, int advance) {
 }
 
 /* Capture one decode step (gpu_decode of tokens[0] at *pos, then sampling, which advances
-   *pos) as a CUDA graph, once; every later step replays it. */
+   *pos) as a CUDA graph, once; every later step replays it (gpu_replay_decode). Several GPUs:
+   one graph each, on the stream of its first rank, which keeps it. */
 static void gpu_capture_decode(const Model *m, const Sampler *s) {
-    CUgraph graph;
-    CU_CHECK(cu.cuStreamBeginCapture(gpu.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+    int used = gpu_devices_used();
+    for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuStreamBeginCapture(gpu->stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
     gpu_decode(m);
     gpu_sample(s, m->config.vocab_size, 0, 1);
-    CU_CHECK(cu.cuStreamEndCapture(gpu.stream, &graph));
-    CU_CHECK(cu.cuGraphInstantiate(&gm->decode_graph, graph, 0));
-    CU_CHECK(cu.cuGraphDestroy(graph));
+    CUgraph graphs[GPUS_MAX];
+    for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuStreamEndCapture(gpu->stream, &graphs[d]));
+    for (int d = used - 1; d >= 0; d--) {   /* every capture ended first; leaves rank 0 current */
+        gpu_use_rank(d);
+        CU_CHECK(cu.cuGraphInstantiate(&gm->decode_graph, graphs[d], 0));
+        CU_CHECK(cu.cuGraphDestroy(graphs[d]));
+    }
+}
+
+/* One decode step: the captured graph of every GPU launched on its stream. */
+static void gpu_replay_decode(void) {
+    for (int d = gpu_devices_used() - 1; d >= 0; d--) gpu_use_rank(d), CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu->stream));
 }
 
 /* A chunk of T tokens through the model on the GPU: the decode step's kernels for one token,
@@ -4913,11 +5100,13 @@ static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_
 /* ---------- the GPU ---------- */
 
 static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
-    double seconds = gpu_load_model(m, T, C, all_logits, &gpu_budget);
+    double seconds = gpu_load_ranks(m, T, C, all_logits, &gpu_budget, gpu_budget.gpus ? gpu_budget.gpus : 1);
     gpu_seed(rng);
     char line[320];
     gpu_placement_line(line, sizeof line);
-    snprintf(where, n, " onto %s, %.1f GB/s: %s,", gpu.name, m->weight_bytes / seconds / 1e9, line);
+    char names[300];
+    gpu_names(names, sizeof names);
+    snprintf(where, n, " onto %s, %.1f GB/s: %s,", names, m->weight_bytes / seconds / 1e9, line);
     return &gm->state;
 }
 
@@ -4937,7 +5126,7 @@ static const float *gpu_chunk(const Model *m, State *s, const int *tokens, int T
    sampler fed the prompt there), then sample_token draws and appends, as every decode step does. */
 static int gpu_next_token(const Model *m, State *s, Sampler *sampler, int row) {
     int V = m->config.vocab_size, token;
-    for (int r = 0; r < gpu_rank_count; r++) gpu_upload_ring(sampler, gpu_ranks[r].recent, gpu_ranks[r].n_fed);
+    for (int r = gpu_rank_count - 1; r >= 0; r--) gpu_use_rank(r), gpu_upload_ring(sampler, gm->recent, gm->n_fed);
     gpu_sample(sampler, V, row, 0);
     gpu_download(&token, gm->out_token, sizeof token);
     if (token < 0 || token >= V) refuse_logits(s->pos - 1);   /* sample_token's answer to non-finite logits */
@@ -4950,7 +5139,7 @@ static int gpu_step(const Model *m, State *s, Sampler *sampler, int token, const
     (void)token;   /* in device memory already: the last sample_token wrote it */
     int V = m->config.vocab_size, next;
     if (!gm->decode_graph) gpu_capture_decode(m, sampler);
-    CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
+    gpu_replay_decode();
     gpu_download(&next, gm->out_token, sizeof next);
     stream_check();
     s->pos++;
@@ -4969,7 +5158,7 @@ static void gpu_backend_unload(State *s) {
 }
 
 static void gpu_wait(void) {
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    for (int d = gpu_devices_used() - 1; d >= 0; d--) gpu_use_rank(d), CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
     stream_check();
 }
 
@@ -5286,8 +5475,8 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
 }
 
 /* ================================================================ several GPUs: the split plan */
-/* How a model is to be divided over N GPUs of one host for one user's decode (not run yet:
-   --bench prints the plan, bench_split). Every GPU (a rank) keeps a whole copy of what is small
+/* How a model is to be divided over N GPUs of one host for one user's decode (of it only the
+   routed experts' division runs: gpu_load_ranks; --bench prints the plan, bench_split). Every GPU (a rank) keeps a whole copy of what is small
    or needed whole by each token: the embedding table, the norms and mHC parameters, the router,
    wq_a and wkv, the compressors and the indexer, the caches (one KV head: every rank writes the
    same entries). What is large is divided, each rank reading only its share each step:
@@ -5307,7 +5496,6 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
    table on the first and the head on the last, and the residual streams are handed on).
    split_plan is a pure function of the model's shapes and the costs (tests: test_split_plan). */
 
-#define SPLIT_BLOCK 128      /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
 
 /* One GPU's share of the model. */
 typedef struct {
@@ -5482,9 +5670,9 @@ static float gpu_time(void (*fn)(void *, int), void *arg, int reps) {
     float ms;
     CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
     CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
-    CU_CHECK(cu.cuEventRecord(start, gpu.stream));
+    CU_CHECK(cu.cuEventRecord(start, gpu->stream));
     for (int i = 0; i < reps; i++) fn(arg, i);
-    CU_CHECK(cu.cuEventRecord(end, gpu.stream));
+    CU_CHECK(cu.cuEventRecord(end, gpu->stream));
     CU_CHECK(cu.cuEventSynchronize(end));
     CU_CHECK(cu.cuEventElapsedTime(&ms, start, end));
     CU_CHECK(cu.cuEventDestroy(start));
@@ -5522,7 +5710,7 @@ typedef struct { CUdeviceptr dst; const void *src; size_t bytes; } CopyRun;
 static void copy_call(void *arg, int i) {
     (void)i;
     CopyRun *r = arg;
-    CU_CHECK(cu.cuMemcpyHtoDAsync(r->dst, r->src, r->bytes, gpu.stream));
+    CU_CHECK(cu.cuMemcpyHtoDAsync(r->dst, r->src, r->bytes, gpu->stream));
 }
 
 /* The released models whose shapes the benchmark takes (--model), and their layer counts. */
@@ -5670,9 +5858,9 @@ static float bench_decode_ms(int steps) {
     CU_CHECK(cu.cuEventCreate(&start, CU_EVENT_DEFAULT));
     CU_CHECK(cu.cuEventCreate(&end, CU_EVENT_DEFAULT));
     for (int i = 0; i < steps; i++) {
-        CU_CHECK(cu.cuEventRecord(start, gpu.stream));
-        CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
-        CU_CHECK(cu.cuEventRecord(end, gpu.stream));
+        CU_CHECK(cu.cuEventRecord(start, gpu->stream));
+        gpu_replay_decode();   /* GPU 0's graph waits for the others' parts: its time is the step's */
+        CU_CHECK(cu.cuEventRecord(end, gpu->stream));
         CU_CHECK(cu.cuEventSynchronize(end));
         CU_CHECK(cu.cuEventElapsedTime(&t[i], start, end));
     }
@@ -5774,22 +5962,24 @@ static void bench_split(ModelShape shape, double stream_gbs) {
     }
     char divided[32] = "never";
     if (divided_from) snprintf(divided, sizeof divided, "from %d GPUs on", divided_from);
-    printf("split    planned, not run (several GPUs are not supported yet): the busiest of 1/2/4/8 GPUs reads %.2f / %.2f / "
+    printf("split    planned (--gpus divides only the routed experts yet): the busiest of 1/2/4/8 GPUs reads %.2f / %.2f / "
            "%.2f / %.2f GB a token and holds %.1f / %.1f / %.1f / %.1f GB of weights; attention divided %s (all-reduces "
            "taken as %.0f us)\n", read[0] / 1e9, read[1] / 1e9, read[2] / 1e9, read[3] / 1e9, held[0] / 1e9, held[1] / 1e9,
            held[2] / 1e9, held[3] / 1e9, divided, SPLIT_ALLREDUCE_US);
     free_model(&whole);
 }
 
-/* The benchmark (see above) on `shape`'s model, within gpu_mem bytes of device memory (0: all it can). */
-static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
+/* The benchmark (see above) on `shape`'s model, within gpu_mem bytes of device memory (0: all it
+   can), divided over `gpus` GPUs (0: one; gpu_load_ranks). */
+static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, int gpus) {
     char why[512], line[320];
     if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
+    if (gpus > 1 && !gpu_open_more(gpus, why, sizeof why)) fatal("--gpus %d: %s", gpus, why);
     pool_start(usable_cores());
     /* the ceilings, same card, same run (before the model takes the memory): a streaming read of
        2 GiB of device memory, */
     StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
-    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
+    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu->stream));
     double stream_gbs = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;
     gpu_free(sr.buf);
     /* the SMs reading 2 GiB of mapped page-locked host memory (PCIe; the prefill's GEMMs read
@@ -5810,25 +6000,29 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     bench_model(&m, shape, layers, 0, 129280);
     const Config *c = &m.config;
     int chunk = 2048, steps = 48, ctx = position + 4 * steps + 16;   /* the steps of bench_skewed too */
-    GpuBudget budget = {gpu_mem, NULL};
-    double upload = gpu_load_model(&m, chunk, ctx, 0, &budget);
+    GpuBudget budget = {.device_cap = gpu_mem, .gpus = gpus};
+    /* several GPUs: each rank fills its copy of the weights with its own random numbers (its
+       values mean nothing); what each reads and launches, the step's time, is the real one's */
+    double upload = gpu_load_ranks(&m, chunk, ctx, 0, &budget, gpus ? gpus : 1);
     gpu_placement_line(line, sizeof line);
+    char names[300];
+    gpu_names(names, sizeof names);
     printf("nvfp4 --bench on %s (%d SMs, driver %d.%d), commit %s: %s shapes, %d layers, random weights "
-           "made in %.1f s: %s\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000, gpu.driver_version % 1000 / 10,
+           "made in %.1f s: %s\n", names, gpu->sm_count, gpu->driver_version / 1000, gpu->driver_version % 1000 / 10,
            NVFP4_COMMIT, shape_names[shape], layers, upload, line);
 
     /* prefill: random tokens in chunks of 2048 */
     uint64_t rng = 99;
     int *ids = xcalloc((size_t)chunk, sizeof(int));
     State *s = &gm->state;
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
     double start = now_seconds();
     while (s->pos < position) {
         int T = position - s->pos < chunk ? position - s->pos : chunk;
         for (int i = 0; i < T; i++) ids[i] = 2 + (int)(random_u32(&rng) % (unsigned)(c->vocab_size - 2));
         gpu_chunk(&m, s, ids, T, 0);
     }
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
     double prefill_s = now_seconds() - start;
 
     /* decode: the graph, its kernels, its time */
@@ -5838,7 +6032,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     long before = gpu_launches;
     gpu_capture_decode(&m, &greedy);
     long kernels = gpu_launches - before, fixed = 4;   /* embed, first mixes, head, sample */
-    for (int i = 0; i < 4; i++) CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));   /* warm-up */
+    for (int i = 0; i < 4; i++) gpu_replay_decode();   /* warm-up */
     size_t n_hits = (size_t)layers * c->n_experts;
     uint64_t *hits_before = xcalloc(n_hits, sizeof(uint64_t)), *hits_after = xcalloc(n_hits, sizeof(uint64_t));
     gpu_expert_hits(hits_before, layers, c->n_experts);
@@ -5849,7 +6043,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     double host_bytes = bench_host_bytes(&m, hits_before, hits_after, steps - 4);
     free(hits_before);
     free(hits_after);
-    HeadRun head = {&gm->head, gemv_hc_site(&m.config, m.config.n_layers, 0), DEV(gm->state.scratch.logits)};
+    HeadRun head = {&gm->head, gemv_hc_site(&m.config, m.config.n_layers, 0), gpu_head_logits()};
     double head_ms = gpu_median_us(head_call, &head, 20) / 1000;
     Sampler nucleus = {.temperature = 0.6f, .top_p = 0.95f, .rng = 1};   /* the command line's default sampling */
     SampleRun greedy_run = {&greedy, c->vocab_size}, nucleus_run = {&nucleus, c->vocab_size};
@@ -5857,13 +6051,24 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
 
     double weights, cache;
     bench_bytes(&m, position, &weights, &cache);
+    if (gpu_rank_count > 1) {   /* GPU 0 (the busiest: the shared expert is its) reads its share of the experts and head */
+        double routed = 0;
+        for (int l = 0; l < layers; l++) {
+            size_t device, read;
+            expert_bytes(&m.layers[l], &device, &read);
+            routed += (double)c->topk * read;
+        }
+        weights -= routed * (1 - (double)gm->experts.count / c->n_experts);
+        weights -= linear_bytes(&m.head) - linear_rows_bytes(&m.head, gm->vocab.first, gm->vocab.count);   /* its head rows */
+    }
     double device_bytes = weights + cache - host_bytes, layer_ms = (ms - head_ms) / layers;
     double gbs = device_bytes / (ms * 1e-3) / 1e9, host_gbs = host_bytes / (ms * 1e-3) / 1e9;
     printf("prefill  %d tokens in chunks of %d: %.0f tok/s\n", position, chunk, position / prefill_s);
     printf("decode   at position %d: %.3f ms/token, %.1f tok/s (median of %d graph replays)\n", position, ms, 1000 / ms,
            steps - 4);
-    printf("bytes    per token: %.1f MB of weights + %.1f MB of cache; %.1f MB of it from device memory, %.1f MB of "
-           "routed experts (counted) and embedding rows from host memory\n", weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
+    printf("bytes    per token%s: %.1f MB of weights + %.1f MB of cache; %.1f MB of it from device memory, %.1f MB of "
+           "routed experts (counted) and embedding rows from host memory\n", gpu_rank_count > 1 ? " on GPU 0" : "",
+           weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
     printf("speed    %.0f GB/s from device memory; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs,
            100 * gbs / stream_gbs);
     if (placed.host_experts)
@@ -5880,9 +6085,10 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
                head_ms + all * layer_ms, head_ms, all, layer_ms);
     bench_split(shape, stream_gbs);
 
-    /* where a step's time goes: 8 steps launched one kernel at a time, each timed on its own */
+    /* where a step's time goes: 8 steps launched one kernel at a time, each timed on its own (one
+       GPU: on several, a GPU's sum would wait for parts the host has not launched yet) */
     double per_kernel[K_COUNT] = {0};
-    int order[K_COUNT], profiled = 8;
+    int order[K_COUNT], profiled = gpu_device_count > 1 ? 0 : 8;
     gpu_kernel_ms = per_kernel;
     for (int i = 0; i < profiled; i++) {
         gpu_decode(&m);
@@ -5893,8 +6099,8 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem) {
     for (int a = 0; a < K_COUNT; a++)   /* by time, largest first */
         for (int b = a + 1; b < K_COUNT; b++)
             if (per_kernel[order[b]] > per_kernel[order[a]]) { int t = order[a]; order[a] = order[b]; order[b] = t; }
-    printf("kernels  time of a step by kernel, each launched alone (adds launch gaps the graph hides):\n");
-    for (int i = 0; i < K_COUNT && per_kernel[order[i]] > 0; i++)
+    if (profiled) printf("kernels  time of a step by kernel, each launched alone (adds launch gaps the graph hides):\n");
+    for (int i = 0; i < K_COUNT && profiled && per_kernel[order[i]] > 0; i++)
         printf("         %-18s %8.3f ms\n", kernel_info[order[i]].name, per_kernel[order[i]] / profiled);
     free(ids);
     gpu_unload();
@@ -7873,6 +8079,7 @@ typedef struct {
     const char *system;                                           /* --system TEXT, NULL when absent */
     int no_shift;                                                 /* --no-shift */
     size_t gpu_mem;                                               /* --gpu-mem in bytes, 0 when absent */
+    int gpus;                                                     /* --gpus N, 0 when absent (one GPU) */
     int top_k, repeat_last_n;                                     /* --top-k (0: off), --repeat-last-n */
     float min_p, repeat_penalty;                                  /* --min-p (0: off), --repeat-penalty (1: off) */
     const char *expert_profile;                                   /* --expert-profile FILE, NULL when absent */
@@ -7931,6 +8138,9 @@ static void usage(FILE *f) {
             "                     routed experts that do not fit are read from page-locked host memory\n"
             "  --expert-profile FILE  place the most used experts on the GPU by FILE's counts, and add\n"
             "                     this run's to it at the end (made when missing)\n"
+            "  --gpus N           divide the model over GPUs 0 .. N-1 (default 1, at most 8): each holds\n"
+            "                     1/N of the routed experts and the head, a copy of the rest; needs\n"
+            "                     peer access between them\n"
             "  -q, --quiet        print no notes (running on the CPU, loaded, seed, replaced FILE), no\n"
             "                     progress bar and no stats line; warnings and errors are printed\n"
             "  --version          print the version and the git commit it was built from\n"
@@ -8069,6 +8279,7 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"--no-shift", NULL, RUN_CHAT, 0},
     {"--gpu-mem", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 1},
     {"--expert-profile", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
+    {"--gpus", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 1},
 };
 
 /* Refuse each option of scoped_options given (bit k of `given`) for a kind of run it has no
@@ -8166,6 +8377,7 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--bench")) o.bench = 1;
         else if (!strcmp(a, "--layers")) { o.bench_layers = (int)whole_arg(a, v, 1, MAX_LAYERS); i++; }
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
+        else if (!strcmp(a, "--gpus")) { o.gpus = (int)whole_arg(a, v, 1, GPUS_MAX); i++; }
         else if (!strcmp(a, "--model")) {
             const char *name = option_value(a, v);
             if (!strcmp(name, "flash")) o.bench_shape = SHAPE_FLASH;
@@ -8257,7 +8469,7 @@ int main(int argc, char **argv) {
     open_standard_fds();
     Options o = parse_options(argc, argv);
     if (o.bench) {
-        bench(o.bench_shape, o.bench_layers, o.bench_position, o.gpu_mem);
+        bench(o.bench_shape, o.bench_layers, o.bench_position, o.gpu_mem, o.gpus);
         exit_done();
     }
     install_signal_handlers();
@@ -8286,9 +8498,10 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
-    if ((o.gpu_mem || o.expert_profile) && run != &gpu_backend)
-        fatal("%s places the model on the GPU, and %s", o.gpu_mem ? "--gpu-mem" : "--expert-profile",
+    if ((o.gpu_mem || o.expert_profile || o.gpus) && run != &gpu_backend)
+        fatal("%s places the model on the GPU, and %s", o.gpu_mem ? "--gpu-mem" : o.gpus ? "--gpus" : "--expert-profile",
               o.cpu ? "--cpu runs on the CPU" : why);
+    if (o.gpus > 1 && !gpu_open_more(o.gpus, why, sizeof why)) fatal("--gpus %d: %s", o.gpus, why);
     pool_start(o.threads ? o.threads : usable_cores());   /* the CPU path's threads; the GPU's load copies on them */
     double t0 = now_seconds();
     load_model(&model, o.model_dir);
@@ -8328,6 +8541,7 @@ int main(int argc, char **argv) {
                        .repeat_last_n = o.repeat_last_n, .recent = xcalloc((size_t)o.repeat_last_n + 1, sizeof(int))};
     char where[512];
     gpu_budget.device_cap = o.gpu_mem;
+    gpu_budget.gpus = o.gpus ? o.gpus : 1;
     uint64_t *profile = o.expert_profile ? read_expert_profile(o.expert_profile, c->n_layers, c->n_experts) : NULL;
     gpu_budget.profile = profile;
     State *state = run->load(&model, o.max_tokens, o.max_ctx, all_logits, sampler.rng, where, sizeof where);

@@ -852,6 +852,38 @@ typedef struct {
 } RankSumArgs;
 #endif
 
+/* rank_publish: a rank's count advanced once its earlier kernels are done. gpu_rank_gather */
+#define RANK_PUBLISH_PUBLISHED 0
+#define RANK_PUBLISH_BYTES     8
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t published;     /* uint32 * [1]: the rank's published count (+1) */
+} RankPublishArgs;
+#endif
+
+/* rank_gather: every rank's columns of the logits copied in once each has published them.
+   gpu_rank_gather */
+#define RANK_GATHER_OUT       0
+#define RANK_GATHER_SOURCES   8
+#define RANK_GATHER_PUBLISHED 72
+#define RANK_GATHER_BOUNDS    136
+#define RANK_GATHER_RANKS     172
+#define RANK_GATHER_RANK      176
+#define RANK_GATHER_V         180
+#define RANK_GATHER_T         184
+#define RANK_GATHER_BYTES     192
+#ifndef NVFP4_PTX
+typedef struct {
+    uint64_t out;           /* float * [T, V]: this rank's logits */
+    uint64_t sources[8];    /* const float * [T, V] each: rank r's logits (GPUS_MAX entries) */
+    uint64_t published[8];  /* const uint32 * [1] each: rank r's published count */
+    uint32_t bounds[9];     /* rank r's columns: [bounds[r], bounds[r + 1]) */
+    uint32_t ranks, rank;   /* how many; this one */
+    uint32_t V, T;          /* columns, rows */
+    uint32_t unused;
+} RankGatherArgs;
+#endif
+
 /* hc_finish: mHC finish of a site: pre, post, Sinkhorn comb, collapse, RMSNorm. gpu_hc_finish */
 #define HC_FINISH_X              0
 #define HC_FINISH_POST_OUT       8

@@ -1515,7 +1515,7 @@ static int plan_sizes(Model *m, int T, int C, PlanSizes *p, char *why, size_t wh
     const Config *c = &m->config;
     size_t L = (size_t)c->n_layers, X = (size_t)c->n_experts;
     expert_bytes(&m->layers[0], &p->B, &p->read);
-    GpuBudget budget = {0, NULL};
+    GpuBudget budget = {.device_cap = 0};
     int ok = gpu_plan_placement(m, T, C, 0, SIZE_MAX / 2, &budget, why, why_size);
     p->A = gm->plan.total, p->E = state_aligned(m->embed.nbytes), p->R = p->A - L * X * p->B - p->E;
     p->S = (size_t)c->topk * p->B + state_aligned(SC_BYTES), p->mail = state_aligned(L * sizeof(StreamMail));
@@ -1539,7 +1539,7 @@ static void test_placement_plan(void) {
     PlanSizes sizes;
     int ok = plan_sizes(&m, T, C, &sizes, why, sizeof why);
     size_t B = sizes.B, read = sizes.read, A = sizes.A, E = sizes.E, R = sizes.R, S = sizes.S, mail = sizes.mail;
-    GpuBudget budget = {0, NULL};
+    GpuBudget budget = {.device_cap = 0};
     CHECK(ok && !gm->on_device && placed.host_bytes == 0 && placed.host_experts == 0 &&
           placed.device_bytes == (A + granule - 1) / granule * granule,
           "V4-Flash placement with room: everything on the device (%zu bytes: %.2f GiB)", A, A / 1073741824.0);
@@ -1587,13 +1587,13 @@ static void test_placement_plan(void) {
         free((void *)gm->on_device);
         free(hits);
     }
-    budget = (GpuBudget){least - granule, NULL};   /* one page less: one expert less */
+    budget = (GpuBudget){.device_cap = least - granule};   /* one page less: one expert less */
     ok = gpu_plan_placement(&m, T, C, 0, many, &budget, why, sizeof why);
     CHECK(ok && placed.host_experts == L * X - 4999, "V4-Flash placement one page below room for 5000 experts: %d on the "
           "host (expected %d)", placed.host_experts, L * X - 4999);
     free((void *)gm->on_device);
 
-    budget = (GpuBudget){R + S - 1, NULL};   /* the rest and the slots do not fit: refused, naming both */
+    budget = (GpuBudget){.device_cap = R + S - 1};   /* the rest and the slots do not fit: refused, naming both */
     char expected[256];
     snprintf(expected, sizeof expected, "needs %.2f GiB of GPU memory, and --gpu-mem allows %.2f GiB", (R + S) / 1073741824.0,
              (R + S - 1) / granule * granule / 1073741824.0);
@@ -1624,7 +1624,7 @@ static void test_placement_plan_pro(void) {
     plan_sizes(&m, 2048, 4096 + 208, &p, why, sizeof why);
     size_t B = p.B, kept = (cap - p.R - p.S) / B;
     CHECK(B == 3 * (3072 * 3584 + 3072 * 448) && p.read == B, "a V4-Pro expert: %zu bytes on the device, %zu read", B, p.read);
-    GpuBudget budget = {cap, NULL};
+    GpuBudget budget = {.device_cap = cap};
     int ok = gpu_plan_placement(&m, 2048, 4096 + 208, 0, SIZE_MAX / 2, &budget, why, sizeof why);
     CHECK(ok && placed.host_experts == L * X - (int)kept && gm->plan.total == p.R + p.S + kept * B &&
           gm->plan.total + placed.host_bytes == p.A + p.S + p.mail,
@@ -2650,6 +2650,9 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a hi --expert-profile build/p.txt --cpu", 1,
                "--expert-profile places the model on the GPU, and --cpu runs on the CPU");
     expect_cli("testdata/tiny-a --tokenize hi --gpu-mem 8", 2, "--gpu-mem does nothing with --tokenize");
+    expect_cli("testdata/tiny-a hi --gpus 2 --cpu", 1, "--gpus places the model on the GPU, and --cpu runs on the CPU");
+    expect_cli("testdata/tiny-a hi --gpus 9", 2, "--gpus: \"9\" is not a whole number from 1 to 8");
+    expect_cli("testdata/tiny-a --tokenize hi --gpus 2", 2, "--gpus does nothing with --tokenize");
     expect_cli("--bench --expert-profile build/p.txt", 2, "--expert-profile does nothing with --bench");
     expect_cli("testdata/tiny-a hi -t 0", 2, "-t: \"0\" is not a whole number from 1 to 1024");
     expect_cli("testdata/tiny-a hi --threads 1025", 2, "--threads: \"1025\" is not a whole number from 1 to 1024");
@@ -4072,12 +4075,12 @@ static void gpu_bench_gemv(void) {
     };
     uint64_t rng = 0x9e3779b97f4a7c15ull;
     StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
-    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu.stream));
+    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu->stream));
     double stream_us = gpu_median_us(stream_call, &sr, 3), stream_gbs = sr.bytes / stream_us * 1e-3;
     gpu_free(sr.buf);
     gpu_free(sr.out);
-    printf("GPU %s, %d SMs, driver %d.%d: streaming read %.0f GB/s (2 GiB, median of %d)\n", gpu.name, gpu.sm_count,
-           gpu.driver_version / 1000, gpu.driver_version % 1000 / 10, stream_gbs, BENCH_REPEATS);
+    printf("GPU %s, %d SMs, driver %d.%d: streaming read %.0f GB/s (2 GiB, median of %d)\n", gpu->name, gpu->sm_count,
+           gpu->driver_version / 1000, gpu->driver_version % 1000 / 10, stream_gbs, BENCH_REPEATS);
     printf("%-6s %-13s %13s %8s %7s %10s %8s %7s %12s %8s\n", "format", "matrix", "shape", "MB", "copies", "us/call",
            "GB/s", "stream", "same-size", "of it");
     for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
@@ -4133,6 +4136,36 @@ static Linear gpu_random_linear(WeightFormat format, int rows, int cols, int sca
     return w;
 }
 
+/* A rank's rows of a matrix (linear_rows_view: the head divided over several GPUs) decode as
+   the whole matrix's rows, bit for bit, in every format: views from a 128-row boundary, whole
+   and partial scale blocks, to the end. */
+static void test_linear_rows_view(void) {
+    static const struct { WeightFormat format; int scale_is_f32; const char *name; } kinds[] = {
+        {FMT_NVFP4, 0, "NVFP4"}, {FMT_MXFP4, 0, "MXFP4"}, {FMT_FP8, 0, "FP8 (E8M0 scales)"},
+        {FMT_FP8, 1, "FP8 (F32 scales)"}, {FMT_BF16, 0, "BF16"}};
+    static const Range views[] = {{128, 150}, {256, 44}, {0, 128}};
+    int rows = 300, cols = 384;
+    float *a = xcalloc((size_t)cols, sizeof(float)), *b = xcalloc((size_t)cols, sizeof(float));
+    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
+        Linear w = gpu_random_linear(kinds[k].format, rows, cols, kinds[k].scale_is_f32);
+        int same = 1;
+        for (size_t v = 0; v < sizeof views / sizeof *views; v++) {
+            Linear view = linear_rows_view(&w, views[v].first, views[v].count);
+            same &= view.rows == views[v].count && view.cols == cols;
+            for (int r = 0; r < view.rows; r++) {
+                linear_row(&view, r, a);
+                linear_row(&w, views[v].first + r, b);
+                same &= !memcmp(a, b, (size_t)cols * sizeof(float));
+            }
+        }
+        CHECK(same, "%s rows viewed from row 128, 256 and 0 decode as the whole matrix's rows", kinds[k].name);
+        free((void *)w.weight);
+        free((void *)w.scale);
+    }
+    free(a);
+    free(b);
+}
+
 /* Rows of a GPU product y[rows] = W x off the CPU's: |y - linear(W, x)| > 1e-5 * sum_c |w x| (NaN
    counts as off), W [rows, cols]. Returns how many; the first such row goes to *first_bad (if
    none was found before) as first_base + r, and the worst error of the good rows raises *worst.
@@ -4168,7 +4201,7 @@ static void test_gpu_gemv(WeightFormat format, int rows, int cols, int scale_is_
     gpu_upload_linear(&g, &w);
     CUdeviceptr dx = gpu_alloc((size_t)cols * 4), dy = gpu_alloc((size_t)rows * 4);
     gpu_upload(dx, x, (size_t)cols * 4);
-    CU_CHECK(cu.cuMemsetD8Async(dy, 0xff, (size_t)rows * 4, gpu.stream));   /* NaN everywhere */
+    CU_CHECK(cu.cuMemsetD8Async(dy, 0xff, (size_t)rows * 4, gpu->stream));   /* NaN everywhere */
     gpu_gemv(&g, dx, dy);
     gpu_download(y, dy, (size_t)rows * 4);
     double worst = 0;
@@ -4251,7 +4284,7 @@ static void test_gpu_gemv_parts(const GemvSpec *spec, int n, int launches, const
         gpu_upload(dx[p], x[p], nx * 4);
         gpu_upload(dlist[p], chosen[p], sizeof chosen[p]);
         gpu_upload(dg[p], gscales62, sizeof gscales62);
-        CU_CHECK(cu.cuMemsetD8Async(dy[p], 0xff, (size_t)sp->count * sp->rows * 4, gpu.stream));   /* NaN everywhere */
+        CU_CHECK(cu.cuMemsetD8Async(dy[p], 0xff, (size_t)sp->count * sp->rows * 4, gpu->stream));   /* NaN everywhere */
         int own = sp->mode == PLAN_SWIGLU || sp->mode == PLAN_NORM;
         plan[p] = (GemvPlan){.count = sp->count, .x_stride = own ? 2 * sp->cols : 0, .y_stride = sp->rows,
                              .expert = sp->list_len ? dlist[p] : 0, .expert_ready = sp->ready, .stride_w = stride_w,
@@ -4521,7 +4554,7 @@ static void gpu_state_in(const State *s, const int *tokens, int T) {
 
 /* The GPU arena into `copy` [arena_bytes]. */
 static void gpu_state_out(void *copy) {
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
     gpu_download(copy, DEV(gm->state.arena), gm->state.arena_bytes);
 }
 
@@ -4666,7 +4699,7 @@ static void test_gpu_graph(const Model *m, const int *ids, int start) {
                 gpu_decode(m);
                 gpu_sample(&greedy, V, 0, 1);
             } else {
-                CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
+                gpu_replay_decode();
             }
             int token;
             gpu_download(&token, gm->out_token, sizeof token);
@@ -4716,8 +4749,8 @@ static void test_gpu_hc(const Model *m, State *s, int T) {
         float *router = xcalloc((size_t)X, sizeof(float)), *row = xcalloc((size_t)E, sizeof(float));
         Scratch one = {.weight_row = row, .weight_row_floats = (size_t)E};   /* one thread's row */
         linear(&L->gate, w->x, router, 1, &one);
-        CU_CHECK(cu.cuMemsetD8Async(DEV(gm->state.scratch.post), 0xff, HC * sizeof(float), gpu.stream));   /* NaN */
-        CU_CHECK(cu.cuMemsetD8Async(DEV(gm->state.scratch.comb), 0xff, HC * HC * sizeof(float), gpu.stream));
+        CU_CHECK(cu.cuMemsetD8Async(DEV(gm->state.scratch.post), 0xff, HC * sizeof(float), gpu->stream));   /* NaN */
+        CU_CHECK(cu.cuMemsetD8Async(DEV(gm->state.scratch.comb), 0xff, HC * HC * sizeof(float), gpu->stream));
         GemvHc site = gemv_hc_site(c, 0, 1);
         GemvPart gate = {&g->gate, 0, DEV(gm->state.scratch.router), NULL};
         gpu_gemv_parts(&gate, 1, &site);
@@ -5082,7 +5115,7 @@ static void gpu_run_logits(const Model *m, const int *ids, int n_prompt, int ste
     gpu_feed(n_prompt, NULL, 0);
     gpu_capture_decode(m, &greedy);
     for (int i = 0; i < steps; i++) {
-        CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu.stream));
+        gpu_replay_decode();
         gpu_download(&tokens[i], gm->out_token, sizeof tokens[i]);
         gpu_download(logits + (size_t)(n_prompt + i) * V, DEV(gm->state.scratch.logits), (size_t)V * sizeof(float));
     }
@@ -5111,7 +5144,7 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
     uint32_t *decode_hits = xcalloc(n, sizeof *decode_hits);
     size_t cap = 0;
     for (int run = 0; run < 3; run++) {   /* all on the device; half by the default order; half by the profile */
-        GpuBudget budget = {cap, run == 2 ? hits : NULL};
+        GpuBudget budget = {.device_cap = cap, .profile = run == 2 ? hits : NULL};
         gpu_load_model(&m, T, n_prompt + steps + 8, 1, run ? &budget : NULL);
         logits[run] = xcalloc(rows * V, sizeof(float));
         gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
@@ -5234,7 +5267,7 @@ static void test_gpu_stream_timeout(const char *dir) {
         expert_bytes(&m.layers[l], &device, &read);
         experts += (size_t)X * device;
     }
-    GpuBudget budget = {gm->plan.total - experts / 2, NULL};
+    GpuBudget budget = {.device_cap = gm->plan.total - experts / 2};
     gpu_unload();
     gpu_load_model(&m, 16, 64, 0, &budget);
     gpu_upload(gm->tokens, prompt, sizeof prompt);
@@ -5243,7 +5276,7 @@ static void test_gpu_stream_timeout(const char *dir) {
     stream_stop();
     double start = now_seconds();
     gpu_forward(&m, 1, 0);   /* a decode step: its host experts are never copied */
-    CU_CHECK(cu.cuStreamSynchronize(gpu.stream));
+    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
     double seconds = now_seconds() - start;
     int reported = -1;
     for (int l = 0; l < L && reported < 0; l++)
@@ -5271,8 +5304,8 @@ static void test_gpu(double shipped_cpu_nll) {
         printf("GPU tests skipped: %s\n", why);
         return;
     }
-    printf("GPU tests on %s (%d SMs, driver %d.%d)\n", gpu.name, gpu.sm_count, gpu.driver_version / 1000,
-           gpu.driver_version % 1000 / 10);
+    printf("GPU tests on %s (%d SMs, driver %d.%d)\n", gpu->name, gpu->sm_count, gpu->driver_version / 1000,
+           gpu->driver_version % 1000 / 10);
     CHECK(!gpu_fits((size_t)1 << 50, why, sizeof why) && strstr(why, "needs 1048576.0 GiB, the GPU has "),
           "footprint check: %s", why);
     CHECK(gpu_fits((size_t)1 << 20, why, sizeof why), "1 MiB must fit");
@@ -5371,6 +5404,14 @@ static void test_gpu(double shipped_cpu_nll) {
        does not fit, refused before anything is allocated, with what it needs and what it has */
     expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --bench --layers 43 --gpu-mem 4", 1,
                  "the model's part other than its routed experts and its embedding table (the state for --ctx");
+    int present = 0;
+    CU_CHECK(cu.cuDeviceGetCount(&present));
+    if (present == 1) {   /* more GPUs than the machine has: refused, with the count */
+        expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --gpus 2 " SHIPPED_MODEL " hi", 1,
+                     "--gpus 2: 2 GPUs asked for, and this machine has 1");
+        expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --bench --gpus 2", 1,
+                     "--gpus 2: 2 GPUs asked for, and this machine has 1");
+    }
     test_gpu_cli_repeatable();
     test_cli_dump("env -u CUDA_VISIBLE_DEVICES", "--gpu", 2e-2f);
     test_gpu_shipped_model(shipped_cpu_nll);
@@ -5431,6 +5472,7 @@ int main(void) {
     test_placement_plan();
     test_placement_plan_pro();
     test_split_plan();
+    test_linear_rows_view();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

@@ -2551,6 +2551,34 @@ static Linear linear_rows_view(const Linear *w, int first, int count) {
     return v;
 }
 
+/* Columns [first, first + count) of W copied into a Linear of their own (first a multiple of
+   128, count too unless the columns end at W's last: whole scale blocks of every format); its
+   data is allocated (free both pointers), or NULL where W has none (the benchmark's: made on
+   the GPU) or where `shape_only` (its bytes counted, nothing copied). F32 is not divided. */
+static Linear linear_cols_copy(const Linear *w, int first, int count, int shape_only) {
+    Linear v = *w;
+    size_t rows = (size_t)w->rows, at = (size_t)first, n = (size_t)count;
+    v.cols = count;
+    v.weight = v.scale = NULL;
+    if (w->format == FMT_F32) fatal("internal error: an F32 linear layer divided by columns");
+    if (shape_only) return v;
+    size_t code = linear_row_bytes(&v), code_at = at * linear_row_bytes(w) / (size_t)w->cols;
+    if (w->weight) {
+        uint8_t *q = xcalloc(rows, code);
+        for (size_t r = 0; r < rows; r++) memcpy(q + r * code, (const uint8_t *)w->weight + r * linear_row_bytes(w) + code_at, code);
+        v.weight = q;
+    }
+    if (!w->scale || w->format == FMT_BF16) return v;
+    size_t unit = w->format == FMT_FP8 ? (w->scale_is_f32 ? 4 : 1) : 1;       /* bytes of one scale */
+    size_t group = w->format == FMT_FP8 ? 128 : w->format == FMT_MXFP4 ? 32 : 16;   /* columns it covers */
+    size_t srows = w->format == FMT_FP8 ? (rows + 127) / 128 : rows;            /* rows of scales */
+    size_t old_row = ((size_t)w->cols + group - 1) / group * unit, new_row = (n + group - 1) / group * unit;
+    uint8_t *sc = xcalloc(srows, new_row);
+    for (size_t r = 0; r < srows; r++) memcpy(sc + r * new_row, (const uint8_t *)w->scale + r * old_row + at / group * unit, new_row);
+    v.scale = sc;
+    return v;
+}
+
 /* Bytes of W's scales as the checkpoint stores them. */
 static size_t linear_scale_bytes(const Linear *w) {
     size_t rows = (size_t)w->rows, cols = (size_t)w->cols;
@@ -2974,6 +3002,8 @@ typedef struct {
     int device;                            /* its GPU: gpu_devices[device] */
     Range experts;                         /* the routed experts it holds, of every layer (ranks > 1) */
     Range vocab;                           /* the head's rows it holds: the logits it computes (ranks > 1) */
+    Range shared;                          /* the shared expert's intermediate rows it computes (ranks > 1;
+                                              none: its part of the MoE has no shared expert) */
     CUdeviceptr rank_partial;              /* f32 [3, T, E]: its parts of the MoE outputs, by layer
                                               (gpu_rank_reduce; ranks > 1) */
     CUdeviceptr rank_published;            /* uint32 [1]: rank_partial's blocks published so far */
@@ -3049,9 +3079,9 @@ static int gm_holds_expert(int e) {
 /* Empty the current rank's model, keeping which share of the model it is. */
 static void gm_clear(void) {
     int rank = gm->rank, ranks = gm->ranks, device = gm->device;
-    Range experts = gm->experts, vocab = gm->vocab;
+    Range experts = gm->experts, vocab = gm->vocab, shared = gm->shared;
     memset(gm, 0, sizeof *gm);
-    gm->rank = rank, gm->ranks = ranks, gm->device = device, gm->experts = experts, gm->vocab = vocab;
+    gm->rank = rank, gm->ranks = ranks, gm->device = device, gm->experts = experts, gm->vocab = vocab, gm->shared = shared;
 }
 
 /* The factor the GEMM multiplies its f32 sums by for W's layout: NVFP4's global scale, 2^-56 for
@@ -3573,8 +3603,18 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
         gm_linear(&g->wo_a, &w->wo_a);
         gm_linear(&g->wo_b, &w->wo_b);
         gm_linear(&g->gate, &w->gate);
-        g->shared_paired = gm_linear_pair(&g->shared_w1, &g->shared_w3, &w->shared_w1, &w->shared_w3, &g->shared_gscales62);
-        gm_linear(&g->shared_w2, &w->shared_w2);
+        if (gm->ranks <= 1) {
+            g->shared_paired = gm_linear_pair(&g->shared_w1, &g->shared_w3, &w->shared_w1, &w->shared_w3, &g->shared_gscales62);
+            gm_linear(&g->shared_w2, &w->shared_w2);
+        } else if (gm->shared.count) {   /* a rank's rows of w1 and w3, the same columns of w2 (copied) */
+            Range s = gm->shared;
+            Linear w1 = linear_rows_view(&w->shared_w1, s.first, s.count), w3 = linear_rows_view(&w->shared_w3, s.first, s.count);
+            Linear w2 = linear_cols_copy(&w->shared_w2, s.first, s.count, !placing);
+            g->shared_paired = gm_linear_pair(&g->shared_w1, &g->shared_w3, &w1, &w3, &g->shared_gscales62);
+            gm_linear(&g->shared_w2, &w2);
+            free((void *)w2.weight);
+            free((void *)w2.scale);
+        }
         g->attn_norm = gm_floats(w->attn_norm, (size_t)E);
         g->ffn_norm = gm_floats(w->ffn_norm, (size_t)E);
         g->q_norm = gm_floats(w->q_norm, (size_t)c->q_lora_rank);
@@ -3863,7 +3903,7 @@ static void gpu_placement_line(char *out, size_t n) {
         size_t most = 0;
         for (int r = 0; r < gpu_rank_count; r++) most = gpu_ranks[r].arena_bytes > most ? gpu_ranks[r].arena_bytes : most;
         snprintf(out, n, "divided over %d GPUs, at most %.2f GiB each (every layer's routed experts divided: %d to %d "
-                 "each; the head by rows; the rest on every GPU)", gpu_rank_count, most / 1073741824.0, gpu_ranks[0].experts.count,
+                 "each; the shared expert and the head by rows; the rest on every GPU)", gpu_rank_count, most / 1073741824.0, gpu_ranks[0].experts.count,
                  gpu_ranks[gpu_rank_count - 1].experts.count);
         return;
     }
@@ -3889,7 +3929,9 @@ static void gpu_expert_hits(uint64_t *hits, int L, int X) {
 
 /* Upload model m divided over `ranks` ranks, rank r on GPU r modulo the GPUs opened (one GPU:
    every rank on it, the tests' way to run the several GPUs' code), each holding split_range's
-   share of the routed experts of every layer and a whole copy of the rest, each as
+   share of the routed experts of every layer, of the head's rows (128-row blocks) and of the
+   shared expert's intermediate rows (blocks of 128: w1's and w3's rows, w2's columns; a rank
+   may get none), and a whole copy of the rest, each as
    gpu_load_model loads a model (its refusals, and a rank's share that does not fit). Leaves
    rank 0 current. Returns the seconds the uploads took. */
 static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const GpuBudget *budget, int ranks) {
@@ -3904,6 +3946,7 @@ static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const
         gpu_use_rank(r);
         gm->rank = r, gm->ranks = ranks, gm->experts = split_range(X, 1, r, ranks);
         gm->vocab = split_range(m->config.vocab_size, SPLIT_BLOCK, r, ranks);
+        gm->shared = split_range(m->config.moe_inter, SPLIT_BLOCK, r, ranks);
         seconds += gpu_load_model(m, T, C, all_logits, budget);
     }
     gpu_rank_count = ranks;
@@ -4128,7 +4171,7 @@ static void gpu_after_block(const Config *c, int l, int T, int moe) {
 }
 
 /* ---------------------------------------------------------------- several GPUs: the MoE sum */
-/* A rank holds a share of the routed experts (and rank 0 the shared expert): after layer l's
+/* A rank holds a share of the routed experts and of the shared expert's rows: after layer l's
    MoE each rank publishes its part of the output (gpu_rank_partial: the combine over its own
    slots), then each sums every rank's part in rank order into its block_out (gpu_rank_sum), so
    that every rank goes on with the same bits. Every rank's part is launched before any sum:
@@ -4151,7 +4194,7 @@ static void gpu_rank_partial(const Config *c, int l, int T) {
         .route_weight = DEV(w->route_weight), .slot_row = T == 1 ? gm->slot_identity : DEV(w->slot_row),
         .chosen = DEV(w->chosen), .published = gm->rank_published, .E = (uint32_t)c->hidden_size, .K = (uint32_t)c->topk,
         .first = (uint32_t)gm->experts.first, .end = (uint32_t)(gm->experts.first + gm->experts.count),
-        .shared = gm->rank == 0};
+        .shared = gm->layers[l].shared_w1.rows > 0};
     LAUNCH(K_RANK_PARTIAL, (unsigned)(c->hidden_size + 255) / 256, (unsigned)T, 1, 256, 0, args);
 }
 
@@ -4279,10 +4322,10 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
     int E = c->hidden_size, X = c->n_experts, K = c->topk, I = c->moe_inter;
     CUdeviceptr x = DEV(w->x);
     gpu_linear(&g->gate, x, DEV(w->router), T);
-    if (gm->rank == 0) {   /* the shared expert is rank 0's (its part of the output) */
+    if (g->shared_w1.rows) {   /* a rank's rows of the shared expert (none: not there) */
         gpu_linear(&g->shared_w1, x, DEV(w->expert_gate), T);
         gpu_linear(&g->shared_w3, x, DEV(w->expert_up), T);
-        gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * I, c->swiglu_limit);
+        gpu_swiglu(DEV(w->expert_gate), DEV(w->expert_up), (size_t)T * g->shared_w1.rows, c->swiglu_limit);
         gpu_linear(&g->shared_w2, DEV(w->expert_gate), DEV(w->block_out), T);
     }
     RouteTokensArgs route = {
@@ -4472,7 +4515,7 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     GemvStream stream2 = stream13;
     stream2.part = 1;
     const GemvStream *streamed13 = gm->stream_slot_bytes ? &stream13 : NULL, *streamed2 = gm->stream_slot_bytes ? &stream2 : NULL;
-    int shared = gm->rank == 0;   /* the shared expert is rank 0's (its part of the output) */
+    int shared = g->shared_w1.rows > 0;   /* a rank's rows of the shared expert (none: not there) */
     int n = !shared ? 0 : gemv_add_pair(parts, 0, &pair, &g->shared_w1, &g->shared_w3, g->shared_paired,
                                         g->shared_gscales62, x, shared_gate, shared_up);
     if (g->w13_paired && gm->state.max_tokens >= 2) {
@@ -6051,15 +6094,10 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
 
     double weights, cache;
     bench_bytes(&m, position, &weights, &cache);
-    if (gpu_rank_count > 1) {   /* GPU 0 (the busiest: the shared expert is its) reads its share of the experts and head */
-        double routed = 0;
-        for (int l = 0; l < layers; l++) {
-            size_t device, read;
-            expert_bytes(&m.layers[l], &device, &read);
-            routed += (double)c->topk * read;
-        }
-        weights -= routed * (1 - (double)gm->experts.count / c->n_experts);
-        weights -= linear_bytes(&m.head) - linear_rows_bytes(&m.head, gm->vocab.first, gm->vocab.count);   /* its head rows */
+    if (gpu_rank_count > 1) {   /* GPU 0 reads its shares (counted as the split plan counts them) */
+        RankShare share = {gm->experts, {0, c->o_groups}, gm->shared, gm->vocab, {0, layers}, 0, 0};
+        weights = linear_rows_bytes(&m.head, gm->vocab.first, gm->vocab.count) + embed_row_bytes(&m);
+        for (int l = 0; l < layers; l++) weights += layer_share_bytes(&m, l, &share, 0, 0);
     }
     double device_bytes = weights + cache - host_bytes, layer_ms = (ms - head_ms) / layers;
     double gbs = device_bytes / (ms * 1e-3) / 1e9, host_gbs = host_bytes / (ms * 1e-3) / 1e9;
@@ -8139,8 +8177,8 @@ static void usage(FILE *f) {
             "  --expert-profile FILE  place the most used experts on the GPU by FILE's counts, and add\n"
             "                     this run's to it at the end (made when missing)\n"
             "  --gpus N           divide the model over GPUs 0 .. N-1 (default 1, at most 8): each holds\n"
-            "                     1/N of the routed experts and the head, a copy of the rest; needs\n"
-            "                     peer access between them\n"
+            "                     1/N of the routed experts, the shared expert and the head, a copy\n"
+            "                     of the rest; needs peer access between them\n"
             "  -q, --quiet        print no notes (running on the CPU, loaded, seed, replaced FILE), no\n"
             "                     progress bar and no stats line; warnings and errors are printed\n"
             "  --version          print the version and the git commit it was built from\n"

@@ -827,7 +827,7 @@ typedef struct {
     uint64_t published;    /* uint32 * [1]: the rank's count of published blocks (+1 a block) */
     uint32_t E, K;
     uint32_t first, end;   /* the rank's routed experts [first, end) */
-    uint32_t shared;       /* 1: add block_out (the rank computing the shared expert) */
+    uint32_t shared;       /* 1: add block_out (the rank computes some of the shared expert's rows) */
     uint32_t unused;
 } RankPartialArgs;
 #endif

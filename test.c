@@ -4166,6 +4166,39 @@ static void test_linear_rows_view(void) {
     free(b);
 }
 
+/* A rank's columns of a matrix (linear_cols_copy: the shared expert's w2 divided over several
+   GPUs) decode as the whole matrix's columns, bit for bit, in every format: 128-column blocks
+   and a partial last one (FP8's scale block cut short); counting copies nothing. */
+static void test_linear_cols_copy(void) {
+    static const struct { WeightFormat format; int scale_is_f32; const char *name; } kinds[] = {
+        {FMT_NVFP4, 0, "NVFP4"}, {FMT_MXFP4, 0, "MXFP4"}, {FMT_FP8, 0, "FP8 (E8M0 scales)"},
+        {FMT_FP8, 1, "FP8 (F32 scales)"}, {FMT_BF16, 0, "BF16"}};
+    static const Range parts[] = {{0, 128}, {128, 128}, {256, 96}};
+    int rows = 300, cols = 352;
+    float *a = xcalloc((size_t)cols, sizeof(float)), *b = xcalloc((size_t)cols, sizeof(float));
+    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
+        Linear w = gpu_random_linear(kinds[k].format, rows, cols, kinds[k].scale_is_f32);
+        int same = 1;
+        for (size_t p = 0; p < sizeof parts / sizeof *parts; p++) {
+            Linear part = linear_cols_copy(&w, parts[p].first, parts[p].count, 0);
+            Linear shape = linear_cols_copy(&w, parts[p].first, parts[p].count, 1);
+            same &= part.rows == rows && part.cols == parts[p].count && !shape.weight && !shape.scale && shape.cols == part.cols;
+            for (int r = 0; r < rows; r++) {
+                linear_row(&part, r, a);
+                linear_row(&w, r, b);
+                same &= !memcmp(a, b + parts[p].first, (size_t)parts[p].count * sizeof(float));
+            }
+            free((void *)part.weight);
+            free((void *)part.scale);
+        }
+        CHECK(same, "%s columns 0-127, 128-255 and 256-351 copied decode as the whole matrix's columns", kinds[k].name);
+        free((void *)w.weight);
+        free((void *)w.scale);
+    }
+    free(a);
+    free(b);
+}
+
 /* Rows of a GPU product y[rows] = W x off the CPU's: |y - linear(W, x)| > 1e-5 * sum_c |w x| (NaN
    counts as off), W [rows, cols]. Returns how many; the first such row goes to *first_bad (if
    none was found before) as first_base + r, and the worst error of the good rows raises *worst.
@@ -5202,11 +5235,11 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
 
 /* Several GPUs' code on one (issue 19's first step): the model divided over 2 and 3 ranks on
    this GPU, each holding its share of the routed experts (gemv_ranked and the prefill's GEMMs
-   skip the others'), rank 0 the shared expert, the MoE's parts summed across the ranks
-   (rank_partial, rank_sum), gives the one-rank run's logits (to float rounding: the sum's
-   order differs) and the same greedy tokens, prefill and decode; every rank ends with the same
-   logits; each rank's allocation is smaller than the whole model's by the experts it leaves
-   out. */
+   skip the others'), of the shared expert's rows and of the head's, the MoE's parts summed
+   (rank_partial, rank_sum) and the logits gathered (rank_gather) across the ranks, gives the
+   one-rank run's logits (to float rounding: the sum's order differs) and the same greedy
+   tokens, prefill and decode; every rank ends with the same logits; each rank holds exactly its
+   experts and less than the whole model. */
 static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
     Model m;
     load_model(&m, dir);
@@ -5473,6 +5506,7 @@ int main(void) {
     test_placement_plan_pro();
     test_split_plan();
     test_linear_rows_view();
+    test_linear_cols_copy();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

@@ -6094,19 +6094,24 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
 
     double weights, cache;
     bench_bytes(&m, position, &weights, &cache);
-    if (gpu_rank_count > 1) {   /* GPU 0 reads its shares (counted as the split plan counts them) */
-        RankShare share = {gm->experts, {0, c->o_groups}, gm->shared, gm->vocab, {0, layers}, 0, 0};
-        weights = linear_rows_bytes(&m.head, gm->vocab.first, gm->vocab.count) + embed_row_bytes(&m);
-        for (int l = 0; l < layers; l++) weights += layer_share_bytes(&m, l, &share, 0, 0);
+    int busiest = 0;   /* several GPUs: the one reading most (its shares, counted as the split plan counts them) */
+    for (int r = 0; r < gpu_rank_count && gpu_rank_count > 1; r++) {
+        const GpuModel *g = &gpu_ranks[r];
+        RankShare share = {g->experts, {0, c->o_groups}, g->shared, g->vocab, {0, layers}, 0, 0};
+        double read = linear_rows_bytes(&m.head, g->vocab.first, g->vocab.count) + embed_row_bytes(&m);
+        for (int l = 0; l < layers; l++) read += layer_share_bytes(&m, l, &share, 0, 0);
+        if (r == 0 || read > weights) weights = read, busiest = r;
     }
     double device_bytes = weights + cache - host_bytes, layer_ms = (ms - head_ms) / layers;
     double gbs = device_bytes / (ms * 1e-3) / 1e9, host_gbs = host_bytes / (ms * 1e-3) / 1e9;
     printf("prefill  %d tokens in chunks of %d: %.0f tok/s\n", position, chunk, position / prefill_s);
     printf("decode   at position %d: %.3f ms/token, %.1f tok/s (median of %d graph replays)\n", position, ms, 1000 / ms,
            steps - 4);
+    char on[48] = "";
+    if (gpu_rank_count > 1) snprintf(on, sizeof on, " on GPU %d (the busiest)", busiest);
     printf("bytes    per token%s: %.1f MB of weights + %.1f MB of cache; %.1f MB of it from device memory, %.1f MB of "
-           "routed experts (counted) and embedding rows from host memory\n", gpu_rank_count > 1 ? " on GPU 0" : "",
-           weights / 1e6, cache / 1e6, device_bytes / 1e6, host_bytes / 1e6);
+           "routed experts (counted) and embedding rows from host memory\n", on, weights / 1e6, cache / 1e6,
+           device_bytes / 1e6, host_bytes / 1e6);
     printf("speed    %.0f GB/s from device memory; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs,
            100 * gbs / stream_gbs);
     if (placed.host_experts)

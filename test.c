@@ -4577,6 +4577,50 @@ static float relative_error(const float *a, const float *b, size_t n) {
     return scale > 0 ? diff / scale : diff;
 }
 
+/* The shared expert divided over 2 and 3 ranks as gpu_load_ranks divides it (each rank its
+   128-row blocks: w1's and w3's rows by linear_rows_view, w2's columns by linear_cols_copy)
+   adds up to the whole expert's output (rank_sum's sum; to float rounding), in every format,
+   at an intermediate size whose last block is partial. The fixtures' shared experts are one
+   block each, so the GPU test (test_gpu_ranks) divides no shared expert: this is its check. */
+static void test_shared_expert_division(void) {
+    static const struct { WeightFormat format; int scale_is_f32; const char *name; } kinds[] = {
+        {FMT_NVFP4, 0, "NVFP4"}, {FMT_MXFP4, 0, "MXFP4"}, {FMT_FP8, 0, "FP8 (E8M0 scales)"},
+        {FMT_FP8, 1, "FP8 (F32 scales)"}, {FMT_BF16, 0, "BF16"}};
+    enum { E = 128, I = 320 };
+    Config c = {.moe_inter = I, .swiglu_limit = 1e30f};
+    float x[E], whole[E], part[E], sum[E], gate[I], up[I], row[I];
+    Scratch w = {.weight_row = row, .weight_row_floats = I};
+    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
+        Linear w1 = gpu_random_linear(kinds[k].format, I, E, kinds[k].scale_is_f32);
+        Linear w3 = gpu_random_linear(kinds[k].format, I, E, kinds[k].scale_is_f32);
+        Linear w2 = gpu_random_linear(kinds[k].format, E, I, kinds[k].scale_is_f32);
+        for (int i = 0; i < E; i++) x[i] = uniform(-1, 1);
+        expert_ffn(&c, &w, &w1, &w2, &w3, x, 1, gate, up, whole);
+        float worst = 0;
+        for (int n = 2; n <= 3; n++) {
+            memset(sum, 0, sizeof sum);
+            for (int r = 0; r < n; r++) {
+                Range s = split_range(I, SPLIT_BLOCK, r, n);
+                if (!s.count) continue;
+                Linear r1 = linear_rows_view(&w1, s.first, s.count), r3 = linear_rows_view(&w3, s.first, s.count);
+                Linear r2 = linear_cols_copy(&w2, s.first, s.count, 0);
+                Config rank = c;
+                rank.moe_inter = s.count;
+                expert_ffn(&rank, &w, &r1, &r2, &r3, x, 1, gate, up, part);
+                for (int i = 0; i < E; i++) sum[i] += part[i];
+                free((void *)r2.weight);
+                free((void *)r2.scale);
+            }
+            float err = relative_error(sum, whole, E);
+            worst = err > worst ? err : worst;
+        }
+        CHECK(worst < 1e-5f, "%s shared expert (%d rows) divided over 2 and 3 ranks: the parts add up to the whole "
+              "within %.2e", kinds[k].name, I, worst);
+        Linear *all[3] = {&w1, &w2, &w3};
+        for (int i = 0; i < 3; i++) free((void *)all[i]->weight), free((void *)all[i]->scale);
+    }
+}
+
 /* The CPU state, position and chunk tokens onto the GPU. */
 static void gpu_state_in(const State *s, const int *tokens, int T) {
     int pos = s->pos;
@@ -5266,6 +5310,9 @@ static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
             int first = r ? gpu_ranks[r - 1].experts.first + gpu_ranks[r - 1].experts.count : 0;   /* tiling [0, X) evenly */
             sizes_right &= g->plan.total < whole && g->experts.first == first && abs(g->experts.count - X / ranks) <= 1 &&
                            (r < ranks - 1 || first + g->experts.count == X);
+            int shared = r ? gpu_ranks[r - 1].shared.first + gpu_ranks[r - 1].shared.count : 0;   /* tiling [0, I) */
+            sizes_right &= g->shared.first == shared && g->layers[0].shared_w1.rows == g->shared.count &&
+                           (r < ranks - 1 || shared + g->shared.count == c->moe_inter);
             gpu_download(last, DEV(g->state.scratch.logits), (size_t)V * sizeof(float));
             ranks_agree &= !memcmp(last, logits[run] + (rows - 1) * V, (size_t)V * sizeof(float));
         }
@@ -5430,6 +5477,7 @@ static void test_gpu(double shipped_cpu_nll) {
     if (getenv("NVFP4_FLASH_DIR")) {
         test_gpu_checkpoint(getenv("NVFP4_FLASH_DIR"));
         test_gpu_host_experts(getenv("NVFP4_FLASH_DIR"), 8, 12, 4);
+        test_gpu_ranks(getenv("NVFP4_FLASH_DIR"), 8, 12, 4);   /* a shared expert of 16 blocks, divided */
     } else {
         printf("  V4-Flash-shaped checkpoint skipped: NVFP4_FLASH_DIR names none (tools/gen_flash_checkpoint.py makes one)\n");
     }
@@ -5507,6 +5555,7 @@ int main(void) {
     test_split_plan();
     test_linear_rows_view();
     test_linear_cols_copy();
+    test_shared_expert_division();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

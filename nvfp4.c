@@ -3737,7 +3737,8 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
 typedef struct {
     size_t device_cap;         /* --gpu-mem: bytes of device memory the model may take (0: what the GPU has free) */
     const uint64_t *profile;   /* [L, X]: --expert-profile's counts, or NULL */
-    int gpus;                  /* --gpus: ranks to divide the model over, one a GPU (gpu_load_ranks; 0: 1) */
+    int gpus;                  /* --gpus: ranks to divide the model over, one a GPU (gpu_load_ranks; 0: the
+                                  command line's load chooses, gpu_default_count; --bench's: 1) */
 } GpuBudget;
 
 /* The budget of the command line's load (main sets it: --gpu-mem, --expert-profile). */
@@ -5142,8 +5143,30 @@ static const Backend cpu_backend = {"cpu", cpu_load, cpu_chunk, cpu_sample, cpu_
 
 /* ---------- the GPU ---------- */
 
+/* The GPUs a load without --gpus divides model m over: one when it fits GPU 0 whole (within
+   --gpu-mem) or the machine has one; else every GPU (at most GPUS_MAX), opened here, or one
+   again, said, when they cannot reach each other's memory. */
+static int gpu_default_count(const Model *m, int T, int C, int all_logits) {
+    int present = 0;
+    size_t free_bytes, total_bytes;
+    char why[256];
+    CU_CHECK(cu.cuDeviceGetCount(&present));
+    if (present < 2) return 1;
+    CU_CHECK(cu.cuMemGetInfo(&free_bytes, &total_bytes));
+    int fits = gpu_plan_placement(m, T, C, all_logits, free_bytes, &gpu_budget, why, sizeof why) && !placed.host_bytes;
+    free((void *)gm->on_device);
+    memset(gm, 0, sizeof *gm);
+    if (fits) return 1;
+    int count = present < GPUS_MAX ? present : GPUS_MAX;
+    if (gpu_open_more(count, why, sizeof why)) return count;
+    say("the model does not fit GPU 0, and the %d GPUs cannot be used together (%s): one GPU, experts in host memory",
+        count, why);
+    return 1;
+}
+
 static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
-    double seconds = gpu_load_ranks(m, T, C, all_logits, &gpu_budget, gpu_budget.gpus ? gpu_budget.gpus : 1);
+    int gpus = gpu_budget.gpus ? gpu_budget.gpus : gpu_default_count(m, T, C, all_logits);
+    double seconds = gpu_load_ranks(m, T, C, all_logits, &gpu_budget, gpus);
     gpu_seed(rng);
     char line[320];
     gpu_placement_line(line, sizeof line);
@@ -8122,7 +8145,7 @@ typedef struct {
     const char *system;                                           /* --system TEXT, NULL when absent */
     int no_shift;                                                 /* --no-shift */
     size_t gpu_mem;                                               /* --gpu-mem in bytes, 0 when absent */
-    int gpus;                                                     /* --gpus N, 0 when absent (one GPU) */
+    int gpus;                                                     /* --gpus N, 0 when absent (gpu_default_count) */
     int top_k, repeat_last_n;                                     /* --top-k (0: off), --repeat-last-n */
     float min_p, repeat_penalty;                                  /* --min-p (0: off), --repeat-penalty (1: off) */
     const char *expert_profile;                                   /* --expert-profile FILE, NULL when absent */
@@ -8181,9 +8204,9 @@ static void usage(FILE *f) {
             "                     routed experts that do not fit are read from page-locked host memory\n"
             "  --expert-profile FILE  place the most used experts on the GPU by FILE's counts, and add\n"
             "                     this run's to it at the end (made when missing)\n"
-            "  --gpus N           divide the model over GPUs 0 .. N-1 (default 1, at most 8): each holds\n"
-            "                     1/N of the routed experts, the shared expert and the head, a copy\n"
-            "                     of the rest; needs peer access between them\n"
+            "  --gpus N           divide the model over GPUs 0 .. N-1 (1 to 8; default: 1 when the model\n"
+            "                     fits GPU 0, else all): each holds 1/N of the routed experts, the\n"
+            "                     shared expert and the head, a copy of the rest (peer access needed)\n"
             "  -q, --quiet        print no notes (running on the CPU, loaded, seed, replaced FILE), no\n"
             "                     progress bar and no stats line; warnings and errors are printed\n"
             "  --version          print the version and the git commit it was built from\n"
@@ -8584,7 +8607,7 @@ int main(int argc, char **argv) {
                        .repeat_last_n = o.repeat_last_n, .recent = xcalloc((size_t)o.repeat_last_n + 1, sizeof(int))};
     char where[512];
     gpu_budget.device_cap = o.gpu_mem;
-    gpu_budget.gpus = o.gpus ? o.gpus : 1;
+    gpu_budget.gpus = o.gpus;   /* 0: gpu_backend_load chooses */
     uint64_t *profile = o.expert_profile ? read_expert_profile(o.expert_profile, c->n_layers, c->n_experts) : NULL;
     gpu_budget.profile = profile;
     State *state = run->load(&model, o.max_tokens, o.max_ctx, all_logits, sampler.rng, where, sizeof where);

@@ -4171,11 +4171,13 @@ static void gpu_after_block(const Config *c, int l, int T, int moe) {
     else gpu_hc_post_mix(T, gm->hc_head_fn, HC, combine, c->topk, c);
 }
 
-/* ---------------------------------------------------------------- several GPUs: the MoE sum */
+/* -------------------------------------------- several GPUs: the MoE sum, the logits gather */
 /* A rank holds a share of the routed experts and of the shared expert's rows: after layer l's
    MoE each rank publishes its part of the output (gpu_rank_partial: the combine over its own
    slots), then each sums every rank's part in rank order into its block_out (gpu_rank_sum), so
-   that every rank goes on with the same bits. Every rank's part is launched before any sum:
+   that every rank goes on with the same bits. It also holds a share of the head's rows: after
+   the head each rank publishes its columns of the logits (gpu_rank_publish) and copies the
+   others' in (gpu_rank_gather). Every rank's part is launched before any sum or gather:
    on one GPU the ranks take turns on one stream; on several, each sum waits for the others'
    counts. The parts rotate through three buffers (layer l's: l % 2, the last layer of an odd
    count the third): a rank writes a buffer again only after every rank has published the part

@@ -4136,62 +4136,45 @@ static Linear gpu_random_linear(WeightFormat format, int rows, int cols, int sca
     return w;
 }
 
-/* A rank's rows of a matrix (linear_rows_view: the head divided over several GPUs) decode as
-   the whole matrix's rows, bit for bit, in every format: views from a 128-row boundary, whole
-   and partial scale blocks, to the end. */
-static void test_linear_rows_view(void) {
-    static const struct { WeightFormat format; int scale_is_f32; const char *name; } kinds[] = {
-        {FMT_NVFP4, 0, "NVFP4"}, {FMT_MXFP4, 0, "MXFP4"}, {FMT_FP8, 0, "FP8 (E8M0 scales)"},
-        {FMT_FP8, 1, "FP8 (F32 scales)"}, {FMT_BF16, 0, "BF16"}};
-    static const Range views[] = {{128, 150}, {256, 44}, {0, 128}};
-    int rows = 300, cols = 384;
-    float *a = xcalloc((size_t)cols, sizeof(float)), *b = xcalloc((size_t)cols, sizeof(float));
-    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
-        Linear w = gpu_random_linear(kinds[k].format, rows, cols, kinds[k].scale_is_f32);
-        int same = 1;
-        for (size_t v = 0; v < sizeof views / sizeof *views; v++) {
-            Linear view = linear_rows_view(&w, views[v].first, views[v].count);
-            same &= view.rows == views[v].count && view.cols == cols;
-            for (int r = 0; r < view.rows; r++) {
-                linear_row(&view, r, a);
-                linear_row(&w, views[v].first + r, b);
-                same &= !memcmp(a, b, (size_t)cols * sizeof(float));
-            }
-        }
-        CHECK(same, "%s rows viewed from row 128, 256 and 0 decode as the whole matrix's rows", kinds[k].name);
-        free((void *)w.weight);
-        free((void *)w.scale);
-    }
-    free(a);
-    free(b);
-}
+/* The formats a matrix divided over several GPUs comes in (the division tests below). */
+static const struct { WeightFormat format; int scale_is_f32; const char *name; } split_formats[] = {
+    {FMT_NVFP4, 0, "NVFP4"}, {FMT_MXFP4, 0, "MXFP4"}, {FMT_FP8, 0, "FP8 (E8M0 scales)"},
+    {FMT_FP8, 1, "FP8 (F32 scales)"}, {FMT_BF16, 0, "BF16"}};
+#define SPLIT_FORMATS (sizeof split_formats / sizeof *split_formats)
 
-/* A rank's columns of a matrix (linear_cols_copy: the shared expert's w2 divided over several
-   GPUs) decode as the whole matrix's columns, bit for bit, in every format: 128-column blocks
-   and a partial last one (FP8's scale block cut short); counting copies nothing. */
-static void test_linear_cols_copy(void) {
-    static const struct { WeightFormat format; int scale_is_f32; const char *name; } kinds[] = {
-        {FMT_NVFP4, 0, "NVFP4"}, {FMT_MXFP4, 0, "MXFP4"}, {FMT_FP8, 0, "FP8 (E8M0 scales)"},
-        {FMT_FP8, 1, "FP8 (F32 scales)"}, {FMT_BF16, 0, "BF16"}};
-    static const Range parts[] = {{0, 128}, {128, 128}, {256, 96}};
+/* A rank's rows of a matrix (linear_rows_view: the head divided over several GPUs) and its
+   columns (linear_cols_copy: the shared expert's w2) decode as the whole matrix's rows and
+   columns, bit for bit, in every format: from 128-row and 128-column boundaries, whole and
+   partial scale blocks (FP8's cut short), to the end; counting a column copy copies nothing. */
+static void test_linear_division(void) {
+    static const Range rows_of[] = {{128, 150}, {256, 44}, {0, 128}}, cols_of[] = {{0, 128}, {128, 128}, {256, 96}};
     int rows = 300, cols = 352;
     float *a = xcalloc((size_t)cols, sizeof(float)), *b = xcalloc((size_t)cols, sizeof(float));
-    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
-        Linear w = gpu_random_linear(kinds[k].format, rows, cols, kinds[k].scale_is_f32);
-        int same = 1;
-        for (size_t p = 0; p < sizeof parts / sizeof *parts; p++) {
-            Linear part = linear_cols_copy(&w, parts[p].first, parts[p].count, 0);
-            Linear shape = linear_cols_copy(&w, parts[p].first, parts[p].count, 1);
-            same &= part.rows == rows && part.cols == parts[p].count && !shape.weight && !shape.scale && shape.cols == part.cols;
+    for (size_t k = 0; k < SPLIT_FORMATS; k++) {
+        Linear w = gpu_random_linear(split_formats[k].format, rows, cols, split_formats[k].scale_is_f32);
+        int rows_same = 1, cols_same = 1;
+        for (size_t v = 0; v < 3; v++) {
+            Linear view = linear_rows_view(&w, rows_of[v].first, rows_of[v].count);
+            Linear part = linear_cols_copy(&w, cols_of[v].first, cols_of[v].count, 0);
+            Linear shape = linear_cols_copy(&w, cols_of[v].first, cols_of[v].count, 1);
+            rows_same &= view.rows == rows_of[v].count && view.cols == cols;
+            cols_same &= part.rows == rows && part.cols == cols_of[v].count && !shape.weight && !shape.scale &&
+                         shape.cols == part.cols;
             for (int r = 0; r < rows; r++) {
-                linear_row(&part, r, a);
                 linear_row(&w, r, b);
-                same &= !memcmp(a, b + parts[p].first, (size_t)parts[p].count * sizeof(float));
+                if (r >= rows_of[v].first && r < rows_of[v].first + rows_of[v].count) {
+                    linear_row(&view, r - rows_of[v].first, a);
+                    rows_same &= !memcmp(a, b, (size_t)cols * sizeof(float));
+                }
+                linear_row(&part, r, a);
+                cols_same &= !memcmp(a, b + cols_of[v].first, (size_t)cols_of[v].count * sizeof(float));
             }
             free((void *)part.weight);
             free((void *)part.scale);
         }
-        CHECK(same, "%s columns 0-127, 128-255 and 256-351 copied decode as the whole matrix's columns", kinds[k].name);
+        CHECK(rows_same, "%s rows viewed from row 128, 256 and 0 decode as the whole matrix's rows", split_formats[k].name);
+        CHECK(cols_same, "%s columns 0-127, 128-255 and 256-351 copied decode as the whole matrix's columns",
+              split_formats[k].name);
         free((void *)w.weight);
         free((void *)w.scale);
     }
@@ -4583,17 +4566,14 @@ static float relative_error(const float *a, const float *b, size_t n) {
    at an intermediate size whose last block is partial. The fixtures' shared experts are one
    block each, so the GPU test (test_gpu_ranks) divides no shared expert: this is its check. */
 static void test_shared_expert_division(void) {
-    static const struct { WeightFormat format; int scale_is_f32; const char *name; } kinds[] = {
-        {FMT_NVFP4, 0, "NVFP4"}, {FMT_MXFP4, 0, "MXFP4"}, {FMT_FP8, 0, "FP8 (E8M0 scales)"},
-        {FMT_FP8, 1, "FP8 (F32 scales)"}, {FMT_BF16, 0, "BF16"}};
     enum { E = 128, I = 320 };
     Config c = {.moe_inter = I, .swiglu_limit = 1e30f};
     float x[E], whole[E], part[E], sum[E], gate[I], up[I], row[I];
     Scratch w = {.weight_row = row, .weight_row_floats = I};
-    for (size_t k = 0; k < sizeof kinds / sizeof *kinds; k++) {
-        Linear w1 = gpu_random_linear(kinds[k].format, I, E, kinds[k].scale_is_f32);
-        Linear w3 = gpu_random_linear(kinds[k].format, I, E, kinds[k].scale_is_f32);
-        Linear w2 = gpu_random_linear(kinds[k].format, E, I, kinds[k].scale_is_f32);
+    for (size_t k = 0; k < SPLIT_FORMATS; k++) {
+        Linear w1 = gpu_random_linear(split_formats[k].format, I, E, split_formats[k].scale_is_f32);
+        Linear w3 = gpu_random_linear(split_formats[k].format, I, E, split_formats[k].scale_is_f32);
+        Linear w2 = gpu_random_linear(split_formats[k].format, E, I, split_formats[k].scale_is_f32);
         for (int i = 0; i < E; i++) x[i] = uniform(-1, 1);
         expert_ffn(&c, &w, &w1, &w2, &w3, x, 1, gate, up, whole);
         float worst = 0;
@@ -4615,7 +4595,7 @@ static void test_shared_expert_division(void) {
             worst = err > worst ? err : worst;
         }
         CHECK(worst < 1e-5f, "%s shared expert (%d rows) divided over 2 and 3 ranks: the parts add up to the whole "
-              "within %.2e", kinds[k].name, I, worst);
+              "within %.2e", split_formats[k].name, I, worst);
         Linear *all[3] = {&w1, &w2, &w3};
         for (int i = 0; i < 3; i++) free((void *)all[i]->weight), free((void *)all[i]->scale);
     }
@@ -5553,8 +5533,7 @@ int main(void) {
     test_placement_plan();
     test_placement_plan_pro();
     test_split_plan();
-    test_linear_rows_view();
-    test_linear_cols_copy();
+    test_linear_division();
     test_shared_expert_division();
     test_stream_copies();
     test_cli();

@@ -5543,8 +5543,8 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
 }
 
 /* ================================================================ several GPUs: the split plan */
-/* How a model is to be divided over N GPUs of one host for one user's decode (of it only the
-   routed experts' division runs: gpu_load_ranks; --bench prints the plan, bench_split). Every GPU (a rank) keeps a whole copy of what is small
+/* How a model is to be divided over N GPUs of one host for one user's decode (gpu_load_ranks
+   runs all of it but attention's division and the pipeline; --bench prints the plan, bench_split). Every GPU (a rank) keeps a whole copy of what is small
    or needed whole by each token: the embedding table, the norms and mHC parameters, the router,
    wq_a and wkv, the compressors and the indexer, the caches (one KV head: every rank writes the
    same entries). What is large is divided, each rank reading only its share each step:
@@ -6030,7 +6030,7 @@ static void bench_split(ModelShape shape, double stream_gbs) {
     }
     char divided[32] = "never";
     if (divided_from) snprintf(divided, sizeof divided, "from %d GPUs on", divided_from);
-    printf("split    planned (--gpus divides only the routed experts yet): the busiest of 1/2/4/8 GPUs reads %.2f / %.2f / "
+    printf("split    planned (--gpus divides all but attention yet): the busiest of 1/2/4/8 GPUs reads %.2f / %.2f / "
            "%.2f / %.2f GB a token and holds %.1f / %.1f / %.1f / %.1f GB of weights; attention divided %s (all-reduces "
            "taken as %.0f us)\n", read[0] / 1e9, read[1] / 1e9, read[2] / 1e9, read[3] / 1e9, held[0] / 1e9, held[1] / 1e9,
            held[2] / 1e9, held[3] / 1e9, divided, SPLIT_ALLREDUCE_US);

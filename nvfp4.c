@@ -1892,7 +1892,8 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
    the argument struct of nvfp4.h ("the kernel ABI"). */
 typedef enum {
     K_STREAM_READ, K_GEMV, K_GEMV_STREAMED, K_GEMV_RANKED, K_GEMM, K_EMBED, K_HC_MIX, K_HC_POST_MIX,
-    K_RANK_PARTIAL, K_RANK_SUM, K_RANK_PUBLISH, K_RANK_GATHER, K_HC_FINISH, K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
+    K_RANK_PARTIAL, K_RANK_SUM, K_RANK_PUBLISH, K_RANK_GATHER, K_HC_FINISH,
+    K_ROW_NORM_ROPE, K_COMPRESSOR, K_INDEXER_SCORES, K_TOP_K, K_ATTENTION, K_ROUTE, K_GATHER, K_SWIGLU,
     K_SAMPLE, K_FILL, K_COUNT
 } Kernel;
 static const struct { const char *name; size_t args_bytes; } kernel_info[K_COUNT] = {
@@ -2339,7 +2340,7 @@ static int gpu_open_device(int ordinal, GpuDevice *g, char *why, size_t n) {
     }
     for (int k = 0; k < K_COUNT; k++) {
         CU_CHECK(cu.cuModuleGetFunction(&g->kernels[k], g->module, kernel_info[k].name));
-        if (k == K_GEMV || k == K_GEMV_STREAMED || k == K_GEMV_RANKED)   /* room for x of the widest row a GEMV takes (FP4: 8 columns a byte) */
+        if (k == K_GEMV || k == K_GEMV_STREAMED || k == K_GEMV_RANKED)   /* room for x of the widest row (FP4: 8 columns a byte) */
             CU_CHECK(cu.cuFuncSetAttribute(g->kernels[k], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            (int)gpu_gemv_smem(FMT_NVFP4, GPU_MAX_CHUNKS * GPU_CHUNK)));
         if (k == K_INDEXER_SCORES)   /* the queries of one token: NI x (DI + 4) floats, and NI weights */
@@ -2565,7 +2566,8 @@ static Linear linear_cols_copy(const Linear *w, int first, int count, int shape_
     size_t code = linear_row_bytes(&v), code_at = at * linear_row_bytes(w) / (size_t)w->cols;
     if (w->weight) {
         uint8_t *q = xcalloc(rows, code);
-        for (size_t r = 0; r < rows; r++) memcpy(q + r * code, (const uint8_t *)w->weight + r * linear_row_bytes(w) + code_at, code);
+        for (size_t r = 0; r < rows; r++)
+            memcpy(q + r * code, (const uint8_t *)w->weight + r * linear_row_bytes(w) + code_at, code);
         v.weight = q;
     }
     if (!w->scale || w->format == FMT_BF16) return v;
@@ -2574,7 +2576,8 @@ static Linear linear_cols_copy(const Linear *w, int first, int count, int shape_
     size_t srows = w->format == FMT_FP8 ? (rows + 127) / 128 : rows;            /* rows of scales */
     size_t old_row = ((size_t)w->cols + group - 1) / group * unit, new_row = (n + group - 1) / group * unit;
     uint8_t *sc = xcalloc(srows, new_row);
-    for (size_t r = 0; r < srows; r++) memcpy(sc + r * new_row, (const uint8_t *)w->scale + r * old_row + at / group * unit, new_row);
+    for (size_t r = 0; r < srows; r++)
+        memcpy(sc + r * new_row, (const uint8_t *)w->scale + r * old_row + at / group * unit, new_row);
     v.scale = sc;
     return v;
 }
@@ -3608,7 +3611,8 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
             gm_linear(&g->shared_w2, &w->shared_w2);
         } else if (gm->shared.count) {   /* a rank's rows of w1 and w3, the same columns of w2 (copied) */
             Range s = gm->shared;
-            Linear w1 = linear_rows_view(&w->shared_w1, s.first, s.count), w3 = linear_rows_view(&w->shared_w3, s.first, s.count);
+            Linear w1 = linear_rows_view(&w->shared_w1, s.first, s.count);
+            Linear w3 = linear_rows_view(&w->shared_w3, s.first, s.count);
             Linear w2 = linear_cols_copy(&w->shared_w2, s.first, s.count, !placing);
             g->shared_paired = gm_linear_pair(&g->shared_w1, &g->shared_w3, &w1, &w3, &g->shared_gscales62);
             gm_linear(&g->shared_w2, &w2);
@@ -3904,8 +3908,8 @@ static void gpu_placement_line(char *out, size_t n) {
         size_t most = 0;
         for (int r = 0; r < gpu_rank_count; r++) most = gpu_ranks[r].arena_bytes > most ? gpu_ranks[r].arena_bytes : most;
         snprintf(out, n, "divided over %d GPUs, at most %.2f GiB each (every layer's routed experts divided: %d to %d "
-                 "each; the shared expert and the head by rows; the rest on every GPU)", gpu_rank_count, most / 1073741824.0, gpu_ranks[0].experts.count,
-                 gpu_ranks[gpu_rank_count - 1].experts.count);
+                 "each; the shared expert and the head by rows; the rest on every GPU)", gpu_rank_count,
+                 most / 1073741824.0, gpu_ranks[0].experts.count, gpu_ranks[gpu_rank_count - 1].experts.count);
         return;
     }
     if (!host_map.bytes) {
@@ -4636,7 +4640,8 @@ static void gpu_sample(const Sampler *s, int V, int row, int advance) {
    one graph each, on the stream of its first rank, which keeps it. */
 static void gpu_capture_decode(const Model *m, const Sampler *s) {
     int used = gpu_devices_used();
-    for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuStreamBeginCapture(gpu->stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+    for (int d = 0; d < used; d++)
+        gpu_use_rank(d), CU_CHECK(cu.cuStreamBeginCapture(gpu->stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
     gpu_decode(m);
     gpu_sample(s, m->config.vocab_size, 0, 1);
     CUgraph graphs[GPUS_MAX];
@@ -4650,7 +4655,8 @@ static void gpu_capture_decode(const Model *m, const Sampler *s) {
 
 /* One decode step: the captured graph of every GPU launched on its stream. */
 static void gpu_replay_decode(void) {
-    for (int d = gpu_devices_used() - 1; d >= 0; d--) gpu_use_rank(d), CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu->stream));
+    for (int d = gpu_devices_used() - 1; d >= 0; d--)   /* leaves rank 0 current */
+        gpu_use_rank(d), CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu->stream));
 }
 
 /* A chunk of T tokens through the model on the GPU: the decode step's kernels for one token,
@@ -5544,7 +5550,8 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
 
 /* ================================================================ several GPUs: the split plan */
 /* How a model is to be divided over N GPUs of one host for one user's decode (gpu_load_ranks
-   runs all of it but attention's division and the pipeline; --bench prints the plan, bench_split). Every GPU (a rank) keeps a whole copy of what is small
+   runs all of it but attention's division and the pipeline; --bench prints the plan,
+   bench_split). Every GPU (a rank) keeps a whole copy of what is small
    or needed whole by each token: the embedding table, the norms and mHC parameters, the router,
    wq_a and wkv, the compressors and the indexer, the caches (one KV head: every rank writes the
    same entries). What is large is divided, each rank reading only its share each step:

@@ -4146,11 +4146,16 @@ static void gpu_output_projection(const Config *c, int l, int T) {
     gpu_linear(&g->wo_b, DEV(w->grouped), DEV(w->block_out), T);
 }
 
+/* Blocks of 256 threads for a grid-stride loop over n elements: one an element, at most 4 an SM. */
+static unsigned gpu_stride_grid(size_t n) {
+    size_t blocks = (n + 255) / 256, most = (size_t)gpu->sm_count * 4;
+    return (unsigned)(blocks < most ? blocks : most);
+}
+
 /* gate[n] = silu(min(gate, limit)) * clamp(up, -limit, limit). Mirrors expert_ffn's activation. */
 static void gpu_swiglu(CUdeviceptr gate, CUdeviceptr up, size_t n, float limit) {
-    unsigned blocks = (unsigned)((n + 255) / 256), most = (unsigned)gpu->sm_count * 4;
     SwigluArgs args = {.gate = gate, .up = up, .n = (uint32_t)n, .limit = limit};
-    LAUNCH(K_SWIGLU, blocks < most ? blocks : most, 1, 1, 256, 0, args);
+    LAUNCH(K_SWIGLU, gpu_stride_grid(n), 1, 1, 256, 0, args);
 }
 
 /* h' = hc_post of the current site (with the MoE combine when `moe`), then the next site's
@@ -4227,8 +4232,7 @@ static void gpu_rank_gather(const Config *c, int T) {
         args.bounds[r] = (uint32_t)gpu_ranks[r].vocab.first;
     }
     args.bounds[gm->ranks] = (uint32_t)c->vocab_size;
-    unsigned blocks = (unsigned)(((size_t)T * c->vocab_size + 255) / 256), most = (unsigned)gpu->sm_count * 4;
-    LAUNCH(K_RANK_GATHER, blocks < most ? blocks : most, 1, 1, 256, 0, args);
+    LAUNCH(K_RANK_GATHER, gpu_stride_grid((size_t)T * c->vocab_size), 1, 1, 256, 0, args);
 }
 
 /* Every rank's part of layer l's MoE output summed into the current rank's block_out [T, E]. */
@@ -4239,8 +4243,7 @@ static void gpu_rank_sum(const Config *c, int l, int T) {
         args.partials[r] = rank_part_buffer(c, r, l);
         args.published[r] = gpu_ranks[r].rank_published;
     }
-    unsigned blocks = (args.n + 255) / 256, most = (unsigned)gpu->sm_count * 4;
-    LAUNCH(K_RANK_SUM, blocks < most ? blocks : most, 1, 1, 256, 0, args);
+    LAUNCH(K_RANK_SUM, gpu_stride_grid(args.n), 1, 1, 256, 0, args);
 }
 
 /* ===================================================================== GPU: prefill a chunk */
@@ -5654,6 +5657,16 @@ static double layer_share_bytes(const Model *m, int l, const RankShare *share, i
     return bytes + 2.0 * (2 + HC) * HC * HC * c->hidden_size * 4;   /* the two mHC sites' matrices */
 }
 
+/* Weight bytes of a rank's share s of model m (attention divided or not): what a decode step
+   reads on it (held 0: the token's embedding row, its head rows, its share of every layer, the
+   routed experts expected under uniform routing) or what it holds (held 1: the embedding table
+   instead of the row, all its experts). */
+static double rank_share_bytes(const Model *m, const RankShare *s, int attention_split, int held) {
+    double bytes = (held ? (double)m->embed.nbytes : embed_row_bytes(m)) + linear_rows_bytes(&m->head, s->vocab.first, s->vocab.count);
+    for (int l = 0; l < m->config.n_layers; l++) bytes += layer_share_bytes(m, l, s, attention_split, held);
+    return bytes;
+}
+
 /* The plan for model m over n GPUs (peer_access: every pair can read the other's memory) at
    `costs`, into *p. Returns 0 with the reason in why[size] when m cannot be divided n ways. */
 static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, SplitPlan *p, char *why, size_t size) {
@@ -5718,13 +5731,8 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
     for (int r = 0; r < n; r++) {
         RankShare *s = &p->rank[r];
         if (!p->attention_split) s->groups = (Range){0, c->o_groups};
-        double head_rows = linear_rows_bytes(&m->head, s->vocab.first, s->vocab.count);
-        s->read_bytes = embed_row + head_rows;
-        s->held_bytes = (double)m->embed.nbytes + head_rows;
-        for (int l = 0; l < L; l++) {
-            s->read_bytes += layer_share_bytes(m, l, s, p->attention_split, 0);
-            s->held_bytes += layer_share_bytes(m, l, s, p->attention_split, 1);
-        }
+        s->read_bytes = rank_share_bytes(m, s, p->attention_split, 0);
+        s->held_bytes = rank_share_bytes(m, s, p->attention_split, 1);
     }
     p->allreduces = n > 1 ? L * (1 + p->attention_split) : 0;
     return 1;
@@ -6130,8 +6138,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
     for (int r = 0; r < gpu_rank_count && gpu_rank_count > 1; r++) {
         const GpuModel *g = &gpu_ranks[r];
         RankShare share = {g->experts, {0, c->o_groups}, g->shared, g->vocab, {0, layers}, 0, 0};
-        double read = linear_rows_bytes(&m.head, g->vocab.first, g->vocab.count) + embed_row_bytes(&m);
-        for (int l = 0; l < layers; l++) read += layer_share_bytes(&m, l, &share, 0, 0);
+        double read = rank_share_bytes(&m, &share, 0, 0);
         if (r == 0 || read > weights) weights = read, busiest = r;
     }
     double device_bytes = weights + cache - host_bytes, layer_ms = (ms - head_ms) / layers;

@@ -5472,6 +5472,8 @@ static void test_gpu(double shipped_cpu_nll) {
                      "--gpus 2: 2 GPUs asked for, and this machine has 1");
         expect_shell("env -u CUDA_VISIBLE_DEVICES " NVFP4_BIN " --bench --gpus 2", 1,
                      "--gpus 2: 2 GPUs asked for, and this machine has 1");
+    } else {
+        printf("  --gpus 2 refused on a one-GPU machine: skipped (this machine has %d GPUs)\n", present);
     }
     test_gpu_cli_repeatable();
     test_cli_dump("env -u CUDA_VISIBLE_DEVICES", "--gpu", 2e-2f);

@@ -2538,6 +2538,19 @@ static size_t linear_row_bytes(const Linear *w) {
     return w->format == FMT_BF16 ? 2 * cols : w->format == FMT_FP8 ? cols : cols / 2;
 }
 
+/* Several GPUs divide matrices by rows and columns into ranges (a rank's share). */
+typedef struct { int first, count; } Range;   /* [first, first + count) */
+#define SPLIT_BLOCK 128                        /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
+
+/* Part `r` of `count` items in blocks of `block`, as even as whole blocks allow. */
+static Range split_range(int count, int block, int r, int n) {
+    int blocks = (count + block - 1) / block;
+    int first = (int)((long long)blocks * r / n) * block, end = (int)((long long)blocks * (r + 1) / n) * block;
+    if (end > count) end = count;
+    if (first > count) first = count;
+    return (Range){first, end - first};
+}
+
 /* Rows [first, first + count) of W as a Linear of their own, pointing into W's data (first a
    multiple of 128, where FP8's scale blocks start; no data: none). */
 static Linear linear_rows_view(const Linear *w, int first, int count) {
@@ -2579,6 +2592,30 @@ static Linear linear_cols_copy(const Linear *w, int first, int count, int shape_
     for (size_t r = 0; r < srows; r++)
         memcpy(sc + r * new_row, (const uint8_t *)w->scale + r * old_row + at / group * unit, new_row);
     v.scale = sc;
+    return v;
+}
+
+/* The rows a division of W by rows must keep together: FP8's 128-row scale blocks, else one. */
+static int linear_row_block(const Linear *w) { return w->format == FMT_FP8 ? 128 : 1; }
+
+/* The columns a division of W by columns must keep together: the columns one scale covers. */
+static int linear_col_block(const Linear *w) {
+    return w->format == FMT_FP8 ? 128 : w->format == FMT_MXFP4 ? 32 : w->format == FMT_NVFP4 ? 16 : 1;
+}
+
+/* Layer w's attention cut to its output groups g (a rank's share when attention is divided:
+   attention_divisible): wq_b's rows of the groups' heads and those heads' sinks, the groups'
+   rows of wo_a, and their columns of wo_b (copied: free its weight and scale, unless
+   shape_only, as linear_cols_copy). The rest is w's. Its attention() under a Config of the
+   groups' heads (n_heads, o_groups) is the groups' part of w's block output: the parts of all
+   the groups add up to the whole. */
+static Layer layer_attention_share(const Config *c, const Layer *w, Range g, int shape_only) {
+    Layer v = *w;
+    int heads = c->n_heads / c->o_groups, rows = heads * c->head_dim, O = c->o_lora_rank;
+    v.wq_b = linear_rows_view(&w->wq_b, g.first * rows, g.count * rows);
+    v.attn_sink = w->attn_sink ? w->attn_sink + (size_t)g.first * heads : NULL;
+    v.wo_a = linear_rows_view(&w->wo_a, g.first * O, g.count * O);
+    v.wo_b = linear_cols_copy(&w->wo_b, g.first * O, g.count * O, shape_only);
     return v;
 }
 
@@ -2970,7 +3007,7 @@ typedef struct {
     GpuLinear wq_a, wq_b, wkv, wo_a, wo_b, gate, shared_w1, shared_w2, shared_w3;
     GpuLinear comp_wkv, comp_wgate, index_wq_b, index_weights_proj, index_comp_wkv, index_comp_wgate;
     GpuExperts w1, w2, w3;
-    CUdeviceptr attn_norm, ffn_norm, q_norm, kv_norm, attn_sink;   /* [E], [E], [Q], [D], [H] */
+    CUdeviceptr attn_norm, ffn_norm, q_norm, kv_norm, attn_sink;   /* [E], [E], [Q], [D], [H] (the rank's heads) */
     CUdeviceptr hc_attn_fn, hc_attn_base, hc_attn_scale, hc_ffn_fn, hc_ffn_base, hc_ffn_scale;
     CUdeviceptr comp_ape, comp_norm, index_comp_ape, index_comp_norm;
     CUdeviceptr gate_bias, tid2eid;   /* [X] f32 (routed layers), [V, K] int32 (hash layers) */
@@ -2986,17 +3023,34 @@ typedef struct {
     int stream_pieces;
 } GpuLayer;
 
-typedef struct { int first, count; } Range;   /* [first, first + count) */
-#define SPLIT_BLOCK 128                        /* rows (and columns) divided in blocks of FP8's 128-row scale blocks */
+/* One GPU's share of the model in a split plan (split_plan, in "several GPUs: the split plan",
+   makes them; gpu_load_ranks loads them). */
+typedef struct {
+    Range experts;       /* routed experts of every layer it holds */
+    Range groups;        /* attention's output groups it computes (all of them when attention is whole) */
+    Range shared;        /* the shared expert's intermediate rows */
+    Range vocab;         /* the head's rows: the logits it computes */
+    Range layers;        /* the layers it runs (all but in a pipeline) */
+    double read_bytes;   /* weight bytes a decode step reads on it; the routed experts' expected
+                            under uniform routing (K of X experts a layer) */
+    double held_bytes;   /* weight bytes it holds (the checkpoint's): its share of its layers with
+                            all its experts, the embedding table (every GPU; a pipeline's first),
+                            its head rows */
+} RankShare;
 
-/* Part `r` of `count` items in blocks of `block`, as even as whole blocks allow. */
-static Range split_range(int count, int block, int r, int n) {
-    int blocks = (count + block - 1) / block;
-    int first = (int)((long long)blocks * r / n) * block, end = (int)((long long)blocks * (r + 1) / n) * block;
-    if (end > count) end = count;
-    if (first > count) first = count;
-    return (Range){first, end - first};
-}
+typedef struct {
+    double read_bytes_per_us;   /* one GPU's streaming read */
+    double allreduce_us;        /* an all-reduce of E floats over the N GPUs */
+} SplitCosts;
+
+typedef struct {
+    int n;                   /* GPUs */
+    int pipeline;            /* 1: divided by layers (no peer access) */
+    int attention_split;     /* 1: attention divided by output groups */
+    int allreduces;          /* all-reduces of E floats a decode step (the logits' gather aside) */
+    double saved_us;         /* dividing attention: read time it saves the busiest rank a step */
+    RankShare rank[GPUS_MAX];
+} SplitPlan;
 
 /* Everything of one model on the GPU: one rank's share of it (several GPUs: gpu_load_ranks),
    the whole model when one GPU runs it. */
@@ -3007,8 +3061,11 @@ typedef struct {
     Range vocab;                           /* the head's rows it holds: the logits it computes (ranks > 1) */
     Range shared;                          /* the shared expert's intermediate rows it computes (ranks > 1;
                                               none: its part of the MoE has no shared expert) */
-    CUdeviceptr rank_partial;              /* f32 [3, T, E]: its parts of the MoE outputs, by layer
-                                              (gpu_rank_reduce; ranks > 1) */
+    Range groups;                          /* attention's output groups it computes, with their heads
+                                              (every group: attention is whole) */
+    int attention_split;                   /* 1: the ranks divide attention by output groups */
+    CUdeviceptr rank_partial;              /* f32 [3, T, E]: its parts of the divided sub-blocks' outputs,
+                                              in turn (rank_part_buffer; ranks > 1) */
     CUdeviceptr rank_published;            /* uint32 [1]: rank_partial's blocks published so far */
     GpuLayer *layers;
     int n_layers;
@@ -3029,7 +3086,8 @@ typedef struct {
     CUdeviceptr slot_identity;             /* int32 [K]: slot k's output is row k (decode) */
     CUdeviceptr probs;                     /* [V] sampling scratch */
     int attn_splits;                       /* Z: blocks a head's keys are split over in decode */
-    CUdeviceptr attn_partial, attn_counter; /* f32 [H, Z, D + 4] their partials; u32 [H] counts (0) */
+    CUdeviceptr attn_partial, attn_counter; /* f32 [H, Z, D + 4] their partials; u32 [H] counts (0);
+                                               H: the heads it computes (gm_heads) */
     CUdeviceptr qr_kv;                     /* [Q + D] decode: wq_a_wkv's output, qr then kv */
     CUdeviceptr csa_out;                   /* [4D + 4DI + NI] decode: csa_stack's output, part by part */
     CUdeviceptr shared_act;                /* [2, I] decode: the shared expert's gate, then up */
@@ -3079,12 +3137,19 @@ static int gm_holds_expert(int e) {
     return gm->ranks <= 1 || (e >= gm->experts.first && e < gm->experts.first + gm->experts.count);
 }
 
+/* The attention heads the current rank computes: its output groups' (all of them when
+   attention is whole), and those groups. */
+static int gm_heads(const Config *c) { return gm->attention_split ? gm->groups.count * (c->n_heads / c->o_groups) : c->n_heads; }
+static int gm_groups(const Config *c) { return gm->attention_split ? gm->groups.count : c->o_groups; }
+
 /* Empty the current rank's model, keeping which share of the model it is. */
 static void gm_clear(void) {
     int rank = gm->rank, ranks = gm->ranks, device = gm->device;
-    Range experts = gm->experts, vocab = gm->vocab, shared = gm->shared;
+    Range experts = gm->experts, vocab = gm->vocab, shared = gm->shared, groups = gm->groups;
+    int attention_split = gm->attention_split;
     memset(gm, 0, sizeof *gm);
     gm->rank = rank, gm->ranks = ranks, gm->device = device, gm->experts = experts, gm->vocab = vocab, gm->shared = shared;
+    gm->groups = groups, gm->attention_split = attention_split;
 }
 
 /* The factor the GEMM multiplies its f32 sums by for W's layout: NVFP4's global scale, 2^-56 for
@@ -3251,9 +3316,9 @@ static int layer_linears(const Layer *L, const Linear **list) {
 }
 
 /* Blocks a head's keys are split over in decode (attention_decode's grid.z, at most 16): as
-   many as fill the SMs with the heads' blocks once. */
-static int attention_splits(const Config *c) {
-    int z = gpu->sm_count / c->n_heads;
+   many as fill the SMs with the blocks of `heads` heads once. */
+static int attention_splits(int heads) {
+    int z = gpu->sm_count / heads;
     return z < 1 ? 1 : z > 16 ? 16 : z;
 }
 
@@ -3602,9 +3667,13 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
             gm_linear(&g->wq_a, &w->wq_a);
             gm_linear(&g->wkv, &w->wkv);
         }
-        gm_linear(&g->wq_b, &w->wq_b);
-        gm_linear(&g->wo_a, &w->wo_a);
-        gm_linear(&g->wo_b, &w->wo_b);
+        /* attention divided: the rank's groups of wq_b, the sinks and wo_a, and of wo_b (copied) */
+        Layer attn = gm->attention_split ? layer_attention_share(c, w, gm->groups, !placing) : *w;
+        gm_linear(&g->wq_b, &attn.wq_b);
+        gm_linear(&g->wo_a, &attn.wo_a);
+        gm_linear(&g->wo_b, &attn.wo_b);
+        g->attn_sink = gm_floats(attn.attn_sink, (size_t)gm_heads(c));
+        if (gm->attention_split) free((void *)attn.wo_b.weight), free((void *)attn.wo_b.scale);
         gm_linear(&g->gate, &w->gate);
         if (gm->ranks <= 1) {
             g->shared_paired = gm_linear_pair(&g->shared_w1, &g->shared_w3, &w->shared_w1, &w->shared_w3, &g->shared_gscales62);
@@ -3623,7 +3692,6 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
         g->ffn_norm = gm_floats(w->ffn_norm, (size_t)E);
         g->q_norm = gm_floats(w->q_norm, (size_t)c->q_lora_rank);
         g->kv_norm = gm_floats(w->kv_norm, (size_t)c->head_dim);
-        g->attn_sink = gm_floats(w->attn_sink, (size_t)c->n_heads);
         g->hc_attn_fn = gm_floats(w->hc_attn.fn, mix * HC * E);
         g->hc_attn_base = gm_floats(w->hc_attn.base, mix);
         g->hc_attn_scale = gm_floats(w->hc_attn.scale, 3);
@@ -3711,9 +3779,9 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
     gm->slot_identity = gm_reserve((size_t)c->topk * sizeof(int32_t));
     if (placing) gm_write(gm->slot_identity, identity, (size_t)c->topk * sizeof(int32_t));
     gm->probs = gm_reserve((size_t)c->vocab_size * sizeof(float));
-    gm->attn_splits = attention_splits(c);
-    gm->attn_partial = gm_reserve((size_t)c->n_heads * gm->attn_splits * (c->head_dim + 4) * sizeof(float));
-    gm->attn_counter = gm_reserve((size_t)c->n_heads * sizeof(uint32_t));
+    gm->attn_splits = attention_splits(gm_heads(c));
+    gm->attn_partial = gm_reserve((size_t)gm_heads(c) * gm->attn_splits * (c->head_dim + 4) * sizeof(float));
+    gm->attn_counter = gm_reserve((size_t)gm_heads(c) * sizeof(uint32_t));
     gm->qr_kv = gm_reserve((size_t)(c->q_lora_rank + c->head_dim) * sizeof(float));
     gm->shared_act = gm_reserve(2 * (size_t)c->moe_inter * sizeof(float));
     gm->csa_out = gm_reserve((size_t)(4 * c->head_dim + 4 * c->index_dim + c->index_heads) * sizeof(float));
@@ -3932,26 +4000,27 @@ static void gpu_expert_hits(uint64_t *hits, int L, int X) {
     free(decode);
 }
 
-/* Upload model m divided over `ranks` ranks, rank r on GPU r modulo the GPUs opened (one GPU:
-   every rank on it, the tests' way to run the several GPUs' code), each holding split_range's
-   share of the routed experts of every layer, of the head's rows (128-row blocks) and of the
-   shared expert's intermediate rows (blocks of 128: w1's and w3's rows, w2's columns; a rank
-   may get none), and a whole copy of the rest, each as
+/* Upload model m divided as `plan` says (split_plan with peer access) over its plan->n ranks,
+   rank r on GPU r modulo the GPUs opened (one GPU: every rank on it, the tests' way to run the
+   several GPUs' code), each holding its share of the routed experts of every layer, of the
+   head's rows (128-row blocks), of the shared expert's intermediate rows (blocks of 128: w1's
+   and w3's rows, w2's columns; a rank may get none) and, where the plan divides attention, of
+   its output groups (layer_attention_share), and a whole copy of the rest, each as
    gpu_load_model loads a model (its refusals, and a rank's share that does not fit). Leaves
    rank 0 current. Returns the seconds the uploads took. */
-static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const GpuBudget *budget, int ranks) {
+static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const GpuBudget *budget, const SplitPlan *plan) {
     double seconds = 0;
-    int X = m->config.n_experts, blocks = (m->config.vocab_size + SPLIT_BLOCK - 1) / SPLIT_BLOCK;
+    int ranks = plan->n, blocks = (m->config.vocab_size + SPLIT_BLOCK - 1) / SPLIT_BLOCK;
     if (!gpu_device_count) fatal("internal error: a model loaded onto no GPU");
-    if (ranks < 1 || ranks > GPUS_MAX || ranks > X || ranks > blocks)
-        fatal("a model of %d routed experts and %d blocks of %d head rows divided over %d ranks: 1 to %d, at most one "
-              "a block and an expert", X, blocks, SPLIT_BLOCK, ranks, GPUS_MAX);
+    if (plan->pipeline) fatal("internal error: a split by layers loaded (the GPU path divides within layers only)");
+    if (ranks > blocks)
+        fatal("a model of %d blocks of %d head rows divided over %d GPUs: at most one a block", blocks, SPLIT_BLOCK, ranks);
     for (int r = 0; r < ranks; r++) {
+        const RankShare *share = &plan->rank[r];
         gpu_ranks[r].device = r % gpu_device_count;
         gpu_use_rank(r);
-        gm->rank = r, gm->ranks = ranks, gm->experts = split_range(X, 1, r, ranks);
-        gm->vocab = split_range(m->config.vocab_size, SPLIT_BLOCK, r, ranks);
-        gm->shared = split_range(m->config.moe_inter, SPLIT_BLOCK, r, ranks);
+        gm->rank = r, gm->ranks = ranks, gm->experts = share->experts, gm->vocab = share->vocab;
+        gm->shared = share->shared, gm->groups = share->groups, gm->attention_split = plan->attention_split;
         seconds += gpu_load_model(m, T, C, all_logits, budget);
     }
     gpu_rank_count = ranks;
@@ -4101,8 +4170,8 @@ static void gpu_indexer(const Config *c, int l, int T, CUdeviceptr index_w) {
     LAUNCH(K_TOP_K, (unsigned)T, 1, 1, 1024, 0, top);
 }
 
-/* Each of the T queries q [T, H, D] (normalized and rotated by the kernel) over its window and
-   compressed entries, with the sink, into attn [T, H, D]. `new_key` is decode's kv [D] (the
+/* Each of the T queries q [T, H, D] (normalized and rotated by the kernel; H: the rank's heads,
+   gm_heads) over its window and compressed entries, with the sink, into attn [T, H, D]. `new_key` is decode's kv [D] (the
    kernel normalizes, rotates and writes it into the ring first, and a head's keys are split
    over gm->attn_splits blocks for CSA/HCA layers); 0 in prefill, where the ring holds the
    chunk's keys already. Mirrors attention()'s loop over queries (attend). */
@@ -4111,7 +4180,7 @@ static void gpu_attend(const Config *c, int l, int T, CUdeviceptr new_key) {
     Scratch *w = &gm->state.scratch;
     LayerCache *ls = &gm->state.layers[l];
     const Rope *rope_l = gpu_layer_rope(c, l);
-    int H = c->n_heads, D = c->head_dim, ratio = c->compress_ratio[l];
+    int H = gm_heads(c), D = c->head_dim, ratio = c->compress_ratio[l];
     int mode = c->attn_kind[l] == ATTN_CSA ? 1 : c->attn_kind[l] == ATTN_HCA ? 2 : 0;
     int splits = new_key && mode ? gm->attn_splits : 1;
     AttentionDecodeArgs args = {
@@ -4127,11 +4196,12 @@ static void gpu_attend(const Config *c, int l, int T, CUdeviceptr new_key) {
 
 /* The grouped output projection: attn [T, H * D] -> grouped [T, G * O] by wo_a, group by group
    (one token: the groups as the slots of one GEMV where wo_a's layout allows), then wo_b ->
-   block_out [T, E]. Mirrors the end of attention(). */
+   block_out [T, E] (the rank's part when attention is divided: its H heads, G groups). Mirrors
+   the end of attention(). */
 static void gpu_output_projection(const Config *c, int l, int T) {
     const GpuLayer *g = &gm->layers[l];
     Scratch *w = &gm->state.scratch;
-    int H = c->n_heads, D = c->head_dim, G = c->o_groups, O = c->o_lora_rank, group_in = H * D / G;
+    int H = gm_heads(c), D = c->head_dim, G = gm_groups(c), O = c->o_lora_rank, group_in = H * D / G;
     if (T == 1 && G <= GEMV_MAX_SLOTS && (g->wo_a.format != FMT_FP8 || O % 128 == 0)) {
         GpuLinear group = g->wo_a;
         group.rows = O;
@@ -4180,33 +4250,42 @@ static void gpu_after_block(const Config *c, int l, int T, int moe) {
     else gpu_hc_post_mix(T, gm->hc_head_fn, HC, combine, c->topk, c);
 }
 
-/* -------------------------------------------- several GPUs: the MoE sum, the logits gather */
+/* ------------------------- several GPUs: the sums of the divided sub-blocks, the logits gather */
 /* A rank holds a share of the routed experts and of the shared expert's rows: after layer l's
    MoE each rank publishes its part of the output (gpu_rank_partial: the combine over its own
    slots), then each sums every rank's part in rank order into its block_out (gpu_rank_sum), so
-   that every rank goes on with the same bits. It also holds a share of the head's rows: after
-   the head each rank publishes its columns of the logits (gpu_rank_publish) and copies the
-   others' in (gpu_rank_gather). Every rank's part is launched before any sum or gather:
+   that every rank goes on with the same bits. Where attention is divided too (by output
+   groups), its block_out is a rank's part in the same way, published and summed before the
+   attention site's mixing: two sums a layer. A rank also holds a share of the head's rows:
+   after the head each rank publishes its columns of the logits (gpu_rank_publish) and copies
+   the others' in (gpu_rank_gather). Every rank's part is launched before any sum or gather:
    on one GPU the ranks take turns on one stream; on several, each sum waits for the others'
-   counts. The parts rotate through three buffers (layer l's: l % 2, the last layer of an odd
-   count the third): a rank writes a buffer again only after every rank has published the part
-   between, i.e. has finished summing the part before it. */
+   counts. The parts rotate through three buffers (a step's sum s: buffer s % 2, the last sum of
+   an odd count the third): a rank writes a buffer again only after every rank has published
+   the part between, i.e. has finished summing the part before it. */
 
-/* Layer l's part buffer of rank r: f32 [T, E] in its rank_partial [3, T, E]. */
-static CUdeviceptr rank_part_buffer(const Config *c, int r, int l) {
-    int buffer = c->n_layers % 2 && l == c->n_layers - 1 ? 2 : l % 2;
+/* The place of layer l's attention sum (moe 0) or MoE sum (moe 1) among a step's sums: the
+   MoE's alone, or attention's and the MoE's of every layer when attention is divided. */
+static int rank_sum_index(int l, int moe) { return gm->attention_split ? 2 * l + moe : l; }
+
+/* The part buffer of rank r's sum s (rank_sum_index): f32 [T, E] in its rank_partial [3, T, E]. */
+static CUdeviceptr rank_part_buffer(const Config *c, int r, int sum) {
+    int sums = c->n_layers * (1 + gpu_ranks[r].attention_split), buffer = sums % 2 && sum == sums - 1 ? 2 : sum % 2;
     return gpu_ranks[r].rank_partial + (size_t)buffer * gpu_ranks[r].state.max_tokens * c->hidden_size * sizeof(float);
 }
 
-/* The current rank's part of layer l's MoE output for the chunk's T tokens, published. */
-static void gpu_rank_partial(const Config *c, int l, int T) {
+/* The current rank's part of layer l's MoE output (moe 1: its share of the shared expert and
+   the combine over the slots of its experts) or attention output (moe 0: block_out, its
+   groups') for the chunk's T tokens, published. */
+static void gpu_rank_partial(const Config *c, int l, int T, int moe) {
     Scratch *w = &gm->state.scratch;
     RankPartialArgs args = {
-        .partial = rank_part_buffer(c, gm->rank, l), .block_out = DEV(w->block_out), .expert_out = DEV(w->expert_out),
-        .route_weight = DEV(w->route_weight), .slot_row = T == 1 ? gm->slot_identity : DEV(w->slot_row),
-        .chosen = DEV(w->chosen), .published = gm->rank_published, .E = (uint32_t)c->hidden_size, .K = (uint32_t)c->topk,
+        .partial = rank_part_buffer(c, gm->rank, rank_sum_index(l, moe)), .block_out = DEV(w->block_out),
+        .expert_out = DEV(w->expert_out), .route_weight = DEV(w->route_weight),
+        .slot_row = T == 1 ? gm->slot_identity : DEV(w->slot_row), .chosen = DEV(w->chosen),
+        .published = gm->rank_published, .E = (uint32_t)c->hidden_size, .K = moe ? (uint32_t)c->topk : 0,
         .first = (uint32_t)gm->experts.first, .end = (uint32_t)(gm->experts.first + gm->experts.count),
-        .shared = gm->layers[l].shared_w1.rows > 0};
+        .shared = !moe || gm->layers[l].shared_w1.rows > 0};
     LAUNCH(K_RANK_PARTIAL, (unsigned)(c->hidden_size + 255) / 256, (unsigned)T, 1, 256, 0, args);
 }
 
@@ -4235,12 +4314,13 @@ static void gpu_rank_gather(const Config *c, int T) {
     LAUNCH(K_RANK_GATHER, gpu_stride_grid((size_t)T * c->vocab_size), 1, 1, 256, 0, args);
 }
 
-/* Every rank's part of layer l's MoE output summed into the current rank's block_out [T, E]. */
-static void gpu_rank_sum(const Config *c, int l, int T) {
+/* Every rank's part of layer l's MoE output (moe 1) or attention output (moe 0) summed into the
+   current rank's block_out [T, E]. */
+static void gpu_rank_sum(const Config *c, int l, int T, int moe) {
     RankSumArgs args = {.out = DEV(gm->state.scratch.block_out), .ranks = (uint32_t)gm->ranks, .rank = (uint32_t)gm->rank,
                         .n = (uint32_t)(T * c->hidden_size)};
     for (int r = 0; r < gm->ranks; r++) {
-        args.partials[r] = rank_part_buffer(c, r, l);
+        args.partials[r] = rank_part_buffer(c, r, rank_sum_index(l, moe));
         args.published[r] = gpu_ranks[r].rank_published;
     }
     LAUNCH(K_RANK_SUM, gpu_stride_grid(args.n), 1, 1, 256, 0, args);
@@ -4358,12 +4438,24 @@ static void gpu_moe_prefill(const Model *m, int l, int T) {
     free(start);
 }
 
+/* Layer l's MoE half for the current rank and the chunk's T tokens, from attention's whole
+   block_out: the attention site's mixing, the MoE site's x, the MoE, the rank's part published
+   (several ranks). */
+static void gpu_moe_half_prefill(const Model *m, int l, int T) {
+    const Config *c = &m->config;
+    const GpuLayer *g = &gm->layers[l];
+    gpu_after_block(c, l, T, 0);
+    gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, (2 + HC) * HC);
+    gpu_moe_prefill(m, l, T);
+    if (gm->ranks > 1) gpu_rank_partial(c, l, T, 1);
+}
+
 /* The chunk of T > 1 tokens at tokens[0..T) and position *pos through the model: logits of
    every row [T, V] when all_logits, else of the last [1, V], into gm->state.scratch.logits. Does
-   not advance *pos. Mirrors forward(). */
+   not advance *pos. Mirrors forward(); several ranks as gpu_decode. */
 static void gpu_prefill(const Model *m, int T, int all_logits) {
     const Config *c = &m->config;
-    int mix = (2 + HC) * HC, rows = all_logits ? T : 1, ranks = gpu_rank_count;
+    int mix = (2 + HC) * HC, rows = all_logits ? T : 1, ranks = gpu_rank_count, attention_split = gpu_ranks[0].attention_split;
     for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_embed(c, T);
     for (int l = 0; l < c->n_layers; l++) {
         for (int r = 0; r < ranks; r++) {
@@ -4371,14 +4463,17 @@ static void gpu_prefill(const Model *m, int T, int all_logits) {
             const GpuLayer *g = &gm->layers[l];
             gpu_hc_finish(c, T, 0, g->hc_attn_base, g->hc_attn_scale, g->attn_norm, mix);
             gpu_attention_prefill(m, l, T);
-            gpu_after_block(c, l, T, 0);
-            gpu_hc_finish(c, T, 0, g->hc_ffn_base, g->hc_ffn_scale, g->ffn_norm, mix);
-            gpu_moe_prefill(m, l, T);
-            if (ranks > 1) gpu_rank_partial(c, l, T);
+            if (attention_split) gpu_rank_partial(c, l, T, 0);
+            else gpu_moe_half_prefill(m, l, T);
+        }
+        for (int r = 0; r < ranks && attention_split; r++) {
+            gpu_use_rank(r);
+            gpu_rank_sum(c, l, T, 0);
+            gpu_moe_half_prefill(m, l, T);
         }
         for (int r = 0; r < ranks; r++) {
             gpu_use_rank(r);
-            if (ranks > 1) gpu_rank_sum(c, l, T);
+            if (ranks > 1) gpu_rank_sum(c, l, T, 1);
             gpu_after_block(c, l, T, 1);
         }
     }
@@ -4556,25 +4651,40 @@ static void gpu_moe_decode(const Model *m, int l, const GemvHc *hc) {
     gpu_gemv_parts(w2 + !shared, 1 + shared, NULL);
 }
 
+/* Layer l's MoE half for the current rank, from attention's whole block_out: the attention
+   site's mixing, the MoE, the rank's part published (several ranks). */
+static void gpu_moe_half_decode(const Model *m, int l) {
+    const Config *c = &m->config;
+    GemvHc ffn = gemv_hc_site(c, l, 0);
+    gpu_after_block(c, l, 1, 0);
+    gpu_moe_decode(m, l, &ffn);
+    if (gm->ranks > 1) gpu_rank_partial(c, l, 1, 1);
+}
+
 /* The token at tokens[0] and position *pos through the model: its logits [1, V] into
    gm->state.scratch.logits. Does not advance *pos (sample_token does). Mirrors forward() for
-   T = 1. */
+   T = 1. Several ranks: layer by layer, every rank's part of a divided sub-block before any
+   sum (attention's, where divided, then the MoE's). */
 static void gpu_decode(const Model *m) {
     const Config *c = &m->config;
-    int ranks = gpu_rank_count;
+    int ranks = gpu_rank_count, attention_split = gpu_ranks[0].attention_split;
     for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_embed(c, 1);
     for (int l = 0; l < c->n_layers; l++) {
         for (int r = 0; r < ranks; r++) {
             gpu_use_rank(r);
-            GemvHc attn = gemv_hc_site(c, l, 1), ffn = gemv_hc_site(c, l, 0);
+            GemvHc attn = gemv_hc_site(c, l, 1);
             gpu_attention_decode(m, l, &attn);
-            gpu_after_block(c, l, 1, 0);
-            gpu_moe_decode(m, l, &ffn);
-            if (ranks > 1) gpu_rank_partial(c, l, 1);
+            if (attention_split) gpu_rank_partial(c, l, 1, 0);
+            else gpu_moe_half_decode(m, l);
+        }
+        for (int r = 0; r < ranks && attention_split; r++) {
+            gpu_use_rank(r);
+            gpu_rank_sum(c, l, 1, 0);
+            gpu_moe_half_decode(m, l);
         }
         for (int r = 0; r < ranks; r++) {
             gpu_use_rank(r);
-            if (ranks > 1) gpu_rank_sum(c, l, 1);
+            if (ranks > 1) gpu_rank_sum(c, l, 1, 1);
             gpu_after_block(c, l, 1, 1);
         }
     }
@@ -4667,6 +4777,199 @@ static void gpu_replay_decode(void) {
 static void gpu_forward(const Model *m, int T, int all_logits) {
     if (T == 1) gpu_decode(m);
     else gpu_prefill(m, T, all_logits);
+}
+
+/* ================================================================ several GPUs: the split plan */
+/* How a model is to be divided over N GPUs of one host for one user's decode (gpu_load_ranks
+   loads a plan, all of it but the pipeline; --bench prints the plans of 1 to 8 GPUs,
+   bench_split). Every GPU (a rank) keeps a whole copy of what is small or needed whole by each
+   token: the embedding table, the norms and mHC parameters, the router,
+   wq_a and wkv, the compressors and the indexer, the caches (one KV head: every rank writes the
+   same entries). What is large is divided, each rank reading only its share each step:
+   - the routed experts (expert parallel): rank r holds experts [X r / N, X (r + 1) / N) of
+     every layer and computes the token's choices among them;
+   - the shared expert: blocks of 128 of its intermediate rows (w1's and w3's rows, the same
+     columns of w2);
+   - attention, when it pays (tensor parallel): whole output groups, each with its heads (wq_b's
+     rows, the sinks), its wo_a rows and its wo_b columns; a rank attends with its heads;
+   - the head: blocks of 128 rows of the vocabulary, the logits gathered before sampling.
+   After a divided sub-block each rank holds a partial sum of the output [E]; one all-reduce of
+   E floats makes it whole on every rank. The MoE always needs one; attention divided needs a
+   second, so it is divided only where the bytes that saves the busiest rank take longer to read
+   than the all-reduce takes (costs.read_bytes_per_us, costs.allreduce_us: the caller's).
+   Without peer access between the GPUs the model is divided by layers instead, for fit (a
+   pipeline: rank r holds a contiguous run of layers, about 1/N of the weights with the embedding
+   table on the first and the head on the last, and the residual streams are handed on).
+   split_plan is a pure function of the model's shapes and the costs (tests: test_split_plan). */
+
+/* Bytes of rows [first, first + count) of W as the checkpoint stores them (codes and scales;
+   FP8: the 128-row scale blocks they touch). */
+static double linear_rows_bytes(const Linear *w, int first, int count) {
+    if (count <= 0) return 0;
+    double codes = (double)count * linear_row_bytes(w);
+    Linear rows = *w;
+    rows.rows = count;
+    if (w->format == FMT_FP8) rows.rows = ((first + count + 127) / 128 - first / 128) * 128;
+    return codes + (double)linear_scale_bytes(&rows);
+}
+
+/* Bytes of `count` columns of W starting at a multiple of 128 (FP8's scale blocks). */
+static double linear_cols_bytes(const Linear *w, int count) {
+    if (count <= 0) return 0;
+    Linear cols = *w;
+    cols.cols = count;
+    return (double)w->rows * linear_row_bytes(&cols) + (double)linear_scale_bytes(&cols);
+}
+
+/* Bytes of all of W. */
+static double linear_bytes(const Linear *w) { return linear_rows_bytes(w, 0, w->rows); }
+
+/* Whether model m's attention can be divided over n GPUs by output groups: at least one group
+   each, and in every layer a group's rows of wq_b and wo_a and its columns of wo_b whole scale
+   blocks of their formats (FP8: 128 rows and 128 columns; MXFP4 and NVFP4: 32 and 16 columns). */
+static int attention_divisible(const Model *m, int n) {
+    const Config *c = &m->config;
+    int G = c->o_groups, O = c->o_lora_rank;
+    if (n > G || c->n_heads % G) return 0;
+    int rows = c->n_heads / G * c->head_dim;   /* a group's rows of wq_b */
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *L = &m->layers[l];
+        if (L->wo_b.format == FMT_F32 || rows % linear_row_block(&L->wq_b) || O % linear_row_block(&L->wo_a) ||
+            O % linear_col_block(&L->wo_b))
+            return 0;
+    }
+    return 1;
+}
+
+/* Bytes of layer l on a rank holding `share` of it (whole attention when !attention_split): the
+   bytes a step reads (its experts: K of X expected), or with `held` those it holds (every one). */
+static double layer_share_bytes(const Model *m, int l, const RankShare *share, int attention_split, int held) {
+    const Config *c = &m->config;
+    const Layer *L = &m->layers[l];
+    const Linear *list[16];
+    int n = layer_linears(L, list), G = c->o_groups, group_rows = c->n_heads / G * c->head_dim;
+    double bytes = 0;
+    for (int i = 0; i < n; i++) {
+        const Linear *w = list[i];
+        Range g = attention_split ? share->groups : (Range){0, G};
+        if (w == &L->wq_b) bytes += linear_rows_bytes(w, g.first * group_rows, g.count * group_rows);
+        else if (w == &L->wo_a) bytes += linear_rows_bytes(w, g.first * c->o_lora_rank, g.count * c->o_lora_rank);
+        else if (w == &L->wo_b) bytes += linear_cols_bytes(w, g.count * c->o_lora_rank);
+        else if (w == &L->shared_w1 || w == &L->shared_w3)
+            bytes += linear_rows_bytes(w, share->shared.first, share->shared.count);
+        else if (w == &L->shared_w2) bytes += linear_cols_bytes(w, share->shared.count);
+        else bytes += linear_bytes(w);
+    }
+    size_t device, read;
+    expert_bytes(L, &device, &read);
+    bytes += held ? (double)read * share->experts.count : (double)c->topk * read * share->experts.count / c->n_experts;
+    return bytes + 2.0 * (2 + HC) * HC * HC * c->hidden_size * 4;   /* the two mHC sites' matrices */
+}
+
+/* Weight bytes of a rank's share s of model m (attention divided or not): what a decode step
+   reads on it (held 0: the token's embedding row, its head rows, its share of every layer, the
+   routed experts expected under uniform routing) or what it holds (held 1: the embedding table
+   instead of the row, all its experts). */
+static double rank_share_bytes(const Model *m, const RankShare *s, int attention_split, int held) {
+    double bytes = (held ? (double)m->embed.nbytes : embed_row_bytes(m)) + linear_rows_bytes(&m->head, s->vocab.first, s->vocab.count);
+    for (int l = 0; l < m->config.n_layers; l++) bytes += layer_share_bytes(m, l, s, attention_split, held);
+    return bytes;
+}
+
+/* The plan for model m over n GPUs (peer_access: every pair can read the other's memory) at
+   `costs`, into *p. Returns 0 with the reason in why[size] when m cannot be divided n ways. */
+static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, SplitPlan *p, char *why, size_t size) {
+    const Config *c = &m->config;
+    int L = c->n_layers, X = c->n_experts, V = c->vocab_size;
+    memset(p, 0, sizeof *p);
+    if (n < 1 || n > GPUS_MAX) return snprintf(why, size, "%d GPUs: from 1 to %d", n, GPUS_MAX), 0;
+    if (peer_access ? n > X : n > L)
+        return snprintf(why, size, "%d GPUs for %d %s: at least one each", n, peer_access ? X : L,
+                        peer_access ? "routed experts a layer" : "layers"), 0;
+    if (n > 1 && !(costs.read_bytes_per_us > 0 && costs.allreduce_us >= 0))
+        return snprintf(why, size, "split costs: a read rate of %g bytes a us and all-reduces of %g us", costs.read_bytes_per_us,
+                        costs.allreduce_us), 0;
+    p->n = n;
+    p->pipeline = n > 1 && !peer_access;
+    double head = linear_bytes(&m->head), embed_row = embed_row_bytes(m);
+    if (p->pipeline) {   /* layer l goes to the rank the midpoint of its held bytes falls in */
+        RankShare all = {{0, X}, {0, c->o_groups}, {0, c->moe_inter}, {0, V}, {0, L}, 0, 0};
+        double embed = (double)m->embed.nbytes, total = embed + head, before = embed;
+        for (int l = 0; l < L; l++) total += layer_share_bytes(m, l, &all, 0, 1);
+        for (int r = 0; r < n; r++) p->rank[r] = all, p->rank[r].layers = (Range){L, 0};
+        for (int l = 0; l < L; l++) {
+            double held = layer_share_bytes(m, l, &all, 0, 1);
+            int r = (int)((before + held / 2) * n / total);
+            RankShare *s = &p->rank[r < n ? r : n - 1];
+            if (!s->layers.count) s->layers.first = l;
+            s->layers.count++;
+            s->read_bytes += layer_share_bytes(m, l, &all, 0, 0);
+            s->held_bytes += held;
+            before += held;
+        }
+        for (int r = 0; r < n; r++)
+            if (!p->rank[r].layers.count) return snprintf(why, size, "%d GPUs: GPU %d would get no layer", n, r), 0;
+        p->rank[0].read_bytes += embed_row, p->rank[0].held_bytes += embed;
+        p->rank[n - 1].read_bytes += head, p->rank[n - 1].held_bytes += head;
+        for (int r = 0; r < n - 1; r++) p->rank[r].vocab = (Range){V, 0};
+        return 1;
+    }
+    for (int r = 0; r < n; r++) {
+        RankShare *s = &p->rank[r];
+        s->experts = split_range(X, 1, r, n);
+        s->groups = attention_divisible(m, n) ? split_range(c->o_groups, 1, r, n) : (Range){0, c->o_groups};
+        s->shared = split_range(c->moe_inter, SPLIT_BLOCK, r, n);
+        s->vocab = split_range(V, SPLIT_BLOCK, r, n);
+        s->layers = (Range){0, L};
+    }
+    /* attention divided: what it saves the busiest rank against the second all-reduce */
+    if (n > 1 && attention_divisible(m, n)) {
+        double busiest_whole = 0, busiest_divided = 0;   /* the busiest rank's bytes with attention whole, divided */
+        for (int r = 0; r < n; r++) {
+            double whole = 0, divided = 0;
+            for (int l = 0; l < L; l++) {
+                whole += layer_share_bytes(m, l, &p->rank[r], 0, 0);
+                divided += layer_share_bytes(m, l, &p->rank[r], 1, 0);
+            }
+            busiest_whole = whole > busiest_whole ? whole : busiest_whole;
+            busiest_divided = divided > busiest_divided ? divided : busiest_divided;
+        }
+        p->saved_us = (busiest_whole - busiest_divided) / costs.read_bytes_per_us;
+        p->attention_split = p->saved_us > L * costs.allreduce_us;
+    }
+    for (int r = 0; r < n; r++) {
+        RankShare *s = &p->rank[r];
+        if (!p->attention_split) s->groups = (Range){0, c->o_groups};
+        s->read_bytes = rank_share_bytes(m, s, p->attention_split, 0);
+        s->held_bytes = rank_share_bytes(m, s, p->attention_split, 1);
+    }
+    p->allreduces = n > 1 ? L * (1 + p->attention_split) : 0;
+    return 1;
+}
+
+/* The costs a load plans with (split_plan): an H100's streaming read (docs/GPU.md: 3.09 TB/s),
+   and all-reduces of E floats of the order of NCCL's small all-reduce over NVLink (not measured:
+   no several-GPU machine yet). */
+#define SPLIT_READ_BYTES_PER_US 3.0e6
+#define SPLIT_ALLREDUCE_US 10.0
+
+/* Plan p in words: the GPUs' shares (counts joined by +) and the busiest GPU's bytes. */
+static void split_line(const Model *m, const SplitPlan *p, char *out, size_t n) {
+    char experts[96] = "", groups[64] = "";
+    for (int r = 0; r < p->n; r++) {
+        size_t e = strlen(experts), g = strlen(groups);
+        snprintf(experts + e, sizeof experts - e, "%s%d", r ? "+" : "", p->rank[r].experts.count);
+        snprintf(groups + g, sizeof groups - g, "%s%d", r ? "+" : "", p->rank[r].groups.count);
+    }
+    double read = 0, held = 0;
+    for (int r = 0; r < p->n; r++) {
+        read = p->rank[r].read_bytes > read ? p->rank[r].read_bytes : read;
+        held = p->rank[r].held_bytes > held ? p->rank[r].held_bytes : held;
+    }
+    snprintf(out, n, "divided over %d GPUs: routed experts %s of %d a layer, the shared expert's and the head's rows in "
+             "blocks of %d, attention %s%s; the busiest GPU holds %.2f GB of weights and reads %.2f GB a token", p->n,
+             experts, m->config.n_experts, SPLIT_BLOCK, p->attention_split ? "by output groups " : "whole on each GPU",
+             p->attention_split ? groups : "", held / 1e9, read / 1e9);
 }
 
 /* ============================================================================== generation */
@@ -5177,7 +5480,16 @@ static int gpu_default_count(const Model *m, int T, int C, int all_logits) {
 
 static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
     int gpus = gpu_budget.gpus ? gpu_budget.gpus : gpu_default_count(m, T, C, all_logits);
-    double seconds = gpu_load_ranks(m, T, C, all_logits, &gpu_budget, gpus);
+    SplitPlan plan;
+    char why[256];
+    if (!split_plan(m, gpus, 1, (SplitCosts){SPLIT_READ_BYTES_PER_US, SPLIT_ALLREDUCE_US}, &plan, why, sizeof why))
+        fatal("the model cannot be divided over %d GPUs: %s", gpus, why);
+    double seconds = gpu_load_ranks(m, T, C, all_logits, &gpu_budget, &plan);
+    if (gpus > 1) {
+        char split[320];
+        split_line(m, &plan, split, sizeof split);
+        say("%s", split);
+    }
     gpu_seed(rng);
     char line[320];
     gpu_placement_line(line, sizeof line);
@@ -5551,193 +5863,6 @@ static void perplexity(const Backend *run, const Model *m, State *s, const int *
     write_stdout(line, (size_t)length, 1);
 }
 
-/* ================================================================ several GPUs: the split plan */
-/* How a model is to be divided over N GPUs of one host for one user's decode (gpu_load_ranks
-   runs all of it but attention's division and the pipeline; --bench prints the plan,
-   bench_split). Every GPU (a rank) keeps a whole copy of what is small
-   or needed whole by each token: the embedding table, the norms and mHC parameters, the router,
-   wq_a and wkv, the compressors and the indexer, the caches (one KV head: every rank writes the
-   same entries). What is large is divided, each rank reading only its share each step:
-   - the routed experts (expert parallel): rank r holds experts [X r / N, X (r + 1) / N) of
-     every layer and computes the token's choices among them;
-   - the shared expert: blocks of 128 of its intermediate rows (w1's and w3's rows, the same
-     columns of w2);
-   - attention, when it pays (tensor parallel): whole output groups, each with its heads (wq_b's
-     rows, the sinks), its wo_a rows and its wo_b columns; a rank attends with its heads;
-   - the head: blocks of 128 rows of the vocabulary, the logits gathered before sampling.
-   After a divided sub-block each rank holds a partial sum of the output [E]; one all-reduce of
-   E floats makes it whole on every rank. The MoE always needs one; attention divided needs a
-   second, so it is divided only where the bytes that saves the busiest rank take longer to read
-   than the all-reduce takes (costs.read_bytes_per_us, costs.allreduce_us: the caller's).
-   Without peer access between the GPUs the model is divided by layers instead, for fit (a
-   pipeline: rank r holds a contiguous run of layers, about 1/N of the weights with the embedding
-   table on the first and the head on the last, and the residual streams are handed on).
-   split_plan is a pure function of the model's shapes and the costs (tests: test_split_plan). */
-
-
-/* One GPU's share of the model. */
-typedef struct {
-    Range experts;       /* routed experts of every layer it holds */
-    Range groups;        /* attention's output groups it computes (all of them when attention is whole) */
-    Range shared;        /* the shared expert's intermediate rows */
-    Range vocab;         /* the head's rows: the logits it computes */
-    Range layers;        /* the layers it runs (all but in a pipeline) */
-    double read_bytes;   /* weight bytes a decode step reads on it; the routed experts' expected
-                            under uniform routing (K of X experts a layer) */
-    double held_bytes;   /* weight bytes it holds (the checkpoint's): its share of its layers with
-                            all its experts, the embedding table (every GPU; a pipeline's first),
-                            its head rows */
-} RankShare;
-
-typedef struct {
-    double read_bytes_per_us;   /* one GPU's streaming read */
-    double allreduce_us;        /* an all-reduce of E floats over the N GPUs */
-} SplitCosts;
-
-typedef struct {
-    int n;                   /* GPUs */
-    int pipeline;            /* 1: divided by layers (no peer access) */
-    int attention_split;     /* 1: attention divided by output groups */
-    int allreduces;          /* all-reduces of E floats a decode step (the logits' gather aside) */
-    double saved_us;         /* dividing attention: read time it saves the busiest rank a step */
-    RankShare rank[GPUS_MAX];
-} SplitPlan;
-
-/* Bytes of rows [first, first + count) of W as the checkpoint stores them (codes and scales;
-   FP8: the 128-row scale blocks they touch). */
-static double linear_rows_bytes(const Linear *w, int first, int count) {
-    if (count <= 0) return 0;
-    double codes = (double)count * linear_row_bytes(w);
-    Linear rows = *w;
-    rows.rows = count;
-    if (w->format == FMT_FP8) rows.rows = ((first + count + 127) / 128 - first / 128) * 128;
-    return codes + (double)linear_scale_bytes(&rows);
-}
-
-/* Bytes of `count` columns of W starting at a multiple of 128 (FP8's scale blocks). */
-static double linear_cols_bytes(const Linear *w, int count) {
-    if (count <= 0) return 0;
-    Linear cols = *w;
-    cols.cols = count;
-    return (double)w->rows * linear_row_bytes(&cols) + (double)linear_scale_bytes(&cols);
-}
-
-/* Bytes of all of W. */
-static double linear_bytes(const Linear *w) { return linear_rows_bytes(w, 0, w->rows); }
-
-/* Whether attention can be divided over n GPUs by output groups: at least one group each, and
-   every group's wq_b rows and wo_b columns whole 128-blocks (FP8's scale blocks). */
-static int attention_divisible(const Config *c, int n) {
-    int G = c->o_groups, rows = c->n_heads / G * c->head_dim;
-    return n <= G && c->n_heads % G == 0 && rows % SPLIT_BLOCK == 0 && c->o_lora_rank % SPLIT_BLOCK == 0;
-}
-
-/* Bytes of layer l on a rank holding `share` of it (whole attention when !attention_split): the
-   bytes a step reads (its experts: K of X expected), or with `held` those it holds (every one). */
-static double layer_share_bytes(const Model *m, int l, const RankShare *share, int attention_split, int held) {
-    const Config *c = &m->config;
-    const Layer *L = &m->layers[l];
-    const Linear *list[16];
-    int n = layer_linears(L, list), G = c->o_groups, group_rows = c->n_heads / G * c->head_dim;
-    double bytes = 0;
-    for (int i = 0; i < n; i++) {
-        const Linear *w = list[i];
-        Range g = attention_split ? share->groups : (Range){0, G};
-        if (w == &L->wq_b) bytes += linear_rows_bytes(w, g.first * group_rows, g.count * group_rows);
-        else if (w == &L->wo_a) bytes += linear_rows_bytes(w, g.first * c->o_lora_rank, g.count * c->o_lora_rank);
-        else if (w == &L->wo_b) bytes += linear_cols_bytes(w, g.count * c->o_lora_rank);
-        else if (w == &L->shared_w1 || w == &L->shared_w3)
-            bytes += linear_rows_bytes(w, share->shared.first, share->shared.count);
-        else if (w == &L->shared_w2) bytes += linear_cols_bytes(w, share->shared.count);
-        else bytes += linear_bytes(w);
-    }
-    size_t device, read;
-    expert_bytes(L, &device, &read);
-    bytes += held ? (double)read * share->experts.count : (double)c->topk * read * share->experts.count / c->n_experts;
-    return bytes + 2.0 * (2 + HC) * HC * HC * c->hidden_size * 4;   /* the two mHC sites' matrices */
-}
-
-/* Weight bytes of a rank's share s of model m (attention divided or not): what a decode step
-   reads on it (held 0: the token's embedding row, its head rows, its share of every layer, the
-   routed experts expected under uniform routing) or what it holds (held 1: the embedding table
-   instead of the row, all its experts). */
-static double rank_share_bytes(const Model *m, const RankShare *s, int attention_split, int held) {
-    double bytes = (held ? (double)m->embed.nbytes : embed_row_bytes(m)) + linear_rows_bytes(&m->head, s->vocab.first, s->vocab.count);
-    for (int l = 0; l < m->config.n_layers; l++) bytes += layer_share_bytes(m, l, s, attention_split, held);
-    return bytes;
-}
-
-/* The plan for model m over n GPUs (peer_access: every pair can read the other's memory) at
-   `costs`, into *p. Returns 0 with the reason in why[size] when m cannot be divided n ways. */
-static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, SplitPlan *p, char *why, size_t size) {
-    const Config *c = &m->config;
-    int L = c->n_layers, X = c->n_experts, V = c->vocab_size;
-    memset(p, 0, sizeof *p);
-    if (n < 1 || n > GPUS_MAX) return snprintf(why, size, "%d GPUs: from 1 to %d", n, GPUS_MAX), 0;
-    if (peer_access ? n > X : n > L)
-        return snprintf(why, size, "%d GPUs for %d %s: at least one each", n, peer_access ? X : L,
-                        peer_access ? "routed experts a layer" : "layers"), 0;
-    if (n > 1 && !(costs.read_bytes_per_us > 0 && costs.allreduce_us >= 0))
-        return snprintf(why, size, "split costs: a read rate of %g bytes a us and all-reduces of %g us", costs.read_bytes_per_us,
-                        costs.allreduce_us), 0;
-    p->n = n;
-    p->pipeline = n > 1 && !peer_access;
-    double head = linear_bytes(&m->head), embed_row = embed_row_bytes(m);
-    if (p->pipeline) {   /* layer l goes to the rank the midpoint of its held bytes falls in */
-        RankShare all = {{0, X}, {0, c->o_groups}, {0, c->moe_inter}, {0, V}, {0, L}, 0, 0};
-        double embed = (double)m->embed.nbytes, total = embed + head, before = embed;
-        for (int l = 0; l < L; l++) total += layer_share_bytes(m, l, &all, 0, 1);
-        for (int r = 0; r < n; r++) p->rank[r] = all, p->rank[r].layers = (Range){L, 0};
-        for (int l = 0; l < L; l++) {
-            double held = layer_share_bytes(m, l, &all, 0, 1);
-            int r = (int)((before + held / 2) * n / total);
-            RankShare *s = &p->rank[r < n ? r : n - 1];
-            if (!s->layers.count) s->layers.first = l;
-            s->layers.count++;
-            s->read_bytes += layer_share_bytes(m, l, &all, 0, 0);
-            s->held_bytes += held;
-            before += held;
-        }
-        for (int r = 0; r < n; r++)
-            if (!p->rank[r].layers.count) return snprintf(why, size, "%d GPUs: GPU %d would get no layer", n, r), 0;
-        p->rank[0].read_bytes += embed_row, p->rank[0].held_bytes += embed;
-        p->rank[n - 1].read_bytes += head, p->rank[n - 1].held_bytes += head;
-        for (int r = 0; r < n - 1; r++) p->rank[r].vocab = (Range){V, 0};
-        return 1;
-    }
-    for (int r = 0; r < n; r++) {
-        RankShare *s = &p->rank[r];
-        s->experts = split_range(X, 1, r, n);
-        s->groups = attention_divisible(c, n) ? split_range(c->o_groups, 1, r, n) : (Range){0, c->o_groups};
-        s->shared = split_range(c->moe_inter, SPLIT_BLOCK, r, n);
-        s->vocab = split_range(V, SPLIT_BLOCK, r, n);
-        s->layers = (Range){0, L};
-    }
-    /* attention divided: what it saves the busiest rank against the second all-reduce */
-    if (n > 1 && attention_divisible(c, n)) {
-        double busiest_whole = 0, busiest_divided = 0;   /* the busiest rank's bytes with attention whole, divided */
-        for (int r = 0; r < n; r++) {
-            double whole = 0, divided = 0;
-            for (int l = 0; l < L; l++) {
-                whole += layer_share_bytes(m, l, &p->rank[r], 0, 0);
-                divided += layer_share_bytes(m, l, &p->rank[r], 1, 0);
-            }
-            busiest_whole = whole > busiest_whole ? whole : busiest_whole;
-            busiest_divided = divided > busiest_divided ? divided : busiest_divided;
-        }
-        p->saved_us = (busiest_whole - busiest_divided) / costs.read_bytes_per_us;
-        p->attention_split = p->saved_us > L * costs.allreduce_us;
-    }
-    for (int r = 0; r < n; r++) {
-        RankShare *s = &p->rank[r];
-        if (!p->attention_split) s->groups = (Range){0, c->o_groups};
-        s->read_bytes = rank_share_bytes(m, s, p->attention_split, 0);
-        s->held_bytes = rank_share_bytes(m, s, p->attention_split, 1);
-    }
-    p->allreduces = n > 1 ? L * (1 + p->attention_split) : 0;
-    return 1;
-}
-
 /* ============================================================================ benchmark */
 /* `nvfp4 --bench` times the GPU path on a model of V4-Flash's real shapes and formats with
    random weights made on the GPU (no checkpoint needed): FP8 attention and shared expert,
@@ -6024,9 +6149,7 @@ static void bench_skewed(const Model *m, int steps) {
 
 /* The split plan of `shape`'s whole model over 1, 2, 4 and 8 GPUs (split_plan, GPUs with peer
    access reading at this run's streaming rate, all-reduces taken as SPLIT_ALLREDUCE_US): the
-   busiest GPU's bytes read a token and weights held. A plan, printed as one: several GPUs do not
-   run yet. */
-#define SPLIT_ALLREDUCE_US 10.0   /* not measured here (one GPU): NCCL's small all-reduce over NVLink is of this order */
+   busiest GPU's bytes read a token and weights held, as --gpus N divides the model. */
 static void bench_split(ModelShape shape, double stream_gbs) {
     Model whole;
     bench_model(&whole, shape, shape_layers[shape], 0, 129280);
@@ -6045,7 +6168,7 @@ static void bench_split(ModelShape shape, double stream_gbs) {
     }
     char divided[32] = "never";
     if (divided_from) snprintf(divided, sizeof divided, "from %d GPUs on", divided_from);
-    printf("split    planned (--gpus divides all but attention yet): the busiest of 1/2/4/8 GPUs reads %.2f / %.2f / "
+    printf("split    planned (as --gpus divides it): the busiest of 1/2/4/8 GPUs reads %.2f / %.2f / "
            "%.2f / %.2f GB a token and holds %.1f / %.1f / %.1f / %.1f GB of weights; attention divided %s (all-reduces "
            "taken as %.0f us)\n", read[0] / 1e9, read[1] / 1e9, read[2] / 1e9, read[3] / 1e9, held[0] / 1e9, held[1] / 1e9,
            held[2] / 1e9, held[3] / 1e9, divided, SPLIT_ALLREDUCE_US);
@@ -6086,13 +6209,20 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
     GpuBudget budget = {.device_cap = gpu_mem, .gpus = gpus};
     /* several GPUs: each rank fills its copy of the weights with its own random numbers (its
        values mean nothing); what each reads and launches, the step's time, is the real one's */
-    double upload = gpu_load_ranks(&m, chunk, ctx, 0, &budget, gpus ? gpus : 1);
+    SplitPlan plan;
+    if (!split_plan(&m, gpus ? gpus : 1, 1, (SplitCosts){stream_gbs * 1e3, SPLIT_ALLREDUCE_US}, &plan, why, sizeof why))
+        fatal("--gpus %d: %s", gpus, why);
+    double upload = gpu_load_ranks(&m, chunk, ctx, 0, &budget, &plan);
     gpu_placement_line(line, sizeof line);
     char names[300];
     gpu_names(names, sizeof names);
     printf("nvfp4 --bench on %s (%d SMs, driver %d.%d), commit %s: %s shapes, %d layers, random weights "
            "made in %.1f s: %s\n", names, gpu->sm_count, gpu->driver_version / 1000, gpu->driver_version % 1000 / 10,
            NVFP4_COMMIT, shape_names[shape], layers, upload, line);
+    if (plan.n > 1) {
+        split_line(&m, &plan, line, sizeof line);
+        printf("gpus     %s\n", line);
+    }
 
     /* prefill: random tokens in chunks of 2048 */
     uint64_t rng = 99;
@@ -6135,10 +6265,8 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
     double weights, cache;
     bench_bytes(&m, position, &weights, &cache);
     int busiest = 0;   /* several GPUs: the one reading most (its shares, counted as the split plan counts them) */
-    for (int r = 0; r < gpu_rank_count && gpu_rank_count > 1; r++) {
-        const GpuModel *g = &gpu_ranks[r];
-        RankShare share = {g->experts, {0, c->o_groups}, g->shared, g->vocab, {0, layers}, 0, 0};
-        double read = rank_share_bytes(&m, &share, 0, 0);
+    for (int r = 0; r < plan.n && plan.n > 1; r++) {
+        double read = rank_share_bytes(&m, &plan.rank[r], plan.attention_split, 0);
         if (r == 0 || read > weights) weights = read, busiest = r;
     }
     double device_bytes = weights + cache - host_bytes, layer_ms = (ms - head_ms) / layers;

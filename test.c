@@ -13,6 +13,7 @@
 
 #ifndef NVFP4_BIN
 #define NVFP4_BIN "./nvfp4"   /* the command-line binary the CLI tests run */
+#define SHIPPED_MODEL "models/v4-small"   /* the model the repository ships (the shipped model's tests) */
 #endif
 
 static int passed, failed;
@@ -4601,6 +4602,69 @@ static void test_shared_expert_division(void) {
     }
 }
 
+/* Attention divided by output groups as gpu_load_ranks divides it (layer_attention_share: each
+   rank its groups' wq_b rows and sinks, wo_a rows and wo_b columns, attending with its heads)
+   adds up to the whole block output (rank_sum's sum; to float rounding), on every layer of the
+   shipped model (sliding, CSA and HCA) over 2 ranks, for a chunk and then single tokens that
+   read what the chunk cached; attention_divisible refuses what cannot be divided so. */
+static void test_attention_division(void) {
+    Model m;
+    load_model(&m, SHIPPED_MODEL);
+    const Config *c = &m.config;
+    int L = c->n_layers, E = c->hidden_size, n = 2, C = 32, chunks[3] = {6, 1, 1};
+    Model rank[2];
+    State whole, part[2];
+    alloc_state(&whole, c, 8, C, 0);
+    for (int r = 0; r < n; r++) {
+        Range g = split_range(c->o_groups, 1, r, n);
+        rank[r] = m;
+        rank[r].config.n_heads = g.count * (c->n_heads / c->o_groups), rank[r].config.o_groups = g.count;
+        rank[r].layers = xcalloc((size_t)L, sizeof(Layer));
+        for (int l = 0; l < L; l++) rank[r].layers[l] = layer_attention_share(c, &m.layers[l], g, 0);
+        alloc_state(&part[r], c, 8, C, 0);
+    }
+    float *x = xcalloc((size_t)8 * E, sizeof(float)), *sum = xcalloc((size_t)8 * E, sizeof(float)), worst = 0;
+    int kinds = 0, pos = 0;
+    for (int i = 0; i < 3; i++) {
+        int T = chunks[i];
+        for (int l = 0; l < L; l++) {
+            for (size_t k = 0; k < (size_t)T * E; k++) x[k] = uniform(-1, 1);
+            memcpy(whole.scratch.x, x, (size_t)T * E * sizeof(float));
+            attention(&m, &whole, l, T, pos);
+            memset(sum, 0, (size_t)T * E * sizeof(float));
+            for (int r = 0; r < n; r++) {
+                memcpy(part[r].scratch.x, x, (size_t)T * E * sizeof(float));
+                attention(&rank[r], &part[r], l, T, pos);
+                for (size_t k = 0; k < (size_t)T * E; k++) sum[k] += part[r].scratch.block_out[k];
+            }
+            float err = relative_error(sum, whole.scratch.block_out, (size_t)T * E);
+            worst = err > worst ? err : worst;
+            kinds |= 1 << c->attn_kind[l];
+        }
+        pos += T;
+    }
+    CHECK(worst < 1e-5f && kinds == 7, "%s's attention divided over 2 ranks by output groups: the parts add up to the "
+          "whole block output within %.2e (every layer: sliding, CSA and HCA; a chunk, then single tokens)", SHIPPED_MODEL,
+          worst);
+    printf("  %s's attention over 2 ranks by output groups: the parts add up to the whole within %.2e\n", SHIPPED_MODEL, worst);
+    Config narrow = *c;   /* 2 groups over 3 GPUs; FP8 groups of 64 rows */
+    int over_three = attention_divisible(&m, 3), two = attention_divisible(&m, 2);
+    m.config.o_lora_rank = 64;
+    int fp8_blocks = attention_divisible(&m, 2);
+    m.config = narrow;
+    CHECK(two && !over_three && !fp8_blocks, "attention_divisible: %s over 2 GPUs yes (%d), over 3 no (%d), with FP8 "
+          "groups of 64 rows no (%d)", SHIPPED_MODEL, two, over_three, fp8_blocks);
+    for (int r = 0; r < n; r++) {
+        for (int l = 0; l < L; l++) free((void *)rank[r].layers[l].wo_b.weight), free((void *)rank[r].layers[l].wo_b.scale);
+        free(rank[r].layers);
+        free_state(&part[r]);
+    }
+    free_state(&whole);
+    free(x);
+    free(sum);
+    free_model(&m);
+}
+
 /* The CPU state, position and chunk tokens onto the GPU. */
 static void gpu_state_in(const State *s, const int *tokens, int T) {
     int pos = s->pos;
@@ -5053,8 +5117,7 @@ static void test_gpu_model(const char *dir, int chunk) {
 /* ------------------------------------------------------------------------- the shipped model */
 /* models/v4-small (tools/train_model.py, 22.9M parameters trained on the public-domain corpus
    of tools/build_corpus.py, NVFP4 experts and FP8 attention by tools/export_model.py) must
-   keep doing what README.md and docs/v4-small.md show. */
-#define SHIPPED_MODEL "models/v4-small"
+   keep doing what README.md and docs/v4-small.md show (SHIPPED_MODEL, at the top). */
 /* its recorded greedy continuation (the CPU path, 24 tokens) of the README's prompt */
 #define SHIPPED_GREEDY_RUN SHIPPED_MODEL " \"It is a truth universally acknowledged\" -n 24 --temp 0"
 static const char shipped_greedy[] =
@@ -5257,29 +5320,44 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
     free_model(&m);
 }
 
-/* Several GPUs' code on one (issue 19's first step): the model divided over 2 and 3 ranks on
-   this GPU, each holding its share of the routed experts (gemv_ranked and the prefill's GEMMs
-   skip the others'), of the shared expert's rows and of the head's, the MoE's parts summed
-   (rank_partial, rank_sum) and the logits gathered (rank_gather) across the ranks, gives the
-   one-rank run's logits (to float rounding: the sum's order differs) and the same greedy
-   tokens, prefill and decode; every rank ends with the same logits; each rank holds exactly its
-   experts and less than the whole model. */
+/* Several GPUs' code on one: the model divided over 2 and 3 ranks on this GPU, each holding its
+   share of the routed experts (gemv_ranked and the prefill's GEMMs skip the others'), of the
+   shared expert's rows and of the head's, and where the model's attention can be divided over
+   them, once more with attention divided by output groups (each rank its groups' heads, wq_b,
+   wo_a and wo_b; its part summed like the MoE's), the parts summed (rank_partial, rank_sum)
+   and the logits gathered (rank_gather) across the ranks, gives the one-rank run's logits (to
+   float rounding: the sums' order differs) and the same greedy tokens, prefill and decode;
+   every rank ends with the same logits; each rank holds exactly its share and less than the
+   whole model. */
 static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
     Model m;
     load_model(&m, dir);
     const Config *c = &m.config;
-    int V = c->vocab_size, L = c->n_layers, X = c->n_experts, tokens[3][64], counts[3] = {1, 2, 3};
+    int V = c->vocab_size, L = c->n_layers, X = c->n_experts, tokens[5][64], heads = c->n_heads / c->o_groups;
+    const struct { int ranks, divide; } runs[5] = {{1, 0}, {2, 0}, {3, 0}, {2, 1}, {3, 1}};
+    SplitCosts whole_attention = {3e6, 1e30}, divided_attention = {1, 0};   /* all-reduces dear, free */
     int *ids = xcalloc((size_t)n_prompt, sizeof(int));
     for (int i = 0; i < n_prompt; i++) ids[i] = 2 + (int)(random_u32(&test_rng) % (unsigned)(V - 2));
     size_t rows = (size_t)n_prompt + steps, whole = 0;
-    float *logits[3], *last = xcalloc((size_t)V, sizeof(float));
-    for (int run = 0; run < 3; run++) {
-        int ranks = counts[run], sizes_right = 1, ranks_agree = 1;
-        gpu_load_ranks(&m, T, n_prompt + steps + 8, 1, NULL, ranks);
+    float *logits[5] = {0}, *last = xcalloc((size_t)V, sizeof(float));
+    char why[256] = "";
+    for (int run = 0; run < 5; run++) {
+        int ranks = runs[run].ranks, sizes_right = 1, ranks_agree = 1;
+        SplitPlan plan;
+        if (runs[run].divide && !attention_divisible(&m, ranks)) {
+            printf("  %s over %d ranks with attention divided: skipped (its %d output groups cannot be divided so)\n", dir,
+                   ranks, c->o_groups);
+            continue;
+        }
+        int planned = split_plan(&m, ranks, 1, runs[run].divide ? divided_attention : whole_attention, &plan, why, sizeof why);
+        CHECK(planned && plan.attention_split == runs[run].divide, "%s: the plan of %d ranks, attention %s (%s)", dir, ranks,
+              runs[run].divide ? "divided" : "whole", why);
+        if (!planned || plan.attention_split != runs[run].divide) continue;
+        gpu_load_ranks(&m, T, n_prompt + steps + 8, 1, NULL, &plan);
         logits[run] = xcalloc(rows * V, sizeof(float));
         gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
         if (run == 0) whole = gpu_ranks[0].plan.total;
-        for (int r = 0; r < ranks && run; r++) {   /* exactly its experts held, fewer bytes; the same last logits */
+        for (int r = 0; r < ranks && run; r++) {   /* exactly its share held, fewer bytes; the same last logits */
             const GpuModel *g = &gpu_ranks[r];
             for (int l = 0; l < L; l++)
                 for (int e = 0; e < X; e++) {
@@ -5293,6 +5371,11 @@ static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
             int shared = r ? gpu_ranks[r - 1].shared.first + gpu_ranks[r - 1].shared.count : 0;   /* tiling [0, I) */
             sizes_right &= g->shared.first == shared && g->layers[0].shared_w1.rows == g->shared.count &&
                            (r < ranks - 1 || shared + g->shared.count == c->moe_inter);
+            int group = r && runs[run].divide ? gpu_ranks[r - 1].groups.first + gpu_ranks[r - 1].groups.count : 0;   /* tiling [0, G) */
+            int groups = runs[run].divide ? g->groups.count : c->o_groups;
+            sizes_right &= g->attention_split == runs[run].divide && g->groups.first == group && groups > 0 &&
+                           g->layers[0].wq_b.rows == groups * heads * c->head_dim && g->layers[0].wo_a.rows == groups * c->o_lora_rank &&
+                           g->layers[0].wo_b.cols == groups * c->o_lora_rank && (r < ranks - 1 || group + groups == c->o_groups);
             gpu_download(last, DEV(g->state.scratch.logits), (size_t)V * sizeof(float));
             ranks_agree &= !memcmp(last, logits[run] + (rows - 1) * V, (size_t)V * sizeof(float));
         }
@@ -5300,13 +5383,15 @@ static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
         if (!run) continue;
         float err = relative_error(logits[run], logits[0], rows * V);
         int ok = err < 1e-4f && !memcmp(tokens[run], tokens[0], (size_t)steps * sizeof(int)) && sizes_right && ranks_agree;
+        const char *attention = runs[run].divide ? "attention divided" : "attention whole";
         CHECK(ok,
-              "%s divided over %d ranks on one GPU: logits within %.2e of one rank's (%zu rows), the same %d greedy "
-              "tokens, every rank the same logits, each rank holding exactly its share of the experts", dir, ranks, err,
-              rows, steps);
-        if (ok) printf("  %s over %d ranks on one GPU: logits within %.2e of one rank's, the same greedy tokens\n", dir, ranks, err);
+              "%s divided over %d ranks on one GPU, %s: logits within %.2e of one rank's (%zu rows), the same %d greedy "
+              "tokens, every rank the same logits, each rank holding exactly its share", dir, ranks, attention, err, rows, steps);
+        if (ok)
+            printf("  %s over %d ranks on one GPU, %s: logits within %.2e of one rank's, the same greedy tokens\n", dir, ranks,
+                   attention, err);
     }
-    for (int run = 0; run < 3; run++) free(logits[run]);
+    for (int run = 0; run < 5; run++) free(logits[run]);
     free(last);
     free(ids);
     free_model(&m);
@@ -5537,6 +5622,7 @@ int main(void) {
     test_split_plan();
     test_linear_division();
     test_shared_expert_division();
+    test_attention_division();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

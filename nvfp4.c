@@ -175,6 +175,12 @@ static char *read_file(const char *path, size_t *size) {
     return buf;
 }
 
+/* qsort order of floats, ascending. */
+static int compare_float(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? -1 : x > y;
+}
+
 /* Monotonic time in seconds, for the stats. */
 static double now_seconds(void) {
     struct timespec ts;
@@ -1747,10 +1753,11 @@ static int sample(Sampler *s, const float *logits, int V) {
    libcuda.so.1 is opened with dlopen at run time, so the same binary starts, and runs the CPU
    path, where no driver or no GPU exists. `make` assembles kernels.ptx with ptxas for sm_90a
    and embeds the cubin (build/kernels_cubin.h, compiled in with -DNVFP4_GPU); a binary built
-   where ptxas was missing has no kernels and says so. One context, one non-default stream;
-   every driver call goes through CU_CHECK, which names the call, file:line and the driver's
-   error. The types below are the driver's (cuda.h of CUDA 13.0), declared here so that the
-   build needs no CUDA headers. */
+   where ptxas was missing has no kernels and says so. Each GPU: its primary context, one
+   non-default stream; several GPUs sum their parts through peer memory or NCCL (libnccl.so.2,
+   dlopen too: see "NCCL"). Every driver call goes through CU_CHECK, which names the call,
+   file:line and the driver's error. The types below are the driver's (cuda.h of CUDA 13.0),
+   declared here so that the build needs no CUDA headers. */
 #include <dlfcn.h>
 
 typedef int CUresult;                        /* 0 = CUDA_SUCCESS */
@@ -1804,8 +1811,8 @@ static struct {
     CUresult (*cuDeviceGet)(CUdevice *device, int ordinal);
     CUresult (*cuDeviceGetName)(char *name, int len, CUdevice device);
     CUresult (*cuDeviceGetAttribute)(int *value, int attribute, CUdevice device);
-    CUresult (*cuCtxCreate)(CUcontext *ctx, unsigned flags, CUdevice device);
-    CUresult (*cuCtxDestroy)(CUcontext ctx);
+    CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *ctx, CUdevice device);
+    CUresult (*cuDevicePrimaryCtxRelease)(CUdevice device);
     CUresult (*cuCtxSetCurrent)(CUcontext ctx);
     CUresult (*cuDeviceCanAccessPeer)(int *can, CUdevice device, CUdevice peer);
     CUresult (*cuCtxEnablePeerAccess)(CUcontext peer, unsigned flags);
@@ -1850,8 +1857,8 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuDeviceGet, "cuDeviceGet"),
     CU_SYMBOL(cuDeviceGetName, "cuDeviceGetName"),
     CU_SYMBOL(cuDeviceGetAttribute, "cuDeviceGetAttribute"),
-    CU_SYMBOL(cuCtxCreate, "cuCtxCreate_v2"),   /* cuda.h 13 maps cuCtxCreate to _v4 (extra params struct); _v2 is the plain one */
-    CU_SYMBOL(cuCtxDestroy, "cuCtxDestroy_v2"),
+    CU_SYMBOL(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain"),
+    CU_SYMBOL(cuDevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease_v2"),
     CU_SYMBOL(cuCtxSetCurrent, "cuCtxSetCurrent"),
     CU_SYMBOL(cuDeviceCanAccessPeer, "cuDeviceCanAccessPeer"),
     CU_SYMBOL(cuCtxEnablePeerAccess, "cuCtxEnablePeerAccess"),
@@ -2284,14 +2291,92 @@ static void cu_check(CUresult r, const char *call, const char *file, int line) {
     fatal("%s:%d: %s failed%s: %s (%d)", file, line, call, which, name, r);
 }
 
+/* ------------------------------------------------------------------------------------ NCCL */
+/* Several GPUs sum their parts (the divided sub-blocks' outputs) either by reading each other's
+   memory (rank_sum: peer access) or with NCCL's all-reduce, whichever a load measures faster
+   (gpu_choose_sums). libnccl.so.2 is opened with dlopen when several GPUs are, so nvfp4 builds
+   and runs without it (and says so); its types are declared here as nccl.h 2.x has them. One
+   communicator over the GPUs opened (ncclCommInitAll: one process drives them all, each GPU's
+   primary context), NVLink multicast off (NCCL_NVLS_ENABLE=0 unless the environment sets it:
+   the multicast objects it would make are not needed for one user's small all-reduces). */
+
+typedef struct ncclComm *NcclComm;
+enum { NCCL_SUM = 0, NCCL_FLOAT32 = 7 };   /* ncclRedOp_t ncclSum, ncclDataType_t ncclFloat32 */
+
+static struct {
+    int (*ncclGetVersion)(int *version);
+    int (*ncclCommInitAll)(NcclComm *comms, int count, const int *devices);
+    int (*ncclCommDestroy)(NcclComm comm);
+    int (*ncclAllReduce)(const void *send, void *recv, size_t count, int type, int op, NcclComm comm, CUstream stream);
+    int (*ncclGroupStart)(void);
+    int (*ncclGroupEnd)(void);
+    const char *(*ncclGetErrorString)(int result);
+} nccl;
+
+static const struct { const char *symbol; size_t offset; } nccl_symbols[] = {
+#define NCCL_SYMBOL(field) {#field, offsetof(__typeof__(nccl), field)}
+    NCCL_SYMBOL(ncclGetVersion), NCCL_SYMBOL(ncclCommInitAll), NCCL_SYMBOL(ncclCommDestroy), NCCL_SYMBOL(ncclAllReduce),
+    NCCL_SYMBOL(ncclGroupStart), NCCL_SYMBOL(ncclGroupEnd), NCCL_SYMBOL(ncclGetErrorString),
+#undef NCCL_SYMBOL
+};
+
+static void *nccl_lib;                  /* dlopen handle of libnccl.so.2 */
+static NcclComm nccl_comms[GPUS_MAX];   /* GPU d's member of the communicator over all GPUs opened (NULL: none) */
+static int nccl_version;                /* NCCL's: 22809 for 2.28.9 */
+static char nccl_why[320];              /* why there is no communicator (not found, too old, failed) */
+static int sums_by_nccl;                /* 1: the loaded ranks sum their parts by NCCL's all-reduce (gpu_choose_sums) */
+
+/* Stop with the failing NCCL call's text, its place and NCCL's words for the error. */
+#define NCCL_CHECK(call) nccl_check((call), #call, __FILE__, __LINE__)
+static void nccl_check(int r, const char *call, const char *file, int line) {
+    if (r) fatal("%s:%d: %s failed: %s (NCCL error %d)", file, line, call, nccl.ncclGetErrorString(r), r);
+}
+
+/* Release the communicator and NCCL (harmless when there is none). */
+static void nccl_close(void) {
+    for (int d = 0; d < GPUS_MAX; d++)
+        if (nccl_comms[d]) NCCL_CHECK(nccl.ncclCommDestroy(nccl_comms[d]));
+    if (nccl_lib) dlclose(nccl_lib);
+    nccl_lib = NULL;
+    memset(nccl_comms, 0, sizeof nccl_comms);
+    memset(&nccl, 0, sizeof nccl);
+}
+
+/* Open NCCL and make one communicator over the gpu_device_count GPUs opened. Returns 1, or 0
+   with the reason in nccl_why, nothing kept (the sums then go through peer memory alone). */
+static int nccl_open(void) {
+    int r, devices[GPUS_MAX];
+    nccl_close();   /* a communicator made before, over fewer GPUs */
+    nccl_lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+    if (!nccl_lib) return snprintf(nccl_why, sizeof nccl_why, "no NCCL (%s)", dlerror()), 0;
+    for (size_t i = 0; i < sizeof nccl_symbols / sizeof *nccl_symbols; i++) {
+        void *f = dlsym(nccl_lib, nccl_symbols[i].symbol);
+        if (!f) return snprintf(nccl_why, sizeof nccl_why, "libnccl.so.2 has no %s", nccl_symbols[i].symbol), nccl_close(), 0;
+        memcpy((char *)&nccl + nccl_symbols[i].offset, &f, sizeof f);
+    }
+    if ((r = nccl.ncclGetVersion(&nccl_version)))
+        return snprintf(nccl_why, sizeof nccl_why, "ncclGetVersion: %s", nccl.ncclGetErrorString(r)), nccl_close(), 0;
+    setenv("NCCL_NVLS_ENABLE", "0", 0);
+    for (int d = 0; d < gpu_device_count; d++) devices[d] = d;   /* the runtime's ordinals are the driver's */
+    r = nccl.ncclCommInitAll(nccl_comms, gpu_device_count, devices);
+    if (r) {
+        snprintf(nccl_why, sizeof nccl_why, "ncclCommInitAll over %d GPUs: %s", gpu_device_count, nccl.ncclGetErrorString(r));
+        memset(nccl_comms, 0, sizeof nccl_comms);
+        nccl_close();
+        return 0;
+    }
+    return 1;
+}
+
 /* Release the GPUs and the driver (harmless when gpu_open failed or never ran). */
 static void gpu_close(void) {
+    nccl_close();
     for (int d = GPUS_MAX - 1; d >= 0; d--) {
         GpuDevice *g = &gpu_devices[d];
         if (g->ctx) CU_CHECK(cu.cuCtxSetCurrent(g->ctx));
         if (g->module) CU_CHECK(cu.cuModuleUnload(g->module));
         if (g->stream) CU_CHECK(cu.cuStreamDestroy(g->stream));
-        if (g->ctx) CU_CHECK(cu.cuCtxDestroy(g->ctx));
+        if (g->ctx) CU_CHECK(cu.cuDevicePrimaryCtxRelease(g->device));
     }
     if (cuda_lib) dlclose(cuda_lib);
     cuda_lib = NULL;
@@ -2301,8 +2386,8 @@ static void gpu_close(void) {
     memset(&cu, 0, sizeof cu);
 }
 
-/* Open GPU `ordinal` into *g, made the current GPU (errors name it): a context (made current), a
-   stream and the kernels. Returns 1, or 0 with a one-line reason in why[n] (not sm_90, no
+/* Open GPU `ordinal` into *g, made the current GPU (errors name it): its primary context (the
+   one the CUDA runtime, and so NCCL, uses too; made current), a stream and the kernels. Returns 1, or 0 with a one-line reason in why[n] (not sm_90, no
    context, a cubin the driver rejects); what it opened stays in *g for gpu_close. */
 static int gpu_open_device(int ordinal, GpuDevice *g, char *why, size_t n) {
 #ifndef NVFP4_GPU
@@ -2325,7 +2410,7 @@ static int gpu_open_device(int ordinal, GpuDevice *g, char *why, size_t n) {
                  major, minor);
         return 0;
     }
-    if ((r = cu.cuCtxCreate(&g->ctx, 0, g->device))) {
+    if ((r = cu.cuDevicePrimaryCtxRetain(&g->ctx, g->device)) || (r = cu.cuCtxSetCurrent(g->ctx))) {
         snprintf(why, n, "cannot create a context on GPU %d (%s): %s", ordinal, g->name, ERROR_NAME(r));
         return 0;
     }
@@ -2414,6 +2499,7 @@ static int gpu_open_more(int count, char *why, size_t n) {
             CUresult r = cu.cuCtxEnablePeerAccess(gpu_devices[b].ctx, 0);
             if (r != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) CU_CHECK(r);
         }
+    nccl_open();   /* or not: the sums go through peer memory alone (nccl_why says why) */
     CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[0].ctx));
     gpu = &gpu_devices[0];
     return 1;
@@ -3747,7 +3833,8 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
         }
         size_t w2 = gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, l, X, piece);
         g->stream[g->stream_pieces++] = (StreamPiece){1, piece, w2, g->w2.host_table};
-        if (placing) progress("uploading layers", l + 1, L);
+        if (placing && gm->ranks > 1) progress("uploading layers to the GPUs", gm->rank * L + l + 1, gm->ranks * L);
+        else if (placing) progress("uploading layers", l + 1, L);
     }
 
     /* the state: the CPU's plan over a region of the arena, then the GPU's own scratch */
@@ -4046,6 +4133,7 @@ static void gpu_unload_rank(void) {
 static void gpu_unload(void) {
     for (int r = gpu_rank_count - 1; r >= 0; r--) gpu_use_rank(r), gpu_unload_rank();   /* leaves rank 0 current */
     gpu_rank_count = 1;
+    sums_by_nccl = 0;
 }
 
 /* -------------------------------------------------------------------------------- launches */
@@ -4326,6 +4414,25 @@ static void gpu_rank_sum(const Config *c, int l, int T, int moe) {
     LAUNCH(K_RANK_SUM, gpu_stride_grid(args.n), 1, 1, 256, 0, args);
 }
 
+/* Every rank's part of layer l's MoE output (moe 1) or attention output (moe 0) summed into
+   every rank's block_out [T, E], after every rank's part was launched: rank_sum on each rank,
+   or one NCCL all-reduce over the GPUs (one rank a GPU), which gives every rank the same bits. */
+static void gpu_rank_sums(const Config *c, int l, int T, int moe) {
+    if (!sums_by_nccl) {
+        for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_rank_sum(c, l, T, moe);
+        return;
+    }
+    NCCL_CHECK(nccl.ncclGroupStart());
+    for (int r = 0; r < gpu_rank_count; r++) {
+        gpu_use_rank(r);
+        CUdeviceptr part = rank_part_buffer(c, r, rank_sum_index(l, moe)), out = DEV(gm->state.scratch.block_out);
+        NCCL_CHECK(nccl.ncclAllReduce((const void *)(uintptr_t)part, (void *)(uintptr_t)out, (size_t)T * c->hidden_size,
+                                      NCCL_FLOAT32, NCCL_SUM, nccl_comms[gm->device], gpu->stream));
+        gpu_launches++;   /* its kernel, as the step's kernels are counted */
+    }
+    NCCL_CHECK(nccl.ncclGroupEnd());
+}
+
 /* ===================================================================== GPU: prefill a chunk */
 /* A chunk of T > 1 tokens, section by section as forward() computes it: every linear layer a
    tensor-core GEMM over the chunk's rows, each site's x made by an hc_finish launch, the MoE's
@@ -4466,16 +4573,12 @@ static void gpu_prefill(const Model *m, int T, int all_logits) {
             if (attention_split) gpu_rank_partial(c, l, T, 0);
             else gpu_moe_half_prefill(m, l, T);
         }
-        for (int r = 0; r < ranks && attention_split; r++) {
-            gpu_use_rank(r);
-            gpu_rank_sum(c, l, T, 0);
-            gpu_moe_half_prefill(m, l, T);
+        if (attention_split) {
+            gpu_rank_sums(c, l, T, 0);
+            for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_moe_half_prefill(m, l, T);
         }
-        for (int r = 0; r < ranks; r++) {
-            gpu_use_rank(r);
-            if (ranks > 1) gpu_rank_sum(c, l, T, 1);
-            gpu_after_block(c, l, T, 1);
-        }
+        if (ranks > 1) gpu_rank_sums(c, l, T, 1);
+        for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_after_block(c, l, T, 1);
     }
     for (int r = 0; r < ranks; r++) {
         gpu_use_rank(r);
@@ -4677,16 +4780,12 @@ static void gpu_decode(const Model *m) {
             if (attention_split) gpu_rank_partial(c, l, 1, 0);
             else gpu_moe_half_decode(m, l);
         }
-        for (int r = 0; r < ranks && attention_split; r++) {
-            gpu_use_rank(r);
-            gpu_rank_sum(c, l, 1, 0);
-            gpu_moe_half_decode(m, l);
+        if (attention_split) {
+            gpu_rank_sums(c, l, 1, 0);
+            for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_moe_half_decode(m, l);
         }
-        for (int r = 0; r < ranks; r++) {
-            gpu_use_rank(r);
-            if (ranks > 1) gpu_rank_sum(c, l, 1, 1);
-            gpu_after_block(c, l, 1, 1);
-        }
+        if (ranks > 1) gpu_rank_sums(c, l, 1, 1);
+        for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_after_block(c, l, 1, 1);
     }
     for (int r = 0; r < ranks; r++) {
         gpu_use_rank(r);
@@ -4770,6 +4869,66 @@ static void gpu_capture_decode(const Model *m, const Sampler *s) {
 static void gpu_replay_decode(void) {
     for (int d = gpu_devices_used() - 1; d >= 0; d--)   /* leaves rank 0 current */
         gpu_use_rank(d), CU_CHECK(cu.cuGraphLaunch(gm->decode_graph, gpu->stream));
+}
+
+/* `rounds` sums of one token's E floats over the loaded ranks as a step makes them: every
+   rank's part published (rank_partial), then summed (gpu_rank_sums), the part buffers in turn. */
+static void gpu_sum_rounds(const Config *c, int rounds) {
+    int split = gpu_ranks[0].attention_split;
+    for (int i = 0; i < rounds; i++) {
+        int moe = split ? i % 2 : 1, l = split || c->n_layers < 2 ? 0 : i % 2;   /* sums 0, 1, 0, 1, ... */
+        for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_rank_partial(c, l, 1, moe);
+        gpu_rank_sums(c, l, 1, moe);
+    }
+}
+
+/* Microseconds one sum of E floats takes over the loaded ranks, one a GPU, through peer memory
+   (rank_partial + rank_sum) or NCCL (rank_partial + its all-reduce): a graph of SUM_ROUNDS sums
+   on every GPU, replayed; the median replay over the rounds. Leaves rank 0 current. */
+#define SUM_ROUNDS 32
+static double gpu_sum_us(const Config *c, int by_nccl) {
+    int used = gpu_devices_used(), saved = sums_by_nccl;
+    float t[9];
+    CUgraphExec exec[GPUS_MAX];
+    sums_by_nccl = by_nccl;
+    gpu_sum_rounds(c, 2);   /* as it comes first: NCCL sets a stream up at its first call, which a capture may not */
+    for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+    for (int d = 0; d < used; d++)
+        gpu_use_rank(d), CU_CHECK(cu.cuStreamBeginCapture(gpu->stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
+    gpu_sum_rounds(c, SUM_ROUNDS);
+    for (int d = 0; d < used; d++) {
+        CUgraph graph;
+        gpu_use_rank(d);
+        CU_CHECK(cu.cuStreamEndCapture(gpu->stream, &graph));
+        CU_CHECK(cu.cuGraphInstantiate(&exec[d], graph, 0));
+        CU_CHECK(cu.cuGraphDestroy(graph));
+    }
+    for (int i = -1; i < 9; i++) {   /* a warm-up, then nine timed */
+        double start = now_seconds();
+        for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuGraphLaunch(exec[d], gpu->stream));
+        for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+        if (i >= 0) t[i] = (float)((now_seconds() - start) * 1e6 / SUM_ROUNDS);
+    }
+    for (int d = used - 1; d >= 0; d--) gpu_use_rank(d), CU_CHECK(cu.cuGraphExecDestroy(exec[d]));
+    sums_by_nccl = saved;
+    qsort(t, 9, sizeof *t, compare_float);
+    return t[4];
+}
+
+/* Several GPUs (one rank each): how the loaded ranks sum their parts, measured: through peer
+   memory, or by NCCL's all-reduce where NCCL is there and faster (sums_by_nccl). Returns the
+   microseconds of one sum the chosen way, with the two in words in line[n]. */
+static double gpu_choose_sums(const Config *c, char *line, size_t n) {
+    double peer = gpu_sum_us(c, 0), by_nccl = nccl_comms[0] ? gpu_sum_us(c, 1) : 0;
+    sums_by_nccl = nccl_comms[0] && by_nccl < peer;
+    int bytes = c->hidden_size * (int)sizeof(float);
+    if (nccl_comms[0])
+        snprintf(line, n, "a sum of %d bytes over %d GPUs takes %.1f us through peer memory, %.1f us by NCCL %d.%d.%d: %s",
+                 bytes, gpu_rank_count, peer, by_nccl, nccl_version / 10000, nccl_version / 100 % 100, nccl_version % 100,
+                 sums_by_nccl ? "NCCL's used" : "peer memory used");
+    else snprintf(line, n, "a sum of %d bytes over %d GPUs takes %.1f us through peer memory (NCCL not used: %s)", bytes,
+                  gpu_rank_count, peer, nccl_why);
+    return sums_by_nccl ? by_nccl : peer;
 }
 
 /* A chunk of T tokens through the model on the GPU: the decode step's kernels for one token,
@@ -5486,9 +5645,11 @@ static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uin
         fatal("the model cannot be divided over %d GPUs: %s", gpus, why);
     double seconds = gpu_load_ranks(m, T, C, all_logits, &gpu_budget, &plan);
     if (gpus > 1) {
-        char split[320];
-        split_line(m, &plan, split, sizeof split);
-        say("%s", split);
+        char line[400];
+        split_line(m, &plan, line, sizeof line);
+        say("%s", line);
+        gpu_choose_sums(&m->config, line, sizeof line);
+        say("%s", line);
     }
     gpu_seed(rng);
     char line[320];
@@ -5888,12 +6049,6 @@ static float gpu_time(void (*fn)(void *, int), void *arg, int reps) {
     return ms;
 }
 
-/* qsort order of floats, ascending. */
-static int compare_float(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return x < y ? -1 : x > y;
-}
-
 #define BENCH_REPEATS 9   /* timed passes; the median is reported */
 
 /* Median over BENCH_REPEATS passes of the time per call of fn (each pass `calls` calls). */
@@ -6178,7 +6333,7 @@ static void bench_split(ModelShape shape, double stream_gbs) {
 /* The benchmark (see above) on `shape`'s model, within gpu_mem bytes of device memory (0: all it
    can), divided over `gpus` GPUs (0: one; gpu_load_ranks). */
 static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, int gpus) {
-    char why[512], line[320];
+    char why[512], line[400];
     if (!gpu_open(why, sizeof why)) fatal("--bench needs a GPU: %s", why);
     if (gpus > 1 && !gpu_open_more(gpus, why, sizeof why)) fatal("--gpus %d: %s", gpus, why);
     pool_start(usable_cores());
@@ -6222,6 +6377,8 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
     if (plan.n > 1) {
         split_line(&m, &plan, line, sizeof line);
         printf("gpus     %s\n", line);
+        double sum_us = gpu_choose_sums(c, line, sizeof line);
+        printf("sums     %s; %d a step: %.3f ms\n", line, plan.allreduces, plan.allreduces * sum_us / 1000);
     }
 
     /* prefill: random tokens in chunks of 2048 */

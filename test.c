@@ -13,8 +13,8 @@
 
 #ifndef NVFP4_BIN
 #define NVFP4_BIN "./nvfp4"   /* the command-line binary the CLI tests run */
-#define SHIPPED_MODEL "models/v4-small"   /* the model the repository ships (the shipped model's tests) */
 #endif
+#define SHIPPED_MODEL "models/v4-small"   /* the model the repository ships (the shipped model's tests) */
 
 static int passed, failed;
 
@@ -4665,6 +4665,20 @@ static void test_attention_division(void) {
     free_model(&m);
 }
 
+/* NCCL opened without a GPU (nccl_open): where libnccl.so.2 is found, its symbols resolve, its
+   version is read and the communicator over no GPUs is refused, said, nothing kept; where it is
+   not, the reason says so. Either way the sums would go through peer memory. */
+static void test_nccl_open(void) {
+    int opened = nccl_open();
+    const char *expected = nccl_version ? "ncclCommInitAll over 0 GPUs: " : "no NCCL (";
+    CHECK(!opened && !strncmp(nccl_why, expected, strlen(expected)) && !nccl_lib && !nccl_comms[0] && !nccl.ncclAllReduce,
+          "NCCL without a GPU: refused and released (\"%s\")", nccl_why);
+    if (nccl_version) printf("  NCCL %d.%d.%d found; without a GPU: %s\n", nccl_version / 10000, nccl_version / 100 % 100,
+                             nccl_version % 100, nccl_why);
+    else printf("  NCCL not found: %s\n", nccl_why);
+    nccl_version = 0;
+}
+
 /* The CPU state, position and chunk tokens onto the GPU. */
 static void gpu_state_in(const State *s, const int *tokens, int T) {
     int pos = s->pos;
@@ -5623,6 +5637,7 @@ int main(void) {
     test_linear_division();
     test_shared_expert_division();
     test_attention_division();
+    test_nccl_open();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

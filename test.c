@@ -5334,42 +5334,73 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
     free_model(&m);
 }
 
-/* Several GPUs' code on one: the model divided over 2 and 3 ranks on this GPU, each holding its
-   share of the routed experts (gemv_ranked and the prefill's GEMMs skip the others'), of the
-   shared expert's rows and of the head's, and where the model's attention can be divided over
-   them, once more with attention divided by output groups (each rank its groups' heads, wq_b,
-   wo_a and wo_b; its part summed like the MoE's), the parts summed (rank_partial, rank_sum)
+/* Several GPUs' code, on one GPU or several: the model divided over 2 and 3 ranks (and 4 and 8
+   where the machine has that many GPUs; rank r on GPU r modulo the GPUs, so on one GPU every
+   rank on it), each holding its share of the routed experts (gemv_ranked and the prefill's GEMMs
+   skip the others'), of the shared expert's rows and of the head's, and where the model's
+   attention can be divided over them, once more with attention divided by output groups (each
+   rank its groups' heads, wq_b, wo_a and wo_b; its part summed like the MoE's), the parts
+   summed (rank_partial, rank_sum; on every GPU of a several-GPU machine also NCCL's all-reduce)
    and the logits gathered (rank_gather) across the ranks, gives the one-rank run's logits (to
    float rounding: the sums' order differs) and the same greedy tokens, prefill and decode;
    every rank ends with the same logits; each rank holds exactly its share and less than the
-   whole model. */
+   whole model; on several GPUs, a run again gives the same bits. */
+typedef struct { int ranks, divide, by_nccl; } RanksRun;
+
+/* GPUs `ranks` ranks run on (gpu_load_ranks: rank r on GPU r modulo the GPUs opened). */
+static int gpu_devices_used_by(int ranks) { return ranks < gpu_device_count ? ranks : gpu_device_count; }
+
 static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
     Model m;
     load_model(&m, dir);
     const Config *c = &m.config;
-    int V = c->vocab_size, L = c->n_layers, X = c->n_experts, tokens[5][64], heads = c->n_heads / c->o_groups;
-    const struct { int ranks, divide; } runs[5] = {{1, 0}, {2, 0}, {3, 0}, {2, 1}, {3, 1}};
+    int V = c->vocab_size, L = c->n_layers, X = c->n_experts, heads = c->n_heads / c->o_groups, n_runs = 0;
+    RanksRun runs[16] = {{1, 0, 0}};
+    int counts[4] = {2, 3, 4, 8}, most = gpu_device_count > 3 ? gpu_device_count : 3;
+    for (int i = 0; i < 4; i++)
+        for (int divide = 0; divide < 2 && counts[i] <= most; divide++) runs[++n_runs] = (RanksRun){counts[i], divide, 0};
+    for (int divide = 0; divide < 2 && gpu_device_count > 1 && nccl_comms[0]; divide++)
+        runs[++n_runs] = (RanksRun){gpu_device_count, divide, 1};
+    n_runs++;
     SplitCosts whole_attention = {3e6, 1e30}, divided_attention = {1, 0};   /* all-reduces dear, free */
-    int *ids = xcalloc((size_t)n_prompt, sizeof(int));
+    int *ids = xcalloc((size_t)n_prompt, sizeof(int)), *tokens = xcalloc((size_t)n_runs * steps, sizeof(int));
     for (int i = 0; i < n_prompt; i++) ids[i] = 2 + (int)(random_u32(&test_rng) % (unsigned)(V - 2));
     size_t rows = (size_t)n_prompt + steps, whole = 0;
-    float *logits[5] = {0}, *last = xcalloc((size_t)V, sizeof(float));
+    float *logits = xcalloc((size_t)n_runs * rows * V, sizeof(float)), *last = xcalloc((size_t)V, sizeof(float));
     char why[256] = "";
-    for (int run = 0; run < 5; run++) {
-        int ranks = runs[run].ranks, sizes_right = 1, ranks_agree = 1;
+    for (int run = 0; run < n_runs; run++) {
+        RanksRun want = runs[run];
+        int ranks = want.ranks, sizes_right = 1, ranks_agree = 1, repeatable = 1;
+        const char *attention = want.divide ? "attention divided" : "attention whole", *sums = want.by_nccl ? ", NCCL" : "";
+        float *mine = logits + (size_t)run * rows * V;
+        int *my_tokens = tokens + (size_t)run * steps;
         SplitPlan plan;
-        if (runs[run].divide && !attention_divisible(&m, ranks)) {
-            printf("  %s over %d ranks with attention divided: skipped (its %d output groups cannot be divided so)\n", dir,
-                   ranks, c->o_groups);
+        if (ranks > X || (want.divide && !attention_divisible(&m, ranks))) {
+            printf("  %s over %d ranks, %s: skipped (%d routed experts, %d output groups)\n", dir, ranks, attention, X,
+                   c->o_groups);
             continue;
         }
-        int planned = split_plan(&m, ranks, 1, runs[run].divide ? divided_attention : whole_attention, &plan, why, sizeof why);
-        CHECK(planned && plan.attention_split == runs[run].divide, "%s: the plan of %d ranks, attention %s (%s)", dir, ranks,
-              runs[run].divide ? "divided" : "whole", why);
-        if (!planned || plan.attention_split != runs[run].divide) continue;
+        int planned = split_plan(&m, ranks, 1, want.divide ? divided_attention : whole_attention, &plan, why, sizeof why);
+        CHECK(planned && plan.attention_split == want.divide, "%s: the plan of %d ranks, %s (%s)", dir, ranks, attention, why);
+        if (!planned || plan.attention_split != want.divide) continue;
         gpu_load_ranks(&m, T, n_prompt + steps + 8, 1, NULL, &plan);
-        logits[run] = xcalloc(rows * V, sizeof(float));
-        gpu_run_logits(&m, ids, n_prompt, steps, logits[run], tokens[run]);
+        sums_by_nccl = want.by_nccl;
+        for (int again = 0; again < 1 + (gpu_device_count > 1 && ranks > 1); again++) {   /* several GPUs: twice */
+            float *out = again ? xcalloc(rows * V, sizeof(float)) : mine;
+            int *out_tokens = again ? xcalloc((size_t)steps, sizeof(int)) : my_tokens;
+            for (int r = ranks - 1; r >= 0 && again; r--) {   /* from position 0 again, the decode captured again */
+                gpu_use_rank(r);
+                CU_CHECK(cu.cuMemsetD8Async(DEV(gm->state.arena), 0, gm->state.arena_bytes, gpu->stream));
+                if (gm->decode_graph) CU_CHECK(cu.cuGraphExecDestroy(gm->decode_graph));
+                gm->decode_graph = NULL;
+            }
+            gpu_run_logits(&m, ids, n_prompt, steps, out, out_tokens);
+            if (again) {
+                repeatable = !memcmp(out, mine, rows * V * sizeof(float)) && !memcmp(out_tokens, my_tokens, (size_t)steps * sizeof(int));
+                free(out);
+                free(out_tokens);
+            }
+        }
         if (run == 0) whole = gpu_ranks[0].plan.total;
         for (int r = 0; r < ranks && run; r++) {   /* exactly its share held, fewer bytes; the same last logits */
             const GpuModel *g = &gpu_ranks[r];
@@ -5385,27 +5416,28 @@ static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
             int shared = r ? gpu_ranks[r - 1].shared.first + gpu_ranks[r - 1].shared.count : 0;   /* tiling [0, I) */
             sizes_right &= g->shared.first == shared && g->layers[0].shared_w1.rows == g->shared.count &&
                            (r < ranks - 1 || shared + g->shared.count == c->moe_inter);
-            int group = r && runs[run].divide ? gpu_ranks[r - 1].groups.first + gpu_ranks[r - 1].groups.count : 0;   /* tiling [0, G) */
-            int groups = runs[run].divide ? g->groups.count : c->o_groups;
-            sizes_right &= g->attention_split == runs[run].divide && g->groups.first == group && groups > 0 &&
+            int group = r && want.divide ? gpu_ranks[r - 1].groups.first + gpu_ranks[r - 1].groups.count : 0;   /* tiling [0, G) */
+            int groups = want.divide ? g->groups.count : c->o_groups;
+            sizes_right &= g->attention_split == want.divide && g->groups.first == group && groups > 0 &&
                            g->layers[0].wq_b.rows == groups * heads * c->head_dim && g->layers[0].wo_a.rows == groups * c->o_lora_rank &&
                            g->layers[0].wo_b.cols == groups * c->o_lora_rank && (r < ranks - 1 || group + groups == c->o_groups);
             gpu_download(last, DEV(g->state.scratch.logits), (size_t)V * sizeof(float));
-            ranks_agree &= !memcmp(last, logits[run] + (rows - 1) * V, (size_t)V * sizeof(float));
+            ranks_agree &= !memcmp(last, mine + (rows - 1) * V, (size_t)V * sizeof(float));
         }
         gpu_unload();
         if (!run) continue;
-        float err = relative_error(logits[run], logits[0], rows * V);
-        int ok = err < 1e-4f && !memcmp(tokens[run], tokens[0], (size_t)steps * sizeof(int)) && sizes_right && ranks_agree;
-        const char *attention = runs[run].divide ? "attention divided" : "attention whole";
+        float err = relative_error(mine, logits, rows * V);
+        int ok = err < 1e-4f && !memcmp(my_tokens, tokens, (size_t)steps * sizeof(int)) && sizes_right && ranks_agree && repeatable;
         CHECK(ok,
-              "%s divided over %d ranks on one GPU, %s: logits within %.2e of one rank's (%zu rows), the same %d greedy "
-              "tokens, every rank the same logits, each rank holding exactly its share", dir, ranks, attention, err, rows, steps);
+              "%s divided over %d ranks on %d GPUs, %s%s: logits within %.2e of one rank's (%zu rows), the same %d greedy "
+              "tokens, every rank the same logits, each rank holding exactly its share, the same bits again (%d)", dir, ranks,
+              gpu_devices_used_by(ranks), attention, sums, err, rows, steps, repeatable);
         if (ok)
-            printf("  %s over %d ranks on one GPU, %s: logits within %.2e of one rank's, the same greedy tokens\n", dir, ranks,
-                   attention, err);
+            printf("  %s over %d ranks on %d GPUs, %s%s: logits within %.2e of one rank's, the same greedy tokens\n", dir,
+                   ranks, gpu_devices_used_by(ranks), attention, sums, err);
     }
-    for (int run = 0; run < 5; run++) free(logits[run]);
+    free(logits);
+    free(tokens);
     free(last);
     free(ids);
     free_model(&m);
@@ -5465,6 +5497,16 @@ static void test_gpu(double shipped_cpu_nll) {
     }
     printf("GPU tests on %s (%d SMs, driver %d.%d)\n", gpu->name, gpu->sm_count, gpu->driver_version / 1000,
            gpu->driver_version % 1000 / 10);
+    int machine_gpus = 0;   /* several: all opened (peer access, NCCL), test_gpu_ranks spreads its ranks over them */
+    CU_CHECK(cu.cuDeviceGetCount(&machine_gpus));
+    if (machine_gpus > 1) {
+        int n = machine_gpus < GPUS_MAX ? machine_gpus : GPUS_MAX, opened = gpu_open_more(n, why, sizeof why);
+        CHECK(opened, "the machine's %d GPUs opened together: %s", n, why);
+        if (opened && nccl_comms[0])
+            printf("  %d GPUs opened together; NCCL %d.%d.%d\n", n, nccl_version / 10000, nccl_version / 100 % 100,
+                   nccl_version % 100);
+        else if (opened) printf("  %d GPUs opened together; %s: the NCCL runs skipped\n", n, nccl_why);
+    }
     CHECK(!gpu_fits((size_t)1 << 50, why, sizeof why) && strstr(why, "needs 1048576.0 GiB, the GPU has "),
           "footprint check: %s", why);
     CHECK(gpu_fits((size_t)1 << 20, why, sizeof why), "1 MiB must fit");

@@ -4062,9 +4062,8 @@ static void gpu_placement_line(char *out, size_t n) {
     if (gpu_rank_count > 1) {
         size_t most = 0;
         for (int r = 0; r < gpu_rank_count; r++) most = gpu_ranks[r].arena_bytes > most ? gpu_ranks[r].arena_bytes : most;
-        snprintf(out, n, "divided over %d GPUs, at most %.2f GiB each (every layer's routed experts divided: %d to %d "
-                 "each; the shared expert and the head by rows; the rest on every GPU)", gpu_rank_count,
-                 most / 1073741824.0, gpu_ranks[0].experts.count, gpu_ranks[gpu_rank_count - 1].experts.count);
+        snprintf(out, n, "divided over %d GPUs, at most %.2f GiB each", gpu_rank_count,
+                 most / 1073741824.0);
         return;
     }
     if (!host_map.bytes) {

@@ -2342,10 +2342,10 @@ static void nccl_close(void) {
     memset(&nccl, 0, sizeof nccl);
 }
 
-/* Open NCCL and make one communicator over the gpu_device_count GPUs opened. Returns 1, or 0
-   with the reason in nccl_why, nothing kept (the sums then go through peer memory alone). */
-static int nccl_open(void) {
-    int r, devices[GPUS_MAX];
+/* Load libnccl.so.2: its functions into `nccl`, its version into nccl_version. Returns 1, or 0
+   with the reason in nccl_why, nothing kept. Starts nothing on a GPU. */
+static int nccl_load(void) {
+    int r;
     nccl_close();   /* a communicator made before, over fewer GPUs */
     nccl_lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
     if (!nccl_lib) return snprintf(nccl_why, sizeof nccl_why, "no NCCL (%s)", dlerror()), 0;
@@ -2356,6 +2356,14 @@ static int nccl_open(void) {
     }
     if ((r = nccl.ncclGetVersion(&nccl_version)))
         return snprintf(nccl_why, sizeof nccl_why, "ncclGetVersion: %s", nccl.ncclGetErrorString(r)), nccl_close(), 0;
+    return 1;
+}
+
+/* Load NCCL and make one communicator over the gpu_device_count GPUs opened. Returns 1, or 0
+   with the reason in nccl_why, nothing kept (the sums then go through peer memory alone). */
+static int nccl_open(void) {
+    int r, devices[GPUS_MAX];
+    if (!nccl_load()) return 0;
     setenv("NCCL_NVLS_ENABLE", "0", 0);
     for (int d = 0; d < gpu_device_count; d++) devices[d] = d;   /* the runtime's ordinals are the driver's */
     r = nccl.ncclCommInitAll(nccl_comms, gpu_device_count, devices);
@@ -2470,10 +2478,19 @@ static int gpu_open(char *why, size_t n) {
 #endif
 }
 
+/* GPU 0 alone in use again after gpu_open_more failed (what it opened stays for gpu_close). */
+static int gpu_more_failed(void) {
+    gpu_device_count = 1;
+    gpu = &gpu_devices[0];
+    CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+    return 0;
+}
+
 /* Open GPUs 1 .. count - 1 beside GPU 0 (gpu_open's) and let every one read every other's
-   memory (peer access: rank_sum reads the other ranks' parts where they lie). Returns 1 with
-   GPU 0 current, or 0 with a one-line reason in why[n] naming the GPUs (fewer GPUs than
-   asked, gpu_open_device's, no peer access between two of them). */
+   memory (peer access: rank_sum reads the other ranks' parts where they lie), then NCCL over
+   them where it is there (nccl_open). Returns 1 with GPU 0 current, or 0 with a one-line reason
+   in why[n] naming the GPUs (fewer GPUs than asked, gpu_open_device's, no peer access between
+   two of them), GPU 0 current and alone in use. */
 static int gpu_open_more(int count, char *why, size_t n) {
     int present = 0;
     CU_CHECK(cu.cuDeviceGetCount(&present));
@@ -2483,7 +2500,7 @@ static int gpu_open_more(int count, char *why, size_t n) {
     }
     for (int d = gpu_device_count; d < count; d++) {
         gpu_device_count = d + 1;   /* counted before it opens: its errors say "GPU d of d + 1" */
-        if (!gpu_open_device(d, &gpu_devices[d], why, n)) return 0;
+        if (!gpu_open_device(d, &gpu_devices[d], why, n)) return gpu_more_failed();
     }
     for (int a = 0; a < count; a++)
         for (int b = 0; b < count; b++) {
@@ -2493,7 +2510,7 @@ static int gpu_open_more(int count, char *why, size_t n) {
             if (!can) {
                 snprintf(why, n, "GPU %d (%s) cannot read GPU %d's memory (no peer access between them)", a,
                          gpu_devices[a].name, b);
-                return 0;
+                return gpu_more_failed();
             }
             CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[a].ctx));
             CUresult r = cu.cuCtxEnablePeerAccess(gpu_devices[b].ctx, 0);
@@ -4421,6 +4438,7 @@ static void gpu_rank_sums(const Config *c, int l, int T, int moe) {
         for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_rank_sum(c, l, T, moe);
         return;
     }
+    if (gpu_rank_count != gpu_device_count) fatal("internal error: NCCL's sums need one rank a GPU");
     NCCL_CHECK(nccl.ncclGroupStart());
     for (int r = 0; r < gpu_rank_count; r++) {
         gpu_use_rank(r);

@@ -2255,7 +2255,9 @@ static unsigned gpu_gemv_smem(WeightFormat format, unsigned row_bytes) {
     return row_bytes * (format == FMT_BF16 ? 2 : format == FMT_FP8 ? 4 : 8) + GPU_GEMV_RING;
 }
 
-#define GPUS_MAX 8   /* GPUs of one host nvfp4 drives at most */
+#define GPUS_MAX 8                          /* GPUs of one host nvfp4 drives at most */
+#define HOSTS_MAX 8                         /* hosts it joins at most (--hosts) */
+#define RANKS_MAX (HOSTS_MAX * GPUS_MAX)    /* a model divided that many ways at most */
 
 /* One GPU nvfp4 drives, once gpu_open (GPU 0) or gpu_open_more (the others) opened it. */
 typedef struct {
@@ -2301,13 +2303,17 @@ static void cu_check(CUresult r, const char *call, const char *file, int line) {
    the multicast objects it would make are not needed for one user's small all-reduces). */
 
 typedef struct ncclComm *NcclComm;
-enum { NCCL_SUM = 0, NCCL_FLOAT32 = 7 };   /* ncclRedOp_t ncclSum, ncclDataType_t ncclFloat32 */
+typedef struct { char internal[128]; } NcclUniqueId;   /* ncclUniqueId: the communicator's rendezvous */
+enum { NCCL_SUM = 0, NCCL_FLOAT32 = 7 };               /* ncclRedOp_t ncclSum, ncclDataType_t ncclFloat32 */
 
 static struct {
     int (*ncclGetVersion)(int *version);
     int (*ncclCommInitAll)(NcclComm *comms, int count, const int *devices);
     int (*ncclCommDestroy)(NcclComm comm);
     int (*ncclAllReduce)(const void *send, void *recv, size_t count, int type, int op, NcclComm comm, CUstream stream);
+    int (*ncclBroadcast)(const void *send, void *recv, size_t count, int type, int root, NcclComm comm, CUstream stream);
+    int (*ncclGetUniqueId)(NcclUniqueId *id);
+    int (*ncclCommInitRank)(NcclComm *comm, int ranks, NcclUniqueId id, int rank);
     int (*ncclGroupStart)(void);
     int (*ncclGroupEnd)(void);
     const char *(*ncclGetErrorString)(int result);
@@ -2316,7 +2322,8 @@ static struct {
 static const struct { const char *symbol; size_t offset; } nccl_symbols[] = {
 #define NCCL_SYMBOL(field) {#field, offsetof(__typeof__(nccl), field)}
     NCCL_SYMBOL(ncclGetVersion), NCCL_SYMBOL(ncclCommInitAll), NCCL_SYMBOL(ncclCommDestroy), NCCL_SYMBOL(ncclAllReduce),
-    NCCL_SYMBOL(ncclGroupStart), NCCL_SYMBOL(ncclGroupEnd), NCCL_SYMBOL(ncclGetErrorString),
+    NCCL_SYMBOL(ncclBroadcast), NCCL_SYMBOL(ncclGetUniqueId), NCCL_SYMBOL(ncclCommInitRank), NCCL_SYMBOL(ncclGroupStart),
+    NCCL_SYMBOL(ncclGroupEnd), NCCL_SYMBOL(ncclGetErrorString),
 #undef NCCL_SYMBOL
 };
 
@@ -2374,6 +2381,113 @@ static int nccl_open(void) {
         return 0;
     }
     return 1;
+}
+
+/* ---------------------------------------------------------------------------- several hosts */
+/* A model too large for one host's GPUs (V4-Pro on H100s) runs on several (--hosts N): one
+   nvfp4 process a host, each started with the same command line but its --host index, each
+   driving the same number of its own GPUs; rank h * G + d is host h's GPU d, and the model is
+   divided over all the ranks as over the GPUs of one host. NCCL alone joins them (the ranks'
+   sums, the logits' gather): one communicator over every rank, made with ncclCommInitRank from
+   host 0's unique id, handed over in a file on storage every host reads (--nccl-id FILE, NCCL's
+   own way without MPI). Host 0 writes it (refused when it exists: an earlier run's would send
+   the others to a dead host) with its GPU count and its seed, so that every host samples the
+   same tokens; the others wait for it; host 0 removes it once every rank has joined. Only host
+   0 prints. */
+
+static struct {
+    int count;        /* hosts (1: this one alone) */
+    int index;        /* this host's, 0 .. count - 1 */
+    int gpus;         /* GPUs every host drives */
+} gpu_hosts = {1, 0, 1};
+
+/* What host 0 hands the others. */
+typedef struct {
+    int hosts, gpus;     /* hosts, GPUs a host */
+    uint64_t seed;       /* the sampler's seed */
+    NcclUniqueId id;     /* the communicator's */
+} Rendezvous;
+
+#define RENDEZVOUS_WAIT_S 600   /* how long a host waits for host 0's file */
+
+/* Write r into `path` for the other hosts, whole or not at all: through a temporary file linked
+   to its name (refused, naming it, when it exists). */
+static void rendezvous_write(const char *path, const Rendezvous *r) {
+    char temp[PATH_MAX + 32], hex[2 * sizeof r->id + 1];
+    snprintf(temp, sizeof temp, "%s.%ld.tmp", path, (long)getpid());
+    for (size_t i = 0; i < sizeof r->id; i++) snprintf(hex + 2 * i, 3, "%02x", (unsigned char)r->id.internal[i]);
+    FILE *f = fopen(temp, "wx");
+    if (!f) fatal("--nccl-id: cannot write %s: %s", temp, strerror(errno));
+    fprintf(f, "nvfp4 rendezvous 1\nhosts %d\ngpus %d\nseed %llu\nid %s\n", r->hosts, r->gpus, (unsigned long long)r->seed, hex);
+    int failed = fflush(f) || fsync(fileno(f));
+    failed |= fclose(f) != 0;
+    if (failed) {
+        unlink(temp);
+        fatal("--nccl-id: cannot write %s: %s", temp, strerror(errno));
+    }
+    int linked = link(temp, path), error = errno;
+    unlink(temp);
+    if (linked && error == EEXIST)
+        fatal("--nccl-id: %s exists (an earlier run's?): remove it, then start every host again", path);
+    if (linked) fatal("--nccl-id: cannot make %s: %s", path, strerror(error));
+}
+
+/* Host 0's file at `path` into *r, waiting up to wait_s seconds for it to appear. Refused,
+   naming the file, when it does not come or is not one. */
+static void rendezvous_read(const char *path, Rendezvous *r, double wait_s) {
+    double start = now_seconds();
+    FILE *f;
+    while (!(f = fopen(path, "r"))) {
+        if (errno != ENOENT) fatal("--nccl-id: cannot read %s: %s", path, strerror(errno));
+        if (now_seconds() - start > wait_s) fatal("--nccl-id: waited %.0f s for host 0 to write %s", wait_s, path);
+        usleep(100000);
+    }
+    char hex[2 * sizeof r->id + 2] = "";
+    unsigned long long seed = 0;
+    int n = fscanf(f, "nvfp4 rendezvous 1 hosts %d gpus %d seed %llu id %257s", &r->hosts, &r->gpus, &seed, hex);
+    fclose(f);
+    int good = n == 4 && strlen(hex) == 2 * sizeof r->id && r->hosts > 1 && r->gpus > 0;
+    for (size_t i = 0; good && i < sizeof r->id; i++) {   /* two lowercase hex digits a byte */
+        int digits[2];
+        for (int k = 0; k < 2; k++) {
+            char ch = hex[2 * i + k];
+            digits[k] = ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+        }
+        good = digits[0] >= 0 && digits[1] >= 0;
+        r->id.internal[i] = (char)(digits[0] * 16 + digits[1]);
+    }
+    if (!good) fatal("--nccl-id: %s is not a file nvfp4's host 0 wrote", path);
+    r->seed = seed;
+}
+
+/* Join the hosts: this host's GPUs (gpu_device_count, one rank each) into one NCCL
+   communicator with every other host's, as gpu_hosts says; host 0 writes `path` and removes it
+   once all have joined, the others read it. *seed: host 0's, given to every host. */
+static void nccl_open_hosts(const char *path, uint64_t *seed) {
+    Rendezvous r = {gpu_hosts.count, gpu_device_count, *seed, {{0}}};
+    if (!nccl_load()) fatal("--hosts joins the hosts through NCCL, and there is %s", nccl_why);
+    if (gpu_hosts.index == 0) {
+        NCCL_CHECK(nccl.ncclGetUniqueId(&r.id));
+        rendezvous_write(path, &r);
+    } else {
+        rendezvous_read(path, &r, RENDEZVOUS_WAIT_S);
+        if (r.hosts != gpu_hosts.count || r.gpus != gpu_device_count)
+            fatal("--nccl-id: host 0 runs %d hosts of %d GPUs, and this one (host %d) %d hosts of %d GPUs", r.hosts, r.gpus,
+                  gpu_hosts.index, gpu_hosts.count, gpu_device_count);
+    }
+    setenv("NCCL_NVLS_ENABLE", "0", 0);
+    int ranks = gpu_hosts.count * gpu_device_count;
+    NCCL_CHECK(nccl.ncclGroupStart());
+    for (int d = 0; d < gpu_device_count; d++) {   /* each with its GPU's context current: NCCL takes it as the device */
+        CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[d].ctx));
+        NCCL_CHECK(nccl.ncclCommInitRank(&nccl_comms[d], ranks, r.id, gpu_hosts.index * gpu_device_count + d));
+    }
+    NCCL_CHECK(nccl.ncclGroupEnd());
+    if (gpu_hosts.index == 0 && unlink(path)) warn("--nccl-id: cannot remove %s: %s", path, strerror(errno));
+    gpu = &gpu_devices[0];
+    CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+    gpu_hosts.gpus = gpu_device_count;
+    *seed = r.seed;
 }
 
 /* Release the GPUs and the driver (harmless when gpu_open failed or never ran). */
@@ -2516,7 +2630,7 @@ static int gpu_open_more(int count, char *why, size_t n) {
             CUresult r = cu.cuCtxEnablePeerAccess(gpu_devices[b].ctx, 0);
             if (r != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) CU_CHECK(r);
         }
-    nccl_open();   /* or not: the sums go through peer memory alone (nccl_why says why) */
+    if (gpu_hosts.count == 1) nccl_open();   /* or not: the sums go through peer memory alone (nccl_why says why) */
     CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[0].ctx));
     gpu = &gpu_devices[0];
     return 1;
@@ -3152,7 +3266,7 @@ typedef struct {
     int attention_split;     /* 1: attention divided by output groups */
     int allreduces;          /* all-reduces of E floats a decode step (the logits' gather aside) */
     double saved_us;         /* dividing attention: read time it saves the busiest rank a step */
-    RankShare rank[GPUS_MAX];
+    RankShare rank[RANKS_MAX];
 } SplitPlan;
 
 /* Everything of one model on the GPU: one rank's share of it (several GPUs: gpu_load_ranks),
@@ -3214,7 +3328,9 @@ typedef struct {
     float *host_logits;                    /* [T or 1, V] host copy of the logits for --dump-logits, --perplexity */
 } GpuModel;
 
-static GpuModel gpu_ranks[GPUS_MAX];   /* rank r's share; one GPU: gpu_ranks[0], the whole model */
+static GpuModel gpu_ranks[GPUS_MAX];   /* rank r's share (several hosts: this host's r-th); one GPU: gpu_ranks[0],
+                                          the whole model */
+static SplitPlan gpu_split;             /* the plan loaded (gpu_load_ranks): every rank's share */
 static GpuModel *gm = &gpu_ranks[0];       /* the rank every GPU function below works on */
 static int gpu_rank_count = 1;             /* ranks loaded: gpu_ranks[0 .. gpu_rank_count) */
 
@@ -3850,7 +3966,8 @@ static void gpu_lay_out(const Model *m, int T, int C, int all_logits) {
         }
         size_t w2 = gpu_upload_experts(&g->w2, (const ExpertStack *[]){&w->w2}, 1, l, X, piece);
         g->stream[g->stream_pieces++] = (StreamPiece){1, piece, w2, g->w2.host_table};
-        if (placing && gm->ranks > 1) progress("uploading layers to the GPUs", gm->rank * L + l + 1, gm->ranks * L);
+        if (placing && gm->ranks > 1)   /* this host's ranks, one after the other */
+            progress("uploading layers to the GPUs", (int)(gm - gpu_ranks) * L + l + 1, gm->ranks / gpu_hosts.count * L);
         else if (placing) progress("uploading layers", l + 1, L);
     }
 
@@ -4109,24 +4226,28 @@ static void gpu_expert_hits(uint64_t *hits, int L, int X) {
    head's rows (128-row blocks), of the shared expert's intermediate rows (blocks of 128: w1's
    and w3's rows, w2's columns; a rank may get none) and, where the plan divides attention, of
    its output groups (layer_attention_share), and a whole copy of the rest, each as
-   gpu_load_model loads a model (its refusals, and a rank's share that does not fit). Leaves
-   rank 0 current. Returns the seconds the uploads took. */
+   gpu_load_model loads a model (its refusals, and a rank's share that does not fit). Several
+   hosts: this host's ranks alone (gpu_hosts.gpus from host index * that), as gpu_ranks[0 ..
+   gpu_hosts.gpus). Leaves rank 0 current (its GPU's). Returns the seconds the uploads took. */
 static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const GpuBudget *budget, const SplitPlan *plan) {
     double seconds = 0;
     int ranks = plan->n, blocks = (m->config.vocab_size + SPLIT_BLOCK - 1) / SPLIT_BLOCK;
+    int local = gpu_hosts.count > 1 ? gpu_hosts.gpus : ranks, first = gpu_hosts.index * gpu_hosts.gpus;
     if (!gpu_device_count) fatal("internal error: a model loaded onto no GPU");
     if (plan->pipeline) fatal("internal error: a split by layers loaded (the GPU path divides within layers only)");
+    if (gpu_hosts.count > 1 && ranks != gpu_hosts.count * gpu_hosts.gpus) fatal("internal error: a plan not of every host's GPUs");
     if (ranks > blocks)
         fatal("a model of %d blocks of %d head rows divided over %d GPUs: at most one a block", blocks, SPLIT_BLOCK, ranks);
-    for (int r = 0; r < ranks; r++) {
-        const RankShare *share = &plan->rank[r];
+    for (int r = 0; r < local; r++) {
+        const RankShare *share = &plan->rank[first + r];
         gpu_ranks[r].device = r % gpu_device_count;
         gpu_use_rank(r);
-        gm->rank = r, gm->ranks = ranks, gm->experts = share->experts, gm->vocab = share->vocab;
+        gm->rank = first + r, gm->ranks = ranks, gm->experts = share->experts, gm->vocab = share->vocab;
         gm->shared = share->shared, gm->groups = share->groups, gm->attention_split = plan->attention_split;
         seconds += gpu_load_model(m, T, C, all_logits, budget);
     }
-    gpu_rank_count = ranks;
+    gpu_rank_count = local;
+    gpu_split = *plan;
     gpu_use_rank(0);
     return seconds;
 }
@@ -4384,7 +4505,7 @@ static CUdeviceptr rank_part_buffer(const Config *c, int r, int sum) {
 static void gpu_rank_partial(const Config *c, int l, int T, int moe) {
     Scratch *w = &gm->state.scratch;
     RankPartialArgs args = {
-        .partial = rank_part_buffer(c, gm->rank, rank_sum_index(l, moe)), .block_out = DEV(w->block_out),
+        .partial = rank_part_buffer(c, (int)(gm - gpu_ranks), rank_sum_index(l, moe)), .block_out = DEV(w->block_out),
         .expert_out = DEV(w->expert_out), .route_weight = DEV(w->route_weight),
         .slot_row = T == 1 ? gm->slot_identity : DEV(w->slot_row), .chosen = DEV(w->chosen),
         .published = gm->rank_published, .E = (uint32_t)c->hidden_size, .K = moe ? (uint32_t)c->topk : 0,
@@ -4445,6 +4566,30 @@ static void gpu_rank_sums(const Config *c, int l, int T, int moe) {
         CUdeviceptr part = rank_part_buffer(c, r, rank_sum_index(l, moe)), out = DEV(gm->state.scratch.block_out);
         NCCL_CHECK(nccl.ncclAllReduce((const void *)(uintptr_t)part, (void *)(uintptr_t)out, (size_t)T * c->hidden_size,
                                       NCCL_FLOAT32, NCCL_SUM, nccl_comms[gm->device], gpu->stream));
+        gpu_launches++;   /* its kernel, as the step's kernels are counted */
+    }
+    NCCL_CHECK(nccl.ncclGroupEnd());
+}
+
+/* Every rank's columns of the logits [rows, V] gathered into every rank's: through peer memory
+   (each rank's count advanced, rank_publish, then rank_gather on each), or across hosts by NCCL,
+   each rank's columns broadcast from it (one row: across hosts nothing reads more). */
+static void gpu_gather_logits(const Config *c, int rows) {
+    if (gpu_hosts.count == 1) {
+        for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_rank_publish();
+        for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_rank_gather(c, rows);
+        return;
+    }
+    if (rows != 1) fatal("internal error: %d rows of logits gathered across hosts", rows);
+    NCCL_CHECK(nccl.ncclGroupStart());
+    for (int r = 0; r < gpu_rank_count; r++) {
+        gpu_use_rank(r);
+        for (int q = 0; q < gpu_split.n; q++) {
+            CUdeviceptr columns = DEV(gm->state.scratch.logits) + (size_t)gpu_split.rank[q].vocab.first * sizeof(float);
+            NCCL_CHECK(nccl.ncclBroadcast((const void *)(uintptr_t)columns, (void *)(uintptr_t)columns,
+                                          (size_t)gpu_split.rank[q].vocab.count, NCCL_FLOAT32, q, nccl_comms[gm->device],
+                                          gpu->stream));
+        }
         gpu_launches++;   /* its kernel, as the step's kernels are counted */
     }
     NCCL_CHECK(nccl.ncclGroupEnd());
@@ -4580,6 +4725,7 @@ static void gpu_moe_half_prefill(const Model *m, int l, int T) {
 static void gpu_prefill(const Model *m, int T, int all_logits) {
     const Config *c = &m->config;
     int mix = (2 + HC) * HC, rows = all_logits ? T : 1, ranks = gpu_rank_count, attention_split = gpu_ranks[0].attention_split;
+    int divided = gpu_ranks[0].ranks > 1;
     for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_embed(c, T);
     for (int l = 0; l < c->n_layers; l++) {
         for (int r = 0; r < ranks; r++) {
@@ -4594,7 +4740,7 @@ static void gpu_prefill(const Model *m, int T, int all_logits) {
             gpu_rank_sums(c, l, T, 0);
             for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_moe_half_prefill(m, l, T);
         }
-        if (ranks > 1) gpu_rank_sums(c, l, T, 1);
+        if (divided) gpu_rank_sums(c, l, T, 1);
         for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_after_block(c, l, T, 1);
     }
     for (int r = 0; r < ranks; r++) {
@@ -4602,9 +4748,8 @@ static void gpu_prefill(const Model *m, int T, int all_logits) {
         gpu_hc_finish(c, rows, T - rows, gm->hc_head_base, gm->hc_head_scale, gm->norm, HC);
         gpu_linear_rows(&gm->head, 0, gm->head.rows, DEV(gm->state.scratch.x), c->hidden_size, gpu_head_logits(),
                         c->vocab_size, rows);
-        if (ranks > 1) gpu_rank_publish();
     }
-    for (int r = 0; r < ranks && ranks > 1; r++) gpu_use_rank(r), gpu_rank_gather(c, rows);
+    if (divided) gpu_gather_logits(c, rows);
     gpu_use_rank(0);
 }
 
@@ -4787,7 +4932,7 @@ static void gpu_moe_half_decode(const Model *m, int l) {
    sum (attention's, where divided, then the MoE's). */
 static void gpu_decode(const Model *m) {
     const Config *c = &m->config;
-    int ranks = gpu_rank_count, attention_split = gpu_ranks[0].attention_split;
+    int ranks = gpu_rank_count, attention_split = gpu_ranks[0].attention_split, divided = gpu_ranks[0].ranks > 1;
     for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_embed(c, 1);
     for (int l = 0; l < c->n_layers; l++) {
         for (int r = 0; r < ranks; r++) {
@@ -4801,7 +4946,7 @@ static void gpu_decode(const Model *m) {
             gpu_rank_sums(c, l, 1, 0);
             for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_moe_half_decode(m, l);
         }
-        if (ranks > 1) gpu_rank_sums(c, l, 1, 1);
+        if (divided) gpu_rank_sums(c, l, 1, 1);
         for (int r = 0; r < ranks; r++) gpu_use_rank(r), gpu_after_block(c, l, 1, 1);
     }
     for (int r = 0; r < ranks; r++) {
@@ -4809,9 +4954,8 @@ static void gpu_decode(const Model *m) {
         GemvHc head_site = gemv_hc_site(c, c->n_layers, 0);
         GemvPart head = {&gm->head, 0, gpu_head_logits(), NULL};
         gpu_gemv_parts(&head, 1, &head_site);
-        if (ranks > 1) gpu_rank_publish();
     }
-    for (int r = 0; r < ranks && ranks > 1; r++) gpu_use_rank(r), gpu_rank_gather(c, 1);
+    if (divided) gpu_gather_logits(c, 1);
     gpu_use_rank(0);
 }
 
@@ -4936,9 +5080,16 @@ static double gpu_sum_us(const Config *c, int by_nccl) {
    memory, or by NCCL's all-reduce where NCCL is there and faster (sums_by_nccl). Returns the
    microseconds of one sum the chosen way, with the two in words in line[n]. */
 static double gpu_choose_sums(const Config *c, char *line, size_t n) {
+    int bytes = c->hidden_size * (int)sizeof(float);
+    if (gpu_hosts.count > 1) {   /* NCCL alone reaches the other hosts */
+        sums_by_nccl = 1;
+        double us = gpu_sum_us(c, 1);
+        snprintf(line, n, "a sum of %d bytes over %d GPUs of %d hosts takes %.1f us by NCCL %d.%d.%d", bytes, gpu_split.n,
+                 gpu_hosts.count, us, nccl_version / 10000, nccl_version / 100 % 100, nccl_version % 100);
+        return us;
+    }
     double peer = gpu_sum_us(c, 0), by_nccl = nccl_comms[0] ? gpu_sum_us(c, 1) : 0;
     sums_by_nccl = nccl_comms[0] && by_nccl < peer;
-    int bytes = c->hidden_size * (int)sizeof(float);
     if (nccl_comms[0])
         snprintf(line, n, "a sum of %d bytes over %d GPUs takes %.1f us through peer memory, %.1f us by NCCL %d.%d.%d: %s",
                  bytes, gpu_rank_count, peer, by_nccl, nccl_version / 10000, nccl_version / 100 % 100, nccl_version % 100,
@@ -5058,7 +5209,7 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
     const Config *c = &m->config;
     int L = c->n_layers, X = c->n_experts, V = c->vocab_size;
     memset(p, 0, sizeof *p);
-    if (n < 1 || n > GPUS_MAX) return snprintf(why, size, "%d GPUs: from 1 to %d", n, GPUS_MAX), 0;
+    if (n < 1 || n > RANKS_MAX) return snprintf(why, size, "%d GPUs: from 1 to %d", n, RANKS_MAX), 0;
     if (peer_access ? n > X : n > L)
         return snprintf(why, size, "%d GPUs for %d %s: at least one each", n, peer_access ? X : L,
                         peer_access ? "routed experts a layer" : "layers"), 0;
@@ -5129,23 +5280,34 @@ static int split_plan(const Model *m, int n, int peer_access, SplitCosts costs, 
 #define SPLIT_READ_BYTES_PER_US 3.0e6
 #define SPLIT_ALLREDUCE_US 10.0
 
-/* Plan p in words: the GPUs' shares (counts joined by +) and the busiest GPU's bytes. */
-static void split_line(const Model *m, const SplitPlan *p, char *out, size_t n) {
-    char experts[96] = "", groups[64] = "";
+/* "N" when every rank's count of a range is N, "N to M" when they differ (range k of a RankShare:
+   0 experts, 1 groups). */
+static void share_counts(const SplitPlan *p, int k, char *out, size_t n) {
+    int least = INT_MAX, most = 0;
     for (int r = 0; r < p->n; r++) {
-        size_t e = strlen(experts), g = strlen(groups);
-        snprintf(experts + e, sizeof experts - e, "%s%d", r ? "+" : "", p->rank[r].experts.count);
-        snprintf(groups + g, sizeof groups - g, "%s%d", r ? "+" : "", p->rank[r].groups.count);
+        int count = k ? p->rank[r].groups.count : p->rank[r].experts.count;
+        least = count < least ? count : least;
+        most = count > most ? count : most;
     }
+    if (least == most) snprintf(out, n, "%d", most);
+    else snprintf(out, n, "%d to %d", least, most);
+}
+
+/* Plan p in words: each GPU's share and the busiest GPU's bytes. */
+static void split_line(const Model *m, const SplitPlan *p, char *out, size_t n) {
+    char experts[32], groups[32];
+    share_counts(p, 0, experts, sizeof experts);
+    share_counts(p, 1, groups, sizeof groups);
     double read = 0, held = 0;
     for (int r = 0; r < p->n; r++) {
         read = p->rank[r].read_bytes > read ? p->rank[r].read_bytes : read;
         held = p->rank[r].held_bytes > held ? p->rank[r].held_bytes : held;
     }
-    snprintf(out, n, "divided over %d GPUs: routed experts %s of %d a layer, the shared expert's and the head's rows in "
-             "blocks of %d, attention %s%s; the busiest GPU holds %.2f GB of weights and reads %.2f GB a token", p->n,
-             experts, m->config.n_experts, SPLIT_BLOCK, p->attention_split ? "by output groups " : "whole on each GPU",
-             p->attention_split ? groups : "", held / 1e9, read / 1e9);
+    char attention[64] = "attention whole on each";
+    if (p->attention_split) snprintf(attention, sizeof attention, "%s of attention's %d output groups", groups, m->config.o_groups);
+    snprintf(out, n, "divided over %d GPUs, each with %s of the %d routed experts of every layer, about 1/%d of the shared "
+             "expert's and of the head's rows and %s; the busiest holds %.2f GB of weights and reads %.2f GB a token", p->n,
+             experts, m->config.n_experts, p->n, attention, held / 1e9, read / 1e9);
 }
 
 /* ============================================================================== generation */
@@ -5655,7 +5817,8 @@ static int gpu_default_count(const Model *m, int T, int C, int all_logits) {
 }
 
 static State *gpu_backend_load(const Model *m, int T, int C, int all_logits, uint64_t rng, char *where, size_t n) {
-    int gpus = gpu_budget.gpus ? gpu_budget.gpus : gpu_default_count(m, T, C, all_logits);
+    int gpus = gpu_hosts.count > 1 ? gpu_hosts.count * gpu_hosts.gpus
+             : gpu_budget.gpus     ? gpu_budget.gpus : gpu_default_count(m, T, C, all_logits);
     SplitPlan plan;
     char why[256];
     if (!split_plan(m, gpus, 1, (SplitCosts){SPLIT_READ_BYTES_PER_US, SPLIT_ALLREDUCE_US}, &plan, why, sizeof why))
@@ -8464,6 +8627,8 @@ typedef struct {
     int no_shift;                                                 /* --no-shift */
     size_t gpu_mem;                                               /* --gpu-mem in bytes, 0 when absent */
     int gpus;                                                     /* --gpus N, 0 when absent (gpu_default_count) */
+    int hosts, host;                                              /* --hosts N (0: absent), --host I */
+    const char *nccl_id;                                          /* --nccl-id FILE, NULL when absent */
     int top_k, repeat_last_n;                                     /* --top-k (0: off), --repeat-last-n */
     float min_p, repeat_penalty;                                  /* --min-p (0: off), --repeat-penalty (1: off) */
     const char *expert_profile;                                   /* --expert-profile FILE, NULL when absent */
@@ -8524,7 +8689,10 @@ static void usage(FILE *f) {
             "                     this run's to it at the end (made when missing)\n"
             "  --gpus N           divide the model over GPUs 0 .. N-1 (1 to 8; default: 1 when the model\n"
             "                     fits GPU 0, else all): each holds 1/N of the routed experts, the\n"
-            "                     shared expert and the head, a copy of the rest (peer access needed)\n"
+            "                     shared expert, the head and attention, a copy of the rest\n"
+            "  --hosts N --host I --nccl-id FILE  divide it over the GPUs of N hosts (one nvfp4 each,\n"
+            "                     the same command but I, 0 to N-1), joined by NCCL through FILE, on\n"
+            "                     storage they share (host 0 writes it: remove an old one first)\n"
             "  -q, --quiet        print no notes (running on the CPU, loaded, seed, replaced FILE), no\n"
             "                     progress bar and no stats line; warnings and errors are printed\n"
             "  --version          print the version and the git commit it was built from\n"
@@ -8664,6 +8832,9 @@ static const struct { const char *name, *alias; int runs, valued; } scoped_optio
     {"--gpu-mem", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 1},
     {"--expert-profile", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY, 1},
     {"--gpus", NULL, RUN_TEXT | RUN_CHAT | RUN_PERPLEXITY | RUN_BENCH, 1},
+    {"--hosts", NULL, RUN_TEXT, 1},
+    {"--host", NULL, RUN_TEXT, 1},
+    {"--nccl-id", NULL, RUN_TEXT, 1},
 };
 
 /* Refuse each option of scoped_options given (bit k of `given`) for a kind of run it has no
@@ -8762,6 +8933,9 @@ static Options parse_options(int argc, char **argv) {
         else if (!strcmp(a, "--layers")) { o.bench_layers = (int)whole_arg(a, v, 1, MAX_LAYERS); i++; }
         else if (!strcmp(a, "--position")) { o.bench_position = (int)whole_arg(a, v, 1, 1 << 20); i++; }
         else if (!strcmp(a, "--gpus")) { o.gpus = (int)whole_arg(a, v, 1, GPUS_MAX); i++; }
+        else if (!strcmp(a, "--hosts")) { o.hosts = (int)whole_arg(a, v, 1, HOSTS_MAX); i++; }
+        else if (!strcmp(a, "--host")) { o.host = (int)whole_arg(a, v, 0, HOSTS_MAX - 1); i++; }
+        else if (!strcmp(a, "--nccl-id")) { o.nccl_id = option_value(a, v); i++; }
         else if (!strcmp(a, "--model")) {
             const char *name = option_value(a, v);
             if (!strcmp(name, "flash")) o.bench_shape = SHAPE_FLASH;
@@ -8803,6 +8977,15 @@ static Options parse_options(int argc, char **argv) {
     check_scoped_options(given, run);
     if (o.system && !o.chat && !o.interactive)
         usage_error("--system is a system prompt of the chat format: give --chat too (or -i with a model that has a chat template)");
+    if (o.hosts > 1 && !o.nccl_id)
+        usage_error("--hosts %d needs --nccl-id FILE: a file on storage every host reads, where host 0 leaves what the "
+                    "others join with", o.hosts);
+    if ((o.host || o.nccl_id) && o.hosts < 2) usage_error("--host and --nccl-id go with --hosts 2 or more");
+    if (o.hosts > 1 && o.host >= o.hosts) usage_error("--host %d: the %d hosts are numbered 0 to %d", o.host, o.hosts, o.hosts - 1);
+    if (o.hosts > 1 && (o.cpu || o.dump_logits || o.expert_profile))
+        usage_error("--hosts divides the model over the GPUs of several hosts: not with %s", o.cpu ? "--cpu"
+                    : o.dump_logits ? "--dump-logits (the logits of every row are not gathered across hosts)"
+                                    : "--expert-profile (every GPU holds its experts: nothing to place)");
     return o;
 }
 
@@ -8882,10 +9065,24 @@ int main(int argc, char **argv) {
     char why[512];   /* the path: the GPU when usable (unless --cpu), said in one line when not */
     const Backend *run = !o.cpu && gpu_open(why, sizeof why) ? &gpu_backend : &cpu_backend;
     if (o.gpu && run != &gpu_backend) fatal("--gpu: %s", why);
-    if ((o.gpu_mem || o.expert_profile || o.gpus) && run != &gpu_backend)
-        fatal("%s places the model on the GPU, and %s", o.gpu_mem ? "--gpu-mem" : o.gpus ? "--gpus" : "--expert-profile",
-              o.cpu ? "--cpu runs on the CPU" : why);
+    if ((o.gpu_mem || o.expert_profile || o.gpus || o.hosts > 1) && run != &gpu_backend)
+        fatal("%s places the model on the GPU, and %s", o.gpu_mem ? "--gpu-mem" : o.gpus ? "--gpus" : o.hosts > 1 ? "--hosts" :
+              "--expert-profile", o.cpu ? "--cpu runs on the CPU" : why);
+    if (o.hosts > 1) {   /* this host's GPUs (--gpus, else all), joined with the other hosts' */
+        gpu_hosts.count = o.hosts, gpu_hosts.index = o.host;
+        if (!o.gpus) CU_CHECK(cu.cuDeviceGetCount(&o.gpus));
+        o.gpus = o.gpus < GPUS_MAX ? o.gpus : GPUS_MAX;
+    }
     if (o.gpus > 1 && !gpu_open_more(o.gpus, why, sizeof why)) fatal("--gpus %d: %s", o.gpus, why);
+    if (o.hosts > 1) {
+        nccl_open_hosts(o.nccl_id, &o.seed);   /* host 0's seed: every host samples the same tokens */
+        if (o.host) {   /* host 0 alone prints */
+            int null = open("/dev/null", O_WRONLY);
+            if (null < 0 || dup2(null, STDOUT_FILENO) < 0) fatal("cannot send host %d's output to /dev/null: %s", o.host, strerror(errno));
+            close(null);
+            quiet = 1;
+        }
+    }
     pool_start(o.threads ? o.threads : usable_cores());   /* the CPU path's threads; the GPU's load copies on them */
     double t0 = now_seconds();
     load_model(&model, o.model_dir);

@@ -1729,8 +1729,8 @@ static void test_split_plan(void) {
           "split plan, 2 attention groups over 4 GPUs: attention %s", p.attention_split ? "divided" : "whole");
     m.config.o_groups = 8;
     const struct { int n, peer, experts, layers; const char *message; } refused[] = {
-        {0, 1, 256, 43, "0 GPUs: from 1 to 8"},
-        {9, 1, 256, 43, "9 GPUs: from 1 to 8"},
+        {0, 1, 256, 43, "0 GPUs: from 1 to 64"},
+        {65, 1, 256, 43, "65 GPUs: from 1 to 64"},
         {5, 1, 4, 43, "5 GPUs for 4 routed experts a layer: at least one each"},
         {3, 0, 256, 2, "3 GPUs for 2 layers: at least one each"},
         {2, 1, 256, 43, "split costs: a read rate of 0 bytes a us and all-reduces of 10 us"},
@@ -1755,6 +1755,11 @@ static void test_split_plan(void) {
     printf("  split plan: V4-Flash over 2 GPUs %.2f GB a token each, %.2f GB held (1 GPU: %.2f, %.2f), V4-Pro over 8 %.2f "
            "GB a token each, %.2f GB held\n", two.rank[0].read_bytes / 1e9, two.rank[0].held_bytes / 1e9, weights / 1e9,
            held1 / 1e9, p.rank[0].read_bytes / 1e9, p.rank[0].held_bytes / 1e9);
+    /* V4-Pro over two hosts of eight GPUs (--hosts 2): a group a GPU, a share an H100 holds */
+    int ok16 = split_plan(&m, 16, 1, fast, &p, why, sizeof why);
+    CHECK(ok16 && p.attention_split && same_range(p.rank[15].experts, 360, 24) && same_range(p.rank[15].groups, 15, 1) &&
+          p.rank[0].held_bytes < 78.0 * 1073741824, "split plan, V4-Pro over 16 GPUs: %.2f GiB of weights on GPU 0, for an "
+          "H100 (%s)", p.rank[0].held_bytes / 1073741824, why);
     free_model(&m);
 }
 
@@ -2654,6 +2659,17 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a hi --gpus 2 --cpu", 1, "--gpus places the model on the GPU, and --cpu runs on the CPU");
     expect_cli("testdata/tiny-a hi --gpus 9", 2, "--gpus: \"9\" is not a whole number from 1 to 8");
     expect_cli("testdata/tiny-a --tokenize hi --gpus 2", 2, "--gpus does nothing with --tokenize");
+    expect_cli("testdata/tiny-a hi --hosts 2", 2, "--hosts 2 needs --nccl-id FILE: a file on storage every host reads");
+    expect_cli("testdata/tiny-a hi --host 1", 2, "--host and --nccl-id go with --hosts 2 or more");
+    expect_cli("testdata/tiny-a hi --hosts 1 --nccl-id build/id", 2, "--host and --nccl-id go with --hosts 2 or more");
+    expect_cli("testdata/tiny-a hi --hosts 2 --host 2 --nccl-id build/id", 2, "--host 2: the 2 hosts are numbered 0 to 1");
+    expect_cli("testdata/tiny-a hi --hosts 9 --nccl-id build/id", 2, "--hosts: \"9\" is not a whole number from 1 to 8");
+    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id --cpu", 2, "--hosts divides the model over the GPUs of "
+               "several hosts: not with --cpu");
+    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id --dump-logits build/d.bin", 2, "not with --dump-logits");
+    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id --expert-profile build/p", 2, "not with --expert-profile");
+    expect_cli("testdata/tiny-a -i --hosts 2 --nccl-id build/id", 2, "--hosts does nothing with -i");
+    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id", 1, "--hosts places the model on the GPU, and ");
     expect_cli("--bench --expert-profile build/p.txt", 2, "--expert-profile does nothing with --bench");
     expect_cli("testdata/tiny-a hi -t 0", 2, "-t: \"0\" is not a whole number from 1 to 1024");
     expect_cli("testdata/tiny-a hi --threads 1025", 2, "--threads: \"1025\" is not a whole number from 1 to 1024");
@@ -4682,6 +4698,37 @@ static void test_nccl_load(void) {
     else printf("  NCCL not found: %s\n", why);
 }
 
+/* Several hosts' rendezvous file (--nccl-id): what host 0 writes (rendezvous_write) the others
+   read back exactly (rendezvous_read: hosts, GPUs, seed, every byte of the id); host 0 refuses to
+   write over a file that exists, naming it; a host refuses a file that is not one, and gives up
+   waiting for one that does not come, naming it. */
+#define RENDEZVOUS_FILE "build/rendezvous-test"
+static void rendezvous_write_again(const void *r) { rendezvous_write(RENDEZVOUS_FILE, r); }
+static void rendezvous_read_short(const void *path) {
+    Rendezvous r;
+    rendezvous_read(path, &r, 0.3);
+}
+
+static void test_rendezvous(void) {
+    Rendezvous out = {2, 8, 0xfedcba9876543210ull, {{0}}}, in;
+    for (size_t i = 0; i < sizeof out.id; i++) out.id.internal[i] = (char)(i * 37 + 1);
+    unlink(RENDEZVOUS_FILE);
+    rendezvous_write(RENDEZVOUS_FILE, &out);
+    memset(&in, 0, sizeof in);
+    rendezvous_read(RENDEZVOUS_FILE, &in, 1);
+    CHECK(in.hosts == 2 && in.gpus == 8 && in.seed == out.seed && !memcmp(in.id.internal, out.id.internal, sizeof out.id),
+          "--nccl-id: what host 0 writes the others read back exactly");
+    expect_fatal(rendezvous_write_again, &out, "--nccl-id: " RENDEZVOUS_FILE " exists (an earlier run's?): remove it, then "
+                 "start every host again", "host 0 over an old rendezvous file");
+    FILE *f = fopen(RENDEZVOUS_FILE, "w");
+    if (f) fputs("nvfp4 rendezvous 1\nhosts 2\ngpus 8\nseed 5\nid 00ff\n", f), fclose(f);
+    expect_fatal(rendezvous_read_short, RENDEZVOUS_FILE, "--nccl-id: " RENDEZVOUS_FILE " is not a file nvfp4's host 0 wrote",
+                 "a rendezvous file with a short id");
+    unlink(RENDEZVOUS_FILE);
+    expect_fatal(rendezvous_read_short, RENDEZVOUS_FILE, "--nccl-id: waited 0 s for host 0 to write " RENDEZVOUS_FILE,
+                 "no rendezvous file");
+}
+
 /* The CPU state, position and chunk tokens onto the GPU. */
 static void gpu_state_in(const State *s, const int *tokens, int T) {
     int pos = s->pos;
@@ -5685,6 +5732,7 @@ int main(void) {
     test_shared_expert_division();
     test_attention_division();
     test_nccl_load();
+    test_rendezvous();
     test_stream_copies();
     test_cli();
     test_bad_checkpoints();

@@ -4,6 +4,7 @@
 #   - the GPU tests with every GPU opened (test_gpu_ranks splits the models 2, 3, 4 and 8 ways over
 #     them, peer-memory sums and NCCL's, each split run twice for the same bits);
 #   - the shipped model's greedy text with --gpus 2 .. N against one GPU's;
+#   - two processes as two hosts (--hosts 2, half the GPUs each): host 0's text against one GPU's;
 #   - --bench --gpus N for N = 2, 4, 8 (as many as the machine has), 8 layers and the whole shape,
 #     and V4-Pro's whole shape on 8;
 #   - FLASH=1: a 4-layer V4-Flash-shaped checkpoint (17 GB, tools/gen_flash_checkpoint.py) through
@@ -37,6 +38,27 @@ while [ "$n" -le "$gpus" ]; do
     echo "--gpus $n: exit $rc, text $same as one GPU's; $(grep -E 'divided|sum of|error' "$LOG/multi-text-$n.err" | tr '\n' ' ')"
     n=$((n + 1))
 done
+echo "== two processes as two hosts (--hosts 2), half the GPUs each, against one GPU's text"
+half=$((gpus / 2))
+if [ "$half" -ge 1 ]; then
+    rm -f build/nccl-id
+    first=$(seq -s, 0 $((half - 1)))
+    second=$(seq -s, "$half" $((2 * half - 1)))
+    CUDA_VISIBLE_DEVICES=$first ./nvfp4 --hosts 2 --host 0 --nccl-id build/nccl-id models/v4-small "$prompt" -n 24 \
+        --temp 0 > "$LOG/multi-hosts-0.txt" 2> "$LOG/multi-hosts-0.err" &
+    CUDA_VISIBLE_DEVICES=$second ./nvfp4 --hosts 2 --host 1 --nccl-id build/nccl-id models/v4-small "$prompt" -n 24 \
+        --temp 0 > "$LOG/multi-hosts-1.txt" 2> "$LOG/multi-hosts-1.err"
+    rc1=$?
+    wait $!
+    rc0=$?
+    if [ "$rc0$rc1" = 00 ] && cmp -s "$LOG/multi-text-1.txt" "$LOG/multi-hosts-0.txt" && [ ! -s "$LOG/multi-hosts-1.txt" ]; then
+        same=same
+    else
+        same=DIFFERENT; status=1
+    fi
+    echo "--hosts 2 of $half GPUs: exits $rc0 $rc1, host 0's text $same as one GPU's (host 1 prints none);" \
+        "$(grep -h -E 'divided|sum of|error' "$LOG/multi-hosts-0.err" "$LOG/multi-hosts-1.err" | tr '\n' ' ')"
+fi
 echo "== --bench --gpus N"
 for n in 1 2 4 8; do
     [ "$n" -le "$gpus" ] || continue

@@ -6518,11 +6518,19 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
     if (gpus > 1 && !gpu_open_more(gpus, why, sizeof why)) fatal("--gpus %d: %s", gpus, why);
     pool_start(usable_cores());
     /* the ceilings, same card, same run (before the model takes the memory): a streaming read of
-       2 GiB of device memory, */
-    StreamRun sr = {gpu_alloc((size_t)2 << 30), gpu_alloc(4), (size_t)2 << 30};
-    CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu->stream));
-    double stream_gbs = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;
-    gpu_free(sr.buf);
+       2 GiB of device memory (on every GPU opened: each one's own), */
+    StreamRun sr = {0, 0, (size_t)2 << 30};
+    double stream_gbs_of[GPUS_MAX];
+    for (int d = gpu_device_count - 1; d >= 0; d--) {   /* leaves GPU 0 current */
+        gpu = &gpu_devices[d];
+        CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+        sr.buf = gpu_alloc(sr.bytes), sr.out = gpu_alloc(4);
+        CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu->stream));
+        stream_gbs_of[d] = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;
+        gpu_free(sr.buf);
+        if (d) gpu_free(sr.out);
+    }
+    double stream_gbs = stream_gbs_of[0];
     /* the SMs reading 2 GiB of mapped page-locked host memory (PCIe; the prefill's GEMMs read
        host-placed experts so), and the copy engine moving it to the device (decode streams them
        so: the ceiling of the pcie line) */
@@ -6618,6 +6626,12 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
            device_bytes / 1e6, host_bytes / 1e6);
     printf("speed    %.0f GB/s from device memory; streaming read %.0f GB/s: %.0f%% of it\n", gbs, stream_gbs,
            100 * gbs / stream_gbs);
+    for (int r = 0; r < plan.n && plan.n > 1; r++) {   /* each GPU against its own streaming read */
+        double bytes = rank_share_bytes(&m, &plan.rank[r], plan.attention_split, 0) + cache, rank_gbs = bytes / (ms * 1e-3) / 1e9;
+        int d = gpu_ranks[r].device;
+        printf("gpu %d    %.1f MB a token (weights and cache), %.0f GB/s; its streaming read %.0f GB/s: %.0f%% of it\n", d,
+               bytes / 1e6, rank_gbs, stream_gbs_of[d], 100 * rank_gbs / stream_gbs_of[d]);
+    }
     if (placed.host_experts)
         printf("pcie     %.1f GB/s from host memory (the copy thread moved %.1f MB a token); copy engine %.1f GB/s: %.0f%% "
                "of it (SMs reading mapped host memory %.1f GB/s)\n", host_gbs, copied / (steps - 4.0) / 1e6, copy_gbs,

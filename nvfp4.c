@@ -2273,6 +2273,8 @@ typedef struct {
 static void *cuda_lib;                     /* dlopen handle of libcuda.so.1 */
 static GpuDevice gpu_devices[GPUS_MAX];    /* [gpu_device_count] */
 static int gpu_device_count;               /* GPUs opened */
+static int gpu_peer_access = 1;            /* 1: every GPU opened reads every other's memory (rank_sum,
+                                              rank_gather); 0: NCCL alone joins them (gpu_open_more) */
 static GpuDevice *gpu = &gpu_devices[0];   /* the GPU the functions below work on (gpu_use_rank) */
 
 #ifdef NVFP4_GPU
@@ -2504,6 +2506,7 @@ static void gpu_close(void) {
     cuda_lib = NULL;
     memset(gpu_devices, 0, sizeof gpu_devices);
     gpu_device_count = 0;
+    gpu_peer_access = 1;
     gpu = &gpu_devices[0];
     memset(&cu, 0, sizeof cu);
 }
@@ -2595,6 +2598,7 @@ static int gpu_open(char *why, size_t n) {
 /* GPU 0 alone in use again after gpu_open_more failed (what it opened stays for gpu_close). */
 static int gpu_more_failed(void) {
     gpu_device_count = 1;
+    gpu_peer_access = 1;
     gpu = &gpu_devices[0];
     CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
     return 0;
@@ -2602,9 +2606,10 @@ static int gpu_more_failed(void) {
 
 /* Open GPUs 1 .. count - 1 beside GPU 0 (gpu_open's) and let every one read every other's
    memory (peer access: rank_sum reads the other ranks' parts where they lie), then NCCL over
-   them where it is there (nccl_open). Returns 1 with GPU 0 current, or 0 with a one-line reason
+   them where it is there (nccl_open); GPUs without peer access between some of them are joined
+   by NCCL alone (gpu_peer_access 0). Returns 1 with GPU 0 current, or 0 with a one-line reason
    in why[n] naming the GPUs (fewer GPUs than asked, gpu_open_device's, no peer access between
-   two of them), GPU 0 current and alone in use. */
+   two of them and no NCCL), GPU 0 current and alone in use. */
 static int gpu_open_more(int count, char *why, size_t n) {
     int present = 0;
     CU_CHECK(cu.cuDeviceGetCount(&present));
@@ -2616,21 +2621,26 @@ static int gpu_open_more(int count, char *why, size_t n) {
         gpu_device_count = d + 1;   /* counted before it opens: its errors say "GPU d of d + 1" */
         if (!gpu_open_device(d, &gpu_devices[d], why, n)) return gpu_more_failed();
     }
+    char pair[160] = "";   /* the first pair without peer access */
     for (int a = 0; a < count; a++)
         for (int b = 0; b < count; b++) {
             int can = 0;
             if (a == b) continue;
             CU_CHECK(cu.cuDeviceCanAccessPeer(&can, gpu_devices[a].device, gpu_devices[b].device));
-            if (!can) {
-                snprintf(why, n, "GPU %d (%s) cannot read GPU %d's memory (no peer access between them)", a,
+            if (!can && !pair[0])
+                snprintf(pair, sizeof pair, "GPU %d (%s) cannot read GPU %d's memory (no peer access between them)", a,
                          gpu_devices[a].name, b);
-                return gpu_more_failed();
-            }
+            if (!can) continue;
             CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[a].ctx));
             CUresult r = cu.cuCtxEnablePeerAccess(gpu_devices[b].ctx, 0);
             if (r != CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED) CU_CHECK(r);
         }
+    gpu_peer_access = !pair[0];
     if (gpu_hosts.count == 1) nccl_open();   /* or not: the sums go through peer memory alone (nccl_why says why) */
+    if (!gpu_peer_access && gpu_hosts.count == 1 && !nccl_comms[0]) {
+        snprintf(why, n, "%s, and without it only NCCL joins them: %s", pair, nccl_why);
+        return gpu_more_failed();
+    }
     CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[0].ctx));
     gpu = &gpu_devices[0];
     return 1;
@@ -4572,24 +4582,25 @@ static void gpu_rank_sums(const Config *c, int l, int T, int moe) {
 }
 
 /* Every rank's columns of the logits [rows, V] gathered into every rank's: through peer memory
-   (each rank's count advanced, rank_publish, then rank_gather on each), or across hosts by NCCL,
-   each rank's columns broadcast from it (one row: across hosts nothing reads more). */
+   (each rank's count advanced, rank_publish, then rank_gather on each), or where NCCL alone joins
+   the GPUs (several hosts, no peer access), each rank's columns of each row broadcast from it. */
 static void gpu_gather_logits(const Config *c, int rows) {
-    if (gpu_hosts.count == 1) {
+    if (gpu_hosts.count == 1 && gpu_peer_access) {
         for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_rank_publish();
         for (int r = 0; r < gpu_rank_count; r++) gpu_use_rank(r), gpu_rank_gather(c, rows);
         return;
     }
-    if (rows != 1) fatal("internal error: %d rows of logits gathered across hosts", rows);
     NCCL_CHECK(nccl.ncclGroupStart());
     for (int r = 0; r < gpu_rank_count; r++) {
         gpu_use_rank(r);
-        for (int q = 0; q < gpu_split.n; q++) {
-            CUdeviceptr columns = DEV(gm->state.scratch.logits) + (size_t)gpu_split.rank[q].vocab.first * sizeof(float);
-            NCCL_CHECK(nccl.ncclBroadcast((const void *)(uintptr_t)columns, (void *)(uintptr_t)columns,
-                                          (size_t)gpu_split.rank[q].vocab.count, NCCL_FLOAT32, q, nccl_comms[gm->device],
-                                          gpu->stream));
-        }
+        for (int t = 0; t < rows; t++)
+            for (int q = 0; q < gpu_split.n; q++) {
+                size_t at = (size_t)t * c->vocab_size + (size_t)gpu_split.rank[q].vocab.first;
+                CUdeviceptr columns = DEV(gm->state.scratch.logits) + at * sizeof(float);
+                NCCL_CHECK(nccl.ncclBroadcast((const void *)(uintptr_t)columns, (void *)(uintptr_t)columns,
+                                              (size_t)gpu_split.rank[q].vocab.count, NCCL_FLOAT32, q, nccl_comms[gm->device],
+                                              gpu->stream));
+            }
         gpu_launches++;   /* its kernel, as the step's kernels are counted */
     }
     NCCL_CHECK(nccl.ncclGroupEnd());
@@ -5081,11 +5092,12 @@ static double gpu_sum_us(const Config *c, int by_nccl) {
    microseconds of one sum the chosen way, with the two in words in line[n]. */
 static double gpu_choose_sums(const Config *c, char *line, size_t n) {
     int bytes = c->hidden_size * (int)sizeof(float);
-    if (gpu_hosts.count > 1) {   /* NCCL alone reaches the other hosts */
+    if (gpu_hosts.count > 1 || !gpu_peer_access) {   /* NCCL alone reaches the other hosts, or GPUs without peer access */
         sums_by_nccl = 1;
         double us = gpu_sum_us(c, 1);
-        snprintf(line, n, "a sum of %d bytes over %d GPUs of %d hosts takes %.1f us by NCCL %d.%d.%d", bytes, gpu_split.n,
-                 gpu_hosts.count, us, nccl_version / 10000, nccl_version / 100 % 100, nccl_version % 100);
+        snprintf(line, n, "a sum of %d bytes over %d GPUs%s takes %.1f us by NCCL %d.%d.%d (%s)", bytes, gpu_split.n,
+                 gpu_hosts.count > 1 ? " of several hosts" : "", us, nccl_version / 10000, nccl_version / 100 % 100,
+                 nccl_version % 100, gpu_hosts.count > 1 ? "the only link between hosts" : "no peer access between them");
         return us;
     }
     double peer = gpu_sum_us(c, 0), by_nccl = nccl_comms[0] ? gpu_sum_us(c, 1) : 0;

@@ -5425,6 +5425,11 @@ static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
         float *mine = logits + (size_t)run * rows * V;
         int *my_tokens = tokens + (size_t)run * steps;
         SplitPlan plan;
+        if (!want.by_nccl && !gpu_peer_access && gpu_devices_used_by(ranks) > 1) {
+            printf("  %s over %d ranks on %d GPUs, %s: skipped (no peer access between the GPUs: NCCL's runs only)\n", dir,
+                   ranks, gpu_devices_used_by(ranks), attention);
+            continue;
+        }
         if (ranks > X || (want.divide && !attention_divisible(&m, ranks))) {
             printf("  %s over %d ranks, %s%s: skipped (%d routed experts, %d output groups)\n", dir, ranks, attention, sums,
                    X, c->o_groups);

@@ -1797,6 +1797,7 @@ enum {   /* the few enum values of cuda.h that nvfp4 passes */
     CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8,
     CU_MEMHOSTALLOC_PORTABLE = 1,    /* page-locked for every context */
     CU_MEMHOSTALLOC_DEVICEMAP = 2,   /* and mapped into the GPU's address space */
+    CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704,
 };
 
@@ -1819,6 +1820,7 @@ static struct {
     CUresult (*cuStreamCreate)(CUstream *stream, unsigned flags);
     CUresult (*cuStreamDestroy)(CUstream stream);
     CUresult (*cuStreamSynchronize)(CUstream stream);
+    CUresult (*cuStreamQuery)(CUstream stream);
     CUresult (*cuModuleLoadDataEx)(CUmodule *module, const void *image, unsigned n, int *options, void **values);
     CUresult (*cuModuleUnload)(CUmodule module);
     CUresult (*cuModuleGetFunction)(CUfunction *f, CUmodule module, const char *name);
@@ -1865,6 +1867,7 @@ static const struct { const char *symbol; size_t offset; } cu_symbols[] = {
     CU_SYMBOL(cuStreamCreate, "cuStreamCreate"),
     CU_SYMBOL(cuStreamDestroy, "cuStreamDestroy_v2"),
     CU_SYMBOL(cuStreamSynchronize, "cuStreamSynchronize"),
+    CU_SYMBOL(cuStreamQuery, "cuStreamQuery"),
     CU_SYMBOL(cuModuleLoadDataEx, "cuModuleLoadDataEx"),
     CU_SYMBOL(cuModuleUnload, "cuModuleUnload"),
     CU_SYMBOL(cuModuleGetFunction, "cuModuleGetFunction"),
@@ -2316,6 +2319,8 @@ static struct {
     int (*ncclBroadcast)(const void *send, void *recv, size_t count, int type, int root, NcclComm comm, CUstream stream);
     int (*ncclGetUniqueId)(NcclUniqueId *id);
     int (*ncclCommInitRank)(NcclComm *comm, int ranks, NcclUniqueId id, int rank);
+    int (*ncclCommGetAsyncError)(NcclComm comm, int *result);
+    int (*ncclCommAbort)(NcclComm comm);
     int (*ncclGroupStart)(void);
     int (*ncclGroupEnd)(void);
     const char *(*ncclGetErrorString)(int result);
@@ -2324,8 +2329,9 @@ static struct {
 static const struct { const char *symbol; size_t offset; } nccl_symbols[] = {
 #define NCCL_SYMBOL(field) {#field, offsetof(__typeof__(nccl), field)}
     NCCL_SYMBOL(ncclGetVersion), NCCL_SYMBOL(ncclCommInitAll), NCCL_SYMBOL(ncclCommDestroy), NCCL_SYMBOL(ncclAllReduce),
-    NCCL_SYMBOL(ncclBroadcast), NCCL_SYMBOL(ncclGetUniqueId), NCCL_SYMBOL(ncclCommInitRank), NCCL_SYMBOL(ncclGroupStart),
-    NCCL_SYMBOL(ncclGroupEnd), NCCL_SYMBOL(ncclGetErrorString),
+    NCCL_SYMBOL(ncclBroadcast), NCCL_SYMBOL(ncclGetUniqueId), NCCL_SYMBOL(ncclCommInitRank),
+    NCCL_SYMBOL(ncclCommGetAsyncError), NCCL_SYMBOL(ncclCommAbort), NCCL_SYMBOL(ncclGroupStart), NCCL_SYMBOL(ncclGroupEnd),
+    NCCL_SYMBOL(ncclGetErrorString),
 #undef NCCL_SYMBOL
 };
 
@@ -2393,9 +2399,11 @@ static int nccl_open(void) {
    sums, the logits' gather): one communicator over every rank, made with ncclCommInitRank from
    host 0's unique id, handed over in a file on storage every host reads (--nccl-id FILE, NCCL's
    own way without MPI). Host 0 writes it (refused when it exists: an earlier run's would send
-   the others to a dead host) with its GPU count and its seed, so that every host samples the
-   same tokens; the others wait for it; host 0 removes it once every rank has joined. Only host
-   0 prints. */
+   the others to a dead host) with its GPU count, its seed, so that every host samples the same
+   tokens, and a hash of its command line and prompt, which every host must share; the others
+   wait for it; host 0 removes it once every rank has joined (or at any exit before). A host
+   that does not join within RENDEZVOUS_WAIT_S, or stops later (gpu_sync), ends the others with
+   an error rather than a hang. Only host 0 prints. */
 
 static struct {
     int count;        /* hosts (1: this one alone) */
@@ -2407,10 +2415,12 @@ static struct {
 typedef struct {
     int hosts, gpus;     /* hosts, GPUs a host */
     uint64_t seed;       /* the sampler's seed */
+    uint64_t command;    /* hash of the command line (but --host) and the prompt: the same on every host */
     NcclUniqueId id;     /* the communicator's */
 } Rendezvous;
 
-#define RENDEZVOUS_WAIT_S 600   /* how long a host waits for host 0's file */
+#define RENDEZVOUS_WAIT_S 600                 /* how long a host waits for host 0's file, and for every host to join */
+static char rendezvous_path[PATH_MAX + 1];   /* host 0's file while it exists (removed at any exit), else "" */
 
 /* Write r into `path` for the other hosts, whole or not at all: through a temporary file linked
    to its name (refused, naming it, when it exists). */
@@ -2420,7 +2430,8 @@ static void rendezvous_write(const char *path, const Rendezvous *r) {
     for (size_t i = 0; i < sizeof r->id; i++) snprintf(hex + 2 * i, 3, "%02x", (unsigned char)r->id.internal[i]);
     FILE *f = fopen(temp, "wx");
     if (!f) fatal("--nccl-id: cannot write %s: %s", temp, strerror(errno));
-    fprintf(f, "nvfp4 rendezvous 1\nhosts %d\ngpus %d\nseed %llu\nid %s\n", r->hosts, r->gpus, (unsigned long long)r->seed, hex);
+    fprintf(f, "nvfp4 rendezvous 1\nhosts %d\ngpus %d\nseed %llu\ncommand %016llx\nid %s\n", r->hosts, r->gpus,
+            (unsigned long long)r->seed, (unsigned long long)r->command, hex);
     int failed = fflush(f) || fsync(fileno(f));
     failed |= fclose(f) != 0;
     if (failed) {
@@ -2432,6 +2443,7 @@ static void rendezvous_write(const char *path, const Rendezvous *r) {
     if (linked && error == EEXIST)
         fatal("--nccl-id: %s exists (an earlier run's?): remove it, then start every host again", path);
     if (linked) fatal("--nccl-id: cannot make %s: %s", path, strerror(error));
+    snprintf(rendezvous_path, sizeof rendezvous_path, "%s", path);
 }
 
 /* Host 0's file at `path` into *r, waiting up to wait_s seconds for it to appear. Refused,
@@ -2445,10 +2457,11 @@ static void rendezvous_read(const char *path, Rendezvous *r, double wait_s) {
         usleep(100000);
     }
     char hex[2 * sizeof r->id + 2] = "";
-    unsigned long long seed = 0;
-    int n = fscanf(f, "nvfp4 rendezvous 1 hosts %d gpus %d seed %llu id %257s", &r->hosts, &r->gpus, &seed, hex);
+    unsigned long long seed = 0, command = 0;
+    int n = fscanf(f, "nvfp4 rendezvous 1 hosts %d gpus %d seed %llu command %16llx id %257s", &r->hosts, &r->gpus, &seed,
+                   &command, hex);
     fclose(f);
-    int good = n == 4 && strlen(hex) == 2 * sizeof r->id && r->hosts > 1 && r->gpus > 0;
+    int good = n == 5 && strlen(hex) == 2 * sizeof r->id && r->hosts > 1 && r->gpus > 0;
     for (size_t i = 0; good && i < sizeof r->id; i++) {   /* two lowercase hex digits a byte */
         int digits[2];
         for (int k = 0; k < 2; k++) {
@@ -2459,14 +2472,29 @@ static void rendezvous_read(const char *path, Rendezvous *r, double wait_s) {
         r->id.internal[i] = (char)(digits[0] * 16 + digits[1]);
     }
     if (!good) fatal("--nccl-id: %s is not a file nvfp4's host 0 wrote", path);
-    r->seed = seed;
+    r->seed = seed, r->command = command;
+}
+
+static atomic_int hosts_joined;   /* 1 once ncclCommInitRank returned (rendezvous_watchdog) */
+
+/* A thread that ends the process, naming the wait, when the hosts have not all joined NCCL's
+   communicator within RENDEZVOUS_WAIT_S (a host that never started, or refused the file). */
+static void *rendezvous_watchdog(void *unused) {
+    (void)unused;
+    for (int i = 0; i < RENDEZVOUS_WAIT_S * 10 && !atomic_load(&hosts_joined); i++) usleep(100000);
+    if (!atomic_load(&hosts_joined))
+        fatal("--hosts: host %d waited %d s for every host to join (one not started, or refused: see its message)",
+              gpu_hosts.index, RENDEZVOUS_WAIT_S);
+    return NULL;
 }
 
 /* Join the hosts: this host's GPUs (gpu_device_count, one rank each) into one NCCL
    communicator with every other host's, as gpu_hosts says; host 0 writes `path` and removes it
-   once all have joined, the others read it. *seed: host 0's, given to every host. */
-static void nccl_open_hosts(const char *path, uint64_t *seed) {
-    Rendezvous r = {gpu_hosts.count, gpu_device_count, *seed, {{0}}};
+   once all have joined, the others read it and must have the same `command` (command_hash).
+   *seed: host 0's, given to every host. */
+static void nccl_open_hosts(const char *path, uint64_t command, uint64_t *seed) {
+    Rendezvous r = {gpu_hosts.count, gpu_device_count, *seed, command, {{0}}};
+    setenv("NCCL_NVLS_ENABLE", "0", 0);
     if (!nccl_load()) fatal("--hosts joins the hosts through NCCL, and there is %s", nccl_why);
     if (gpu_hosts.index == 0) {
         NCCL_CHECK(nccl.ncclGetUniqueId(&r.id));
@@ -2476,8 +2504,12 @@ static void nccl_open_hosts(const char *path, uint64_t *seed) {
         if (r.hosts != gpu_hosts.count || r.gpus != gpu_device_count)
             fatal("--nccl-id: host 0 runs %d hosts of %d GPUs, and this one (host %d) %d hosts of %d GPUs", r.hosts, r.gpus,
                   gpu_hosts.index, gpu_hosts.count, gpu_device_count);
+        if (r.command != command)
+            fatal("--nccl-id: host %d's command line or prompt differs from host 0's (every host runs the same, but --host)",
+                  gpu_hosts.index);
     }
-    setenv("NCCL_NVLS_ENABLE", "0", 0);
+    pthread_t watchdog;
+    if (pthread_create(&watchdog, NULL, rendezvous_watchdog, NULL)) fatal("cannot start a thread: %s", strerror(errno));
     int ranks = gpu_hosts.count * gpu_device_count;
     NCCL_CHECK(nccl.ncclGroupStart());
     for (int d = 0; d < gpu_device_count; d++) {   /* each with its GPU's context current: NCCL takes it as the device */
@@ -2485,7 +2517,10 @@ static void nccl_open_hosts(const char *path, uint64_t *seed) {
         NCCL_CHECK(nccl.ncclCommInitRank(&nccl_comms[d], ranks, r.id, gpu_hosts.index * gpu_device_count + d));
     }
     NCCL_CHECK(nccl.ncclGroupEnd());
+    atomic_store(&hosts_joined, 1);
+    pthread_join(watchdog, NULL);
     if (gpu_hosts.index == 0 && unlink(path)) warn("--nccl-id: cannot remove %s: %s", path, strerror(errno));
+    rendezvous_path[0] = 0;
     gpu = &gpu_devices[0];
     CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
     gpu_hosts.gpus = gpu_device_count;
@@ -2670,16 +2705,45 @@ static void gpu_free(CUdeviceptr p) {
     if (p) CU_CHECK(cu.cuMemFree(p));
 }
 
+/* Wait for the current GPU's stream. Where NCCL sums the parts (sums_by_nccl), a GPU or host
+   that stopped would leave its collectives waiting for ever: the wait polls, stops on NCCL's
+   error, and gives up after NCCL_STALL_S, aborting the communicator, with an error naming the
+   GPU (peer memory's waits trap by themselves: rank_sum). */
+#define NCCL_STALL_S 600
+static void gpu_sync(void) {
+    if (!sums_by_nccl) {
+        CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+        return;
+    }
+    int d = (int)(gpu - gpu_devices), error = 0;
+    double start = now_seconds();
+    for (long polls = 0;; polls++) {
+        CUresult r = cu.cuStreamQuery(gpu->stream);
+        if (r != CUDA_ERROR_NOT_READY) {
+            CU_CHECK(r);
+            return;
+        }
+        if (polls > 1000) usleep(100);   /* spin for the first ones: a decode step is a few ms */
+        if (nccl_comms[d] && !nccl.ncclCommGetAsyncError(nccl_comms[d], &error) && error) break;
+        if (now_seconds() - start > NCCL_STALL_S) break;
+    }
+    for (int k = 0; k < GPUS_MAX; k++)
+        if (nccl_comms[k]) nccl.ncclCommAbort(nccl_comms[k]), nccl_comms[k] = NULL;
+    if (error) fatal("GPU %d of host %d: NCCL failed: %s", d, gpu_hosts.index, nccl.ncclGetErrorString(error));
+    fatal("GPU %d of host %d waited %d s for its part of a step: another GPU or host stopped (NCCL)", d, gpu_hosts.index,
+          NCCL_STALL_S);
+}
+
 /* Copies on the stream, waited for: after return the host buffer may be reused or read. */
 static void gpu_upload(CUdeviceptr dst, const void *src, size_t bytes) {
     CU_CHECK(cu.cuMemcpyHtoDAsync(dst, src, bytes, gpu->stream));
-    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+    gpu_sync();
 }
 
 /* The reverse copy, device to host. */
 static void gpu_download(void *dst, CUdeviceptr src, size_t bytes) {
     CU_CHECK(cu.cuMemcpyDtoHAsync(dst, src, bytes, gpu->stream));
-    CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+    gpu_sync();
 }
 
 static long gpu_launches;          /* kernels launched so far (the benchmark counts those of a decode step) */
@@ -4203,11 +4267,11 @@ static double gpu_load_model(const Model *m, int T, int C, int all_logits, const
 /* Where the last load put the model, in one line: device GiB, host GiB and which experts, the
    bytes a token is expected to read over PCIe. */
 static void gpu_placement_line(char *out, size_t n) {
-    if (gpu_rank_count > 1) {
+    if (gpu_ranks[0].ranks > 1) {
         size_t most = 0;
         for (int r = 0; r < gpu_rank_count; r++) most = gpu_ranks[r].arena_bytes > most ? gpu_ranks[r].arena_bytes : most;
-        snprintf(out, n, "divided over %d GPUs, at most %.2f GiB each", gpu_rank_count,
-                 most / 1073741824.0);
+        snprintf(out, n, "divided over %d GPUs, at most %.2f GiB each%s", gpu_ranks[0].ranks, most / 1073741824.0,
+                 gpu_hosts.count > 1 ? " on this host" : "");
         return;
     }
     if (!host_map.bytes) {
@@ -4538,6 +4602,7 @@ static void gpu_rank_publish(void) {
 /* Every rank's columns of the logits [T, V] copied into the current rank's (the head divided by
    rows: each rank computed its vocab range). */
 static void gpu_rank_gather(const Config *c, int T) {
+    if (gpu_hosts.count > 1 || !gpu_peer_access) fatal("internal error: a gather through peer memory without peer access");
     RankGatherArgs args = {.out = DEV(gm->state.scratch.logits), .ranks = (uint32_t)gm->ranks, .rank = (uint32_t)gm->rank,
                            .V = (uint32_t)c->vocab_size, .T = (uint32_t)T};
     for (int r = 0; r < gm->ranks; r++) {
@@ -4552,6 +4617,7 @@ static void gpu_rank_gather(const Config *c, int T) {
 /* Every rank's part of layer l's MoE output (moe 1) or attention output (moe 0) summed into the
    current rank's block_out [T, E]. */
 static void gpu_rank_sum(const Config *c, int l, int T, int moe) {
+    if (gpu_hosts.count > 1 || !gpu_peer_access) fatal("internal error: a sum through peer memory without peer access");
     RankSumArgs args = {.out = DEV(gm->state.scratch.block_out), .ranks = (uint32_t)gm->ranks, .rank = (uint32_t)gm->rank,
                         .n = (uint32_t)(T * c->hidden_size)};
     for (int r = 0; r < gm->ranks; r++) {
@@ -5064,7 +5130,7 @@ static double gpu_sum_us(const Config *c, int by_nccl) {
     CUgraphExec exec[GPUS_MAX];
     sums_by_nccl = by_nccl;
     gpu_sum_rounds(c, 2);   /* as it comes first: NCCL sets a stream up at its first call, which a capture may not */
-    for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+    for (int d = 0; d < used; d++) gpu_use_rank(d), gpu_sync();
     for (int d = 0; d < used; d++)
         gpu_use_rank(d), CU_CHECK(cu.cuStreamBeginCapture(gpu->stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL));
     gpu_sum_rounds(c, SUM_ROUNDS);
@@ -5078,7 +5144,7 @@ static double gpu_sum_us(const Config *c, int by_nccl) {
     for (int i = -1; i < 9; i++) {   /* a warm-up, then nine timed */
         double start = now_seconds();
         for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuGraphLaunch(exec[d], gpu->stream));
-        for (int d = 0; d < used; d++) gpu_use_rank(d), CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+        for (int d = 0; d < used; d++) gpu_use_rank(d), gpu_sync();
         if (i >= 0) t[i] = (float)((now_seconds() - start) * 1e6 / SUM_ROUNDS);
     }
     for (int d = used - 1; d >= 0; d--) gpu_use_rank(d), CU_CHECK(cu.cuGraphExecDestroy(exec[d]));
@@ -5543,10 +5609,11 @@ static void reply_end(ReplyText *r) {
 
 static char dump_temp[PATH_MAX + 16];   /* the temporary logits file while it exists, else "" */
 
-/* Remove the temporary logits file, if any (at exit and from signal handlers: unlink is
-   async-signal-safe). */
-static void remove_dump_temp(void) {
+/* Remove the temporary logits file and host 0's rendezvous file (--hosts), if any (at exit and
+   from signal handlers: unlink is async-signal-safe). */
+static void remove_temporary_files(void) {
     if (dump_temp[0]) unlink(dump_temp);
+    if (rendezvous_path[0]) unlink(rendezvous_path);
 }
 
 /* Append rows x V float32 logits to f (nothing when f is NULL); fatal on a write error. */
@@ -5650,15 +5717,15 @@ static void on_sigint(int sig) {
         interrupted = 1;
         return;
     }
-    remove_dump_temp();
+    remove_temporary_files();
     _exit(130);
 }
 
-/* SIGTERM, SIGHUP, SIGPIPE: remove the temporary logits file, then die of the signal as usual
+/* SIGTERM, SIGHUP, SIGPIPE: remove the temporary files, then die of the signal as usual
    (installed with SA_RESETHAND: the raised signal is delivered, with its default action, on
    return). */
 static void on_fatal_signal(int sig) {
-    remove_dump_temp();
+    remove_temporary_files();
     raise(sig);
 }
 
@@ -5688,7 +5755,7 @@ static void on_sigbus(int sig, siginfo_t *info, void *context) {
             write_stderr_raw("nvfp4: error: ", 0);
             write_stderr_raw(mapped_files[i].path, 1);
             write_stderr_raw(" changed during the run (truncated or overwritten): its weights cannot be read\n", 0);
-            remove_dump_temp();
+            remove_temporary_files();
             _exit(1);
         }
     struct sigaction dfl = {.sa_handler = SIG_DFL};
@@ -5704,7 +5771,7 @@ static void catch_signal(int sig, const struct sigaction *sa) {
     sigaction(sig, sa, NULL);
 }
 
-/* Install the handlers above, and remove the temporary logits file on any exit. SIGBUS is caught
+/* Install the handlers above, and remove the temporary files on any exit. SIGBUS is caught
    even when ignored (a fault's SIGBUS cannot be), and SIGXFSZ is ignored: a write beyond
    `ulimit -f` then fails with EFBIG and is reported like any write error. */
 static void install_signal_handlers(void) {
@@ -5723,7 +5790,7 @@ static void install_signal_handlers(void) {
     sa.sa_flags = SA_SIGINFO;   /* on_sigbus resets it itself */
     sigaction(SIGBUS, &sa, NULL);
     signal(SIGXFSZ, SIG_IGN);
-    atexit(remove_dump_temp);
+    atexit(remove_temporary_files);
 }
 
 /* ---------- Generating ---------- */
@@ -5900,7 +5967,7 @@ static void gpu_backend_unload(State *s) {
 }
 
 static void gpu_wait(void) {
-    for (int d = gpu_devices_used() - 1; d >= 0; d--) gpu_use_rank(d), CU_CHECK(cu.cuStreamSynchronize(gpu->stream));
+    for (int d = gpu_devices_used() - 1; d >= 0; d--) gpu_use_rank(d), gpu_sync();
     stream_check();
 }
 
@@ -8653,7 +8720,7 @@ typedef struct {
     int no_shift;                                                 /* --no-shift */
     size_t gpu_mem;                                               /* --gpu-mem in bytes, 0 when absent */
     int gpus;                                                     /* --gpus N, 0 when absent (gpu_default_count) */
-    int hosts, host;                                              /* --hosts N (0: absent), --host I */
+    int hosts, host;                                              /* --hosts N (0: absent), --host I (-1: absent) */
     const char *nccl_id;                                          /* --nccl-id FILE, NULL when absent */
     int top_k, repeat_last_n;                                     /* --top-k (0: off), --repeat-last-n */
     float min_p, repeat_penalty;                                  /* --min-p (0: off), --repeat-penalty (1: off) */
@@ -8891,6 +8958,7 @@ static Options parse_options(int argc, char **argv) {
     o.seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
     o.bench_layers = 8;
     o.bench_position = 4096;
+    o.host = -1;
     int n_positional = 0, n_prompts = 0, options_ended = 0;
     unsigned given = 0;   /* bit k: scoped_options[k] was given */
     for (int i = 1; i < argc; i++) {
@@ -9000,13 +9068,16 @@ static Options parse_options(int argc, char **argv) {
     if (o.tokenize_only && o.dump_logits) usage_error("--tokenize evaluates nothing: --dump-logits would have nothing to write");
     if (o.ids && o.chat) usage_error("--ids feeds its ids as they are: --chat cannot wrap them in the chat format");
     if (o.ids && o.special) usage_error("--ids feeds its ids as they are: --special has no text to read special tokens in");
+    if (o.hosts > 1 && (o.interactive || o.perplexity || o.tokenize_only))
+        usage_error("--hosts runs one prompt on several hosts: not with %s", o.interactive ? "-i" : o.perplexity ? "--perplexity"
+                                                                                                 : "--tokenize");
     check_scoped_options(given, run);
     if (o.system && !o.chat && !o.interactive)
         usage_error("--system is a system prompt of the chat format: give --chat too (or -i with a model that has a chat template)");
-    if (o.hosts > 1 && !o.nccl_id)
-        usage_error("--hosts %d needs --nccl-id FILE: a file on storage every host reads, where host 0 leaves what the "
-                    "others join with", o.hosts);
-    if ((o.host || o.nccl_id) && o.hosts < 2) usage_error("--host and --nccl-id go with --hosts 2 or more");
+    if ((o.host >= 0 || o.nccl_id) && o.hosts < 2) usage_error("--host and --nccl-id go with --hosts 2 or more");
+    if (o.hosts > 1 && (o.host < 0 || !o.nccl_id))
+        usage_error("--hosts %d needs --host I (this host's, 0 to %d) and --nccl-id FILE (on storage every host reads, "
+                    "where host 0 leaves what the others join with)", o.hosts, o.hosts - 1);
     if (o.hosts > 1 && o.host >= o.hosts) usage_error("--host %d: the %d hosts are numbered 0 to %d", o.host, o.hosts, o.hosts - 1);
     if (o.hosts > 1 && (o.cpu || o.dump_logits || o.expert_profile))
         usage_error("--hosts divides the model over the GPUs of several hosts: not with %s", o.cpu ? "--cpu"
@@ -9046,6 +9117,26 @@ static char *read_text(const char *path, const char *what) {
     }
     if (fd) close(fd);
     return text;
+}
+
+/* --hosts: a hash of the command line but --host and its value, and of the prompt's text (a
+   file's too): what every host must share (nccl_open_hosts). */
+static uint64_t command_hash(int argc, char **argv, const char *prompt) {
+    size_t n = prompt ? strlen(prompt) + 1 : 0, at = 0;
+    for (int i = 1; i < argc; i++) n += strlen(argv[i]) + 1;
+    char *all = xcalloc(n + 1, 1);
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--host") && i + 1 < argc) {   /* and its value */
+            i++;
+            continue;
+        }
+        if (!strncmp(argv[i], "--host=", 7)) continue;
+        at += (size_t)sprintf(all + at, "%s", argv[i]) + 1;   /* NUL-separated */
+    }
+    if (prompt) at += (size_t)sprintf(all + at, "%s", prompt) + 1;
+    uint64_t h = hash_bytes(all, at);
+    free(all);
+    return h;
 }
 
 /* Open standard input, output and error on /dev/null where they are closed (`>&-`), so that no
@@ -9101,7 +9192,7 @@ int main(int argc, char **argv) {
     }
     if (o.gpus > 1 && !gpu_open_more(o.gpus, why, sizeof why)) fatal("--gpus %d: %s", o.gpus, why);
     if (o.hosts > 1) {
-        nccl_open_hosts(o.nccl_id, &o.seed);   /* host 0's seed: every host samples the same tokens */
+        nccl_open_hosts(o.nccl_id, command_hash(argc, argv, prompt), &o.seed);   /* host 0's seed: the same tokens */
         if (o.host) {   /* host 0 alone prints */
             int null = open("/dev/null", O_WRONLY);
             if (null < 0 || dup2(null, STDOUT_FILENO) < 0) fatal("cannot send host %d's output to /dev/null: %s", o.host, strerror(errno));

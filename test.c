@@ -2659,17 +2659,21 @@ static void test_bad_options(void) {
     expect_cli("testdata/tiny-a hi --gpus 2 --cpu", 1, "--gpus places the model on the GPU, and --cpu runs on the CPU");
     expect_cli("testdata/tiny-a hi --gpus 9", 2, "--gpus: \"9\" is not a whole number from 1 to 8");
     expect_cli("testdata/tiny-a --tokenize hi --gpus 2", 2, "--gpus does nothing with --tokenize");
-    expect_cli("testdata/tiny-a hi --hosts 2", 2, "--hosts 2 needs --nccl-id FILE: a file on storage every host reads");
+    expect_cli("testdata/tiny-a hi --hosts 2", 2, "--hosts 2 needs --host I (this host's, 0 to 1) and --nccl-id FILE");
+    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id", 2, "--hosts 2 needs --host I");
     expect_cli("testdata/tiny-a hi --host 1", 2, "--host and --nccl-id go with --hosts 2 or more");
+    expect_cli("testdata/tiny-a hi --host 0", 2, "--host and --nccl-id go with --hosts 2 or more");
     expect_cli("testdata/tiny-a hi --hosts 1 --nccl-id build/id", 2, "--host and --nccl-id go with --hosts 2 or more");
     expect_cli("testdata/tiny-a hi --hosts 2 --host 2 --nccl-id build/id", 2, "--host 2: the 2 hosts are numbered 0 to 1");
     expect_cli("testdata/tiny-a hi --hosts 9 --nccl-id build/id", 2, "--hosts: \"9\" is not a whole number from 1 to 8");
-    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id --cpu", 2, "--hosts divides the model over the GPUs of "
-               "several hosts: not with --cpu");
-    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id --dump-logits build/d.bin", 2, "not with --dump-logits");
-    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id --expert-profile build/p", 2, "not with --expert-profile");
-    expect_cli("testdata/tiny-a -i --hosts 2 --nccl-id build/id", 2, "--hosts does nothing with -i");
-    expect_cli("testdata/tiny-a hi --hosts 2 --nccl-id build/id", 1, "--hosts places the model on the GPU, and ");
+    expect_cli("testdata/tiny-a hi --hosts 2 --host 0 --nccl-id build/id --cpu", 2, "--hosts divides the model over the "
+               "GPUs of several hosts: not with --cpu");
+    expect_cli("testdata/tiny-a hi --hosts 2 --host 0 --nccl-id build/id --dump-logits build/d.bin", 2, "not with --dump-logits");
+    expect_cli("testdata/tiny-a hi --hosts 2 --host 0 --nccl-id build/id --expert-profile build/p", 2, "not with --expert-profile");
+    expect_cli("testdata/tiny-a -i --hosts 2 --host 0 --nccl-id build/id", 2, "--hosts runs one prompt on several hosts: not with -i");
+    expect_cli("testdata/tiny-a --perplexity testdata/tiny-a/prompt.txt --hosts 2 --host 1 --nccl-id build/id", 2,
+               "--hosts runs one prompt on several hosts: not with --perplexity");
+    expect_cli("testdata/tiny-a hi --hosts 2 --host 1 --nccl-id build/id", 1, "--hosts places the model on the GPU, and ");
     expect_cli("--bench --expert-profile build/p.txt", 2, "--expert-profile does nothing with --bench");
     expect_cli("testdata/tiny-a hi -t 0", 2, "-t: \"0\" is not a whole number from 1 to 1024");
     expect_cli("testdata/tiny-a hi --threads 1025", 2, "--threads: \"1025\" is not a whole number from 1 to 1024");
@@ -4699,9 +4703,10 @@ static void test_nccl_load(void) {
 }
 
 /* Several hosts' rendezvous file (--nccl-id): what host 0 writes (rendezvous_write) the others
-   read back exactly (rendezvous_read: hosts, GPUs, seed, every byte of the id); host 0 refuses to
-   write over a file that exists, naming it; a host refuses a file that is not one, and gives up
-   waiting for one that does not come, naming it. */
+   read back exactly (rendezvous_read: hosts, GPUs, seed, command hash, every byte of the id), and
+   host 0 remembers it for removal at exit; host 0 refuses to write over a file that exists,
+   naming it; a host refuses a file that is not one, and gives up waiting for one that does not
+   come, naming it. command_hash: the same without --host, another with another prompt or option. */
 #define RENDEZVOUS_FILE "build/rendezvous-test"
 static void rendezvous_write_again(const void *r) { rendezvous_write(RENDEZVOUS_FILE, r); }
 static void rendezvous_read_short(const void *path) {
@@ -4710,23 +4715,33 @@ static void rendezvous_read_short(const void *path) {
 }
 
 static void test_rendezvous(void) {
-    Rendezvous out = {2, 8, 0xfedcba9876543210ull, {{0}}}, in;
+    Rendezvous out = {2, 8, 0xfedcba9876543210ull, 0x0123456789abcdefull, {{0}}}, in;
     for (size_t i = 0; i < sizeof out.id; i++) out.id.internal[i] = (char)(i * 37 + 1);
     unlink(RENDEZVOUS_FILE);
     rendezvous_write(RENDEZVOUS_FILE, &out);
     memset(&in, 0, sizeof in);
     rendezvous_read(RENDEZVOUS_FILE, &in, 1);
-    CHECK(in.hosts == 2 && in.gpus == 8 && in.seed == out.seed && !memcmp(in.id.internal, out.id.internal, sizeof out.id),
-          "--nccl-id: what host 0 writes the others read back exactly");
+    CHECK(in.hosts == 2 && in.gpus == 8 && in.seed == out.seed && in.command == out.command &&
+          !memcmp(in.id.internal, out.id.internal, sizeof out.id), "--nccl-id: what host 0 writes the others read back exactly");
+    CHECK(!strcmp(rendezvous_path, RENDEZVOUS_FILE), "--nccl-id: host 0's file remembered, to be removed at any exit");
+    rendezvous_path[0] = 0;
     expect_fatal(rendezvous_write_again, &out, "--nccl-id: " RENDEZVOUS_FILE " exists (an earlier run's?): remove it, then "
                  "start every host again", "host 0 over an old rendezvous file");
     FILE *f = fopen(RENDEZVOUS_FILE, "w");
-    if (f) fputs("nvfp4 rendezvous 1\nhosts 2\ngpus 8\nseed 5\nid 00ff\n", f), fclose(f);
+    if (f) fputs("nvfp4 rendezvous 1\nhosts 2\ngpus 8\nseed 5\ncommand 00000000000000ff\nid 00ff\n", f), fclose(f);
     expect_fatal(rendezvous_read_short, RENDEZVOUS_FILE, "--nccl-id: " RENDEZVOUS_FILE " is not a file nvfp4's host 0 wrote",
                  "a rendezvous file with a short id");
     unlink(RENDEZVOUS_FILE);
     expect_fatal(rendezvous_read_short, RENDEZVOUS_FILE, "--nccl-id: waited 0 s for host 0 to write " RENDEZVOUS_FILE,
                  "no rendezvous file");
+    char *host0[] = {"nvfp4", "--hosts", "2", "--host", "0", "--nccl-id", "id", "model", "hi"};
+    char *host1[] = {"nvfp4", "--hosts", "2", "--nccl-id", "id", "--host", "1", "model", "hi"};
+    char *host1_joined[] = {"nvfp4", "--hosts", "2", "--nccl-id", "id", "--host=1", "model", "hi"};
+    char *other[] = {"nvfp4", "--hosts", "2", "--host", "1", "--nccl-id", "id", "model", "hi", "-n", "5"};
+    uint64_t h0 = command_hash(9, host0, "x");
+    CHECK(h0 == command_hash(9, host1, "x") && h0 == command_hash(8, host1_joined, "x") && h0 != command_hash(9, host0, "y") &&
+          h0 != command_hash(11, other, "x"), "command_hash: the same on every host (--host and its value left out, "
+          "wherever given); another prompt or option differs");
 }
 
 /* The CPU state, position and chunk tokens onto the GPU. */

@@ -2717,15 +2717,16 @@ static void gpu_sync(void) {
     }
     int d = (int)(gpu - gpu_devices), error = 0;
     double start = now_seconds();
-    for (long polls = 0;; polls++) {
+    for (;;) {
         CUresult r = cu.cuStreamQuery(gpu->stream);
         if (r != CUDA_ERROR_NOT_READY) {
             CU_CHECK(r);
             return;
         }
-        if (polls > 1000) usleep(100);   /* spin for the first ones: a decode step is a few ms */
+        double waited = now_seconds() - start;
+        if (waited > 0.02) usleep(100);   /* spin at first: a decode step takes a few ms */
         if (nccl_comms[d] && !nccl.ncclCommGetAsyncError(nccl_comms[d], &error) && error) break;
-        if (now_seconds() - start > NCCL_STALL_S) break;
+        if (waited > NCCL_STALL_S) break;
     }
     for (int k = 0; k < GPUS_MAX; k++)
         if (nccl_comms[k]) nccl.ncclCommAbort(nccl_comms[k]), nccl_comms[k] = NULL;

@@ -5557,6 +5557,45 @@ static void test_gpu_stream_timeout(const char *dir) {
 /* The GPU tests' time so far, after a group of them (where a time-limited device run spends it). */
 static void gpu_tests_took(double start, const char *group) { printf("  GPU tests, %s done: %.1f s\n", group, now_seconds() - start); }
 
+/* A rank that stops (NVFP4_TEST_STALL, run by test_gpu_rank_stops in a process of its own: a
+   trapped kernel leaves the GPU's context unusable): the shipped model over 2 ranks on this GPU,
+   rank 0 publishes its part of a sum and waits for rank 1's, which is never launched. rank_sum's
+   wait must trap after RANK_TIMEOUT_NS and the host report the failed step, not hang. */
+static void gpu_rank_stall(void) {
+    char why[512];
+    unsetenv("CUDA_VISIBLE_DEVICES");   /* main hid the GPUs from the CLI tests' programs */
+    if (!gpu_open(why, sizeof why)) fatal("no GPU: %s", why);
+    Model m;
+    load_model(&m, SHIPPED_MODEL);
+    SplitPlan plan;
+    if (!split_plan(&m, 2, 1, (SplitCosts){3e6, 1e30}, &plan, why, sizeof why)) fatal("%s", why);
+    gpu_load_ranks(&m, 4, 64, 0, NULL, &plan);
+    gpu_use_rank(0);
+    gpu_rank_partial(&m.config, 0, 1, 1);
+    gpu_rank_sum(&m.config, 0, 1, 1);   /* waits for rank 1's part */
+    gpu_wait();
+    fatal("rank 0's sum returned without rank 1's part");
+}
+
+/* The stall above, in a process of its own: it ends within a minute with the failed wait
+   named. */
+static void test_gpu_rank_stops(void) {
+    char self[PATH_MAX], cmd[PATH_MAX + 64];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) {
+        CHECK(0, "cannot find this test binary: %s", strerror(errno));
+        return;
+    }
+    self[n] = 0;
+    snprintf(cmd, sizeof cmd, "env -u CUDA_VISIBLE_DEVICES NVFP4_TEST_STALL=1 timeout 120 %s", self);
+    double start = now_seconds();
+    expect_shell(cmd, 1, "cuStreamSynchronize(gpu->stream) failed: ");
+    double seconds = now_seconds() - start;
+    CHECK(seconds > 15 && seconds < 100, "a rank that stops: the others' wait gave up after %.1f s (RANK_TIMEOUT_NS: 20 s)",
+          seconds);
+    printf("  a rank that never publishes: the sum waiting for it failed after %.1f s, said\n", seconds);
+}
+
 static void test_gpu(double shipped_cpu_nll) {
     double start = now_seconds();
     char why[512];
@@ -5654,6 +5693,8 @@ static void test_gpu(double shipped_cpu_nll) {
     gpu_tests_took(start, "GEMVs and sampling");
     test_gpu_ranks(SHIPPED_MODEL, 16, 40, 16);
     test_gpu_ranks("testdata/tiny-d", 7, 20, 8);
+    if (!getenv("NVFP4_GPU_QUICK")) test_gpu_rank_stops();
+    else printf("  a rank that stops (20 s): skipped, NVFP4_GPU_QUICK is set\n");
     gpu_tests_took(start, "ranks");
     test_gpu_model("testdata/tiny-a", 64);
     test_gpu_model("testdata/tiny-b", 50);
@@ -5707,6 +5748,7 @@ int main(void) {
     /* the command-line tests check the CPU path (the reference), also on a machine with a GPU:
        hide the GPU from the programs they start; test_gpu runs the GPU path itself */
     setenv("CUDA_VISIBLE_DEVICES", "", 1);
+    if (getenv("NVFP4_TEST_STALL")) gpu_rank_stall();   /* test_gpu_rank_stops' process */
     if (getenv("NVFP4_GPU_ONLY")) {   /* the GPU tests alone (and the shipped model's CPU perplexity they compare with) */
         if (system("mkdir -p build/bad")) CHECK(0, "cannot make build/bad");   /* the CPU tests make it otherwise */
         test_gpu(test_shipped_model());

@@ -2673,7 +2673,7 @@ static int gpu_open_more(int count, char *why, size_t n) {
     gpu_peer_access = !pair[0];
     if (gpu_hosts.count == 1) nccl_open();   /* or not: the sums go through peer memory alone (nccl_why says why) */
     if (!gpu_peer_access && gpu_hosts.count == 1 && !nccl_comms[0]) {
-        snprintf(why, n, "%s, and without it only NCCL joins them: %s", pair, nccl_why);
+        snprintf(why, n, "%s, and without it only NCCL joins them: %.150s", pair, nccl_why);
         return gpu_more_failed();
     }
     CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[0].ctx));
@@ -4311,6 +4311,7 @@ static double gpu_load_ranks(const Model *m, int T, int C, int all_logits, const
     if (!gpu_device_count) fatal("internal error: a model loaded onto no GPU");
     if (plan->pipeline) fatal("internal error: a split by layers loaded (the GPU path divides within layers only)");
     if (gpu_hosts.count > 1 && ranks != gpu_hosts.count * gpu_hosts.gpus) fatal("internal error: a plan not of every host's GPUs");
+    if (local > GPUS_MAX) fatal("internal error: %d ranks on one host (at most %d)", local, GPUS_MAX);
     if (ranks > blocks)
         fatal("a model of %d blocks of %d head rows divided over %d GPUs: at most one a block", blocks, SPLIT_BLOCK, ranks);
     for (int r = 0; r < local; r++) {

@@ -5446,8 +5446,8 @@ static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
             continue;
         }
         if (ranks > X || (want.divide && !attention_divisible(&m, ranks))) {
-            printf("  %s over %d ranks, %s%s: skipped (%d routed experts, %d output groups)\n", dir, ranks, attention, sums,
-                   X, c->o_groups);
+            printf("  %s over %d ranks, %s%s: skipped (%s)\n", dir, ranks, attention, sums,
+                   ranks > X ? "fewer routed experts than ranks" : "its attention cannot be divided so: attention_divisible");
             continue;
         }
         int planned = split_plan(&m, ranks, 1, want.divide ? divided_attention : whole_attention, &plan, why, sizeof why);
@@ -5580,14 +5580,14 @@ static void gpu_rank_stall(void) {
 /* The stall above, in a process of its own: it ends within a minute with the failed wait
    named. */
 static void test_gpu_rank_stops(void) {
-    char self[PATH_MAX], cmd[PATH_MAX + 64];
+    char self[PATH_MAX], cmd[PATH_MAX + 96];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n <= 0) {
         CHECK(0, "cannot find this test binary: %s", strerror(errno));
         return;
     }
     self[n] = 0;
-    snprintf(cmd, sizeof cmd, "env -u CUDA_VISIBLE_DEVICES NVFP4_TEST_STALL=1 timeout 120 %s", self);
+    snprintf(cmd, sizeof cmd, "env -u CUDA_VISIBLE_DEVICES NVFP4_TEST_STALL=1 timeout -k 10 120 %s", self);
     double start = now_seconds();
     expect_shell(cmd, 1, "cuStreamSynchronize(gpu->stream) failed: ");
     double seconds = now_seconds() - start;

@@ -2298,6 +2298,12 @@ static void cu_check(CUresult r, const char *call, const char *file, int line) {
     fatal("%s:%d: %s failed%s: %s (%d)", file, line, call, which, name, r);
 }
 
+/* Make GPU d the one the functions below work on, its context current. */
+static void gpu_use_device(int d) {
+    gpu = &gpu_devices[d];
+    CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+}
+
 /* ------------------------------------------------------------------------------------ NCCL */
 /* Several GPUs sum their parts (the divided sub-blocks' outputs) either by reading each other's
    memory (rank_sum: peer access) or with NCCL's all-reduce, whichever a load measures faster
@@ -2521,8 +2527,7 @@ static void nccl_open_hosts(const char *path, uint64_t command, uint64_t *seed) 
     pthread_join(watchdog, NULL);
     if (gpu_hosts.index == 0 && unlink(path)) warn("--nccl-id: cannot remove %s: %s", path, strerror(errno));
     rendezvous_path[0] = 0;
-    gpu = &gpu_devices[0];
-    CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+    gpu_use_device(0);
     gpu_hosts.gpus = gpu_device_count;
     *seed = r.seed;
 }
@@ -2634,8 +2639,7 @@ static int gpu_open(char *why, size_t n) {
 static int gpu_more_failed(void) {
     gpu_device_count = 1;
     gpu_peer_access = 1;
-    gpu = &gpu_devices[0];
-    CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+    gpu_use_device(0);
     return 0;
 }
 
@@ -2676,8 +2680,7 @@ static int gpu_open_more(int count, char *why, size_t n) {
         snprintf(why, n, "%s, and without it only NCCL joins them: %.150s", pair, nccl_why);
         return gpu_more_failed();
     }
-    CU_CHECK(cu.cuCtxSetCurrent(gpu_devices[0].ctx));
-    gpu = &gpu_devices[0];
+    gpu_use_device(0);
     return 1;
 }
 
@@ -3412,9 +3415,7 @@ static int gpu_rank_count = 1;             /* ranks loaded: gpu_ranks[0 .. gpu_r
 /* Make rank r the one the GPU functions work on, its GPU's context current. */
 static void gpu_use_rank(int r) {
     gm = &gpu_ranks[r];
-    if (gpu == &gpu_devices[gm->device]) return;
-    gpu = &gpu_devices[gm->device];
-    CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+    if (gpu != &gpu_devices[gm->device]) gpu_use_device(gm->device);
 }
 
 /* The GPUs opened, in words: GPU 0's name, "N x" before it when there are several. */
@@ -3423,8 +3424,10 @@ static void gpu_names(char *out, size_t n) {
     else snprintf(out, n, "%s", gpu_devices[0].name);
 }
 
-/* GPUs the loaded ranks use: rank d (d < this) is the first on GPU d (gpu_load_ranks). */
-static int gpu_devices_used(void) { return gpu_rank_count < gpu_device_count ? gpu_rank_count : gpu_device_count; }
+/* GPUs `ranks` ranks run on, and the loaded ranks use: rank d (d < this) is the first on GPU d
+   (gpu_load_ranks: rank r on GPU r modulo the GPUs opened). */
+static int gpu_devices_used_by(int ranks) { return ranks < gpu_device_count ? ranks : gpu_device_count; }
+static int gpu_devices_used(void) { return gpu_devices_used_by(gpu_rank_count); }
 
 /* Whether the current rank holds routed expert e (every rank of one holds them all). */
 static int gm_holds_expert(int e) {
@@ -6603,8 +6606,7 @@ static void bench(ModelShape shape, int layers, int position, size_t gpu_mem, in
     StreamRun sr = {0, 0, (size_t)2 << 30};
     double stream_gbs_of[GPUS_MAX];
     for (int d = gpu_device_count - 1; d >= 0; d--) {   /* leaves GPU 0 current */
-        gpu = &gpu_devices[d];
-        CU_CHECK(cu.cuCtxSetCurrent(gpu->ctx));
+        gpu_use_device(d);
         sr.buf = gpu_alloc(sr.bytes), sr.out = gpu_alloc(4);
         CU_CHECK(cu.cuMemsetD8Async(sr.buf, 0x5a, sr.bytes, gpu->stream));
         stream_gbs_of[d] = sr.bytes / gpu_median_us(stream_call, &sr, 3) * 1e-3;

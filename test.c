@@ -5412,9 +5412,6 @@ static void test_gpu_host_experts(const char *dir, int T, int n_prompt, int step
    whole model; on several GPUs, a run again gives the same bits. */
 typedef struct { int ranks, divide, by_nccl; } RanksRun;
 
-/* GPUs `ranks` ranks run on (gpu_load_ranks: rank r on GPU r modulo the GPUs opened). */
-static int gpu_devices_used_by(int ranks) { return ranks < gpu_device_count ? ranks : gpu_device_count; }
-
 static void test_gpu_ranks(const char *dir, int T, int n_prompt, int steps) {
     Model m;
     load_model(&m, dir);
